@@ -1,0 +1,33 @@
+# The README's two commands: `make demo` and `make test`. Both build .venv first if needed.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+BIN := $(VENV)/bin
+DEMO_DIR ?= data/demo
+DEMO_FRAMES ?= 600
+DEMO_SIZE ?= 64
+
+.PHONY: install test demo bench clean
+
+install: $(VENV)/.installed
+
+# Re-installs only when pyproject.toml changes. torch comes first so pip takes the local wheels.
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch torchvision
+	$(PIP) install -q -e '.[test]'
+	touch $@
+
+test: install
+	HF_HUB_OFFLINE=1 MPLBACKEND=Agg $(PY) -m pytest -q
+
+demo: install
+	HF_HUB_OFFLINE=1 MPLBACKEND=Agg PATH="$(abspath $(BIN)):$$PATH" bash experiments/demo.sh "$(DEMO_DIR)" "$(DEMO_FRAMES)" "$(DEMO_SIZE)"
+
+bench: install
+	HF_HUB_OFFLINE=1 $(PY) bench/data_loading.py
+
+clean:
+	rm -rf $(VENV) data/demo mlflow.db mlartifacts

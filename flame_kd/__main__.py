@@ -1,0 +1,3 @@
+from flame_kd.cli import main
+
+main()

@@ -1,0 +1,226 @@
+"""The ablation grid (teachers x losses x seeds, plus a no-teacher control) and its summary table.
+
+Each teacher is trained once per seed and reused across losses (the distill run's teacher lookup
+finds it). Every cell nests under one parent run; re-running the same spec finds that parent and
+skips finished cells, so a crash or a 9-hour Kaggle session limit costs only the cell in flight.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from flame_kd import tracking
+from flame_kd.config import DataConfig, DistillRunConfig, LossConfig, TeacherConfig, TrackingConfig
+from flame_kd.config import student_train_defaults, teacher_train_defaults
+from flame_kd.errors import ConfigError
+
+METRICS = ("f1_macro", "f1_fire", "f1_smoke", "accuracy")
+CONTROL_LOSS = "bce"
+
+
+@dataclass
+class AblationSpec:
+    name: str = "ablation"
+    data: dict = field(default_factory=dict)  # DataConfig fields: csv, image_size, batch_size, ...
+    teachers: list[str] = field(default_factory=lambda: ["resnet-152", "efficientnet-b7", "swin-tiny", "vit-b-16"])
+    losses: list[str] = field(default_factory=lambda: ["kl_bce", "kl_l2_bce", "kl_contrastive_l2_bce"])
+    seeds: list[int] = field(default_factory=lambda: [42, 123, 456, 789, 1024])
+    control: bool = True  # the same student trained with BCE alone, no teacher
+    student: str = "lightweight-cnn"
+    fusion: str = "late"
+    pretrained: bool = True
+    teacher_epochs: int | None = None  # None: the defaults (50 / 30)
+    student_epochs: int | None = None
+    device: str = "auto"
+    experiment: str | None = None
+
+    def digest(self) -> str:
+        keep = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("device", "experiment")}
+        return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def load_spec(path: str, overrides: dict | None = None) -> AblationSpec:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"ablation spec {path} not found")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"ablation spec {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    unknown = set(raw) - {f.name for f in dataclasses.fields(AblationSpec)}
+    if unknown:
+        raise ConfigError(f"ablation spec {path}: unknown keys {', '.join(sorted(unknown))}")
+    spec = AblationSpec(**raw)
+    for k, v in (overrides or {}).items():
+        if v is None:
+            continue
+        if k in ("csv", "image_size", "batch_size", "cache"):
+            spec.data[k] = v
+        else:
+            setattr(spec, k, v)
+    if not spec.data.get("csv"):
+        raise ConfigError(f"ablation spec {path}: no data set (data.csv, or --data)")
+    return spec
+
+
+def cell_config(spec: AblationSpec, teacher: str, loss: str, seed: int) -> DistillRunConfig:
+    teacher_train, student_train = teacher_train_defaults(), student_train_defaults()
+    for cfg, epochs in ((teacher_train, spec.teacher_epochs), (student_train, spec.student_epochs)):
+        cfg.seed, cfg.device = seed, spec.device
+        if epochs:
+            cfg.epochs = epochs
+    data = DataConfig(**{"cache": "disk", **spec.data, "augment": "flip"})
+    return DistillRunConfig(
+        data=data,
+        teacher=TeacherConfig(name=teacher, fusion=spec.fusion, pretrained=spec.pretrained),
+        teacher_train=teacher_train,
+        student=spec.student,
+        train=student_train,
+        loss=LossConfig(variant=loss),
+        tracking=TrackingConfig(experiment=spec.experiment, register_as=None),
+    )
+
+
+def cells(spec: AblationSpec) -> list[tuple[str, str, int]]:
+    """(teacher, loss, seed) in run order: per seed, each teacher's losses back to back."""
+    out = []
+    for seed in spec.seeds:
+        for teacher in spec.teachers:
+            out += [(teacher, loss, seed) for loss in spec.losses]
+        if spec.control:
+            out.append(("none", CONTROL_LOSS, seed))
+    return out
+
+
+def find_parent(spec: AblationSpec) -> str:
+    """The parent run of this spec (re-runs continue it), created on first use."""
+    digest = spec.digest()
+    runs = tracking.search_runs(
+        f"tags.`flame_kd.stage` = 'ablation' and tags.`flame_kd.spec_digest` = '{digest}'", max_results=1
+    )
+    if runs:
+        return runs[0].info.run_id
+    run_id = tracking.create_run(spec.experiment, f"ablation {spec.name}",
+                                 {"flame_kd.stage": "ablation", "flame_kd.spec_digest": digest})
+    tracking.log_text_to(run_id, yaml.safe_dump(dataclasses.asdict(spec), sort_keys=False), "spec.yaml")
+    return run_id
+
+
+def finished_cells(parent_id: str) -> set[str]:
+    runs = tracking.search_runs(
+        f"tags.`mlflow.parentRunId` = '{parent_id}' and attributes.status = 'FINISHED'"
+    )
+    return {r.data.tags["flame_kd.cell"] for r in runs if "flame_kd.cell" in r.data.tags}
+
+
+def run_ablation(spec: AblationSpec, tracking_uri: str | None = None) -> str:
+    """Run every unfinished cell, then log the summary tables and chart into the parent."""
+    from flame_kd.distill import prepare, run_distill
+
+    tracking.configure(tracking_uri)
+    parent_id = find_parent(spec)
+    done = finished_cells(parent_id)
+    todo = [c for c in cells(spec) if "|".join(map(str, c)) not in done]
+    print(f"flame-kd: ablation {spec.name}: {len(done)} cells finished, {len(todo)} to run "
+          f"(parent run {parent_id})", file=sys.stderr)
+    for teacher, loss, seed in todo:
+        cfg = cell_config(spec, teacher if teacher != "none" else spec.teachers[0], loss, seed)
+        key = f"{teacher}|{loss}|{seed}"
+        prep = prepare(cfg, parent_run_id=parent_id)
+        run_distill(cfg, attach_env=False, parent_run_id=parent_id, prep=prep,
+                    extra_tags={"flame_kd.cell": key, "flame_kd.ablation": spec.name})
+    table = summary_table(collect_runs(f"tags.`mlflow.parentRunId` = '{parent_id}'"))
+    log_summary(parent_id, table)
+    tracking.client().set_terminated(parent_id, "FINISHED")
+    return parent_id
+
+
+def collect_runs(filter_string: str, experiment: str | None = None) -> pd.DataFrame:
+    """One row per finished teacher or distill run: teacher, loss, seed and test metrics."""
+    base = "attributes.status = 'FINISHED'"
+    runs = tracking.search_runs(f"{filter_string} and {base}" if filter_string else base, experiment=experiment)
+    seen = {r.info.run_id for r in runs}
+    teacher_ids = {r.data.tags.get("flame_kd.teacher_run_id") for r in runs} - seen - {None}
+    runs = list(runs) + [tracking.get_run(t) for t in sorted(teacher_ids)]  # "each teacher alone"
+    rows = []
+    for r in runs:
+        tags, metrics = r.data.tags, r.data.metrics
+        stage = tags.get("flame_kd.stage")
+        if stage not in ("teacher", "distill") or "test/f1_macro" not in metrics:
+            continue
+        rows.append({
+            "teacher": tags.get("flame_kd.teacher", "?"),
+            "loss": "teacher alone" if stage == "teacher" else tags.get("flame_kd.loss", "?"),
+            "seed": tags.get("flame_kd.seed"),
+            "run_id": r.info.run_id,
+            **{m: metrics.get(f"test/{m}", np.nan) for m in METRICS},
+        })
+    return pd.DataFrame(rows, columns=["teacher", "loss", "seed", "run_id", *METRICS])
+
+
+def summary_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """Mean, std and 95% confidence interval (Student's t) over seeds for each teacher x loss."""
+    from scipy import stats
+
+    runs = runs.drop_duplicates(subset=["teacher", "loss", "seed"])  # a teacher shared by cells counts once
+    rows = []
+    for (teacher, loss), g in runs.groupby(["teacher", "loss"], sort=True):
+        row = {"teacher": teacher, "loss": loss, "n_seeds": len(g)}
+        for m in METRICS:
+            vals = g[m].dropna().to_numpy(float)
+            n = len(vals)
+            std = float(vals.std(ddof=1)) if n > 1 else float("nan")
+            row[f"{m}_mean"] = float(vals.mean()) if n else float("nan")
+            row[f"{m}_std"] = std
+            row[f"{m}_ci95"] = float(stats.t.ppf(0.975, n - 1) * std / np.sqrt(n)) if n > 1 else float("nan")
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def to_markdown(table: pd.DataFrame) -> str:
+    """The table as markdown: mean ± 95% CI half-width over seeds."""
+    head = "| teacher | loss | seeds | " + " | ".join(METRICS) + " |"
+    lines = [head, "|" + "---|" * (3 + len(METRICS))]
+    for _, r in table.iterrows():
+        cells_ = [f"{r[f'{m}_mean']:.4f} ± {r[f'{m}_ci95']:.4f}" if not np.isnan(r[f"{m}_ci95"])
+                  else f"{r[f'{m}_mean']:.4f}" for m in METRICS]
+        lines.append(f"| {r['teacher']} | {r['loss']} | {r['n_seeds']} | " + " | ".join(cells_) + " |")
+    return "\n".join(lines) + "\n\nmean ± 95% confidence interval (Student's t) over seeds; test split.\n"
+
+
+def log_summary(parent_id: str, table: pd.DataFrame) -> None:
+    from flame_kd import plots
+
+    with tempfile.TemporaryDirectory() as tmp:
+        csv = Path(tmp) / "ablation.csv"
+        table.to_csv(csv, index=False)
+        tracking.log_file(csv, "tables", run_id=parent_id)
+    tracking.log_text_to(parent_id, to_markdown(table), "tables/ablation.md")
+    if len(table):
+        tracking.log_figure_to(parent_id, plots.ablation_bars(table), "plots/ablation.png")
+
+
+def write_report(table: pd.DataFrame, out_dir: str | Path) -> list[Path]:
+    """``flame-kd report``: the table as markdown, CSV and a grouped bar chart in a folder."""
+    from flame_kd import plots
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / "ablation.md", out / "ablation.csv"]
+    paths[0].write_text(to_markdown(table))
+    table.to_csv(paths[1], index=False)
+    if len(table):
+        fig = plots.ablation_bars(table)
+        fig.savefig(out / "ablation.png", dpi=120, bbox_inches="tight")
+        paths.append(out / "ablation.png")
+    return paths

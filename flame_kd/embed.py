@@ -1,0 +1,105 @@
+"""`flame-kd embed`: t-SNE or UMAP of a trained model's test features, the original pipeline's
+standalone visualisers as one command. The model comes from an MLflow run or a checkpoint file."""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from flame_kd import plots, tracking
+from flame_kd.config import DataConfig
+from flame_kd.engine import resolve_device, seed_everything
+from flame_kd.errors import ConfigError
+from flame_kd.evaluate import predict
+from flame_kd.experiment import load_data
+from flame_kd.models import build_student, build_teacher
+from flame_kd.tasks import student_forward, teacher_forward
+
+
+@dataclass
+class EmbedConfig:
+    run_id: str | None = None  # an MLflow teacher or distill run (its config and best checkpoint)
+    checkpoint: str | None = None  # or a checkpoint file with --model-type and --architecture
+    model_type: str | None = None  # teacher | student; from the run when run_id is given
+    architecture: str | None = None  # teacher or student name
+    fusion: str = "late"
+    data: DataConfig = field(default_factory=DataConfig)
+    split: str = "test"
+    method: str = "tsne"
+    params: dict = field(default_factory=dict)  # perplexity, learning_rate, max_iter | n_neighbors, min_dist, metric
+    max_samples: int = 2000
+    seed: int = 42
+    output_dir: str | None = None  # write the PNG here instead of logging it into the run
+    device: str = "auto"
+
+
+def _from_run(cfg: EmbedConfig, tmp: str) -> tuple[torch.nn.Module, str, DataConfig, int]:
+    run = tracking.get_run(cfg.run_id)
+    stage = run.data.tags.get("flame_kd.stage")
+    if stage not in ("teacher", "distill", "trial"):
+        raise ConfigError(f"run {cfg.run_id} is not a flame-kd teacher or distill run (stage {stage!r})")
+    rc = tracking.load_config(cfg.run_id, tmp)
+    state = torch.load(tracking.download(cfg.run_id, "checkpoints/best.pt", tmp), map_location="cpu",
+                       weights_only=False)
+    data = DataConfig(**{**rc["data"], "ratios": tuple(rc["data"]["ratios"])})
+    if cfg.data.csv:
+        data.csv = cfg.data.csv
+    if stage == "teacher":
+        model = build_teacher(rc["teacher"]["name"], fusion=rc["teacher"]["fusion"], pretrained=False,
+                              image_size=data.image_size)
+        kind = "teacher"
+    else:
+        model = build_student(rc["student"], image_size=data.image_size)
+        kind = "student"
+    model.load_state_dict(state["model"])
+    return model, kind, data, int(rc["train"]["seed"])
+
+
+def _from_checkpoint(cfg: EmbedConfig) -> tuple[torch.nn.Module, str, DataConfig, int]:
+    if cfg.model_type not in ("teacher", "student") or not cfg.architecture:
+        raise ConfigError("--checkpoint needs --model-type teacher|student and --architecture NAME")
+    path = Path(cfg.checkpoint)
+    if not path.is_file():
+        raise ConfigError(f"checkpoint {path} not found")
+    if cfg.model_type == "teacher":
+        model = build_teacher(cfg.architecture, fusion=cfg.fusion, pretrained=False, image_size=cfg.data.image_size)
+    else:
+        model = build_student(cfg.architecture, image_size=cfg.data.image_size)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        model.load_state_dict(state.get("model", state))
+    except Exception as err:  # a wrong file or a wrong architecture
+        raise ConfigError(f"cannot load {path} into {cfg.architecture}: {str(err).splitlines()[0]}") from None
+    return model, cfg.model_type, cfg.data, cfg.seed
+
+
+def run_embed(cfg: EmbedConfig) -> Path | str:
+    """Embed the features of one split and log the figure to the run or write it to a folder."""
+    if cfg.method not in ("tsne", "umap"):
+        raise ConfigError(f"--method {cfg.method}: expected tsne or umap")
+    if bool(cfg.run_id) == bool(cfg.checkpoint):
+        raise ConfigError("give exactly one of --run-id or --checkpoint")
+    if cfg.run_id:
+        tracking.configure(None)
+    device = resolve_device(cfg.device)
+    with tempfile.TemporaryDirectory() as tmp:
+        model, kind, data_cfg, seed = _from_run(cfg, tmp) if cfg.run_id else _from_checkpoint(cfg)
+    seed_everything(cfg.seed)
+    data = load_data(data_cfg, seed, device)
+    forward = teacher_forward if kind == "teacher" else student_forward
+    preds = predict(model.to(device), data.loaders[cfg.split], device, forward)
+    pts, kept = plots.embed_features(preds.features, method=cfg.method, seed=cfg.seed,
+                                     max_samples=cfg.max_samples, **cfg.params)
+    detail = ", ".join(f"{k}={v}" for k, v in cfg.params.items())
+    fig = plots.embedding(pts, preds.targets[kept], f"{kind} {cfg.split} features ({cfg.method.upper()}; {detail})")
+    name = f"{cfg.method}_{cfg.split}_" + "_".join(f"{k}{v}" for k, v in cfg.params.items()) + ".png"
+    if cfg.output_dir:
+        out = Path(cfg.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out / name, dpi=120, bbox_inches="tight")
+        return out / name
+    tracking.log_figure_to(cfg.run_id, fig, f"plots/embed/{name}")
+    return f"runs:/{cfg.run_id}/plots/embed/{name}"

@@ -1,0 +1,332 @@
+"""The one training loop, for teachers, students and sweep trials alike.
+
+What differs between them is the *task* (how a batch becomes a loss); what the outside world sees
+of an epoch goes through callbacks, so this module never imports mlflow. Checkpoints hold
+everything a resumed run needs to finish with the same numbers as an uninterrupted one: model,
+task, optimizer, scheduler, AMP scaler, early-stopping state, RNG states and epoch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from flame_kd.config import TrainConfig
+from flame_kd.evaluate import compute_metrics
+
+Batch = dict[str, Any]
+
+
+class Task(Protocol):
+    """Turns a batch into ``{"loss": scalar, "logits": [B,2], <component>: scalar, ...}``.
+
+    ``modules()`` returns trainable modules the task owns besides the model (a distillation
+    projection), so their parameters are optimised and checkpointed with the model.
+    """
+
+    def __call__(self, model: nn.Module, batch: Batch) -> dict[str, torch.Tensor]: ...
+
+    def modules(self) -> list[nn.Module]: ...
+
+
+class Callback:
+    """Hooks the loop calls; override what you need. Metric names carry their split prefix."""
+
+    def on_fit_start(self, state: "FitState") -> None: ...
+
+    def on_epoch_end(self, epoch: int, metrics: dict[str, float], state: "FitState") -> None: ...
+
+    def on_fit_end(self, state: "FitState") -> None: ...
+
+
+@dataclass
+class FitState:
+    """What the loop knows between epochs; all of it goes into the checkpoint."""
+
+    epoch: int = 0  # epochs completed
+    best_score: float = -math.inf  # best val macro F1 so far
+    best_epoch: int = 0
+    bad_epochs: int = 0  # epochs since the best one (early stopping)
+    stopped_early: bool = False
+    history: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    best_path: Path | None = None
+    last_path: Path | None = None
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks cuda, then mps, then cpu; an explicit device that is absent is an error."""
+    from flame_kd.errors import ConfigError
+
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: CUDA is not available on this machine (try --device auto)")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ConfigError("--device mps: MPS is not available on this machine (try --device auto)")
+    if name.split(":")[0] not in {"cpu", "cuda", "mps"}:
+        raise ConfigError(f"--device {name}: expected auto, cpu, cuda or mps")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (all devices) so CPU runs repeat exactly."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def amp_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
+    """bf16 where the GPU has it, else fp16 (Kaggle's P100/T4); None (full precision) off CUDA."""
+    if not enabled or device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def to_device(batch: Batch, device: torch.device, channels_last: bool) -> Batch:
+    out = {}
+    for k, v in batch.items():
+        if isinstance(v, torch.Tensor):
+            v = v.to(device, non_blocking=True)
+            if channels_last and v.ndim == 4:
+                v = v.contiguous(memory_format=torch.channels_last)
+        out[k] = v
+    return out
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """torch.save to a temp name, then rename: a crash never leaves half a checkpoint."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+class Trainer:
+    """Fits ``model`` with ``task`` on the train loader, selecting by val macro F1.
+
+    AdamW + ReduceLROnPlateau + early stopping, both on val macro F1; mixed precision and
+    channels-last on CUDA; ``best.pt`` (model + task weights) and ``last.pt`` (everything) each epoch.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        task: Task,
+        cfg: TrainConfig,
+        checkpoint_dir: str | Path,
+        callbacks: Iterable[Callback] = (),
+        device: torch.device | None = None,
+    ):
+        self.cfg = cfg
+        self.device = device or resolve_device(cfg.device)
+        self.channels_last = cfg.channels_last and self.device.type == "cuda"
+        self.model = model.to(self.device)
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.task = task
+        for m in task.modules():
+            m.to(self.device)
+        self.params = [p for m in [self.model, *task.modules()] for p in m.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            self.optimizer, mode="max", factor=cfg.plateau_factor, patience=cfg.plateau_patience
+        )
+        self.dtype = amp_dtype(self.device, cfg.amp)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.dtype == torch.float16)
+        self.callbacks = list(callbacks)
+        self.checkpoint_dir = Path(checkpoint_dir)
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        self.state = FitState()
+
+    # --- checkpoints ---------------------------------------------------------------------------
+    def _weights(self) -> dict:
+        return {"model": self.model.state_dict(), "task": [m.state_dict() for m in self.task.modules()]}
+
+    def save(self, kind: str) -> Path:
+        path = self.checkpoint_dir / f"{kind}.pt"
+        obj = self._weights() | {"epoch": self.state.epoch, "score": self.state.best_score}
+        if kind == "last":
+            obj |= {
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "state": {k: v for k, v in vars(self.state).items() if not k.endswith("_path")},
+                "rng": _rng_state(),
+            }
+        atomic_save(obj, path)
+        return path
+
+    def resume(self) -> bool:
+        """Restore everything from ``last.pt``; False when there is none."""
+        path = self.checkpoint_dir / "last.pt"
+        if not path.exists():
+            return False
+        ckpt = torch.load(path, map_location=self.device, weights_only=False)
+        self.model.load_state_dict(ckpt["model"])
+        for m, sd in zip(self.task.modules(), ckpt["task"]):
+            m.load_state_dict(sd)
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        for k, v in ckpt["state"].items():
+            setattr(self.state, k, v)
+        _set_rng_state(ckpt["rng"])
+        self.state.last_path = path
+        best = self.checkpoint_dir / "best.pt"
+        self.state.best_path = best if best.exists() else None
+        return True
+
+    def load_best(self) -> None:
+        """Put the best checkpoint's weights back into the model (and task modules)."""
+        path = self.state.best_path or self.checkpoint_dir / "best.pt"
+        ckpt = torch.load(path, map_location=self.device, weights_only=False)
+        self.model.load_state_dict(ckpt["model"])
+        for m, sd in zip(self.task.modules(), ckpt["task"]):
+            m.load_state_dict(sd)
+
+    # --- the loop --------------------------------------------------------------------------------
+    def _autocast(self):
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+
+    def _set_epoch(self, loader, epoch: int) -> None:
+        """Shuffling and augmentation are functions of (seed, epoch): resume repeats them exactly."""
+        gen = getattr(loader, "generator", None)
+        if isinstance(gen, torch.Generator):
+            gen.manual_seed(self.cfg.seed * 100_003 + epoch)
+        ds = getattr(loader, "dataset", None)
+        if hasattr(ds, "set_epoch"):
+            ds.set_epoch(epoch)
+
+    def _bar(self, loader, desc: str):
+        quiet = not self.cfg.progress or not sys.stderr.isatty()
+        return tqdm(loader, desc=desc, leave=False, disable=quiet, dynamic_ncols=True)
+
+    def train_epoch(self, loader, epoch: int) -> dict[str, float]:
+        self.model.train()
+        for m in self.task.modules():
+            m.train()
+        self._set_epoch(loader, epoch)
+        sums: dict[str, float] = {}
+        n = 0
+        start = time.perf_counter()
+        for batch in self._bar(loader, f"epoch {epoch} train"):
+            batch = to_device(batch, self.device, self.channels_last)
+            with self._autocast():
+                out = self.task(self.model, batch)
+            loss = out["loss"]
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"training loss became {loss.item()} at epoch {epoch}")
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            b = len(batch["target"])
+            n += b
+            for k, v in out.items():
+                if k not in ("logits", "features") and v.ndim == 0:
+                    sums[k] = sums.get(k, 0.0) + float(v.detach()) * b
+        seconds = time.perf_counter() - start
+        metrics = {f"train/{k}": v / max(n, 1) for k, v in sums.items()}
+        metrics["train/samples_per_second"] = n / seconds if seconds > 0 else 0.0
+        return metrics
+
+    @torch.inference_mode()
+    def evaluate(self, loader, prefix: str = "val") -> dict[str, float]:
+        """Loss components and classification metrics of the model on a loader."""
+        self.model.eval()
+        for m in self.task.modules():
+            m.eval()
+        sums: dict[str, float] = {}
+        n = 0
+        targets, probs = [], []
+        for batch in self._bar(loader, prefix):
+            batch = to_device(batch, self.device, self.channels_last)
+            with self._autocast():
+                out = self.task(self.model, batch)
+            b = len(batch["target"])
+            n += b
+            for k, v in out.items():
+                if k not in ("logits", "features") and v.ndim == 0:
+                    sums[k] = sums.get(k, 0.0) + float(v) * b
+            targets.append(batch["target"].float().cpu().numpy())
+            probs.append(torch.sigmoid(out["logits"].float()).cpu().numpy())
+        metrics = {f"{prefix}/{k}": v / max(n, 1) for k, v in sums.items()}
+        scores = compute_metrics(np.concatenate(targets), np.concatenate(probs), self.cfg.threshold)
+        metrics |= {f"{prefix}/{k}": v for k, v in scores.items()}
+        return metrics
+
+    def fit(self, train_loader, val_loader, resume: bool = False) -> FitState:
+        """Train until ``cfg.epochs`` or early stopping; returns the final state."""
+        if resume:
+            self.resume()
+        for cb in self.callbacks:
+            cb.on_fit_start(self.state)
+        cfg = self.cfg
+        while self.state.epoch < cfg.epochs and not self.state.stopped_early:
+            epoch = self.state.epoch + 1
+            start = time.perf_counter()
+            metrics = self.train_epoch(train_loader, epoch)
+            metrics |= self.evaluate(val_loader, "val")
+            metrics["lr"] = self.optimizer.param_groups[0]["lr"]
+            score = metrics["val/f1_macro"]
+            self.scheduler.step(score)
+            self.state.epoch = epoch
+            if score > self.state.best_score:
+                self.state.best_score, self.state.best_epoch, self.state.bad_epochs = score, epoch, 0
+                self.state.best_path = self.save("best")
+            else:
+                self.state.bad_epochs += 1
+                if self.state.bad_epochs >= cfg.early_stop_patience:
+                    self.state.stopped_early = True
+            metrics["epoch_seconds"] = time.perf_counter() - start
+            for k, v in metrics.items():
+                self.state.history.setdefault(k, []).append((epoch, float(v)))
+            self.state.last_path = self.save("last")
+            for cb in self.callbacks:
+                cb.on_epoch_end(epoch, metrics, self.state)
+        for cb in self.callbacks:
+            cb.on_fit_end(self.state)
+        return self.state
+
+
+class LambdaCallback(Callback):
+    """A callback from plain functions (tests, the sweep's pruning hook)."""
+
+    def __init__(self, on_epoch_end: Callable[[int, dict, FitState], None] | None = None):
+        self._on_epoch_end = on_epoch_end
+
+    def on_epoch_end(self, epoch: int, metrics: dict[str, float], state: FitState) -> None:
+        if self._on_epoch_end:
+            self._on_epoch_end(epoch, metrics, state)

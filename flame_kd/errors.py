@@ -1,0 +1,26 @@
+"""Errors a user can cause: one clear message and exit status 2, never a traceback."""
+
+from __future__ import annotations
+
+import click
+
+
+class FlameKDError(click.ClickException):
+    """A problem with the user's input or environment (bad data, unknown teacher, bad weight...).
+
+    click prints ``Error: <message>`` and exits with status 2.
+    """
+
+    exit_code = 2
+
+
+class DataError(FlameKDError):
+    """The data set breaks the data contract; ``problems`` lists every issue found."""
+
+    def __init__(self, message: str, problems: list[str] | None = None):
+        self.problems = list(problems or [])
+        super().__init__(message)
+
+
+class ConfigError(FlameKDError):
+    """An option value that cannot work (unknown teacher, negative weight, ...)."""

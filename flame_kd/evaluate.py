@@ -1,0 +1,196 @@
+"""Scores, predictions, confusion matrices and cost (parameters, GFLOPs, latency) of a model.
+
+Labels are multi-label: column 0 is ``fire``, column 1 is ``smoke``, each a sigmoid output
+thresholded on its own. Metrics come from scikit-learn with ``zero_division=0``, so a split that
+lacks positives of one label (FLAME2 has no smoke-only frames) scores 0 instead of warning.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import torch
+from sklearn import metrics as skm
+from torch import nn
+
+LABELS = ("fire", "smoke")
+
+METRIC_NAMES = (
+    "f1_macro",
+    "f1_fire",
+    "f1_smoke",
+    "precision_macro",
+    "recall_macro",
+    "precision_fire",
+    "precision_smoke",
+    "recall_fire",
+    "recall_smoke",
+    "accuracy",
+    "hamming_loss",
+)
+
+
+def binarize(probs: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+    """0/1 predictions per label: a label is on when its probability exceeds ``threshold``."""
+    return (np.asarray(probs) > threshold).astype(int)
+
+
+def _check_pair(targets: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Targets as int [N,2] and probabilities as [N,2], or a ValueError naming the shapes."""
+    targets, probs = np.asarray(targets), np.asarray(probs)
+    if targets.ndim != 2 or targets.shape[1] != len(LABELS) or targets.shape != probs.shape:
+        raise ValueError(
+            f"targets and probs must both be [N, {len(LABELS)}] ({', '.join(LABELS)}); "
+            f"got {targets.shape} and {probs.shape}"
+        )
+    return targets.astype(int), probs
+
+
+def compute_metrics(
+    targets: np.ndarray, probs: np.ndarray, threshold: float = 0.5
+) -> dict[str, float]:
+    """F1, precision and recall per label and macro-averaged, exact-match accuracy, Hamming loss.
+
+    Names are those of ``METRIC_NAMES``; the caller adds the ``val/`` or ``test/`` prefix.
+    """
+    y_true, probs = _check_pair(targets, probs)
+    y_pred = binarize(probs, threshold)
+    precision, recall, f1, _ = skm.precision_recall_fscore_support(
+        y_true, y_pred, average=None, zero_division=0
+    )
+    out = {
+        "f1_macro": float(np.mean(f1)),
+        "precision_macro": float(np.mean(precision)),
+        "recall_macro": float(np.mean(recall)),
+    }
+    for i, label in enumerate(LABELS):
+        out[f"f1_{label}"] = float(f1[i])
+        out[f"precision_{label}"] = float(precision[i])
+        out[f"recall_{label}"] = float(recall[i])
+    out["accuracy"] = float(skm.accuracy_score(y_true, y_pred))  # multilabel: exact match
+    out["hamming_loss"] = float(skm.hamming_loss(y_true, y_pred))
+    return {name: out[name] for name in METRIC_NAMES}
+
+
+def confusion_matrices(
+    targets: np.ndarray, probs: np.ndarray, threshold: float = 0.5
+) -> dict[str, np.ndarray]:
+    """One 2x2 matrix per label, rows = true 0/1, columns = predicted 0/1 (sklearn's layout)."""
+    y_true, probs = _check_pair(targets, probs)
+    cms = skm.multilabel_confusion_matrix(y_true, binarize(probs, threshold))
+    return {label: cms[i] for i, label in enumerate(LABELS)}
+
+
+@dataclass
+class Predictions:
+    """A model's outputs over a loader, rows in loader order; ``indices`` are rows in the frame table."""
+
+    targets: np.ndarray  # [N,2] float, fire and smoke
+    probs: np.ndarray  # [N,2] sigmoid of the logits
+    features: np.ndarray | None  # [N,D], or None when the forward gives none
+    indices: np.ndarray  # [N] int
+
+
+Forward = Callable[[nn.Module, dict], tuple[torch.Tensor, torch.Tensor | None]]
+
+
+def predict(
+    model: nn.Module, loader: Iterable[dict], device: torch.device | str, forward: Forward
+) -> Predictions:
+    """Run ``forward(model, batch) -> (logits, features)`` over every batch, in eval mode.
+
+    The caller supplies ``forward`` so a teacher (rgb, ir) and a student (rgb) share this function;
+    tensors in the batch are moved to ``device`` first. The model's train/eval mode is restored.
+    """
+    was_training = model.training
+    model.eval()
+    targets, probs, features, indices = [], [], [], []
+    try:
+        with torch.inference_mode():
+            for batch in loader:
+                batch = {
+                    k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
+                    for k, v in batch.items()
+                }
+                logits, feats = forward(model, batch)
+                probs.append(torch.sigmoid(logits.float()).cpu().numpy())
+                targets.append(torch.as_tensor(batch["target"]).float().cpu().numpy())
+                indices.append(torch.as_tensor(batch["index"]).cpu().numpy().reshape(-1))
+                if feats is not None:
+                    features.append(feats.float().cpu().numpy())
+    finally:
+        model.train(was_training)
+    if not probs:
+        raise ValueError("predict() got an empty loader")
+    return Predictions(
+        targets=np.concatenate(targets),
+        probs=np.concatenate(probs),
+        features=np.concatenate(features) if features else None,
+        indices=np.concatenate(indices).astype(int),
+    )
+
+
+def _first_frame(inputs: tuple) -> tuple:
+    """The example inputs cut to a batch of one (tensors only; other arguments pass through)."""
+    return tuple(x[:1] if torch.is_tensor(x) else x for x in inputs)
+
+
+def latency_ms(model: nn.Module, example_inputs: tuple, runs: int = 20, warmup: int = 3) -> float:
+    """Median wall time in ms of ``model(*example_inputs)`` in eval mode under inference_mode.
+
+    Times the model where it is (profile_model passes a CPU copy); CUDA work is synchronised so
+    the clock sees it. The model's train/eval mode is restored.
+    """
+    cuda = any(torch.is_tensor(x) and x.is_cuda for x in example_inputs)
+
+    def once() -> float:
+        start = time.perf_counter()
+        model(*example_inputs)
+        if cuda:
+            torch.cuda.synchronize()
+        return (time.perf_counter() - start) * 1000.0
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for _ in range(warmup):
+                once()
+            times = [once() for _ in range(max(1, runs))]
+    finally:
+        model.train(was_training)
+    return float(statistics.median(times))
+
+
+def count_flops(model: nn.Module, example_inputs: tuple) -> int:
+    """FLOPs of one forward pass as torch's FlopCounterMode counts them (a multiply-add is 2)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with torch.inference_mode(), counter:
+        model(*example_inputs)
+    return int(counter.get_total_flops())
+
+
+def profile_model(model: nn.Module, example_inputs: tuple, latency_runs: int = 20) -> dict[str, Any]:
+    """Cost of a model per frame: ``params``, ``size_mb``, ``gflops`` and CPU ``latency_ms``.
+
+    FLOPs and latency are measured on a CPU deep copy in eval mode with a batch of one (the
+    example inputs are cut to their first frame), so the caller's model is left untouched and
+    numbers from GPU and CPU runs compare. Thread settings are torch's own; none are changed.
+    """
+    params = sum(p.numel() for p in model.parameters())
+    nbytes = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    cpu_model = copy.deepcopy(model).cpu().eval()
+    inputs = tuple(x.detach().cpu() if torch.is_tensor(x) else x for x in _first_frame(example_inputs))
+    return {
+        "params": int(params),
+        "size_mb": nbytes / 2**20,
+        "gflops": count_flops(cpu_model, inputs) / 1e9,
+        "latency_ms": latency_ms(cpu_model, inputs, runs=latency_runs),
+    }

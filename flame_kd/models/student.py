@@ -1,0 +1,95 @@
+"""RGB-only students: the original pipeline's LightweightCNN, or any timm model.
+
+``forward(rgb) -> (logits[B, 2], features[B, feature_dim])``; the features are what feature
+distillation projects onto the teacher's and what the embedding plots show.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from flame_kd.errors import ConfigError
+from flame_kd.models.backbone import create_backbone, feature_dim, pooled, resolve_name
+
+NUM_LABELS = 2  # fire, smoke
+
+
+def _conv_block(c_in: int, c_out: int) -> nn.Sequential:
+    """Two 3x3 conv-BN-ReLU (convs with bias, as in the original) and a 2x2 max-pool."""
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True),
+        nn.Conv2d(c_out, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True),
+        nn.MaxPool2d(2),
+    )
+
+
+class LightweightCNN(nn.Module):
+    """The original pipeline's student: 4 conv blocks (64/128/256/512), global average pooling,
+    Linear(512, 256)-ReLU-Dropout(0.5)-Linear(256, 2). 4,821,058 parameters; features are the
+    256-d vector after the first Linear and ReLU (before dropout).
+
+    Small in parameters, not in compute: about 20.5 GFLOPs per 224-px frame.
+    """
+
+    feature_dim = 256
+
+    def __init__(self, in_chans: int = 3, dropout: float = 0.5):
+        super().__init__()
+        self.name = "lightweight-cnn"
+        widths = [in_chans, 64, 128, 256, 512]
+        self.features = nn.Sequential(*(_conv_block(a, b) for a, b in zip(widths, widths[1:])))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.embed = nn.Sequential(nn.Linear(512, self.feature_dim), nn.ReLU(inplace=True))
+        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(self.feature_dim, NUM_LABELS))
+
+    def forward(self, rgb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.embed(self.pool(self.features(rgb)).flatten(1))
+        return self.head(features), features
+
+
+class TimmStudent(nn.Module):
+    """Any timm model on RGB: its pooled pre-logits features and a Linear(D, 2) head."""
+
+    def __init__(self, name: str, timm_name: str, backbone: nn.Module):
+        super().__init__()
+        self.name, self.timm_name = name, timm_name
+        self.backbone = backbone
+        self.feature_dim = feature_dim(backbone)
+        self.head = nn.Linear(self.feature_dim, NUM_LABELS)
+
+    def forward(self, rgb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = pooled(self.backbone, rgb)
+        return self.head(features), features
+
+
+def _lightweight_cnn(image_size: int, pretrained: bool, weights: str | Path | None) -> nn.Module:
+    if pretrained or weights is not None:
+        raise ConfigError(
+            "lightweight-cnn has no pretrained weights; it trains from scratch "
+            "(use timm:<name> for a pretrained student)"
+        )
+    return LightweightCNN()
+
+
+# Registered student -> builder(image_size, pretrained, weights).
+STUDENTS: dict[str, Callable[..., nn.Module]] = {"lightweight-cnn": _lightweight_cnn}
+
+
+def build_student(
+    name: str = "lightweight-cnn",
+    image_size: int = 224,
+    pretrained: bool = False,
+    weights: str | Path | None = None,
+) -> nn.Module:
+    """A registered student or ``timm:<name>`` (pretrained from the hub or a local weights file)."""
+    timm_name = resolve_name(name, STUDENTS, "student")
+    if timm_name is None:
+        return STUDENTS[name](image_size, pretrained, weights)
+    backbone = create_backbone(
+        timm_name, image_size=image_size, pretrained=pretrained, weights=weights
+    )
+    return TimmStudent(name, timm_name, backbone)

@@ -1,0 +1,280 @@
+"""Figures for a run and a study: training curves, t-SNE/UMAP embeddings, confusion, ablation bars.
+
+Every function returns a ``matplotlib.figure.Figure`` built with the object-oriented API (no
+pyplot, so no backend or global state is touched); saving and logging are ``tracking.py``'s job.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, NamedTuple, Sequence
+
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+
+from flame_kd.evaluate import LABELS, METRIC_NAMES
+
+# --- training curves --------------------------------------------------------------------------------
+
+History = dict[str, list[tuple[int, float]]]  # metric name -> [(epoch, value), ...]
+
+_NOT_LOSSES = {"samples_per_second", *METRIC_NAMES}  # train/ keys that are not loss components
+
+
+def _is_loss(key: str) -> bool:
+    """Total losses (``*loss``) and loss components (``train/kl``...) of the train and val splits."""
+    split, _, name = key.partition("/")
+    if split not in ("train", "val"):
+        return False
+    return name.endswith("loss") or (split == "train" and name not in _NOT_LOSSES)
+
+
+def _is_f1(key: str) -> bool:
+    split, _, name = key.partition("/")
+    return split in ("train", "val") and name.startswith("f1_")
+
+
+def _totals_first(key: str) -> tuple[bool, str]:
+    """Sort key: train/loss and val/loss before the components, then by name."""
+    return (not key.endswith("loss"), key)
+
+
+def _plot_series(ax: Axes, history: History, keys: list[str]) -> None:
+    """One line per key; totals solid, components dashed, so the sum stands out from its parts."""
+    for key in keys:
+        x, y = zip(*sorted(history[key]))
+        total = key.endswith("loss") or key.endswith("f1_macro") or key == "lr"
+        ax.plot(x, y, marker="." if len(x) < 30 else None, lw=2.0 if total else 1.2,
+                ls="-" if total else "--", label=key)
+    ax.set_xlabel("epoch")
+    ax.grid(alpha=0.3)
+    if len(keys) > 1:
+        ax.legend(fontsize="small")
+
+
+def training_curves(history: History) -> Figure:
+    """Losses, F1 scores and learning rate against epoch, one panel per family present.
+
+    Keys follow the MLflow metric names (``train/loss``, ``train/kl``, ``val/f1_macro``, ``lr``...);
+    families with no key are left out, and an empty history gives one empty, labelled panel.
+    """
+    history = {k: v for k, v in history.items() if v}
+    families = [
+        ("loss", sorted(filter(_is_loss, history), key=_totals_first), "linear"),
+        ("F1", sorted(filter(_is_f1, history)), "linear"),
+        ("learning rate", ["lr"] if "lr" in history else [], "log"),
+    ]
+    families = [f for f in families if f[1]]
+    fig = Figure(figsize=(5 * max(1, len(families)), 4), layout="constrained")
+    if not families:
+        ax = fig.add_subplot()
+        ax.text(0.5, 0.5, "no metrics logged", ha="center", va="center", transform=ax.transAxes)
+        ax.set_xlabel("epoch")
+        return fig
+    for i, (title, keys, scale) in enumerate(families):
+        ax = fig.add_subplot(1, len(families), i + 1)
+        _plot_series(ax, history, keys)
+        ax.set_title(title)
+        if scale == "log" and all(v > 0 for _, v in history["lr"]):
+            ax.set_yscale("log")
+    return fig
+
+
+# --- embeddings ---------------------------------------------------------------------------------
+
+
+class EmbeddingClass(NamedTuple):
+    name: str
+    color: str
+    marker: str
+
+
+# The original pipeline's four classes from (fire, smoke); index = fire + 2 * smoke.
+CLASSES = (
+    EmbeddingClass("none", "tab:blue", "o"),
+    EmbeddingClass("fire only", "tab:red", "s"),
+    EmbeddingClass("smoke only", "tab:gray", "^"),
+    EmbeddingClass("fire & smoke", "tab:orange", "D"),
+)
+
+
+def class_of(targets: np.ndarray) -> np.ndarray:
+    """[N,2] (fire, smoke) 0/1 labels -> class index in ``CLASSES`` (fire + 2 * smoke)."""
+    t = np.asarray(targets).astype(int)
+    return t[:, 0] + 2 * t[:, 1]
+
+
+_EMBED_DEFAULTS: dict[str, dict[str, Any]] = {
+    "tsne": {"perplexity": 30.0, "learning_rate": 200.0, "max_iter": 1000},
+    "umap": {"n_neighbors": 15, "min_dist": 0.1, "metric": "euclidean"},
+}
+
+
+def embed_features(
+    features: np.ndarray,
+    method: str = "tsne",
+    seed: int = 42,
+    max_samples: int = 2000,
+    **params: Any,
+) -> tuple[np.ndarray, np.ndarray]:
+    """2-D t-SNE or UMAP map of standardised features -> ``(points2d [n,2], kept_indices [n])``.
+
+    Rows beyond ``max_samples`` are dropped by a seeded draw (t-SNE is quadratic in n), and
+    ``kept_indices`` says which rows were kept so the caller can pick their labels. ``params``
+    override the defaults (t-SNE: perplexity 30, learning_rate 200, max_iter 1000, ``n_iter`` is
+    accepted as its old name; UMAP: n_neighbors 15, min_dist 0.1, metric euclidean); perplexity and
+    n_neighbors are clamped below the number of samples so small test splits still embed.
+    """
+    from sklearn.preprocessing import StandardScaler
+
+    if method not in _EMBED_DEFAULTS:
+        raise ValueError(f"unknown embedding method {method!r}; use one of {sorted(_EMBED_DEFAULTS)}")
+    features = np.asarray(features, dtype=np.float64).reshape(len(features), -1)
+    n_total = len(features)
+    kept = np.arange(n_total)
+    if n_total > max_samples:
+        kept = np.sort(np.random.default_rng(seed).choice(n_total, max_samples, replace=False))
+    x = StandardScaler().fit_transform(features[kept])
+    n = len(x)
+    opts = {**_EMBED_DEFAULTS[method], **params}
+
+    if method == "tsne":
+        from sklearn.manifold import TSNE
+
+        if "n_iter" in opts:  # sklearn renamed n_iter to max_iter (1.5) and removed it (1.7)
+            opts["max_iter"] = opts.pop("n_iter")
+        opts["perplexity"] = min(float(opts["perplexity"]), max(1.0, n - 1.0))
+        reducer = TSNE(n_components=2, random_state=seed, **opts)
+    else:
+        with warnings.catch_warnings():  # imported here: it takes seconds (numba)
+            warnings.simplefilter("ignore", ImportWarning)  # "Tensorflow not installed"
+            import umap
+
+        opts["n_neighbors"] = int(min(opts["n_neighbors"], max(2, n - 1)))
+        # random_state makes UMAP deterministic but single-threaded; n_jobs=1 says so without a warning
+        reducer = umap.UMAP(n_components=2, random_state=seed, n_jobs=1, **opts)
+    points = np.asarray(reducer.fit_transform(x), dtype=np.float64)
+    return points, kept
+
+
+def _legend_handles(classes: np.ndarray) -> list[Line2D]:
+    """A marker per class with its count, every class listed even when empty (smoke only (0))."""
+    counts = np.bincount(classes, minlength=len(CLASSES))
+    return [
+        Line2D([], [], ls="none", marker=c.marker, color=c.color, markersize=7,
+               label=f"{c.name} ({counts[i]})")
+        for i, c in enumerate(CLASSES)
+    ]
+
+
+def _draw_embedding(ax: Axes, points2d: np.ndarray, targets: np.ndarray, title: str) -> None:
+    points2d = np.asarray(points2d)
+    classes = class_of(targets)
+    if len(classes) != len(points2d):
+        raise ValueError(f"{len(points2d)} points but {len(classes)} targets")
+    for i, c in enumerate(CLASSES):
+        sel = classes == i
+        if sel.any():
+            ax.scatter(points2d[sel, 0], points2d[sel, 1], s=14, c=c.color, marker=c.marker,
+                       alpha=0.7, linewidths=0)
+    ax.legend(handles=_legend_handles(classes), loc="best", fontsize="small", framealpha=0.8)
+    ax.set_title(title)
+    ax.set_xticks([])  # t-SNE/UMAP axes carry no units; only neighbourhoods mean something
+    ax.set_yticks([])
+
+
+def embedding(points2d: np.ndarray, targets: np.ndarray, title: str) -> Figure:
+    """Scatter of 2-D points coloured by the four classes, counts in the legend."""
+    fig = Figure(figsize=(6.5, 6), layout="constrained")
+    _draw_embedding(fig.add_subplot(), points2d, targets, title)
+    return fig
+
+
+def embedding_pair(
+    points_left: np.ndarray,
+    targets_left: np.ndarray,
+    points_right: np.ndarray,
+    targets_right: np.ndarray,
+    titles: Sequence[str],
+) -> Figure:
+    """Two embeddings side by side (the student beside its teacher) with their own legends."""
+    fig = Figure(figsize=(12, 6), layout="constrained")
+    left, right = fig.subplots(1, 2)
+    _draw_embedding(left, points_left, targets_left, titles[0])
+    _draw_embedding(right, points_right, targets_right, titles[1])
+    return fig
+
+
+# --- confusion and ablation ---------------------------------------------------------------------
+
+
+def confusion(cms: dict[str, np.ndarray]) -> Figure:
+    """One 2x2 heat map per label (rows true, columns predicted), each cell annotated with its count."""
+    labels = list(cms) or list(LABELS)
+    fig = Figure(figsize=(4 * len(labels), 3.8), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, len(labels)))
+    for ax, label in zip(axes, labels):
+        cm = np.asarray(cms.get(label, np.zeros((2, 2), dtype=int)))
+        im = ax.imshow(cm, cmap="Blues", vmin=0, vmax=max(1, cm.max()))
+        for (r, c), count in np.ndenumerate(cm):
+            dark = count > cm.max() / 2
+            ax.text(c, r, f"{count:,}", ha="center", va="center",
+                    color="white" if dark else "black", fontsize="large")
+        ax.set_xticks([0, 1])
+        ax.set_yticks([0, 1])
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_title(label)
+        fig.colorbar(im, ax=ax, shrink=0.8)
+    return fig
+
+
+CONTROL_TEACHER = "none"  # ablation rows trained without a teacher
+
+
+def ablation_bars(table: Any, metric: str = "f1_macro") -> Figure:
+    """Grouped bars of ``<metric>_mean`` per teacher (groups) and loss (bars), 95% CI as error bars.
+
+    ``table`` is the ablation summary (pandas DataFrame, columns ``teacher``, ``loss``,
+    ``<metric>_mean`` and optionally ``<metric>_ci95``; a bare ``<metric>`` column is read as the
+    mean). Rows with teacher ``none`` (the no-teacher control) form their own group, drawn last.
+    """
+    import pandas as pd
+
+    mean_col = metric if metric in table.columns else f"{metric}_mean"
+    missing = [c for c in ("teacher", "loss", mean_col) if c not in table.columns]
+    if missing:
+        raise ValueError(f"ablation table lacks column(s) {missing}; it has {list(table.columns)}")
+    ci_col = f"{metric}_ci95"
+    teachers = list(dict.fromkeys(table["teacher"]))
+    if CONTROL_TEACHER in teachers:
+        teachers = [t for t in teachers if t != CONTROL_TEACHER] + [CONTROL_TEACHER]
+    losses = list(dict.fromkeys(table["loss"]))
+    colors = {loss: f"C{i % 10}" for i, loss in enumerate(losses)}
+    width = 0.8 / max(1, table.groupby("teacher")["loss"].nunique().max())
+
+    fig = Figure(figsize=(max(6.0, 1.8 * len(teachers) + 2), 4.5), layout="constrained")
+    ax = fig.add_subplot()
+    labelled: set[str] = set()
+    for g, teacher in enumerate(teachers):
+        rows = table[table["teacher"] == teacher].drop_duplicates("loss")
+        for j, (_, row) in enumerate(rows.iterrows()):
+            x = g + (j - (len(rows) - 1) / 2) * width
+            ci = row[ci_col] if ci_col in table.columns else None
+            bars = ax.bar(
+                x, row[mean_col], width * 0.95, color=colors[row["loss"]],
+                yerr=ci if pd.notna(ci) else None, capsize=3,
+                label=None if row["loss"] in labelled else row["loss"],
+            )
+            labelled.add(row["loss"])
+            ax.bar_label(bars, fmt="%.3f", fontsize="x-small", padding=2)
+    ax.set_xticks(range(len(teachers)))
+    ax.set_xticklabels([f"{t} (control)" if t == CONTROL_TEACHER else t for t in teachers])
+    ax.set_xlabel("teacher")
+    ax.set_ylabel(f"{metric} (mean" + (", 95% CI)" if ci_col in table.columns else ")"))
+    ax.margins(y=0.12)  # headroom for the value labels; bars start at 0 (sticky edge)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(title="loss", fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    return fig

@@ -1,0 +1,245 @@
+"""Optuna search over a loss variant's weights and the temperature, one nested MLflow run per trial.
+
+The teacher is resolved (or trained) once and its cached outputs serve every trial, so a trial
+costs one student. The objective is the best validation macro F1; the test split is looked at once,
+for the best trial, after the study. Any number of workers join one study through an RDB storage
+(SQLite beside the MLflow store, or PostgreSQL); a killed worker's trial is failed by heartbeat and
+retried.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import optuna
+import torch
+
+from flame_kd import tracking
+from flame_kd.config import DistillRunConfig
+from flame_kd.distill import Prepared, prepare, run_distill
+from flame_kd.engine import LambdaCallback, Trainer
+from flame_kd.errors import ConfigError
+from flame_kd.experiment import checkpoint_dir
+from flame_kd.losses import VARIANTS
+from flame_kd.models import build_student
+from flame_kd.tasks import SupervisedTask, student_forward
+
+WEIGHT_RANGE = (0.0, 1.0)
+TEMPERATURE_RANGE = (1.0, 10.0)  # log scale
+PARENT_ATTR = "mlflow_parent_run_id"
+
+
+@dataclass
+class SweepConfig:
+    distill: DistillRunConfig = field(default_factory=DistillRunConfig)
+    n_trials: int = 20  # per worker: two workers with 10 each make a 20-trial study
+    timeout: float | None = None  # seconds, per worker
+    study_name: str | None = None  # default "<teacher>-<loss>-s<seed>"
+    storage: str | None = None  # default: optuna.db beside a SQLite MLflow store
+    pruner: str = "median"  # median | hyperband | none
+    heartbeat_interval: int = 30  # seconds; a trial silent for 2x this is failed and retried
+    max_retry: int = 1
+
+
+def default_storage(tracking_uri: str) -> str:
+    """An SQLite file beside the MLflow store (or in the working directory for a server)."""
+    if tracking_uri.startswith("sqlite:///"):
+        db = tracking_uri[len("sqlite:///"):]
+        return "sqlite:///" + os.path.join(os.path.dirname(db) or ".", "optuna.db")
+    return "sqlite:///optuna.db"
+
+
+def make_pruner(name: str) -> optuna.pruners.BasePruner:
+    if name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1)
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner()
+    if name == "none":
+        return optuna.pruners.NopPruner()
+    raise ConfigError(f"--pruner {name}: expected median, hyperband or none")
+
+
+def make_storage(url: str, cfg: SweepConfig) -> optuna.storages.RDBStorage:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        try:
+            return optuna.storages.RDBStorage(
+                url,
+                heartbeat_interval=cfg.heartbeat_interval,
+                grace_period=2 * cfg.heartbeat_interval,
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(cfg.max_retry),
+                engine_kwargs={"pool_pre_ping": True},
+            )
+        except Exception as err:  # bad URL, unreachable server, missing driver
+            first = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise ConfigError(f"cannot open Optuna storage {tracking.redact(url)}: {tracking.redact(first)}") from None
+
+
+def suggest(trial: optuna.Trial, variant: str) -> dict[str, float]:
+    """The variant's active weights in [0, 1] and the temperature on a log scale."""
+    params = {k: trial.suggest_float(k, *WEIGHT_RANGE) for k in VARIANTS[variant]}
+    if any(k != "delta" for k in VARIANTS[variant]):  # the temperature only matters with a teacher
+        params["temperature"] = trial.suggest_float("temperature", *TEMPERATURE_RANGE, log=True)
+    if sum(v for k, v in params.items() if k != "temperature") <= 0:
+        raise optuna.TrialPruned("all loss weights are zero")
+    return params
+
+
+def open_study(cfg: SweepConfig, storage, sampler_seed: int) -> tuple[optuna.Study, bool]:
+    """(study, created here?). Exactly one worker creates a study; the others load it."""
+    sampler = optuna.samplers.TPESampler(seed=sampler_seed)
+    pruner = make_pruner(cfg.pruner)
+    try:
+        study = optuna.create_study(study_name=cfg.study_name, storage=storage, direction="maximize",
+                                    sampler=sampler, pruner=pruner)
+        return study, True
+    except optuna.exceptions.DuplicatedStudyError:
+        return optuna.load_study(study_name=cfg.study_name, storage=storage, sampler=sampler, pruner=pruner), False
+
+
+def parent_run(study: optuna.Study, created: bool, cfg: SweepConfig, prep: Prepared, timeout: float = 120) -> str:
+    """The study's one parent MLflow run: made by the worker that created the study, read by the rest."""
+    if PARENT_ATTR in study.user_attrs:
+        return study.user_attrs[PARENT_ATTR]
+    if not created:  # the creator is making it right now
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            time.sleep(1)
+            attrs = study._storage.get_study_user_attrs(study._study_id)
+            if PARENT_ATTR in attrs:
+                return attrs[PARENT_ATTR]
+        raise ConfigError(f"study {cfg.study_name} has no parent MLflow run after {timeout:.0f} s")
+    d = cfg.distill
+    tags = {
+        "flame_kd.stage": "sweep", "flame_kd.teacher": d.teacher.name, "flame_kd.loss": d.loss.variant,
+        "flame_kd.seed": d.train.seed, "flame_kd.data_digest": prep.data.digest,
+        "flame_kd.split_digest": prep.data.split.digest, "flame_kd.study_name": cfg.study_name,
+    }
+    if prep.teacher_run_id:
+        tags["flame_kd.teacher_run_id"] = prep.teacher_run_id
+    run_id = tracking.create_run(d.tracking.experiment, f"sweep {cfg.study_name}", tags)
+    tracking.log_params_to(run_id, {
+        "study_name": cfg.study_name, "storage": tracking.redact(cfg.storage), "pruner": cfg.pruner,
+        "variant": d.loss.variant, "teacher": d.teacher.name, "seed": d.train.seed,
+    })
+    study.set_user_attr(PARENT_ATTR, run_id)
+    return run_id
+
+
+def objective_for(cfg: SweepConfig, prep: Prepared, parent_id: str):
+    base = cfg.distill
+
+    def objective(trial: optuna.Trial) -> float:
+        params = suggest(trial, base.loss.variant)
+        loss = dataclasses.replace(base.loss, **params)
+        dcfg = dataclasses.replace(base, loss=loss, tracking=dataclasses.replace(
+            base.tracking, run_name=f"trial {trial.number}", log_model=False, register_as=None))
+        best = {"score": float("-inf")}
+
+        def report(epoch: int, metrics: dict, state) -> None:
+            best["score"] = state.best_score
+            trial.report(metrics["val/f1_macro"], epoch)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"pruned at epoch {epoch}")
+
+        tags = {"flame_kd.trial_number": trial.number, "flame_kd.study_name": cfg.study_name}
+        try:
+            run_id = run_distill(dcfg, attach_env=False, extra_tags=tags, callbacks=[LambdaCallback(report)],
+                                 parent_run_id=parent_id, prep=prep, stage="trial", report=False)
+        except optuna.TrialPruned:
+            _tag_last_trial(parent_id, trial.number, "PRUNED")
+            raise
+        except Exception:
+            _tag_last_trial(parent_id, trial.number, "FAIL")
+            raise
+        trial.set_user_attr("mlflow_run_id", run_id)
+        tracking.set_tags({"flame_kd.trial_state": "COMPLETE"}, run_id=run_id)
+        return best["score"]
+
+    return objective
+
+
+def _tag_last_trial(parent_id: str, number: int, state: str) -> None:
+    """Mark the trial's MLflow run with its Optuna state (pruned runs end KILLED, failed FAILED)."""
+    runs = tracking.search_runs(
+        f"tags.`mlflow.parentRunId` = '{parent_id}' and tags.`flame_kd.trial_number` = '{number}'",
+        max_results=1,
+    )
+    if runs:
+        run_id = runs[0].info.run_id
+        tracking.set_tags({"flame_kd.trial_state": state}, run_id=run_id)
+        if state == "PRUNED":
+            tracking.client().set_terminated(run_id, "KILLED")
+        shutil.rmtree(checkpoint_dir(run_id), ignore_errors=True)  # a trial that ended early is not resumed
+
+
+def run_sweep(cfg: SweepConfig) -> optuna.Study:
+    """Run this worker's trials, then summarise the study in its parent run."""
+    d = cfg.distill
+    if d.loss.variant not in VARIANTS or d.loss.variant == "bce":
+        raise ConfigError(f"--loss {d.loss.variant}: a sweep needs a distillation variant "
+                          f"({', '.join(v for v in VARIANTS if v != 'bce')})")
+    make_pruner(cfg.pruner)
+    cfg.study_name = cfg.study_name or f"{d.teacher.name}-{d.loss.variant}-s{d.train.seed}"
+    uri = tracking.configure(d.tracking.tracking_uri)
+    cfg.storage = cfg.storage or default_storage(uri)
+    storage = make_storage(cfg.storage, cfg)
+    prep = prepare(d)  # data + teacher + cached outputs, once for every trial
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study, created = open_study(cfg, storage, d.train.seed)
+    parent_id = parent_run(study, created, cfg, prep)
+    env_run = os.environ.get("MLFLOW_RUN_ID")
+    if env_run and env_run != parent_id:  # this worker's own `mlflow run` run points at the study
+        tracking.set_tags({"flame_kd.stage": "sweep-worker", "flame_kd.sweep_parent_run_id": parent_id},
+                          run_id=env_run)
+    study.optimize(objective_for(cfg, prep, parent_id), n_trials=cfg.n_trials, timeout=cfg.timeout,
+                   catch=(Exception,), gc_after_trial=True)
+    summarise(study, cfg, prep, parent_id)
+    return study
+
+
+def summarise(study: optuna.Study, cfg: SweepConfig, prep: Prepared, parent_id: str) -> None:
+    """Best params, the best trial's test metrics (once, best checkpoint) and Optuna's plots."""
+    from flame_kd import plots
+
+    states = [t.state.name for t in study.trials]
+    counts = {f"trials/{s.lower()}": float(states.count(s)) for s in ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING")}
+    tracking.log_metrics(counts, run_id=parent_id)
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    if not done:
+        print("flame-kd: no trial completed yet; nothing to summarise", file=sys.stderr)
+        return
+    best = study.best_trial
+    # Params are write-once in MLflow and another worker may summarise a better trial later:
+    # the best values go in as metrics and tags, which can be updated.
+    tracking.set_tags({f"flame_kd.best.{k}": f"{v:.6g}" for k, v in best.params.items()}
+                      | {"flame_kd.best_trial": best.number,
+                         "flame_kd.best_run_id": best.user_attrs.get("mlflow_run_id", "")}, run_id=parent_id)
+    metrics = {"best/val_f1_macro": best.value} | {f"best/{k}": v for k, v in best.params.items()}
+    run_id = best.user_attrs.get("mlflow_run_id")
+    if run_id:
+        metrics |= {f"best/{k}": v for k, v in evaluate_trial(run_id, cfg, prep).items()}
+    tracking.log_metrics(metrics, run_id=parent_id)
+    for name, fig in plots.optuna_figures(study).items():
+        tracking.log_figure_to(parent_id, fig, f"plots/{name}.png")
+    tracking.client().set_terminated(parent_id, "FINISHED")
+
+
+def evaluate_trial(run_id: str, cfg: SweepConfig, prep: Prepared) -> dict[str, float]:
+    """Test metrics of one trial's best checkpoint: the only time a sweep touches the test split."""
+    d = cfg.distill
+    model = build_student(d.student, image_size=d.data.image_size)
+    with tempfile.TemporaryDirectory() as tmp:
+        state = torch.load(tracking.download(run_id, "checkpoints/best.pt", tmp), map_location="cpu",
+                           weights_only=False)
+    model.load_state_dict(state["model"])
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = Trainer(model, SupervisedTask(student_forward), d.train, tmp, device=prep.device)
+        return trainer.evaluate(prep.data.loaders["test"], "test")

@@ -1,0 +1,69 @@
+"""A teacher's logits and features for every frame (and its horizontal flip), computed once per
+teacher run and stored with it, so distillation runs and sweep trials train only the student."""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from flame_kd import tracking
+from flame_kd.data.dataset import PairedFrames, make_loader
+from flame_kd.engine import amp_dtype, to_device
+from flame_kd.tasks import teacher_forward
+
+ARTIFACT_DIR = "teacher_outputs"
+
+
+def artifact_name(image_size: int, split_digest: str) -> str:
+    return f"outputs-{image_size}px-{split_digest}.pt"
+
+
+@torch.inference_mode()
+def compute(teacher: nn.Module, data, device: torch.device) -> dict[str, torch.Tensor]:
+    """Outputs for every non-gap frame as [N_frames, ...] tensors indexed by frame row.
+
+    ``logits``/``features`` are the plain frame, ``*_flip`` its horizontal flip (the only
+    augmentation a cached distillation run uses). Rows of gap frames stay zero and ``known`` False.
+    """
+    teacher = teacher.to(device).eval()
+    dtype = amp_dtype(device, True)
+    n = len(data.frames)
+    out: dict[str, torch.Tensor] = {"known": torch.zeros(n, dtype=torch.bool)}
+    rows = torch.cat([torch.as_tensor(data.split.indices(s), dtype=torch.long) for s in ("train", "val", "test")])
+    ds = PairedFrames(data.frames, rows.numpy(), data.config.image_size, augment="none", cache=data.cache)
+    loader = make_loader(ds, data.loaders["train"].batch_size, shuffle=False,
+                         cfg=data.config, device=str(device), seed=0)
+    for batch in loader:
+        batch = to_device(batch, device, False)
+        idx = batch["index"].cpu()
+        for suffix, b in (("", batch), ("_flip", _flipped(batch))):
+            with torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext():
+                logits, feats = teacher_forward(teacher, b)
+            for key, val in ((f"logits{suffix}", logits), (f"features{suffix}", feats)):
+                if key not in out:
+                    out[key] = torch.zeros(n, val.shape[1], dtype=torch.float32)
+                out[key][idx] = val.float().cpu()
+        out["known"][idx] = True
+    return out
+
+
+def _flipped(batch: dict) -> dict:
+    return batch | {"rgb": torch.flip(batch["rgb"], dims=[-1]), "ir": torch.flip(batch["ir"], dims=[-1])}
+
+
+def load_or_compute(teacher_run_id: str, teacher: nn.Module, data, device: torch.device) -> dict[str, torch.Tensor]:
+    """The stored outputs of this teacher run for this image size and split, computing them once."""
+    name = artifact_name(data.config.image_size, data.split.digest)
+    with tempfile.TemporaryDirectory() as tmp:
+        if f"{ARTIFACT_DIR}/{name}" in tracking.list_artifacts(teacher_run_id, ARTIFACT_DIR):
+            path = tracking.download(teacher_run_id, f"{ARTIFACT_DIR}/{name}", tmp)
+            return torch.load(path, map_location="cpu", weights_only=True)
+        outputs = compute(teacher, data, device)
+        path = Path(tmp) / name
+        torch.save(outputs, path)
+        tracking.log_file(path, ARTIFACT_DIR, run_id=teacher_run_id)
+        return outputs

@@ -1,0 +1,352 @@
+"""The only module that talks to MLflow: stores, runs, tags, metrics, artifacts, models, lookups.
+
+Runs started inside ``mlflow run`` attach to the run it created (``MLFLOW_RUN_ID``); elsewhere a
+run is started in the configured experiment. A run that raises is ended FAILED (Ctrl-C: KILLED)
+with the reason in the ``flame_kd.error`` tag, so nothing logged before is lost.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import tempfile
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Iterator
+
+import mlflow
+import yaml
+from mlflow.tracking import MlflowClient
+
+from flame_kd.engine import Callback, FitState
+from flame_kd.errors import FlameKDError
+
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"  # else MLflow 3.17's UI opens the experiment as GenAI
+TAG = "flame_kd."
+STUDENT_MODEL_NAME = "flame-kd-student"
+
+
+def redact(uri: str | None) -> str:
+    """Drop credentials from a URL (``postgresql://user:pw@host`` -> ``postgresql://***@host``)."""
+    if uri is None:
+        return ""
+    return re.sub(r"(?<=://)[^/@\s]+@", "***@", str(uri))
+
+
+def redact_all(obj: Any) -> Any:
+    """``redact`` every string in a nested config, so no credential reaches a param or artifact."""
+    if isinstance(obj, dict):
+        return {k: redact_all(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(redact_all(v) for v in obj)
+    return redact(obj) if isinstance(obj, str) else obj
+
+
+def configure(tracking_uri: str | None = None) -> str:
+    """Point MLflow at ``tracking_uri`` (else MLFLOW_TRACKING_URI, else MLflow's default store).
+
+    An HTTP server is probed once so an unreachable one is one clear error, not minutes of retries.
+    """
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+    uri = mlflow.get_tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        try:
+            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=10).read()
+        except (urllib.error.URLError, OSError, ValueError) as err:
+            reason = getattr(err, "reason", err)
+            raise FlameKDError(f"MLflow tracking server {redact(uri)} is unreachable: {reason}") from None
+    return uri
+
+
+DEFAULT_EXPERIMENT = "flame-kd"
+
+
+def ensure_experiment(name: str | None) -> str:
+    """The experiment's id, creating it if needed, tagged as a model-development experiment.
+
+    No name: the experiment ``mlflow run --experiment-name/-id`` chose, else ``flame-kd``.
+    """
+    client = MlflowClient()
+    if not name and os.environ.get("MLFLOW_EXPERIMENT_ID"):
+        exp_id = os.environ["MLFLOW_EXPERIMENT_ID"]
+        tag_experiment(exp_id)
+        return exp_id
+    name = name or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        try:
+            exp_id = client.create_experiment(name)
+        except mlflow.exceptions.MlflowException:  # created by a concurrent worker meanwhile
+            exp_id = client.get_experiment_by_name(name).experiment_id
+    else:
+        exp_id = exp.experiment_id
+        if exp.lifecycle_stage == "deleted":
+            client.restore_experiment(exp_id)
+    tag_experiment(exp_id)
+    return exp_id
+
+
+def tag_experiment(experiment_id: str) -> None:
+    client = MlflowClient()
+    exp = client.get_experiment(experiment_id)
+    if exp.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+        client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+
+
+def _error_text(err: BaseException) -> str:
+    text = str(getattr(err, "message", None) or err) or type(err).__name__
+    return redact(f"{type(err).__name__}: {text}")[:4000]
+
+
+@contextlib.contextmanager
+def run(
+    experiment: str | None,
+    run_name: str | None = None,
+    tags: dict[str, Any] | None = None,
+    run_id: str | None = None,
+    attach_env: bool = True,
+    parent_run_id: str | None = None,
+) -> Iterator[mlflow.ActiveRun]:
+    """Start (or continue ``run_id``, or attach to ``mlflow run``'s) run; end it with its status.
+
+    ``attach_env=False`` starts a fresh run even inside ``mlflow run`` (a teacher trained on the
+    way to a distill run is its own run). ``parent_run_id`` nests the new run under that run
+    (sweep trials, ablation cells), in the parent's experiment.
+    """
+    env_run = os.environ.get("MLFLOW_RUN_ID") if attach_env and not parent_run_id else None
+    target = run_id or env_run
+    saved_env = os.environ.pop("MLFLOW_RUN_ID", None) if not target else None  # else start_run reuses it
+    try:
+        if target:
+            active = mlflow.start_run(run_id=target)
+            tag_experiment(active.info.experiment_id)
+            if run_name and target == env_run:
+                MlflowClient().set_tag(active.info.run_id, "mlflow.runName", run_name)
+        elif parent_run_id:
+            parent = MlflowClient().get_run(parent_run_id)
+            current = mlflow.active_run()
+            active = mlflow.start_run(
+                experiment_id=parent.info.experiment_id, run_name=run_name, parent_run_id=parent_run_id,
+                nested=current is not None and current.info.run_id == parent_run_id,
+            )
+        else:
+            exp_id = ensure_experiment(experiment)
+            active = mlflow.start_run(experiment_id=exp_id, run_name=run_name, nested=mlflow.active_run() is not None)
+    finally:
+        if saved_env is not None:
+            os.environ["MLFLOW_RUN_ID"] = saved_env
+    run_id = active.info.run_id
+    if tags:
+        mlflow.set_tags({k: str(v) for k, v in tags.items()})
+    try:
+        yield active
+    except KeyboardInterrupt:
+        _end(run_id, "KILLED", "interrupted (Ctrl-C)")
+        raise
+    except BaseException as err:
+        _end(run_id, "FAILED", _error_text(err))
+        raise
+    else:
+        _end(run_id, "FINISHED", None)
+
+
+def _end(run_id: str, status: str, error: str | None) -> None:
+    with contextlib.suppress(Exception):
+        if error:
+            MlflowClient().set_tag(run_id, TAG + "error", error)
+        mlflow.flush_async_logging()
+    active = mlflow.active_run()
+    if active and active.info.run_id == run_id:
+        mlflow.end_run(status)
+    else:
+        MlflowClient().set_terminated(run_id, status)
+
+
+# --- logging into the active run ------------------------------------------------------------------
+
+
+def log_params(params: dict[str, Any]) -> None:
+    """Log params that are not already logged (``mlflow run`` logged its -P values itself)."""
+    run = mlflow.active_run()
+    have = MlflowClient().get_run(run.info.run_id).data.params
+    fresh = {k: ("" if v is None else str(v))[:6000] for k, v in params.items() if k not in have}
+    if fresh:
+        mlflow.log_params(fresh)
+
+
+def log_config(cfg: dict) -> None:
+    mlflow.log_dict(cfg, "config.yaml")
+
+
+def log_dataframe(df, artifact_file: str) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / Path(artifact_file).name
+        df.to_csv(path, index=False)
+        mlflow.log_artifact(str(path), str(Path(artifact_file).parent) if "/" in artifact_file else None)
+
+
+def log_dict_json(obj: dict, artifact_file: str) -> None:
+    mlflow.log_dict(obj, artifact_file)
+
+
+def log_text(text: str, artifact_file: str) -> None:
+    mlflow.log_text(text, artifact_file)
+
+
+def log_figure(fig, artifact_file: str) -> None:
+    mlflow.log_figure(fig, artifact_file)
+
+
+def create_run(experiment: str | None, run_name: str, tags: dict[str, Any]) -> str:
+    """A run that is not made active (a sweep's parent, shared by every worker)."""
+    exp_id = ensure_experiment(experiment)
+    run = MlflowClient().create_run(exp_id, run_name=run_name, tags={k: str(v) for k, v in tags.items()})
+    return run.info.run_id
+
+
+def log_params_to(run_id: str, params: dict[str, Any]) -> None:
+    MlflowClient().log_batch(run_id, params=[mlflow.entities.Param(k, str(v)[:6000]) for k, v in params.items()])
+
+
+def log_text_to(run_id: str, text: str, artifact_file: str) -> None:
+    MlflowClient().log_text(run_id, text, artifact_file)
+
+
+def log_figure_to(run_id: str, fig, artifact_file: str) -> None:
+    """A figure into a run that is not active (``flame-kd embed`` adds plots to finished runs)."""
+    MlflowClient().log_figure(run_id, fig, artifact_file)
+
+
+def log_file(path: str | Path, artifact_dir: str | None = None, run_id: str | None = None) -> None:
+    if run_id:
+        MlflowClient().log_artifact(run_id, str(path), artifact_dir)
+    else:
+        mlflow.log_artifact(str(path), artifact_dir)
+
+
+def log_metrics(metrics: dict[str, float], step: int | None = None, run_id: str | None = None) -> None:
+    clean = {k.replace("@", "_"): float(v) for k, v in metrics.items() if v is not None}
+    if run_id:
+        active = mlflow.active_run()
+        if not active or active.info.run_id != run_id:
+            MlflowClient().log_batch(
+                run_id,
+                metrics=[mlflow.entities.Metric(k, v, _now_ms(), step or 0) for k, v in clean.items()],
+            )
+            return
+    mlflow.log_metrics(clean, step=step)
+
+
+def _now_ms() -> int:
+    import time
+
+    return int(time.time() * 1000)
+
+
+def set_tags(tags: dict[str, Any], run_id: str | None = None) -> None:
+    if run_id:
+        client = MlflowClient()
+        for k, v in tags.items():
+            client.set_tag(run_id, k, str(v))
+    else:
+        mlflow.set_tags({k: str(v) for k, v in tags.items()})
+
+
+def log_dataset(frames, csv_path: str, digest: str, context: str = "training") -> None:
+    """Record the data set as the run's input (MLflow's Datasets panel)."""
+    table = frames.drop(columns=[c for c in ("rgb_path", "ir_path") if c in frames.columns])
+    ds = mlflow.data.from_pandas(table, source=str(csv_path), name=Path(csv_path).name, digest=digest)
+    mlflow.log_input(ds, context=context)
+
+
+def log_model(model, registered_name: str | None = None, example=None) -> None:
+    """The model through mlflow.pytorch (pickle format: the pt2 default fixes the batch size)."""
+    import torch
+
+    mlflow.pytorch.log_model(
+        model,
+        name="model",
+        serialization_format="pickle",
+        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "timm", "flame-kd"],
+        registered_model_name=registered_name,
+        input_example=example,
+    )
+
+
+def active_run_id() -> str:
+    return mlflow.active_run().info.run_id
+
+
+def artifact_uri() -> str:
+    return mlflow.get_artifact_uri()
+
+
+class MlflowCallback(Callback):
+    """Per-epoch metrics with ``step=epoch``; resumed runs re-log nothing already logged."""
+
+    def __init__(self, run_id: str | None = None):
+        self.run_id = run_id
+
+    def on_epoch_end(self, epoch: int, metrics: dict[str, float], state: FitState) -> None:
+        log_metrics(metrics, step=epoch, run_id=self.run_id)
+
+
+# --- lookups ------------------------------------------------------------------------------------
+
+
+def client() -> MlflowClient:
+    return MlflowClient()
+
+
+def all_experiment_ids() -> list[str]:
+    return [e.experiment_id for e in MlflowClient().search_experiments()]
+
+
+def search_runs(filter_string: str, order_by: list[str] | None = None, max_results: int = 1000,
+                experiment: str | None = None):
+    """Runs matching ``filter_string`` in ``experiment`` (default: every active one), newest first."""
+    if experiment:
+        exp = MlflowClient().get_experiment_by_name(experiment)
+        if exp is None:
+            raise FlameKDError(f"no MLflow experiment named {experiment!r} in {redact(mlflow.get_tracking_uri())}")
+        ids = [exp.experiment_id]
+    else:
+        ids = all_experiment_ids()
+    if not ids:
+        return []
+    return MlflowClient().search_runs(
+        ids, filter_string, order_by=order_by or ["attributes.start_time DESC"], max_results=max_results
+    )
+
+
+def get_run(run_id: str):
+    try:
+        return MlflowClient().get_run(run_id)
+    except mlflow.exceptions.MlflowException as err:
+        raise FlameKDError(f"MLflow run {run_id} not found: {err.message.splitlines()[0]}") from None
+
+
+def download(run_id: str, artifact_path: str, dst: str | Path) -> Path:
+    return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path, dst_path=str(dst)))
+
+
+def list_artifacts(run_id: str, path: str | None = None) -> list[str]:
+    return [a.path for a in MlflowClient().list_artifacts(run_id, path)]
+
+
+def load_config(run_id: str, dst: str | Path) -> dict:
+    return yaml.safe_load(download(run_id, "config.yaml", dst).read_text())
+
+
+def history(run_id: str, keys: list[str]) -> dict[str, list[tuple[int, float]]]:
+    c = MlflowClient()
+    return {k: [(m.step, m.value) for m in c.get_metric_history(run_id, k)] for k in keys}
+
+
+def dump_json(obj: Any) -> str:
+    return json.dumps(obj, indent=2, sort_keys=True, default=str)

@@ -1,0 +1,114 @@
+"""The one training loop: early stopping, checkpoints, and resume that repeats the numbers exactly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from flame_kd.config import TrainConfig
+from flame_kd.engine import LambdaCallback, Trainer, resolve_device
+from flame_kd.errors import ConfigError
+from flame_kd.tasks import SupervisedTask, teacher_forward
+
+
+class Frames(Dataset):
+    """Tiny paired frames whose fire label is visible in the IR mean (learnable)."""
+
+    def __init__(self, n: int, seed: int):
+        g = torch.Generator().manual_seed(seed)
+        self.target = torch.randint(0, 2, (n, 2), generator=g).float()
+        self.rgb = torch.randn(n, 3, 8, 8, generator=g)
+        self.ir = torch.randn(n, 3, 8, 8, generator=g) + 2 * self.target[:, :1, None, None]
+
+    def __len__(self):
+        return len(self.target)
+
+    def __getitem__(self, i):
+        return {"rgb": self.rgb[i], "ir": self.ir[i], "target": self.target[i], "index": i, "flip": False}
+
+
+class TinyTeacher(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(6, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.drop = nn.Dropout(0.3)  # consumes RNG: resume must restore it
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, rgb, ir):
+        f = self.body(torch.cat([rgb, ir], 1))
+        return self.head(self.drop(f)), f
+
+
+def loaders(seed=0):
+    gen = torch.Generator()
+    return (DataLoader(Frames(64, 1), batch_size=16, shuffle=True, generator=gen),
+            DataLoader(Frames(32, 2), batch_size=16))
+
+
+def make(tmp_path, name, epochs=4, lr=0.05, patience=10, callbacks=()):
+    torch.manual_seed(0)
+    cfg = TrainConfig(epochs=epochs, lr=lr, early_stop_patience=patience, plateau_patience=1, device="cpu",
+                      progress=False)
+    return Trainer(TinyTeacher(), SupervisedTask(teacher_forward), cfg, tmp_path / name, callbacks)
+
+
+def test_fit_logs_every_epoch_and_keeps_best(tmp_path):
+    seen = []
+    trainer = make(tmp_path, "a", epochs=3, callbacks=[LambdaCallback(lambda e, m, s: seen.append((e, m)))])
+    state = trainer.fit(*loaders())
+    assert [e for e, _ in seen] == [1, 2, 3]
+    for key in ("train/loss", "train/bce", "val/loss", "val/f1_macro", "val/f1_fire", "val/f1_smoke",
+                "val/precision_macro", "val/recall_macro", "val/accuracy", "lr", "epoch_seconds",
+                "train/samples_per_second"):
+        assert key in seen[0][1], key
+    assert state.best_score == max(m["val/f1_macro"] for _, m in seen)
+    assert (tmp_path / "a" / "best.pt").exists() and (tmp_path / "a" / "last.pt").exists()
+    assert not list((tmp_path / "a").glob("*.tmp"))
+
+
+def test_early_stopping_stops_after_patience(tmp_path):
+    trainer = make(tmp_path, "es", epochs=20, lr=0.0, patience=3)  # lr 0: val F1 never improves
+    state = trainer.fit(*loaders())
+    assert state.stopped_early
+    assert state.epoch == 1 + 3 and state.best_epoch == 1
+
+
+def test_resume_after_interruption_equals_uninterrupted_run(tmp_path):
+    full = make(tmp_path, "full")
+    full_state = full.fit(*loaders())
+
+    def interrupt(epoch, metrics, state):
+        if epoch == 2:
+            raise KeyboardInterrupt
+
+    broken = make(tmp_path, "broken", callbacks=[LambdaCallback(interrupt)])
+    with pytest.raises(KeyboardInterrupt):
+        broken.fit(*loaders())
+    resumed = make(tmp_path, "broken")  # a fresh process would build everything anew
+    state = resumed.fit(*loaders(), resume=True)
+
+    assert state.epoch == full_state.epoch == 4
+    assert state.history["val/f1_macro"] == full_state.history["val/f1_macro"]
+    assert state.history["train/loss"] == full_state.history["train/loss"]
+    for a, b in zip(full.model.state_dict().values(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_nan_loss_is_an_error(tmp_path):
+    trainer = make(tmp_path, "nan", epochs=1)
+    with torch.no_grad():
+        trainer.model.head.weight.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match="training loss"):
+        trainer.fit(*loaders())
+
+
+def test_device_resolution():
+    assert resolve_device("auto").type in {"cpu", "cuda", "mps"}
+    assert resolve_device("cpu").type == "cpu"
+    with pytest.raises(ConfigError, match="expected auto, cpu, cuda or mps"):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="CUDA is not available"):
+            resolve_device("cuda")

@@ -1,0 +1,193 @@
+"""Losses against values computed by hand (numpy/math, not the code under test), and DistillLoss."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from flame_kd.errors import ConfigError
+from flame_kd.losses import (
+    LOSSES,
+    VARIANTS,
+    DistillLoss,
+    bce,
+    check_temperature,
+    kl,
+    l2,
+    relational,
+    resolve_weights,
+)
+
+S = [[1.0, -2.0], [0.5, 3.0]]  # student logits, 2 frames x (fire, smoke)
+T = [[2.0, -1.0], [-0.5, 1.0]]  # teacher logits
+Y = [[1.0, 0.0], [0.0, 1.0]]  # hard labels
+
+
+def _t(x) -> torch.Tensor:
+    return torch.tensor(x, dtype=torch.float32)
+
+
+def _sigmoid(x):
+    return 1.0 / (1.0 + np.exp(-np.asarray(x, dtype=np.float64)))
+
+
+def test_registry_names():
+    assert set(LOSSES) == {"kl", "relational", "l2", "bce"}
+
+
+def test_kl_matches_hand_computation():
+    temp = 2.0
+    p_s, p_t = _sigmoid(np.array(S) / temp), _sigmoid(np.array(T) / temp)
+    per_label = p_t * np.log(p_t / p_s) + (1 - p_t) * np.log((1 - p_t) / (1 - p_s))
+    expected = per_label.mean() * temp**2
+    assert kl(_t(S), _t(T), temp).item() == pytest.approx(expected, rel=1e-5)
+    assert expected == pytest.approx(0.19026, abs=1e-5)  # the number itself, pinned
+
+
+def test_kl_is_zero_for_identical_logits_and_finite_for_extreme_ones():
+    assert kl(_t(S), _t(S), 2.0).item() == pytest.approx(0.0, abs=1e-7)
+    extreme = kl(_t([[100.0, -100.0]]), _t([[-100.0, 100.0]]), 1.0)
+    assert torch.isfinite(extreme)
+    assert extreme.item() == pytest.approx(100.0, rel=1e-3)  # ~ |z_t - z_s| / 2 per label
+
+
+def test_kl_is_scaled_by_t_squared():
+    s, t = _t(S), _t(T)
+    for temp in (1.0, 2.0, 4.0):
+        unscaled = kl(s / temp, t / temp, 1.0)
+        assert kl(s, t, temp).item() == pytest.approx(temp**2 * unscaled.item(), rel=1e-6)
+
+
+def test_bce_matches_hand_computation():
+    p, y = _sigmoid(S), np.array(Y)
+    expected = -(y * np.log(p) + (1 - y) * np.log(1 - p)).mean()
+    assert bce(_t(S), _t(Y)).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_l2_matches_hand_computation():
+    s, t = [[1.0, 2.0], [3.0, 4.0]], [[0.0, 2.0], [5.0, 1.0]]
+    expected = (1 + 0 + 4 + 9) / 4
+    assert l2(_t(s), _t(t)).item() == pytest.approx(expected)
+
+
+def test_relational_matches_hand_computation():
+    # Student: a 3-4-5 triangle; pair distances 3, 4, 5, mean 4 -> 0.75, 1, 1.25.
+    # Teacher: a right isosceles triangle; 1, 1, sqrt2, mean (2 + sqrt2) / 3.
+    s = [[0.0, 0.0], [3.0, 0.0], [0.0, 4.0]]
+    t = [[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]]
+    mu_t = (2 + math.sqrt(2)) / 3
+    pairs_s = [3 / 4, 4 / 4, 5 / 4]  # (0,1), (0,2), (1,2)
+    pairs_t = [1 / mu_t, 1 / mu_t, math.sqrt(2) / mu_t]
+    # Each pair appears twice in the 3x3 matrix; the diagonal is 0 on both sides.
+    expected = 2 * sum((a - b) ** 2 for a, b in zip(pairs_s, pairs_t)) / 9
+    assert relational(_t(s), _t(t)).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_relational_ignores_scale_and_handles_tiny_batches():
+    s = torch.randn(5, 8)
+    assert relational(s, 10 * s).item() == pytest.approx(0.0, abs=1e-6)
+    one = torch.randn(1, 8, requires_grad=True)
+    assert relational(one, torch.randn(1, 8)).item() == 0.0
+    same = torch.ones(3, 4, requires_grad=True)  # all distances 0: finite, gradient finite
+    loss = relational(same, torch.randn(3, 4))
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(same.grad).all()
+
+
+def test_resolve_weights_fills_from_variant_and_overrides():
+    assert resolve_weights("kl_bce") == {"alpha": 0.7, "beta": 0.0, "gamma": 0.0, "delta": 0.3}
+    assert resolve_weights("kl_contrastive_l2_bce") == {
+        "alpha": 0.4, "beta": 0.2, "gamma": 0.2, "delta": 0.2,
+    }
+    assert resolve_weights("bce") == {"alpha": 0.0, "beta": 0.0, "gamma": 0.0, "delta": 1.0}
+    assert resolve_weights("kl_bce", alpha=0.5, gamma=0.1)["gamma"] == 0.1
+    assert resolve_weights("kl_bce", alpha=0.5)["alpha"] == 0.5
+    assert resolve_weights("kl_bce", delta=0)["delta"] == 0.0  # 0 overrides, unlike None
+    assert set(VARIANTS) == {"kl_bce", "kl_l2_bce", "kl_contrastive_l2_bce", "bce"}
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda: resolve_weights("kl_bce", beta=-0.1), r"loss weight beta \(relational\) must be >= 0"),
+        (lambda: resolve_weights("kl_bce", alpha=float("nan")), r"loss weight alpha"),
+        (lambda: resolve_weights("fancy"), r"unknown loss variant 'fancy'; known: kl_bce, .*bce"),
+        (lambda: resolve_weights("kl_bce", alpha=0, delta=0), r"all loss weights are 0"),
+        (lambda: check_temperature(0), r"temperature must be > 0, got 0"),
+        (lambda: check_temperature(-1.5), r"temperature must be > 0"),
+        (lambda: DistillLoss({"alpha": 1.0}, temperature=0.0), r"temperature must be > 0"),
+        (lambda: DistillLoss({"epsilon": 1.0}), r"unknown loss weight\(s\) epsilon"),
+    ],
+)
+def test_bad_weights_and_temperature_raise_config_error(call, message):
+    with pytest.raises(ConfigError, match=message):
+        call()
+
+
+def _batch(b=4, sd=6, td=5):
+    g = torch.Generator().manual_seed(0)
+    return dict(
+        student_logits=torch.randn(b, 2, generator=g, requires_grad=True),
+        student_features=torch.randn(b, sd, generator=g, requires_grad=True),
+        targets=torch.randint(0, 2, (b, 2), generator=g).float(),
+        teacher_logits=torch.randn(b, 2, generator=g),
+        teacher_features=torch.randn(b, td, generator=g),
+    )
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_distill_loss_returns_active_terms_and_their_weighted_sum(variant):
+    weights = resolve_weights(variant)
+    loss = DistillLoss(weights, temperature=2.0, student_dim=6, teacher_dim=5)
+    x = _batch()
+    out = loss(**x)
+    letters = {"alpha": "kl", "beta": "relational", "gamma": "l2", "delta": "bce"}
+    active = {letters[k] for k, w in weights.items() if w > 0}
+    assert set(out) == {"loss"} | active
+    proj = loss.projection(x["student_features"]) if loss.projection is not None else None
+    args = {
+        "kl": (x["student_logits"], x["teacher_logits"], 2.0),
+        "relational": (proj, x["teacher_features"]),
+        "l2": (proj, x["teacher_features"]),
+        "bce": (x["student_logits"], x["targets"]),
+    }
+    expected = sum(weights[k] * LOSSES[letters[k]](*args[letters[k]]) for k in weights if weights[k])
+    assert out["loss"].item() == pytest.approx(expected.item(), rel=1e-6)
+    for name in active:
+        assert out[name].item() == pytest.approx(LOSSES[name](*args[name]).item(), rel=1e-6)
+
+
+def test_projection_only_when_feature_terms_are_active():
+    assert DistillLoss(resolve_weights("kl_bce"), 2.0, 256, 2048).projection is None
+    assert len(list(DistillLoss(resolve_weights("kl_bce"), 2.0, 256, 2048).parameters())) == 0
+    proj = DistillLoss(resolve_weights("kl_l2_bce"), 2.0, 256, 2048).projection
+    assert (proj.in_features, proj.out_features) == (256, 2048)
+    assert DistillLoss({"beta": 1.0}, 2.0, 8, 4).projection is not None
+
+
+def test_gradients_reach_projection_and_student():
+    loss = DistillLoss(resolve_weights("kl_contrastive_l2_bce"), 2.0, student_dim=6, teacher_dim=5)
+    x = _batch()
+    loss(**x)["loss"].backward()
+    assert loss.projection.weight.grad is not None and loss.projection.weight.grad.abs().sum() > 0
+    assert x["student_features"].grad.abs().sum() > 0 and x["student_logits"].grad.abs().sum() > 0
+
+
+def test_bce_only_needs_no_teacher():
+    loss = DistillLoss(resolve_weights("bce"))
+    assert not loss.uses_teacher and loss.projection is None
+    x = _batch()
+    out = loss(x["student_logits"], x["student_features"], x["targets"])
+    assert set(out) == {"loss", "bce"}
+    assert out["loss"].item() == pytest.approx(bce(x["student_logits"], x["targets"]).item())
+    assert DistillLoss(resolve_weights("kl_bce")).uses_teacher
+
+
+def test_formula_prints_the_weighted_sum():
+    loss = DistillLoss(resolve_weights("kl_contrastive_l2_bce"), 2.0, 6, 5)
+    assert loss.formula() == "0.4*kl + 0.2*relational + 0.2*l2 + 0.2*bce (T=2.0)"
+    assert repr(loss) == loss.formula()
+    assert DistillLoss(resolve_weights("kl_bce"), 4).formula() == "0.7*kl + 0.3*bce (T=4.0)"
