@@ -29,6 +29,76 @@ def main() -> None:
 # --- data commands (synth, prepare, check, split) ------------------------------------------------
 
 
+@main.group()
+def data() -> None:
+    """Make, check and split frame data sets (FLAME2 or synthetic)."""
+
+
+@data.command("synth")
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--frames", default=600, show_default=True, help="frame pairs to draw")
+@click.option("--image-size", default=254, show_default=True, help="frame width and height in pixels")
+@click.option("--seed", default=42, show_default=True, help="same seed, byte-identical files")
+def data_synth(out: str, frames: int, image_size: int, seed: int) -> None:
+    """Write a FLAME2-like data set to OUT (image folders, flame2.csv, label_ranges.tsv)."""
+    from flame_kd.data import synth
+
+    if frames < 3 or image_size < 8:
+        raise click.BadParameter("need --frames >= 3 and --image-size >= 8")
+    click.echo(synth.describe(synth.synthesize(out, frames=frames, image_size=image_size, seed=seed)))
+
+
+@data.command("prepare")
+@click.option("--labels", type=click.Path(dir_okay=False), default=None,
+              help="FLAME2 label-range file; default: the official ranges shipped with flame-kd")
+@click.option("--rgb-dir", required=True, type=click.Path(file_okay=False), help="folder of 254p RGB frames")
+@click.option("--ir-dir", required=True, type=click.Path(file_okay=False), help="folder of 254p thermal frames")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="frames CSV to write")
+def data_prepare(labels: str | None, rgb_dir: str, ir_dir: str, out: str) -> None:
+    """Build the frames CSV from FLAME2's label ranges and its two image folders."""
+    from flame_kd.data.labels import prepare
+
+    click.echo(prepare(labels, rgb_dir, ir_dir, out).summary())
+
+
+@data.command("check")
+@click.argument("csv", type=click.Path(dir_okay=False))
+@click.option("--root", type=click.Path(file_okay=False), default=None,
+              help="data root frame paths resolve against; default: the CSV's folder")
+def data_check(csv: str, root: str | None) -> None:
+    """Check a frames CSV against the data contract: every problem listed, exit 2 if any."""
+    from flame_kd.data.schema import check_frames, format_problems
+    from flame_kd.errors import DataError
+
+    report = check_frames(csv, root)
+    click.echo(report.summary)
+    if report.problems:
+        n = len(report.problems)
+        raise DataError(f"{n} problem(s) in {csv}:\n{format_problems(report.problems)}", report.problems)
+    click.echo("OK")
+
+
+@data.command("split")
+@click.argument("csv", type=click.Path(dir_okay=False))
+@click.option("--seed", default=42, show_default=True, help="split seed")
+@click.option("--ratios", default="0.7,0.15,0.15", show_default=True, help="train,val,test frame fractions")
+@click.option("--labels", type=click.Path(dir_okay=False), default=None,
+              help="label-range file for the groups; default: label_ranges.tsv next to the CSV, if any")
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="write the manifest CSV here")
+def data_split(csv: str, seed: int, ratios: str, labels: str | None, out: str | None) -> None:
+    """Split a frames CSV by video / label range into train, val and test (no images needed)."""
+    from flame_kd.data.labels import find_label_ranges
+    from flame_kd.data.schema import load_frames
+    from flame_kd.data.split import make_split, parse_ratios
+
+    frames = load_frames(csv, check_files=False)
+    split = make_split(frames, seed=seed, ratios=parse_ratios(ratios), ranges=labels or find_label_ranges(csv))
+    click.echo(split.summary())
+    if out:
+        split.manifest.to_csv(out, index=False)
+        click.echo(f"wrote the manifest to {out}")
+
+
 # --- training commands (teacher, distill, embed) -------------------------------------------------
 
 

@@ -7,6 +7,7 @@ no options reproduces it -- minus its bugs.
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -111,8 +112,8 @@ class DistillRunConfig:
 
 
 def to_dict(cfg: Any) -> dict:
-    """The resolved config as plain data (logged as config.yaml)."""
-    return dataclasses.asdict(cfg)
+    """The resolved config as plain JSON/YAML-safe data (logged as config.yaml; tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:

@@ -88,7 +88,7 @@ def confusion_matrices(
 
 @dataclass
 class Predictions:
-    """A model's outputs over a loader, rows in loader order; ``indices`` are rows in the frame table."""
+    """A model's outputs over a loader in loader order; ``indices`` are rows in the frame table."""
 
     targets: np.ndarray  # [N,2] float, fire and smoke
     probs: np.ndarray  # [N,2] sigmoid of the logits
@@ -177,7 +177,9 @@ def count_flops(model: nn.Module, example_inputs: tuple) -> int:
     return int(counter.get_total_flops())
 
 
-def profile_model(model: nn.Module, example_inputs: tuple, latency_runs: int = 20) -> dict[str, Any]:
+def profile_model(
+    model: nn.Module, example_inputs: tuple, latency_runs: int = 20
+) -> dict[str, Any]:
     """Cost of a model per frame: ``params``, ``size_mb``, ``gflops`` and CPU ``latency_ms``.
 
     FLOPs and latency are measured on a CPU deep copy in eval mode with a batch of one (the
@@ -187,7 +189,9 @@ def profile_model(model: nn.Module, example_inputs: tuple, latency_runs: int = 2
     params = sum(p.numel() for p in model.parameters())
     nbytes = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
     cpu_model = copy.deepcopy(model).cpu().eval()
-    inputs = tuple(x.detach().cpu() if torch.is_tensor(x) else x for x in _first_frame(example_inputs))
+    inputs = tuple(
+        x.detach().cpu() if torch.is_tensor(x) else x for x in _first_frame(example_inputs)
+    )
     return {
         "params": int(params),
         "size_mb": nbytes / 2**20,

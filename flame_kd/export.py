@@ -32,7 +32,7 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, atol:
     x = example.cpu().float()
     batch = torch.cat([x, x.flip(-1)])[:2] if len(x) == 1 else x[:2]
     torch.onnx.export(
-        _LogitsAndFeatures(model), (batch,), str(path),
+        _LogitsAndFeatures(model).eval(), (batch,), str(path),
         input_names=["rgb"], output_names=["logits", "features"],
         dynamic_axes={"rgb": {0: "batch"}, "logits": {0: "batch"}, "features": {0: "batch"}},
         dynamo=False,
@@ -40,6 +40,6 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, atol:
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = session.run(None, {"rgb": batch.numpy()})
     with torch.inference_mode():
-        want = [t.numpy() for t in model(batch)]
+        want = [t.numpy() for t in model.eval()(batch)]
     diff = max(float(np.abs(g - w).max()) for g, w in zip(got, want))
     return {"max_abs_diff": diff, "ok": diff <= atol * max(1.0, max(float(np.abs(w).max()) for w in want))}

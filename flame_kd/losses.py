@@ -19,7 +19,9 @@ from torch import nn
 from flame_kd.errors import ConfigError
 
 
-def kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+def kl(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float
+) -> torch.Tensor:
     """Binary KL from the teacher's soft labels to the student's, per label, times T^2.
 
     With p_t = sigmoid(z_t / T) and p_s = sigmoid(z_s / T)::
@@ -180,7 +182,7 @@ class DistillLoss(nn.Module):
         teacher_logits: torch.Tensor | None = None,
         teacher_features: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """``{"loss": weighted total, <term>: unweighted value (detached)}`` for each active term."""
+        """``{"loss": weighted total, <term>: its unweighted value (detached)}`` per active term."""
         if self.weights["alpha"] > 0 and teacher_logits is None:
             raise ValueError("the kl term needs teacher_logits")
         if self.uses_teacher_features and teacher_features is None:

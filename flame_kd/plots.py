@@ -16,7 +16,7 @@ from matplotlib.lines import Line2D
 
 from flame_kd.evaluate import LABELS, METRIC_NAMES
 
-# --- training curves --------------------------------------------------------------------------------
+# --- training curves -----------------------------------------------------------------------------
 
 History = dict[str, list[tuple[int, float]]]  # metric name -> [(epoch, value), ...]
 
@@ -24,7 +24,7 @@ _NOT_LOSSES = {"samples_per_second", *METRIC_NAMES}  # train/ keys that are not 
 
 
 def _is_loss(key: str) -> bool:
-    """Total losses (``*loss``) and loss components (``train/kl``...) of the train and val splits."""
+    """Total losses (``*loss``) and loss components (``train/kl``...) of train and val."""
     split, _, name = key.partition("/")
     if split not in ("train", "val"):
         return False
@@ -130,7 +130,9 @@ def embed_features(
     from sklearn.preprocessing import StandardScaler
 
     if method not in _EMBED_DEFAULTS:
-        raise ValueError(f"unknown embedding method {method!r}; use one of {sorted(_EMBED_DEFAULTS)}")
+        raise ValueError(
+            f"unknown embedding method {method!r}; use one of {sorted(_EMBED_DEFAULTS)}"
+        )
     features = np.asarray(features, dtype=np.float64).reshape(len(features), -1)
     n_total = len(features)
     kept = np.arange(n_total)
@@ -153,7 +155,7 @@ def embed_features(
             import umap
 
         opts["n_neighbors"] = int(min(opts["n_neighbors"], max(2, n - 1)))
-        # random_state makes UMAP deterministic but single-threaded; n_jobs=1 says so without a warning
+        # random_state makes UMAP repeatable but single-threaded; n_jobs=1 avoids its warning
         reducer = umap.UMAP(n_components=2, random_state=seed, n_jobs=1, **opts)
     points = np.asarray(reducer.fit_transform(x), dtype=np.float64)
     return points, kept
@@ -211,7 +213,7 @@ def embedding_pair(
 
 
 def confusion(cms: dict[str, np.ndarray]) -> Figure:
-    """One 2x2 heat map per label (rows true, columns predicted), each cell annotated with its count."""
+    """One 2x2 heat map per label (rows true, columns predicted), each cell showing its count."""
     labels = list(cms) or list(LABELS)
     fig = Figure(figsize=(4 * len(labels), 3.8), layout="constrained")
     axes = np.atleast_1d(fig.subplots(1, len(labels)))
@@ -278,3 +280,31 @@ def ablation_bars(table: Any, metric: str = "f1_macro") -> Figure:
     ax.grid(axis="y", alpha=0.3)
     ax.legend(title="loss", fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return fig
+
+
+def optuna_figures(study: Any) -> dict[str, Figure]:
+    """Optuna's optimization history, parameter importances and parallel coordinates as figures.
+
+    Importances need two finished trials and a varied parameter; a plot Optuna cannot draw for
+    this study is left out rather than failing the sweep's summary.
+    """
+    import optuna
+    from optuna.visualization import matplotlib as ovm
+
+    makers = {
+        "optimization_history": ovm.plot_optimization_history,
+        "param_importances": ovm.plot_param_importances,
+        "parallel_coordinate": ovm.plot_parallel_coordinate,
+    }
+    figures: dict[str, Figure] = {}
+    for name, make in makers.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            try:
+                ax = make(study)
+            except (ValueError, RuntimeError, ZeroDivisionError) as err:
+                warnings.warn(f"optuna {name} plot skipped: {err}", stacklevel=2)
+                continue
+        axes = np.atleast_1d(ax).ravel()
+        figures[name] = axes[0].figure
+    return figures

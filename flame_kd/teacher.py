@@ -24,7 +24,7 @@ from flame_kd.tasks import SupervisedTask, teacher_forward
 
 
 def run_teacher(cfg: TeacherRunConfig, attach_env: bool = True, extra_tags: dict | None = None,
-                parent_run_id: str | None = None) -> str:
+                parent_run_id: str | None = None, callbacks=()) -> str:
     """Fit, evaluate and log a teacher; returns its MLflow run id.
 
     Everything that can be wrong with the input (data, teacher name, weights, tracking server) is
@@ -52,7 +52,7 @@ def run_teacher(cfg: TeacherRunConfig, attach_env: bool = True, extra_tags: dict
             start_logging(cfg_dict, data)
         ckpt = checkpoint_dir(run_id, cfg.checkpoint_dir)
         trainer = Trainer(model, SupervisedTask(teacher_forward), cfg.train, ckpt,
-                          [tracking.MlflowCallback()], device)
+                          [tracking.MlflowCallback(), *callbacks], device)
         state = trainer.fit(data.loaders["train"], data.loaders["val"], resume=resume_id is not None)
         test_report(trainer, state, data, teacher_forward, f"{t.name} teacher", seed)
         ex = example_batch(data)

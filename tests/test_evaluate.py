@@ -128,7 +128,8 @@ def test_predict_collects_batches_in_order():
     assert isinstance(preds, Predictions)
     assert preds.targets.shape == preds.probs.shape == (12, 2)
     assert preds.features.shape == (12, 3)
-    np.testing.assert_array_equal(preds.indices, [0, 1, 2, 3, 100, 101, 102, 103, 200, 201, 202, 203])
+    expected_indices = [0, 1, 2, 3, 100, 101, 102, 103, 200, 201, 202, 203]
+    np.testing.assert_array_equal(preds.indices, expected_indices)
     rgb = torch.cat([b["rgb"] for b in loader])
     with torch.no_grad():
         expected = torch.sigmoid(model.head(rgb)).numpy()  # eval: dropout off

@@ -112,7 +112,7 @@ def test_resolve_weights_fills_from_variant_and_overrides():
 @pytest.mark.parametrize(
     "call, message",
     [
-        (lambda: resolve_weights("kl_bce", beta=-0.1), r"loss weight beta \(relational\) must be >= 0"),
+        (lambda: resolve_weights("kl_bce", beta=-0.1), r"weight beta \(relational\) must be >= 0"),
         (lambda: resolve_weights("kl_bce", alpha=float("nan")), r"loss weight alpha"),
         (lambda: resolve_weights("fancy"), r"unknown loss variant 'fancy'; known: kl_bce, .*bce"),
         (lambda: resolve_weights("kl_bce", alpha=0, delta=0), r"all loss weights are 0"),
@@ -154,7 +154,7 @@ def test_distill_loss_returns_active_terms_and_their_weighted_sum(variant):
         "l2": (proj, x["teacher_features"]),
         "bce": (x["student_logits"], x["targets"]),
     }
-    expected = sum(weights[k] * LOSSES[letters[k]](*args[letters[k]]) for k in weights if weights[k])
+    expected = sum(w * LOSSES[letters[k]](*args[letters[k]]) for k, w in weights.items() if w)
     assert out["loss"].item() == pytest.approx(expected.item(), rel=1e-6)
     for name in active:
         assert out[name].item() == pytest.approx(LOSSES[name](*args[name]).item(), rel=1e-6)

@@ -95,7 +95,8 @@ def test_weights_file_errors_name_both_options(tmp_path):
     with pytest.raises(ConfigError) as missing:
         build_teacher("timm:test_resnet", weights=tmp_path / "nope.pth")
     message = missing.value.format_message()
-    assert "no such file" in message and "--weights FILE" in message and "--no-pretrained" in message
+    assert "no such file" in message
+    assert "--weights FILE" in message and "--no-pretrained" in message
     other = tmp_path / "vit.pth"
     torch.save(timm.create_model("test_vit").state_dict(), other)
     with pytest.raises(ConfigError, match=r"does not fit it .*--no-pretrained"):
@@ -149,7 +150,8 @@ def test_lightweight_cnn_is_the_original_student():
 
 
 @pytest.mark.parametrize(
-    "name, dim", [("timm:test_efficientnet", 256), ("timm:test_vit", 64), ("timm:mobilenetv3_large_100", 1280)]
+    "name, dim",
+    [("timm:test_efficientnet", 256), ("timm:test_vit", 64), ("timm:mobilenetv3_large_100", 1280)],
 )
 def test_timm_student_uses_pooled_pre_logits(name, dim):
     # MobileNetV3's pre-logits are its 1280-d conv head, not its 960 pooled channels.

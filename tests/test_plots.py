@@ -92,7 +92,8 @@ def test_embedding_legend_lists_every_class_with_counts():
 def test_embedding_pair_has_two_panels():
     _, targets = _flame2_like(20)
     pts = np.random.default_rng(2).normal(size=(20, 2))
-    fig = _renders(plots.embedding_pair(pts, targets, pts[:10], targets[:10], ("student", "teacher")))
+    fig = plots.embedding_pair(pts, targets, pts[:10], targets[:10], ("student", "teacher"))
+    _renders(fig)
     assert [ax.get_title() for ax in fig.axes] == ["student", "teacher"]
     assert all(len(_legend_texts(ax)) == 4 for ax in fig.axes)
 
@@ -106,7 +107,8 @@ def umap_runs():
 
 def test_embed_features_tsne_deterministic():
     features, _ = _flame2_like()
-    (a, kept), (b, _) = (plots.embed_features(features, "tsne", seed=7, n_iter=250) for _ in range(2))
+    runs = [plots.embed_features(features, "tsne", seed=7, n_iter=250) for _ in range(2)]
+    (a, kept), (b, _) = runs
     assert a.shape == (60, 2) and np.isfinite(a).all()
     np.testing.assert_array_equal(kept, np.arange(60))
     np.testing.assert_array_equal(a, b)
@@ -160,7 +162,8 @@ def test_ablation_bars_groups_by_teacher_with_control_last():
     fig = _renders(plots.ablation_bars(_ablation_table()))
     (ax,) = fig.axes
     assert len(ax.patches) == 7  # 2 teachers x 3 losses + the control
-    assert [t.get_text() for t in ax.get_xticklabels()] == ["resnet-152", "swin-tiny", "none (control)"]
+    ticks = [t.get_text() for t in ax.get_xticklabels()]
+    assert ticks == ["resnet-152", "swin-tiny", "none (control)"]
     assert [t.get_text() for t in ax.get_legend().get_texts()] == [
         "kl_bce", "kl_l2_bce", "kl_contrastive_l2_bce", "bce"
     ]

@@ -1,4 +1,4 @@
-"""timm backbones for teachers and students: build one, load its weights, pool it, freeze its stages.
+"""timm backbones for teachers and students: build, load weights, pool, freeze stages.
 
 Every backbone is a timm model built with ``num_classes=0``, so ``forward_features`` +
 ``forward_head(x, pre_logits=True)`` give the pooled feature vector without hooks.

@@ -13,7 +13,13 @@ import torch
 from torch import nn
 
 from flame_kd.errors import ConfigError
-from flame_kd.models.backbone import create_backbone, feature_dim, freeze_stages, pooled, resolve_name
+from flame_kd.models.backbone import (
+    create_backbone,
+    feature_dim,
+    freeze_stages,
+    pooled,
+    resolve_name,
+)
 
 # Registered teacher -> timm name. Plain efficientnet_b7 has no pretrained weights in timm.
 TEACHERS: dict[str, str] = {
@@ -35,7 +41,7 @@ class _Teacher(nn.Module):
         self._frozen: list[nn.Module] = []
 
     def train(self, mode: bool = True) -> _Teacher:
-        """Like nn.Module.train, but frozen stages stay in eval mode (BatchNorm statistics fixed)."""
+        """nn.Module.train, but frozen stages stay in eval mode (BatchNorm statistics fixed)."""
         super().train(mode)
         for m in self._frozen:
             m.eval()

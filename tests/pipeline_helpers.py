@@ -1,0 +1,86 @@
+"""Shared set-up for the pipeline tests: tiny synthetic data, a temporary MLflow store, tiny configs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+from mlflow.tracking import MlflowClient
+
+from flame_kd.config import (
+    DataConfig,
+    DistillRunConfig,
+    LossConfig,
+    TeacherConfig,
+    TeacherRunConfig,
+    TrackingConfig,
+    TrainConfig,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_TEACHER = "timm:test_resnet"
+SIZE = 32
+
+
+def use_store(tmp: Path, monkeypatch) -> str:
+    """A fresh SQLite MLflow store and flame-kd cache under ``tmp`` for this test."""
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("FLAME_KD_CACHE", str(tmp / "cache"))
+    for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
+        monkeypatch.delenv(var, raising=False)
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
+def train_cfg(epochs: int, lr: float, seed: int = 42, patience: int = 10) -> TrainConfig:
+    return TrainConfig(epochs=epochs, lr=lr, seed=seed, device="cpu", progress=False,
+                       early_stop_patience=patience, plateau_patience=2)
+
+
+def teacher_cfg(csv: str, epochs: int = 2, seed: int = 42, experiment: str = "t") -> TeacherRunConfig:
+    return TeacherRunConfig(
+        data=DataConfig(csv=csv, image_size=SIZE, batch_size=16),
+        teacher=TeacherConfig(name=TINY_TEACHER, pretrained=False),
+        train=train_cfg(epochs, 3e-3, seed),
+        tracking=TrackingConfig(experiment=experiment),
+    )
+
+
+def distill_cfg(csv: str, loss: str = "kl_bce", epochs: int = 2, seed: int = 42, experiment: str = "t",
+                teacher_epochs: int = 2, mode: str = "cached", **weights) -> DistillRunConfig:
+    return DistillRunConfig(
+        data=DataConfig(csv=csv, image_size=SIZE, batch_size=16, augment="flip"),
+        teacher=TeacherConfig(name=TINY_TEACHER, pretrained=False),
+        teacher_train=train_cfg(teacher_epochs, 3e-3, seed),
+        student="timm:test_efficientnet",
+        train=train_cfg(epochs, 3e-3, seed),
+        loss=LossConfig(variant=loss, **weights),
+        tracking=TrackingConfig(experiment=experiment, register_as="flame-kd-student"),
+        teacher_mode=mode,
+    )
+
+
+def artifacts(run_id: str, path: str | None = None) -> set[str]:
+    """Every artifact path of a run, recursively."""
+    client = MlflowClient()
+    out = set()
+    for a in client.list_artifacts(run_id, path):
+        if a.is_dir:
+            out |= artifacts(run_id, a.path)
+        else:
+            out.add(a.path)
+    return out
+
+
+def cli(*args: str, env: dict | None = None, cwd: Path = REPO, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run the installed console script (or mlflow) in a subprocess, as a user would."""
+    bindir = Path(sys.executable).parent
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "MPLBACKEND": "Agg",
+                "PATH": f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}", **(env or {})}
+    for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID"):
+        full_env.pop(var, None)
+    return subprocess.run(list(args), cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)

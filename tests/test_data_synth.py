@@ -1,0 +1,84 @@
+"""`data synth`: FLAME2-like layout and proportions, a real pixel signal, byte-identical per seed."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pandas as pd
+from click.testing import CliRunner
+from PIL import Image
+
+from flame_kd.cli import main
+from flame_kd.data.labels import read_label_ranges
+from flame_kd.data.synth import synthesize
+
+
+def tree_hash(folder) -> str:
+    h = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        h.update(str(path.relative_to(folder)).encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def test_same_seed_same_bytes(tmp_path):
+    a = synthesize(tmp_path / "a", frames=40, image_size=32, seed=5).parent
+    b = synthesize(tmp_path / "b", frames=40, image_size=32, seed=5).parent
+    c = synthesize(tmp_path / "c", frames=40, image_size=32, seed=6).parent
+    assert tree_hash(a) == tree_hash(b) != tree_hash(c)
+
+
+def test_layout_like_flame2(synth_dir, synth_csv):
+    table = pd.read_csv(synth_csv)
+    assert list(table.columns) == ["id", "rgb_frame", "ir_frame", "fire", "smoke"]
+    assert table.id.tolist() == list(range(1, 121))
+    assert table.rgb_frame[0] == "254p RGB Images/254p RGB Frame (1).jpg"
+    assert table.ir_frame[0] == "254p Thermal Images/254p Thermal Frame (1).jpg"
+    share = (table.fire.astype(str) + table.smoke.astype(str)).value_counts(normalize=True)
+    assert abs(share["00"] - 0.26) < 0.03 and abs(share["11"] - 0.48) < 0.03 and abs(share["10"] - 0.27) < 0.03
+    assert "01" not in share  # no smoke without fire, as in FLAME2
+    ranges = read_label_ranges(synth_dir / "label_ranges.tsv")
+    assert ranges.fire_smoke[0] == "NN" and ranges["first"][0] == 1 and ranges["last"].iloc[-1] == 120
+    assert set(ranges.fire_smoke[1::2]) == {"YY"} and set(ranges.fire_smoke[2::2]) == {"YN"}
+    assert (synth_dir / "label_ranges.tsv").read_text().startswith("# ")
+
+
+def load(folder, kind, i):
+    name = {"rgb": "254p RGB Images/254p RGB Frame ({}).jpg", "ir": "254p Thermal Images/254p Thermal Frame ({}).jpg"}
+    return np.asarray(Image.open(folder / name[kind].format(i)).convert("RGB"), dtype=np.float32)
+
+
+def test_pixels_carry_the_labels(tmp_path):
+    csv = synthesize(tmp_path, frames=150, image_size=48, seed=1)
+    table = pd.read_csv(csv)
+    hot = np.array([load(tmp_path, "ir", i).sum(-1).max() for i in table.id])  # thermal hot spot
+    fire = table.fire.to_numpy() == 1
+    assert hot[fire].min() > hot[~fire].max()  # fire frames are hotter, every one
+    grey = []
+    for i in table.id:  # smoke: a large low-saturation, bright part of the RGB frame
+        rgb = load(tmp_path, "rgb", i)
+        sat = rgb.max(-1) - rgb.min(-1)
+        grey.append(np.mean((sat < 25) & (rgb.mean(-1) > 150)))
+    grey, smoke = np.array(grey), table.smoke.to_numpy() == 1
+    assert grey[smoke].mean() > 0.5 > grey[~smoke].mean()
+
+
+def test_neighbouring_frames_are_near_duplicates(synth_dir):
+    """Frames next to each other differ by noise only; a frame of another segment is another scene."""
+    ranges = read_label_ranges(synth_dir / "label_ranges.tsv")
+    a, b = load(synth_dir, "rgb", 3), load(synth_dir, "rgb", 4)
+    other = load(synth_dir, "rgb", int(ranges["first"][2]))  # a YN segment: no haze, another place
+    assert np.abs(a - b).mean() < 0.35 * np.abs(a - other).mean()
+
+
+def test_synth_command(tmp_path):
+    out = tmp_path / "demo"
+    result = CliRunner().invoke(main, ["data", "synth", str(out), "--frames", "30", "--image-size", "16", "--seed", "3"])
+    assert result.exit_code == 0, result.output
+    assert "30 frame pairs" in result.output and (out / "flame2.csv").is_file()
+    with Image.open(out / "254p Thermal Images" / "254p Thermal Frame (30).jpg") as im:
+        assert im.size == (16, 16) and im.mode == "RGB"
+    # re-running smaller removes the frames the old run wrote beyond the new end
+    CliRunner().invoke(main, ["data", "synth", str(out), "--frames", "10", "--image-size", "16"])
+    assert len(list((out / "254p RGB Images").iterdir())) == 10

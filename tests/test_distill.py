@@ -1,0 +1,158 @@
+"""Distillation: aligned teacher targets, teacher reuse and caching, what a distill run logs."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from flame_kd.data.synth import synthesize
+from flame_kd.distill import prepare, run_distill
+from flame_kd.errors import ConfigError
+from flame_kd.losses import DistillLoss, resolve_weights
+from flame_kd.tasks import DistillTask, TeacherOutputs, teacher_forward
+from flame_kd.teacher import run_teacher
+
+from pipeline_helpers import SIZE, artifacts, distill_cfg, teacher_cfg, use_store
+
+
+@pytest.fixture(scope="module")
+def data_csv(tmp_path_factory):
+    return str(synthesize(tmp_path_factory.mktemp("synth"), frames=160, image_size=SIZE, seed=5))
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """One store for the module: the first distill run trains its teacher, later ones reuse it."""
+    mp = pytest.MonkeyPatch()
+    use_store(tmp_path_factory.mktemp("store"), mp)
+    yield
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def first_distill(store, data_csv):
+    run_id = run_distill(distill_cfg(data_csv, loss="kl_contrastive_l2_bce"))
+    return MlflowClient().get_run(run_id)
+
+
+def teacher_runs(experiment="t"):
+    exp = MlflowClient().get_experiment_by_name(experiment)
+    return MlflowClient().search_runs([exp.experiment_id], "tags.`flame_kd.stage` = 'teacher'")
+
+
+def test_missing_teacher_is_trained_first_as_its_own_linked_run(first_distill):
+    teachers = teacher_runs()
+    assert len(teachers) == 1
+    teacher = teachers[0]
+    assert teacher.info.status == "FINISHED"
+    assert first_distill.data.tags["flame_kd.teacher_run_id"] == teacher.info.run_id
+    assert first_distill.data.tags["flame_kd.split_digest"] == teacher.data.tags["flame_kd.split_digest"]
+    # the teacher's outputs were computed once and stored with the teacher run
+    assert any(p.startswith("teacher_outputs/") for p in artifacts(teacher.info.run_id))
+
+
+def test_distill_run_logs_components_gaps_plots_and_models(first_distill):
+    client = MlflowClient()
+    run_id = first_distill.info.run_id
+    for key in ("train/kl", "train/relational", "train/l2", "train/bce", "val/loss", "val/f1_macro"):
+        assert [m.step for m in client.get_metric_history(run_id, key)] == [1, 2], key
+    m = first_distill.data.metrics
+    for key in ("test/f1_macro", "gap/f1_macro", "student/params", "student/gflops", "student/latency_ms",
+                "teacher/latency_ms", "teacher/gflops", "onnx/max_abs_diff"):
+        assert key in m, key
+    assert first_distill.data.tags["flame_kd.onnx_check"] == "passed"
+    have = artifacts(run_id)
+    for path in ("plots/tsne.png", "plots/umap.png", "plots/tsne_student_vs_teacher.png",
+                 "plots/umap_student_vs_teacher.png", "plots/training_curves.png", "plots/confusion.png",
+                 "checkpoints/best.pt", "onnx/student.onnx", "config.yaml", "loss.txt"):
+        assert path in have, path
+    versions = client.search_model_versions("name = 'flame-kd-student'")
+    assert any(v.run_id == run_id for v in versions)
+
+
+def test_second_distill_reuses_the_teacher(first_distill, data_csv):
+    run_id = run_distill(distill_cfg(data_csv, loss="kl_bce", epochs=1))
+    run = MlflowClient().get_run(run_id)
+    assert len(teacher_runs()) == 1
+    assert run.data.tags["flame_kd.teacher_run_id"] == first_distill.data.tags["flame_kd.teacher_run_id"]
+
+
+def test_pinned_teacher_and_mismatched_split(first_distill, data_csv):
+    pinned = first_distill.data.tags["flame_kd.teacher_run_id"]
+    cfg = distill_cfg(data_csv, epochs=1)
+    cfg.teacher_run_id = pinned
+    cfg.tracking.log_model = False
+    run = MlflowClient().get_run(run_distill(cfg))
+    assert run.data.tags["flame_kd.teacher_run_id"] == pinned
+    # another seed makes another split: the pinned teacher saw other frames, so it is refused ...
+    other = distill_cfg(data_csv, epochs=1, seed=7)
+    other.teacher_run_id = pinned
+    with pytest.raises(ConfigError, match="split"):
+        run_distill(other)
+    # ... and the lookup does not reuse it either: a new teacher is trained for that split
+    other.teacher_run_id = None
+    other.tracking.log_model = False
+    new = MlflowClient().get_run(run_distill(other))
+    assert new.data.tags["flame_kd.teacher_run_id"] != pinned
+    assert len(teacher_runs()) == 2
+
+
+def test_teacher_targets_belong_to_the_batch_frames(first_distill, data_csv):
+    """The original pipeline zipped two shuffled loaders; here teacher outputs follow batch rows."""
+    prep = prepare(distill_cfg(data_csv))
+    cache = prep.outputs.cache
+    live = TeacherOutputs(teacher=prep.teacher)
+    batch = next(iter(prep.data.loaders["train"]))  # shuffled, with random flips
+    assert batch["flip"].any() and not batch["flip"].all()
+    assert not torch.equal(batch["index"], torch.sort(batch["index"]).values)
+    cached_logits, cached_feats = prep.outputs(batch)
+    live_logits, live_feats = live(batch)
+    torch.testing.assert_close(cached_logits, live_logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(cached_feats, live_feats, atol=1e-4, rtol=1e-4)
+    # and a mismatched pairing (another permutation of the same frames) would differ
+    perm = torch.roll(torch.arange(len(batch["index"])), 1)
+    assert not torch.allclose(cache["logits"][batch["index"][perm]], cache["logits"][batch["index"]])
+
+
+def test_cached_and_live_give_the_same_loss(first_distill, data_csv):
+    prep = prepare(distill_cfg(data_csv))
+    batch = next(iter(prep.data.loaders["val"]))  # unaugmented
+    weights = resolve_weights("kl_contrastive_l2_bce")
+    torch.manual_seed(0)
+    loss = DistillLoss(weights, 2.0, 256, prep.teacher.feature_dim)
+    from flame_kd.models import build_student
+
+    student = build_student("lightweight-cnn", image_size=SIZE).eval()
+    with torch.no_grad():
+        cached = DistillTask(loss, prep.outputs)(student, batch)
+        live = DistillTask(loss, TeacherOutputs(teacher=prep.teacher))(student, batch)
+    for key in ("loss", "kl", "relational", "l2", "bce"):
+        torch.testing.assert_close(cached[key], live[key], atol=1e-5, rtol=1e-4)
+
+
+def test_control_needs_no_teacher(store, data_csv):
+    cfg = distill_cfg(data_csv, loss="bce", epochs=1, experiment="control")
+    cfg.tracking.log_model = False
+    run = MlflowClient().get_run(run_distill(cfg))
+    assert run.data.tags["flame_kd.teacher"] == "none"
+    assert "flame_kd.teacher_run_id" not in run.data.tags
+    assert "train/kl" not in run.data.metrics and "train/bce" in run.data.metrics
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"alpha": -0.1}, "alpha"),
+    ({"temperature": 0.0}, "emperature"),
+])
+def test_bad_loss_options_are_clear_errors(data_csv, tmp_path, monkeypatch, bad, match):
+    use_store(tmp_path, monkeypatch)
+    cfg = distill_cfg(data_csv)
+    cfg.loss = dataclasses.replace(cfg.loss, **bad)
+    with pytest.raises(ConfigError, match=match):
+        run_distill(cfg)
+    cfg = distill_cfg(data_csv, loss="kl_everything")
+    with pytest.raises(ConfigError, match="kl_bce"):
+        run_distill(cfg)
+    assert MlflowClient().search_experiments(filter_string="name = 't'") == []

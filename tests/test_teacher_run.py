@@ -1,0 +1,118 @@
+"""A teacher run end to end against a temporary SQLite store: metrics, tags, artifacts, resume."""
+
+from __future__ import annotations
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from flame_kd.data.synth import synthesize
+from flame_kd.engine import LambdaCallback
+from flame_kd.errors import ConfigError, DataError, FlameKDError
+from flame_kd.teacher import run_teacher
+
+from pipeline_helpers import SIZE, artifacts, teacher_cfg, use_store
+
+
+@pytest.fixture(scope="module")
+def data_csv(tmp_path_factory):
+    return str(synthesize(tmp_path_factory.mktemp("synth"), frames=160, image_size=SIZE, seed=3))
+
+
+@pytest.fixture(scope="module")
+def teacher_run(data_csv, tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    use_store(tmp_path_factory.mktemp("store"), mp)
+    run_id = run_teacher(teacher_cfg(data_csv, epochs=2))
+    yield MlflowClient().get_run(run_id)
+    mp.undo()
+
+
+def test_every_epoch_metric_has_its_step(teacher_run):
+    client = MlflowClient()
+    for key in ("train/loss", "train/bce", "val/loss", "val/f1_macro", "val/f1_fire", "val/f1_smoke",
+                "val/precision_macro", "val/recall_macro", "val/accuracy", "lr", "epoch_seconds",
+                "train/samples_per_second"):
+        steps = [m.step for m in client.get_metric_history(teacher_run.info.run_id, key)]
+        assert steps == [1, 2], key
+
+
+def test_test_metrics_size_and_latency(teacher_run):
+    m = teacher_run.data.metrics
+    for key in ("test/f1_macro", "test/f1_fire", "test/f1_smoke", "test/precision_macro", "test/recall_macro",
+                "test/accuracy", "test/hamming_loss", "model/params", "model/size_mb", "model/gflops",
+                "model/latency_ms", "split/train_fraction"):
+        assert key in m, key
+    assert 0.0 <= m["test/f1_macro"] <= 1.0
+    assert m["model/params"] > 0 and m["model/latency_ms"] > 0
+
+
+def test_tags_identify_the_run(teacher_run):
+    tags = teacher_run.data.tags
+    assert tags["flame_kd.stage"] == "teacher"
+    assert tags["flame_kd.teacher"] == "timm:test_resnet"
+    assert tags["flame_kd.seed"] == "42"
+    assert len(tags["flame_kd.data_digest"]) >= 8 and len(tags["flame_kd.split_digest"]) >= 8
+    assert teacher_run.info.status == "FINISHED"
+    assert teacher_run.data.params["train.lr"] == "0.003"
+    exp = MlflowClient().get_experiment(teacher_run.info.experiment_id)
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_artifacts(teacher_run):
+    have = artifacts(teacher_run.info.run_id)
+    for path in ("config.yaml", "split/manifest.csv", "plots/training_curves.png", "plots/tsne.png",
+                 "plots/umap.png", "plots/confusion.png", "checkpoints/best.pt"):
+        assert path in have, path
+    assert any(p.startswith("model") for p in have) or teacher_run.outputs.model_outputs
+    assert teacher_run.inputs.dataset_inputs, "the data set is logged with mlflow.log_input"
+
+
+def test_resume_continues_the_same_run_with_the_same_numbers(data_csv, tmp_path, monkeypatch):
+    use_store(tmp_path, monkeypatch)
+    full = MlflowClient().get_run(run_teacher(teacher_cfg(data_csv, epochs=3, experiment="full")))
+
+    def interrupt(epoch, metrics, state):
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    cfg = teacher_cfg(data_csv, epochs=3, experiment="broken")
+    cfg.tracking.log_model = False
+    with pytest.raises(KeyboardInterrupt):
+        run_teacher(cfg, callbacks=[LambdaCallback(interrupt)])
+    killed = MlflowClient().search_runs([MlflowClient().get_experiment_by_name("broken").experiment_id])[0]
+    assert killed.info.status == "KILLED"
+    assert "interrupted" in killed.data.tags["flame_kd.error"]
+    assert [m.step for m in MlflowClient().get_metric_history(killed.info.run_id, "val/f1_macro")] == [1]
+
+    cfg.resume = True
+    resumed_id = run_teacher(cfg)
+    assert resumed_id == killed.info.run_id
+    resumed = MlflowClient().get_run(resumed_id)
+    assert resumed.info.status == "FINISHED"
+    history = MlflowClient().get_metric_history(resumed_id, "val/f1_macro")
+    assert [m.step for m in history] == [1, 2, 3]  # no duplicate steps
+    full_hist = MlflowClient().get_metric_history(full.info.run_id, "val/f1_macro")
+    assert [m.value for m in history] == [m.value for m in full_hist]
+    for key in ("test/f1_macro", "test/accuracy", "test/hamming_loss"):
+        assert resumed.data.metrics[key] == full.data.metrics[key]
+
+
+def test_bad_input_fails_before_a_run_exists(data_csv, tmp_path, monkeypatch):
+    use_store(tmp_path, monkeypatch)
+    cfg = teacher_cfg(data_csv, experiment="bad")
+    cfg.teacher.name = "resnet-999"
+    with pytest.raises(ConfigError, match="resnet-999"):
+        run_teacher(cfg)
+    cfg = teacher_cfg(str(tmp_path / "missing.csv"), experiment="bad")
+    with pytest.raises(DataError, match="missing.csv"):
+        run_teacher(cfg)
+    assert MlflowClient().get_experiment_by_name("bad") is None
+
+
+def test_unreachable_tracking_server_is_one_clear_error(data_csv, tmp_path, monkeypatch):
+    use_store(tmp_path, monkeypatch)
+    cfg = teacher_cfg(data_csv)
+    cfg.tracking.tracking_uri = "http://user:secret@127.0.0.1:9"
+    with pytest.raises(FlameKDError, match="unreachable") as err:
+        run_teacher(cfg)
+    assert "secret" not in str(err.value)
