@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+import socket
 import sys
 import tempfile
 import time
@@ -74,12 +75,27 @@ def make_storage(url: str, cfg: SweepConfig) -> optuna.storages.RDBStorage:
                 url,
                 heartbeat_interval=cfg.heartbeat_interval,
                 grace_period=2 * cfg.heartbeat_interval,
-                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(cfg.max_retry),
+                heartbeat_stale_trial_callback=_StaleTrial(cfg.max_retry),
                 engine_kwargs={"pool_pre_ping": True},
             )
         except Exception as err:  # bad URL, unreachable server, missing driver
             first = str(err).splitlines()[0] if str(err) else type(err).__name__
             raise ConfigError(f"cannot open Optuna storage {tracking.redact(url)}: {tracking.redact(first)}") from None
+
+
+class _StaleTrial:
+    """A worker stopped beating mid-trial: Optuna fails and re-queues it; its MLflow run is failed too."""
+
+    def __init__(self, max_retry: int):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            self.retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry)
+
+    def __call__(self, study: optuna.Study, trial) -> None:
+        self.retry(study, trial)
+        parent = study.user_attrs.get(PARENT_ATTR)
+        if parent:
+            _tag_last_trial(parent, trial.number, "FAIL", "worker lost: no heartbeat")
 
 
 def suggest(trial: optuna.Trial, variant: str) -> dict[str, float]:
@@ -137,6 +153,7 @@ def objective_for(cfg: SweepConfig, prep: Prepared, parent_id: str):
     base = cfg.distill
 
     def objective(trial: optuna.Trial) -> float:
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         params = suggest(trial, base.loss.variant)
         loss = dataclasses.replace(base.loss, **params)
         dcfg = dataclasses.replace(base, loss=loss, tracking=dataclasses.replace(
@@ -166,7 +183,7 @@ def objective_for(cfg: SweepConfig, prep: Prepared, parent_id: str):
     return objective
 
 
-def _tag_last_trial(parent_id: str, number: int, state: str) -> None:
+def _tag_last_trial(parent_id: str, number: int, state: str, error: str | None = None) -> None:
     """Mark the trial's MLflow run with its Optuna state (pruned runs end KILLED, failed FAILED)."""
     runs = tracking.search_runs(
         f"tags.`mlflow.parentRunId` = '{parent_id}' and tags.`flame_kd.trial_number` = '{number}'",
@@ -177,6 +194,9 @@ def _tag_last_trial(parent_id: str, number: int, state: str) -> None:
         tracking.set_tags({"flame_kd.trial_state": state}, run_id=run_id)
         if state == "PRUNED":
             tracking.client().set_terminated(run_id, "KILLED")
+        if error:
+            tracking.set_tags({"flame_kd.error": error}, run_id=run_id)
+            tracking.client().set_terminated(run_id, "FAILED")
         shutil.rmtree(checkpoint_dir(run_id), ignore_errors=True)  # a trial that ended early is not resumed
 
 

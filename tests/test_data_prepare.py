@@ -52,7 +52,8 @@ def test_prepare_keeps_pairs_and_reports_the_rest(tmp_path):
     assert "1 thermal frame(s) without an RGB frame, e.g. frames 5" in text
     assert "in no label range, e.g. frames 60000" in text
     assert (out.parent / "label_ranges.tsv").is_file()
-    assert len(load_frames(out, verify_images=True)) == 6  # the CSV passes the contract
+    loaded = load_frames(out, verify_images=True)  # the CSV passes the contract
+    assert len(loaded) == 6 and loaded.rgb_path[0] == str(rgb_dir / "254p RGB Frame (1).jpg")
 
 
 def test_prepare_command(tmp_path):

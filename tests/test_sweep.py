@@ -1,0 +1,126 @@
+"""Optuna sweeps on SQLite: nested trial runs, best params, pruning, continuation, failing trials."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+
+from flame_kd import sweep as sweep_mod
+from flame_kd.data.synth import synthesize
+from flame_kd.engine import LambdaCallback
+from flame_kd.errors import ConfigError
+from flame_kd.sweep import PARENT_ATTR, SweepConfig, run_sweep
+
+from pipeline_helpers import SIZE, artifacts, distill_cfg, use_store
+
+
+@pytest.fixture(scope="module")
+def data_csv(tmp_path_factory):
+    return str(synthesize(tmp_path_factory.mktemp("synth"), frames=160, image_size=SIZE, seed=9))
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    tmp = tmp_path_factory.mktemp("store")
+    uri = use_store(tmp, mp)
+    yield uri
+    mp.undo()
+
+
+def sweep_cfg(csv, n_trials=3, study="s", pruner="none", loss="kl_l2_bce"):
+    d = distill_cfg(csv, loss=loss, epochs=2, teacher_epochs=1)
+    d.student = "lightweight-cnn"
+    return SweepConfig(distill=d, n_trials=n_trials, study_name=study, pruner=pruner, heartbeat_interval=5)
+
+
+def trial_runs(parent_id):
+    exp_ids = [e.experiment_id for e in MlflowClient().search_experiments()]
+    return MlflowClient().search_runs(exp_ids, f"tags.`mlflow.parentRunId` = '{parent_id}'")
+
+
+@pytest.fixture(scope="module")
+def study(store, data_csv):
+    return run_sweep(sweep_cfg(data_csv))
+
+
+def test_parent_holds_nested_trials_and_the_best(study):
+    parent_id = study.user_attrs[PARENT_ATTR]
+    parent = MlflowClient().get_run(parent_id)
+    assert parent.data.tags["flame_kd.stage"] == "sweep"
+    trials = trial_runs(parent_id)
+    assert len(trials) == 3
+    assert {r.data.tags["flame_kd.stage"] for r in trials} == {"trial"}
+    assert {r.data.tags["flame_kd.trial_state"] for r in trials} == {"COMPLETE"}
+    for r in trials:  # the trial's own params and per-epoch metrics
+        assert {"loss.alpha", "loss.gamma", "loss.delta", "loss.temperature"} <= set(r.data.params)
+        steps = [m.step for m in MlflowClient().get_metric_history(r.info.run_id, "val/f1_macro")]
+        assert steps == [1, 2]
+        assert not any(k.startswith("test/") for k in r.data.metrics), "trials never look at test"
+    m = parent.data.metrics
+    assert m["best/val_f1_macro"] == pytest.approx(study.best_value)
+    for k in ("alpha", "gamma", "delta", "temperature"):
+        assert m[f"best/{k}"] == pytest.approx(study.best_params[k])
+        assert 0 <= study.best_params[k] <= (10 if k == "temperature" else 1)
+    assert "best/test/f1_macro" in m and m["trials/complete"] == 3
+    assert parent.data.tags["flame_kd.best_run_id"] == study.best_trial.user_attrs["mlflow_run_id"]
+    have = artifacts(parent_id)
+    assert "plots/optimization_history.png" in have and "plots/parallel_coordinate.png" in have
+
+
+def test_same_name_and_storage_continue_the_study(study, data_csv):
+    again = run_sweep(sweep_cfg(data_csv, n_trials=1))
+    assert len(again.trials) == 4
+    assert again.user_attrs[PARENT_ATTR] == study.user_attrs[PARENT_ATTR]
+    assert len(trial_runs(study.user_attrs[PARENT_ATTR])) == 4
+    sweeps = MlflowClient().search_runs(
+        [e.experiment_id for e in MlflowClient().search_experiments()], "tags.`flame_kd.stage` = 'sweep'")
+    assert len(sweeps) == 1
+
+
+def test_pruned_trials_are_marked(store, data_csv, monkeypatch):
+    class AlwaysPrune(optuna.pruners.BasePruner):
+        def prune(self, study, trial):
+            return True
+
+    monkeypatch.setattr(sweep_mod, "make_pruner", lambda name: AlwaysPrune())
+    study = run_sweep(sweep_cfg(data_csv, n_trials=2, study="pruned"))
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.PRUNED] * 2
+    runs = trial_runs(study.user_attrs[PARENT_ATTR])
+    assert {r.data.tags["flame_kd.trial_state"] for r in runs} == {"PRUNED"}
+    assert {r.info.status for r in runs} == {"KILLED"}
+
+
+def test_a_failing_trial_is_marked_and_the_study_goes_on(store, data_csv, monkeypatch):
+    real = sweep_mod.LambdaCallback
+
+    def flaky(report):
+        def on_epoch_end(epoch, metrics, state):
+            if metrics is not None and flaky.calls == 0:
+                flaky.calls += 1
+                raise RuntimeError("GPU fell off the bus")
+            report(epoch, metrics, state)
+        return real(on_epoch_end)
+
+    flaky.calls = 0
+    monkeypatch.setattr(sweep_mod, "LambdaCallback", flaky)
+    study = run_sweep(sweep_cfg(data_csv, n_trials=2, study="flaky"))
+    states = [t.state for t in study.trials]
+    assert states == [optuna.trial.TrialState.FAIL, optuna.trial.TrialState.COMPLETE]
+    runs = {r.data.tags["flame_kd.trial_number"]: r for r in trial_runs(study.user_attrs[PARENT_ATTR])}
+    assert runs["0"].info.status == "FAILED" and runs["0"].data.tags["flame_kd.trial_state"] == "FAIL"
+    assert "GPU fell off the bus" in runs["0"].data.tags["flame_kd.error"]
+    assert runs["1"].info.status == "FINISHED"
+
+
+def test_bad_options(store, data_csv):
+    with pytest.raises(ConfigError, match="pruner"):
+        run_sweep(sweep_cfg(data_csv, pruner="random"))
+    with pytest.raises(ConfigError, match="distillation variant"):
+        run_sweep(sweep_cfg(data_csv, loss="bce"))
+    cfg = sweep_cfg(data_csv, study="pg")
+    cfg.storage = "postgresql+psycopg2://user:hunter2@127.0.0.1:1/none"
+    with pytest.raises(ConfigError, match="cannot open Optuna storage") as err:
+        run_sweep(cfg)
+    assert "hunter2" not in str(err.value)
