@@ -8,7 +8,7 @@ into an active MLflow run in a temporary SQLite store; time spent inside the cal
 measured directly, since for long real epochs that absolute cost is what matters.
 
     HF_HUB_OFFLINE=1 MPLBACKEND=Agg .venv/bin/python bench/tracking_overhead.py \
-        --frames 300 --image-size 64 --batch-size 32 --pairs 8
+        --frames 300 --image-size 64 --batch-size 32 --pairs 12 --threads 1
 
 Nothing touches your MLflow store or flame-kd cache: both live in a temporary folder.
 """
@@ -16,6 +16,7 @@ Nothing touches your MLflow store or flame-kd cache: both live in a temporary fo
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import statistics
 import sys
@@ -32,15 +33,17 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--teacher", default="timm:test_resnet")
-    parser.add_argument("--pairs", type=int, default=8,
+    parser.add_argument("--pairs", type=int, default=12,
                         help="timed epochs per side (alternating ABBA); one warm-up epoch per side is excluded")
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op threads (0: torch's default). 1 keeps epoch times steady on a "
+                             "shared machine: with 2 threads on 2 busy cores a step ran ~9x slower and jittered")
     return parser.parse_args()
 
 
 def main() -> None:
     args = parse_args()
-    if args.threads:
+    if args.threads > 0:
         torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="flame-kd-bench-") as tmp:
         tmp = Path(tmp)
@@ -61,6 +64,7 @@ def run_bench(args: argparse.Namespace, tmp: Path) -> None:
     from flame_kd.models import build_teacher
     from flame_kd.tasks import SupervisedTask, teacher_forward
 
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # no "creating database tables" chatter
     tracking.configure(os.environ["MLFLOW_TRACKING_URI"])
     device = torch.device("cpu")
     t0 = time.perf_counter()
@@ -74,58 +78,67 @@ def run_bench(args: argparse.Namespace, tmp: Path) -> None:
     n_params = sum(p.numel() for p in model.parameters())
 
     class Timed(Callback):
-        """Wraps a callback and records the seconds spent inside its on_epoch_end."""
+        """Wraps a callback and records the wall and CPU seconds spent inside its on_epoch_end."""
 
         def __init__(self, inner: Callback):
-            self.inner, self.seconds = inner, []
+            self.inner, self.seconds, self.cpu = inner, [], []
 
         def on_epoch_end(self, epoch, metrics, state):
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             self.inner.on_epoch_end(epoch, metrics, state)
             self.seconds.append(time.perf_counter() - start)
+            self.cpu.append(time.process_time() - start_cpu)
 
     cfg = TrainConfig(epochs=0, lr=1e-3, device="cpu", progress=False, seed=42,
                       early_stop_patience=10**6, plateau_patience=10**6)
     timed = Timed(tracking.MlflowCallback())
     trainer = Trainer(model, SupervisedTask(teacher_forward), cfg, tmp / "checkpoints", device=device)
 
-    # Warm-up: one epoch per side, untimed; then ABBA ABBA ... so each side gets the same positions.
+    # Warm-up: one epoch per side, untimed; then ABBA BAAB ... so each side gets the same positions.
     order = [True, False] + [on for k in range(args.pairs) for on in ((True, False) if k % 2 == 0 else (False, True))]
-    with_cb, without_cb, cb_times = [], [], []
+    wall = {True: [], False: []}
+    cpu = {True: [], False: []}
+    cb_wall, cb_cpu = [], []
     print(f"synthesised {args.frames} frames at {args.image_size} px in {synth_s:.1f} s; "
-          f"train {n_train} / val {n_val} frames, batch {args.batch_size}, CPU, {torch.get_num_threads()} threads")
+          f"train {n_train} / val {n_val} frames, batch {args.batch_size}, CPU, {torch.get_num_threads()} torch thread(s)")
     print(f"model: {args.teacher} late fusion, pretrained=False, {n_params:,} parameters; "
-          f"{len(order)} epochs ({len(order) - 2} timed, alternating)\n")
+          f"{len(order)} epochs, {len(order) - 2} timed, alternating with/without the callback")
     with tracking.run("bench-tracking", "tracking overhead", {"flame_kd.stage": "bench"}):
         for i, on in enumerate(order):
             trainer.callbacks = [timed] if on else []
             cfg.epochs = trainer.state.epoch + 1  # fit() runs exactly one more epoch
             before = len(timed.seconds)
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             trainer.fit(data.loaders["train"], data.loaders["val"])
-            seconds = time.perf_counter() - start
+            seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - start_cpu
             if i < 2:
                 continue  # warm-up
-            (with_cb if on else without_cb).append(seconds)
+            wall[on].append(seconds)
+            cpu[on].append(cpu_seconds)
             if on:
-                cb_times.append(timed.seconds[before])
+                cb_wall.append(timed.seconds[before])
+                cb_cpu.append(timed.cpu[before])
         n_metrics = len(tracking.client().get_run(tracking.active_run_id()).data.metrics)
 
-    mean_on, mean_off = statistics.fmean(with_cb), statistics.fmean(without_cb)
-    med_on, med_off = statistics.median(with_cb), statistics.median(without_cb)
-    cb_mean, cb_med = statistics.fmean(cb_times), statistics.median(cb_times)
-    spread = statistics.stdev(without_cb) if len(without_cb) > 1 else float("nan")
+    def row(name: str, on: float, off: float, unit: str = "s") -> None:
+        print(f"{name:<38}{on:>12.3f} {unit}{off:>12.3f} {unit}{100 * (on / off - 1):>+10.2f}%")
 
-    print(f"{'epoch seconds':<28}{'with MlflowCallback':>20}{'no callbacks':>15}{'overhead':>11}")
-    print(f"{'mean':<28}{mean_on:>20.3f}{mean_off:>15.3f}{100 * (mean_on / mean_off - 1):>+10.2f}%")
-    print(f"{'median':<28}{med_on:>20.3f}{med_off:>15.3f}{100 * (med_on / med_off - 1):>+10.2f}%")
-    print(f"{'min':<28}{min(with_cb):>20.3f}{min(without_cb):>15.3f}{100 * (min(with_cb) / min(without_cb) - 1):>+10.2f}%")
-    print(f"\ntime inside MlflowCallback.on_epoch_end (logs {n_metrics} metrics per epoch to SQLite):")
-    print(f"  median {1000 * cb_med:.1f} ms, mean {1000 * cb_mean:.1f} ms, max {1000 * max(cb_times):.1f} ms per epoch"
-          f" = {100 * cb_med / med_off:.2f}% of a {med_off:.2f} s epoch here")
-    print(f"  for a 10-minute epoch that is {100 * cb_med / 600:.4f}%")
-    print(f"\nnoise: epoch-to-epoch std without callbacks {spread:.3f} s ({100 * spread / mean_off:.1f}% of an epoch);"
-          f" the wall-clock overhead above is only meaningful beyond that,\nthe in-callback time is the direct measure.")
+    print(f"\n{'per epoch (train + val + checkpoints)':<38}{'with callback':>14}{'no callbacks':>14}{'overhead':>11}")
+    row("wall seconds, mean", statistics.fmean(wall[True]), statistics.fmean(wall[False]))
+    row("wall seconds, median", statistics.median(wall[True]), statistics.median(wall[False]))
+    row("CPU seconds of this process, mean", statistics.fmean(cpu[True]), statistics.fmean(cpu[False]))
+    row("CPU seconds of this process, median", statistics.median(cpu[True]), statistics.median(cpu[False]))
+    med_off = statistics.median(wall[False])
+    cb_med = statistics.median(cb_wall)
+    print(f"\ntime inside MlflowCallback.on_epoch_end ({n_metrics} metrics per epoch, one log_metrics call, SQLite store):")
+    print(f"  wall: median {1000 * cb_med:.1f} ms, mean {1000 * statistics.fmean(cb_wall):.1f} ms, "
+          f"max {1000 * max(cb_wall):.1f} ms per epoch; CPU: median {1000 * statistics.median(cb_cpu):.1f} ms")
+    print(f"  direct overhead = {100 * cb_med / med_off:.2f}% of this {med_off:.2f} s epoch; "
+          f"{100 * cb_med / 60:.3f}% of a 1-minute epoch, {100 * cb_med / 600:.4f}% of a 10-minute one")
+    spread = statistics.stdev(wall[False]) if len(wall[False]) > 1 else float("nan")
+    print(f"\nnoise: epoch-to-epoch std of the wall time without callbacks is {spread:.3f} s "
+          f"({100 * spread / statistics.fmean(wall[False]):.1f}%),\n       so wall-clock differences smaller than that are "
+          f"noise; the in-callback time is the direct measure.")
 
 
 if __name__ == "__main__":

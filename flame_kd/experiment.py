@@ -21,6 +21,7 @@ import torch
 from flame_kd import plots, tracking
 from flame_kd.config import DataConfig, flatten
 from flame_kd.data.dataset import FrameCache, PairedFrames, make_loader
+from flame_kd.data.labels import find_label_ranges
 from flame_kd.data.schema import data_digest, load_frames
 from flame_kd.data.split import Split, make_split
 from flame_kd.engine import FitState, Trainer
@@ -55,7 +56,8 @@ def load_data(cfg: DataConfig, seed: int, device: torch.device, augment: str | N
         raise DataError("no data set given: pass --data CSV (make one with `flame-kd data synth`)")
     frames = load_frames(cfg.csv, root=cfg.root)
     digest = data_digest(frames)
-    split = make_split(frames, seed=seed if cfg.split_seed is None else cfg.split_seed, ratios=cfg.ratios)
+    split = make_split(frames, seed=seed if cfg.split_seed is None else cfg.split_seed, ratios=cfg.ratios,
+                       ranges=find_label_ranges(cfg.csv))
     for name in ("train", "val", "test"):
         if len(split.indices(name)) == 0:
             raise DataError(f"{cfg.csv}: the {name} split is empty ({len(frames)} frames are too few to split)")
@@ -65,7 +67,9 @@ def load_data(cfg: DataConfig, seed: int, device: torch.device, augment: str | N
     for name in ("train", "val", "test"):
         aug = (augment or cfg.augment) if name == "train" else "none"
         ds = PairedFrames(frames, split.indices(name), cfg.image_size, augment=aug, cache=cache, seed=seed)
-        loaders[name] = make_loader(ds, cfg.batch_size, shuffle=name == "train", cfg=cfg, device=str(device), seed=seed)
+        train = name == "train"  # a last training batch of one frame would break BatchNorm: dropped
+        loaders[name] = make_loader(ds, cfg.batch_size, shuffle=train, cfg=cfg, device=str(device), seed=seed,
+                                    drop_last=train and len(ds) > cfg.batch_size)
     return Data(frames, split, digest, cache, loaders, cfg)
 
 

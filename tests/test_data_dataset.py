@@ -184,3 +184,23 @@ def test_bad_settings_are_config_errors(coded_frames):
         ds.PairedFrames(coded_frames, [0], 16, augment="mixup")
     with pytest.raises(ConfigError):
         ds.FrameCache(coded_frames, 16, mode="gpu")
+
+
+@pytest.mark.parametrize("augment", ["none", "flip"])
+def test_batched_fetch_equals_per_frame_fetch(synth_csv, augment):
+    """The DataLoader's one-gather batch path gives exactly the per-frame items, stacked."""
+    from flame_kd.data.dataset import FrameCache, PairedFrames, collate
+    from flame_kd.data.schema import load_frames
+
+    frames = load_frames(synth_csv)
+    cache = FrameCache(frames, 24, mode="memory", progress=False)
+    ds = PairedFrames(frames, np.arange(10, 40), 24, augment=augment, cache=cache, seed=3)
+    ds.set_epoch(2)
+    ks = [5, 0, 17, 3, 29, 11, 8]
+    batched = ds.__getitems__(ks)
+    single = collate([ds[k] for k in ks])
+    assert set(batched) == set(single)
+    for key in batched:
+        assert torch.equal(batched[key], single[key]), key
+    if augment == "flip":
+        assert batched["flip"].any() and not batched["flip"].all()

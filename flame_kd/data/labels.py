@@ -1,0 +1,199 @@
+"""FLAME2 label ranges and `data prepare`: from the official range file and two image folders to a CSV.
+
+The FLAME2 download ships no per-frame CSV, only inclusive frame ranges with a two-letter state
+(``NN``, ``YY``, ``YN``: fire, then smoke). Later ranges override earlier ones (frame 41642 is listed
+twice; the second, YY, range wins).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from flame_kd.data.frames import IMAGE_SUFFIXES, frame_id
+from flame_kd.errors import DataError
+
+RANGES_FILE = "label_ranges.tsv"  # the name `data synth` / `data prepare` write next to the CSV
+STATES = ("NN", "NY", "YN", "YY")  # fire letter, then smoke letter
+_RANGE_LINE = re.compile(r"(\d+)\s*[-\u2013\t ,;:]+\s*(\d+)\D*?\b([YN]{2})\b", re.IGNORECASE)
+
+
+def official_ranges_path() -> Path:
+    """The official FLAME2 label ranges shipped inside the package."""
+    return Path(str(resources.files("flame_kd.data") / "flame2_label_ranges.tsv"))
+
+
+def find_label_ranges(csv: str | os.PathLike) -> Path | None:
+    """``label_ranges.tsv`` next to a frames CSV, if there is one (split groups come from it)."""
+    path = Path(csv).parent / RANGES_FILE
+    return path if path.is_file() else None
+
+
+def read_label_ranges(path: str | os.PathLike) -> pd.DataFrame:
+    """Read a label-range file: columns ``first, last, fire_smoke, fire, smoke`` in file order.
+
+    Accepts the official TSV (``first<TAB>last<TAB>fire_smoke``, ``#`` comments) and looser text
+    such as ``1-13700 NN``; a line that looks like a range but is not one is an error naming it.
+    """
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
+    except OSError as e:
+        raise DataError(f"cannot read label ranges {path}: {e.strerror or e}") from None
+    rows, problems = [], []
+    for n, line in enumerate(lines, start=1):
+        text = line.split("#", 1)[0].strip()
+        if not text or text.lower().startswith("first"):
+            continue
+        m = _RANGE_LINE.search(text)
+        if not m:
+            problems.append(f"{path.name} line {n}: not a range 'first last fire_smoke': {line.strip()!r}")
+            continue
+        first, last, state = int(m[1]), int(m[2]), m[3].upper()
+        if last < first:
+            problems.append(f"{path.name} line {n}: last {last} is before first {first}")
+            continue
+        rows.append((first, last, state))
+    if problems:
+        raise DataError(f"{len(problems)} bad line(s) in label ranges {path}", problems)
+    if not rows:
+        raise DataError(f"no label ranges in {path}")
+    df = pd.DataFrame(rows, columns=["first", "last", "fire_smoke"])
+    df["fire"] = (df.fire_smoke.str[0] == "Y").astype(int)
+    df["smoke"] = (df.fire_smoke.str[1] == "Y").astype(int)
+    return df
+
+
+def write_label_ranges(df: pd.DataFrame, path: str | os.PathLike, comments: list[str] | None = None) -> Path:
+    """Write ranges in the official format: ``#`` comment lines, then ``first last fire_smoke`` (TSV)."""
+    path = Path(path)
+    head = "".join(f"# {c}\n" for c in (comments or []))
+    body = df[["first", "last", "fire_smoke"]].to_csv(sep="\t", index=False, lineterminator="\n")
+    path.write_text(head + body, encoding="utf-8")
+    return path
+
+
+def expand_ranges(ranges: pd.DataFrame) -> pd.DataFrame:
+    """One row per frame id: ``id, fire, smoke, range`` (row position of the range that won).
+
+    Later ranges override earlier ones, so an id listed twice takes the later range.
+    """
+    hi = int(ranges["last"].max())
+    owner = np.full(hi + 1, -1, dtype=np.int64)
+    for pos, (first, last) in enumerate(zip(ranges["first"], ranges["last"])):
+        owner[first : last + 1] = pos
+    ids = np.flatnonzero(owner >= 0)
+    won = owner[ids]
+    return pd.DataFrame(
+        {
+            "id": ids,
+            "fire": ranges["fire"].to_numpy()[won],
+            "smoke": ranges["smoke"].to_numpy()[won],
+            "range": won,
+        }
+    )
+
+
+@dataclass
+class PrepareReport:
+    """What `data prepare` wrote and which frames it left out (and why)."""
+
+    csv: Path
+    frames: int
+    states: dict[str, int]
+    notes: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        states = ", ".join(f"{s} {self.states.get(s, 0):,}" for s in STATES)
+        lines = [f"wrote {self.csv}: {self.frames:,} frame pairs ({states})"]
+        return "\n".join(lines + [f"  {n}" for n in self.notes])
+
+
+def _list_frames(folder: Path, what: str) -> tuple[dict[int, Path], list[str]]:
+    """Frame id -> image file for one image folder, plus notes on files that could not be used."""
+    if not folder.is_dir():
+        raise DataError(f"{what} folder not found: {folder}")
+    found: dict[int, Path] = {}
+    unnamed, doubles = [], []
+    for path in sorted(folder.iterdir()):
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
+            continue
+        fid = frame_id(path.name)
+        if fid is None:
+            unnamed.append(path.name)
+        elif fid in found:
+            doubles.append(path.name)
+        else:
+            found[fid] = path
+    notes = []
+    if unnamed:
+        notes.append(f"{len(unnamed)} {what} image(s) without a (number) in the name, skipped: {_examples(unnamed)}")
+    if doubles:
+        notes.append(f"{len(doubles)} {what} image(s) repeat a frame number, skipped: {_examples(doubles)}")
+    return found, notes
+
+
+def _examples(items: list, k: int = 3) -> str:
+    """A few examples from a list, for a one-line report."""
+    shown = ", ".join(str(x) for x in items[:k])
+    return shown + (", ..." if len(items) > k else "")
+
+
+def _rel(path: Path, base: Path) -> str:
+    """``path`` relative to ``base`` when they share a drive, else absolute (posix separators)."""
+    try:
+        return Path(os.path.relpath(path.resolve(), base.resolve())).as_posix()
+    except ValueError:  # another drive on Windows
+        return path.resolve().as_posix()
+
+
+def prepare(labels: str | os.PathLike | None, rgb_dir, ir_dir, out) -> PrepareReport:
+    """Build the frames CSV from label ranges and the RGB / thermal image folders of FLAME2.
+
+    Keeps frames present in both folders and covered by a range; reports the others. Writes the
+    ranges next to the CSV as ``label_ranges.tsv`` so `data split` groups by them.
+    ``labels=None`` takes the official FLAME2 ranges shipped with the package.
+    """
+    labels_path = Path(labels) if labels else official_ranges_path()
+    ranges = read_label_ranges(labels_path)
+    labelled = expand_ranges(ranges).set_index("id")
+    rgb, notes = _list_frames(Path(rgb_dir), "RGB")
+    ir, ir_notes = _list_frames(Path(ir_dir), "thermal")
+    notes += ir_notes
+
+    rgb_ids, ir_ids, label_ids = set(rgb), set(ir), set(labelled.index)
+    keep = sorted(rgb_ids & ir_ids & label_ids)
+    for ids, text in [
+        (rgb_ids - ir_ids, "RGB frame(s) without a thermal frame"),
+        (ir_ids - rgb_ids, "thermal frame(s) without an RGB frame"),
+        ((rgb_ids | ir_ids) - label_ids, "frame(s) in the image folders but in no label range"),
+        (label_ids - (rgb_ids | ir_ids), "labelled frame(s) in neither image folder"),
+    ]:
+        if ids:
+            notes.append(f"left out {len(ids):,} {text}, e.g. frames {_examples(sorted(ids))}")
+    if not keep:
+        raise DataError(
+            f"no frame is in both image folders and a label range ({rgb_dir}, {ir_dir}, {labels_path})", notes
+        )
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    base = out.parent
+    table = labelled.loc[keep, ["fire", "smoke"]].reset_index()
+    table.insert(1, "rgb_frame", [_rel(rgb[i], base) for i in keep])
+    table.insert(2, "ir_frame", [_rel(ir[i], base) for i in keep])
+    table.to_csv(out, index=False, lineterminator="\n")
+
+    ranges_out = base / RANGES_FILE
+    if ranges_out.resolve() != labels_path.resolve():
+        comment = f"Label ranges used by flame-kd data prepare (from {labels_path.name})."
+        write_label_ranges(ranges, ranges_out, [comment])
+        notes.append(f"wrote the label ranges to {ranges_out} (data split groups frames by them)")
+    states = (table.fire.map({0: "N", 1: "Y"}) + table.smoke.map({0: "N", 1: "Y"})).value_counts().to_dict()
+    return PrepareReport(csv=out, frames=len(table), states=states, notes=notes)

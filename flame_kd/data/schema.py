@@ -1,0 +1,280 @@
+"""The frames CSV contract: read it, resolve its paths, list every problem, digest it.
+
+A frames CSV has columns ``id, rgb_frame, ir_frame, fire, smoke`` and optionally ``video``
+(``id`` may be left out: it is then read from the RGB file name). Rows are numbered as in a
+spreadsheet: the header is row 1, the first frame row 2.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+from PIL import Image
+
+from flame_kd.data import frames as fr
+from flame_kd.data.labels import find_label_ranges
+from flame_kd.data.split import STATES, infer_groups, label_states
+from flame_kd.errors import DataError
+
+REQUIRED = ("rgb_frame", "ir_frame", "fire", "smoke")
+MAX_LISTED = 20  # problems printed in one message; the rest are counted
+
+
+@dataclass
+class CheckReport:
+    """Outcome of `check_frames`: every problem, a printable summary, the frame table if usable."""
+
+    problems: list[str]
+    summary: str
+    frames: pd.DataFrame | None
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def format_problems(problems: list[str], limit: int = MAX_LISTED) -> str:
+    """Bullet list of the first ``limit`` problems, then ``... and N more``."""
+    lines = [f"  - {p}" for p in problems[:limit]]
+    if len(problems) > limit:
+        lines.append(f"  ... and {len(problems) - limit} more")
+    return "\n".join(lines)
+
+
+def _row(i: int) -> str:
+    return f"row {i + 2}"  # header is row 1
+
+
+def _read_csv(csv: Path) -> tuple[pd.DataFrame | None, list[str]]:
+    """The CSV as text columns (blank cells stay ""), or None and why not."""
+    if not csv.is_file():
+        return None, [f"{csv}: no such file"]
+    try:
+        raw = pd.read_csv(csv, dtype=str, keep_default_na=False, skipinitialspace=True)
+    except pd.errors.EmptyDataError:
+        return None, [f"{csv}: the file is empty (no header, no frames)"]
+    except (pd.errors.ParserError, UnicodeDecodeError, OSError) as e:
+        return None, [f"{csv}: cannot be read as CSV ({str(e).strip().splitlines()[0]})"]
+    raw.columns = [str(c).strip().lower() for c in raw.columns]
+    missing = [c for c in REQUIRED if c not in raw.columns]
+    if missing:
+        have = ", ".join(raw.columns)
+        return None, [f"{csv}: missing column(s) {', '.join(missing)} (columns found: {have})"]
+    if raw.empty:
+        return None, [f"{csv}: no frames (the CSV has a header but no rows)"]
+    return raw.apply(lambda col: col.str.strip()), []
+
+
+def _parse_labels(raw: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """fire/smoke as 0/1 integers (-1 where invalid) and a problem per invalid cell."""
+    out, problems = pd.DataFrame(index=raw.index), []
+    for col in ("fire", "smoke"):
+        num = pd.to_numeric(raw[col], errors="coerce")
+        good = num.isin([0, 1])
+        out[col] = num.where(good, -1).astype(int)
+        for i in raw.index[~good]:
+            value = raw.at[i, col]
+            shown = "blank" if value == "" else f"{value!r}"
+            problems.append(f"{_row(i)}: {col} is {shown} (must be 0 or 1)")
+    return out, problems
+
+
+def _parse_ids(raw: pd.DataFrame) -> tuple[pd.Series, list[str], str]:
+    """Frame ids (the ``id`` column, else the RGB file name's number), problems, and where from."""
+    problems = []
+    if "id" in raw.columns:
+        ids = pd.to_numeric(raw["id"], errors="coerce")
+        for i in raw.index[ids.isna() | (ids % 1 != 0)]:
+            problems.append(f"{_row(i)}: id {raw.at[i, 'id']!r} is not a whole number")
+        source = "id column"
+    else:
+        ids = raw["rgb_frame"].map(fr.frame_id).astype("Float64")
+        for i in raw.index[ids.isna()]:
+            problems.append(f"{_row(i)}: no id column and no (number) in the RGB file name {raw.at[i, 'rgb_frame']!r}")
+        source = "number in the RGB file name"
+    ids = ids.fillna(-1).astype("int64")
+    dup = ids[(ids >= 0) & ids.duplicated(keep=False)]
+    for fid, rows in dup.groupby(dup).groups.items():
+        problems.append(f"duplicate id {fid} in {', '.join(_row(i) for i in rows)}")
+    return ids, problems, source
+
+
+def _check_pairs(raw: pd.DataFrame) -> list[str]:
+    """RGB and thermal file names that carry different frame numbers."""
+    problems = []
+    rgb_n, ir_n = raw["rgb_frame"].map(fr.frame_id), raw["ir_frame"].map(fr.frame_id)
+    for i in raw.index[rgb_n.notna() & ir_n.notna() & (rgb_n != ir_n)]:
+        problems.append(
+            f"{_row(i)}: RGB/IR pair does not match: {fr.file_name(raw.at[i, 'rgb_frame'])!r} is frame "
+            f"{int(rgb_n[i])} but {fr.file_name(raw.at[i, 'ir_frame'])!r} is frame {int(ir_n[i])}"
+        )
+    return problems
+
+
+def _resolve_paths(raw: pd.DataFrame, root: Path, check_files: bool) -> tuple[pd.DataFrame, list[str]]:
+    """Absolute ``rgb_path``/``ir_path`` and ``found`` (both files exist); a problem per file not found.
+
+    With ``check_files=False`` nothing is looked up: paths are the first place they could be.
+    """
+    index, problems = fr.DirIndex(), []
+    out = pd.DataFrame({"found": True}, index=raw.index)
+    for col, kind in (("rgb_frame", "rgb"), ("ir_frame", "ir")):
+        paths = []
+        for i, value in raw[col].items():
+            if value == "":
+                problems.append(f"{_row(i)}: {col} is blank")
+                paths.append("")
+                out.at[i, "found"] = False
+                continue
+            found = fr.resolve(value, root, kind, index) if check_files else None
+            if found is None and check_files:
+                problems.append(f"{_row(i)}: {col} file not found: {value!r} (looked under {root})")
+                out.at[i, "found"] = False
+            paths.append(str(found or fr.candidates(value, root, kind)[0]))
+        out[f"{kind}_path"] = paths
+    return out, problems
+
+
+def _open_image(path: str) -> tuple[tuple[int, int] | None, str | None]:
+    """(width, height) after fully decoding the image, or an error text.
+
+    JPEGs decode at 1/8 scale (``draft``): every byte is still read, so truncated or garbage files
+    fail, at a fraction of the cost of a full decode.
+    """
+    try:
+        with Image.open(path) as im:
+            size = im.size
+            im.draft("RGB", (max(1, size[0] // 8), max(1, size[1] // 8)))
+            im.load()
+        return size, None
+    except Exception as e:  # PIL raises many types for bad files; all mean "unreadable"
+        return None, f"{type(e).__name__}: {e}"
+
+
+def _verify_images(rgb: list[str], ir: list[str], rows: pd.Index) -> tuple[list[str], str]:
+    """Decode every image; a problem per unreadable file and per pair of different sizes."""
+    workers = min(8, os.cpu_count() or 1)
+    with ThreadPoolExecutor(workers) as pool:
+        rgb_res = list(pool.map(_open_image, rgb))
+        ir_res = list(pool.map(_open_image, ir))
+    problems, sizes = [], set()
+    for i, path_r, path_i, (size_r, err_r), (size_i, err_i) in zip(rows, rgb, ir, rgb_res, ir_res):
+        if err_r:
+            problems.append(f"{_row(i)}: unreadable RGB image {path_r} ({err_r})")
+        if err_i:
+            problems.append(f"{_row(i)}: unreadable IR image {path_i} ({err_i})")
+        if size_r and size_i and size_r != size_i:
+            problems.append(
+                f"{_row(i)}: RGB/IR pair does not match: RGB image is {size_r[0]}x{size_r[1]} "
+                f"but IR image is {size_i[0]}x{size_i[1]}"
+            )
+        sizes.update(s for s in (size_r, size_i) if s)
+    shown = ", ".join(f"{w}x{h}" for w, h in sorted(sizes)[:4])
+    bad = sum(1 for _, err in rgb_res + ir_res if err)
+    return problems, f"{2 * len(rows) - bad:,} decoded ({shown or 'none readable'}), {bad:,} unreadable"
+
+
+@dataclass
+class _Inspection:
+    """What `_inspect` found: the raw CSV, the frame table, every problem, and summary facts."""
+
+    csv: Path
+    root: Path
+    raw: pd.DataFrame | None
+    table: pd.DataFrame | None
+    problems: list[str]
+    ids_from: str = ""
+    images: str = ""
+
+    def summary(self, ranges) -> str:
+        """What `data check` prints: frames, label states, groups, how paths were resolved."""
+        lines = [f"{self.csv}: {0 if self.raw is None else len(self.raw):,} frame rows"]
+        if self.table is not None:
+            t = self.table
+            valid = t[(t.fire >= 0) & (t.smoke >= 0) & (t.id >= 0)]
+            if len(valid):
+                states = label_states(valid).value_counts()
+                lines.append("label states: " + ", ".join(f"{s} {states.get(s, 0):,}" for s in STATES))
+                groups, how = infer_groups(valid, ranges)
+                lines.append(f"groups: {groups.nunique():,} from {how}")
+            lines.append(f"ids: from the {self.ids_from}")
+            forms = fr.describe_forms(list(self.raw["rgb_frame"]) + list(self.raw["ir_frame"]))
+            lines.append(f"paths: {forms}; resolved against {self.root} and its image folders")
+        if self.images:
+            lines.append(f"images: {self.images}")
+        return "\n".join(lines)
+
+
+def _inspect(csv, root, verify_images: bool, check_files: bool) -> _Inspection:
+    """Read, resolve and validate; shared by `check_frames` and `load_frames`."""
+    csv = Path(csv)
+    root = (Path(root) if root else csv.parent).resolve()
+    raw, problems = _read_csv(csv)
+    if raw is None:
+        return _Inspection(csv, root, None, None, problems)
+    labels, label_problems = _parse_labels(raw)
+    ids, id_problems, ids_from = _parse_ids(raw)
+    problems += id_problems + label_problems + _check_pairs(raw)
+    table = pd.DataFrame({"id": ids, "rgb_path": "", "ir_path": "", "fire": labels.fire, "smoke": labels.smoke})
+    if "video" in raw.columns:
+        table["video"] = raw["video"]
+        problems += [f"{_row(i)}: video is blank" for i in raw.index[raw["video"] == ""]]
+    paths, path_problems = _resolve_paths(raw, root, check_files)
+    table["rgb_path"], table["ir_path"] = paths.rgb_path, paths.ir_path
+    problems += path_problems
+    found = _Inspection(csv, root, raw, table, problems, ids_from)
+    if verify_images and check_files:
+        rows = table.index[paths.found]
+        image_problems, found.images = _verify_images(list(table.rgb_path[rows]), list(table.ir_path[rows]), rows)
+        problems += image_problems
+    return found
+
+
+def check_frames(csv, root=None, *, verify_images: bool = True, check_files: bool = True, ranges=None) -> CheckReport:
+    """Check a frames CSV against the whole data contract; every problem is listed, none raised.
+
+    ``verify_images`` decodes every image (slow on 100k files, but it is the point of a check);
+    ``ranges`` (a label-range file; default ``label_ranges.tsv`` next to the CSV) only changes how
+    the summary counts groups.
+    """
+    found = _inspect(csv, root, verify_images, check_files)
+    try:
+        summary = found.summary(ranges if ranges is not None else find_label_ranges(csv))
+    except DataError as e:  # a broken label_ranges.tsv is one more problem, not a crash
+        found.problems += e.problems or [e.message]
+        summary = found.summary(None)
+    frames = None if found.problems or found.table is None else found.table.reset_index(drop=True)
+    return CheckReport(found.problems, summary, frames)
+
+
+def load_frames(csv, root=None, verify_images: bool = False, *, check_files: bool = True) -> pd.DataFrame:
+    """The frame table (``id, rgb_path, ir_path, fire, smoke[, video]``, CSV order) or `DataError`.
+
+    ``verify_images=False`` only checks that files exist (the frame cache decodes them later and
+    fails on a corrupt one); ``check_files=False`` needs no image at all (for `data split`).
+    """
+    found = _inspect(csv, root, verify_images, check_files)
+    if found.problems:
+        n = len(found.problems)
+        raise DataError(f"{n} problem(s) in {csv}:\n{format_problems(found.problems)}", found.problems)
+    return found.table.reset_index(drop=True)
+
+
+def data_digest(frames: pd.DataFrame) -> str:
+    """12-hex digest of ids, labels, file names (not directories) and video: moving data keeps it."""
+    cols = [
+        frames["id"].astype(str),
+        frames["rgb_path"].map(fr.file_name),
+        frames["ir_path"].map(fr.file_name),
+        frames["fire"].astype(str),
+        frames["smoke"].astype(str),
+    ]
+    if "video" in frames.columns:
+        cols.append(frames["video"].astype(str))
+    lines = cols[0].str.cat(cols[1:], sep="\t")
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:12]

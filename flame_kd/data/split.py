@@ -1,0 +1,330 @@
+"""Video-aware train/val/test split: neighbouring (near-identical) frames never straddle two splits.
+
+Groups come from a ``video`` column, else the FLAME2 label ranges, else runs of one label state in
+id order. Inferred groups (ranges, runs) are long stretches of one flight, so they are cut into
+contiguous blocks; where two neighbouring blocks land in different splits, ``gap`` frames at the
+boundary are dropped (split ``gap``). Blocks are assigned so the FRAME fractions come close to the
+ratios with every label state present in every split. A pure function of (frames, seed, ratios).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from flame_kd.errors import ConfigError
+
+SPLITS = ("train", "val", "test")
+STATES = ("NN", "NY", "YN", "YY")
+STATE_WEIGHT = 0.02  # per-state balance vs frame fractions: frame fractions come first
+
+
+def label_states(frames: pd.DataFrame) -> pd.Series:
+    """``NN``/``NY``/``YN``/``YY`` per frame (fire letter, then smoke letter)."""
+    letter = np.array(["N", "Y"])
+    return pd.Series(
+        np.char.add(letter[frames["fire"].to_numpy()], letter[frames["smoke"].to_numpy()]), index=frames.index
+    )
+
+
+def infer_groups(frames: pd.DataFrame, ranges=None) -> tuple[pd.Series, str]:
+    """A group label per frame and how the groups were formed.
+
+    ``ranges`` is a label-range file or the DataFrame `labels.read_label_ranges` returns; it is
+    ignored when the frames have a ``video`` column. Frames outside every range fall back to runs.
+    """
+    if "video" in frames.columns:
+        return frames["video"].astype(str), "the video column"
+    how = "runs of one label state in id order"
+    groups = pd.Series("", index=frames.index, dtype=object)
+    if ranges is not None:
+        from flame_kd.data.labels import expand_ranges, read_label_ranges
+
+        table = ranges if isinstance(ranges, pd.DataFrame) else read_label_ranges(ranges)
+        owner = expand_ranges(table).set_index("id")["range"]
+        pos = frames["id"].map(owner)
+        spans = table[["first", "last", "fire_smoke"]].itertuples(index=False)
+        names = [f"range {p + 1} ({first}-{last} {state})" for p, (first, last, state) in enumerate(spans)]
+        groups[pos.notna()] = [names[int(p)] for p in pos[pos.notna()]]
+        source = f" ({Path(ranges).name})" if not isinstance(ranges, pd.DataFrame) else ""
+        how = f"label ranges{source}"
+        if pos.isna().any():
+            how += f"; {int(pos.isna().sum())} frame(s) outside every range grouped by label runs"
+    rest = groups == ""
+    if rest.any():
+        sub = frames[rest].sort_values("id", kind="stable")
+        state = label_states(sub)
+        run = (state != state.shift()).cumsum()
+        for _, members in sub.groupby(run.to_numpy()).groups.items():
+            ids = frames.loc[members, "id"]
+            groups[members] = f"run {ids.min()}-{ids.max()} {state[members[0]]}"
+    return groups, how
+
+
+@dataclass
+class Split:
+    """A split of a frame table: ``manifest`` (``id, split, group, block``, frames order) and its stats."""
+
+    manifest: pd.DataFrame
+    ratios: tuple[float, float, float]
+    seed: int
+    how: str  # how groups were formed
+    block_size: int
+    gap: int
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def digest(self) -> str:
+        """12-hex sha256 of the sorted (id, split) pairs: the same digest means the same split."""
+        pairs = self.manifest[["id", "split"]].sort_values(["id", "split"])
+        text = "\n".join(f"{i},{s}" for i, s in pairs.itertuples(index=False))
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """Frames per split, ``gap`` included."""
+        c = self.manifest["split"].value_counts()
+        return {s: int(c.get(s, 0)) for s in (*SPLITS, "gap")}
+
+    @property
+    def fractions(self) -> dict[str, float]:
+        """Fraction of the non-gap frames in each split."""
+        c = self.counts
+        kept = sum(c[s] for s in SPLITS) or 1
+        return {s: c[s] / kept for s in SPLITS}
+
+    def indices(self, name: str) -> np.ndarray:
+        """Sorted row positions (into the frames table) of one split."""
+        if name not in (*SPLITS, "gap"):
+            raise ValueError(f"unknown split {name!r}; expected one of {', '.join((*SPLITS, 'gap'))}")
+        return np.flatnonzero(self.manifest["split"].to_numpy() == name)
+
+    def summary(self) -> str:
+        m = self.manifest
+        table = pd.crosstab(m["split"], m["state"]).reindex(index=[*SPLITS, "gap"], columns=list(STATES), fill_value=0)
+        frac, counts = self.fractions, self.counts
+        r = "/".join(f"{x:.2f}" for x in self.ratios)
+        lines = [
+            f"split {self.digest} (seed {self.seed}, ratios {r}): {len(m):,} frames, "
+            f"{m['group'].nunique():,} groups from {self.how}, {m['block'].nunique():,} blocks "
+            f"(block {self.block_size:,} frames, gap {self.gap:,})",
+            f"{'split':<6} {'frames':>8} {'fraction':>9} " + " ".join(f"{s:>7}" for s in STATES),
+        ]
+        for s in (*SPLITS, "gap"):
+            shown = f"{100 * frac[s]:8.1f}%" if s in frac else f"{'dropped':>9}"
+            lines.append(f"{s:<6} {counts[s]:>8,} {shown} " + " ".join(f"{int(table.at[s, k]):>7,}" for k in STATES))
+        return "\n".join(lines + [f"warning: {w}" for w in self.warnings])
+
+
+def parse_ratios(ratios) -> tuple[float, float, float]:
+    """``"0.7,0.15,0.15"`` or a sequence -> three non-negative floats summing to 1, else ConfigError."""
+    try:
+        values = [float(x) for x in (ratios.split(",") if isinstance(ratios, str) else ratios)]
+    except (TypeError, ValueError):
+        raise ConfigError(f"ratios must be three numbers like 0.7,0.15,0.15, not {ratios!r}") from None
+    if len(values) != 3 or min(values) < 0 or abs(sum(values) - 1) > 1e-6 or values[0] == 0:
+        raise ConfigError(f"ratios must be three non-negative numbers summing to 1 with train > 0, not {ratios!r}")
+    return tuple(values)  # type: ignore[return-value]
+
+
+def _units(order, groups, states, chains, block_size, min_blocks, cut) -> np.ndarray:
+    """Unit (block) number per frame in ``order``: contiguous runs of one group and state, cut into blocks.
+
+    A state's block size shrinks until it has at least ``min_blocks`` blocks, so each label state
+    can reach every split in the right proportion.
+    """
+    g, st, ch = groups[order], states[order], chains[order]
+    new = np.r_[True, (g[1:] != g[:-1]) | (ch[1:] != ch[:-1]) | ((st[1:] != st[:-1]) & cut)]
+    starts = np.flatnonzero(new)
+    lengths = np.diff(np.r_[starts, len(order)])
+    state_total = pd.Series(st).value_counts()
+    unit = np.empty(len(order), dtype=np.int64)
+    next_unit = 0
+    for start, length in zip(starts, lengths):
+        if cut:
+            b = max(1, min(block_size, state_total[st[start]] // min_blocks))
+            pieces = int(np.ceil(length / b))
+        else:
+            pieces = 1
+        local = (np.arange(length) * pieces) // length  # near-equal contiguous pieces
+        unit[start : start + length] = next_unit + local
+        next_unit += pieces
+    return unit
+
+
+class _Problem:
+    """Unit-level view of the assignment: sizes, state counts, neighbours; evaluates a candidate fast."""
+
+    def __init__(self, unit, states_ord, chains_ord, ratios, gap):
+        self.n_units = int(unit.max()) + 1
+        self.size = np.bincount(unit, minlength=self.n_units)
+        codes = pd.Categorical(states_ord, categories=STATES).codes
+        self.counts = np.zeros((self.n_units, 4))
+        np.add.at(self.counts, (unit, codes), 1)
+        # units are numbered along the chain order, so a unit's neighbours are u-1 and u+1
+        first = np.r_[0, np.flatnonzero(np.diff(unit)) + 1]
+        joined = np.r_[False, chains_ord[first[1:]] == chains_ord[first[1:] - 1]]  # same chain as u-1
+        u = np.arange(self.n_units)
+        self.prev = np.where(joined, u - 1, -1)
+        self.next = np.where(np.r_[joined[1:], False], u + 1, -1)
+        self.ratios = np.asarray(ratios)
+        self.active = self.ratios > 0
+        self.left, self.right = gap // 2, gap - gap // 2  # frames dropped before / after a boundary
+
+    def effective(self, assign: np.ndarray) -> np.ndarray:
+        """Kept frames per unit after the gaps at cross-split boundaries."""
+        cut_before = (self.prev >= 0) & (assign[np.maximum(self.prev, 0)] != assign)
+        cut_after = (self.next >= 0) & (assign[np.maximum(self.next, 0)] != assign)
+        lost = self.right * cut_before + self.left * cut_after
+        return np.maximum(self.size - lost, 0)
+
+    def split_counts(self, assign: np.ndarray) -> np.ndarray:
+        """[3, 4] kept frames per split and state (state counts scaled by each unit's kept share)."""
+        keep = self.effective(assign) / np.maximum(self.size, 1)
+        out = np.zeros((3, 4))
+        np.add.at(out, assign, self.counts * keep[:, None])
+        return out
+
+    def cost(self, assign: np.ndarray) -> float:
+        """Squared error of the frame fractions, plus 10 per label state missing from a split, plus
+        a small term (weight ``STATE_WEIGHT``) for each state's own fractions, so ties go to the
+        better stratified split."""
+        c = self.split_counts(assign)
+        total = self.counts.sum(0)
+        present = total > 0
+        missing = int(np.sum(c[self.active][:, present] <= 0))
+        frac = c.sum(1) / max(c.sum(), 1)
+        state_frac = c[:, present] / np.maximum(c[:, present].sum(0), 1)
+        share = total[present] / total.sum()
+        strat = float(np.sum(((state_frac - self.ratios[:, None]) ** 2) * share))
+        return 10.0 * missing + float(np.sum((frac - self.ratios) ** 2)) + STATE_WEIGHT * strat
+
+
+def _greedy(p: _Problem, rng: np.random.Generator) -> np.ndarray:
+    """Largest block first, to the split whose per-state deficit it fills best (seeded tie-breaks)."""
+    target = p.ratios[:, None] * p.counts.sum(0)[None, :]
+    filled = np.zeros((3, 4))
+    jitter = rng.uniform(0.8, 1.25, p.n_units)  # the seed reorders blocks of similar size
+    assign = np.zeros(p.n_units, dtype=np.int64)
+    for u in np.argsort(-p.size * jitter, kind="stable"):
+        c = p.counts[u]
+        delta = 2 * (filled - target) @ c + rng.uniform(0, 1e-6, 3)
+        delta[~p.active] = np.inf
+        s = int(np.argmin(delta))
+        assign[u] = s
+        filled[s] += c
+    return assign
+
+
+def _repair(p: _Problem, assign: np.ndarray, warnings: list[str]) -> np.ndarray:
+    """Move the smallest fitting block into any split that lacks a label state, where one can move."""
+    for k, state in enumerate(STATES):
+        for s in np.flatnonzero(p.active):
+            have = np.array([p.counts[assign == t, k].sum() for t in range(3)])
+            if have.sum() == 0 or have[s] > 0:
+                continue
+            movable = [u for u in np.flatnonzero(p.counts[:, k] > 0) if have[assign[u]] - p.counts[u, k] > 0]
+            if not movable:
+                warnings.append(f"label state {state} has too few frames or blocks to reach the {SPLITS[s]} split")
+                continue
+            u = min(movable, key=lambda u: (p.size[u], u))
+            assign[u] = s
+    return assign
+
+
+def _improve(p: _Problem, assign: np.ndarray, max_rounds: int = 50, max_swap_units: int = 300) -> np.ndarray:
+    """Local search: single-block moves and pairwise swaps while they bring the fractions closer.
+
+    Swaps are tried only up to ``max_swap_units`` blocks (they cost O(blocks^2) per round).
+    """
+    best = p.cost(assign)
+    swaps = p.n_units <= max_swap_units
+    for _ in range(max_rounds):
+        improved = False
+        for u in range(p.n_units):
+            for s in np.flatnonzero(p.active):
+                if s == assign[u]:
+                    continue
+                trial = assign.copy()
+                trial[u] = s
+                c = p.cost(trial)
+                if c < best - 1e-12:
+                    assign, best, improved = trial, c, True
+        for u in range(p.n_units if swaps else 0):
+            for v in range(u + 1, p.n_units):
+                if assign[u] == assign[v]:
+                    continue
+                trial = assign.copy()
+                trial[u], trial[v] = assign[v], assign[u]
+                c = p.cost(trial)
+                if c < best - 1e-12:
+                    assign, best, improved = trial, c, True
+        if not improved:
+            break
+    return assign
+
+
+def make_split(
+    frames: pd.DataFrame,
+    seed: int = 42,
+    ratios=(0.7, 0.15, 0.15),
+    ranges=None,
+    *,
+    block_size: int | None = None,
+    gap: int | None = None,
+    min_blocks: int = 9,
+    cut_videos: bool = False,
+) -> Split:
+    """Assign every frame to train/val/test (or ``gap``); see the module docstring for the method.
+
+    ``block_size`` defaults to N/40 frames and ``gap`` to block/20 (at least 1). Videos from a
+    ``video`` column stay whole unless ``cut_videos``. Uses no global random state.
+    """
+    ratios = parse_ratios(ratios)
+    n = len(frames)
+    if n == 0:
+        raise ConfigError("cannot split an empty frame table")
+    block_size = int(block_size or max(1, round(n / 40)))
+    gap = int(gap if gap is not None else max(1, round(block_size / 20)))
+    groups, how = infer_groups(frames, ranges)
+    has_video = "video" in frames.columns
+    cut = (not has_video) or cut_videos
+    chains = groups.to_numpy() if has_video else np.zeros(n, dtype=object)
+    # frames in chain order: a video's frames (or the whole set) by id; neighbours are adjacent here
+    order = np.lexsort((frames["id"].to_numpy(), pd.factorize(chains, sort=True)[0]))
+    states = label_states(frames).to_numpy()
+    unit = _units(order, groups.to_numpy(), states, chains, block_size, min_blocks, cut)
+
+    p = _Problem(unit, states[order], chains[order], ratios, gap if cut else 0)
+    warnings: list[str] = []
+    rng = np.random.default_rng(seed)
+    assign = _improve(p, _repair(p, _greedy(p, rng), warnings))
+
+    split_of = np.array(SPLITS, dtype=object)[assign[unit]]
+    kept = _kept_mask(unit, assign, p)
+    split_of[~kept] = "gap"
+    manifest = pd.DataFrame(index=frames.index, columns=["id", "split", "group", "block", "state"])
+    manifest["id"] = frames["id"].to_numpy()
+    manifest["group"] = groups.to_numpy()
+    manifest["state"] = states
+    manifest.iloc[order, manifest.columns.get_loc("split")] = split_of
+    manifest.iloc[order, manifest.columns.get_loc("block")] = unit
+    manifest = manifest.reset_index(drop=True).astype({"block": int})
+    return Split(manifest, ratios, seed, how, block_size, gap if cut else 0, warnings)
+
+
+def _kept_mask(unit: np.ndarray, assign: np.ndarray, p: _Problem) -> np.ndarray:
+    """Per frame in chain order: False for the ``gap`` frames at cross-split block boundaries."""
+    kept = np.ones(len(unit), dtype=bool)
+    first = np.r_[0, np.flatnonzero(np.diff(unit)) + 1]
+    last = np.r_[first[1:], len(unit)]
+    for u in range(p.n_units):
+        if p.prev[u] >= 0 and assign[p.prev[u]] != assign[u]:
+            kept[first[u] : min(first[u] + p.right, last[u])] = False
+        if p.next[u] >= 0 and assign[p.next[u]] != assign[u]:
+            kept[max(last[u] - p.left, first[u]) : last[u]] = False
+    return kept

@@ -1,0 +1,257 @@
+"""A FLAME2-like synthetic data set with a real, learnable signal (for demos and tests).
+
+Like FLAME2, frames come as contiguous video segments (one NN stretch, then alternating YY / YN
+ranges) in FLAME2's proportions, and neighbouring frames are near-duplicates: a drone camera pans
+slowly over a procedurally generated terrain. Fire is a hot spot in the thermal frame (colour-mapped
+like FLAME2's) and flame colour in RGB; smoke is a grey-white haze over most of the RGB frame that
+can hide a small fire there while the thermal frame still shows it. Same seed, same bytes.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from flame_kd.data.frames import FILE_NAMES, IMAGE_DIRS, frame_id
+from flame_kd.data.labels import RANGES_FILE, write_label_ranges
+
+CSV_NAME = "flame2.csv"
+# FLAME2's label proportions (13,700 NN / 25,435 YY / 14,316 YN of 53,451; no NY).
+SHARES = {"NN": 13700 / 53451, "YY": 25435 / 53451}
+JPEG_QUALITY = 90
+
+# Thermal palette ("ironbow"-like, as FLAME2's colour-mapped thermal frames): temperature 0..1 -> RGB.
+_IRON_AT = [0.0, 0.2, 0.45, 0.65, 0.8, 0.92, 1.0]
+_IRON_RGB = [(8, 4, 30), (40, 10, 100), (130, 20, 130), (215, 60, 60), (250, 140, 20), (255, 215, 60), (255, 255, 225)]
+# Ground palette by terrain height: dark forest, grass, dry grass, bare soil.
+_GROUND_AT = [0.0, 0.35, 0.6, 0.8, 1.0]
+_GROUND_RGB = [(28, 62, 30), (52, 96, 40), (110, 118, 58), (150, 128, 88), (170, 150, 110)]
+# Flame palette by intensity: deep red rim, orange, yellow core.
+_FLAME_AT = [0.0, 0.4, 0.75, 1.0]
+_FLAME_RGB = [(170, 30, 15), (240, 90, 20), (255, 170, 40), (255, 240, 150)]
+
+
+def _palette(at, rgb, n: int = 256) -> np.ndarray:
+    """A [n, 3] float32 lookup table interpolated between anchor colours."""
+    x = np.linspace(0, 1, n)
+    return np.stack([np.interp(x, at, [c[k] for c in rgb]) for k in range(3)], axis=1).astype(np.float32)
+
+
+def _lookup(table: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Map values in [0, 1] through a palette: [H, W] -> [H, W, 3]."""
+    index = (np.clip(values, 0, 1) * np.float32(len(table) - 1)).astype(np.int32)
+    return np.take(table, index, axis=0)
+
+
+def smooth_noise(rng: np.random.Generator, size: tuple[int, int], scales=(4, 8, 16, 32), decay=0.55) -> np.ndarray:
+    """Multi-octave value noise in [0, 1] (random grids upsampled bicubically, then summed)."""
+    h, w = size
+    out = np.zeros((h, w), dtype=np.float32)
+    amp, total = 1.0, 0.0
+    for cells in scales:
+        grid = rng.random((max(2, h * cells // max(h, w)), max(2, cells)), dtype=np.float32)
+        out += amp * np.asarray(Image.fromarray(grid).resize((w, h), Image.BICUBIC))
+        total += amp
+        amp *= decay
+    out /= total
+    lo, hi = np.percentile(out, [1, 99])
+    return np.clip((out - np.float32(lo)) / np.float32(max(hi - lo, 1e-6)), 0, 1).astype(np.float32)
+
+
+@dataclass
+class _Segment:
+    """One video segment: a label range and how the camera and fires move through it."""
+
+    first: int
+    last: int
+    state: str
+    start: np.ndarray  # camera top-left in world pixels
+    velocity: np.ndarray  # pixels per frame
+    sites: np.ndarray  # [K, 2] fire positions (world pixels)
+    radius: np.ndarray  # [K] flame radius (frame pixels)
+    smoke_max: float  # haze opacity at its densest
+    wind: np.ndarray  # haze drift, pixels per frame
+
+
+def _layout(n: int, rng: np.random.Generator) -> list[tuple[int, int, str]]:
+    """Label ranges (first, last, state): an NN stretch, then alternating YY / YN ranges."""
+    n_nn, n_yy = round(SHARES["NN"] * n), round(SHARES["YY"] * n)
+    n_yn = n - n_nn - n_yy
+    pairs = int(np.clip(round(np.sqrt(n) / 8), 1, 9))
+    pairs = min(pairs, max(1, min(n_yy, n_yn)))
+
+    def parts(total: int, k: int) -> list[int]:
+        cuts = np.cumsum(rng.uniform(0.3, 1.7, k))
+        bounds = np.round(cuts / cuts[-1] * (total - k)).astype(int) + np.arange(1, k + 1)
+        return list(np.diff(np.r_[0, bounds]))
+
+    lengths = [("NN", n_nn)]
+    for yy, yn in zip(parts(n_yy, pairs), parts(n_yn, pairs)):
+        lengths += [("YY", yy), ("YN", yn)]
+    out, first = [], 1
+    for state, length in lengths:
+        if length > 0:
+            out.append((first, first + length - 1, state))
+            first += length
+    return out
+
+
+def _segment(first, last, state, size, world, rng) -> _Segment:
+    """Camera path and fire sites of one segment; the fires stay in view the whole time."""
+    length = last - first + 1
+    pan = rng.uniform(0.05, 0.2) * size  # the whole segment pans at most a fifth of a frame
+    angle = rng.uniform(0, 2 * np.pi)
+    velocity = np.array([np.cos(angle), np.sin(angle)]) * pan / max(length, 1)
+    margin = pan + 1
+    start = rng.uniform(margin, world - size - margin, 2)
+    k = int(rng.integers(1, 4)) if state[0] == "Y" else 0
+    sites = start + rng.uniform(0.3, 0.7, (k, 2)) * size
+    radius = np.maximum(1.5, rng.uniform(0.02, 0.06, k) * size)
+    wind = rng.normal(0, 0.3, 2)
+    return _Segment(first, last, state, start, velocity, sites, radius, rng.uniform(0.85, 0.99), wind)
+
+
+class _Renderer:
+    """Draws frame pairs of one synthetic data set (numpy, vectorised; no per-pixel Python)."""
+
+    def __init__(self, size: int, seed: int):
+        self.size = size
+        rng = np.random.default_rng([seed, 0])
+        self.world = 4 * size
+        shape = (self.world, self.world)
+        height = smooth_noise(rng, shape, scales=(6, 12, 24, 48, 96))
+        canopy = smooth_noise(rng, shape, scales=(128, 256), decay=0.8)  # tree-sized texture
+        self.ground = _lookup(_palette(_GROUND_AT, _GROUND_RGB), height)
+        self.ground *= (0.75 + 0.4 * canopy * smooth_noise(rng, shape, scales=(32, 64)))[..., None]
+        # bare rock: sun-warmed in the thermal frame (well below fire) and pale in RGB -- distractors
+        rock = np.clip((smooth_noise(rng, shape, scales=(24, 48)) - 0.8) * 5, 0, 1)
+        self.ground += (np.array([185, 170, 150], dtype=np.float32) - self.ground) * (0.7 * rock[..., None])
+        # cool ground, warmer where bare (higher)
+        self.temperature = 0.12 + 0.18 * height + 0.1 * smooth_noise(rng, shape, scales=(8, 16)) + 0.25 * rock
+        self.haze = smooth_noise(rng, (2 * size, 2 * size), scales=(3, 6, 12))
+        # sensor noise: one bank drawn once, cropped at a random offset per frame (drawing fresh
+        # Gaussian noise for every frame costs more than all the drawing)
+        self.noise = rng.standard_normal((2, 2 * size, 2 * size, 3), dtype=np.float32)
+        self.iron = _palette(_IRON_AT, _IRON_RGB)
+        self.flame = _palette(_FLAME_AT, _FLAME_RGB)
+
+    def _blob(self, centre: np.ndarray, radius: float, rng: np.random.Generator) -> np.ndarray:
+        """A Gaussian blob in [0, 1] around ``centre`` (x, y, frame pixels): an outer product of two
+        1-D Gaussians, so it costs one multiply per pixel."""
+        n = np.arange(self.size, dtype=np.float32)
+        gx = np.exp(-((n - centre[0]) ** 2) / (2 * radius**2))
+        gy = np.exp(-((n - centre[1]) ** 2) / (2 * radius**2))
+        return np.outer(gy, gx).astype(np.float32) * np.float32(rng.uniform(0.85, 1.0))
+
+    def _noise(self, rng: np.random.Generator) -> np.ndarray:
+        """Unit Gaussian noise [S, S, 3]: a random crop of the noise bank."""
+        k, oy, ox = rng.integers(0, 2), *rng.integers(0, self.size, 2)
+        return self.noise[k, oy : oy + self.size, ox : ox + self.size]
+
+    def render(self, seg: _Segment, i: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """RGB and thermal uint8 [S, S, 3] of frame ``i`` (frame numbers as in the label ranges)."""
+        s, t = self.size, i - seg.first
+        cam = seg.start + seg.velocity * t
+        x, y = np.round(cam).astype(int)
+        rgb = self.ground[y : y + s, x : x + s] * np.float32(rng.uniform(0.96, 1.04))  # exposure flicker
+        temp = self.temperature[y : y + s, x : x + s]
+
+        fire = np.zeros((s, s), dtype=np.float32)
+        for site, radius in zip(seg.sites, seg.radius):
+            centre = site - cam + rng.normal(0, 0.3, 2)
+            r = radius * rng.uniform(0.85, 1.15)  # flicker
+            rgb *= (1 - 0.55 * self._blob(centre, 2.5 * r, rng))[..., None]  # burnt ground around it
+            core = self._blob(centre, r, rng)
+            rows, cols = np.nonzero(core > 0.01)  # draw the flame only where it shows
+            alpha = np.clip(1.6 * core[rows, cols], 0, 1)[:, None]
+            rgb[rows, cols] = rgb[rows, cols] * (1 - alpha) + _lookup(self.flame, core[rows, cols]) * alpha
+            fire = np.maximum(fire, self._blob(centre, 1.8 * r, rng))
+        temp = np.maximum(temp, np.float32(rng.uniform(0.9, 1.0)) * fire)
+
+        if seg.state[1] == "Y":  # smoke: haze over most of the frame, densest above the fires
+            off = (np.array([s, s]) // 2 + seg.wind * t).astype(int) % s
+            field = self.haze[off[1] : off[1] + s, off[0] : off[0] + s]
+            plume = np.clip(fire * 3, 0, 1)
+            alpha = seg.smoke_max * np.clip(0.35 + 0.9 * field + 0.6 * plume, 0, 1)
+        elif seg.state[0] == "Y":  # fire without (much) smoke: a thin local plume
+            alpha = 0.35 * np.clip(fire * 2, 0, 1)
+        else:
+            alpha = None
+        if alpha is not None:
+            smoke_colour = np.array([215, 215, 222], dtype=np.float32) * np.float32(rng.uniform(0.95, 1.05))
+            rgb += (smoke_colour - rgb) * alpha[..., None]
+            temp = temp * (1 - 0.1 * alpha)  # thermal sees through smoke, nearly unattenuated
+
+        ir = _lookup(self.iron, temp)
+        rgb += 4.0 * self._noise(rng)
+        ir += 3.0 * self._noise(rng)
+        return np.clip(rgb, 0, 255).astype(np.uint8), np.clip(ir, 0, 255).astype(np.uint8)
+
+
+def _remove_stale(folder: Path, pattern: str, n: int) -> None:
+    """Delete frames numbered above ``n`` left by an earlier, larger synth run in the same folder."""
+    prefix = pattern.split("{")[0]
+    for path in folder.glob(prefix + "*"):
+        fid = frame_id(path.name)
+        if fid is not None and fid > n:
+            path.unlink()
+
+
+def synthesize(out, frames: int = 600, image_size: int = 254, seed: int = 42) -> Path:
+    """Write a FLAME2-like tree under ``out`` (image folders, ``flame2.csv``, ``label_ranges.tsv``).
+
+    Returns the CSV path. Deterministic: the same arguments give byte-identical files.
+    """
+    if frames < 3:
+        raise ValueError("synthesize needs at least 3 frames (one per label state)")
+    out = Path(out)
+    rgb_dir, ir_dir = out / IMAGE_DIRS["rgb"][0], out / IMAGE_DIRS["ir"][0]
+    for d, kind in ((rgb_dir, "rgb"), (ir_dir, "ir")):
+        d.mkdir(parents=True, exist_ok=True)
+        _remove_stale(d, FILE_NAMES[kind], frames)
+
+    layout = _layout(frames, np.random.default_rng([seed, 1]))
+    renderer = _Renderer(image_size, seed)
+    rows = []
+    for k, (first, last, state) in enumerate(layout):
+        seg = _segment(first, last, state, image_size, renderer.world, np.random.default_rng([seed, 2, k]))
+        for i in range(first, last + 1):
+            rgb, ir = renderer.render(seg, i, np.random.default_rng([seed, 3, i]))
+            names = FILE_NAMES["rgb"].format(i), FILE_NAMES["ir"].format(i)
+            Image.fromarray(rgb).save(rgb_dir / names[0], quality=JPEG_QUALITY)
+            Image.fromarray(ir).save(ir_dir / names[1], quality=JPEG_QUALITY)
+            fire, smoke = int(state[0] == "Y"), int(state[1] == "Y")
+            rows.append((i, f"{rgb_dir.name}/{names[0]}", f"{ir_dir.name}/{names[1]}", fire, smoke))
+
+    table = pd.DataFrame(rows, columns=["id", "rgb_frame", "ir_frame", "fire", "smoke"])
+    csv = out / CSV_NAME
+    table.to_csv(csv, index=False, lineterminator="\n")
+    ranges = pd.DataFrame(layout, columns=["first", "last", "fire_smoke"])
+    counts = ranges.assign(n=ranges["last"] - ranges["first"] + 1).groupby("fire_smoke")["n"].sum()
+    write_label_ranges(
+        ranges,
+        out / RANGES_FILE,
+        [
+            f"Synthetic FLAME2-like frame-pair label ranges (inclusive), written by flame-kd data synth "
+            f"({frames} frames, {image_size} px, seed {seed}).",
+            "fire_smoke: first letter fire Y/N, second smoke Y/N (the official FLAME2 format).",
+            f"Totals: {frames:,} frames; "
+            + ", ".join(f"{s} {counts.get(s, 0):,}" for s in ("NN", "YY", "YN"))
+            + "; no NY.",
+        ],
+    )
+    return csv
+
+
+def describe(csv: os.PathLike) -> str:
+    """One line for `flame-kd data synth`: what was written where."""
+    table = pd.read_csv(csv)
+    states = (table.fire.map({0: "N", 1: "Y"}) + table.smoke.map({0: "N", 1: "Y"})).value_counts()
+    return f"wrote {len(table):,} frame pairs to {Path(csv).parent} (" + ", ".join(
+        f"{s} {states.get(s, 0):,}" for s in ("NN", "YY", "YN", "NY")
+    ) + f"); CSV {csv}"

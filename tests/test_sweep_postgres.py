@@ -1,0 +1,125 @@
+"""Many sweep workers on one study in a real PostgreSQL (Optuna storage and MLflow store).
+
+CI starts PostgreSQL on loopback (.ci/postgres.sh) and sets FLAME_KD_TEST_POSTGRES to its URL.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+
+from flame_kd.data.synth import synthesize
+
+from pipeline_helpers import REPO, SIZE, TINY_TEACHER, cli
+
+SERVER = os.environ.get("FLAME_KD_TEST_POSTGRES")
+pytestmark = pytest.mark.skipif(
+    not SERVER,
+    reason="PostgreSQL is not running: set FLAME_KD_TEST_POSTGRES=postgresql+psycopg2://user@host:port/db "
+           "(bash .ci/postgres.sh starts one on loopback and prints it; CI does this)",
+)
+
+
+def fresh_database(prefix: str) -> str:
+    """CREATE DATABASE <prefix>_<random> on the test server; returns its SQLAlchemy URL."""
+    import psycopg2
+    from sqlalchemy.engine import make_url
+
+    url = make_url(SERVER)
+    name = f"{prefix}_{uuid.uuid4().hex[:8]}"
+    conn = psycopg2.connect(host=url.host, port=url.port, user=url.username, password=url.password,
+                            dbname=url.database)
+    conn.autocommit = True
+    conn.cursor().execute(f"CREATE DATABASE {name}")
+    conn.close()
+    return url.set(database=name).render_as_string(hide_password=False)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A data set, a PostgreSQL MLflow store holding a finished teacher, and an Optuna database."""
+    tmp = tmp_path_factory.mktemp("pg")
+    csv = str(synthesize(tmp / "data", frames=160, image_size=SIZE, seed=11))
+    env = {"MLFLOW_TRACKING_URI": fresh_database("mlflow"), "FLAME_KD_CACHE": str(tmp / "cache")}
+    # The teacher is trained (and its outputs cached) once up front, so workers only run trials.
+    done = cli("flame-kd", "distill", *common(csv), "--loss", "kl_bce", "--student-epochs", "1", env=env, cwd=tmp)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return {"tmp": tmp, "csv": csv, "env": env}
+
+
+def common(csv):
+    return ["--teacher", TINY_TEACHER, "--data", csv, "--image-size", str(SIZE), "--batch-size", "16",
+            "--teacher-epochs", "1", "--no-pretrained", "--device", "cpu", "--experiment", "pg"]
+
+
+def worker(setup, storage, n_trials, epochs, study="pg-study"):
+    args = ["flame-kd", "sweep", *common(setup["csv"]), "--loss", "kl_l2_bce", "--student", "lightweight-cnn",
+            "--student-epochs", str(epochs), "--n-trials", str(n_trials), "--study-name", study,
+            "--storage", storage, "--pruner", "none", "--heartbeat", "2"]
+    bindir = Path(sys.executable).parent
+    env = {**os.environ, **setup["env"], "HF_HUB_OFFLINE": "1", "MPLBACKEND": "Agg",
+           "PATH": f"{bindir}{os.pathsep}{os.environ['PATH']}"}
+    return subprocess.Popen(args, cwd=setup["tmp"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def test_two_workers_share_one_study(setup):
+    storage = fresh_database("optuna")
+    a, b = worker(setup, storage, 2, 1), worker(setup, storage, 2, 1)
+    for p in (a, b):
+        out, err = p.communicate(timeout=900)
+        assert p.returncode == 0, err[-3000:]
+    study = optuna.load_study(study_name="pg-study", storage=storage)
+    assert len(study.trials) == 4  # the sum of both workers' trials
+    assert sorted(t.number for t in study.trials) == [0, 1, 2, 3]  # none lost, none duplicated
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+    assert len({t.user_attrs["worker"] for t in study.trials}) == 2
+    client = MlflowClient(tracking_uri=setup["env"]["MLFLOW_TRACKING_URI"])
+    exp = client.get_experiment_by_name("pg")
+    parents = client.search_runs([exp.experiment_id], "tags.`flame_kd.stage` = 'sweep'")
+    assert len(parents) == 1
+    trials = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parents[0].info.run_id}'")
+    assert len(trials) == 4
+    assert sorted(r.data.tags["flame_kd.trial_number"] for r in trials) == ["0", "1", "2", "3"]
+    assert "***" not in parents[0].data.params["storage"] or "@" in parents[0].data.params["storage"]
+
+
+def test_killed_worker_trial_is_failed_by_heartbeat(setup):
+    storage = fresh_database("optuna")
+    a = worker(setup, storage, 1, 30, study="kill")  # a long trial, killed mid-way
+    deadline = time.time() + 300
+    running = None
+    while time.time() < deadline and running is None:
+        time.sleep(1)
+        try:
+            study = optuna.load_study(study_name="kill", storage=storage)
+        except KeyError:
+            continue
+        running = next((t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING), None)
+    assert running is not None, "worker A never started a trial"
+    time.sleep(3)
+    a.send_signal(signal.SIGKILL)
+    a.wait()
+    b = worker(setup, storage, 2, 1, study="kill")
+    out, err = b.communicate(timeout=900)
+    assert b.returncode == 0, err[-3000:]
+    study = optuna.load_study(study_name="kill", storage=storage)
+    killed = study.trials[running.number]
+    assert killed.state == optuna.trial.TrialState.FAIL
+    retried = [t for t in study.trials if t.system_attrs.get("failed_trial") == running.number]
+    assert retried and retried[0].state == optuna.trial.TrialState.COMPLETE  # re-queued and finished by B
+    client = MlflowClient(tracking_uri=setup["env"]["MLFLOW_TRACKING_URI"])
+    exp = client.get_experiment_by_name("pg")
+    runs = client.search_runs([exp.experiment_id], f"tags.`flame_kd.trial_number` = '{running.number}'"
+                              " and tags.`flame_kd.study_name` = 'kill'")
+    assert runs and runs[0].info.status == "FAILED"
+    assert "heartbeat" in runs[0].data.tags["flame_kd.error"]
