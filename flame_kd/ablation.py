@@ -43,9 +43,10 @@ class AblationSpec:
     student_epochs: int | None = None
     device: str = "auto"
     experiment: str | None = None
+    log_models: bool = True  # each cell's student through mlflow.pytorch (not registered)
 
     def digest(self) -> str:
-        keep = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("device", "experiment")}
+        keep = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("device", "experiment", "log_models")}
         return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
@@ -87,7 +88,7 @@ def cell_config(spec: AblationSpec, teacher: str, loss: str, seed: int) -> Disti
         student=spec.student,
         train=student_train,
         loss=LossConfig(variant=loss),
-        tracking=TrackingConfig(experiment=spec.experiment, register_as=None),
+        tracking=TrackingConfig(experiment=spec.experiment, register_as=None, log_model=spec.log_models),
     )
 
 

@@ -167,6 +167,9 @@ def run_distill(cfg: DistillRunConfig, attach_env: bool = True, extra_tags: dict
     logs its epochs and best checkpoint but never looks at the test split.
     """
     prep = prep or prepare(cfg)
+    lc = cfg.loss  # every weight resolved, so runs compare on loss.alpha..delta in the MLflow UI
+    cfg = dataclasses.replace(cfg, loss=dataclasses.replace(
+        lc, **resolve_weights(lc.variant, alpha=lc.alpha, beta=lc.beta, gamma=lc.gamma, delta=lc.delta)))
     data, device = prep.data, prep.device
     seed = cfg.train.seed
     seed_everything(seed)

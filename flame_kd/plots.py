@@ -112,6 +112,9 @@ _EMBED_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
+EXACT_TSNE_MAX = 300  # points; above this Barnes-Hut t-SNE wins
+
+
 def embed_features(
     features: np.ndarray,
     method: str = "tsne",
@@ -148,6 +151,9 @@ def embed_features(
         if "n_iter" in opts:  # sklearn renamed n_iter to max_iter (1.5) and removed it (1.7)
             opts["max_iter"] = opts.pop("n_iter")
         opts["perplexity"] = min(float(opts["perplexity"]), max(1.0, n - 1.0))
+        # Barnes-Hut pays a fixed per-iteration cost (seconds on a busy CPU even for 30 points);
+        # the exact gradient is faster below a few hundred points.
+        opts.setdefault("method", "exact" if n <= EXACT_TSNE_MAX else "barnes_hut")
         reducer = TSNE(n_components=2, random_state=seed, **opts)
     else:
         with warnings.catch_warnings():  # imported here: it takes seconds (numba)

@@ -1,0 +1,114 @@
+"""The ablation grid: teachers reused across losses, a no-teacher control, resume, and the report."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import yaml
+from click.testing import CliRunner
+from mlflow.tracking import MlflowClient
+
+from flame_kd import ablation as ablation_mod
+from flame_kd import distill as distill_mod
+from flame_kd.ablation import AblationSpec, load_spec, run_ablation, summary_table
+from flame_kd.cli import main
+from flame_kd.data.synth import synthesize
+from flame_kd.errors import ConfigError
+
+from pipeline_helpers import REPO, SIZE, TINY_TEACHER, artifacts, use_store
+
+
+def tiny_spec(csv: str) -> AblationSpec:
+    return AblationSpec(
+        name="tiny", data={"csv": csv, "image_size": SIZE, "batch_size": 16},
+        teachers=[TINY_TEACHER], losses=["kl_bce", "kl_l2_bce"], seeds=[1, 2], control=True,
+        student="lightweight-cnn", pretrained=False, teacher_epochs=1, student_epochs=1, device="cpu",
+        experiment="ablation", log_models=False,
+    )
+
+
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory):
+    """Run the tiny grid once, crashing in the 4th cell, then re-run it to the end."""
+    mp = pytest.MonkeyPatch()
+    tmp = tmp_path_factory.mktemp("ablation")
+    use_store(tmp, mp)
+    csv = str(synthesize(tmp / "data", frames=160, image_size=SIZE, seed=13))
+    spec = tiny_spec(csv)
+    real = distill_mod.run_distill
+    calls = []
+
+    def crashing(cfg, **kw):
+        calls.append(kw["extra_tags"]["flame_kd.cell"])
+        if len(calls) == 4:
+            raise RuntimeError("Kaggle session limit")
+        return real(cfg, **kw)
+
+    mp.setattr(distill_mod, "run_distill", crashing)
+    with pytest.raises(RuntimeError, match="session limit"):
+        run_ablation(spec)
+    first = list(calls)
+    calls.clear()
+    parent = run_ablation(spec)
+    yield {"parent": parent, "first": first, "second": list(calls), "spec": spec}
+    mp.undo()
+
+
+def test_resume_skips_finished_cells(grid):
+    assert grid["first"] == [f"{TINY_TEACHER}|kl_bce|1", f"{TINY_TEACHER}|kl_l2_bce|1", "none|bce|1",
+                             f"{TINY_TEACHER}|kl_bce|2"]
+    # the crashed cell and the rest run again; the three finished cells do not
+    assert grid["second"] == [f"{TINY_TEACHER}|kl_bce|2", f"{TINY_TEACHER}|kl_l2_bce|2", "none|bce|2"]
+
+
+def test_one_parent_nests_every_cell_and_each_teacher_once_per_seed(grid):
+    client = MlflowClient()
+    exp = client.get_experiment_by_name("ablation")
+    children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{grid['parent']}'")
+    stages = sorted(r.data.tags["flame_kd.stage"] for r in children if r.info.status == "FINISHED")
+    assert stages.count("teacher") == 2  # one per seed, reused by both losses
+    assert stages.count("distill") == 6  # 2 losses x 2 seeds + 2 controls
+    parents = client.search_runs([exp.experiment_id], "tags.`flame_kd.stage` = 'ablation'")
+    assert len(parents) == 1
+
+
+def test_summary_tables_and_chart(grid):
+    have = artifacts(grid["parent"])
+    assert {"tables/ablation.md", "tables/ablation.csv", "plots/ablation.png", "spec.yaml"} <= have
+    table = pd.read_csv(MlflowClient().download_artifacts(grid["parent"], "tables/ablation.csv"))
+    rows = {(r.teacher, r.loss): r for r in table.itertuples()}
+    assert set(rows) == {(TINY_TEACHER, "kl_bce"), (TINY_TEACHER, "kl_l2_bce"), ("none", "bce"),
+                         (TINY_TEACHER, "teacher alone")}
+    assert all(r.n_seeds == 2 for r in rows.values())
+    assert all(r.f1_macro_ci95 >= 0 for r in rows.values())
+
+
+def test_report_rebuilds_the_table_from_mlflow(grid, tmp_path):
+    result = CliRunner().invoke(main, ["report", "--experiment", "ablation", "--out", str(tmp_path / "r")])
+    assert result.exit_code == 0, result.output
+    assert "teacher alone" in result.output and "± " in result.output
+    table = pd.read_csv(tmp_path / "r" / "ablation.csv")
+    assert len(table) == 4 and (tmp_path / "r" / "ablation.png").exists()
+    bad = CliRunner().invoke(main, ["report", "--experiment", "nope"])
+    assert bad.exit_code == 2 and "nope" in bad.output and "Traceback" not in bad.output
+
+
+def test_summary_statistics_by_hand():
+    runs = pd.DataFrame({"teacher": ["a"] * 3, "loss": ["kl_bce"] * 3, "seed": ["1", "2", "3"],
+                         "run_id": ["x", "y", "z"], "f1_macro": [0.8, 0.9, 1.0], "f1_fire": [1.0] * 3,
+                         "f1_smoke": [0.5] * 3, "accuracy": [0.7] * 3})
+    row = summary_table(runs).iloc[0]
+    assert row["f1_macro_mean"] == pytest.approx(0.9)
+    assert row["f1_macro_std"] == pytest.approx(0.1)
+    assert row["f1_macro_ci95"] == pytest.approx(4.302653 * 0.1 / 3 ** 0.5, rel=1e-5)  # t(0.975, 2)
+    assert row["f1_fire_std"] == 0.0
+
+
+def test_spec_errors(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_spec(str(tmp_path / "none.yaml"))
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump({"teachers": ["a"], "colour": "red"}))
+    with pytest.raises(ConfigError, match="colour"):
+        load_spec(str(tmp_path / "bad.yaml"))
+    spec = load_spec(str(REPO / "experiments" / "ablation.yaml"))
+    assert len(ablation_mod.cells(spec)) == 4 * 3 * 5 + 5  # the original grid plus a control per seed

@@ -1,0 +1,146 @@
+"""The real entry points end to end: `mlflow run . -e teacher|distill|sweep`, `flame-kd embed`, and the
+one-line errors a user gets for bad input."""
+
+from __future__ import annotations
+
+import pytest
+from click.testing import CliRunner
+from mlflow.tracking import MlflowClient
+
+from flame_kd.cli import main
+from flame_kd.data.synth import synthesize
+
+from pipeline_helpers import REPO, SIZE, TINY_TEACHER, artifacts, cli, use_store
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("e2e")
+    csv = str(synthesize(tmp / "data", frames=160, image_size=SIZE, seed=21))
+    return {"tmp": tmp, "csv": csv, "vars": {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}",
+                                             "FLAME_KD_CACHE": str(tmp / "cache")}}
+
+
+def mlflow_run(env, entry, *params):
+    args = ["mlflow", "run", str(REPO), "-e", entry, "--env-manager", "local", "--experiment-name", "e2e"]
+    for p in params:
+        args += ["-P", p]
+    return cli(*args, env=env["vars"], cwd=env["tmp"])
+
+
+def client(env):
+    return MlflowClient(tracking_uri=env["vars"]["MLFLOW_TRACKING_URI"])
+
+
+def runs(env, filter_string=""):
+    c = client(env)
+    return c.search_runs([c.get_experiment_by_name("e2e").experiment_id], filter_string)
+
+
+@pytest.fixture(scope="module")
+def distilled(env):
+    """`mlflow run . -e distill` with no teacher yet: it trains one (its own run), then distils."""
+    done = mlflow_run(env, "distill", f"teacher={TINY_TEACHER}", "student=lightweight-cnn", "loss=kl_l2_bce",
+                      f"data={env['csv']}", f"image_size={SIZE}", "batch_size=16", "teacher_epochs=2",
+                      "student_epochs=2", "pretrained=false", "device=cpu", "alpha=0.6", "temperature=3")
+    assert done.returncode == 0, done.stderr[-4000:]
+    return done
+
+
+def test_mlflow_run_teacher(env):
+    done = mlflow_run(env, "teacher", "teacher=timm:test_efficientnet", f"data={env['csv']}", f"image_size={SIZE}",
+                      "epochs=2", "batch_size=16", "pretrained=false", "device=cpu", "fusion=early")
+    assert done.returncode == 0, done.stderr[-4000:]
+    run = runs(env, "tags.`flame_kd.teacher` = 'timm:test_efficientnet'")[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.params["teacher"] == "timm:test_efficientnet"  # logged by `mlflow run` itself
+    assert run.data.params["teacher.fusion"] == "early"  # the resolved config, under other keys
+    assert [m.step for m in client(env).get_metric_history(run.info.run_id, "val/f1_macro")] == [1, 2]
+    assert "test/f1_macro" in run.data.metrics
+    assert run.data.tags["mlflow.runName"] == "timm:test_efficientnet teacher s42"
+
+
+def test_mlflow_run_distill_trains_the_missing_teacher_and_links_it(env, distilled):
+    distill = runs(env, "tags.`flame_kd.stage` = 'distill'")
+    teacher = runs(env, f"tags.`flame_kd.stage` = 'teacher' and tags.`flame_kd.teacher` = '{TINY_TEACHER}'")
+    assert len(distill) == 1 and len(teacher) == 1
+    d, t = distill[0], teacher[0]
+    assert d.info.status == t.info.status == "FINISHED"
+    assert d.data.tags["flame_kd.teacher_run_id"] == t.info.run_id
+    assert d.data.params["loss.alpha"] == "0.6" and d.data.params["loss.temperature"] == "3.0"
+    assert d.data.params["loss.gamma"] == "0.2" and d.data.params["loss.beta"] == "0.0"  # resolved
+    loss_txt = client(env).download_artifacts(d.info.run_id, "loss.txt")
+    assert open(loss_txt).read().startswith("0.6*kl + 0.2*l2 + 0.3*bce (T=3.0)")
+    for key in ("train/kl", "train/l2", "train/bce", "test/f1_macro", "gap/f1_macro", "student/gflops"):
+        assert key in d.data.metrics, key
+    plots = {a.path for a in client(env).list_artifacts(d.info.run_id, "plots")}
+    assert {"plots/umap_student_vs_teacher.png", "plots/tsne_student_vs_teacher.png"} <= plots
+
+
+@pytest.mark.parametrize("method, extra", [("tsne", ["--perplexity", "5", "--n-iter", "300"]),
+                                           ("umap", ["--n-neighbors", "5", "--metric", "cosine"])])
+def test_embed_logs_into_the_run_or_writes_a_file(env, distilled, method, extra, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", env["vars"]["MLFLOW_TRACKING_URI"])
+    monkeypatch.setenv("FLAME_KD_CACHE", env["vars"]["FLAME_KD_CACHE"])
+    import mlflow
+
+    mlflow.set_tracking_uri(env["vars"]["MLFLOW_TRACKING_URI"])
+    run_id = runs(env, "tags.`flame_kd.stage` = 'distill'")[0].info.run_id
+    result = CliRunner().invoke(main, ["embed", "--run-id", run_id, "--method", method, *extra, "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    logged = [p for p in artifacts(run_id, "plots/embed")]
+    assert any(p.startswith(f"plots/embed/{method}_test_") for p in logged)
+    ckpt = client(env).download_artifacts(run_id, "checkpoints/best.pt", str(tmp_path))
+    result = CliRunner().invoke(main, ["embed", "--checkpoint", ckpt, "--model-type", "student",
+                                       "--architecture", "lightweight-cnn", "--data", env["csv"],
+                                       "--image-size", str(SIZE), "--method", method, *extra,
+                                       "--output-dir", str(tmp_path / "out"), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert len(list((tmp_path / "out").glob(f"{method}_*.png"))) == 1
+
+
+def test_mlflow_run_sweep(env, distilled):
+    done = mlflow_run(env, "sweep", f"teacher={TINY_TEACHER}", "student=lightweight-cnn", "loss=kl_bce",
+                      f"data={env['csv']}", f"image_size={SIZE}", "batch_size=16", "teacher_epochs=2",
+                      "student_epochs=1", "pretrained=false", "device=cpu", "n_trials=2", "pruner=none")
+    assert done.returncode == 0, done.stderr[-4000:]
+    parent = runs(env, "tags.`flame_kd.stage` = 'sweep'")
+    assert len(parent) == 1
+    trials = runs(env, f"tags.`mlflow.parentRunId` = '{parent[0].info.run_id}'")
+    assert len(trials) == 2
+    # the teacher trained by the distill run above was reused, not trained again
+    assert len(runs(env, f"tags.`flame_kd.stage` = 'teacher' and tags.`flame_kd.teacher` = '{TINY_TEACHER}'")) == 1
+    assert "best val macro F1" in done.stdout
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["teacher", "--teacher", "resnet-999"], "resnet-999"),
+    (["distill", "--alpha", "-1"], "alpha"),
+    (["distill", "--temperature", "0"], "emperature"),
+    (["distill", "--loss", "kl_everything"], "kl_everything"),
+    (["teacher", "--tracking-uri", "http://127.0.0.1:9"], "unreachable"),
+])
+def test_bad_options_are_one_clear_message(env, tmp_path, monkeypatch, args, needle):
+    use_store(tmp_path, monkeypatch)
+    result = CliRunner().invoke(main, [*args, "--data", env["csv"], "--image-size", str(SIZE), "--device", "cpu",
+                                       "--no-pretrained"])
+    assert result.exit_code == 2, result.output
+    assert needle in result.output and "Traceback" not in result.output
+    assert result.output.count("\n") <= 3
+
+
+def test_bad_data_stops_before_the_first_step(env, tmp_path, monkeypatch):
+    use_store(tmp_path, monkeypatch)
+    bad = tmp_path / "bad.csv"
+    text = open(env["csv"]).read().splitlines()
+    header, first, *rest = text
+    cells = first.split(",")
+    cells[-1] = "2"  # smoke = 2
+    bad.write_text("\n".join([header, ",".join(cells), *rest]) + "\n")
+    (tmp_path / "254p RGB Images").symlink_to(f"{env['tmp']}/data/254p RGB Images")
+    (tmp_path / "254p Thermal Images").symlink_to(f"{env['tmp']}/data/254p Thermal Images")
+    result = CliRunner().invoke(main, ["teacher", "--teacher", TINY_TEACHER, "--data", str(bad), "--image-size",
+                                       str(SIZE), "--device", "cpu", "--no-pretrained", "--experiment", "bad"])
+    assert result.exit_code == 2, result.output
+    assert "smoke" in result.output and "Traceback" not in result.output
+    assert MlflowClient().get_experiment_by_name("bad") is None
