@@ -17,7 +17,7 @@ import torch
 
 from flame_kd import plots, teacher_outputs, tracking
 from flame_kd.config import DistillRunConfig, TeacherRunConfig, TrackingConfig, to_dict
-from flame_kd.engine import Trainer, resolve_device, seed_everything
+from flame_kd.engine import ConsoleCallback, Trainer, resolve_device, seed_everything
 from flame_kd.errors import ConfigError
 from flame_kd.experiment import (
     Data,
@@ -193,8 +193,9 @@ def run_distill(cfg: DistillRunConfig, attach_env: bool = True, extra_tags: dict
             tracking.log_text(repr(loss), "loss.txt")
         ckpt = checkpoint_dir(run_id, cfg.checkpoint_dir)
         outputs = prep.outputs if loss.uses_teacher else None
-        trainer = Trainer(student, DistillTask(loss, outputs), cfg.train, ckpt,
-                          [tracking.MlflowCallback(), *callbacks], device)
+        hooks = [tracking.MlflowCallback(), ConsoleCallback(f"student {cfg.loss.variant}", cfg.train.epochs),
+                 *callbacks]
+        trainer = Trainer(student, DistillTask(loss, outputs), cfg.train, ckpt, hooks, device)
         state = trainer.fit(data.loaders["train"], data.loaders["val"], resume=resume_id is not None)
         if report:
             metrics, preds = test_report(trainer, state, data, student_forward,

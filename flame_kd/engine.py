@@ -330,3 +330,16 @@ class LambdaCallback(Callback):
     def on_epoch_end(self, epoch: int, metrics: dict[str, float], state: FitState) -> None:
         if self._on_epoch_end:
             self._on_epoch_end(epoch, metrics, state)
+
+
+class ConsoleCallback(Callback):
+    """One line per epoch on stderr, so a log file (or a notebook) shows progress without a bar."""
+
+    def __init__(self, label: str, epochs: int):
+        self.label, self.epochs = label, epochs
+
+    def on_epoch_end(self, epoch: int, metrics: dict[str, float], state: FitState) -> None:
+        best = " *" if state.best_epoch == epoch else ""
+        print(f"{self.label} epoch {epoch}/{self.epochs}: train/loss {metrics.get('train/loss', float('nan')):.4f}"
+              f"  val/loss {metrics.get('val/loss', float('nan')):.4f}  val/f1_macro {metrics['val/f1_macro']:.4f}"
+              f"{best}  ({metrics.get('epoch_seconds', 0):.1f} s)", file=sys.stderr, flush=True)

@@ -6,7 +6,7 @@ import sys
 
 from flame_kd import tracking
 from flame_kd.config import TeacherRunConfig, to_dict
-from flame_kd.engine import Trainer, resolve_device, seed_everything
+from flame_kd.engine import ConsoleCallback, Trainer, resolve_device, seed_everything
 from flame_kd.experiment import (
     checkpoint_dir,
     config_digest,
@@ -51,8 +51,8 @@ def run_teacher(cfg: TeacherRunConfig, attach_env: bool = True, extra_tags: dict
         if resume_id is None:
             start_logging(cfg_dict, data)
         ckpt = checkpoint_dir(run_id, cfg.checkpoint_dir)
-        trainer = Trainer(model, SupervisedTask(teacher_forward), cfg.train, ckpt,
-                          [tracking.MlflowCallback(), *callbacks], device)
+        hooks = [tracking.MlflowCallback(), ConsoleCallback(f"teacher {t.name}", cfg.train.epochs), *callbacks]
+        trainer = Trainer(model, SupervisedTask(teacher_forward), cfg.train, ckpt, hooks, device)
         state = trainer.fit(data.loaders["train"], data.loaders["val"], resume=resume_id is not None)
         test_report(trainer, state, data, teacher_forward, f"{t.name} teacher", seed)
         ex = example_batch(data)

@@ -14,6 +14,7 @@ import re
 import tempfile
 import urllib.error
 import urllib.request
+import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -260,8 +261,10 @@ def set_tags(tags: dict[str, Any], run_id: str | None = None) -> None:
 def log_dataset(frames, csv_path: str, digest: str, context: str = "training") -> None:
     """Record the data set as the run's input (MLflow's Datasets panel)."""
     table = frames.drop(columns=[c for c in ("rgb_path", "ir_path") if c in frames.columns])
-    ds = mlflow.data.from_pandas(table, source=str(csv_path), name=Path(csv_path).name, digest=digest)
-    mlflow.log_input(ds, context=context)
+    with warnings.catch_warnings():  # MLflow's hints on source kinds and integer schemas: not actionable here
+        warnings.simplefilter("ignore", UserWarning)
+        ds = mlflow.data.from_pandas(table, source=str(csv_path), name=Path(csv_path).name, digest=digest)
+        mlflow.log_input(ds, context=context)
 
 
 def log_model(model, registered_name: str | None = None, example=None) -> None:

@@ -91,3 +91,15 @@ def test_range_file_round_trip_and_loose_formats(tmp_path):
     with pytest.raises(DataError) as err:
         read_label_ranges(bad)
     assert any("line 2" in p for p in err.value.problems) and any("line 3" in p for p in err.value.problems)
+
+
+def test_locate_image_folders_finds_a_mounted_data_set(tmp_path):
+    from flame_kd.data.frames import locate_image_folders
+
+    base = tmp_path / "input" / "flame2-dataset" / "FLAME2"
+    (base / "254p RGB Images").mkdir(parents=True)
+    (base / "254p Thermal Images").mkdir()
+    (tmp_path / "input" / "other" / "254p RGB Images").mkdir(parents=True)  # no IR beside it
+    found = locate_image_folders([tmp_path / "missing", tmp_path / "input"])
+    assert found == (base / "254p RGB Images", base / "254p Thermal Images")
+    assert locate_image_folders([tmp_path / "input" / "other"]) is None

@@ -159,3 +159,12 @@ def test_timm_student_uses_pooled_pre_logits(name, dim):
     logits, features = student(_frames()[0])
     assert student.feature_dim == dim
     assert logits.shape == (2, 2) and features.shape == (2, dim)
+
+
+def test_student_cost_at_224_px_matches_design():
+    """Small in parameters, not in compute: 20.5 GFLOPs per 224-px frame (DESIGN, Models)."""
+    from flame_kd.evaluate import count_flops
+
+    student = build_student("lightweight-cnn", image_size=224).eval()
+    gflops = count_flops(student, (torch.zeros(1, 3, 224, 224),)) / 1e9
+    assert gflops == pytest.approx(20.5, abs=0.05)

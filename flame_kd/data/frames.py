@@ -111,3 +111,26 @@ def describe_forms(raws: list[str]) -> str:
     plural = {BARE: "bare names", RELATIVE: "relative paths", ABSOLUTE: "absolute paths",
               FOREIGN: "absolute paths from another machine"}
     return ", ".join(f"{counts[f]} {f if counts[f] == 1 else plural[f]}" for f in plural if counts[f])
+
+
+def locate_image_folders(roots, max_depth: int = 5) -> tuple[Path, Path] | None:
+    """The first ``(RGB folder, IR folder)`` pair of FLAME2 image folders under any of ``roots``.
+
+    For notebooks on hosted machines (Kaggle mounts data sets under /kaggle/input/<name>/...):
+    the data set is found where it is, not at a path written into the code.
+    """
+    for root in roots:
+        root = Path(root).expanduser()
+        if not root.is_dir():
+            continue
+        for dirpath, dirnames, _ in os.walk(root):
+            depth = len(Path(dirpath).relative_to(root).parts)
+            if depth >= max_depth:
+                dirnames[:] = []
+            names = set(dirnames)
+            rgb = next((n for n in IMAGE_DIRS["rgb"] if n in names), None)
+            ir = next((n for n in IMAGE_DIRS["ir"] if n in names), None)
+            if rgb and ir:
+                return Path(dirpath) / rgb, Path(dirpath) / ir
+            dirnames.sort()
+    return None
