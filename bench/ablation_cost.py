@@ -9,7 +9,8 @@
 Both sides use the very same per-cell configs (``ablation.cell_config``): data, models, epochs,
 seeds, logging. Each side gets its own temporary MLflow store and flame-kd cache, so (a) cannot
 reuse (b)'s teachers or decoded frames; a small untimed warm-up grid in a third store first pays
-one-time costs (imports, numba's UMAP compilation, database code paths) for both.
+one-time costs (imports, numba's UMAP compilation, database code paths) for both. (a) runs before
+(b), so load on the machine that changes over the run is not balanced between them.
 ``AblationSpec`` has no log-model option, so this script wraps ``cell_config`` to set
 ``TrackingConfig.log_model`` the same way on both sides (off by default, ``--log-model`` for on).
 
@@ -204,7 +205,10 @@ def run_bench(args: argparse.Namespace, tmp: Path) -> None:
     b_rest = b_s - sum(b_parts[0].values())
     print(f"{'  of which everything else':<{width}}{a_rest:>20.1f} s{b_rest:>20.1f} s")
     print(f"{'  (student runs, lookups, reports)':<{width}}")
-    print(f"\nratio (b) / (a): {b_s / a_s:.2f}x  -- the ablation as built takes {100 * a_s / b_s:.0f}% of the "
+    print(f"\nmodels: teachers {', '.join(args.teachers)} (late fusion, pretrained=False, {args.teacher_epochs} epochs); "
+          f"student {args.student} ({args.student_epochs} epochs); {args.image_size} px, {args.frames} frames, CPU, "
+          f"{torch.get_num_threads()} torch thread(s) at the end")
+    print(f"ratio (b) / (a): {b_s / a_s:.2f}x  -- the ablation as built takes {100 * a_s / b_s:.0f}% of the "
           f"original pipeline's time on this grid")
     print(f"(teacher runs include each run's test report: t-SNE/UMAP plots, profiling; (b)'s 'everything else' "
           f"includes the live teacher's forward passes)")

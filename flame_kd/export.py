@@ -23,13 +23,15 @@ class _LogitsAndFeatures(nn.Module):
 def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, atol: float = 1e-4) -> dict:
     """Export with a dynamic batch axis, run it in onnxruntime, and compare with PyTorch.
 
+    The graph takes raw uint8 RGB frames [B,3,H,W], as the loaders give them.
+
     Returns ``{"max_abs_diff": ..., "ok": ...}``; raises if the export itself fails.
     """
     import onnxruntime as ort
 
     model = model.cpu().eval()
     path = Path(path)
-    x = example.cpu().float()
+    x = example.cpu()  # uint8 frames: the model (and so the ONNX graph) normalises them itself
     batch = torch.cat([x, x.flip(-1)])[:2] if len(x) == 1 else x[:2]
     torch.onnx.export(
         _LogitsAndFeatures(model).eval(), (batch,), str(path),

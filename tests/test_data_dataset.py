@@ -14,10 +14,10 @@ from flame_kd.data.schema import load_frames
 from flame_kd.errors import ConfigError, DataError
 
 
-def to_u8(x: torch.Tensor, mean, std) -> np.ndarray:
-    """Undo the normalisation: float [3,S,S] -> uint8-valued [S,S,3]."""
-    x = x * torch.tensor(std)[:, None, None] + torch.tensor(mean)[:, None, None]
-    return (x * 255).round().permute(1, 2, 0).numpy()
+def to_u8(x: torch.Tensor) -> np.ndarray:
+    """A uint8 [3,S,S] item as an [S,S,3] array (the models normalise, not the loader)."""
+    assert x.dtype == torch.uint8
+    return x.permute(1, 2, 0).numpy().astype(float)
 
 
 @pytest.fixture
@@ -44,9 +44,9 @@ def test_ir_belongs_to_the_rgb_frame(coded_frames, workers):
     for batch in loader:
         for rgb, ir, index, target in zip(batch["rgb"], batch["ir"], batch["index"], batch["target"]):
             fid = int(coded_frames.id[int(index)])
-            ir_id = to_u8(ir, ds.IR_MEAN, ds.IR_STD)[8, 8, 1] / 10  # IR encodes the id in green, untouched
+            ir_id = to_u8(ir)[8, 8, 1] / 10  # IR encodes the id in green, untouched
             assert abs(ir_id - fid) < 0.5
-            rgb_px = to_u8(rgb, ds.RGB_MEAN, ds.RGB_STD)[8, 8]
+            rgb_px = to_u8(rgb)[8, 8]
             assert rgb_px[1] < 60 and rgb_px[0] > 0  # still the RGB file, not the IR one (jittered)
             assert target.tolist() == [fid % 2, float(fid % 3 == 0)]
             seen.append(int(index))
@@ -59,10 +59,10 @@ def test_items_match_decoding_the_files(synth_csv):
     for k, row in enumerate([0, 50, 119]):
         item = data[k]
         assert item["index"] == row and item["flip"] is False
-        assert item["rgb"].shape == (3, 24, 24) and item["rgb"].dtype == torch.float32
-        np.testing.assert_allclose(to_u8(item["rgb"], ds.RGB_MEAN, ds.RGB_STD),
+        assert item["rgb"].shape == (3, 24, 24) and item["rgb"].dtype == torch.uint8
+        np.testing.assert_allclose(to_u8(item["rgb"]),
                                    np.asarray(Image.open(frames.rgb_path[row]).resize((24, 24), Image.BILINEAR)), atol=0.01)
-        np.testing.assert_allclose(to_u8(item["ir"], ds.IR_MEAN, ds.IR_STD),
+        np.testing.assert_allclose(to_u8(item["ir"]),
                                    np.asarray(Image.open(frames.ir_path[row]).resize((24, 24), Image.BILINEAR)), atol=0.01)
         assert item["target"].tolist() == frames.loc[row, ["fire", "smoke"]].tolist()
 
@@ -142,8 +142,8 @@ def test_full_augment_moves_rgb_and_ir_together(tmp_path):
     moved = 0
     for k in range(8):
         item = data[k]
-        rgb = to_u8(item["rgb"], ds.RGB_MEAN, ds.RGB_STD).mean(-1)
-        ir = to_u8(item["ir"], ds.IR_MEAN, ds.IR_STD).mean(-1)
+        rgb = to_u8(item["rgb"]).mean(-1)
+        ir = to_u8(item["ir"]).mean(-1)
         centre = lambda img: np.argwhere(img > img.max() / 2).mean(0)  # noqa: E731
         assert np.abs(centre(rgb) - centre(ir)).max() < 1.0
         moved += np.abs(centre(ir) - np.array([9.5, 21.5])).max() > 0.5

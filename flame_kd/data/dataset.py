@@ -30,10 +30,8 @@ from flame_kd.config import DataConfig
 from flame_kd.data import schema
 from flame_kd.errors import ConfigError, DataError
 
-RGB_MEAN, RGB_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet: the backbones' pretraining
-# Thermal frames: no published FLAME2 statistics and no ImageNet prior, so a neutral choice that
-# maps [0, 1] to about [-2, 2]; not measured on any data set.
-IR_MEAN, IR_STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+# Frames leave the loader as uint8: the models normalise them (flame_kd.models.inputs), on the GPU
+# when there is one -- a quarter of the bytes to copy and no float work on the CPU.
 CACHE_MODES = ("memory", "disk", "none")
 AUGMENTS = ("none", "flip", "full")
 MAX_ROTATION, MAX_SHIFT, MAX_ZOOM, JITTER = 10.0, 0.05, 0.05, 0.2  # "full": degrees, fractions, +-20%
@@ -165,7 +163,7 @@ def _uniform(g: torch.Generator, low: float, high: float) -> float:
 
 
 class PairedFrames(Dataset):
-    """One item = one frame: ``rgb``, ``ir`` (float [3,S,S], normalised), ``target`` [fire, smoke],
+    """One item = one frame: ``rgb``, ``ir`` (uint8 [3,S,S]), ``target`` [fire, smoke],
     ``index`` (row in frames) and ``flip``. Augmentation is drawn from (seed, epoch, index)."""
 
     def __init__(self, frames: pd.DataFrame, indices, image_size: int, augment: str = "none",
@@ -179,11 +177,6 @@ class PairedFrames(Dataset):
         self.indices = np.asarray(indices, dtype=np.int64)
         self.image_size, self.augment, self.seed = int(image_size), augment, int(seed)
         self.targets = torch.tensor(frames[["fire", "smoke"]].to_numpy(), dtype=torch.float32)
-        # normalisation on the 0..255 scale, as [3, 1, 1] tensors: x_float = (x_u8 - 255*mean) / (255*std)
-        self._norm = {
-            key: (255 * torch.tensor(mean).view(3, 1, 1), 255 * torch.tensor(std).view(3, 1, 1))
-            for key, mean, std in (("rgb", RGB_MEAN, RGB_STD), ("ir", IR_MEAN, IR_STD))
-        }
         self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()  # seen by persistent workers
 
     def set_epoch(self, epoch: int) -> None:
@@ -200,12 +193,12 @@ class PairedFrames(Dataset):
         flip = False
         if self.augment != "none":
             rgb, ir, flip = self._augment(rgb, ir, _seeded(self.seed, int(self._epoch[0]), i))
-        return {"rgb": self._normalise(rgb, "rgb"), "ir": self._normalise(ir, "ir"),
+        return {"rgb": rgb, "ir": ir,
                 "target": self.targets[i].clone(), "index": i, "flip": flip}
 
     def __getitems__(self, ks: list[int]) -> dict:
-        """A whole batch at once (DataLoader calls this): one gather from the cache, one flip and one
-        normalisation per modality instead of one per frame, the same numbers as ``__getitem__``.
+        """A whole batch at once (DataLoader calls this): one gather from the cache and one flip per
+        modality instead of one per frame, the same numbers as ``__getitem__``.
 
         Per-frame affine augmentation ("full") and an uncached set take the per-frame path.
         """
@@ -222,18 +215,12 @@ class PairedFrames(Dataset):
         out = {}
         for key, store in (("rgb", self.cache.rgb), ("ir", self.cache.ir)):
             x = torch.from_numpy(np.ascontiguousarray(store[rows]))  # fancy indexing copies: the cache stays
-            x = x.permute(0, 3, 1, 2)  # [B,S,S,3] -> [B,3,S,S] view
+            x = x.permute(0, 3, 1, 2).contiguous()  # [B,S,S,3] -> [B,3,S,S]
             if flips.any():
                 x[flips] = x[flips].flip(-1)
-            mean, std = self._norm[key]
-            out[key] = x.to(torch.float32, memory_format=torch.contiguous_format).sub_(mean).div_(std)
+            out[key] = x
         return out | {"target": self.targets[torch.from_numpy(rows)], "index": torch.from_numpy(rows),
                       "flip": flips}
-
-    def _normalise(self, x: torch.Tensor, key: str) -> torch.Tensor:
-        """uint8 [3,S,S] -> float32 ``(x/255 - mean) / std`` (the same as to_dtype + normalize, one pass fewer)."""
-        mean, std = self._norm[key]
-        return x.to(torch.float32).sub_(mean).div_(std)
 
     def _augment(self, rgb: torch.Tensor, ir: torch.Tensor, g: torch.Generator):
         """Flip (and for "full" a small affine) with the same parameters on both; jitter RGB only."""

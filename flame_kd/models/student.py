@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from flame_kd.errors import ConfigError
+from flame_kd.models.inputs import RGB_MEAN, RGB_STD, Normalize
 from flame_kd.models.backbone import create_backbone, feature_dim, pooled, resolve_name
 
 NUM_LABELS = 2  # fire, smoke
@@ -40,6 +41,7 @@ class LightweightCNN(nn.Module):
     def __init__(self, in_chans: int = 3, dropout: float = 0.5):
         super().__init__()
         self.name = "lightweight-cnn"
+        self.norm = Normalize(RGB_MEAN, RGB_STD)
         widths = [in_chans, 64, 128, 256, 512]
         self.features = nn.Sequential(*(_conv_block(a, b) for a, b in zip(widths, widths[1:])))
         self.pool = nn.AdaptiveAvgPool2d(1)
@@ -47,7 +49,7 @@ class LightweightCNN(nn.Module):
         self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(self.feature_dim, NUM_LABELS))
 
     def forward(self, rgb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        features = self.embed(self.pool(self.features(rgb)).flatten(1))
+        features = self.embed(self.pool(self.features(self.norm(rgb))).flatten(1))
         return self.head(features), features
 
 
@@ -58,11 +60,12 @@ class TimmStudent(nn.Module):
         super().__init__()
         self.name, self.timm_name = name, timm_name
         self.backbone = backbone
+        self.norm = Normalize(RGB_MEAN, RGB_STD)
         self.feature_dim = feature_dim(backbone)
         self.head = nn.Linear(self.feature_dim, NUM_LABELS)
 
     def forward(self, rgb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        features = pooled(self.backbone, rgb)
+        features = pooled(self.backbone, self.norm(rgb))
         return self.head(features), features
 
 

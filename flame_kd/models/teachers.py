@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from flame_kd.errors import ConfigError
+from flame_kd.models.inputs import IR_MEAN, IR_STD, RGB_MEAN, RGB_STD, Normalize
 from flame_kd.models.backbone import (
     create_backbone,
     feature_dim,
@@ -39,6 +40,7 @@ class _Teacher(nn.Module):
         super().__init__()
         self.name, self.timm_name, self.fusion, self.feature_dim = name, timm_name, fusion, dim
         self._frozen: list[nn.Module] = []
+        self.norm_rgb, self.norm_ir = Normalize(RGB_MEAN, RGB_STD), Normalize(IR_MEAN, IR_STD)
 
     def train(self, mode: bool = True) -> _Teacher:
         """nn.Module.train, but frozen stages stay in eval mode (BatchNorm statistics fixed)."""
@@ -65,6 +67,7 @@ class LateFusionTeacher(_Teacher):
         self.head = nn.Linear(dim, NUM_LABELS)
 
     def forward(self, rgb: torch.Tensor, ir: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        rgb, ir = self.norm_rgb(rgb), self.norm_ir(ir)
         features = self.project(torch.cat([pooled(self.rgb, rgb), pooled(self.ir, ir)], dim=1))
         return self.head(features), features
 
@@ -78,7 +81,7 @@ class EarlyFusionTeacher(_Teacher):
         self.head = nn.Linear(self.feature_dim, NUM_LABELS)
 
     def forward(self, rgb: torch.Tensor, ir: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        features = pooled(self.backbone, torch.cat([rgb, ir], dim=1))
+        features = pooled(self.backbone, torch.cat([self.norm_rgb(rgb), self.norm_ir(ir)], dim=1))
         return self.head(features), features
 
 
