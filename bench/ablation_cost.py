@@ -11,8 +11,8 @@ seeds, logging. Each side gets its own temporary MLflow store and flame-kd cache
 reuse (b)'s teachers or decoded frames; a small untimed warm-up grid in a third store first pays
 one-time costs (imports, numba's UMAP compilation, database code paths) for both. (a) runs before
 (b), so load on the machine that changes over the run is not balanced between them.
-``AblationSpec`` has no log-model option, so this script wraps ``cell_config`` to set
-``TrackingConfig.log_model`` the same way on both sides (off by default, ``--log-model`` for on).
+Models are logged the same way on both sides (``AblationSpec.log_models``, which every cell's
+config carries): off by default, ``--log-model`` for on.
 
     HF_HUB_OFFLINE=1 MPLBACKEND=Agg .venv/bin/python bench/ablation_cost.py \
         --teachers timm:resnet18 timm:efficientnet_b0 --student timm:test_efficientnet \
@@ -121,16 +121,6 @@ def run_bench(args: argparse.Namespace, tmp: Path) -> None:
     csv = synthesize(tmp / "data", frames=args.frames, image_size=args.image_size, seed=0)
     synth_s = time.perf_counter() - t0
 
-    # Same logging on both sides: AblationSpec cannot switch model logging, so wrap its cell config.
-    original_cell_config = ablation.cell_config
-
-    def cell_config(spec, teacher, loss, seed):
-        cfg = original_cell_config(spec, teacher, loss, seed)
-        cfg.tracking = dataclasses.replace(cfg.tracking, log_model=args.log_model,
-                                           tracking_uri=os.environ["MLFLOW_TRACKING_URI"])
-        return cfg
-
-    ablation.cell_config = cell_config
     # Instrumentation: where the time goes (teacher training, teacher outputs), both sides.
     watch = Stopwatch()
     distill.run_teacher = watch.wrap("teacher runs", distill.run_teacher)
@@ -144,7 +134,7 @@ def run_bench(args: argparse.Namespace, tmp: Path) -> None:
             teachers=list(teachers or args.teachers), losses=list(losses or args.losses), seeds=list(args.seeds),
             control=False, student=args.student, fusion="late", pretrained=False,
             teacher_epochs=teacher_epochs or args.teacher_epochs, student_epochs=student_epochs or args.student_epochs,
-            device="cpu", experiment=experiment,
+            device="cpu", experiment=experiment, log_models=args.log_model,
         )
 
     n_cells = len(args.teachers) * len(args.losses) * len(args.seeds)
@@ -180,7 +170,7 @@ def run_bench(args: argparse.Namespace, tmp: Path) -> None:
     spec_b = spec_for("bench-b")
     t0 = time.perf_counter()
     for teacher, loss, seed in ablation.cells(spec_b):
-        cfg = cell_config(spec_b, teacher, loss, seed)
+        cfg = ablation.cell_config(spec_b, teacher, loss, seed)
         tcfg = TeacherRunConfig(  # exactly the teacher run distill.resolve_teacher would start
             data=dataclasses.replace(cfg.data, augment="full"), teacher=cfg.teacher, train=cfg.teacher_train,
             tracking=dataclasses.replace(cfg.tracking, register_as=None, run_name=None),
@@ -205,8 +195,8 @@ def run_bench(args: argparse.Namespace, tmp: Path) -> None:
     b_rest = b_s - sum(b_parts[0].values())
     print(f"{'  of which everything else':<{width}}{a_rest:>20.1f} s{b_rest:>20.1f} s")
     print(f"{'  (student runs, lookups, reports)':<{width}}")
-    print(f"\nmodels: teachers {', '.join(args.teachers)} (late fusion, pretrained=False, {args.teacher_epochs} epochs); "
-          f"student {args.student} ({args.student_epochs} epochs); {args.image_size} px, {args.frames} frames, CPU, "
+    print(f"\nmodels: teachers {', '.join(args.teachers)} (late fusion, pretrained=False, {args.teacher_epochs} epoch(s)); "
+          f"student {args.student} ({args.student_epochs} epoch(s)); {args.image_size} px, {args.frames} frames, CPU, "
           f"{torch.get_num_threads()} torch thread(s) at the end")
     print(f"ratio (b) / (a): {b_s / a_s:.2f}x  -- the ablation as built takes {100 * a_s / b_s:.0f}% of the "
           f"original pipeline's time on this grid")

@@ -42,17 +42,27 @@ from flame_kd.teacher import run_teacher
 TEST_METRICS = ("f1_macro", "f1_fire", "f1_smoke", "precision_macro", "recall_macro", "accuracy")
 
 
+def teacher_config(cfg: DistillRunConfig) -> TeacherRunConfig:
+    """The teacher run this distillation wants: what is looked up, and trained when missing."""
+    return TeacherRunConfig(
+        data=dataclasses.replace(cfg.data, augment="full"),
+        teacher=cfg.teacher,
+        train=cfg.teacher_train,
+        tracking=TrackingConfig(experiment=cfg.tracking.experiment, tracking_uri=cfg.tracking.tracking_uri,
+                                log_model=cfg.tracking.log_model),
+    )
+
+
 def find_teacher_run(cfg: DistillRunConfig, data: Data) -> str | None:
-    """Newest FINISHED teacher run with the same teacher, fusion, image size, seed, data and split."""
-    t = cfg.teacher
+    """Newest FINISHED teacher run of the same teacher settings (architecture, fusion, weights,
+    schedule, image size, seed), data and split. A teacher trained otherwise -- a quick
+    no-pretrained smoke run, say -- is never picked up silently; pin one with teacher_run_id."""
+    digest = config_digest(to_dict(teacher_config(cfg)))
     filt = " and ".join([
         "tags.`flame_kd.stage` = 'teacher'",
-        f"tags.`flame_kd.teacher` = '{t.name}'",
-        f"tags.`flame_kd.fusion` = '{t.fusion}'",
-        f"tags.`flame_kd.seed` = '{cfg.teacher_train.seed}'",
+        f"tags.`flame_kd.config_digest` = '{digest}'",
         f"tags.`flame_kd.data_digest` = '{data.digest}'",
         f"tags.`flame_kd.split_digest` = '{data.split.digest}'",
-        f"params.`data.image_size` = '{cfg.data.image_size}'",
         "attributes.status = 'FINISHED'",
     ])
     runs = tracking.search_runs(filt, max_results=1)
@@ -84,14 +94,7 @@ def resolve_teacher(cfg: DistillRunConfig, data: Data, parent_run_id: str | None
         return found, False
     print(f"flame-kd: no finished {cfg.teacher.name} teacher for this data and split; training one",
           file=sys.stderr)
-    tcfg = TeacherRunConfig(
-        data=dataclasses.replace(cfg.data, augment="full"),
-        teacher=cfg.teacher,
-        train=cfg.teacher_train,
-        tracking=TrackingConfig(experiment=cfg.tracking.experiment, tracking_uri=cfg.tracking.tracking_uri,
-                                log_model=cfg.tracking.log_model),
-    )
-    return run_teacher(tcfg, attach_env=False, extra_tags={"flame_kd.trained_for": "distill"},
+    return run_teacher(teacher_config(cfg), attach_env=False, extra_tags={"flame_kd.trained_for": "distill"},
                        parent_run_id=parent_run_id), True
 
 

@@ -76,7 +76,8 @@ def load_data(cfg: DataConfig, seed: int, device: torch.device, augment: str | N
 def config_digest(cfg: dict) -> str:
     """Identity of a run's settings for --resume: everything that changes its numbers."""
     volatile = ("tracking", "resume", "checkpoint_dir", "device", "num_workers", "pin_memory",
-                "persistent_workers", "cache", "cache_dir", "progress")
+                "persistent_workers", "cache", "cache_dir", "progress",
+                "csv", "root")  # where the data lies: the data digest says what it is
     flat = {k: v for k, v in flatten(cfg).items() if not any(p in volatile for p in k.split("."))}
     return hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:12]
 

@@ -163,7 +163,13 @@ def embed_features(
         opts["n_neighbors"] = int(min(opts["n_neighbors"], max(2, n - 1)))
         # random_state makes UMAP repeatable but single-threaded; n_jobs=1 avoids its warning
         reducer = umap.UMAP(n_components=2, random_state=seed, n_jobs=1, **opts)
-    points = np.asarray(reducer.fit_transform(x), dtype=np.float64)
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        points = np.asarray(reducer.fit_transform(x), dtype=np.float64)
+    finally:  # numba's OpenMP start-up resets the process's thread count; later training keeps the user's
+        torch.set_num_threads(threads)
     return points, kept
 
 

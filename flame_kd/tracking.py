@@ -119,7 +119,8 @@ def run(
     way to a distill run is its own run). ``parent_run_id`` nests the new run under that run
     (sweep trials, ablation cells), in the parent's experiment.
     """
-    env_run = os.environ.get("MLFLOW_RUN_ID") if attach_env and not parent_run_id else None
+    outer = os.environ.get("MLFLOW_RUN_ID")  # mlflow.end_run() unsets it: restored for the run it names
+    env_run = outer if attach_env and not parent_run_id else None
     target = run_id or env_run
     saved_env = os.environ.pop("MLFLOW_RUN_ID", None) if not target else None  # else start_run reuses it
     try:
@@ -154,6 +155,9 @@ def run(
         raise
     else:
         _end(run_id, "FINISHED", None)
+    finally:
+        if outer and outer != run_id:  # a teacher trained on the way: `mlflow run`'s own run comes next
+            os.environ["MLFLOW_RUN_ID"] = outer
 
 
 def _end(run_id: str, status: str, error: str | None) -> None:

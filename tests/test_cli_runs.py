@@ -53,6 +53,7 @@ def test_mlflow_run_teacher(env):
     assert done.returncode == 0, done.stderr[-4000:]
     run = runs(env, "tags.`flame_kd.teacher` = 'timm:test_efficientnet'")[0]
     assert run.info.status == "FINISHED"
+    assert run.data.tags["mlflow.project.entryPoint"] == "teacher"  # attached to the run `mlflow run` made
     assert run.data.params["teacher"] == "timm:test_efficientnet"  # logged by `mlflow run` itself
     assert run.data.params["teacher.fusion"] == "early"  # the resolved config, under other keys
     assert [m.step for m in client(env).get_metric_history(run.info.run_id, "val/f1_macro")] == [1, 2]
@@ -66,6 +67,9 @@ def test_mlflow_run_distill_trains_the_missing_teacher_and_links_it(env, distill
     assert len(distill) == 1 and len(teacher) == 1
     d, t = distill[0], teacher[0]
     assert d.info.status == t.info.status == "FINISHED"
+    assert d.data.tags["mlflow.project.entryPoint"] == "distill"  # the run `mlflow run` made, not a new one
+    made_by_mlflow_run = runs(env, "tags.`mlflow.project.entryPoint` = 'distill'")
+    assert [r.info.run_id for r in made_by_mlflow_run] == [d.info.run_id]
     assert d.data.tags["flame_kd.teacher_run_id"] == t.info.run_id
     assert d.data.params["loss.alpha"] == "0.6" and d.data.params["loss.temperature"] == "3.0"
     assert d.data.params["loss.gamma"] == "0.2" and d.data.params["loss.beta"] == "0.0"  # resolved

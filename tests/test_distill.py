@@ -100,6 +100,15 @@ def test_pinned_teacher_and_mismatched_split(first_distill, data_csv):
     assert len(teacher_runs()) == 2
 
 
+def test_a_teacher_trained_otherwise_is_not_reused(first_distill, data_csv):
+    """Same data and split, but another teacher schedule: a new teacher, never a silent reuse."""
+    cfg = distill_cfg(data_csv, epochs=1, teacher_epochs=1)
+    cfg.tracking.log_model = False
+    run = MlflowClient().get_run(run_distill(cfg))
+    assert run.data.tags["flame_kd.teacher_run_id"] != first_distill.data.tags["flame_kd.teacher_run_id"]
+    assert len(teacher_runs()) == 3
+
+
 def test_teacher_targets_belong_to_the_batch_frames(first_distill, data_csv):
     """The original pipeline zipped two shuffled loaders; here teacher outputs follow batch rows."""
     prep = prepare(distill_cfg(data_csv))
