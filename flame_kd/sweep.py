@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import random
 import shutil
 import socket
 import sys
@@ -67,20 +68,29 @@ def make_pruner(name: str) -> optuna.pruners.BasePruner:
     raise ConfigError(f"--pruner {name}: expected median, hyperband or none")
 
 
-def make_storage(url: str, cfg: SweepConfig) -> optuna.storages.RDBStorage:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        try:
-            return optuna.storages.RDBStorage(
-                url,
-                heartbeat_interval=cfg.heartbeat_interval,
-                grace_period=2 * cfg.heartbeat_interval,
-                heartbeat_stale_trial_callback=_StaleTrial(cfg.max_retry),
-                engine_kwargs={"pool_pre_ping": True},
-            )
-        except Exception as err:  # bad URL, unreachable server, missing driver
-            first = str(err).splitlines()[0] if str(err) else type(err).__name__
-            raise ConfigError(f"cannot open Optuna storage {tracking.redact(url)}: {tracking.redact(first)}") from None
+def make_storage(url: str, cfg: SweepConfig, attempts: int = 4) -> optuna.storages.RDBStorage:
+    """The study's RDB storage. Workers started together on a fresh database race to create
+    Optuna's tables; the loser of that race tries again and finds them made."""
+    for attempt in range(attempts):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            try:
+                return optuna.storages.RDBStorage(
+                    url,
+                    heartbeat_interval=cfg.heartbeat_interval,
+                    grace_period=2 * cfg.heartbeat_interval,
+                    heartbeat_stale_trial_callback=_StaleTrial(cfg.max_retry),
+                    engine_kwargs={"pool_pre_ping": True},
+                )
+            except Exception as err:  # bad URL, unreachable server, missing driver, creation race
+                text = str(err)
+                racing = any(s in text for s in ("already exists", "duplicate key", "UniqueViolation"))
+                if racing and attempt < attempts - 1:
+                    time.sleep(0.5 + random.random() * (attempt + 1))
+                    continue
+                first = text.splitlines()[0] if text else type(err).__name__
+                raise ConfigError(f"cannot open Optuna storage {tracking.redact(url)}: {tracking.redact(first)}") from None
+    raise AssertionError("unreachable")
 
 
 class _StaleTrial:

@@ -123,3 +123,19 @@ def test_killed_worker_trial_is_failed_by_heartbeat(setup):
                               " and tags.`flame_kd.study_name` = 'kill'")
     assert runs and runs[0].info.status == "FAILED"
     assert "heartbeat" in runs[0].data.tags["flame_kd.error"]
+
+
+def _open(url):
+    from flame_kd.sweep import SweepConfig, make_storage
+
+    make_storage(url, SweepConfig(heartbeat_interval=2))
+    return True
+
+
+def test_workers_starting_together_on_a_fresh_database():
+    """Workers race to create Optuna's tables; the losers retry instead of failing the sweep."""
+    import multiprocessing
+
+    url = fresh_database("optuna")
+    with multiprocessing.get_context("spawn").Pool(4) as pool:
+        assert pool.map(_open, [url] * 4) == [True] * 4
