@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import pandas as pd
 import torch
 
@@ -94,7 +93,7 @@ def identity_tags(stage: str, teacher: str, loss: str, seed: int, data: Data, cf
     }
 
 
-def find_resumable(experiment: str, cfg_digest: str) -> str | None:
+def find_resumable(cfg_digest: str) -> str | None:
     """The newest unfinished run with the same settings whose last checkpoint still exists."""
     runs = tracking.search_runs(
         f"tags.`flame_kd.config_digest` = '{cfg_digest}' and attributes.status != 'FINISHED'"
@@ -170,7 +169,3 @@ def example_batch(data: Data, n: int = 1) -> dict[str, torch.Tensor]:
     ds = data.loaders["test"].dataset
     items = [ds[i] for i in range(min(n, len(ds)))]
     return {k: torch.stack([torch.as_tensor(it[k]) for it in items]) for k in ("rgb", "ir")}
-
-
-def as_numpy(x) -> np.ndarray:
-    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)

@@ -40,7 +40,7 @@ def run_teacher(cfg: TeacherRunConfig, attach_env: bool = True, extra_tags: dict
                           image_size=cfg.data.image_size, freeze=t.freeze)
     cfg_dict = to_dict(cfg)
     digest = config_digest(cfg_dict)
-    resume_id = find_resumable(cfg.tracking.experiment, digest) if cfg.resume else None
+    resume_id = find_resumable(digest) if cfg.resume else None
     if cfg.resume and not resume_id:
         print("flame-kd: nothing to resume for these settings; starting a new run", file=sys.stderr)
     tags = identity_tags("teacher", t.name, "bce", seed, data, digest) | {"flame_kd.fusion": t.fusion}

@@ -8,10 +8,10 @@ with the reason in the ``flame_kd.error`` tag, so nothing logged before is lost.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import tempfile
+import time
 import urllib.error
 import urllib.request
 import warnings
@@ -248,8 +248,6 @@ def log_metrics(metrics: dict[str, float], step: int | None = None, run_id: str 
 
 
 def _now_ms() -> int:
-    import time
-
     return int(time.time() * 1000)
 
 
@@ -283,14 +281,6 @@ def log_model(model, registered_name: str | None = None, example=None) -> None:
         registered_model_name=registered_name,
         input_example=example,
     )
-
-
-def active_run_id() -> str:
-    return mlflow.active_run().info.run_id
-
-
-def artifact_uri() -> str:
-    return mlflow.get_artifact_uri()
 
 
 class MlflowCallback(Callback):
@@ -349,11 +339,3 @@ def list_artifacts(run_id: str, path: str | None = None) -> list[str]:
 def load_config(run_id: str, dst: str | Path) -> dict:
     return yaml.safe_load(download(run_id, "config.yaml", dst).read_text())
 
-
-def history(run_id: str, keys: list[str]) -> dict[str, list[tuple[int, float]]]:
-    c = MlflowClient()
-    return {k: [(m.step, m.value) for m in c.get_metric_history(run_id, k)] for k in keys}
-
-
-def dump_json(obj: Any) -> str:
-    return json.dumps(obj, indent=2, sort_keys=True, default=str)
