@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -109,10 +110,18 @@ def find_parent(spec: AblationSpec) -> str:
     runs = tracking.search_runs(
         f"tags.`flame_kd.stage` = 'ablation' and tags.`flame_kd.spec_digest` = '{digest}'", max_results=1
     )
+    env_run = os.environ.get("MLFLOW_RUN_ID")  # the run `mlflow run -e ablation` made
     if runs:
+        if env_run and env_run != runs[0].info.run_id:
+            tracking.set_tags({"flame_kd.stage": "ablation-worker",
+                               "flame_kd.ablation_parent_run_id": runs[0].info.run_id}, run_id=env_run)
         return runs[0].info.run_id
-    run_id = tracking.create_run(spec.experiment, f"ablation {spec.name}",
-                                 {"flame_kd.stage": "ablation", "flame_kd.spec_digest": digest})
+    tags = {"flame_kd.stage": "ablation", "flame_kd.spec_digest": digest}
+    if env_run:
+        tracking.set_tags(tags | {"mlflow.runName": f"ablation {spec.name}"}, run_id=env_run)
+        run_id = env_run
+    else:
+        run_id = tracking.create_run(spec.experiment, f"ablation {spec.name}", tags)
     tracking.log_text_to(run_id, yaml.safe_dump(dataclasses.asdict(spec), sort_keys=False), "spec.yaml")
     return run_id
 

@@ -4,6 +4,7 @@ one-line errors a user gets for bad input."""
 from __future__ import annotations
 
 import pytest
+import yaml
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
@@ -115,6 +116,26 @@ def test_mlflow_run_sweep(env, distilled):
     # the teacher trained by the distill run above was reused, not trained again
     assert len(runs(env, f"tags.`flame_kd.stage` = 'teacher' and tags.`flame_kd.teacher` = '{TINY_TEACHER}'")) == 1
     assert "best val macro F1" in done.stdout
+
+
+def test_mlflow_run_ablation(env, tmp_path):
+    spec = tmp_path / "tiny.yaml"
+    spec.write_text(yaml.safe_dump({
+        "name": "e2e", "teachers": [TINY_TEACHER], "losses": ["kl_l2_bce"], "seeds": [42], "control": True,
+        "student": "lightweight-cnn", "pretrained": False, "log_models": False, "data": {"batch_size": 16},
+    }))
+    params = [f"spec={spec}", f"data={env['csv']}", f"image_size={SIZE}", "teacher_epochs=2",
+              "student_epochs=1", "device=cpu"]
+    done = mlflow_run(env, "ablation", *params)
+    assert done.returncode == 0, done.stderr[-4000:]
+    parent = runs(env, "tags.`flame_kd.stage` = 'ablation'")
+    assert len(parent) == 1 and parent[0].data.tags["mlflow.project.entryPoint"] == "ablation"
+    cells = runs(env, f"tags.`mlflow.parentRunId` = '{parent[0].info.run_id}' and tags.`flame_kd.stage` = 'distill'")
+    assert sorted(r.data.tags["flame_kd.cell"] for r in cells) == ["none|bce|42", f"{TINY_TEACHER}|kl_l2_bce|42"]
+    tables = {a.path for a in client(env).list_artifacts(parent[0].info.run_id, "tables")}
+    assert tables == {"tables/ablation.md", "tables/ablation.csv"}
+    again = mlflow_run(env, "ablation", *params)  # everything finished: nothing runs again
+    assert again.returncode == 0 and "2 cells finished, 0 to run" in again.stderr
 
 
 @pytest.mark.parametrize("args, needle", [
