@@ -64,7 +64,7 @@ def common(csv):
 def worker(setup, storage, n_trials, epochs, study="pg-study"):
     args = ["flame-kd", "sweep", *common(setup["csv"]), "--loss", "kl_l2_bce", "--student", "lightweight-cnn",
             "--student-epochs", str(epochs), "--n-trials", str(n_trials), "--study-name", study,
-            "--storage", storage, "--pruner", "none", "--heartbeat", "2"]
+            "--storage", storage, "--pruner", "none", "--heartbeat", "3"]
     bindir = Path(sys.executable).parent
     env = {**os.environ, **setup["env"], "HF_HUB_OFFLINE": "1", "MPLBACKEND": "Agg",
            "PATH": f"{bindir}{os.pathsep}{os.environ['PATH']}"}
