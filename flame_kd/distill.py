@@ -33,7 +33,7 @@ from flame_kd.experiment import (
     test_report,
 )
 from flame_kd.export import export_onnx
-from flame_kd.losses import VARIANTS, DistillLoss, check_temperature, resolve_weights
+from flame_kd.losses import DistillLoss, check_temperature, resolve_weights
 from flame_kd.models import build_student, build_teacher
 from flame_kd.evaluate import predict
 from flame_kd.tasks import DistillTask, TeacherOutputs, student_forward, teacher_forward
@@ -119,9 +119,7 @@ def build_loss(cfg: DistillRunConfig, student_dim: int, teacher_dim: int) -> Dis
 
 
 def validate(cfg: DistillRunConfig) -> None:
-    """Option errors before any data is read or run is started."""
-    if cfg.loss.variant not in VARIANTS:
-        resolve_weights(cfg.loss.variant)  # raises with the list of variants
+    """Option errors (variant, weights, temperature, mode) before any data is read or run is started."""
     build_loss(cfg, 8, 8)
     if cfg.teacher_mode not in ("cached", "live"):
         raise ConfigError(f"--teacher-mode {cfg.teacher_mode}: expected cached or live")
