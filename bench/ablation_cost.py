@@ -35,6 +35,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
+from _common import add_threads_option, fix_threads, use_store
 
 
 def parse_args() -> argparse.Namespace:
@@ -53,19 +54,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--log-model", action="store_true",
                         help="log models (mlflow.pytorch + the student's ONNX export) on both sides")
     parser.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up grid")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch intra-op threads (0: torch's default). 1 keeps timings steady on a "
-                             "shared machine: with 2 threads on 2 busy cores a step ran ~9x slower")
+    add_threads_option(parser)
     return parser.parse_args()
 
 
 def main() -> None:
     args = parse_args()
-    if args.threads > 0:
-        # numba (UMAP) resets the process's OpenMP thread count to its own, torch's included, on its
-        # first parallel call; pin numba too or every run after the first UMAP plot uses all cores.
-        os.environ.setdefault("NUMBA_NUM_THREADS", str(args.threads))
-        torch.set_num_threads(args.threads)
+    fix_threads(args.threads)
     os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
     warnings.filterwarnings("ignore", category=UserWarning)  # MLflow's dataset/schema hints, every run
     for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
@@ -94,18 +89,6 @@ class Stopwatch:
     def reset(self) -> None:
         self.seconds.clear()
         self.calls.clear()
-
-
-def use_store(folder: Path) -> str:
-    """A fresh SQLite MLflow store and flame-kd cache (decoded frames, checkpoints) under ``folder``."""
-    import mlflow
-
-    folder.mkdir(parents=True, exist_ok=True)
-    uri = f"sqlite:///{folder / 'mlflow.db'}"
-    os.environ["MLFLOW_TRACKING_URI"] = uri
-    os.environ["FLAME_KD_CACHE"] = str(folder / "cache")
-    mlflow.set_tracking_uri(uri)
-    return uri
 
 
 def run_bench(args: argparse.Namespace, tmp: Path) -> None:
@@ -200,8 +183,8 @@ def run_bench(args: argparse.Namespace, tmp: Path) -> None:
           f"{torch.get_num_threads()} torch thread(s) at the end")
     print(f"ratio (b) / (a): {b_s / a_s:.2f}x  -- the ablation as built takes {100 * a_s / b_s:.0f}% of the "
           f"original pipeline's time on this grid")
-    print(f"(teacher runs include each run's test report: t-SNE/UMAP plots, profiling; (b)'s 'everything else' "
-          f"includes the live teacher's forward passes)")
+    print("(teacher runs include each run's test report: t-SNE/UMAP plots, profiling; (b)'s 'everything else' "
+          "includes the live teacher's forward passes)")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import statistics
 import sys
 import tempfile
@@ -29,6 +28,7 @@ import time
 from pathlib import Path
 
 import torch
+from _common import add_threads_option, fix_threads, use_store
 
 
 def parse_args() -> argparse.Namespace:
@@ -41,21 +41,16 @@ def parse_args() -> argparse.Namespace:
                         help="one row each; the first is the headline")
     parser.add_argument("--loss", default="kl_contrastive_l2_bce")
     parser.add_argument("--epochs", type=int, default=2, help="timed student epochs per side and student")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch intra-op threads (0: torch's default). 1 keeps timings steady on a "
-                             "shared machine: with 2 threads on 2 busy cores a step ran ~9x slower")
+    add_threads_option(parser)
     return parser.parse_args()
 
 
 def main() -> None:
     args = parse_args()
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
+    fix_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="flame-kd-bench-") as tmp:
-        tmp = Path(tmp)
-        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp / 'mlflow.db'}"  # never used; never yours
-        os.environ["FLAME_KD_CACHE"] = str(tmp / "cache")
-        run_bench(args, tmp)
+        use_store(Path(tmp))
+        run_bench(args, Path(tmp))
 
 
 def run_bench(args: argparse.Namespace, tmp: Path) -> None:

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import torch
+from _common import add_threads_option, fix_threads, use_store
 
 
 def parse_args() -> argparse.Namespace:
@@ -35,24 +36,16 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--teacher", default="timm:test_resnet")
     parser.add_argument("--pairs", type=int, default=12,
                         help="timed epochs per side (alternating ABBA); one warm-up epoch per side is excluded")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch intra-op threads (0: torch's default). 1 keeps epoch times steady on a "
-                             "shared machine: with 2 threads on 2 busy cores a step ran ~9x slower and jittered")
+    add_threads_option(parser)
     return parser.parse_args()
 
 
 def main() -> None:
     args = parse_args()
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
+    fix_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="flame-kd-bench-") as tmp:
-        tmp = Path(tmp)
-        # Point MLflow and flame-kd's cache into tmp before anything reads them.
-        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp / 'mlflow.db'}"
-        os.environ["FLAME_KD_CACHE"] = str(tmp / "cache")
-        for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
-            os.environ.pop(var, None)
-        run_bench(args, tmp)
+        use_store(Path(tmp))
+        run_bench(args, Path(tmp))
 
 
 def run_bench(args: argparse.Namespace, tmp: Path) -> None:

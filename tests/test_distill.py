@@ -12,10 +12,9 @@ from flame_kd.data.synth import synthesize
 from flame_kd.distill import prepare, run_distill
 from flame_kd.errors import ConfigError
 from flame_kd.losses import DistillLoss, resolve_weights
-from flame_kd.tasks import DistillTask, TeacherOutputs, teacher_forward
-from flame_kd.teacher import run_teacher
+from flame_kd.tasks import DistillTask, TeacherOutputs
 
-from pipeline_helpers import SIZE, artifacts, distill_cfg, teacher_cfg, use_store
+from pipeline_helpers import SIZE, artifacts, distill_cfg, use_store
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ from mlflow.tracking import MlflowClient
 
 from flame_kd import sweep as sweep_mod
 from flame_kd.data.synth import synthesize
-from flame_kd.engine import LambdaCallback
 from flame_kd.errors import ConfigError
 from flame_kd.sweep import PARENT_ATTR, SweepConfig, run_sweep
 

@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 
 from flame_kd.data.synth import synthesize
 
-from pipeline_helpers import REPO, SIZE, TINY_TEACHER, cli
+from pipeline_helpers import SIZE, TINY_TEACHER, cli
 
 SERVER = os.environ.get("FLAME_KD_TEST_POSTGRES")
 pytestmark = pytest.mark.skipif(

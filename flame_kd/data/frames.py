@@ -116,7 +116,7 @@ def describe_forms(raws: list[str]) -> str:
 def locate_image_folders(roots, max_depth: int = 5) -> tuple[Path, Path] | None:
     """The first ``(RGB folder, IR folder)`` pair of FLAME2 image folders under any of ``roots``.
 
-    For notebooks on hosted machines (Kaggle mounts data sets under /kaggle/input/<name>/...):
+    For notebooks on hosted machines (Kaggle mounts each data set in its own folder of the input tree):
     the data set is found where it is, not at a path written into the code.
     """
     for root in roots:
