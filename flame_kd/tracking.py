@@ -283,6 +283,10 @@ def log_model(model, registered_name: str | None = None, example=None) -> None:
     )
 
 
+def active_run_id() -> str:
+    return mlflow.active_run().info.run_id
+
+
 class MlflowCallback(Callback):
     """Per-epoch metrics with ``step=epoch``; resumed runs re-log nothing already logged."""
 
