@@ -198,10 +198,10 @@ def run_distill(cfg: DistillRunConfig, attach_env: bool = True, extra_tags: dict
                  *callbacks]
         trainer = Trainer(student, DistillTask(loss, outputs), cfg.train, ckpt, hooks, device)
         state = trainer.fit(data.loaders["train"], data.loaders["val"], resume=resume_id is not None)
+        ex = example_batch(data)
         if report:
             metrics, preds = test_report(trainer, state, data, student_forward,
                                          f"student ({cfg.loss.variant})", seed)
-            ex = example_batch(data)
             log_profile("student", trainer.model, (ex["rgb"],))
             if loss.uses_teacher:
                 log_profile("teacher", teacher, (ex["rgb"], ex["ir"]))
@@ -210,7 +210,7 @@ def run_distill(cfg: DistillRunConfig, attach_env: bool = True, extra_tags: dict
             tracking.log_metrics({"val/best_f1_macro": state.best_score, "best_epoch": float(state.best_epoch)})
         keep_best_checkpoint(state, ckpt)
         if report and cfg.tracking.log_model:
-            log_student(trainer.model, example_batch(data)["rgb"], cfg.tracking.register_as)
+            log_student(trainer.model, ex["rgb"], cfg.tracking.register_as)
     return run_id
 
 
