@@ -21,34 +21,12 @@ import pandas as pd
 import yaml
 
 from flame_kd import tracking
-from flame_kd.config import DataConfig, DistillRunConfig, LossConfig, TeacherConfig, TrackingConfig
+from flame_kd.config import AblationSpec, DataConfig, DistillRunConfig, LossConfig, TeacherConfig, TrackingConfig
 from flame_kd.config import student_train_defaults, teacher_train_defaults
 from flame_kd.errors import ConfigError
 
 METRICS = ("f1_macro", "f1_fire", "f1_smoke", "accuracy")
 CONTROL_LOSS = "bce"
-
-
-@dataclass
-class AblationSpec:
-    name: str = "ablation"
-    data: dict = field(default_factory=dict)  # DataConfig fields: csv, image_size, batch_size, ...
-    teachers: list[str] = field(default_factory=lambda: ["resnet-152", "efficientnet-b7", "swin-tiny", "vit-b-16"])
-    losses: list[str] = field(default_factory=lambda: ["kl_bce", "kl_l2_bce", "kl_contrastive_l2_bce"])
-    seeds: list[int] = field(default_factory=lambda: [42, 123, 456, 789, 1024])
-    control: bool = True  # the same student trained with BCE alone, no teacher
-    student: str = "lightweight-cnn"
-    fusion: str = "late"
-    pretrained: bool = True
-    teacher_epochs: int | None = None  # None: the defaults (50 / 30)
-    student_epochs: int | None = None
-    device: str = "auto"
-    experiment: str | None = None
-    log_models: bool = True  # each cell's student through mlflow.pytorch (not registered)
-
-    def digest(self) -> str:
-        keep = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("device", "experiment", "log_models")}
-        return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def load_spec(path: str, overrides: dict | None = None) -> AblationSpec:

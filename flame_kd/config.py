@@ -1,7 +1,10 @@
-"""Every default in one place: typed dataclasses filled by the CLI and logged whole with each run.
+"""Every run option in one place: typed dataclasses whose fields carry their help text.
 
-The values are the original Kaggle pipeline's (see DESIGN.md, "Training defaults"), so a run with
-no options reproduces it -- minus its bugs.
+Each field is declared once, with ``opt(default, help)``: the CLI builds its click options from these
+fields (``flame_kd/options.py``), MLproject's parameters are generated from the CLI, and a test checks
+that the three agree. The training defaults are the original Kaggle pipeline's (DESIGN.md, "Training
+defaults"); the losses follow the published methods, which departs from the original where its terms
+did not (see losses.py).
 """
 
 from __future__ import annotations
@@ -12,36 +15,57 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+def opt(default: Any = dataclasses.MISSING, help: str = "", *, factory=None, cli: str | None = None,
+        choices: tuple[str, ...] | None = None, expose: bool = True, weight: bool = False) -> Any:
+    """A config field with the metadata its CLI option is built from.
+
+    ``cli`` renames the option (``--data`` for ``csv``); ``expose=False`` keeps a field off the
+    command line (set from code only); ``weight`` marks a loss weight letter (losses.REGISTRY).
+    """
+    meta = {"help": help, "cli": cli, "choices": choices, "expose": expose, "weight": weight}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
 @dataclass
 class DataConfig:
-    csv: str | None = None  # frames CSV (id, rgb_frame, ir_frame, fire, smoke[, video])
-    root: str | None = None  # data root the frame paths resolve against; default: the CSV's folder
-    image_size: int = 224  # the ImageNet size every timm backbone was trained at
-    batch_size: int = 64  # the original pipeline's batch
-    ratios: tuple[float, float, float] = (0.7, 0.15, 0.15)  # train/val/test FRAME fractions
-    split_seed: int | None = None  # None: the run's seed, so one seed fixes the whole run
-    cache: str = "memory"  # decoded-frame cache: memory | disk | none
-    cache_dir: str | None = None  # for cache=disk; default ~/.cache/flame-kd
-    num_workers: int = 0  # DataLoader workers; 0 decodes in the main process (best with the cache)
-    pin_memory: bool | None = None  # None: on when the device is CUDA
-    persistent_workers: bool = True  # keep workers alive across epochs (when num_workers > 0)
-    augment: str = "full"  # full (flips, rotation, RGB colour jitter) | flip | none
+    csv: str | None = opt(None, "Frames CSV (id, rgb_frame, ir_frame, fire, smoke[, video]); make one with "
+                                "`flame-kd data synth` or `flame-kd data prepare`.", cli="data")
+    root: str | None = opt(None, "Data root the frame paths resolve against; default: the CSV's folder.")
+    image_size: int = opt(224, "Frame size fed to the models (224: what timm backbones were trained at).")
+    batch_size: int = opt(64, "Batch size (the original pipeline's 64).")
+    ratios: tuple[float, float, float] = opt((0.7, 0.15, 0.15), "Train,val,test FRAME fractions.")
+    split_seed: int | None = opt(None, "Seed of the video-aware split; default: the run's seed.")
+    cache: str = opt("memory", "Decoded-frame cache (disk: a memory-mapped file reused across runs).",
+                     choices=("memory", "disk", "none"))
+    cache_dir: str | None = opt(None, "Folder of the disk cache; default $FLAME_KD_CACHE/frames.")
+    num_workers: int = opt(0, "DataLoader workers; 0 decodes in the main process, best with the cache.")
+    pin_memory: bool | None = opt(None, "Pinned host memory; None: on when the device is CUDA.", expose=False)
+    persistent_workers: bool = opt(True, "Keep workers alive across epochs.", expose=False)
+    augment: str = opt("full", "Training augmentation: full (flips, rotation, RGB colour jitter), flip or none.",
+                       choices=("full", "flip", "none"))
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 50
-    lr: float = 1e-4
-    weight_decay: float = 1e-4  # AdamW
-    plateau_factor: float = 0.5  # ReduceLROnPlateau on val macro F1
-    plateau_patience: int = 5
-    early_stop_patience: int = 10  # epochs without a better val macro F1
-    threshold: float = 0.5  # on the sigmoid, per label
-    device: str = "auto"  # auto picks cuda, then mps, then cpu
-    amp: bool = True  # mixed precision on CUDA only (bf16 where supported, else fp16 + GradScaler)
-    channels_last: bool = True  # on CUDA only
-    seed: int = 42
-    progress: bool = True  # tqdm bar per epoch; silent when stderr is not a terminal
+    epochs: int = opt(50, "Epochs (at most: early stopping may end sooner).")
+    lr: float = opt(1e-4, "AdamW learning rate.")
+    weight_decay: float = opt(1e-4, "AdamW weight decay.")
+    plateau_factor: float = opt(0.5, "ReduceLROnPlateau factor (on val macro F1).")
+    plateau_patience: int = opt(5, "ReduceLROnPlateau patience, epochs.")
+    early_stop_patience: int = opt(10, "Epochs without a better val macro F1 before stopping.", cli="patience")
+    threshold: float = opt(0.5, "Decision threshold on each label's sigmoid.")
+    device: str = opt("auto", "auto (cuda, then mps, then cpu) | cpu | cuda[:N] | mps.")
+    amp: bool = opt(True, "Mixed precision on CUDA (bf16 where supported, else fp16 + GradScaler).")
+    channels_last: bool = opt(True, "Channels-last memory format on CUDA.")
+    seed: int = opt(42, "Seed of the run (and of the split unless --split-seed is given).")
+    progress: bool = opt(True, "tqdm bar per epoch (only when stderr is a terminal).")
+
+
+# Fields of TrainConfig that describe the machine and the run, not the schedule: a distill run's
+# teacher (trained on the way) and student share them, so the CLI takes them once.
+RUNTIME_FIELDS = ("device", "amp", "channels_last", "seed", "progress")
 
 
 def teacher_train_defaults() -> TrainConfig:
@@ -56,59 +80,139 @@ def student_train_defaults() -> TrainConfig:
 
 @dataclass
 class TeacherConfig:
-    name: str = "resnet-152"  # a registered teacher or timm:<name>
-    fusion: str = "late"  # late: one backbone per modality; early: one over stacked RGB+IR
-    pretrained: bool = True  # ImageNet weights from the hub
-    weights: str | None = None  # a local weights file, for machines without the hub
-    freeze: int = 0  # freeze this many early stages of each backbone (0: train everything)
+    name: str = opt("resnet-152", "resnet-152 | efficientnet-b7 | swin-tiny | vit-b-16 | timm:<name>.", cli="teacher")
+    fusion: str = opt("late", "late: one backbone per modality; early: one over stacked RGB+IR.",
+                      choices=("late", "early"))
+    pretrained: bool = opt(True, "ImageNet weights from the model hub.")
+    weights: str | None = opt(None, "A local timm weights file, for machines without the hub.")
+    freeze: int = opt(0, "Freeze this many early stages of each backbone (0: train everything).")
 
 
 @dataclass
 class LossConfig:
     """loss = alpha*KL + beta*relational + gamma*L2 + delta*BCE; None takes the variant's weight."""
 
-    variant: str = "kl_bce"
-    alpha: float | None = None
-    beta: float | None = None
-    gamma: float | None = None
-    delta: float | None = None
-    temperature: float = 2.0  # Hinton's soft targets; KL is scaled by T^2
+    variant: str = opt("kl_bce", "kl_bce | kl_l2_bce | kl_contrastive_l2_bce | bce (no teacher: the control).",
+                       cli="loss")
+    alpha: float | None = opt(None, "Weight of the KL term; default: the variant's.", weight=True)
+    beta: float | None = opt(None, "Weight of the relational (RKD distance) term.", weight=True)
+    gamma: float | None = opt(None, "Weight of the L2 feature (FitNets hint) term.", weight=True)
+    delta: float | None = opt(None, "Weight of the BCE term on the hard labels.", weight=True)
+    temperature: float = opt(2.0, "Temperature of the soft targets (Hinton); KL is scaled by T^2.")
+
+    def weight_overrides(self) -> dict[str, float | None]:
+        """The weight letters this config declares (see losses.REGISTRY) and their values."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata.get("weight")}
 
 
 @dataclass
 class TrackingConfig:
-    experiment: str | None = None  # None: mlflow run's experiment (MLFLOW_EXPERIMENT_ID), else flame-kd
-    run_name: str | None = None  # default: "<teacher> <loss> s<seed>"
-    tracking_uri: str | None = None  # None: MLFLOW_TRACKING_URI, else MLflow's default (sqlite:///mlflow.db)
-    log_model: bool = True  # mlflow.pytorch.log_model at the end of the run
-    register_as: str | None = None  # registered model name (the student: flame-kd-student)
+    experiment: str | None = opt(None, "MLflow experiment; default: mlflow run's, else flame-kd.")
+    run_name: str | None = opt(None, "Run name; default: built from the run's settings.")
+    tracking_uri: str | None = opt(None, "Default: MLFLOW_TRACKING_URI, else MLflow's sqlite:///mlflow.db.")
+    log_model: bool = opt(True, "Log the model with mlflow.pytorch at the end of the run.")
+    register_as: str | None = opt(None, "Register the model under this name in the MLflow registry.")
 
 
 @dataclass
 class TeacherRunConfig:
-    data: DataConfig = field(default_factory=DataConfig)
-    teacher: TeacherConfig = field(default_factory=TeacherConfig)
-    train: TrainConfig = field(default_factory=teacher_train_defaults)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    resume: bool = False  # continue the newest unfinished run with the same settings
-    checkpoint_dir: str | None = None  # where checkpoints live during the run; default: a temp dir
+    data: DataConfig = opt(factory=DataConfig)
+    teacher: TeacherConfig = opt(factory=TeacherConfig)
+    train: TrainConfig = opt(factory=teacher_train_defaults)
+    tracking: TrackingConfig = opt(factory=TrackingConfig)
+    resume: bool = opt(False, "Continue the newest unfinished run with the same settings.")
+    checkpoint_dir: str | None = opt(None, "Where in-flight checkpoints live; default $FLAME_KD_CACHE/checkpoints.")
 
 
 @dataclass
 class DistillRunConfig:
-    data: DataConfig = field(default_factory=DataConfig)
-    teacher: TeacherConfig = field(default_factory=TeacherConfig)
-    teacher_train: TrainConfig = field(default_factory=teacher_train_defaults)
-    student: str = "lightweight-cnn"  # or timm:<name>
-    train: TrainConfig = field(default_factory=student_train_defaults)
-    loss: LossConfig = field(default_factory=LossConfig)
-    tracking: TrackingConfig = field(
-        default_factory=lambda: TrackingConfig(register_as="flame-kd-student")
-    )
-    teacher_run_id: str | None = None  # pin a teacher run instead of looking one up
-    teacher_mode: str = "cached"  # cached: teacher outputs computed once; live: teacher runs each step
-    resume: bool = False
-    checkpoint_dir: str | None = None
+    # Cached teacher outputs exist for each frame and its flip only, so flips are the default here.
+    data: DataConfig = opt(factory=lambda: DataConfig(augment="flip"))
+    teacher: TeacherConfig = opt(factory=TeacherConfig)
+    teacher_train: TrainConfig = opt(factory=teacher_train_defaults)
+    student: str = opt("lightweight-cnn", "lightweight-cnn | timm:<name>.")
+    train: TrainConfig = opt(factory=student_train_defaults)
+    loss: LossConfig = opt(factory=LossConfig)
+    tracking: TrackingConfig = opt(factory=lambda: TrackingConfig(register_as="flame-kd-student"))
+    teacher_run_id: str | None = opt(None, "Pin this teacher run instead of looking one up.")
+    teacher_mode: str = opt("cached", "cached: teacher outputs computed once per teacher run; live: every step.",
+                            choices=("cached", "live"))
+    resume: bool = opt(False, "Continue the newest unfinished run with the same settings.")
+    checkpoint_dir: str | None = opt(None, "Where in-flight checkpoints live; default $FLAME_KD_CACHE/checkpoints.")
+
+
+@dataclass
+class SweepConfig:
+    distill: DistillRunConfig = opt(factory=lambda: DistillRunConfig(
+        loss=LossConfig(variant="kl_contrastive_l2_bce")))  # the variant with the most weights to search
+    n_trials: int = opt(20, "Trials for this worker (two workers with 10 each make a 20-trial study).")
+    timeout: float | None = opt(None, "Seconds for this worker.")
+    study_name: str | None = opt(None, "Default <teacher>-<loss>-s<seed>; the same name and storage continue a study.")
+    storage: str | None = opt(None, "Optuna RDB URL; default optuna.db beside the MLflow store. "
+                                    "postgresql+psycopg2://... lets many workers join one study.")
+    pruner: str = opt("median", "Trial pruner.", choices=("median", "hyperband", "none"))
+    heartbeat_interval: int = opt(30, "Seconds between trial heartbeats; a killed worker's trial is failed "
+                                      "and retried.", cli="heartbeat")
+    max_retry: int = opt(1, "Times a failed-by-heartbeat trial is retried.")
+
+
+@dataclass
+class EmbedConfig:
+    run_id: str | None = opt(None, "A teacher or distill run (its config and best checkpoint).")
+    checkpoint: str | None = opt(None, "Or a checkpoint file, with --model-type and --architecture.")
+    model_type: str | None = opt(None, "teacher | student (from the run when --run-id is given).",
+                                 choices=("teacher", "student"))
+    architecture: str | None = opt(None, "Teacher or student name (with --checkpoint).")
+    fusion: str = opt("late", "Teacher fusion (with --checkpoint).", choices=("late", "early"))
+    csv: str | None = opt(None, "Frames CSV; default: the run's.", cli="data")
+    image_size: int = opt(224, "Frame size (with --checkpoint; a run knows its own).")
+    split: str = opt("test", "Which split's features to embed.", choices=("train", "val", "test"))
+    method: str = opt("umap", "Embedding method.", choices=("tsne", "umap"))
+    perplexity: float = opt(30.0, "t-SNE perplexity.")
+    learning_rate: float = opt(200.0, "t-SNE learning rate.")
+    n_iter: int = opt(1000, "t-SNE iterations.")
+    n_neighbors: int = opt(15, "UMAP neighbours.")
+    min_dist: float = opt(0.1, "UMAP minimum distance.")
+    metric: str = opt("euclidean", "UMAP metric.", choices=("euclidean", "manhattan", "cosine", "correlation"))
+    max_samples: int = opt(2000, "Frames embedded at most (a seeded sample).")
+    seed: int = opt(42, "Seed of the sample and the embedding.")
+    output_dir: str | None = opt(None, "Write the PNG here instead of logging it into the run.")
+    device: str = opt("auto", "auto | cpu | cuda | mps.")
+
+    @property
+    def params(self) -> dict:
+        """The chosen method's parameters, as plots.embed_features takes them."""
+        if self.method == "tsne":
+            return {"perplexity": self.perplexity, "learning_rate": self.learning_rate, "max_iter": self.n_iter}
+        return {"n_neighbors": self.n_neighbors, "min_dist": self.min_dist, "metric": self.metric}
+
+
+@dataclass
+class AblationSpec:
+    """A grid read from YAML (experiments/ablation.yaml); the CLI can override some fields."""
+
+    name: str = opt("ablation", "Name of the grid.", expose=False)
+    data: dict = opt(factory=dict, help="DataConfig fields: csv, image_size, batch_size, ...", expose=False)
+    teachers: list[str] = opt(factory=lambda: ["resnet-152", "efficientnet-b7", "swin-tiny", "vit-b-16"],
+                              help="Teachers of the grid.", expose=False)
+    losses: list[str] = opt(factory=lambda: ["kl_bce", "kl_l2_bce", "kl_contrastive_l2_bce"],
+                            help="Loss variants of the grid.", expose=False)
+    seeds: list[int] = opt(factory=lambda: [42, 123, 456, 789, 1024], help="Seeds of the grid.", expose=False)
+    control: bool = opt(True, "Also train the same student with BCE alone, no teacher.", expose=False)
+    student: str = opt("lightweight-cnn", "Student of every cell.", expose=False)
+    fusion: str = opt("late", "Teacher fusion.", expose=False)
+    pretrained: bool = opt(True, "Teachers start from ImageNet weights.")
+    teacher_epochs: int | None = opt(None, "Teacher epochs (None: 50, the original pipeline's).")
+    student_epochs: int | None = opt(None, "Student epochs (None: 30, the original pipeline's).")
+    device: str = opt("auto", "auto | cpu | cuda | mps.")
+    experiment: str | None = opt(None, "MLflow experiment; default: mlflow run's, else flame-kd.")
+    log_models: bool = opt(True, "Each cell's student through mlflow.pytorch (not registered).", expose=False)
+
+    def digest(self) -> str:
+        import hashlib
+
+        keep = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("device", "experiment", "log_models")}
+        return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def to_dict(cfg: Any) -> dict:

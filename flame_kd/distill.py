@@ -113,7 +113,7 @@ def load_teacher(run_id: str, device: torch.device) -> tuple[torch.nn.Module, di
 
 def build_loss(cfg: DistillRunConfig, student_dim: int, teacher_dim: int) -> DistillLoss:
     lc = cfg.loss
-    weights = resolve_weights(lc.variant, alpha=lc.alpha, beta=lc.beta, gamma=lc.gamma, delta=lc.delta)
+    weights = resolve_weights(lc.variant, **lc.weight_overrides())
     check_temperature(lc.temperature)
     return DistillLoss(weights, lc.temperature, student_dim, teacher_dim)
 
@@ -169,8 +169,8 @@ def run_distill(cfg: DistillRunConfig, attach_env: bool = True, extra_tags: dict
     """
     prep = prep or prepare(cfg)
     lc = cfg.loss  # every weight resolved, so runs compare on loss.alpha..delta in the MLflow UI
-    cfg = dataclasses.replace(cfg, loss=dataclasses.replace(
-        lc, **resolve_weights(lc.variant, alpha=lc.alpha, beta=lc.beta, gamma=lc.gamma, delta=lc.delta)))
+    weights = resolve_weights(lc.variant, **lc.weight_overrides())
+    cfg = dataclasses.replace(cfg, loss=dataclasses.replace(lc, **{k: weights[k] for k in lc.weight_overrides()}))
     data, device = prep.data, prep.device
     seed = cfg.train.seed
     seed_everything(seed)

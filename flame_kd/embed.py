@@ -4,36 +4,18 @@ standalone visualisers as one command. The model comes from an MLflow run or a c
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from flame_kd import plots, tracking
-from flame_kd.config import DataConfig
+from flame_kd.config import DataConfig, EmbedConfig
 from flame_kd.engine import resolve_device, seed_everything
 from flame_kd.errors import ConfigError
 from flame_kd.evaluate import predict
 from flame_kd.experiment import load_data
 from flame_kd.models import build_student, build_teacher
 from flame_kd.tasks import student_forward, teacher_forward
-
-
-@dataclass
-class EmbedConfig:
-    run_id: str | None = None  # an MLflow teacher or distill run (its config and best checkpoint)
-    checkpoint: str | None = None  # or a checkpoint file with --model-type and --architecture
-    model_type: str | None = None  # teacher | student; from the run when run_id is given
-    architecture: str | None = None  # teacher or student name
-    fusion: str = "late"
-    data: DataConfig = field(default_factory=DataConfig)
-    split: str = "test"
-    method: str = "tsne"
-    params: dict = field(default_factory=dict)  # perplexity, learning_rate, max_iter | n_neighbors, min_dist, metric
-    max_samples: int = 2000
-    seed: int = 42
-    output_dir: str | None = None  # write the PNG here instead of logging it into the run
-    device: str = "auto"
 
 
 def _from_run(cfg: EmbedConfig, tmp: str) -> tuple[torch.nn.Module, str, DataConfig, int]:
@@ -45,8 +27,8 @@ def _from_run(cfg: EmbedConfig, tmp: str) -> tuple[torch.nn.Module, str, DataCon
     state = torch.load(tracking.download(cfg.run_id, "checkpoints/best.pt", tmp), map_location="cpu",
                        weights_only=False)
     data = DataConfig(**{**rc["data"], "ratios": tuple(rc["data"]["ratios"])})
-    if cfg.data.csv:
-        data.csv = cfg.data.csv
+    if cfg.csv:
+        data.csv = cfg.csv
     if stage == "teacher":
         model = build_teacher(rc["teacher"]["name"], fusion=rc["teacher"]["fusion"], pretrained=False,
                               image_size=data.image_size)
@@ -65,15 +47,15 @@ def _from_checkpoint(cfg: EmbedConfig) -> tuple[torch.nn.Module, str, DataConfig
     if not path.is_file():
         raise ConfigError(f"checkpoint {path} not found")
     if cfg.model_type == "teacher":
-        model = build_teacher(cfg.architecture, fusion=cfg.fusion, pretrained=False, image_size=cfg.data.image_size)
+        model = build_teacher(cfg.architecture, fusion=cfg.fusion, pretrained=False, image_size=cfg.image_size)
     else:
-        model = build_student(cfg.architecture, image_size=cfg.data.image_size)
+        model = build_student(cfg.architecture, image_size=cfg.image_size)
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
         model.load_state_dict(state.get("model", state))
     except Exception as err:  # a wrong file or a wrong architecture
         raise ConfigError(f"cannot load {path} into {cfg.architecture}: {str(err).splitlines()[0]}") from None
-    return model, cfg.model_type, cfg.data, cfg.seed
+    return model, cfg.model_type, DataConfig(csv=cfg.csv, image_size=cfg.image_size), cfg.seed
 
 
 def run_embed(cfg: EmbedConfig) -> Path | str:

@@ -10,6 +10,7 @@ Multi-label: two sigmoid outputs (fire, smoke), so KL and BCE are binary, per la
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -78,15 +79,71 @@ def bce(student_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(student_logits.float(), targets.float())
 
 
-LOSSES: dict[str, Callable[..., torch.Tensor]] = {
-    "kl": kl,
-    "relational": relational,
-    "l2": l2,
-    "bce": bce,
-}
-# Weight letter -> loss term, in the order the formula prints.
-TERMS: dict[str, str] = {"alpha": "kl", "beta": "relational", "gamma": "l2", "delta": "bce"}
-LETTERS: dict[str, str] = {term: letter for letter, term in TERMS.items()}
+@dataclass(frozen=True)
+class Term:
+    """One registered loss term: its function, its weight letter, and the inputs it takes.
+
+    ``inputs`` name the arguments of ``fn`` in order, drawn from ``INPUTS``; whether the term needs the
+    teacher or the learned projection follows from them.
+    """
+
+    name: str
+    letter: str
+    fn: Callable[..., torch.Tensor]
+    inputs: tuple[str, ...]
+
+    @property
+    def needs_teacher(self) -> bool:
+        return any(i.startswith("teacher_") for i in self.inputs)
+
+    @property
+    def needs_projection(self) -> bool:
+        return "student_proj" in self.inputs
+
+    @property
+    def summary(self) -> str:
+        """The first line of the function's docstring (the CLI's help for the term's weight)."""
+        return (self.fn.__doc__ or self.name).strip().splitlines()[0]
+
+
+# What a term may ask for; DistillLoss.forward computes each one only if an active term needs it.
+INPUTS = ("student_logits", "student_features", "student_proj", "teacher_logits", "teacher_features",
+          "targets", "temperature")
+
+# Weight letter -> term, in the order the formula prints. register_term adds to it.
+REGISTRY: dict[str, Term] = {}
+
+
+def register_term(name: str, letter: str, inputs: tuple[str, ...]):
+    """Decorator: register ``fn`` as loss term ``name`` weighted by ``letter`` (a new term is one call)."""
+    unknown = set(inputs) - set(INPUTS)
+    if unknown:
+        raise ValueError(f"term {name!r}: unknown inputs {sorted(unknown)}; known: {INPUTS}")
+
+    def add(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        taken = {t.name: k for k, t in REGISTRY.items()}
+        if (letter in REGISTRY and REGISTRY[letter].name != name) or taken.get(name, letter) != letter:
+            raise ValueError(f"loss term {name!r} / weight {letter!r} clashes with a registered term")
+        REGISTRY[letter] = Term(name, letter, fn, tuple(inputs))
+        return fn
+
+    return add
+
+
+def unregister_term(letter: str) -> None:
+    """Remove a registered term (tests that register one at run time clean up with this)."""
+    REGISTRY.pop(letter, None)
+
+
+def letters() -> list[str]:
+    """The weight letters of every registered term, in formula order."""
+    return list(REGISTRY)
+
+
+register_term("kl", "alpha", ("student_logits", "teacher_logits", "temperature"))(kl)
+register_term("relational", "beta", ("student_proj", "teacher_features"))(relational)
+register_term("l2", "gamma", ("student_proj", "teacher_features"))(l2)
+register_term("bce", "delta", ("student_logits", "targets"))(bce)
 
 VARIANTS: dict[str, dict[str, float]] = {
     "kl_bce": {"alpha": 0.7, "delta": 0.3},
@@ -96,36 +153,31 @@ VARIANTS: dict[str, dict[str, float]] = {
 }
 
 
-def resolve_weights(
-    variant: str,
-    alpha: float | None = None,
-    beta: float | None = None,
-    gamma: float | None = None,
-    delta: float | None = None,
-) -> dict[str, float]:
-    """The variant's weights with explicit ones overriding; terms outside the variant are 0."""
+def resolve_weights(variant: str, **overrides: float | None) -> dict[str, float]:
+    """The variant's weights with explicit ones (any registered letter) overriding; others are 0."""
     if variant not in VARIANTS:
         raise ConfigError(f"unknown loss variant {variant!r}; known: {', '.join(VARIANTS)}")
-    given = {"alpha": alpha, "beta": beta, "gamma": gamma, "delta": delta}
-    weights = {
-        k: float(VARIANTS[variant].get(k, 0.0) if v is None else v) for k, v in given.items()
-    }
+    unknown = set(overrides) - set(REGISTRY)
+    if unknown:
+        raise ConfigError(f"unknown loss weight(s) {', '.join(sorted(unknown))}; known: {', '.join(REGISTRY)}")
+    weights = {k: float(VARIANTS[variant].get(k, 0.0)) for k in REGISTRY}
+    weights |= {k: float(v) for k, v in overrides.items() if v is not None}
     return check_weights(weights)
 
 
 def check_weights(weights: dict[str, float]) -> dict[str, float]:
-    """All four letters, each finite and >= 0, not all 0; ConfigError naming the bad one."""
-    unknown = set(weights) - set(TERMS)
+    """Every registered letter, each finite and >= 0, not all 0; ConfigError naming the bad one."""
+    unknown = set(weights) - set(REGISTRY)
     if unknown:
         raise ConfigError(
-            f"unknown loss weight(s) {', '.join(sorted(unknown))}; known: {', '.join(TERMS)}"
+            f"unknown loss weight(s) {', '.join(sorted(unknown))}; known: {', '.join(REGISTRY)}"
         )
-    full = {k: float(weights.get(k, 0.0)) for k in TERMS}
+    full = {k: float(weights.get(k, 0.0)) for k in REGISTRY}
     for k, w in full.items():
         if not math.isfinite(w) or w < 0:
-            raise ConfigError(f"loss weight {k} ({TERMS[k]}) must be >= 0, got {w}")
+            raise ConfigError(f"loss weight {k} ({REGISTRY[k].name}) must be >= 0, got {w}")
     if not any(full.values()):
-        raise ConfigError("all loss weights are 0: set at least one of alpha, beta, gamma, delta")
+        raise ConfigError(f"all loss weights are 0: set at least one of {', '.join(REGISTRY)}")
     return full
 
 
@@ -137,10 +189,11 @@ def check_temperature(t: float) -> float:
 
 
 class DistillLoss(nn.Module):
-    """``alpha*kl + beta*relational + gamma*l2 + delta*bce``, computing only the non-zero terms.
+    """The weighted sum of the registered terms with a non-zero weight, e.g.
+    ``0.4*kl + 0.2*relational + 0.2*l2 + 0.2*bce``.
 
-    Owns the learned projection Linear(student_dim, teacher_dim) that L2 and relational share;
-    it exists only when beta or gamma > 0, so it is never dead weight in the optimizer.
+    Owns the learned projection Linear(student_dim, teacher_dim) for the terms that take
+    ``student_proj``; it exists only when one of them is active, so it is never dead weight.
     """
 
     def __init__(
@@ -153,26 +206,27 @@ class DistillLoss(nn.Module):
         super().__init__()
         self.weights = check_weights(weights)
         self.temperature = check_temperature(temperature)
+        self.terms = [REGISTRY[k] for k, w in self.weights.items() if w > 0]
         self.projection: nn.Linear | None = None
-        if self.uses_teacher_features:
+        if any(t.needs_projection for t in self.terms):
             if not student_dim or not teacher_dim:
-                raise ValueError("relational/l2 terms need student_dim and teacher_dim")
+                raise ValueError(f"{self.formula()} needs student_dim and teacher_dim for its projection")
             self.projection = nn.Linear(student_dim, teacher_dim)
 
     @property
     def active(self) -> list[str]:
         """Names of the terms with a non-zero weight, in formula order."""
-        return [TERMS[k] for k, w in self.weights.items() if w > 0]
+        return [t.name for t in self.terms]
 
     @property
     def uses_teacher(self) -> bool:
-        """Whether any term needs the teacher (everything but BCE does)."""
-        return any(t != "bce" for t in self.active)
+        """Whether any active term needs the teacher (all but BCE do)."""
+        return any(t.needs_teacher for t in self.terms)
 
     @property
     def uses_teacher_features(self) -> bool:
-        """Whether the teacher's features are needed (relational or L2), not just its logits."""
-        return self.weights["beta"] > 0 or self.weights["gamma"] > 0
+        """Whether the teacher's features are needed, not just its logits."""
+        return any("teacher_features" in t.inputs for t in self.terms)
 
     def forward(
         self,
@@ -183,27 +237,23 @@ class DistillLoss(nn.Module):
         teacher_features: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """``{"loss": weighted total, <term>: its unweighted value (detached)}`` per active term."""
-        if self.weights["alpha"] > 0 and teacher_logits is None:
-            raise ValueError("the kl term needs teacher_logits")
-        if self.uses_teacher_features and teacher_features is None:
-            raise ValueError("the relational/l2 terms need teacher_features")
-        w = self.weights
-        proj = self.projection(student_features) if self.projection is not None else None
+        given = {"student_logits": student_logits, "student_features": student_features, "targets": targets,
+                 "teacher_logits": teacher_logits, "teacher_features": teacher_features,
+                 "temperature": self.temperature}
+        if self.projection is not None:
+            given["student_proj"] = self.projection(student_features)
         values: dict[str, torch.Tensor] = {}
-        if w["alpha"] > 0:
-            values["kl"] = kl(student_logits, teacher_logits, self.temperature)
-        if w["beta"] > 0:
-            values["relational"] = relational(proj, teacher_features)
-        if w["gamma"] > 0:
-            values["l2"] = l2(proj, teacher_features)
-        if w["delta"] > 0:
-            values["bce"] = bce(student_logits, targets)
-        total = sum(w[LETTERS[name]] * v for name, v in values.items())
+        for term in self.terms:
+            missing = [i for i in term.inputs if given.get(i) is None]
+            if missing:
+                raise ValueError(f"the {term.name} term needs {', '.join(missing)}")
+            values[term.name] = term.fn(*(given[i] for i in term.inputs))
+        total = sum(self.weights[t.letter] * values[t.name] for t in self.terms)
         return {"loss": total, **{name: v.detach() for name, v in values.items()}}
 
     def formula(self) -> str:
         """E.g. ``0.4*kl + 0.2*relational + 0.2*l2 + 0.2*bce (T=2.0)``."""
-        terms = " + ".join(f"{w:g}*{TERMS[k]}" for k, w in self.weights.items() if w > 0)
+        terms = " + ".join(f"{self.weights[t.letter]:g}*{t.name}" for t in self.terms)
         return f"{terms} (T={self.temperature})"
 
     def __repr__(self) -> str:

@@ -18,13 +18,12 @@ import sys
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass, field
 
 import optuna
 import torch
 
 from flame_kd import tracking
-from flame_kd.config import DistillRunConfig
+from flame_kd.config import SweepConfig
 from flame_kd.distill import Prepared, prepare, run_distill
 from flame_kd.engine import LambdaCallback, Trainer
 from flame_kd.errors import ConfigError
@@ -36,18 +35,6 @@ from flame_kd.tasks import SupervisedTask, student_forward
 WEIGHT_RANGE = (0.0, 1.0)
 TEMPERATURE_RANGE = (1.0, 10.0)  # log scale
 PARENT_ATTR = "mlflow_parent_run_id"
-
-
-@dataclass
-class SweepConfig:
-    distill: DistillRunConfig = field(default_factory=DistillRunConfig)
-    n_trials: int = 20  # per worker: two workers with 10 each make a 20-trial study
-    timeout: float | None = None  # seconds, per worker
-    study_name: str | None = None  # default "<teacher>-<loss>-s<seed>"
-    storage: str | None = None  # default: optuna.db beside a SQLite MLflow store
-    pruner: str = "median"  # median | hyperband | none
-    heartbeat_interval: int = 30  # seconds; a trial silent for 2x this is failed and retried
-    max_retry: int = 1
 
 
 def default_storage(tracking_uri: str) -> str:

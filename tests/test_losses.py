@@ -10,7 +10,7 @@ import torch
 
 from flame_kd.errors import ConfigError
 from flame_kd.losses import (
-    LOSSES,
+    REGISTRY,
     VARIANTS,
     DistillLoss,
     bce,
@@ -18,7 +18,9 @@ from flame_kd.losses import (
     kl,
     l2,
     relational,
+    register_term,
     resolve_weights,
+    unregister_term,
 )
 
 S = [[1.0, -2.0], [0.5, 3.0]]  # student logits, 2 frames x (fire, smoke)
@@ -35,7 +37,10 @@ def _sigmoid(x):
 
 
 def test_registry_names():
-    assert set(LOSSES) == {"kl", "relational", "l2", "bce"}
+    assert {k: t.name for k, t in REGISTRY.items()} == {
+        "alpha": "kl", "beta": "relational", "gamma": "l2", "delta": "bce"}
+    assert [k for k, t in REGISTRY.items() if t.needs_teacher] == ["alpha", "beta", "gamma"]
+    assert [k for k, t in REGISTRY.items() if t.needs_projection] == ["beta", "gamma"]
 
 
 def test_kl_matches_hand_computation():
@@ -154,10 +159,11 @@ def test_distill_loss_returns_active_terms_and_their_weighted_sum(variant):
         "l2": (proj, x["teacher_features"]),
         "bce": (x["student_logits"], x["targets"]),
     }
-    expected = sum(w * LOSSES[letters[k]](*args[letters[k]]) for k, w in weights.items() if w)
+    fns = {t.name: t.fn for t in REGISTRY.values()}
+    expected = sum(w * fns[letters[k]](*args[letters[k]]) for k, w in weights.items() if w)
     assert out["loss"].item() == pytest.approx(expected.item(), rel=1e-6)
     for name in active:
-        assert out[name].item() == pytest.approx(LOSSES[name](*args[name]).item(), rel=1e-6)
+        assert out[name].item() == pytest.approx(fns[name](*args[name]).item(), rel=1e-6)
 
 
 def test_projection_only_when_feature_terms_are_active():
@@ -191,3 +197,60 @@ def test_formula_prints_the_weighted_sum():
     assert loss.formula() == "0.4*kl + 0.2*relational + 0.2*l2 + 0.2*bce (T=2.0)"
     assert repr(loss) == loss.formula()
     assert DistillLoss(resolve_weights("kl_bce"), 4).formula() == "0.7*kl + 0.3*bce (T=4.0)"
+
+
+@pytest.fixture
+def cosine_term():
+    """A term registered at run time, as a user adding a loss would: one decorated function."""
+
+    @register_term("cosine", "epsilon", ("student_proj", "teacher_features"))
+    def cosine(student_proj, teacher_features):
+        """Cosine distance between projected student features and the teacher's."""
+        return (1 - torch.nn.functional.cosine_similarity(student_proj, teacher_features, dim=1)).mean()
+
+    yield cosine
+    unregister_term("epsilon")
+
+
+def test_a_term_registered_at_run_time_trains_a_step(cosine_term):
+    from flame_kd.tasks import DistillTask, TeacherOutputs
+
+    weights = resolve_weights("kl_bce", epsilon=0.5)
+    assert weights == {"alpha": 0.7, "beta": 0.0, "gamma": 0.0, "delta": 0.3, "epsilon": 0.5}
+    loss = DistillLoss(weights, 2.0, student_dim=6, teacher_dim=5)
+    assert loss.formula() == "0.7*kl + 0.3*bce + 0.5*cosine (T=2.0)" and loss.projection is not None
+    student = torch.nn.Linear(12, 8)  # logits = first 2 outputs, features = last 6
+
+    class Student(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = student
+
+        def forward(self, rgb):
+            out = self.net(rgb.flatten(1))
+            return out[:, :2], out[:, 2:]
+
+    g = torch.Generator().manual_seed(1)
+    cache = {"logits": torch.randn(4, 2, generator=g), "features": torch.randn(4, 5, generator=g)}
+    cache |= {"logits_flip": cache["logits"], "features_flip": cache["features"]}
+    task = DistillTask(loss, TeacherOutputs(cache=cache))
+    batch = {"rgb": torch.randn(4, 3, 2, 2, generator=g), "target": torch.ones(4, 2),
+             "index": torch.arange(4), "flip": torch.zeros(4, dtype=torch.bool)}
+    model = Student()
+    params = list(model.parameters()) + [p for m in task.modules() for p in m.parameters()]
+    opt = torch.optim.SGD(params, lr=0.1)
+    out = task(model, batch)
+    assert set(out) >= {"loss", "kl", "bce", "cosine"}
+    before = loss.projection.weight.detach().clone(), student.weight.detach().clone()
+    out["loss"].backward()
+    opt.step()
+    assert not torch.equal(loss.projection.weight, before[0]) and not torch.equal(student.weight, before[1])
+    after = task(model, batch)["cosine"]
+    assert after.item() != pytest.approx(out["cosine"].item())
+
+
+def test_registering_a_clashing_term_fails():
+    with pytest.raises(ValueError, match="clashes"):
+        register_term("kl2", "alpha", ("student_logits",))(lambda x: x.sum())
+    with pytest.raises(ValueError, match="unknown inputs"):
+        register_term("odd", "zeta", ("pixels",))

@@ -1,0 +1,172 @@
+"""Click options built from the config dataclasses, so each option is declared once (config.py).
+
+A command lists the *sections* of its run config it exposes (``data``, ``teacher``, ``train`` with a
+prefix, ...); ``config_options`` turns every exposed field of those sections into a click option
+(name, type, default, help and choices from the field), and ``build_config`` turns the parsed values
+back into the run config. MLproject's parameters are generated from the resulting commands
+(``flame_kd/mlproject.py``), and tests/test_options_drift.py checks all three agree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import click
+
+NONE_WORDS = ("", "none", "None")  # MLproject passes '' for an unset optional parameter
+
+
+@dataclass(frozen=True)
+class Section:
+    """Part of a run config exposed on the command line.
+
+    ``path``: dotted attribute path in the config ("" is the config itself); ``prefix``: put before
+    each option name (``teacher-`` makes ``--teacher-epochs``); ``only``/``exclude``: field names;
+    ``also``: further paths that receive the same values (a distill run's teacher shares the
+    student's device and seed); ``overrides``: options default to None, meaning "leave as is".
+    """
+
+    path: str = ""
+    prefix: str = ""
+    only: tuple[str, ...] | None = None
+    exclude: tuple[str, ...] = ()
+    also: tuple[str, ...] = ()
+    overrides: bool = False
+
+
+def nested(sections: tuple[Section, ...], path: str) -> tuple[Section, ...]:
+    """The same sections under ``path`` (a sweep's ``distill`` config)."""
+    def join(p: str) -> str:
+        return f"{path}.{p}" if p else path
+
+    return tuple(dataclasses.replace(s, path=join(s.path), also=tuple(join(a) for a in s.also)) for s in sections)
+
+
+class OrNone(click.ParamType):
+    """``inner``, or '' / none for "not set" (an MLproject parameter cannot be omitted)."""
+
+    def __init__(self, inner: click.ParamType):
+        self.inner = inner
+        self.name = inner.name
+
+    def get_metavar(self, param, ctx=None):
+        return self.inner.get_metavar(param, ctx) if ctx is not None else self.inner.get_metavar(param)
+
+    def convert(self, value, param, ctx):
+        if value is None or (isinstance(value, str) and value.strip() in NONE_WORDS):
+            return None
+        return self.inner.convert(value, param, ctx)
+
+
+class FloatList(click.ParamType):
+    """Comma-separated floats: ``0.7,0.15,0.15``."""
+
+    name = "floats"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, (tuple, list)):
+            return tuple(float(v) for v in value)
+        try:
+            return tuple(float(v) for v in str(value).split(","))
+        except ValueError:
+            self.fail(f"{value!r} is not a comma-separated list of numbers", param, ctx)
+
+
+def _resolve(obj: Any, path: str) -> Any:
+    for part in filter(None, path.split(".")):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _base_type(hint: Any) -> tuple[type, bool]:
+    """(int|float|str|bool|tuple, optional) from a field's type hint."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        return _base_type(inner[0])[0], True
+    return (typing.get_origin(hint) or hint), False
+
+
+@dataclass(frozen=True)
+class _Field:
+    field: dataclasses.Field
+    section: Section
+    kind: type
+    optional: bool
+    default: Any
+
+    @property
+    def flag(self) -> str:
+        return self.section.prefix + (self.field.metadata.get("cli") or self.field.name).replace("_", "-")
+
+    @property
+    def ident(self) -> str:
+        return self.flag.replace("-", "_")
+
+
+def exposed_fields(config_cls: type, sections: tuple[Section, ...]) -> Iterator[_Field]:
+    """Every field the sections put on the command line, with its default in ``config_cls()``."""
+    instance = config_cls()
+    for sec in sections:
+        obj = _resolve(instance, sec.path)
+        hints = typing.get_type_hints(type(obj))
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if not f.metadata.get("expose", True) or dataclasses.is_dataclass(value):
+                continue
+            if (sec.only is not None and f.name not in sec.only) or f.name in sec.exclude:
+                continue
+            kind, optional = _base_type(hints[f.name])
+            yield _Field(f, sec, kind, optional or sec.overrides, None if sec.overrides else value)
+
+
+def _click_option(x: _Field) -> list[Callable]:
+    meta = x.field.metadata
+    if x.kind is bool:
+        ptype: click.ParamType = click.BOOL
+    elif x.kind is tuple:
+        ptype = FloatList()
+    elif meta.get("choices"):
+        ptype = click.Choice(meta["choices"])
+    else:
+        ptype = {int: click.INT, float: click.FLOAT}.get(x.kind, click.STRING)
+    if x.optional:
+        ptype = OrNone(ptype)
+    default = ",".join(f"{v:g}" for v in x.default) if x.kind is tuple and x.default else x.default
+    help_ = meta.get("help", "") + (" Default: the spec's." if x.section.overrides else "")
+    kw: dict[str, Any] = {"type": ptype, "default": default, "help": help_, "show_default": default is not None}
+    if x.kind is bool:  # `--resume`, `--resume true|false`, and `--no-resume`
+        kw |= {"is_flag": False, "flag_value": True}
+        no = click.option(f"--no-{x.flag}", f"no_{x.ident}", is_flag=True, help=f"Same as --{x.flag} false.")
+        return [click.option(f"--{x.flag}", x.ident, **kw), no]
+    return [click.option(f"--{x.flag}", x.ident, **kw)]
+
+
+def config_options(config_cls: type, sections: tuple[Section, ...]) -> Callable:
+    """Decorator adding a click option for every exposed field of ``sections`` of ``config_cls``."""
+    opts = [o for x in exposed_fields(config_cls, sections) for o in _click_option(x)]
+
+    def decorate(f: Callable) -> Callable:
+        for o in reversed(opts):
+            f = o(f)
+        return f
+
+    return decorate
+
+
+def build_config(config_cls: type, sections: tuple[Section, ...], values: dict[str, Any]) -> Any:
+    """The run config with every option in ``values`` (click's kwargs) written into its field."""
+    cfg = config_cls()
+    for x in exposed_fields(config_cls, sections):
+        value = values[x.ident]
+        if x.kind is bool and values.get(f"no_{x.ident}"):
+            value = False
+        if x.section.overrides and value is None:
+            continue
+        for path in (x.section.path, *x.section.also):
+            setattr(_resolve(cfg, path), x.field.name, value)
+    return cfg

@@ -1,0 +1,112 @@
+"""Each option is declared once: config dataclasses -> click options -> MLproject parameters.
+
+These tests fail when MLproject and the CLI disagree (a parameter missing on one side, or another
+default), when a config field cannot be set from the command line, or when the loss registry has a
+weight the CLI does not take.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import click
+import pytest
+import yaml
+
+from flame_kd import cli
+from flame_kd.config import DistillRunConfig, EmbedConfig, SweepConfig, TeacherRunConfig, to_dict
+from flame_kd.losses import REGISTRY
+from flame_kd.mlproject import CLI_ONLY, ENTRY_POINTS, command, mlproject_default, parameters, render
+from flame_kd.options import build_config
+
+REPO = Path(__file__).resolve().parents[1]
+RUN_COMMANDS = [
+    ("teacher", TeacherRunConfig, cli.TEACHER),
+    ("distill", DistillRunConfig, cli.DISTILL),
+    ("sweep", SweepConfig, cli.SWEEP),
+    ("embed", EmbedConfig, cli.EMBED),
+]
+
+
+def _mlproject() -> dict:
+    return yaml.safe_load((REPO / "MLproject").read_text())["entry_points"]
+
+
+def test_mlproject_is_generated_from_the_cli():
+    assert (REPO / "MLproject").read_text() == render(), "run: python -m flame_kd.mlproject > MLproject"
+
+
+@pytest.mark.parametrize("entry", list(ENTRY_POINTS))
+def test_every_entry_point_matches_its_command(entry):
+    spec = _mlproject()[entry]
+    cmd = command(ENTRY_POINTS[entry])
+    params = {p.name: p for p in parameters(cmd)}
+    assert set(spec["parameters"]) == set(params), f"{entry}: MLproject and CLI parameters differ"
+    for name, p in params.items():
+        declared = spec["parameters"][name]
+        if isinstance(p, click.Argument) and p.required:
+            assert "default" not in declared, f"{entry}.{name} is required on the CLI"
+        else:
+            assert str(declared["default"]) == mlproject_default(p.default), f"{entry}.{name}: default differs"
+            assert f"{p.opts[0]} {{{name}}}" in spec["command"], f"{entry}: {name} is not passed"
+
+
+def _walk(group: click.Group, path=()) -> list[tuple[str, ...]]:
+    out = []
+    for name, cmd in group.commands.items():
+        if isinstance(cmd, click.Group):
+            out += _walk(cmd, (*path, name))
+        else:
+            out.append((*path, name))
+    return out
+
+
+def test_every_command_has_an_entry_point_or_a_reason():
+    covered = set(ENTRY_POINTS.values()) | set(CLI_ONLY)
+    missing = [" ".join(p) for p in _walk(cli.main) if p not in covered]
+    assert not missing, f"commands with no MLproject entry point and no reason in CLI_ONLY: {missing}"
+
+
+def _leaf_fields(obj, path=""):
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from _leaf_fields(value, f"{path}{f.name}.")
+        elif f.metadata.get("expose", True):
+            yield f"{path}{f.name}"
+
+
+@pytest.mark.parametrize("name,config_cls,sections", RUN_COMMANDS)
+def test_every_exposed_config_field_is_an_option(name, config_cls, sections):
+    from flame_kd.options import exposed_fields
+
+    covered = {(f"{x.section.path}." if x.section.path else "") + x.field.name
+               for x in exposed_fields(config_cls, sections)}
+    covered |= {f"{a}.{x.field.name}" for x in exposed_fields(config_cls, sections) for a in x.section.also}
+    missing = sorted(set(_leaf_fields(config_cls())) - covered)
+    assert not missing, f"{name}: config fields no option sets: {missing}"
+
+
+@pytest.mark.parametrize("name,config_cls,sections", RUN_COMMANDS)
+def test_cli_defaults_build_the_config_defaults(name, config_cls, sections):
+    ctx = command((name,)).make_context(name, [])
+    assert to_dict(build_config(config_cls, sections, ctx.params)) == to_dict(config_cls())
+
+
+def test_options_reach_the_config():
+    cmd = command(("distill",))
+    args = ["--teacher-epochs", "3", "--student-lr", "0.01", "--seed", "7", "--alpha", "0.9", "--ratios",
+            "0.6,0.2,0.2", "--no-amp", "--split-seed", "", "--register-as", ""]
+    cfg = build_config(DistillRunConfig, cli.DISTILL, cmd.make_context("distill", args).params)
+    assert (cfg.teacher_train.epochs, cfg.train.lr, cfg.loss.alpha, cfg.data.ratios) == (3, 0.01, 0.9, (0.6, 0.2, 0.2))
+    assert cfg.train.seed == cfg.teacher_train.seed == 7  # runtime options reach the teacher trained on the way
+    assert cfg.train.amp is False and cfg.teacher_train.amp is False
+    assert cfg.data.split_seed is None and cfg.tracking.register_as is None
+
+
+@pytest.mark.parametrize("name", ["distill", "sweep"])
+def test_every_registered_loss_weight_has_an_option(name):
+    options = {p.name for p in command((name,)).params}
+    missing = [letter for letter in REGISTRY if letter not in options]
+    assert not missing, f"{name}: loss weights with no option: {missing} (add them to config.LossConfig)"
