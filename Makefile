@@ -8,7 +8,7 @@ DEMO_DIR ?= data/demo
 DEMO_FRAMES ?= 400
 DEMO_SIZE ?= 32
 
-.PHONY: install test demo bench clean
+.PHONY: install test test-fast demo bench clean
 
 install: $(VENV)/.installed
 
@@ -22,6 +22,10 @@ $(VENV)/.installed: pyproject.toml
 
 test: install
 	HF_HUB_OFFLINE=1 MPLBACKEND=Agg $(PY) -m pytest -q
+
+# Everything but the pipeline tests (marked slow): under 2 minutes on 2 cores.
+test-fast: install
+	HF_HUB_OFFLINE=1 MPLBACKEND=Agg $(PY) -m pytest -q -m "not slow"
 
 demo: install
 	HF_HUB_OFFLINE=1 MPLBACKEND=Agg PATH="$(abspath $(BIN)):$$PATH" bash experiments/demo.sh "$(DEMO_DIR)" "$(DEMO_FRAMES)" "$(DEMO_SIZE)"

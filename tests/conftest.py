@@ -4,9 +4,43 @@ with ``synth_copy`` before changing anything)."""
 from __future__ import annotations
 
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+# Left in the checkout by running Python and pytest themselves, not by the code under test.
+TOOL_LITTER = ("__pycache__/", ".pytest_cache/")
+
+
+def checkout_files() -> set[str] | None:
+    """Untracked and ignored paths of the checkout (``git status --ignored``), or None outside git."""
+    out = subprocess.run(["git", "status", "--porcelain", "--ignored", "--untracked-files=all"], cwd=REPO,
+                         capture_output=True, text=True)
+    if out.returncode != 0:
+        return None
+    paths = {line[3:] for line in out.stdout.splitlines() if line[:2] in ("??", "!!")}
+    return {p for p in paths if not any(t in p or p.endswith(t.rstrip("/")) for t in TOOL_LITTER)}
+
+
+def pytest_sessionstart(session) -> None:
+    session.config.stash[CHECKOUT_BEFORE] = checkout_files()
+
+
+CHECKOUT_BEFORE = pytest.StashKey[set]()
+
+
+@pytest.fixture(autouse=True)
+def _outside_the_checkout(tmp_path, monkeypatch):
+    """Every test runs in its own temporary folder, so nothing it writes lands in the checkout."""
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture
+def checkout_before(request) -> set[str] | None:
+    """The checkout's untracked and ignored paths when the test session started."""
+    return request.config.stash.get(CHECKOUT_BEFORE, None)
 
 SYNTH_FRAMES, SYNTH_SIZE, SYNTH_SEED = 120, 32, 7
 

@@ -26,8 +26,13 @@ SIZE = 32
 
 
 def use_store(tmp: Path, monkeypatch) -> str:
-    """A fresh SQLite MLflow store and flame-kd cache under ``tmp`` for this test."""
+    """A fresh SQLite MLflow store, artifact folder and flame-kd cache under ``tmp`` for this test.
+
+    It also moves into ``tmp``: MLflow puts a SQLite store's artifacts in ./mlruns of the working
+    directory, which must never be the checkout.
+    """
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    monkeypatch.chdir(tmp)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("FLAME_KD_CACHE", str(tmp / "cache"))
     for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):

@@ -17,6 +17,8 @@ from flame_kd.errors import ConfigError
 
 from pipeline_helpers import REPO, SIZE, TINY_TEACHER, artifacts, use_store
 
+pytestmark = pytest.mark.slow  # a real pipeline: `make test-fast` leaves it out
+
 
 def tiny_spec(csv: str) -> AblationSpec:
     return AblationSpec(

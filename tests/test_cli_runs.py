@@ -13,6 +13,8 @@ from flame_kd.data.synth import synthesize
 
 from pipeline_helpers import REPO, SIZE, TINY_TEACHER, artifacts, cli, use_store
 
+pytestmark = pytest.mark.slow  # a real pipeline: `make test-fast` leaves it out
+
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):

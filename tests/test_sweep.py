@@ -13,6 +13,8 @@ from flame_kd.sweep import PARENT_ATTR, SweepConfig, run_sweep
 
 from pipeline_helpers import SIZE, artifacts, distill_cfg, use_store
 
+pytestmark = pytest.mark.slow  # a real pipeline: `make test-fast` leaves it out
+
 
 @pytest.fixture(scope="module")
 def data_csv(tmp_path_factory):

@@ -12,6 +12,8 @@ from flame_kd.teacher import run_teacher
 
 from pipeline_helpers import SIZE, artifacts, teacher_cfg, use_store
 
+pytestmark = pytest.mark.slow  # a real pipeline: `make test-fast` leaves it out
+
 
 @pytest.fixture(scope="module")
 def data_csv(tmp_path_factory):
