@@ -8,12 +8,9 @@ skips finished cells, so a crash or a 9-hour Kaggle session limit costs only the
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
+import logging
 import os
-import sys
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -21,9 +18,19 @@ import pandas as pd
 import yaml
 
 from flame_kd import tracking
-from flame_kd.config import AblationSpec, DataConfig, DistillRunConfig, LossConfig, TeacherConfig, TrackingConfig
-from flame_kd.config import student_train_defaults, teacher_train_defaults
+from flame_kd.config import (
+    AblationSpec,
+    DataConfig,
+    DistillRunConfig,
+    LossConfig,
+    TeacherConfig,
+    TrackingConfig,
+    student_train_defaults,
+    teacher_train_defaults,
+)
 from flame_kd.errors import ConfigError
+
+log = logging.getLogger("flame_kd")
 
 METRICS = ("f1_macro", "f1_fire", "f1_smoke", "accuracy")
 CONTROL_LOSS = "bce"
@@ -82,7 +89,7 @@ def cells(spec: AblationSpec) -> list[tuple[str, str, int]]:
     return out
 
 
-def find_parent(spec: AblationSpec) -> str:
+def find_or_create_parent(spec: AblationSpec) -> str:
     """The parent run of this spec (re-runs continue it), created on first use."""
     digest = spec.digest()
     runs = tracking.search_runs(
@@ -116,11 +123,11 @@ def run_ablation(spec: AblationSpec, tracking_uri: str | None = None) -> str:
     from flame_kd.distill import prepare, run_distill
 
     tracking.configure(tracking_uri)
-    parent_id = find_parent(spec)
+    parent_id = find_or_create_parent(spec)
     done = finished_cells(parent_id)
     todo = [c for c in cells(spec) if "|".join(map(str, c)) not in done]
-    print(f"flame-kd: ablation {spec.name}: {len(done)} cells finished, {len(todo)} to run "
-          f"(parent run {parent_id})", file=sys.stderr)
+    log.info("ablation %s: %d cells finished, %d to run (parent run %s)", spec.name, len(done), len(todo),
+             parent_id)
     for teacher, loss, seed in todo:
         cfg = cell_config(spec, teacher if teacher != "none" else spec.teachers[0], loss, seed)
         key = f"{teacher}|{loss}|{seed}"

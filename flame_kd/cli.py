@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import dataclasses
+import logging
+import sys
 
 import click
 
@@ -16,13 +17,23 @@ from flame_kd.config import (
     SweepConfig,
     TeacherRunConfig,
 )
-from flame_kd.options import NONE_WORDS, OrNone, Section, build_config, config_options, exposed_fields, nested
+from flame_kd.options import (
+    NONE_WORDS,
+    OrNone,
+    Section,
+    build_config,
+    config_options,
+    exposed_fields,
+    nested,
+)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="flame-kd")
 def main() -> None:
     """Knowledge distillation on FLAME2 (RGB+IR wildfire frames), tracked in MLflow."""
+    logging.basicConfig(format="flame-kd: %(message)s", level=logging.INFO, stream=sys.stderr)
+    logging.getLogger("flame_kd").setLevel(logging.INFO)
 
 
 # --- data commands (synth, prepare, check, split) ------------------------------------------------

@@ -8,36 +8,37 @@ and stored with it, so by default only the student runs during distillation.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
-import sys
+import logging
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from flame_kd import plots, teacher_outputs, tracking
 from flame_kd.config import DistillRunConfig, TeacherRunConfig, TrackingConfig, to_dict
-from flame_kd.engine import ConsoleCallback, Trainer, resolve_device, seed_everything
+from flame_kd.engine import resolve_device, seed_everything
 from flame_kd.errors import ConfigError
+from flame_kd.evaluate import predict
 from flame_kd.experiment import (
     Data,
-    checkpoint_dir,
+    FitPlan,
+    TestReport,
     config_digest,
     example_batch,
-    find_resumable,
-    identity_tags,
-    keep_best_checkpoint,
     load_data,
+    load_run_model,
     log_profile,
-    start_logging,
-    test_report,
+    log_test_report,
+    tracked_fit,
 )
 from flame_kd.export import export_onnx
 from flame_kd.losses import DistillLoss, check_temperature, resolve_weights
-from flame_kd.models import build_student, build_teacher
-from flame_kd.evaluate import predict
-from flame_kd.tasks import DistillTask, TeacherOutputs, student_forward, teacher_forward
+from flame_kd.models import build_student
+from flame_kd.tasks import DistillTask, TeacherOutputs, teacher_forward
 from flame_kd.teacher import run_teacher
+
+log = logging.getLogger("flame_kd")
 
 TEST_METRICS = ("f1_macro", "f1_fire", "f1_smoke", "precision_macro", "recall_macro", "accuracy")
 
@@ -92,23 +93,9 @@ def resolve_teacher(cfg: DistillRunConfig, data: Data, parent_run_id: str | None
     found = find_teacher_run(cfg, data)
     if found:
         return found, False
-    print(f"flame-kd: no finished {cfg.teacher.name} teacher for this data and split; training one",
-          file=sys.stderr)
+    log.info("no finished %s teacher for this data and split; training one", cfg.teacher.name)
     return run_teacher(teacher_config(cfg), attach_env=False, extra_tags={"flame_kd.trained_for": "distill"},
                        parent_run_id=parent_run_id), True
-
-
-def load_teacher(run_id: str, device: torch.device) -> tuple[torch.nn.Module, dict]:
-    """The teacher's best checkpoint, rebuilt from its logged config (no pickles, no hub)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        tcfg = tracking.load_config(run_id, tmp)
-        ckpt = tracking.download(run_id, "checkpoints/best.pt", tmp)
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)
-    t = tcfg["teacher"]
-    model = build_teacher(t["name"], fusion=t["fusion"], pretrained=False,
-                          image_size=tcfg["data"]["image_size"])
-    model.load_state_dict(state["model"])
-    return model.to(device).eval(), tcfg
 
 
 def build_loss(cfg: DistillRunConfig, student_dim: int, teacher_dim: int) -> DistillLoss:
@@ -150,7 +137,7 @@ def prepare(cfg: DistillRunConfig, parent_run_id: str | None = None) -> Prepared
     prep = Prepared(data, device)
     if build_loss(cfg, 8, 8).uses_teacher:
         prep.teacher_run_id, _ = resolve_teacher(cfg, data, parent_run_id)
-        prep.teacher, _ = load_teacher(prep.teacher_run_id, device)
+        prep.teacher, _, _ = load_run_model(prep.teacher_run_id, device)
         if cfg.teacher_mode == "cached":
             cache = teacher_outputs.load_or_compute(prep.teacher_run_id, prep.teacher, data, device)
             prep.outputs = TeacherOutputs(cache=cache)
@@ -177,52 +164,45 @@ def run_distill(cfg: DistillRunConfig, attach_env: bool = True, extra_tags: dict
     student = build_student(cfg.student, image_size=cfg.data.image_size)
     teacher = prep.teacher
     loss = build_loss(cfg, student.feature_dim, teacher.feature_dim if teacher else student.feature_dim)
-    cfg_dict = to_dict(cfg)
-    digest = config_digest(cfg_dict | {"teacher_run_id": prep.teacher_run_id})
-    resume_id = find_resumable(digest) if cfg.resume else None
     teacher_name = cfg.teacher.name if loss.uses_teacher else "none"
-    tags = identity_tags(stage, teacher_name, cfg.loss.variant, seed, data, digest)
-    tags |= {"flame_kd.student": cfg.student, "flame_kd.teacher_mode": cfg.teacher_mode}
+    tags = {"flame_kd.student": cfg.student, "flame_kd.teacher_mode": cfg.teacher_mode}
     if prep.teacher_run_id and loss.uses_teacher:
         tags["flame_kd.teacher_run_id"] = prep.teacher_run_id
-    run_name = cfg.tracking.run_name or f"{teacher_name} {cfg.loss.variant} s{seed}"
-    with tracking.run(cfg.tracking.experiment, run_name, tags | (extra_tags or {}), run_id=resume_id,
-                      attach_env=attach_env, parent_run_id=parent_run_id) as active:
-        run_id = active.info.run_id
-        if resume_id is None:
-            start_logging(cfg_dict | {"resolved_teacher_run_id": prep.teacher_run_id}, data, full=report)
-            tracking.log_text(repr(loss), "loss.txt")
-        ckpt = checkpoint_dir(run_id, cfg.checkpoint_dir)
-        outputs = prep.outputs if loss.uses_teacher else None
-        hooks = [tracking.MlflowCallback(), ConsoleCallback(f"student {cfg.loss.variant}", cfg.train.epochs),
-                 *callbacks]
-        trainer = Trainer(student, DistillTask(loss, outputs), cfg.train, ckpt, hooks, device)
-        state = trainer.fit(data.loaders["train"], data.loaders["val"], resume=resume_id is not None)
-        ex = example_batch(data)
-        if report:
-            metrics, preds = test_report(trainer, state, data, student_forward,
-                                         f"student ({cfg.loss.variant})", seed)
-            log_profile("student", trainer.model, (ex["rgb"],))
-            if loss.uses_teacher:
-                log_profile("teacher", teacher, (ex["rgb"], ex["ir"]))
-                log_teacher_comparison(prep.teacher_run_id, metrics, preds, teacher, data, seed)
-        else:
+    plan = FitPlan(stage=stage, teacher=teacher_name, loss=cfg.loss.variant,
+                   run_name=cfg.tracking.run_name or f"{teacher_name} {cfg.loss.variant} s{seed}",
+                   label=f"student {cfg.loss.variant}",
+                   cfg=to_dict(cfg) | {"resolved_teacher_run_id": prep.teacher_run_id}, data=data, model=student,
+                   task=DistillTask(loss, prep.outputs if loss.uses_teacher else None), train=cfg.train,
+                   tracking=cfg.tracking, device=device, tags=tags, resume=cfg.resume,
+                   checkpoint_dir=cfg.checkpoint_dir, full_log=report)
+    with tracked_fit(plan, attach_env, parent_run_id, extra_tags, callbacks,
+                     on_start=lambda: tracking.log_text(repr(loss), "loss.txt")) as fitted:
+        trainer, state = fitted.trainer, fitted.state
+        if not report:
             tracking.log_metrics({"val/best_f1_macro": state.best_score, "best_epoch": float(state.best_epoch)})
-        keep_best_checkpoint(state, ckpt)
-        if report and cfg.tracking.log_model:
+            return fitted.run_id
+        ex = example_batch(data)
+        rep = log_test_report(trainer, state, data, f"student ({cfg.loss.variant})", seed)
+        log_profile("student", trainer.model, (ex["rgb"],))
+        if loss.uses_teacher:
+            log_profile("teacher", teacher, (ex["rgb"], ex["ir"]))
+            log_teacher_comparison(prep.teacher_run_id, rep, teacher, data, seed)
+        if cfg.tracking.log_model:
             log_student(trainer.model, ex["rgb"], cfg.tracking.register_as)
-    return run_id
+    return fitted.run_id
 
 
-def log_teacher_comparison(teacher_run_id, metrics, preds, teacher, data, seed) -> None:
-    """Student-teacher gap on each test metric; student embeddings beside the teacher's."""
+def log_teacher_comparison(teacher_run_id: str, rep: TestReport, teacher, data: Data, seed: int) -> None:
+    """Student-teacher gap on each test metric; student embeddings (already computed) beside the
+    teacher's."""
+    metrics, preds = rep.metrics, rep.predictions
     teacher_metrics = tracking.get_run(teacher_run_id).data.metrics
     gaps = {f"gap/{m}": metrics[f"test/{m}"] - teacher_metrics[f"test/{m}"]
             for m in TEST_METRICS if f"test/{m}" in teacher_metrics and f"test/{m}" in metrics}
     tracking.log_metrics(gaps)
     t_feats = predict(teacher, data.loaders["test"], next(teacher.parameters()).device, teacher_forward).features
     for method in ("tsne", "umap"):
-        s_pts, s_kept = plots.embed_features(preds.features, method=method, seed=seed)
+        s_pts, s_kept = rep.embeddings[method]
         t_pts, t_kept = plots.embed_features(t_feats, method=method, seed=seed)
         fig = plots.embedding_pair(s_pts, preds.targets[s_kept], t_pts, preds.targets[t_kept],
                                    (f"student ({method.upper()})", f"teacher ({method.upper()})"))

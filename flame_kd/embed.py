@@ -3,7 +3,6 @@ standalone visualisers as one command. The model comes from an MLflow run or a c
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 import torch
@@ -13,30 +12,16 @@ from flame_kd.config import DataConfig, EmbedConfig
 from flame_kd.engine import resolve_device, seed_everything
 from flame_kd.errors import ConfigError
 from flame_kd.evaluate import predict
-from flame_kd.experiment import load_data
+from flame_kd.experiment import load_data, load_run_model
 from flame_kd.models import build_student, build_teacher
 from flame_kd.tasks import student_forward, teacher_forward
 
 
-def _from_run(cfg: EmbedConfig, tmp: str) -> tuple[torch.nn.Module, str, DataConfig, int]:
-    run = tracking.get_run(cfg.run_id)
-    stage = run.data.tags.get("flame_kd.stage")
-    if stage not in ("teacher", "distill", "trial"):
-        raise ConfigError(f"run {cfg.run_id} is not a flame-kd teacher or distill run (stage {stage!r})")
-    rc = tracking.load_config(cfg.run_id, tmp)
-    state = torch.load(tracking.download(cfg.run_id, "checkpoints/best.pt", tmp), map_location="cpu",
-                       weights_only=False)
+def _from_run(cfg: EmbedConfig) -> tuple[torch.nn.Module, str, DataConfig, int]:
+    model, kind, rc = load_run_model(cfg.run_id)
     data = DataConfig(**{**rc["data"], "ratios": tuple(rc["data"]["ratios"])})
     if cfg.csv:
         data.csv = cfg.csv
-    if stage == "teacher":
-        model = build_teacher(rc["teacher"]["name"], fusion=rc["teacher"]["fusion"], pretrained=False,
-                              image_size=data.image_size)
-        kind = "teacher"
-    else:
-        model = build_student(rc["student"], image_size=data.image_size)
-        kind = "student"
-    model.load_state_dict(state["model"])
     return model, kind, data, int(rc["train"]["seed"])
 
 
@@ -51,7 +36,7 @@ def _from_checkpoint(cfg: EmbedConfig) -> tuple[torch.nn.Module, str, DataConfig
     else:
         model = build_student(cfg.architecture, image_size=cfg.image_size)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=True)
         model.load_state_dict(state.get("model", state))
     except Exception as err:  # a wrong file or a wrong architecture
         raise ConfigError(f"cannot load {path} into {cfg.architecture}: {str(err).splitlines()[0]}") from None
@@ -67,8 +52,7 @@ def run_embed(cfg: EmbedConfig) -> Path | str:
     if cfg.run_id:
         tracking.configure(None)
     device = resolve_device(cfg.device)
-    with tempfile.TemporaryDirectory() as tmp:
-        model, kind, data_cfg, seed = _from_run(cfg, tmp) if cfg.run_id else _from_checkpoint(cfg)
+    model, kind, data_cfg, seed = _from_run(cfg) if cfg.run_id else _from_checkpoint(cfg)
     seed_everything(cfg.seed)
     data = load_data(data_cfg, seed, device)
     forward = teacher_forward if kind == "teacher" else student_forward

@@ -24,7 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from flame_kd.config import TrainConfig
-from flame_kd.evaluate import compute_metrics
+from flame_kd.evaluate import Predictions, compute_metrics
 
 Batch = dict[str, Any]
 
@@ -263,14 +263,18 @@ class Trainer:
         return metrics
 
     @torch.inference_mode()
-    def evaluate(self, loader, prefix: str = "val") -> dict[str, float]:
-        """Loss components and classification metrics of the model on a loader."""
+    def evaluate(self, loader, prefix: str = "val", predictions: bool = False):
+        """Loss components and classification metrics of the model on a loader.
+
+        With ``predictions`` it returns ``(metrics, Predictions)``: the per-frame targets,
+        probabilities, features and rows of the same pass, so a test report reads the split once.
+        """
         self.model.eval()
         for m in self.task.modules():
             m.eval()
         sums: dict[str, float] = {}
         n = 0
-        targets, probs = [], []
+        targets, probs, features, rows = [], [], [], []
         for batch in self._bar(loader, prefix):
             batch = to_device(batch, self.device, self.channels_last)
             with self._autocast():
@@ -282,10 +286,16 @@ class Trainer:
                     sums[k] = sums.get(k, 0.0) + float(v) * b
             targets.append(batch["target"].float().cpu().numpy())
             probs.append(torch.sigmoid(out["logits"].float()).cpu().numpy())
+            if predictions:
+                features.append(out["features"].float().cpu().numpy())
+                rows.append(batch["index"].cpu().numpy().reshape(-1))
         metrics = {f"{prefix}/{k}": v / max(n, 1) for k, v in sums.items()}
         scores = compute_metrics(np.concatenate(targets), np.concatenate(probs), self.cfg.threshold)
         metrics |= {f"{prefix}/{k}": v for k, v in scores.items()}
-        return metrics
+        if not predictions:
+            return metrics
+        return metrics, Predictions(targets=np.concatenate(targets), probs=np.concatenate(probs),
+                                    features=np.concatenate(features), indices=np.concatenate(rows).astype(int))
 
     def fit(self, train_loader, val_loader, resume: bool = False) -> FitState:
         """Train until ``cfg.epochs`` or early stopping; returns the final state."""

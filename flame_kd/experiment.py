@@ -6,26 +6,31 @@ the engine, then ``finish`` evaluates the best checkpoint on test once and logs 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
-from dataclasses import dataclass
+import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import pandas as pd
 import torch
 
 from flame_kd import plots, tracking
-from flame_kd.config import DataConfig, flatten
+from flame_kd.config import DataConfig, TrackingConfig, TrainConfig, flatten
 from flame_kd.data.dataset import FrameCache, PairedFrames, make_loader
 from flame_kd.data.labels import find_label_ranges
 from flame_kd.data.schema import data_digest, load_frames
 from flame_kd.data.split import Split, make_split
-from flame_kd.engine import FitState, Trainer
-from flame_kd.evaluate import Predictions, confusion_matrices, predict, profile_model
-from flame_kd.errors import DataError
+from flame_kd.engine import ConsoleCallback, FitState, Trainer
+from flame_kd.evaluate import Predictions, confusion_matrices, profile_model
+from flame_kd.errors import ConfigError, DataError
+
+log = logging.getLogger("flame_kd")
 
 
 def cache_home() -> Path:
@@ -132,30 +137,112 @@ def log_profile(prefix: str, model: torch.nn.Module, example: tuple) -> dict:
     return prof
 
 
-def test_report(
-    trainer: Trainer,
-    state: FitState,
-    data: Data,
-    forward: Callable,
-    tag: str,
-    seed: int,
-) -> tuple[dict[str, float], Predictions]:
-    """Best checkpoint on the test split, once: metrics, confusion, curves, t-SNE and UMAP."""
+@dataclass
+class TestReport:
+    """What the end of a run computed on the test split, once: metrics, predictions, embeddings."""
+
+    metrics: dict[str, float]
+    predictions: Predictions
+    embeddings: dict[str, tuple]  # method -> (points2d, kept rows of predictions)
+
+
+def log_test_report(trainer: Trainer, state: FitState, data: Data, tag: str, seed: int) -> TestReport:
+    """Best checkpoint on the test split in one pass; logs metrics, confusion, curves, t-SNE, UMAP."""
     trainer.load_best()
-    metrics = trainer.evaluate(data.loaders["test"], "test")
+    metrics, preds = trainer.evaluate(data.loaders["test"], "test", predictions=True)
     metrics["best_epoch"] = float(state.best_epoch)
     metrics["val/best_f1_macro"] = float(state.best_score)
     tracking.log_metrics(metrics)
-    preds = predict(trainer.model, data.loaders["test"], trainer.device, forward)
     cms = confusion_matrices(preds.targets, preds.probs, trainer.cfg.threshold)
     tracking.log_figure(plots.confusion(cms), "plots/confusion.png")
     tracking.log_dict_json({k: v.tolist() for k, v in cms.items()}, "metrics/confusion.json")
     tracking.log_figure(plots.training_curves(state.history), "plots/training_curves.png")
+    embeddings = {}
     for method in ("tsne", "umap"):
-        pts, kept = plots.embed_features(preds.features, method=method, seed=seed)
+        pts, kept = embeddings[method] = plots.embed_features(preds.features, method=method, seed=seed)
         fig = plots.embedding(pts, preds.targets[kept], f"{tag} test features ({method.upper()})")
         tracking.log_figure(fig, f"plots/{method}.png")
-    return metrics, preds
+    return TestReport(metrics, preds, embeddings)
+
+
+@dataclass
+class FitPlan:
+    """One tracked training run, as teacher.py or distill.py describe it to ``tracked_fit``."""
+
+    stage: str  # flame_kd.stage: teacher | distill | trial
+    teacher: str  # identity tags: the teacher ("none" without one) and the loss
+    loss: str
+    run_name: str
+    label: str  # the console's name for the model ("teacher resnet-152")
+    cfg: dict  # the resolved config: logged whole, and its digest identifies the run for --resume
+    data: Data
+    model: torch.nn.Module
+    task: object
+    train: TrainConfig
+    tracking: TrackingConfig
+    device: torch.device
+    tags: dict = field(default_factory=dict)
+    resume: bool = False
+    checkpoint_dir: str | None = None
+    full_log: bool = True  # False for sweep trials: their parent holds the data set and manifest
+
+
+@dataclass
+class Fitted:
+    run_id: str
+    trainer: Trainer
+    state: FitState
+
+
+@contextlib.contextmanager
+def tracked_fit(plan: FitPlan, attach_env: bool = True, parent_run_id: str | None = None,
+                extra_tags: dict | None = None, callbacks=(), on_start: Callable[[], None] | None = None
+                ) -> Iterator[Fitted]:
+    """The skeleton every tracked run shares: resume lookup, open the run (or continue it), log the
+    config and data, fit; the caller reports inside the ``with``; then the best checkpoint is kept
+    and the run ends FINISHED (or FAILED / KILLED with the reason, by ``tracking.run``)."""
+    digest = config_digest(plan.cfg)
+    resume_id = find_resumable(digest) if plan.resume else None
+    if plan.resume and not resume_id:
+        log.warning("nothing to resume for these settings; starting a new run")
+    tags = identity_tags(plan.stage, plan.teacher, plan.loss, plan.train.seed, plan.data, digest)
+    tags |= plan.tags | (extra_tags or {})
+    with tracking.run(plan.tracking.experiment, plan.run_name, tags, run_id=resume_id, attach_env=attach_env,
+                      parent_run_id=parent_run_id) as active:
+        run_id = active.info.run_id
+        if resume_id is None:
+            start_logging(plan.cfg, plan.data, full=plan.full_log)
+            if on_start:
+                on_start()
+        ckpt = checkpoint_dir(run_id, plan.checkpoint_dir)
+        hooks = [tracking.MlflowCallback(), ConsoleCallback(plan.label, plan.train.epochs), *callbacks]
+        trainer = Trainer(plan.model, plan.task, plan.train, ckpt, hooks, plan.device)
+        state = trainer.fit(plan.data.loaders["train"], plan.data.loaders["val"], resume=resume_id is not None)
+        yield Fitted(run_id, trainer, state)
+        keep_best_checkpoint(state, ckpt)
+
+
+def load_run_model(run_id: str, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, str, dict]:
+    """(model with its best weights, "teacher" | "student", the run's config) of a teacher, distill or
+    trial run, rebuilt from its logged config and ``checkpoints/best.pt`` (tensors only: no pickle)."""
+    from flame_kd.models import build_student, build_teacher
+
+    run = tracking.get_run(run_id)
+    stage = run.data.tags.get("flame_kd.stage")
+    if stage not in ("teacher", "distill", "trial"):
+        raise ConfigError(f"run {run_id} is not a flame-kd teacher or distill run (stage {stage!r})")
+    with tempfile.TemporaryDirectory() as tmp:
+        rc = tracking.load_config(run_id, tmp)
+        state = torch.load(tracking.download(run_id, "checkpoints/best.pt", tmp), map_location="cpu",
+                           weights_only=True)
+    size = rc["data"]["image_size"]
+    if stage == "teacher":
+        t = rc["teacher"]
+        model, kind = build_teacher(t["name"], fusion=t["fusion"], pretrained=False, image_size=size), "teacher"
+    else:
+        model, kind = build_student(rc["student"], image_size=size), "student"
+    model.load_state_dict(state["model"])
+    return model.to(device).eval(), kind, rc
 
 
 def keep_best_checkpoint(state: FitState, run_dir: Path) -> None:

@@ -10,27 +10,27 @@ retried.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import random
 import shutil
 import socket
-import sys
 import tempfile
 import time
 import warnings
 
 import optuna
-import torch
 
 from flame_kd import tracking
 from flame_kd.config import SweepConfig
 from flame_kd.distill import Prepared, prepare, run_distill
 from flame_kd.engine import LambdaCallback, Trainer
 from flame_kd.errors import ConfigError
-from flame_kd.experiment import checkpoint_dir
+from flame_kd.experiment import checkpoint_dir, load_run_model
 from flame_kd.losses import VARIANTS
-from flame_kd.models import build_student
 from flame_kd.tasks import SupervisedTask, student_forward
+
+log = logging.getLogger("flame_kd")
 
 WEIGHT_RANGE = (0.0, 1.0)
 TEMPERATURE_RANGE = (1.0, 10.0)  # log scale
@@ -218,12 +218,13 @@ def run_sweep(cfg: SweepConfig) -> optuna.Study:
                           run_id=env_run)
     study.optimize(objective_for(cfg, prep, parent_id), n_trials=cfg.n_trials, timeout=cfg.timeout,
                    catch=(Exception,), gc_after_trial=True)
-    summarise(study, cfg, prep, parent_id)
+    summarise_and_finish(study, cfg, prep, parent_id)
     return study
 
 
-def summarise(study: optuna.Study, cfg: SweepConfig, prep: Prepared, parent_id: str) -> None:
-    """Best params, the best trial's test metrics (once, best checkpoint) and Optuna's plots."""
+def summarise_and_finish(study: optuna.Study, cfg: SweepConfig, prep: Prepared, parent_id: str) -> None:
+    """Best params, the best trial's test metrics (once, best checkpoint) and Optuna's plots; then the
+    parent run ends FINISHED."""
     from flame_kd import plots
 
     states = [t.state.name for t in study.trials]
@@ -231,7 +232,7 @@ def summarise(study: optuna.Study, cfg: SweepConfig, prep: Prepared, parent_id: 
     tracking.log_metrics(counts, run_id=parent_id)
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     if not done:
-        print("flame-kd: no trial completed yet; nothing to summarise", file=sys.stderr)
+        log.warning("no trial completed yet; nothing to summarise")
         return
     best = study.best_trial
     # Params are write-once in MLflow and another worker may summarise a better trial later:
@@ -252,11 +253,7 @@ def summarise(study: optuna.Study, cfg: SweepConfig, prep: Prepared, parent_id: 
 def evaluate_trial(run_id: str, cfg: SweepConfig, prep: Prepared) -> dict[str, float]:
     """Test metrics of one trial's best checkpoint: the only time a sweep touches the test split."""
     d = cfg.distill
-    model = build_student(d.student, image_size=d.data.image_size)
-    with tempfile.TemporaryDirectory() as tmp:
-        state = torch.load(tracking.download(run_id, "checkpoints/best.pt", tmp), map_location="cpu",
-                           weights_only=False)
-    model.load_state_dict(state["model"])
+    model, _, _ = load_run_model(run_id)
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(model, SupervisedTask(student_forward), d.train, tmp, device=prep.device)
         return trainer.evaluate(prep.data.loaders["test"], "test")

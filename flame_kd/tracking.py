@@ -28,7 +28,6 @@ from flame_kd.errors import FlameKDError
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"  # else MLflow 3.17's UI opens the experiment as GenAI
 TAG = "flame_kd."
-STUDENT_MODEL_NAME = "flame-kd-student"
 
 
 def redact(uri: str | None) -> str:

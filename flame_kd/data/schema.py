@@ -33,10 +33,6 @@ class CheckReport:
     summary: str
     frames: pd.DataFrame | None
 
-    @property
-    def ok(self) -> bool:
-        return not self.problems
-
 
 def format_problems(problems: list[str], limit: int = MAX_LISTED) -> str:
     """Bullet list of the first ``limit`` problems, then ``... and N more``."""
