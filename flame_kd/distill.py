@@ -35,6 +35,7 @@ from flame_kd.experiment import (
 from flame_kd.export import export_onnx
 from flame_kd.losses import DistillLoss, check_temperature, resolve_weights
 from flame_kd.models import build_student
+from flame_kd.models.deploy import Deployable
 from flame_kd.tasks import DistillTask, TeacherOutputs, teacher_forward
 from flame_kd.teacher import run_teacher
 
@@ -218,4 +219,4 @@ def log_student(model: torch.nn.Module, example: torch.Tensor, registered_name: 
         tracking.log_metrics({"onnx/max_abs_diff": check["max_abs_diff"]})
         tracking.set_tags({"flame_kd.onnx_check": "passed" if check["ok"] else "FAILED"})
         tracking.log_file(path, "onnx")
-    tracking.log_model(model, registered_name=registered_name)
+    tracking.log_model(Deployable(model), example.numpy(), registered_name=registered_name)

@@ -9,7 +9,7 @@ import torch
 
 from flame_kd import plots, tracking
 from flame_kd.config import DataConfig, EmbedConfig
-from flame_kd.engine import resolve_device, seed_everything
+from flame_kd.engine import load_checkpoint, resolve_device, seed_everything
 from flame_kd.errors import ConfigError
 from flame_kd.evaluate import predict
 from flame_kd.experiment import load_data, load_run_model
@@ -35,10 +35,10 @@ def _from_checkpoint(cfg: EmbedConfig) -> tuple[torch.nn.Module, str, DataConfig
         model = build_teacher(cfg.architecture, fusion=cfg.fusion, pretrained=False, image_size=cfg.image_size)
     else:
         model = build_student(cfg.architecture, image_size=cfg.image_size)
+    state = load_checkpoint(path)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
         model.load_state_dict(state.get("model", state))
-    except Exception as err:  # a wrong file or a wrong architecture
+    except Exception as err:  # a wrong architecture
         raise ConfigError(f"cannot load {path} into {cfg.architecture}: {str(err).splitlines()[0]}") from None
     return model, cfg.model_type, DataConfig(csv=cfg.csv, image_size=cfg.image_size), cfg.seed
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import pickle
 import random
 import sys
 import time
@@ -110,7 +111,11 @@ def to_device(batch: Batch, device: torch.device, channels_last: bool) -> Batch:
 
 
 def _rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG's state as tensors and plain data, so ``last.pt`` loads with weights_only=True."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    numpy_state = {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                   "has_gauss": int(has_gauss), "cached": float(cached)}
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -118,10 +123,27 @@ def _rng_state() -> dict:
 
 def _set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
+    """``torch.load`` with ``weights_only=True``: tensors and plain data only, so a checkpoint from
+    elsewhere (a shared tracking server, a download) can never run code here. Anything else is
+    refused with one line naming the file."""
+    from flame_kd.errors import ConfigError
+
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        detail = str(err).split("\n")[0][:200]
+        raise ConfigError(f"refused to load {path}: it holds more than tensors and plain data, which no "
+                          f"flame-kd checkpoint does, and loading it could run code ({detail})") from None
+    except (OSError, RuntimeError, EOFError) as err:
+        raise ConfigError(f"cannot read checkpoint {path}: {str(err).splitlines()[0][:200]}") from None
 
 
 def atomic_save(obj: Any, path: Path) -> None:
@@ -191,7 +213,7 @@ class Trainer:
         path = self.checkpoint_dir / "last.pt"
         if not path.exists():
             return False
-        ckpt = torch.load(path, map_location=self.device, weights_only=False)
+        ckpt = load_checkpoint(path, self.device)
         self.model.load_state_dict(ckpt["model"])
         for m, sd in zip(self.task.modules(), ckpt["task"]):
             m.load_state_dict(sd)
@@ -209,7 +231,7 @@ class Trainer:
     def load_best(self) -> None:
         """Put the best checkpoint's weights back into the model (and task modules)."""
         path = self.state.best_path or self.checkpoint_dir / "best.pt"
-        ckpt = torch.load(path, map_location=self.device, weights_only=False)
+        ckpt = load_checkpoint(path, self.device)
         self.model.load_state_dict(ckpt["model"])
         for m, sd in zip(self.task.modules(), ckpt["task"]):
             m.load_state_dict(sd)

@@ -26,7 +26,7 @@ from flame_kd.data.dataset import FrameCache, PairedFrames, make_loader
 from flame_kd.data.labels import find_label_ranges
 from flame_kd.data.schema import data_digest, load_frames
 from flame_kd.data.split import Split, make_split
-from flame_kd.engine import ConsoleCallback, FitState, Trainer
+from flame_kd.engine import ConsoleCallback, FitState, Trainer, load_checkpoint
 from flame_kd.evaluate import Predictions, confusion_matrices, profile_model
 from flame_kd.errors import ConfigError, DataError
 
@@ -233,8 +233,7 @@ def load_run_model(run_id: str, device: torch.device | str = "cpu") -> tuple[tor
         raise ConfigError(f"run {run_id} is not a flame-kd teacher or distill run (stage {stage!r})")
     with tempfile.TemporaryDirectory() as tmp:
         rc = tracking.load_config(run_id, tmp)
-        state = torch.load(tracking.download(run_id, "checkpoints/best.pt", tmp), map_location="cpu",
-                           weights_only=True)
+        state = load_checkpoint(tracking.download(run_id, "checkpoints/best.pt", tmp))
     size = rc["data"]["image_size"]
     if stage == "teacher":
         t = rc["teacher"]
@@ -252,7 +251,8 @@ def keep_best_checkpoint(state: FitState, run_dir: Path) -> None:
     shutil.rmtree(run_dir, ignore_errors=True)
 
 
-def example_batch(data: Data, n: int = 1) -> dict[str, torch.Tensor]:
+def example_batch(data: Data, n: int = 2) -> dict[str, torch.Tensor]:
+    """The first ``n`` test frames, raw (uint8): profiling cuts them to one, exports keep a batch of 2."""
     ds = data.loaders["test"].dataset
     items = [ds[i] for i in range(min(n, len(ds)))]
     return {k: torch.stack([torch.as_tensor(it[k]) for it in items]) for k in ("rgb", "ir")}

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import torch
+
 from flame_kd import tracking
 from flame_kd.config import TeacherRunConfig, to_dict
 from flame_kd.engine import resolve_device, seed_everything
 from flame_kd.experiment import FitPlan, example_batch, load_data, log_profile, log_test_report, tracked_fit
 from flame_kd.models import build_teacher
+from flame_kd.models.deploy import Deployable
 from flame_kd.tasks import SupervisedTask, teacher_forward
 
 
@@ -33,6 +36,7 @@ def run_teacher(cfg: TeacherRunConfig, attach_env: bool = True, extra_tags: dict
         log_test_report(fitted.trainer, fitted.state, data, f"{t.name} teacher", seed)
         ex = example_batch(data)
         log_profile("model", fitted.trainer.model, (ex["rgb"], ex["ir"]))
-        if cfg.tracking.log_model:
-            tracking.log_model(fitted.trainer.model.cpu().eval())
+        if cfg.tracking.log_model:  # served as 6 channels: RGB then IR, raw uint8
+            frames = torch.cat([ex["rgb"], ex["ir"]], dim=1).numpy()
+            tracking.log_model(Deployable(fitted.trainer.model.cpu().eval(), modalities=2), frames)
     return fitted.run_id

@@ -268,15 +268,19 @@ def log_dataset(frames, csv_path: str, digest: str, context: str = "training") -
         mlflow.log_input(ds, context=context)
 
 
-def log_model(model, registered_name: str | None = None, example=None) -> None:
-    """The model through mlflow.pytorch (pickle format: the pt2 default fixes the batch size)."""
+def log_model(model, example, registered_name: str | None = None) -> None:
+    """``model`` (a models.Deployable) through mlflow.pytorch in the pt2 format: torch.export's graph,
+    no pickle, so loading it runs no code from the artifact store. ``example`` (uint8 frames, a batch
+    of 2 or more) traces it; MLflow marks the batch axis dynamic, so any batch size is served."""
     import torch
 
+    if len(example) < 2:
+        raise ValueError("log_model needs an example batch of 2 or more (a batch of 1 is exported static)")
     mlflow.pytorch.log_model(
-        model,
+        model.eval(),
         name="model",
-        serialization_format="pickle",
-        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "timm", "flame-kd"],
+        serialization_format="pt2",
+        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
         registered_model_name=registered_name,
         input_example=example,
     )
