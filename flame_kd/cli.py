@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 
 import click
 
 from flame_kd import __version__
+from flame_kd.errors import Preempted
 from flame_kd.config import (
     RUNTIME_FIELDS,
     AblationSpec,
@@ -28,7 +30,41 @@ from flame_kd.options import (
 )
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class _StoppableGroup(click.Group):
+    """The flame-kd group: SIGTERM and SIGINT end the command cleanly.
+
+    The run in flight ends KILLED with the signal in ``flame_kd.error`` (``--resume true``
+    continues it) and the process exits 128 + the signal number: 143 for SIGTERM, 130 for Ctrl-C.
+    """
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+
+        def stop(signum, _frame):
+            raise Preempted(signum)
+
+        previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.Abort as err:  # click turns KeyboardInterrupt into Abort
+            cause = err.__cause__
+            signum = cause.signum if isinstance(cause, Preempted) else signal.SIGINT
+            click.echo(f"flame-kd: stopped by {signal.Signals(signum).name}; "
+                       "`--resume true` continues the run", err=True)
+            sys.exit(128 + signum)
+        except click.ClickException as err:
+            err.show()
+            sys.exit(err.exit_code)
+        except click.exceptions.Exit as err:
+            sys.exit(err.exit_code)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        sys.exit(0)
+
+
+@click.group(cls=_StoppableGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="flame-kd")
 def main() -> None:
     """Knowledge distillation on FLAME2 (RGB+IR wildfire frames), tracked in MLflow."""

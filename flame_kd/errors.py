@@ -22,5 +22,20 @@ class DataError(FlameKDError):
         super().__init__(message)
 
 
+class Preempted(KeyboardInterrupt):
+    """The process was told to stop (SIGTERM from Kaggle, Slurm, Kubernetes or ``timeout``; SIGINT).
+
+    A KeyboardInterrupt, so everything that cleans up after Ctrl-C (the run ends KILLED, an Optuna
+    trial FAIL) does the same here; ``last.pt`` of the last finished epoch is what resume starts from.
+    """
+
+    def __init__(self, signum: int):
+        import signal
+
+        self.signum = signum
+        self.name = signal.Signals(signum).name
+        super().__init__(f"stopped by {self.name}")
+
+
 class ConfigError(FlameKDError):
     """An option value that cannot work (unknown teacher, negative weight, ...)."""

@@ -25,7 +25,7 @@ from flame_kd import tracking
 from flame_kd.config import SweepConfig
 from flame_kd.distill import Prepared, prepare, run_distill
 from flame_kd.engine import LambdaCallback, Trainer
-from flame_kd.errors import ConfigError
+from flame_kd.errors import ConfigError, Preempted
 from flame_kd.experiment import checkpoint_dir, load_run_model
 from flame_kd.losses import VARIANTS
 from flame_kd.tasks import SupervisedTask, student_forward
@@ -169,6 +169,10 @@ def objective_for(cfg: SweepConfig, prep: Prepared, parent_id: str):
                                  parent_run_id=parent_id, prep=prep, stage="trial", report=False)
         except optuna.TrialPruned:
             _tag_last_trial(parent_id, trial.number, "PRUNED")
+            raise
+        except Preempted as stop:  # Optuna fails the trial; a copy waits for the next worker, as after
+            trial.study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})  # a lost heartbeat
+            _tag_last_trial(parent_id, trial.number, "FAIL", f"worker {stop}; re-queued")
             raise
         except Exception:
             _tag_last_trial(parent_id, trial.number, "FAIL")

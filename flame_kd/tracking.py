@@ -23,7 +23,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from flame_kd.engine import Callback, FitState
-from flame_kd.errors import FlameKDError
+from flame_kd.errors import FlameKDError, Preempted
 
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"  # else MLflow 3.17's UI opens the experiment as GenAI
@@ -146,8 +146,8 @@ def run(
         mlflow.set_tags({k: str(v) for k, v in tags.items()})
     try:
         yield active
-    except KeyboardInterrupt:
-        _end(run_id, "KILLED", "interrupted (Ctrl-C)")
+    except KeyboardInterrupt as err:  # Ctrl-C, or a Preempted (SIGTERM): resumable with --resume
+        _end(run_id, "KILLED", str(err) if isinstance(err, Preempted) else "interrupted (Ctrl-C)")
         raise
     except BaseException as err:
         _end(run_id, "FAILED", _error_text(err))
@@ -160,9 +160,14 @@ def run(
 
 
 def _end(run_id: str, status: str, error: str | None) -> None:
+    """End the run with ``status``; its ``flame_kd.error`` says why, and a resumed run that then
+    finishes loses the reason it was stopped before."""
     with contextlib.suppress(Exception):
+        client = MlflowClient()
         if error:
-            MlflowClient().set_tag(run_id, TAG + "error", error)
+            client.set_tag(run_id, TAG + "error", error)
+        elif TAG + "error" in client.get_run(run_id).data.tags:
+            client.delete_tag(run_id, TAG + "error")
         mlflow.flush_async_logging()
     active = mlflow.active_run()
     if active and active.info.run_id == run_id:

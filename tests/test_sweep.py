@@ -125,3 +125,26 @@ def test_bad_options(store, data_csv):
     with pytest.raises(ConfigError, match="cannot open Optuna storage") as err:
         run_sweep(cfg)
     assert "hunter2" not in str(err.value)
+
+
+def test_a_preempted_worker_fails_its_trial_and_requeues_it(store, data_csv, monkeypatch):
+    """SIGTERM mid-trial: the trial is FAIL in Optuna and FAILED in MLflow, a copy of its params waits."""
+    from flame_kd.errors import Preempted
+
+    real = sweep_mod.run_distill
+
+    def preempted(cfg, **kw):
+        def stop(epoch, metrics, state):
+            raise Preempted(15)
+        return real(cfg, **{**kw, "callbacks": [*kw["callbacks"], sweep_mod.LambdaCallback(stop)]})
+
+    monkeypatch.setattr(sweep_mod, "run_distill", preempted)
+    with pytest.raises(Preempted):
+        run_sweep(sweep_cfg(data_csv, n_trials=1, study="preempted"))
+    study = optuna.load_study(study_name="preempted", storage=sweep_mod.default_storage(store))
+    failed, waiting = study.trials
+    assert failed.state == optuna.trial.TrialState.FAIL
+    assert waiting.state == optuna.trial.TrialState.WAITING
+    assert waiting.system_attrs["fixed_params"] == failed.params  # suggested as-is when a worker takes it
+    run = trial_runs(study.user_attrs[PARENT_ATTR])[0]
+    assert run.info.status == "FAILED" and "SIGTERM" in run.data.tags["flame_kd.error"]
