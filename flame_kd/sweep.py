@@ -9,6 +9,7 @@ retried.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -58,8 +59,13 @@ def make_pruner(name: str) -> optuna.pruners.BasePruner:
 def make_storage(url: str, cfg: SweepConfig, attempts: int = 4) -> optuna.storages.RDBStorage:
     """The study's RDB storage. Workers started together on a fresh database race to create
     Optuna's tables; the loser of that race tries again and finds them made."""
+    lock = contextlib.nullcontext()
+    if url.startswith("sqlite:///"):  # table creation on a new file is not safe for processes starting together
+        from filelock import FileLock
+
+        lock = FileLock(url[len("sqlite:///"):] + ".lock", timeout=600)
     for attempt in range(attempts):
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), lock:
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             try:
                 return optuna.storages.RDBStorage(

@@ -7,12 +7,14 @@ with the reason in the ``flame_kd.error`` tag, so nothing logged before is lost.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import os
 import re
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import warnings
 from pathlib import Path
@@ -30,11 +32,18 @@ EXPERIMENT_KIND = "custom_model_development"  # else MLflow 3.17's UI opens the 
 TAG = "flame_kd."
 
 
+# userinfo up to the LAST @ of the token (a password may hold / or @), and secret query parameters
+_USERINFO = re.compile(r"(?<=://)[^\s]*@(?=[^@\s]*$)|(?<=://)[^\s]*@(?=[^@\s]*\s)")
+_SECRET_QUERY = re.compile(r"(?i)([?&;](?:[a-z_]*password|passwd|pwd|[a-z_]*token|[a-z_]*secret|[a-z_]*key)=)[^&;\s]*")
+
+
 def redact(uri: str | None) -> str:
-    """Drop credentials from a URL (``postgresql://user:pw@host`` -> ``postgresql://***@host``)."""
+    """Drop credentials from a URL or a message holding one: ``postgresql://user:pw@host`` ->
+    ``postgresql://***@host``, ``...?password=pw`` -> ``...?password=***``."""
     if uri is None:
         return ""
-    return re.sub(r"(?<=://)[^/@\s]+@", "***@", str(uri))
+    text = " ".join(_USERINFO.sub("***@", word) if "://" in word else word for word in str(uri).split(" "))
+    return _SECRET_QUERY.sub(r"\1***", text)
 
 
 def redact_all(obj: Any) -> Any:
@@ -55,12 +64,43 @@ def configure(tracking_uri: str | None = None) -> str:
         mlflow.set_tracking_uri(tracking_uri)
     uri = mlflow.get_tracking_uri()
     if uri.startswith(("http://", "https://")):
-        try:
-            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=10).read()
-        except (urllib.error.URLError, OSError, ValueError) as err:
-            reason = getattr(err, "reason", err)
-            raise FlameKDError(f"MLflow tracking server {redact(uri)} is unreachable: {reason}") from None
+        _probe(uri)
+    elif uri.startswith("sqlite:///"):
+        _create_sqlite_store(uri)
     return uri
+
+
+def _probe(uri: str) -> None:
+    """One GET of the server's /health, with any ``user:password@`` sent as basic auth, so a wrong
+    URL is one clear line instead of minutes of retries; the password is never printed."""
+    parts = urllib.parse.urlsplit(uri)
+    netloc = parts.hostname or ""
+    if parts.port:
+        netloc += f":{parts.port}"
+    request = urllib.request.Request(urllib.parse.urlunsplit(parts._replace(netloc=netloc)).rstrip("/") + "/health")
+    if parts.username is not None:
+        token = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
+        request.add_header("Authorization", "Basic " + base64.b64encode(token.encode()).decode())
+    try:
+        urllib.request.urlopen(request, timeout=10).read()
+    except urllib.error.HTTPError as err:
+        raise FlameKDError(f"{redact(uri)} answered HTTP {err.code} ({err.reason}) on /health: "
+                           "is it an MLflow tracking server, and are the credentials right?") from None
+    except (urllib.error.URLError, OSError, ValueError) as err:
+        reason = getattr(err, "reason", err)
+        raise FlameKDError(f"MLflow tracking server {redact(uri)} is unreachable: {redact(str(reason))}") from None
+
+
+def _create_sqlite_store(uri: str) -> None:
+    """Create (or upgrade) a SQLite store once, under a file lock: MLflow's first-use migration is
+    not safe when several processes start together on a new store (two sweep workers, two cells)."""
+    from filelock import FileLock
+
+    path = Path(uri[len("sqlite:///"):])
+    if not path.parent.exists():
+        return  # MLflow says what is wrong with the path
+    with FileLock(str(path) + ".lock", timeout=600):
+        MlflowClient(uri).search_experiments(max_results=1)
 
 
 DEFAULT_EXPERIMENT = "flame-kd"

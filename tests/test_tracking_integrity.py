@@ -1,0 +1,95 @@
+"""Credentials that work and never leak, and a store that any number of processes can start on."""
+
+from __future__ import annotations
+
+import base64
+import http.server
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from flame_kd import tracking
+from flame_kd.errors import FlameKDError
+
+
+@pytest.mark.parametrize("url, secret, kept", [
+    ("postgresql+psycopg2://u:s3cret@db:5432/optuna", "s3cret", "postgresql+psycopg2://***@db:5432/optuna"),
+    ("postgresql://u:pa/ss@w0rd@db/x", "pa/ss", "postgresql://***@db/x"),
+    ("http://alice:pw@127.0.0.1", "alice:pw", "http://***@127.0.0.1"),
+    ("postgresql://db/x?user=u&password=s3cret&sslmode=require", "s3cret", "password=***&sslmode=require"),
+    ("https://host/api?token=abc123", "abc123", "token=***"),
+    ("s3://bucket/x?AWS_SECRET=zzz&api_key=kkk", "zzz", "api_key=***"),
+    ("cannot reach http://u:pw@host:5000 (timeout)", "u:pw", "http://***@host:5000 (timeout)"),
+])
+def test_redact_hides_every_credential(url, secret, kept):
+    out = tracking.redact(url)
+    assert secret not in out and kept in out
+
+
+class _AuthHandler(http.server.BaseHTTPRequestHandler):
+    expected = "Basic " + base64.b64encode(b"user:s3cret").decode()
+    code_without_auth = 401
+
+    def do_GET(self):  # noqa: N802 (http.server's name)
+        ok = self.headers.get("Authorization") == self.expected and self.path == "/health"
+        self.send_response(200 if ok else self.code_without_auth)
+        self.end_headers()
+        self.wfile.write(b"OK" if ok else b"no")
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def server():
+    httpd = http.server.HTTPServer(("127.0.0.1", 0), _AuthHandler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield httpd.server_address[1]
+    httpd.shutdown()
+
+
+def test_credentials_in_the_tracking_url_reach_a_server_that_demands_them(server, monkeypatch):
+    monkeypatch.setattr(tracking.mlflow, "set_tracking_uri", lambda uri: None)
+    monkeypatch.setattr(tracking.mlflow, "get_tracking_uri", lambda: f"http://user:s3cret@127.0.0.1:{server}")
+    tracking.configure()  # no error: the probe sent basic auth
+    monkeypatch.setattr(tracking.mlflow, "get_tracking_uri", lambda: f"http://user:wrong@127.0.0.1:{server}")
+    with pytest.raises(FlameKDError, match="HTTP 401") as err:
+        tracking.configure()
+    assert "wrong" not in str(err.value.message)
+
+
+def test_a_server_that_is_not_mlflow_is_one_line(server, monkeypatch):
+    monkeypatch.setattr(_AuthHandler, "code_without_auth", 501)
+    monkeypatch.setattr(tracking.mlflow, "get_tracking_uri", lambda: f"http://127.0.0.1:{server}")
+    with pytest.raises(FlameKDError, match="HTTP 501.*MLflow tracking server"):
+        tracking.configure()
+
+
+def test_an_unreachable_server_with_credentials_and_no_port_never_prints_them(monkeypatch):
+    monkeypatch.setattr(tracking.mlflow, "get_tracking_uri", lambda: "http://user:s3cret@127.0.0.1:9")
+    with pytest.raises(FlameKDError, match="unreachable") as err:
+        tracking.configure()
+    assert "s3cret" not in err.value.message
+
+
+def test_processes_starting_together_on_a_fresh_sqlite_store_all_succeed(tmp_path):
+    """MLflow's first-use migration races; the store is created once under a file lock."""
+    code = (
+        "import sys\n"
+        "from flame_kd import tracking\n"
+        f"tracking.configure('sqlite:///{tmp_path / 'mlflow.db'}')\n"
+        "with tracking.run('together', f'worker {sys.argv[1]}'):\n"
+        "    tracking.log_metrics({'x': 1.0})\n"
+    )
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(i)], cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+             for i in range(3)]
+    errors = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], "\n".join(errors)[-3000:]
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("together")
+    assert len(client.search_runs([exp.experiment_id])) == 3
