@@ -143,9 +143,9 @@ def _set(row, col, value):
 
 CASES = {
     "missing column": (lambda f: edit_csv(f, lambda df: df.drop(columns="smoke")), ["missing column", "smoke"]),
-    "label 2": (lambda f: edit_csv(f, _set(3, "fire", "2")), ["row 5", "fire is '2'", "0 or 1"]),
-    "blank label": (lambda f: edit_csv(f, _set(7, "smoke", "")), ["row 9", "smoke is blank"]),
-    "label yes": (lambda f: edit_csv(f, _set(0, "fire", "yes")), ["row 2", "fire is 'yes'"]),
+    "label 2": (lambda f: edit_csv(f, _set(3, "fire", "2")), ["fire: '2' x1 (rows 5)", "0/1"]),
+    "blank label": (lambda f: edit_csv(f, _set(7, "smoke", "")), ["smoke: blank x1 (rows 9)"]),
+    "label maybe": (lambda f: edit_csv(f, _set(0, "fire", "maybe")), ["fire: 'maybe' x1 (rows 2)"]),
     "duplicate id": (lambda f: edit_csv(f, _set(10, "id", "1")), ["duplicate id 1", "row 2", "row 12"]),
     "missing file": (
         lambda f: (f / "254p RGB Images" / "254p RGB Frame (4).jpg").unlink() or str(f / "flame2.csv"),
@@ -179,7 +179,9 @@ def test_each_problem_exits_2_naming_it(synth_copy, case):
 
 
 def test_every_problem_listed_and_capped(synth_copy):
-    csv = edit_csv(synth_copy, lambda df: df.assign(fire="2"))
+    for image in (synth_copy / "254p Thermal Images").iterdir():
+        image.unlink()
+    csv = str(synth_copy / "flame2.csv")
     report = check_frames(csv)
     assert len(report.problems) == 120 and report.frames is None
     result = run_check(csv)
@@ -212,3 +214,34 @@ def test_data_digest_ignores_directories_but_not_labels(synth_csv, synth_copy):
     assert data_digest(a) == data_digest(b) and len(data_digest(a)) == 12
     b.loc[0, "smoke"] = 1 - b.loc[0, "smoke"]
     assert data_digest(a) != data_digest(b)
+
+
+@pytest.mark.parametrize("no, yes", [("0", "1"), ("0.0", "1.0"), ("false", "true"), ("No", "YES"), ("n", "Y"),
+                                     ("FALSE", "True")])
+def test_every_label_spelling_is_read_and_named(synth_copy, no, yes):
+    csv = synth_copy / "flame2.csv"
+    df = pd.read_csv(csv, dtype=str)
+    want = df[["fire", "smoke"]].astype(int).to_numpy()
+    for col in ("fire", "smoke"):
+        df[col] = df[col].map({"0": no, "1": yes})
+    df.to_csv(csv, index=False)
+    assert (load_frames(csv)[["fire", "smoke"]].to_numpy() == want).all()
+    result = run_check(str(csv))
+    assert result.exit_code == 0, result.output
+    spelling = {"0": "0/1", "0.0": "0.0/1.0", "false": "true/false", "no": "yes/no", "n": "y/n"}[no.lower()]
+    assert f"labels written as: fire {spelling}, smoke {spelling}" in result.output
+
+
+def test_bad_labels_are_one_line_per_column(synth_copy):
+    csv = synth_copy / "flame2.csv"
+    df = pd.read_csv(csv, dtype=str)
+    df.loc[[2, 7, 15], "fire"] = "maybe"
+    df.loc[[4], "fire"] = "2"
+    df.loc[list(range(20, 40)), "smoke"] = "?"
+    df.to_csv(csv, index=False)
+    result = run_check(str(csv))
+    assert result.exit_code == 2
+    lines = [line for line in result.output.splitlines() if "labels must be" in line]
+    assert len(lines) == 2, result.output
+    assert "fire: 'maybe' x3, '2' x1 (rows 4, 6, 9, 17)" in lines[0]
+    assert "smoke: '?' x20 (rows 22, 23, 24, 25, 26, ...)" in lines[1]

@@ -66,18 +66,31 @@ def _read_csv(csv: Path) -> tuple[pd.DataFrame | None, list[str]]:
     return raw.apply(lambda col: col.str.strip()), []
 
 
-def _parse_labels(raw: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
-    """fire/smoke as 0/1 integers (-1 where invalid) and a problem per invalid cell."""
-    out, problems = pd.DataFrame(index=raw.index), []
+# Label spellings of hand-made CSVs, in any case: spelling -> (word for 0, word for 1).
+SPELLINGS = {"0/1": ("0", "1"), "0.0/1.0": ("0.0", "1.0"), "true/false": ("false", "true"),
+             "yes/no": ("no", "yes"), "y/n": ("n", "y")}
+_LABEL_VALUES = {word: value for words in SPELLINGS.values() for value, word in enumerate(words)}
+
+
+def _parse_labels(raw: pd.DataFrame) -> tuple[pd.DataFrame, list[str], str]:
+    """fire/smoke as 0/1 integers (-1 where invalid), one problem per column naming its bad values
+    with counts and first rows, and the spellings found (``fire 0/1, smoke yes/no``)."""
+    out, problems, found = pd.DataFrame(index=raw.index), [], []
     for col in ("fire", "smoke"):
-        num = pd.to_numeric(raw[col], errors="coerce")
-        good = num.isin([0, 1])
+        words = raw[col].str.lower()
+        num = words.map(_LABEL_VALUES)
+        good = num.notna()
         out[col] = num.where(good, -1).astype(int)
-        for i in raw.index[~good]:
-            value = raw.at[i, col]
-            shown = "blank" if value == "" else f"{value!r}"
-            problems.append(f"{_row(i)}: {col} is {shown} (must be 0 or 1)")
-    return out, problems
+        used = [name for name, pair in SPELLINGS.items() if words[good].isin(pair).any()]
+        found.append(f"{col} {'+'.join(used) or '-'}")
+        bad = raw.loc[~good, col]
+        if len(bad):
+            counts = bad.value_counts(sort=True)
+            values = ", ".join(f"{'blank' if v == '' else repr(v)} x{n}" for v, n in counts.items())
+            first = ", ".join(str(i + 2) for i in bad.index[:5]) + (", ..." if len(bad) > 5 else "")
+            problems.append(f"{col}: {values} (rows {first}); labels must be 0/1, 0.0/1.0, true/false, "
+                            "yes/no or y/n")
+    return out, problems, ", ".join(found)
 
 
 def _parse_ids(raw: pd.DataFrame) -> tuple[pd.Series, list[str], str]:
@@ -186,6 +199,7 @@ class _Inspection:
     problems: list[str]
     ids_from: str = ""
     images: str = ""
+    label_spelling: str = ""
 
     def summary(self, ranges) -> str:
         """What `data check` prints: frames, label states, groups, how paths were resolved."""
@@ -199,6 +213,7 @@ class _Inspection:
                 groups, how = infer_groups(valid, ranges)
                 lines.append(f"groups: {groups.nunique():,} from {how}")
             lines.append(f"ids: from the {self.ids_from}")
+            lines.append(f"labels written as: {self.label_spelling}")
             forms = fr.describe_forms(list(self.raw["rgb_frame"]) + list(self.raw["ir_frame"]))
             lines.append(f"paths: {forms}; resolved against {self.root} and its image folders")
         if self.images:
@@ -213,7 +228,7 @@ def _inspect(csv, root, verify_images: bool, check_files: bool) -> _Inspection:
     raw, problems = _read_csv(csv)
     if raw is None:
         return _Inspection(csv, root, None, None, problems)
-    labels, label_problems = _parse_labels(raw)
+    labels, label_problems, spelling = _parse_labels(raw)
     ids, id_problems, ids_from = _parse_ids(raw)
     problems += id_problems + label_problems + _check_pairs(raw)
     table = pd.DataFrame({"id": ids, "rgb_path": "", "ir_path": "", "fire": labels.fire, "smoke": labels.smoke})
@@ -223,7 +238,7 @@ def _inspect(csv, root, verify_images: bool, check_files: bool) -> _Inspection:
     paths, path_problems = _resolve_paths(raw, root, check_files)
     table["rgb_path"], table["ir_path"] = paths.rgb_path, paths.ir_path
     problems += path_problems
-    found = _Inspection(csv, root, raw, table, problems, ids_from)
+    found = _Inspection(csv, root, raw, table, problems, ids_from, label_spelling=spelling)
     if verify_images and check_files:
         rows = table.index[paths.found]
         image_problems, found.images = _verify_images(list(table.rgb_path[rows]), list(table.ir_path[rows]), rows)
