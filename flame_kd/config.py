@@ -16,13 +16,16 @@ from typing import Any
 
 
 def opt(default: Any = dataclasses.MISSING, help: str = "", *, factory=None, cli: str | None = None,
-        choices: tuple[str, ...] | None = None, expose: bool = True, weight: bool = False) -> Any:
+        choices: tuple[str, ...] | None = None, expose: bool = True, weight: bool = False,
+        gt: float | None = None, ge: float | None = None, lt: float | None = None, le: float | None = None) -> Any:
     """A config field with the metadata its CLI option is built from.
 
     ``cli`` renames the option (``--data`` for ``csv``); ``expose=False`` keeps a field off the
-    command line (set from code only); ``weight`` marks a loss weight letter (losses.REGISTRY).
+    command line (set from code only); ``weight`` marks a loss weight letter (losses.REGISTRY);
+    ``gt``/``ge``/``lt``/``le`` bound a number (``check_ranges``, before any data is read).
     """
-    meta = {"help": help, "cli": cli, "choices": choices, "expose": expose, "weight": weight}
+    meta = {"help": help, "cli": cli, "choices": choices, "expose": expose, "weight": weight,
+            "bounds": {k: v for k, v in (("gt", gt), ("ge", ge), ("lt", lt), ("le", le)) if v is not None}}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -33,14 +36,14 @@ class DataConfig:
     csv: str | None = opt(None, "Frames CSV (id, rgb_frame, ir_frame, fire, smoke[, video]); make one with "
                                 "`flame-kd data synth` or `flame-kd data prepare`.", cli="data")
     root: str | None = opt(None, "Data root the frame paths resolve against; default: the CSV's folder.")
-    image_size: int = opt(224, "Frame size fed to the models (224: what timm backbones were trained at).")
-    batch_size: int = opt(64, "Batch size (the original pipeline's 64).")
+    image_size: int = opt(224, "Frame size fed to the models (224: what timm backbones were trained at).", ge=16)
+    batch_size: int = opt(64, "Batch size (the original pipeline's 64).", ge=1)
     ratios: tuple[float, float, float] = opt((0.7, 0.15, 0.15), "Train,val,test FRAME fractions.")
     split_seed: int | None = opt(None, "Seed of the video-aware split; default: the run's seed.")
     cache: str = opt("memory", "Decoded-frame cache (disk: a memory-mapped file reused across runs).",
                      choices=("memory", "disk", "none"))
     cache_dir: str | None = opt(None, "Folder of the disk cache; default $FLAME_KD_CACHE/frames.")
-    num_workers: int = opt(0, "DataLoader workers; 0 decodes in the main process, best with the cache.")
+    num_workers: int = opt(0, "DataLoader workers; 0 decodes in the main process, best with the cache.", ge=0)
     pin_memory: bool | None = opt(None, "Pinned host memory; None: on when the device is CUDA.", expose=False)
     persistent_workers: bool = opt(True, "Keep workers alive across epochs.", expose=False)
     augment: str = opt("full", "Training augmentation: full (flips, rotation, RGB colour jitter), flip or none.",
@@ -49,13 +52,13 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = opt(50, "Epochs (at most: early stopping may end sooner).")
-    lr: float = opt(1e-4, "AdamW learning rate.")
-    weight_decay: float = opt(1e-4, "AdamW weight decay.")
-    plateau_factor: float = opt(0.5, "ReduceLROnPlateau factor (on val macro F1).")
-    plateau_patience: int = opt(5, "ReduceLROnPlateau patience, epochs.")
-    early_stop_patience: int = opt(10, "Epochs without a better val macro F1 before stopping.", cli="patience")
-    threshold: float = opt(0.5, "Decision threshold on each label's sigmoid.")
+    epochs: int = opt(50, "Epochs (at most: early stopping may end sooner).", ge=1)
+    lr: float = opt(1e-4, "AdamW learning rate.", gt=0)
+    weight_decay: float = opt(1e-4, "AdamW weight decay.", ge=0)
+    plateau_factor: float = opt(0.5, "ReduceLROnPlateau factor (on val macro F1).", gt=0, lt=1)
+    plateau_patience: int = opt(5, "ReduceLROnPlateau patience, epochs.", ge=0)
+    early_stop_patience: int = opt(10, "Epochs without a better val macro F1 before stopping.", cli="patience", ge=1)
+    threshold: float = opt(0.5, "Decision threshold on each label's sigmoid.", gt=0, lt=1)
     device: str = opt("auto", "auto (cuda, then mps, then cpu) | cpu | cuda[:N] | mps.")
     amp: bool = opt(True, "Mixed precision on CUDA (bf16 where supported, else fp16 + GradScaler).")
     channels_last: bool = opt(True, "Channels-last memory format on CUDA.")
@@ -85,7 +88,7 @@ class TeacherConfig:
                       choices=("late", "early"))
     pretrained: bool = opt(True, "ImageNet weights from the model hub.")
     weights: str | None = opt(None, "A local timm weights file, for machines without the hub.")
-    freeze: int = opt(0, "Freeze this many early stages of each backbone (0: train everything).")
+    freeze: int = opt(0, "Freeze this many early stages of each backbone (0: train everything).", ge=0)
 
 
 @dataclass
@@ -94,11 +97,11 @@ class LossConfig:
 
     variant: str = opt("kl_bce", "kl_bce | kl_l2_bce | kl_contrastive_l2_bce | bce (no teacher: the control).",
                        cli="loss")
-    alpha: float | None = opt(None, "Weight of the KL term; default: the variant's.", weight=True)
-    beta: float | None = opt(None, "Weight of the relational (RKD distance) term.", weight=True)
-    gamma: float | None = opt(None, "Weight of the L2 feature (FitNets hint) term.", weight=True)
-    delta: float | None = opt(None, "Weight of the BCE term on the hard labels.", weight=True)
-    temperature: float = opt(2.0, "Temperature of the soft targets (Hinton); KL is scaled by T^2.")
+    alpha: float | None = opt(None, "Weight of the KL term; default: the variant's.", weight=True, ge=0)
+    beta: float | None = opt(None, "Weight of the relational (RKD distance) term.", weight=True, ge=0)
+    gamma: float | None = opt(None, "Weight of the L2 feature (FitNets hint) term.", weight=True, ge=0)
+    delta: float | None = opt(None, "Weight of the BCE term on the hard labels.", weight=True, ge=0)
+    temperature: float = opt(2.0, "Temperature of the soft targets (Hinton); KL is scaled by T^2.", gt=0)
 
     def weight_overrides(self) -> dict[str, float | None]:
         """The weight letters this config declares (see losses.REGISTRY) and their values."""
@@ -145,14 +148,14 @@ class DistillRunConfig:
 class SweepConfig:
     distill: DistillRunConfig = opt(factory=lambda: DistillRunConfig(
         loss=LossConfig(variant="kl_contrastive_l2_bce")))  # the variant with the most weights to search
-    n_trials: int = opt(20, "Trials for this worker (two workers with 10 each make a 20-trial study).")
+    n_trials: int = opt(20, "Trials for this worker (two workers with 10 each make a 20-trial study).", ge=1)
     timeout: float | None = opt(None, "Seconds for this worker.")
     study_name: str | None = opt(None, "Default <teacher>-<loss>-s<seed>; the same name and storage continue a study.")
     storage: str | None = opt(None, "Optuna RDB URL; default optuna.db beside the MLflow store. "
                                     "postgresql+psycopg2://... lets many workers join one study.")
     pruner: str = opt("median", "Trial pruner.", choices=("median", "hyperband", "none"))
     heartbeat_interval: int = opt(30, "Seconds between trial heartbeats; a killed worker's trial is failed "
-                                      "and retried.", cli="heartbeat")
+                                      "and retried.", cli="heartbeat", ge=1)
     max_retry: int = opt(1, "Times a failed-by-heartbeat trial is retried.")
 
 
@@ -174,7 +177,7 @@ class EmbedConfig:
     n_neighbors: int = opt(15, "UMAP neighbours.")
     min_dist: float = opt(0.1, "UMAP minimum distance.")
     metric: str = opt("euclidean", "UMAP metric.", choices=("euclidean", "manhattan", "cosine", "correlation"))
-    max_samples: int = opt(2000, "Frames embedded at most (a seeded sample).")
+    max_samples: int = opt(2000, "Frames embedded at most (a seeded sample).", ge=2)
     seed: int = opt(42, "Seed of the sample and the embedding.")
     output_dir: str | None = opt(None, "Write the PNG here instead of logging it into the run.")
     device: str = opt("auto", "auto | cpu | cuda | mps.")
@@ -213,6 +216,24 @@ class AblationSpec:
 
         keep = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("device", "experiment", "log_models")}
         return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def check_ranges(cfg: Any, path: str = "") -> None:
+    """Every number within its field's bounds (``opt(gt=...)``), before any data is read; a
+    ``ConfigError`` names the first that is not (``train.lr must be > 0, got -1.0``)."""
+    from flame_kd.errors import ConfigError
+
+    words = {"gt": (">", lambda v, b: v > b), "ge": (">=", lambda v, b: v >= b),
+             "lt": ("<", lambda v, b: v < b), "le": ("<=", lambda v, b: v <= b)}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            check_ranges(value, f"{path}{f.name}.")
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            for kind, bound in f.metadata.get("bounds", {}).items():
+                word, ok = words[kind]
+                if not ok(value, bound) or value != value:  # NaN fails every bound
+                    raise ConfigError(f"{path}{f.name} must be {word} {bound:g}, got {value:g}")
 
 
 def to_dict(cfg: Any) -> dict:

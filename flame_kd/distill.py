@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from flame_kd import plots, teacher_outputs, tracking
-from flame_kd.config import DistillRunConfig, TeacherRunConfig, TrackingConfig, to_dict
+from flame_kd.config import DistillRunConfig, check_ranges, TeacherRunConfig, TrackingConfig, to_dict
 from flame_kd.engine import resolve_device, seed_everything
 from flame_kd.errors import ConfigError
 from flame_kd.evaluate import predict
@@ -107,7 +107,9 @@ def build_loss(cfg: DistillRunConfig, student_dim: int, teacher_dim: int) -> Dis
 
 
 def validate(cfg: DistillRunConfig) -> None:
-    """Option errors (variant, weights, temperature, mode) before any data is read or run is started."""
+    """Option errors (ranges, variant, weights, temperature, mode, a pinned teacher that does not exist)
+    before any data is read or run is started."""
+    check_ranges(cfg)
     build_loss(cfg, 8, 8)
     if cfg.teacher_mode not in ("cached", "live"):
         raise ConfigError(f"--teacher-mode {cfg.teacher_mode}: expected cached or live")
@@ -129,8 +131,10 @@ def prepare(cfg: DistillRunConfig, parent_run_id: str | None = None) -> Prepared
 
     A teacher trained here nests under ``parent_run_id`` (an ablation's parent) when given.
     """
-    validate(cfg)
     tracking.configure(cfg.tracking.tracking_uri)
+    validate(cfg)
+    if cfg.teacher_run_id:
+        tracking.get_run(cfg.teacher_run_id)  # "not found" now, not after the data is read
     device = resolve_device(cfg.train.device)
     seed_everything(cfg.train.seed)
     data = load_data(cfg.data, cfg.train.seed, device)

@@ -22,6 +22,12 @@ class DataError(FlameKDError):
         super().__init__(message)
 
 
+class RunFailed(FlameKDError):
+    """The options were fine but the work failed (every trial of a sweep, say): exit status 1."""
+
+    exit_code = 1
+
+
 class Preempted(KeyboardInterrupt):
     """The process was told to stop (SIGTERM from Kaggle, Slurm, Kubernetes or ``timeout``; SIGINT).
 

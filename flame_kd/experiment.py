@@ -19,6 +19,7 @@ from typing import Callable, Iterator
 
 import pandas as pd
 import torch
+from filelock import FileLock, Timeout
 
 from flame_kd import plots, tracking
 from flame_kd.config import DataConfig, TrackingConfig, TrainConfig, flatten
@@ -98,14 +99,29 @@ def identity_tags(stage: str, teacher: str, loss: str, seed: int, data: Data, cf
     }
 
 
-def find_resumable(cfg_digest: str) -> str | None:
-    """The newest unfinished run with the same settings whose last checkpoint still exists."""
+def run_lock(folder: Path) -> FileLock:
+    """The lock a run holds on its checkpoint folder while it trains (released when the process ends)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(folder / "training.lock"))
+
+
+def find_resumable(cfg_digest: str, base: str | None = None) -> tuple[str, FileLock] | None:
+    """(run id, its lock, held) of the newest unfinished run with the same settings whose last
+    checkpoint still exists and that no other process is training; None if there is none."""
     runs = tracking.search_runs(
         f"tags.`flame_kd.config_digest` = '{cfg_digest}' and attributes.status != 'FINISHED'"
     )
     for r in runs:
-        if (checkpoint_dir(r.info.run_id) / "last.pt").exists():
-            return r.info.run_id
+        folder = checkpoint_dir(r.info.run_id, base)
+        if not (folder / "last.pt").exists():
+            continue
+        lock = run_lock(folder)
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            log.warning("run %s is being trained by another process: not resuming it", r.info.run_id)
+            continue
+        return r.info.run_id, lock
     return None
 
 
@@ -202,7 +218,8 @@ def tracked_fit(plan: FitPlan, attach_env: bool = True, parent_run_id: str | Non
     config and data, fit; the caller reports inside the ``with``; then the best checkpoint is kept
     and the run ends FINISHED (or FAILED / KILLED with the reason, by ``tracking.run``)."""
     digest = config_digest(plan.cfg)
-    resume_id = find_resumable(digest) if plan.resume else None
+    found = find_resumable(digest, plan.checkpoint_dir) if plan.resume else None
+    resume_id, lock = found or (None, None)
     if plan.resume and not resume_id:
         log.warning("nothing to resume for these settings; starting a new run")
     tags = identity_tags(plan.stage, plan.teacher, plan.loss, plan.train.seed, plan.data, digest)
@@ -215,11 +232,17 @@ def tracked_fit(plan: FitPlan, attach_env: bool = True, parent_run_id: str | Non
             if on_start:
                 on_start()
         ckpt = checkpoint_dir(run_id, plan.checkpoint_dir)
-        hooks = [tracking.MlflowCallback(), ConsoleCallback(plan.label, plan.train.epochs), *callbacks]
-        trainer = Trainer(plan.model, plan.task, plan.train, ckpt, hooks, plan.device)
-        state = trainer.fit(plan.data.loaders["train"], plan.data.loaders["val"], resume=resume_id is not None)
-        yield Fitted(run_id, trainer, state)
-        keep_best_checkpoint(state, ckpt)
+        if lock is None:  # held while the run trains: a second `--resume` skips it
+            lock = run_lock(ckpt)
+            lock.acquire()
+        try:
+            hooks = [tracking.MlflowCallback(), ConsoleCallback(plan.label, plan.train.epochs), *callbacks]
+            trainer = Trainer(plan.model, plan.task, plan.train, ckpt, hooks, plan.device)
+            state = trainer.fit(plan.data.loaders["train"], plan.data.loaders["val"], resume=resume_id is not None)
+            yield Fitted(run_id, trainer, state)
+            keep_best_checkpoint(state, ckpt)
+        finally:
+            lock.release(force=True)
 
 
 def load_run_model(run_id: str, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, str, dict]:

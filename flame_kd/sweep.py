@@ -19,14 +19,15 @@ import socket
 import tempfile
 import time
 import warnings
+from collections import Counter
 
 import optuna
 
 from flame_kd import tracking
-from flame_kd.config import SweepConfig
+from flame_kd.config import SweepConfig, check_ranges
 from flame_kd.distill import Prepared, prepare, run_distill
 from flame_kd.engine import LambdaCallback, Trainer
-from flame_kd.errors import ConfigError, Preempted
+from flame_kd.errors import ConfigError, Preempted, RunFailed
 from flame_kd.experiment import checkpoint_dir, load_run_model
 from flame_kd.losses import VARIANTS
 from flame_kd.tasks import SupervisedTask, student_forward
@@ -36,6 +37,21 @@ log = logging.getLogger("flame_kd")
 WEIGHT_RANGE = (0.0, 1.0)
 TEMPERATURE_RANGE = (1.0, 10.0)  # log scale
 PARENT_ATTR = "mlflow_parent_run_id"
+
+
+STORAGE_ENV = "FLAME_KD_STORAGE"
+
+
+def resolve_storage(value: str | None, tracking_uri: str) -> str:
+    """The storage URL: ``env:NAME`` reads it from that environment variable, an unset option from
+    $FLAME_KD_STORAGE, else an SQLite file beside the store. A password then never passes through
+    ``mlflow run -P`` (MLflow logs and prints every -P value)."""
+    if value and value.startswith("env:"):
+        name = value[len("env:"):]
+        if not os.environ.get(name):
+            raise ConfigError(f"--storage {value}: the environment variable {name} is not set")
+        return os.environ[name]
+    return value or os.environ.get(STORAGE_ENV) or default_storage(tracking_uri)
 
 
 def default_storage(tracking_uri: str) -> str:
@@ -180,7 +196,10 @@ def objective_for(cfg: SweepConfig, prep: Prepared, parent_id: str):
             trial.study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})  # a lost heartbeat
             _tag_last_trial(parent_id, trial.number, "FAIL", f"worker {stop}; re-queued")
             raise
-        except Exception:
+        except Exception as err:
+            text = tracking.redact(f"{type(err).__name__}: {err}".splitlines()[0])[:300]
+            trial.set_user_attr("error", text)
+            log.warning("trial %d failed: %s", trial.number, text)
             _tag_last_trial(parent_id, trial.number, "FAIL")
             raise
         trial.set_user_attr("mlflow_run_id", run_id)
@@ -210,24 +229,34 @@ def _tag_last_trial(parent_id: str, number: int, state: str, error: str | None =
 def run_sweep(cfg: SweepConfig) -> optuna.Study:
     """Run this worker's trials, then summarise the study in its parent run."""
     d = cfg.distill
+    check_ranges(cfg)
     if d.loss.variant not in VARIANTS or d.loss.variant == "bce":
         raise ConfigError(f"--loss {d.loss.variant}: a sweep needs a distillation variant "
                           f"({', '.join(v for v in VARIANTS if v != 'bce')})")
     make_pruner(cfg.pruner)
     cfg.study_name = cfg.study_name or f"{d.teacher.name}-{d.loss.variant}-s{d.train.seed}"
     uri = tracking.configure(d.tracking.tracking_uri)
-    cfg.storage = cfg.storage or default_storage(uri)
+    cfg.storage = resolve_storage(cfg.storage, uri)
     storage = make_storage(cfg.storage, cfg)
     prep = prepare(d)  # data + teacher + cached outputs, once for every trial
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # a failed trial is one line of ours, no traceback
     study, created = open_study(cfg, storage, d.train.seed)
     parent_id = parent_run(study, created, cfg, prep)
     env_run = os.environ.get("MLFLOW_RUN_ID")
     if env_run and env_run != parent_id:  # this worker's own `mlflow run` run points at the study
         tracking.set_tags({"flame_kd.stage": "sweep-worker", "flame_kd.sweep_parent_run_id": parent_id},
                           run_id=env_run)
+    before = {t.number for t in study.trials}
     study.optimize(objective_for(cfg, prep, parent_id), n_trials=cfg.n_trials, timeout=cfg.timeout,
                    catch=(Exception,), gc_after_trial=True)
+    mine = [t for t in study.trials if t.number not in before]
+    failed = [t for t in mine if t.state == optuna.trial.TrialState.FAIL]
+    if mine and len(failed) == len(mine) and not any(t.state.name == "COMPLETE" for t in study.trials):
+        common, count = Counter(t.user_attrs.get("error", "unknown error") for t in failed).most_common(1)[0]
+        message = f"study {cfg.study_name}: no trial completed; {len(failed)} failed, {count} with: {common}"
+        tracking.set_tags({"flame_kd.error": message}, run_id=parent_id)
+        tracking.client().set_terminated(parent_id, "FAILED")
+        raise RunFailed(message)
     summarise_and_finish(study, cfg, prep, parent_id)
     return study
 

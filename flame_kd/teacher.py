@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from flame_kd import tracking
-from flame_kd.config import TeacherRunConfig, to_dict
+from flame_kd.config import TeacherRunConfig, check_ranges, to_dict
 from flame_kd.engine import resolve_device, seed_everything
 from flame_kd.experiment import FitPlan, example_batch, load_data, log_profile, log_test_report, tracked_fit
 from flame_kd.models import build_teacher
@@ -20,6 +20,7 @@ def run_teacher(cfg: TeacherRunConfig, attach_env: bool = True, extra_tags: dict
     Everything that can be wrong with the input (data, teacher name, weights, tracking server) is
     found before the run starts, so a bad option never leaves an empty run behind.
     """
+    check_ranges(cfg)
     tracking.configure(cfg.tracking.tracking_uri)
     device = resolve_device(cfg.train.device)
     seed = cfg.train.seed

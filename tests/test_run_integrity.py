@@ -1,0 +1,106 @@
+"""Failures that say so: options refused before any data is read, a sweep with no completed trial
+ends FAILED, resume never joins a run another process trains, secrets stay out of -P params."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+import time
+
+import pytest
+from click.testing import CliRunner
+from mlflow.tracking import MlflowClient
+
+from flame_kd.cli import main
+from flame_kd.engine import LambdaCallback
+from flame_kd.errors import ConfigError, RunFailed
+from flame_kd.experiment import checkpoint_dir
+from flame_kd.sweep import SweepConfig, resolve_storage, run_sweep
+from flame_kd.teacher import run_teacher
+
+from pipeline_helpers import distill_cfg, teacher_cfg, use_store
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--lr", "-1"], "train.lr must be > 0, got -1"),
+    (["--lr", "0"], "train.lr must be > 0"),
+    (["--epochs", "0"], "train.epochs must be >= 1"),
+    (["--batch-size", "0"], "data.batch_size must be >= 1"),
+    (["--image-size", "8"], "data.image_size must be >= 16"),
+])
+def test_options_that_cannot_work_are_refused_before_the_data_is_read(tmp_path, monkeypatch, args, message):
+    use_store(tmp_path, monkeypatch)
+    result = CliRunner().invoke(main, ["teacher", "--data", str(tmp_path / "absent.csv"), "--no-pretrained",
+                                       "--teacher", "timm:test_resnet", *args])
+    assert result.exit_code == 2 and message in result.output, result.output  # not "absent.csv not found"
+    assert "Traceback" not in result.output
+
+
+def test_a_pinned_teacher_that_does_not_exist_is_refused_first(tmp_path, monkeypatch):
+    use_store(tmp_path, monkeypatch)
+    result = CliRunner().invoke(main, ["distill", "--data", str(tmp_path / "absent.csv"), "--teacher-run-id",
+                                       "0123456789abcdef0123456789abcdef"])
+    assert result.exit_code == 2 and "not found" in result.output and "absent.csv" not in result.output
+
+
+def test_storage_can_come_from_the_environment(monkeypatch):
+    monkeypatch.setenv("MY_DB", "postgresql+psycopg2://u:s3cret@db/optuna")
+    assert resolve_storage("env:MY_DB", "sqlite:///x/mlflow.db") == "postgresql+psycopg2://u:s3cret@db/optuna"
+    monkeypatch.setenv("FLAME_KD_STORAGE", "sqlite:///elsewhere.db")
+    assert resolve_storage(None, "sqlite:///x/mlflow.db") == "sqlite:///elsewhere.db"
+    monkeypatch.delenv("FLAME_KD_STORAGE")
+    assert resolve_storage(None, "sqlite:///x/mlflow.db") == "sqlite:///x/optuna.db"
+    with pytest.raises(ConfigError, match="NOPE is not set"):
+        resolve_storage("env:NOPE", "sqlite:///x/mlflow.db")
+
+
+@pytest.mark.slow
+def test_a_sweep_whose_trials_all_fail_ends_failed(tmp_path, monkeypatch, synth_csv, caplog):
+    use_store(tmp_path, monkeypatch)
+    d = distill_cfg(str(synth_csv), loss="kl_bce", epochs=1, teacher_epochs=1)
+    d.train.lr = 1e30  # every trial's loss becomes NaN
+    with caplog.at_level(logging.WARNING, logger="flame_kd"), pytest.raises(RunFailed) as err:
+        run_sweep(SweepConfig(distill=d, n_trials=2, study_name="doomed", pruner="none"))
+    assert "no trial completed; 2 failed, 2 with: FloatingPointError" in err.value.message
+    assert err.value.exit_code == 1
+    client = MlflowClient()
+    parent = client.search_runs([client.get_experiment_by_name("t").experiment_id],
+                                "tags.`flame_kd.stage` = 'sweep'")[0]
+    assert parent.info.status == "FAILED" and "no trial completed" in parent.data.tags["flame_kd.error"]
+    assert sum("trial" in r.message and "failed" in r.message for r in caplog.records) == 2
+
+
+@pytest.mark.slow
+def test_resume_skips_a_run_that_another_process_trains(tmp_path, monkeypatch, synth_csv, caplog):
+    use_store(tmp_path, monkeypatch)
+    cfg = teacher_cfg(str(synth_csv), epochs=3)
+    cfg.tracking.log_model = False
+
+    def stop(epoch, metrics, state):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):  # an unfinished run with a last.pt
+        run_teacher(cfg, callbacks=[LambdaCallback(stop)])
+    client = MlflowClient()
+    first = client.search_runs([client.get_experiment_by_name("t").experiment_id])[0].info.run_id
+    lock = checkpoint_dir(first) / "training.lock"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time\nfrom filelock import FileLock\n"
+        f"held = FileLock({str(lock)!r})\nheld.acquire()\nprint('held', flush=True)\ntime.sleep(120)\n")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        cfg.resume = True
+        with caplog.at_level(logging.WARNING, logger="flame_kd"):
+            second = run_teacher(cfg)
+        assert second != first
+        assert f"run {first} is being trained by another process" in caplog.text
+    finally:
+        holder.kill()
+        holder.wait()
+    time.sleep(0.2)
+    assert run_teacher(cfg) == first  # released: now it is resumed
+    assert client.get_run(first).info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(first, "val/f1_macro")]
+    assert steps == [1, 2, 3]
