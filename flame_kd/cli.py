@@ -239,6 +239,18 @@ def ablation(spec: str, tracking_uri: str | None, **o) -> None:
     click.echo(f"ablation run {parent}")
 
 
+@main.command("ui-url")
+@click.option("--experiment", type=str, default="flame-kd", show_default=True)
+@click.option("--host", type=str, default="http://127.0.0.1:5000", show_default=True, help="Where `mlflow ui` listens.")
+@click.option("--tracking-uri", type=str, default=None, callback=_none_if_empty)
+def ui_url(experiment: str, host: str, tracking_uri: str | None) -> None:
+    """The URL that opens an experiment's runs in the MLflow UI (not its GenAI overview)."""
+    from flame_kd import tracking
+
+    tracking.configure(tracking_uri)
+    click.echo(tracking.ui_url(experiment, host))
+
+
 @main.command()
 @click.option("--experiment", type=str, default=None, callback=_none_if_empty, help="Default: every experiment.")
 @click.option("--filter", "filter_string", type=str, default="",

@@ -24,6 +24,7 @@ ENTRY_POINTS: dict[str, tuple[str, ...]] = {
 # Commands without an entry point, and why.
 CLI_ONLY: dict[tuple[str, ...], str] = {
     ("data", "prepare"): "reads two local image folders; run it once where the download lies",
+    ("ui-url",): "prints a URL for the browser; nothing to run or track",
 }
 
 HEADER = """\

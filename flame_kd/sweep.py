@@ -156,6 +156,7 @@ def parent_run(study: optuna.Study, created: bool, cfg: SweepConfig, prep: Prepa
         "flame_kd.stage": "sweep", "flame_kd.teacher": d.teacher.name, "flame_kd.loss": d.loss.variant,
         "flame_kd.seed": d.train.seed, "flame_kd.data_digest": prep.data.digest,
         "flame_kd.split_digest": prep.data.split.digest, "flame_kd.study_name": cfg.study_name,
+        "flame_kd.dashboard": f"optuna-dashboard {tracking.redact(cfg.storage)}",  # the study, live
     }
     if prep.teacher_run_id:
         tags["flame_kd.teacher_run_id"] = prep.teacher_run_id

@@ -131,6 +131,19 @@ def ensure_experiment(name: str | None) -> str:
     return exp_id
 
 
+def ui_url(experiment: str | None = None, host: str = "http://127.0.0.1:5000") -> str:
+    """The MLflow UI page of an experiment's runs, in "Model training" mode.
+
+    MLflow 3.17 opens a fresh browser in its GenAI mode (an Overview of traces); the
+    ``workflowType=machine_learning`` query inside the hash route opens the run list instead
+    (seen in headless Chromium on `mlflow ui`).
+    """
+    exp = MlflowClient().get_experiment_by_name(experiment or DEFAULT_EXPERIMENT)
+    if exp is None:
+        raise FlameKDError(f"no MLflow experiment named {experiment or DEFAULT_EXPERIMENT!r} in {redact(mlflow.get_tracking_uri())}")
+    return f"{host.rstrip('/')}/#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning"
+
+
 def tag_experiment(experiment_id: str) -> None:
     client = MlflowClient()
     exp = client.get_experiment(experiment_id)

@@ -93,3 +93,18 @@ def test_processes_starting_together_on_a_fresh_sqlite_store_all_succeed(tmp_pat
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp = client.get_experiment_by_name("together")
     assert len(client.search_runs([exp.experiment_id])) == 3
+
+
+def test_ui_url_opens_the_runs_in_model_training_mode(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from flame_kd.cli import main
+    from pipeline_helpers import use_store
+
+    use_store(tmp_path, monkeypatch)
+    exp_id = tracking.ensure_experiment("flame-kd")
+    result = CliRunner().invoke(main, ["ui-url"])
+    assert result.exit_code == 0, result.output
+    assert result.output.strip() == f"http://127.0.0.1:5000/#/experiments/{exp_id}/runs?workflowType=machine_learning"
+    result = CliRunner().invoke(main, ["ui-url", "--experiment", "nope"])
+    assert result.exit_code == 2 and "no MLflow experiment named 'nope'" in result.output
