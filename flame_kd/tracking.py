@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import os
 import re
 import tempfile
@@ -232,6 +233,23 @@ def _end(run_id: str, status: str, error: str | None) -> None:
 # --- logging into the active run ------------------------------------------------------------------
 
 
+def _artifact_write(fn):
+    """An artifact store that cannot be written (a path under a file, no permission, a full disk, a
+    bucket that refuses) is one line naming it; the run still ends FAILED with the reason."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (OSError, mlflow.exceptions.MlflowException) as err:
+            if isinstance(err, mlflow.exceptions.MlflowException) and "artifact" not in str(err).lower():
+                raise
+            active = mlflow.active_run()
+            where = active.info.artifact_uri if active else "the artifact store"
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise FlameKDError(f"cannot write artifacts to {redact(where)}: {redact(reason)}") from None
+    return wrapper
+
+
 def log_params(params: dict[str, Any]) -> None:
     """Log params that are not already logged (``mlflow run`` logged its -P values itself)."""
     run = mlflow.active_run()
@@ -241,10 +259,12 @@ def log_params(params: dict[str, Any]) -> None:
         mlflow.log_params(fresh)
 
 
+@_artifact_write
 def log_config(cfg: dict) -> None:
     mlflow.log_dict(cfg, "config.yaml")
 
 
+@_artifact_write
 def log_dataframe(df, artifact_file: str) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / Path(artifact_file).name
@@ -252,14 +272,17 @@ def log_dataframe(df, artifact_file: str) -> None:
         mlflow.log_artifact(str(path), str(Path(artifact_file).parent) if "/" in artifact_file else None)
 
 
+@_artifact_write
 def log_dict_json(obj: dict, artifact_file: str) -> None:
     mlflow.log_dict(obj, artifact_file)
 
 
+@_artifact_write
 def log_text(text: str, artifact_file: str) -> None:
     mlflow.log_text(text, artifact_file)
 
 
+@_artifact_write
 def log_figure(fig, artifact_file: str) -> None:
     mlflow.log_figure(fig, artifact_file)
 
@@ -275,15 +298,18 @@ def log_params_to(run_id: str, params: dict[str, Any]) -> None:
     MlflowClient().log_batch(run_id, params=[mlflow.entities.Param(k, str(v)[:6000]) for k, v in params.items()])
 
 
+@_artifact_write
 def log_text_to(run_id: str, text: str, artifact_file: str) -> None:
     MlflowClient().log_text(run_id, text, artifact_file)
 
 
+@_artifact_write
 def log_figure_to(run_id: str, fig, artifact_file: str) -> None:
     """A figure into a run that is not active (``flame-kd embed`` adds plots to finished runs)."""
     MlflowClient().log_figure(run_id, fig, artifact_file)
 
 
+@_artifact_write
 def log_file(path: str | Path, artifact_dir: str | None = None, run_id: str | None = None) -> None:
     if run_id:
         MlflowClient().log_artifact(run_id, str(path), artifact_dir)
@@ -326,6 +352,7 @@ def log_dataset(frames, csv_path: str, digest: str, context: str = "training") -
         mlflow.log_input(ds, context=context)
 
 
+@_artifact_write
 def log_model(model, example, registered_name: str | None = None) -> None:
     """``model`` (a models.Deployable) through mlflow.pytorch in the pt2 format: torch.export's graph,
     no pickle, so loading it runs no code from the artifact store. ``example`` (uint8 frames, a batch

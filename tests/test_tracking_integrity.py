@@ -108,3 +108,25 @@ def test_ui_url_opens_the_runs_in_model_training_mode(tmp_path, monkeypatch):
     assert result.output.strip() == f"http://127.0.0.1:5000/#/experiments/{exp_id}/runs?workflowType=machine_learning"
     result = CliRunner().invoke(main, ["ui-url", "--experiment", "nope"])
     assert result.exit_code == 2 and "no MLflow experiment named 'nope'" in result.output
+
+
+def test_an_artifact_store_that_cannot_be_written_is_one_line(tmp_path, monkeypatch, synth_csv):
+    """The run ends FAILED with the reason; the user reads one line, not a traceback."""
+    from click.testing import CliRunner
+    from mlflow.tracking import MlflowClient
+
+    from flame_kd.cli import main
+    from pipeline_helpers import use_store
+
+    use_store(tmp_path, monkeypatch)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    MlflowClient().create_experiment("blocked", artifact_location=str(blocker / "artifacts"))
+    result = CliRunner().invoke(main, ["teacher", "--teacher", "timm:test_resnet", "--data", str(synth_csv),
+                                       "--image-size", "32", "--epochs", "1", "--no-pretrained", "--device", "cpu",
+                                       "--experiment", "blocked"])
+    assert result.exit_code == 2, result.output
+    assert "cannot write artifacts to" in result.output and "a-file" in result.output
+    assert "Traceback" not in result.output
+    run = MlflowClient().search_runs([MlflowClient().get_experiment_by_name("blocked").experiment_id])[0]
+    assert run.info.status == "FAILED" and "cannot write artifacts" in run.data.tags["flame_kd.error"]
