@@ -63,7 +63,7 @@ class TrainConfig:
     amp: bool = opt(True, "Mixed precision on CUDA (bf16 where supported, else fp16 + GradScaler).")
     channels_last: bool = opt(True, "Channels-last memory format on CUDA.")
     seed: int = opt(42, "Seed of the run (and of the split unless --split-seed is given).")
-    progress: bool = opt(True, "tqdm bar per epoch (only when stderr is a terminal).")
+    progress: bool = opt(True, "Progress of each epoch: a bar on a terminal, else a line every 30 s.")
 
 
 # Fields of TrainConfig that describe the machine and the run, not the schedule: a distill run's

@@ -22,10 +22,10 @@ from typing import Any, Callable, Iterable, Protocol
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from flame_kd.config import TrainConfig
 from flame_kd.evaluate import Predictions, compute_metrics
+from flame_kd.progress import track
 
 Batch = dict[str, Any]
 
@@ -252,8 +252,7 @@ class Trainer:
             ds.set_epoch(epoch)
 
     def _bar(self, loader, desc: str):
-        quiet = not self.cfg.progress or not sys.stderr.isatty()
-        return tqdm(loader, desc=desc, leave=False, disable=quiet, dynamic_ncols=True)
+        return track(loader, desc, unit="batches", enabled=self.cfg.progress)
 
     def train_epoch(self, loader, epoch: int) -> dict[str, float]:
         self.model.train()
@@ -263,7 +262,7 @@ class Trainer:
         sums: dict[str, float] = {}
         n = 0
         start = time.perf_counter()
-        for batch in self._bar(loader, f"epoch {epoch} train"):
+        for batch in self._bar(loader, f"epoch {epoch}/{self.cfg.epochs} train"):
             batch = to_device(batch, self.device, self.channels_last)
             with self._autocast():
                 out = self.task(self.model, batch)

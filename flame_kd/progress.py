@@ -1,0 +1,109 @@
+"""Progress that a log file shows too: a tqdm bar on a terminal, elsewhere (a pipe, a notebook, CI)
+a line at least every 30 s with the step, the count done, the rate and the ETA.
+
+tqdm alone writes carriage returns that a log file shows as one endless line, or nothing at all when
+it is disabled off a terminal; long steps without a loop (UMAP, an export) get a heartbeat instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+import threading
+import time
+from typing import Iterable, Iterator, TypeVar
+
+from tqdm.auto import tqdm
+
+T = TypeVar("T")
+EVERY = 30.0  # seconds between lines when stderr is not a terminal
+log = logging.getLogger("flame_kd")
+
+
+def on_terminal() -> bool:
+    return sys.stderr.isatty()
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+def track(iterable: Iterable[T], desc: str, total: int | None = None, unit: str = "it",
+          enabled: bool = True, every: float = EVERY) -> Iterator[T]:
+    """Iterate with a bar on a terminal, or a log line every ``every`` seconds elsewhere:
+    ``teacher epoch 3 train: 120/834 batches, 4.2 batches/s, ETA 2m50s``."""
+    if total is None and hasattr(iterable, "__len__"):
+        total = len(iterable)  # type: ignore[arg-type]
+    if not enabled:
+        yield from iterable
+        return
+    if on_terminal():
+        yield from tqdm(iterable, desc=desc, total=total, unit=unit, leave=False, dynamic_ncols=True)
+        return
+    start = last = time.monotonic()
+    done = 0
+    with stage(desc, quiet=True):
+        for item in iterable:
+            yield item
+            done += 1
+            now = time.monotonic()
+            if now - last >= every:
+                last = now
+                rate = done / (now - start)
+                eta = f", ETA {_duration((total - done) / rate)}" if total and rate > 0 else ""
+                of = f"/{total}" if total else ""
+                log.info("%s: %d%s %s, %.1f %s/s%s", desc, done, of, unit, rate, unit, eta)
+                _Watchdog.touch()
+
+
+class _Watchdog:
+    """One daemon thread that says what is running when nothing was printed for ``EVERY`` seconds."""
+
+    lock = threading.Lock()
+    thread: threading.Thread | None = None
+    current: list[tuple[str, float]] = []
+    last = time.monotonic()
+
+    @classmethod
+    def touch(cls) -> None:
+        cls.last = time.monotonic()
+
+    @classmethod
+    def start(cls) -> None:
+        with cls.lock:
+            if cls.thread is None:
+                cls.thread = threading.Thread(target=cls.run, name="flame-kd-progress", daemon=True)
+                cls.thread.start()
+
+    @classmethod
+    def run(cls) -> None:
+        while True:
+            time.sleep(1.0)
+            now = time.monotonic()
+            if cls.current and now - cls.last >= EVERY:
+                desc, since = cls.current[-1]
+                log.info("%s: still running (%s)", desc, _duration(now - since))
+                cls.last = now
+
+
+@contextlib.contextmanager
+def stage(desc: str, quiet: bool = False) -> Iterator[None]:
+    """A long step: off a terminal, lines at its start and end and a heartbeat every 30 s between."""
+    if on_terminal():
+        yield
+        return
+    _Watchdog.start()
+    start = time.monotonic()
+    if not quiet:
+        log.info("%s ...", desc)
+    _Watchdog.current.append((desc, start))
+    _Watchdog.touch()
+    try:
+        yield
+    finally:
+        _Watchdog.current.pop()
+        _Watchdog.touch()
+        if not quiet:
+            log.info("%s: done in %s", desc, _duration(time.monotonic() - start))

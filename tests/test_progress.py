@@ -1,0 +1,41 @@
+"""Off a terminal, long work prints a line at least every 30 s: step, count, rate and ETA."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from flame_kd import progress
+
+
+def test_track_logs_count_rate_and_eta_off_a_terminal(monkeypatch, caplog):
+    monkeypatch.setattr(progress, "on_terminal", lambda: False)
+    clock = iter(range(0, 1000, 10))  # each item takes 10 s
+    monkeypatch.setattr(progress.time, "monotonic", lambda: next(clock))
+    with caplog.at_level(logging.INFO, logger="flame_kd"):
+        out = list(progress.track(range(12), "epoch 1/3 train", unit="batches"))
+    assert out == list(range(12))
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines, "no progress line"
+    assert lines[0].startswith("epoch 1/3 train: ") and "/12 batches" in lines[0]
+    assert "batches/s" in lines[0] and "ETA" in lines[0]
+    assert len(lines) >= 3  # one at least every 30 s of 120 s
+
+
+def test_stage_heartbeat_when_nothing_is_printed(monkeypatch, caplog):
+    monkeypatch.setattr(progress, "on_terminal", lambda: False)
+    monkeypatch.setattr(progress, "EVERY", 0.5)
+    with caplog.at_level(logging.INFO, logger="flame_kd"):
+        with progress.stage("UMAP of 500 test features"):
+            time.sleep(2.5)
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[0] == "UMAP of 500 test features ..."
+    assert any("UMAP of 500 test features: still running" in line for line in lines)
+    assert lines[-1].startswith("UMAP of 500 test features: done in ")
+
+
+def test_on_a_terminal_nothing_is_logged(monkeypatch, caplog):
+    monkeypatch.setattr(progress, "on_terminal", lambda: True)
+    with caplog.at_level(logging.INFO, logger="flame_kd"):
+        assert list(progress.track(range(3), "x")) == [0, 1, 2]
+    assert not caplog.records
