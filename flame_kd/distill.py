@@ -25,6 +25,7 @@ from flame_kd.experiment import (
     FitPlan,
     TestReport,
     config_digest,
+    identity,
     example_batch,
     load_data,
     load_run_model,
@@ -71,6 +72,29 @@ def find_teacher_run(cfg: DistillRunConfig, data: Data) -> str | None:
     return runs[0].info.run_id if runs else None
 
 
+def nearest_teacher(cfg: DistillRunConfig, data: Data, limit: int = 200) -> str:
+    """``"; the nearest, run X, differs in: train.batch_size 32 (here 64), ..."`` or ``""``: what a
+    user must change (or pin) to reuse a teacher instead of training one."""
+    want = {k: str(v) for k, v in identity(to_dict(teacher_config(cfg))).items()}
+    runs = tracking.search_runs("tags.`flame_kd.stage` = 'teacher' and attributes.status = 'FINISHED'",
+                                max_results=limit)
+    best: tuple[int, str, list[str]] | None = None
+    for r in runs:
+        diffs = [f"{k} {r.data.params[k]} (here {v})" for k, v in want.items()
+                 if k in r.data.params and r.data.params[k] != v]
+        if r.data.tags.get("flame_kd.data_digest") != data.digest:
+            diffs.insert(0, "another data set (data digest)")
+        elif r.data.tags.get("flame_kd.split_digest") != data.split.digest:
+            diffs.insert(0, "another split (split digest)")
+        if best is None or len(diffs) < best[0]:
+            best = (len(diffs), r.info.run_id, diffs)
+    if best is None:
+        return ""
+    _, run_id, diffs = best
+    more = f" and {len(diffs) - 6} more" if len(diffs) > 6 else ""
+    return f"; the nearest finished teacher, run {run_id}, differs in: {', '.join(diffs[:6])}{more}"
+
+
 def check_pinned_teacher(run_id: str, data: Data) -> None:
     """A pinned teacher must have been trained on this split, or its targets leak test frames."""
     run = tracking.get_run(run_id)
@@ -93,8 +117,11 @@ def resolve_teacher(cfg: DistillRunConfig, data: Data, parent_run_id: str | None
         return cfg.teacher_run_id, False
     found = find_teacher_run(cfg, data)
     if found:
+        log.info("reusing teacher run %s (%s, the newest finished one with these settings, data and split)",
+                 found, cfg.teacher.name)
         return found, False
-    log.info("no finished %s teacher for this data and split; training one", cfg.teacher.name)
+    log.info("no finished %s teacher matches these settings, data and split%s; training one",
+             cfg.teacher.name, nearest_teacher(cfg, data))
     return run_teacher(teacher_config(cfg), attach_env=False, extra_tags={"flame_kd.trained_for": "distill"},
                        parent_run_id=parent_run_id), True
 

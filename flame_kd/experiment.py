@@ -78,13 +78,19 @@ def load_data(cfg: DataConfig, seed: int, device: torch.device, augment: str | N
     return Data(frames, split, digest, cache, loaders, cfg)
 
 
+VOLATILE = ("tracking", "resume", "checkpoint_dir", "device", "num_workers", "pin_memory",
+            "persistent_workers", "cache", "cache_dir", "progress",
+            "csv", "root")  # where the data lies: the data digest says what it is
+
+
+def identity(cfg: dict) -> dict:
+    """The flattened settings that change a run's numbers (not where data or checkpoints lie)."""
+    return {k: v for k, v in flatten(cfg).items() if not any(p in VOLATILE for p in k.split("."))}
+
+
 def config_digest(cfg: dict) -> str:
-    """Identity of a run's settings for --resume: everything that changes its numbers."""
-    volatile = ("tracking", "resume", "checkpoint_dir", "device", "num_workers", "pin_memory",
-                "persistent_workers", "cache", "cache_dir", "progress",
-                "csv", "root")  # where the data lies: the data digest says what it is
-    flat = {k: v for k, v in flatten(cfg).items() if not any(p in volatile for p in k.split("."))}
-    return hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    """Identity of a run's settings for --resume and teacher lookup: everything that changes its numbers."""
+    return hashlib.sha256(json.dumps(identity(cfg), sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def identity_tags(stage: str, teacher: str, loss: str, seed: int, data: Data, cfg_digest: str) -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import pytest
 import torch
@@ -74,11 +75,14 @@ def test_distill_run_logs_components_gaps_plots_and_models(first_distill):
     assert any(v.run_id == run_id for v in versions)
 
 
-def test_second_distill_reuses_the_teacher(first_distill, data_csv):
-    run_id = run_distill(distill_cfg(data_csv, loss="kl_bce", epochs=1))
+def test_second_distill_reuses_the_teacher(first_distill, data_csv, caplog):
+    with caplog.at_level(logging.INFO, logger="flame_kd"):
+        run_id = run_distill(distill_cfg(data_csv, loss="kl_bce", epochs=1))
     run = MlflowClient().get_run(run_id)
     assert len(teacher_runs()) == 1
-    assert run.data.tags["flame_kd.teacher_run_id"] == first_distill.data.tags["flame_kd.teacher_run_id"]
+    teacher = first_distill.data.tags["flame_kd.teacher_run_id"]
+    assert run.data.tags["flame_kd.teacher_run_id"] == teacher
+    assert f"reusing teacher run {teacher}" in caplog.text  # the one line that says which
 
 
 def test_pinned_teacher_and_mismatched_split(first_distill, data_csv):
@@ -101,12 +105,15 @@ def test_pinned_teacher_and_mismatched_split(first_distill, data_csv):
     assert len(teacher_runs()) == 2
 
 
-def test_a_teacher_trained_otherwise_is_not_reused(first_distill, data_csv):
+def test_a_teacher_trained_otherwise_is_not_reused(first_distill, data_csv, caplog):
     """Same data and split, but another teacher schedule: a new teacher, never a silent reuse."""
     cfg = distill_cfg(data_csv, epochs=1, teacher_epochs=1)
     cfg.tracking.log_model = False
     before = {r.info.run_id for r in teacher_runs()}
-    run = MlflowClient().get_run(run_distill(cfg))
+    with caplog.at_level(logging.INFO, logger="flame_kd"):
+        run = MlflowClient().get_run(run_distill(cfg))
+    assert "no finished timm:test_resnet teacher matches" in caplog.text
+    assert "the nearest finished teacher, run" in caplog.text and "train.epochs 2 (here 1)" in caplog.text
     new = {r.info.run_id for r in teacher_runs()} - before
     assert new == {run.data.tags["flame_kd.teacher_run_id"]}  # exactly one teacher trained, and used
     assert run.data.tags["flame_kd.teacher_run_id"] != first_distill.data.tags["flame_kd.teacher_run_id"]
