@@ -85,14 +85,21 @@ def data_check(csv: str, root: str | None) -> None:
 @click.option("--labels", type=click.Path(dir_okay=False), default=None,
               help="label-range file for the groups; default: label_ranges.tsv next to the CSV, if any")
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="write the manifest CSV here")
-def data_split(csv: str, seed: int, ratios: str, labels: str | None, out: str | None) -> None:
-    """Split a frames CSV by video / label range into train, val and test (no images needed)."""
+@click.option("--gap", default=DataConfig.gap, show_default=True,
+              help=DataConfig.__dataclass_fields__["gap"].metadata["help"])
+def data_split(csv: str, seed: int, ratios: str, labels: str | None, out: str | None, gap: str) -> None:
+    """Split a frames CSV by video / label range into train, val and test; with images, measure the
+    gap and the test frames' similarity to train (else names suffice)."""
     from flame_kd.data.labels import find_label_ranges
     from flame_kd.data.schema import load_frames
-    from flame_kd.data.split import make_split, parse_ratios
+    from flame_kd.data.split import parse_gap, parse_ratios, split_frames
+    from flame_kd.data.thumbs import frame_thumbnails, images_available
 
+    parse_gap(gap)
     frames = load_frames(csv, check_files=False)
-    split = make_split(frames, seed=seed, ratios=parse_ratios(ratios), ranges=labels or find_label_ranges(csv))
+    thumbs = frame_thumbnails(frames) if images_available(frames) else None
+    split = split_frames(frames, seed=seed, ratios=parse_ratios(ratios), ranges=labels or find_label_ranges(csv),
+                         gap=gap, thumbs=thumbs)
     click.echo(split.summary())
     if out:
         split.manifest.to_csv(out, index=False)
@@ -127,6 +134,11 @@ class _Optional(click.ParamType):
 OPTIONAL_FLOAT, OPTIONAL_INT = _Optional(float), _Optional(int)
 
 
+def _help(cls, name: str) -> str:
+    """An option's help text, declared once with its config field."""
+    return cls.__dataclass_fields__[name].metadata["help"]
+
+
 def _data_options(f):
     opts = [
         click.option("--data", "csv", type=str, callback=_none_if_empty, help="Frames CSV (see `flame-kd data check`)."),
@@ -137,6 +149,9 @@ def _data_options(f):
         click.option("--cache", type=click.Choice(["memory", "disk", "none"]), default=DataConfig.cache,
                      show_default=True, help="Decoded-frame cache."),
         click.option("--cache-dir", type=str, default=None, callback=_none_if_empty),
+        click.option("--split-seed", type=OPTIONAL_INT, default=DataConfig.split_seed, show_default=True,
+                     help=_help(DataConfig, "split_seed")),
+        click.option("--gap", type=str, default=DataConfig.gap, show_default=True, help=_help(DataConfig, "gap")),
     ]
     for opt in reversed(opts):
         f = opt(f)
@@ -179,8 +194,12 @@ def _teacher_options(f):
 
 
 def _data_config(o: dict) -> DataConfig:
+    from flame_kd.data.split import parse_gap
+
+    parse_gap(o["gap"])
     return DataConfig(csv=o["csv"], root=o["root"], image_size=o["image_size"], batch_size=o["batch_size"],
-                      num_workers=o["num_workers"], cache=o["cache"], cache_dir=o["cache_dir"])
+                      num_workers=o["num_workers"], cache=o["cache"], cache_dir=o["cache_dir"],
+                      split_seed=o["split_seed"], gap=str(o["gap"]))
 
 
 def _teacher_config(o: dict) -> TeacherConfig:
@@ -225,15 +244,24 @@ def teacher(**o) -> None:
 
 
 
+def _choices(cls, name: str) -> tuple[str, ...]:
+    return cls.__dataclass_fields__[name].metadata["choices"]
+
+
 def _loss_options(f):
     opts = [
         click.option("--loss", type=str, default=LossConfig.variant, show_default=True,
-                     help="kl_bce | kl_l2_bce | kl_contrastive_l2_bce | bce (no teacher)."),
+                     help="kl_bce | kl_l2_bce | kl_contrastive_l2_bce (its 'contrastive' term is the RKD "
+                          "distance loss, not a contrastive loss) | bce (no teacher)."),
         click.option("--alpha", type=OPTIONAL_FLOAT, default=None, help="KL weight (default: the variant's)."),
-        click.option("--beta", type=OPTIONAL_FLOAT, default=None, help="Relational weight."),
+        click.option("--beta", type=OPTIONAL_FLOAT, default=None, help="Relational (RKD distance) weight."),
         click.option("--gamma", type=OPTIONAL_FLOAT, default=None, help="L2 (feature) weight."),
         click.option("--delta", type=OPTIONAL_FLOAT, default=None, help="BCE weight."),
         click.option("--temperature", type=float, default=LossConfig.temperature, show_default=True),
+        click.option("--loss-convention", type=click.Choice(_choices(LossConfig, "loss_convention")),
+                     default=LossConfig.loss_convention, show_default=True, help=_help(LossConfig, "loss_convention")),
+        click.option("--pos-weight", type=click.Choice(_choices(LossConfig, "pos_weight")),
+                     default=LossConfig.pos_weight, show_default=True, help=_help(LossConfig, "pos_weight")),
     ]
     for opt in reversed(opts):
         f = opt(f)
@@ -267,7 +295,8 @@ def _distill_config(o: dict) -> DistillRunConfig:
         student=o["student"],
         train=_train_config(student_train_defaults(), o, o["epochs"], o["lr"]),
         loss=LossConfig(variant=o["loss"], alpha=o["alpha"], beta=o["beta"], gamma=o["gamma"],
-                        delta=o["delta"], temperature=o["temperature"]),
+                        delta=o["delta"], temperature=o["temperature"],
+                        loss_convention=o["loss_convention"], pos_weight=o["pos_weight"]),
         tracking=_tracking_config(o, register_as="flame-kd-student"),
         teacher_run_id=o["teacher_run_id"],
         teacher_mode=o["teacher_mode"],

@@ -5,6 +5,15 @@ One set of letters for every variant, so runs compare in MLflow::
     loss = alpha*kl + beta*relational + gamma*l2 + delta*bce
 
 Multi-label: two sigmoid outputs (fire, smoke), so KL and BCE are binary, per label.
+
+Two conventions (``LossConfig.loss_convention``):
+
+- ``hinton-rkd`` (default): KL x T^2 (Hinton et al. 2015); the relational term is the RKD distance
+  loss as published (Park et al. 2019): Huber between the mean-normalised pairwise distances of the
+  student's OWN features and the teacher's. The learned projection serves only L2.
+- ``kd-research``: the original Kaggle pipeline's terms, to reproduce its numbers: KL without T^2,
+  and its "contrastive" term, MSE between the squared pairwise distances of the unit-normalised
+  projected student features and teacher features.
 """
 
 from __future__ import annotations
@@ -19,8 +28,11 @@ from torch import nn
 from flame_kd.errors import ConfigError
 
 
+CONVENTIONS = ("hinton-rkd", "kd-research")
+
+
 def kl(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float, t_squared: bool = True
 ) -> torch.Tensor:
     """Binary KL from the teacher's soft labels to the student's, per label, times T^2.
 
@@ -31,6 +43,8 @@ def kl(
     over batch and labels. Hinton, Vinyals & Dean 2015, "Distilling the Knowledge in a Neural
     Network": the T^2 keeps gradient sizes, hence the weight's meaning, fixed as T is swept.
     Computed from logsigmoid (log(1-sigmoid(z)) = logsigmoid(-z)), so it is finite for any logits.
+    Its gradient with respect to the student's logits is ``T * (p_s - p_t) / (B * L)``.
+    ``t_squared=False`` drops the T^2, as the original pipeline did (``kd-research``).
     """
     zs = student_logits.float() / temperature
     zt = teacher_logits.float() / temperature
@@ -38,7 +52,7 @@ def kl(
     per_label = p_t * (F.logsigmoid(zt) - F.logsigmoid(zs)) + (1 - p_t) * (
         F.logsigmoid(-zt) - F.logsigmoid(-zs)
     )
-    return per_label.mean() * temperature**2
+    return per_label.mean() * (temperature**2 if t_squared else 1.0)
 
 
 def _normalised_distances(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
@@ -50,32 +64,51 @@ def _normalised_distances(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     return d / d[off].mean().clamp_min(eps)
 
 
-def relational(student_proj: torch.Tensor, teacher_features: torch.Tensor) -> torch.Tensor:
-    """RKD distance loss: MSE between the normalised pairwise-distance matrices of the batch.
+def relational(student_features: torch.Tensor, teacher_features: torch.Tensor) -> torch.Tensor:
+    """RKD distance loss: Huber (smooth L1) between the normalised pairwise-distance matrices.
 
     With psi(x)_ij = ||x_i - x_j||_2 / mu(x), mu the mean over pairs i != j::
 
-        mean_ij ( psi(student_proj)_ij - psi(teacher_features)_ij )^2
+        mean_ij huber( psi(student_features)_ij - psi(teacher_features)_ij )
 
-    over the whole B x B matrix (diagonal 0 on both sides), as in the reference code.
-    Park, Kim, Lu & Cho 2019, "Relational Knowledge Distillation" (CVPR), with plain MSE in
-    place of its Huber loss. A batch of one has no pairs: the loss is 0.
+    over the whole B x B matrix (diagonal 0 on both sides), on the student's OWN features (no
+    common dimension needed, no projection to bend them) and the teacher's, detached. Park, Kim,
+    Lu & Cho 2019, "Relational Knowledge Distillation" (CVPR), as in its reference code and
+    RepDistiller/torchdistill. Not a contrastive loss. A batch of one has no pairs: the loss is 0.
     """
-    if len(student_proj) < 2:
-        return student_proj.float().sum() * 0.0
-    return F.mse_loss(_normalised_distances(student_proj), _normalised_distances(teacher_features))
+    if len(student_features) < 2:
+        return student_features.float().sum() * 0.0
+    with torch.no_grad():
+        target = _normalised_distances(teacher_features.detach())
+    return F.smooth_l1_loss(_normalised_distances(student_features), target)
+
+
+def squared_distance_mse(student_proj: torch.Tensor, teacher_features: torch.Tensor) -> torch.Tensor:
+    """The original pipeline's "contrastive" term (``kd-research``): with u = x / ||x||::
+
+        mean_ij ( ||u_i - u_j||^2 [projected student] - ||u_i - u_j||^2 [teacher] )^2
+
+    MSE between squared pairwise distances of unit-normalised features. Kept to reproduce it;
+    the RKD distance loss (``relational``) is the published form.
+    """
+    def sq(x: torch.Tensor) -> torch.Tensor:
+        u = F.normalize(x.float().flatten(1), dim=1)
+        return (u.unsqueeze(1) - u.unsqueeze(0)).pow(2).sum(-1)
+
+    return F.mse_loss(sq(student_proj), sq(teacher_features.detach()))
 
 
 def l2(student_proj: torch.Tensor, teacher_features: torch.Tensor) -> torch.Tensor:
     """FitNets hint loss: ``mean((W s - t)^2)`` between the learned projection of the student's
     features and the teacher's. Romero et al. 2015, "FitNets: Hints for Thin Deep Nets"."""
-    return F.mse_loss(student_proj.float(), teacher_features.float())
+    return F.mse_loss(student_proj.float(), teacher_features.float().detach())
 
 
-def bce(student_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def bce(student_logits: torch.Tensor, targets: torch.Tensor, pos_weight: torch.Tensor | None = None) -> torch.Tensor:
     """Binary cross-entropy with logits against the hard 0/1 labels, mean over batch and labels:
-    ``-mean[y*log(sigmoid(z)) + (1-y)*log(1-sigmoid(z))]``."""
-    return F.binary_cross_entropy_with_logits(student_logits.float(), targets.float())
+    ``-mean[w*y*log(sigmoid(z)) + (1-y)*log(1-sigmoid(z))]``, w = ``pos_weight`` per label (1 when
+    None; class-balanced: negatives/positives of the training split)."""
+    return F.binary_cross_entropy_with_logits(student_logits.float(), targets.float(), pos_weight=pos_weight)
 
 
 LOSSES: dict[str, Callable[..., torch.Tensor]] = {
@@ -139,8 +172,9 @@ def check_temperature(t: float) -> float:
 class DistillLoss(nn.Module):
     """``alpha*kl + beta*relational + gamma*l2 + delta*bce``, computing only the non-zero terms.
 
-    Owns the learned projection Linear(student_dim, teacher_dim) that L2 and relational share;
-    it exists only when beta or gamma > 0, so it is never dead weight in the optimizer.
+    Owns the learned projection Linear(student_dim, teacher_dim) that L2 uses (and, under the
+    ``kd-research`` convention, the original's relational term); it exists only when a term uses
+    it, so it is never dead weight in the optimizer. ``pos_weight`` ([labels]) weights BCE's positives.
     """
 
     def __init__(
@@ -149,14 +183,20 @@ class DistillLoss(nn.Module):
         temperature: float = 2.0,
         student_dim: int | None = None,
         teacher_dim: int | None = None,
+        convention: str = "hinton-rkd",
+        pos_weight: torch.Tensor | None = None,
     ):
         super().__init__()
+        if convention not in CONVENTIONS:
+            raise ConfigError(f"unknown loss convention {convention!r}; known: {', '.join(CONVENTIONS)}")
         self.weights = check_weights(weights)
         self.temperature = check_temperature(temperature)
+        self.convention = convention
+        self.register_buffer("pos_weight", None if pos_weight is None else torch.as_tensor(pos_weight, dtype=torch.float32))
         self.projection: nn.Linear | None = None
-        if self.uses_teacher_features:
+        if self.weights["gamma"] > 0 or (self.weights["beta"] > 0 and convention == "kd-research"):
             if not student_dim or not teacher_dim:
-                raise ValueError("relational/l2 terms need student_dim and teacher_dim")
+                raise ValueError("the projected terms need student_dim and teacher_dim")
             self.projection = nn.Linear(student_dim, teacher_dim)
 
     @property
@@ -190,21 +230,25 @@ class DistillLoss(nn.Module):
         w = self.weights
         proj = self.projection(student_features) if self.projection is not None else None
         values: dict[str, torch.Tensor] = {}
+        research = self.convention == "kd-research"
         if w["alpha"] > 0:
-            values["kl"] = kl(student_logits, teacher_logits, self.temperature)
+            values["kl"] = kl(student_logits, teacher_logits, self.temperature, t_squared=not research)
         if w["beta"] > 0:
-            values["relational"] = relational(proj, teacher_features)
+            values["relational"] = (squared_distance_mse(proj, teacher_features) if research
+                                    else relational(student_features, teacher_features))
         if w["gamma"] > 0:
             values["l2"] = l2(proj, teacher_features)
         if w["delta"] > 0:
-            values["bce"] = bce(student_logits, targets)
+            values["bce"] = bce(student_logits, targets, self.pos_weight)
         total = sum(w[LETTERS[name]] * v for name, v in values.items())
         return {"loss": total, **{name: v.detach() for name, v in values.items()}}
 
     def formula(self) -> str:
         """E.g. ``0.4*kl + 0.2*relational + 0.2*l2 + 0.2*bce (T=2.0)``."""
         terms = " + ".join(f"{w:g}*{TERMS[k]}" for k, w in self.weights.items() if w > 0)
-        return f"{terms} (T={self.temperature})"
+        extra = "" if self.convention == "hinton-rkd" else f", {self.convention}"
+        extra += "" if self.pos_weight is None else ", pos_weight=" + ",".join(f"{v:.3g}" for v in self.pos_weight.tolist())
+        return f"{terms} (T={self.temperature}{extra})"
 
     def __repr__(self) -> str:
         return self.formula()
