@@ -59,7 +59,7 @@ class TeacherOutputs:
         if cache is not None:
             if frame_ids is None:
                 raise ValueError("cached teacher outputs need the frame ids of the run's frame table")
-            self.frame_ids = torch.as_tensor(frame_ids, dtype=torch.long)
+            self.frame_ids = torch.tensor(frame_ids, dtype=torch.long)
             self._sorted_ids, self._perm = torch.sort(cache["ids"].long())
 
     def rows(self, index: torch.Tensor) -> torch.Tensor:

@@ -42,7 +42,7 @@ def compute(teacher: nn.Module, data, device: torch.device, teacher_run_id: str 
     dtype = amp_dtype(device, True)
     n = len(data.frames)
     out: dict = {"known": torch.zeros(n, dtype=torch.bool),
-                 "ids": torch.as_tensor(data.frames["id"].to_numpy(), dtype=torch.long),
+                 "ids": torch.tensor(data.frames["id"].to_numpy(), dtype=torch.long),
                  "data_digest": data.digest, "split_digest": data.split.digest, "teacher_run_id": teacher_run_id}
     rows = torch.cat([torch.as_tensor(data.split.indices(s), dtype=torch.long) for s in ("train", "val", "test")])
     ds = PairedFrames(data.frames, rows.numpy(), data.config.image_size, augment="none", cache=data.cache)

@@ -151,22 +151,6 @@ def test_control_needs_no_teacher(store, data_csv):
     assert "train/kl" not in run.data.metrics and "train/bce" in run.data.metrics
 
 
-@pytest.mark.parametrize("bad, match", [
-    ({"alpha": -0.1}, "alpha"),
-    ({"temperature": 0.0}, "emperature"),
-])
-def test_bad_loss_options_are_clear_errors(data_csv, tmp_path, monkeypatch, bad, match):
-    use_store(tmp_path, monkeypatch)
-    cfg = distill_cfg(data_csv)
-    cfg.loss = dataclasses.replace(cfg.loss, **bad)
-    with pytest.raises(ConfigError, match=match):
-        run_distill(cfg)
-    cfg = distill_cfg(data_csv, loss="kl_everything")
-    with pytest.raises(ConfigError, match="kl_bce"):
-        run_distill(cfg)
-    assert MlflowClient().search_experiments(filter_string="name = 't'") == []
-
-
 def test_seeds_vary_training_only(first_distill, data_csv):
     """split_seed defaults to 42: another training seed keeps the split (runs pair up)."""
     from flame_kd.config import DistillRunConfig
@@ -258,3 +242,39 @@ def test_cached_mode_refuses_augmentation_it_cannot_reproduce(data_csv, tmp_path
     live = distill_cfg(data_csv, mode="live")
     live.data.augment = "full"
     validate(live)
+
+
+def test_pos_weight_auto_is_negatives_over_positives_of_the_training_split():
+    from types import SimpleNamespace
+
+    import numpy as np
+    import pandas as pd
+
+    from flame_kd.distill import build_loss, train_pos_weight
+
+    frames = pd.DataFrame({"fire": [1, 0, 0, 0, 1, 1], "smoke": [1, 1, 1, 1, 0, 0]})
+    data = SimpleNamespace(frames=frames, split=SimpleNamespace(indices=lambda name: np.arange(4)))
+    w = train_pos_weight(data)  # train rows 0..3: fire 1 of 4 -> 3; smoke 4 of 4 -> no negatives -> 1
+    assert w.tolist() == [3.0, 1.0]
+    cfg = distill_cfg("x.csv")
+    cfg.loss.pos_weight = "auto"
+    assert build_loss(cfg, 8, 8, w).pos_weight.tolist() == [3.0, 1.0]
+    cfg.loss.pos_weight = "sometimes"
+    with pytest.raises(ConfigError, match="pos-weight"):
+        build_loss(cfg, 8, 8)
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"alpha": -0.1}, "alpha"),
+    ({"temperature": 0.0}, "emperature"),
+])
+def test_bad_loss_options_are_clear_errors(data_csv, tmp_path, monkeypatch, bad, match):
+    use_store(tmp_path, monkeypatch)
+    cfg = distill_cfg(data_csv)
+    cfg.loss = dataclasses.replace(cfg.loss, **bad)
+    with pytest.raises(ConfigError, match=match):
+        run_distill(cfg)
+    cfg = distill_cfg(data_csv, loss="kl_everything")
+    with pytest.raises(ConfigError, match="kl_bce"):
+        run_distill(cfg)
+    assert MlflowClient().search_experiments(filter_string="name = 't'") == []

@@ -57,7 +57,7 @@ def decorrelation(thumbs: np.ndarray, order: np.ndarray, chains: np.ndarray | No
     n = len(order)
     rng = np.random.default_rng(seed)
     chains = np.zeros(n, dtype=np.int64) if chains is None else np.asarray(chains)
-    i, j = rng.integers(0, len(thumbs), (2, RANDOM_PAIRS))
+    i, j = order[rng.integers(0, n, (2, RANDOM_PAIRS))]  # positions in order: the table's row order is irrelevant
     keep = i != j
     baseline = float(np.quantile(np.einsum("ij,ij->i", thumbs[i[keep]], thumbs[j[keep]]), 0.95))
     anchors = np.sort(rng.choice(n, size=min(n, MAX_ANCHORS), replace=False))

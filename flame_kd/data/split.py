@@ -388,12 +388,13 @@ def split_frames(frames: pd.DataFrame, seed: int = 42, ratios=(0.7, 0.15, 0.15),
     ratios = parse_ratios(ratios)
     notes, decor = [], None
     kwargs: dict = {}
+    order, chains = chain_order(frames)
+    th = thumbs[order] if thumbs is not None else None  # chain order: row order of the CSV changes nothing
     if isinstance(gap, int):
         kwargs["gap"] = gap
         notes.append(f"gap: {gap} frames, as given")
-    elif gap == "auto" and thumbs is not None:
-        order, chains = chain_order(frames)
-        decor = lk.decorrelation(thumbs, order, chains, seed=seed)
+    elif gap == "auto" and th is not None:
+        decor = lk.decorrelation(th, np.arange(len(frames)), chains, seed=seed)
         kwargs["gap"] = decor.distance
         kwargs["block_size"] = max(round(len(frames) / 40), GAP_BLOCKS * decor.distance, 1)
         notes.append(f"gap: {decor.distance} frames, measured: {decor.describe()}")
@@ -404,8 +405,10 @@ def split_frames(frames: pd.DataFrame, seed: int = 42, ratios=(0.7, 0.15, 0.15),
     split = make_split(frames, seed=seed, ratios=ratios, ranges=ranges, **kwargs)
     split.notes = notes
     split.decorrelation_frames = decor.distance if decor is not None else None
-    if thumbs is not None and leakage:
-        split.leakage = lk.measure_leakage(thumbs, split.indices("train"), split.indices("test"),
+    if th is not None and leakage:
+        rank = np.empty(len(frames), dtype=np.int64)
+        rank[order] = np.arange(len(frames))
+        split.leakage = lk.measure_leakage(th, np.sort(rank[split.indices("train")]), np.sort(rank[split.indices("test")]),
                                            np.arange(len(frames)), ratios, seed=seed)
         split.notes.append(split.leakage.describe())
     return split
