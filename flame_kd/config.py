@@ -78,7 +78,7 @@ class LossConfig:
     beta: float | None = None
     gamma: float | None = None
     delta: float | None = None
-    temperature: float = 2.0  # Hinton's soft targets; KL is scaled by T^2
+    temperature: float = 2.0  # Hinton's soft targets; KL is scaled by T^2 (not under kd-research)
     loss_convention: str = field(default="hinton-rkd", metadata={
         "help": "hinton-rkd: KL x T^2 and the RKD distance loss (Huber on the student's own distances); "
                 "kd-research: the original pipeline's terms (KL without T^2, MSE of squared distances of "
