@@ -88,7 +88,7 @@ def run_bench(args: argparse.Namespace, tmp: Path) -> None:
 
     weights = resolve_weights(args.loss)
     live_outputs = TeacherOutputs(teacher=teacher)
-    cached_outputs = TeacherOutputs(cache=cache)
+    cached_outputs = TeacherOutputs(cache=cache, frame_ids=data.frames["id"].to_numpy())
     train_loader, val_loader = data.loaders["train"], data.loaders["val"]
     rows = []
     for student_name in args.students:

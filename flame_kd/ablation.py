@@ -3,6 +3,9 @@
 Each teacher is trained once per seed and reused across losses (the distill run's teacher lookup
 finds it). Every cell nests under one parent run; re-running the same spec finds that parent and
 skips finished cells, so a crash or a 9-hour Kaggle session limit costs only the cell in flight.
+
+Seeds vary training only: every cell uses one split (``split_seed``, 42 unless the spec's data
+says otherwise), so the summary can pair each cell with the no-teacher control of the same seed.
 """
 
 from __future__ import annotations
@@ -66,7 +69,9 @@ def cell_config(spec: AblationSpec, teacher: str, loss: str, seed: int) -> Disti
         cfg.seed, cfg.device = seed, spec.device
         if epochs:
             cfg.epochs = epochs
-    data = DataConfig(**{"cache": "disk", **spec.data, "augment": "flip"})
+    data = DataConfig(**{"cache": "disk", "split_seed": 42, **spec.data, "augment": "flip"})
+    if data.split_seed is None:
+        raise ConfigError("ablation: data.split_seed must be a number; every cell shares one split")
     return DistillRunConfig(
         data=data,
         teacher=TeacherConfig(name=teacher, fusion=spec.fusion, pretrained=spec.pretrained),
@@ -157,40 +162,72 @@ def collect_runs(filter_string: str, experiment: str | None = None) -> pd.DataFr
             "teacher": tags.get("flame_kd.teacher", "?"),
             "loss": "teacher alone" if stage == "teacher" else tags.get("flame_kd.loss", "?"),
             "seed": tags.get("flame_kd.seed"),
+            "split_digest": tags.get("flame_kd.split_digest"),
             "run_id": r.info.run_id,
             **{m: metrics.get(f"test/{m}", np.nan) for m in METRICS},
         })
-    return pd.DataFrame(rows, columns=["teacher", "loss", "seed", "run_id", *METRICS])
+    return pd.DataFrame(rows, columns=["teacher", "loss", "seed", "split_digest", "run_id", *METRICS])
+
+
+def _t_ci(vals: np.ndarray) -> tuple[float, float, float]:
+    """(mean, std, 95% CI half-width, Student's t) of a sample; NaN where undefined."""
+    from scipy import stats
+
+    n = len(vals)
+    std = float(vals.std(ddof=1)) if n > 1 else float("nan")
+    ci = float(stats.t.ppf(0.975, n - 1) * std / np.sqrt(n)) if n > 1 else float("nan")
+    return (float(vals.mean()) if n else float("nan")), std, ci
 
 
 def summary_table(runs: pd.DataFrame) -> pd.DataFrame:
-    """Mean, std and 95% confidence interval (Student's t) over seeds for each teacher x loss."""
-    from scipy import stats
-
+    """Per teacher x loss: mean, std and 95% CI (Student's t) over seeds, and the paired per-seed
+    difference against the no-teacher control (``bce`` cells of the same teacher, else ``none``,
+    same seed and split): ``<metric>_vs_control_mean`` / ``_ci95`` over ``n_paired`` seeds."""
     runs = runs.drop_duplicates(subset=["teacher", "loss", "seed"])  # a teacher shared by cells counts once
+    if "split_digest" not in runs.columns:
+        runs = runs.assign(split_digest=None)
+    control = runs[runs["loss"] == CONTROL_LOSS]
     rows = []
     for (teacher, loss), g in runs.groupby(["teacher", "loss"], sort=True):
-        row = {"teacher": teacher, "loss": loss, "n_seeds": len(g)}
+        row = {"teacher": teacher, "loss": loss, "n_seeds": len(g),
+               "n_splits": int(g["split_digest"].nunique(dropna=True))}
         for m in METRICS:
-            vals = g[m].dropna().to_numpy(float)
-            n = len(vals)
-            std = float(vals.std(ddof=1)) if n > 1 else float("nan")
-            row[f"{m}_mean"] = float(vals.mean()) if n else float("nan")
-            row[f"{m}_std"] = std
-            row[f"{m}_ci95"] = float(stats.t.ppf(0.975, n - 1) * std / np.sqrt(n)) if n > 1 else float("nan")
+            row[f"{m}_mean"], row[f"{m}_std"], row[f"{m}_ci95"] = _t_ci(g[m].dropna().to_numpy(float))
+        ctrl = control[control["teacher"] == teacher]
+        if ctrl.empty:
+            ctrl = control[control["teacher"] == "none"]
+        paired = g.merge(ctrl, on="seed", suffixes=("", "_ctrl"))
+        paired = paired[paired["split_digest"].fillna("") == paired["split_digest_ctrl"].fillna("")]
+        if loss == CONTROL_LOSS:
+            paired = paired.iloc[0:0]
+        row["n_paired"] = len(paired)
+        for m in METRICS:
+            diff = (paired[m] - paired[f"{m}_ctrl"]).dropna().to_numpy(float)
+            mean, _, ci = _t_ci(diff)
+            row[f"{m}_vs_control_mean"], row[f"{m}_vs_control_ci95"] = mean, ci
         rows.append(row)
     return pd.DataFrame(rows)
 
 
 def to_markdown(table: pd.DataFrame) -> str:
-    """The table as markdown: mean ± 95% CI half-width over seeds."""
-    head = "| teacher | loss | seeds | " + " | ".join(METRICS) + " |"
-    lines = [head, "|" + "---|" * (3 + len(METRICS))]
+    """The table as markdown: mean ± 95% CI half-width over seeds, and the paired difference in
+    macro F1 against the no-teacher control."""
+    head = "| teacher | loss | seeds | " + " | ".join(METRICS) + " | Δ f1_macro vs control (paired) |"
+    lines = [head, "|" + "---|" * (4 + len(METRICS))]
+
+    def fmt(mean, ci):
+        if pd.isna(mean):
+            return "-"
+        return f"{mean:+.4f} ± {ci:.4f}" if not pd.isna(ci) else f"{mean:+.4f}"
+
     for _, r in table.iterrows():
         cells_ = [f"{r[f'{m}_mean']:.4f} ± {r[f'{m}_ci95']:.4f}" if not np.isnan(r[f"{m}_ci95"])
                   else f"{r[f'{m}_mean']:.4f}" for m in METRICS]
-        lines.append(f"| {r['teacher']} | {r['loss']} | {r['n_seeds']} | " + " | ".join(cells_) + " |")
-    return "\n".join(lines) + "\n\nmean ± 95% confidence interval (Student's t) over seeds; test split.\n"
+        delta = fmt(r.get("f1_macro_vs_control_mean"), r.get("f1_macro_vs_control_ci95"))
+        lines.append(f"| {r['teacher']} | {r['loss']} | {r['n_seeds']} | " + " | ".join(cells_) + f" | {delta} |")
+    return "\n".join(lines) + ("\n\nmean ± 95% confidence interval (Student's t) over seeds; test split. Δ: "
+                               "mean ± t-CI of the per-seed difference to the no-teacher control (same seed, "
+                               "same split).\n")
 
 
 def log_summary(parent_id: str, table: pd.DataFrame) -> None:

@@ -131,14 +131,21 @@ def data_check(csv: str, root: str | None) -> None:
 @click.option("--labels", type=OrNone(click.Path(dir_okay=False)), default=None,
               help="label-range file for the groups; default: label_ranges.tsv next to the CSV, if any")
 @click.option("--out", type=OrNone(click.Path(dir_okay=False)), default=None, help="write the manifest CSV here")
-def data_split(csv: str, seed: int, ratios: str, labels: str | None, out: str | None) -> None:
-    """Split a frames CSV by video / label range into train, val and test (no images needed)."""
+@click.option("--gap", default=DataConfig().gap, show_default=True,
+              help=DataConfig.__dataclass_fields__["gap"].metadata["help"])
+def data_split(csv: str, seed: int, ratios: str, labels: str | None, out: str | None, gap: str) -> None:
+    """Split a frames CSV by video / label range into train, val and test; with images, measure the
+    gap and the test frames' similarity to train (else names suffice)."""
     from flame_kd.data.labels import find_label_ranges
     from flame_kd.data.schema import load_frames
-    from flame_kd.data.split import make_split, parse_ratios
+    from flame_kd.data.split import parse_gap, parse_ratios, split_frames
+    from flame_kd.data.thumbs import frame_thumbnails, images_available
 
+    parse_gap(gap)
     frames = load_frames(csv, check_files=False)
-    split = make_split(frames, seed=seed, ratios=parse_ratios(ratios), ranges=labels or find_label_ranges(csv))
+    thumbs = frame_thumbnails(frames) if images_available(frames) else None
+    split = split_frames(frames, seed=seed, ratios=parse_ratios(ratios), ranges=labels or find_label_ranges(csv),
+                         gap=gap, thumbs=thumbs)
     click.echo(split.summary())
     if out:
         split.manifest.to_csv(out, index=False)

@@ -2,9 +2,9 @@
 
 Each field is declared once, with ``opt(default, help)``: the CLI builds its click options from these
 fields (``flame_kd/options.py``), MLproject's parameters are generated from the CLI, and a test checks
-that the three agree. The training defaults are the original Kaggle pipeline's (DESIGN.md, "Training
-defaults"); the losses follow the published methods, which departs from the original where its terms
-did not (see losses.py).
+that the three agree. The training values are the original Kaggle pipeline's (DESIGN.md, "Training
+defaults"). The loss does not follow it by default: KL is scaled by T^2 (Hinton) and the relational term
+is the RKD distance loss (Park et al.); ``loss_convention="kd-research"`` reproduces the original's terms.
 """
 
 from __future__ import annotations
@@ -39,7 +39,10 @@ class DataConfig:
     image_size: int = opt(224, "Frame size fed to the models (224: what timm backbones were trained at).", ge=16)
     batch_size: int = opt(64, "Batch size (the original pipeline's 64).", ge=1)
     ratios: tuple[float, float, float] = opt((0.7, 0.15, 0.15), "Train,val,test FRAME fractions.")
-    split_seed: int | None = opt(None, "Seed of the video-aware split; default: the run's seed.")
+    split_seed: int | None = opt(42, "Seed of the train/val/test split, fixed so seeds vary training only and "
+                                     "runs pair up; none: the run's seed.")
+    gap: str = opt("auto", "Frames dropped at each cross-split boundary: auto (the images' measured decorrelation "
+                           "distance; the rule when there are no images), rule (block/20) or a number.")
     cache: str = opt("memory", "Decoded-frame cache (disk: a memory-mapped file reused across runs).",
                      choices=("memory", "disk", "none"))
     cache_dir: str | None = opt(None, "Folder of the disk cache; default $FLAME_KD_CACHE/frames.")
@@ -101,7 +104,14 @@ class LossConfig:
     beta: float | None = opt(None, "Weight of the relational (RKD distance) term.", weight=True, ge=0)
     gamma: float | None = opt(None, "Weight of the L2 feature (FitNets hint) term.", weight=True, ge=0)
     delta: float | None = opt(None, "Weight of the BCE term on the hard labels.", weight=True, ge=0)
-    temperature: float = opt(2.0, "Temperature of the soft targets (Hinton); KL is scaled by T^2.", gt=0)
+    temperature: float = opt(2.0, "Temperature of the soft targets (Hinton); KL is scaled by T^2 "
+                                  "(not under kd-research).", gt=0)
+    loss_convention: str = opt("hinton-rkd", "hinton-rkd: KL x T^2 and the RKD distance loss (Huber on the "
+                               "student's own distances); kd-research: the original pipeline's terms (KL without "
+                               "T^2, MSE of squared distances of unit-normalised projected features).",
+                               choices=("hinton-rkd", "kd-research"))
+    pos_weight: str = opt("none", "BCE positive-class weight: none, or auto (negatives/positives per label in the "
+                          "training split).", choices=("none", "auto"))
 
     def weight_overrides(self) -> dict[str, float | None]:
         """The weight letters this config declares (see losses.REGISTRY) and their values."""

@@ -96,7 +96,11 @@ def nearest_teacher(cfg: DistillRunConfig, data: Data, limit: int = 200) -> str:
 
 
 def check_pinned_teacher(run_id: str, data: Data) -> None:
-    """A pinned teacher must have been trained on this split, or its targets leak test frames."""
+    """A pinned teacher must have been trained on this split, or its targets leak test frames.
+
+    Another data digest (other pixels under the same names) is allowed: the teacher's outputs are
+    then recomputed for this data (the cached outputs are keyed by data digest and frame id).
+    """
     run = tracking.get_run(run_id)
     tags = run.data.tags
     if tags.get("flame_kd.stage") != "teacher":
@@ -126,20 +130,44 @@ def resolve_teacher(cfg: DistillRunConfig, data: Data, parent_run_id: str | None
                        parent_run_id=parent_run_id), True
 
 
-def build_loss(cfg: DistillRunConfig, student_dim: int, teacher_dim: int) -> DistillLoss:
+def build_loss(cfg: DistillRunConfig, student_dim: int, teacher_dim: int,
+               pos_weight: torch.Tensor | None = None) -> DistillLoss:
     lc = cfg.loss
     weights = resolve_weights(lc.variant, **lc.weight_overrides())
     check_temperature(lc.temperature)
-    return DistillLoss(weights, lc.temperature, student_dim, teacher_dim)
+    if lc.pos_weight not in ("none", "auto"):
+        raise ConfigError(f"--pos-weight {lc.pos_weight}: expected none or auto")
+    return DistillLoss(weights, lc.temperature, student_dim, teacher_dim, convention=lc.loss_convention,
+                       pos_weight=pos_weight)
+
+
+def train_pos_weight(data: Data) -> torch.Tensor:
+    """Class-balanced BCE weights per label (fire, smoke): negatives / positives in the training split
+    (1 for a label with no positives or no negatives)."""
+    y = data.frames[["fire", "smoke"]].to_numpy()[data.split.indices("train")]
+    pos = y.sum(0).astype(float)
+    neg = len(y) - pos
+    w = [n / p if p > 0 and n > 0 else 1.0 for p, n in zip(pos, neg)]
+    return torch.tensor(w, dtype=torch.float32)
+
+
+CACHED_AUGMENTS = ("flip", "none")  # what cached teacher outputs can reproduce: the frame and its flip
 
 
 def validate(cfg: DistillRunConfig) -> None:
-    """Option errors (ranges, variant, weights, temperature, mode, a pinned teacher that does not exist)
-    before any data is read or run is started."""
+    """Option errors (ranges, variant, weights, temperature, mode, gap, augmentation, a pinned teacher
+    that does not exist) before any data is read or run is started."""
+    from flame_kd.data.split import parse_gap
+
     check_ranges(cfg)
-    build_loss(cfg, 8, 8)
+    loss = build_loss(cfg, 8, 8)
+    parse_gap(cfg.data.gap)
     if cfg.teacher_mode not in ("cached", "live"):
         raise ConfigError(f"--teacher-mode {cfg.teacher_mode}: expected cached or live")
+    if cfg.teacher_mode == "cached" and loss.uses_teacher and cfg.data.augment not in CACHED_AUGMENTS:
+        raise ConfigError(
+            f"augment={cfg.data.augment} with teacher_mode=cached: cached teacher outputs know only the plain "
+            "and flipped frame; use augment flip or none, or teacher_mode live")
 
 
 @dataclass
@@ -172,7 +200,7 @@ def prepare(cfg: DistillRunConfig, parent_run_id: str | None = None) -> Prepared
         prep.teacher, _, _ = load_run_model(prep.teacher_run_id, device)
         if cfg.teacher_mode == "cached":
             cache = teacher_outputs.load_or_compute(prep.teacher_run_id, prep.teacher, data, device)
-            prep.outputs = TeacherOutputs(cache=cache)
+            prep.outputs = TeacherOutputs(cache=cache, frame_ids=data.frames["id"].to_numpy())
         else:
             prep.outputs = TeacherOutputs(teacher=prep.teacher).to(device)
     return prep
@@ -195,7 +223,8 @@ def run_distill(cfg: DistillRunConfig, attach_env: bool = True, extra_tags: dict
     seed_everything(seed)
     student = build_student(cfg.student, image_size=cfg.data.image_size)
     teacher = prep.teacher
-    loss = build_loss(cfg, student.feature_dim, teacher.feature_dim if teacher else student.feature_dim)
+    pos_weight = train_pos_weight(data) if cfg.loss.pos_weight == "auto" else None
+    loss = build_loss(cfg, student.feature_dim, teacher.feature_dim if teacher else student.feature_dim, pos_weight)
     teacher_name = cfg.teacher.name if loss.uses_teacher else "none"
     tags = {"flame_kd.student": cfg.student, "flame_kd.teacher_mode": cfg.teacher_mode}
     if prep.teacher_run_id and loss.uses_teacher:
@@ -207,8 +236,13 @@ def run_distill(cfg: DistillRunConfig, attach_env: bool = True, extra_tags: dict
                    task=DistillTask(loss, prep.outputs if loss.uses_teacher else None), train=cfg.train,
                    tracking=cfg.tracking, device=device, tags=tags, resume=cfg.resume,
                    checkpoint_dir=cfg.checkpoint_dir, full_log=report)
-    with tracked_fit(plan, attach_env, parent_run_id, extra_tags, callbacks,
-                     on_start=lambda: tracking.log_text(repr(loss), "loss.txt")) as fitted:
+    def on_start() -> None:
+        tracking.log_text(repr(loss), "loss.txt")
+        if pos_weight is not None:
+            tracking.log_metrics({"loss/pos_weight_fire": float(pos_weight[0]),
+                                  "loss/pos_weight_smoke": float(pos_weight[1])})
+
+    with tracked_fit(plan, attach_env, parent_run_id, extra_tags, callbacks, on_start=on_start) as fitted:
         trainer, state = fitted.trainer, fitted.state
         if not report:
             tracking.log_metrics({"val/best_f1_macro": state.best_score, "best_epoch": float(state.best_epoch)})

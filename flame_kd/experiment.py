@@ -26,7 +26,8 @@ from flame_kd.config import DataConfig, TrackingConfig, TrainConfig, flatten
 from flame_kd.data.dataset import FrameCache, PairedFrames, make_loader
 from flame_kd.data.labels import find_label_ranges
 from flame_kd.data.schema import data_digest, load_frames
-from flame_kd.data.split import Split, make_split
+from flame_kd.data.split import Split, split_frames
+from flame_kd.data.thumbs import frame_thumbnails
 from flame_kd.engine import ConsoleCallback, FitState, Trainer, load_checkpoint
 from flame_kd.evaluate import Predictions, confusion_matrices, profile_model
 from flame_kd.errors import ConfigError, DataError
@@ -60,9 +61,8 @@ def load_data(cfg: DataConfig, seed: int, device: torch.device, augment: str | N
     if not cfg.csv:
         raise DataError("no data set given: pass --data CSV (make one with `flame-kd data synth`)")
     frames = load_frames(cfg.csv, root=cfg.root)
-    digest = data_digest(frames)
-    split = make_split(frames, seed=seed if cfg.split_seed is None else cfg.split_seed, ratios=cfg.ratios,
-                       ranges=find_label_ranges(cfg.csv))
+    digest = data_digest(frames, cache_dir=cache_home())  # names, labels and every image's bytes
+    split = make_data_split(frames, cfg, seed, digest)
     for name in ("train", "val", "test"):
         if len(split.indices(name)) == 0:
             raise DataError(f"{cfg.csv}: the {name} split is empty ({len(frames)} frames are too few to split)")
@@ -76,6 +76,14 @@ def load_data(cfg: DataConfig, seed: int, device: torch.device, augment: str | N
         loaders[name] = make_loader(ds, cfg.batch_size, shuffle=train, cfg=cfg, device=str(device), seed=seed,
                                     drop_last=train and len(ds) > cfg.batch_size)
     return Data(frames, split, digest, cache, loaders, cfg)
+
+
+def make_data_split(frames: pd.DataFrame, cfg: DataConfig, seed: int, digest: str) -> Split:
+    """The split of a run: seeded by ``split_seed`` (the run's seed when None), gap measured on the
+    images' thumbnails (kept under the cache home by data digest), leakage measured."""
+    thumbs = frame_thumbnails(frames, cache_dir=cache_home() / "thumbs", key=digest)
+    return split_frames(frames, seed=seed if cfg.split_seed is None else cfg.split_seed, ratios=cfg.ratios,
+                        ranges=find_label_ranges(cfg.csv), gap=cfg.gap, thumbs=thumbs)
 
 
 VOLATILE = ("tracking", "resume", "checkpoint_dir", "device", "num_workers", "pin_memory",
@@ -147,9 +155,7 @@ def start_logging(cfg: dict, data: Data, full: bool = True) -> None:
         tracking.log_dataset(data.frames, data.csv, data.digest)
         tracking.log_dataframe(data.split.manifest, "split/manifest.csv")
         tracking.log_text(data.split.summary(), "split/summary.txt")
-    fractions = {f"split/{k}_fraction": v for k, v in data.split.fractions.items()}
-    counts = {f"split/{k}_frames": float(len(data.split.indices(k))) for k in ("train", "val", "test")}
-    tracking.log_metrics(fractions | counts)
+    tracking.log_metrics(data.split.metrics())  # fractions, frames, gap, nn-similarity leakage
 
 
 def log_profile(prefix: str, model: torch.nn.Module, example: tuple) -> dict:

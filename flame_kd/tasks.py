@@ -42,24 +42,44 @@ class SupervisedTask:
 class TeacherOutputs:
     """Where a distillation step gets the teacher's (logits, features) for its batch.
 
-    ``cached``: looked up by frame row and flip in tensors computed once per teacher run.
+    ``cached``: looked up by frame ID and flip in tensors computed once per teacher run;
+    ``frame_ids`` maps the batch's rows (``batch["index"]``) to the ids of this run's frame table.
+    A frame the cache does not hold, or holds without outputs (``known`` False), is an error.
     ``live``: the frozen teacher run on the same RGB+IR batch the student sees.
     """
 
-    def __init__(self, teacher: nn.Module | None = None, cache: dict[str, torch.Tensor] | None = None):
+    def __init__(self, teacher: nn.Module | None = None, cache: dict | None = None,
+                 frame_ids=None):
         if (teacher is None) == (cache is None):
             raise ValueError("give exactly one of teacher (live) or cache (cached)")
         self.teacher = teacher
         self.cache = cache
         if teacher is not None:
             teacher.eval().requires_grad_(False)
+        if cache is not None:
+            if frame_ids is None:
+                raise ValueError("cached teacher outputs need the frame ids of the run's frame table")
+            self.frame_ids = torch.tensor(frame_ids, dtype=torch.long)
+            self._sorted_ids, self._perm = torch.sort(cache["ids"].long())
+
+    def rows(self, index: torch.Tensor) -> torch.Tensor:
+        """Cache rows of the frames at table rows ``index``; checks ids and ``known``."""
+        ids = self.frame_ids[index]
+        pos = torch.searchsorted(self._sorted_ids, ids).clamp_max(len(self._sorted_ids) - 1)
+        rows = self._perm[pos]
+        ok = (self.cache["ids"][rows] == ids) & self.cache["known"][rows]
+        if not bool(ok.all()):
+            bad = ids[~ok][:5].tolist()
+            raise RuntimeError(f"cached teacher outputs hold no targets for frame id(s) {bad}: "
+                               "the cache was built for other frames")
+        return rows
 
     def __call__(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         if self.teacher is not None:
             with torch.no_grad():
                 logits, feats = teacher_forward(self.teacher, batch)
             return logits.float(), feats.float()
-        rows = batch["index"].cpu()
+        rows = self.rows(batch["index"].cpu())
         flip = batch["flip"].cpu().bool()
         logits = torch.where(flip[:, None], self.cache["logits_flip"][rows], self.cache["logits"][rows])
         feats = torch.where(flip[:, None], self.cache["features_flip"][rows], self.cache["features"][rows])

@@ -114,3 +114,28 @@ def test_spec_errors(tmp_path):
         load_spec(str(tmp_path / "bad.yaml"))
     spec = load_spec(str(REPO / "experiments" / "ablation.yaml"))
     assert len(ablation_mod.cells(spec)) == 4 * 3 * 5 + 5  # the original grid plus a control per seed
+
+
+def test_every_cell_shares_one_split_and_pairs_with_the_control(grid):
+    from flame_kd.ablation import collect_runs
+
+    runs = collect_runs(f"tags.`mlflow.parentRunId` = '{grid['parent']}'")
+    assert runs["split_digest"].nunique() == 1  # seeds 1 and 2, one split (split_seed 42)
+    table = pd.read_csv(MlflowClient().download_artifacts(grid["parent"], "tables/ablation.csv"))
+    row = table[(table.teacher == TINY_TEACHER) & (table.loss == "kl_bce")].iloc[0]
+    assert row.n_paired == 2 and row.n_splits == 1
+    by_seed = runs.set_index(["teacher", "loss", "seed"])["f1_macro"]
+    diffs = [by_seed[(TINY_TEACHER, "kl_bce", s)] - by_seed[("none", "bce", s)] for s in ("1", "2")]
+    assert row.f1_macro_vs_control_mean == pytest.approx(sum(diffs) / 2)
+
+
+def test_paired_difference_by_hand():
+    runs = pd.DataFrame({"teacher": ["a"] * 3 + ["none"] * 3, "loss": ["kl_bce"] * 3 + ["bce"] * 3,
+                         "seed": ["1", "2", "3"] * 2, "split_digest": ["s"] * 6, "run_id": list("uvwxyz"),
+                         "f1_macro": [0.8, 0.9, 1.0, 0.7, 0.7, 0.8], "f1_fire": [1.0] * 6,
+                         "f1_smoke": [0.5] * 6, "accuracy": [0.7] * 6})
+    row = summary_table(runs).set_index(["teacher", "loss"]).loc[("a", "kl_bce")]
+    # differences 0.1, 0.2, 0.2: mean 0.1667, std 0.0577
+    assert row["f1_macro_vs_control_mean"] == pytest.approx(0.5 / 3)
+    assert row["f1_macro_vs_control_ci95"] == pytest.approx(4.302653 * 0.057735 / 3 ** 0.5, rel=1e-4)
+    assert row["n_paired"] == 3

@@ -245,3 +245,35 @@ def test_bad_labels_are_one_line_per_column(synth_copy):
     assert len(lines) == 2, result.output
     assert "fire: 'maybe' x3, '2' x1 (rows 4, 6, 9, 17)" in lines[0]
     assert "smoke: '?' x20 (rows 22, 23, 24, 25, 26, ...)" in lines[1]
+
+
+def test_data_digest_sees_the_pixels_not_only_the_names(synth_csv, synth_copy, tmp_path):
+    """Two folders with the same file names and other pixels (a preprocessed variant) differ."""
+    from PIL import Image
+
+    a = load_frames(synth_csv)
+    b_frames = load_frames(synth_copy / "flame2.csv")
+    path = b_frames.loc[3, "rgb_path"]
+    with Image.open(path) as im:
+        Image.eval(im.convert("RGB"), lambda v: 255 - v).save(path, format="JPEG")
+    assert data_digest(a, cache_dir=tmp_path) != data_digest(b_frames, cache_dir=tmp_path)
+    assert data_digest(a, content=False) == data_digest(b_frames, content=False)
+
+
+def test_fingerprints_are_remembered_by_path_size_and_mtime(synth_copy, tmp_path, monkeypatch):
+    import os
+
+    from flame_kd.data import fingerprint
+
+    frames = load_frames(synth_copy / "flame2.csv")
+    first = data_digest(frames, cache_dir=tmp_path)
+    calls = []
+    real = fingerprint.file_hash
+    monkeypatch.setattr(fingerprint, "file_hash", lambda p: calls.append(p) or real(p))
+    assert data_digest(frames, cache_dir=tmp_path) == first and calls == []  # a re-run hashes nothing
+    path = frames.loc[0, "ir_path"]
+    with open(path, "ab") as f:
+        f.write(b"\0")  # same name, other bytes (and size)
+    os.utime(path, ns=(1, 1))
+    assert data_digest(frames, cache_dir=tmp_path) != first
+    assert calls == [os.path.abspath(path)]  # only the changed file is hashed again

@@ -92,8 +92,9 @@ def test_pinned_teacher_and_mismatched_split(first_distill, data_csv):
     cfg.tracking.log_model = False
     run = MlflowClient().get_run(run_distill(cfg))
     assert run.data.tags["flame_kd.teacher_run_id"] == pinned
-    # another seed makes another split: the pinned teacher saw other frames, so it is refused ...
+    # another split seed makes another split: the pinned teacher saw other frames, so it is refused ...
     other = distill_cfg(data_csv, epochs=1, seed=7)
+    other.data.split_seed = 7
     other.teacher_run_id = pinned
     with pytest.raises(ConfigError, match="split"):
         run_distill(other)
@@ -159,6 +160,119 @@ def test_control_needs_no_teacher(store, data_csv):
     assert run.data.tags["flame_kd.teacher"] == "none"
     assert "flame_kd.teacher_run_id" not in run.data.tags
     assert "train/kl" not in run.data.metrics and "train/bce" in run.data.metrics
+
+
+def test_seeds_vary_training_only(first_distill, data_csv):
+    """split_seed defaults to 42: another training seed keeps the split (runs pair up)."""
+    from flame_kd.config import DistillRunConfig
+    from flame_kd.experiment import load_data
+
+    assert DistillRunConfig().data.split_seed == 42
+    a = load_data(distill_cfg(data_csv, seed=1).data, 1, torch.device("cpu"))
+    b = load_data(distill_cfg(data_csv, seed=2).data, 2, torch.device("cpu"))
+    assert a.split.digest == b.split.digest == first_distill.data.tags["flame_kd.split_digest"]
+    params = first_distill.data.params
+    assert params["data.split_seed"] == "42" and params["data.gap"] == "auto"
+    m = first_distill.data.metrics
+    for key in ("split/gap_frames", "split/decorrelation_frames", "split/dropped_frames",
+                "split/nn_similarity_median", "split/nn_similarity_p95", "split/nn_similarity_random_median"):
+        assert key in m, key
+
+
+def test_shuffled_csv_gets_targets_of_its_own_frames(first_distill, data_csv):
+    """A pinned teacher, the same CSV with its rows shuffled: cached targets equal the live teacher's."""
+    import pandas as pd
+
+    from pathlib import Path
+
+    raw = pd.read_csv(data_csv)
+    shuffled = Path(data_csv).with_name("shuffled.csv")
+    raw.sample(frac=1.0, random_state=0).to_csv(shuffled, index=False)
+    pinned = first_distill.data.tags["flame_kd.teacher_run_id"]
+    cfg = distill_cfg(str(shuffled))
+    cfg.teacher_run_id = pinned
+    prep = prepare(cfg)
+    assert prep.data.split.digest == first_distill.data.tags["flame_kd.split_digest"]  # accepted
+    assert prep.data.digest != first_distill.data.tags["flame_kd.data_digest"]  # other rows: recomputed
+    names = [p for p in artifacts(pinned) if p.startswith("teacher_outputs/")]
+    assert len(names) == 2 and any(prep.data.digest in p for p in names)
+    cache = prep.outputs.cache
+    assert cache["teacher_run_id"] == pinned and cache["data_digest"] == prep.data.digest
+    live = TeacherOutputs(teacher=prep.teacher)
+    for batch in prep.data.loaders["train"]:
+        torch.testing.assert_close(prep.outputs(batch)[0], live(batch)[0], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(prep.outputs(batch)[1], live(batch)[1], atol=1e-4, rtol=1e-4)
+    # a cache of other frames is refused at lookup, never silently indexed by row
+    wrong = TeacherOutputs(cache=cache, frame_ids=prep.data.frames["id"].to_numpy() + 10_000)
+    with pytest.raises(RuntimeError, match="other frames"):
+        wrong(batch)
+    gap_rows = prep.data.split.indices("gap")
+    if len(gap_rows):  # a gap frame has no targets (known False)
+        with pytest.raises(RuntimeError, match="no targets"):
+            prep.outputs({"index": torch.as_tensor(gap_rows[:1]), "flip": torch.zeros(1, dtype=torch.bool),
+                           "rgb": torch.zeros(1)})
+
+
+def test_a_teacher_is_never_looked_up_across_pixel_variants(first_distill, data_csv, tmp_path):
+    """Same file names, other pixels: another data digest, so the lookup finds no teacher."""
+    import shutil
+    from pathlib import Path
+
+    from PIL import Image
+
+    from flame_kd.distill import find_teacher_run
+    from flame_kd.experiment import load_data
+
+    variant = Path(shutil.copytree(Path(data_csv).parent, tmp_path / "variant"))
+    for path in sorted((variant / "254p RGB Images").iterdir())[:5]:
+        with Image.open(path) as im:
+            Image.eval(im.convert("RGB"), lambda v: v // 2).save(path, format="JPEG")
+    cfg = distill_cfg(data_csv, loss="kl_contrastive_l2_bce")
+    same = load_data(cfg.data, 42, torch.device("cpu"))
+    assert find_teacher_run(cfg, same) == first_distill.data.tags["flame_kd.teacher_run_id"]
+    other_cfg = distill_cfg(str(variant / Path(data_csv).name), loss="kl_contrastive_l2_bce")
+    other = load_data(other_cfg.data, 42, torch.device("cpu"))
+    assert other.digest != same.digest
+    assert find_teacher_run(other_cfg, other) is None
+
+
+def test_cached_mode_refuses_augmentation_it_cannot_reproduce(data_csv, tmp_path, monkeypatch):
+    from flame_kd.config import DistillRunConfig
+
+    use_store(tmp_path, monkeypatch)
+    assert DistillRunConfig().data.augment == "flip"  # the API default works with cached outputs
+    cfg = distill_cfg(data_csv)
+    cfg.data.augment = "full"
+    with pytest.raises(ConfigError, match="augment flip or none, or teacher_mode live"):
+        run_distill(cfg)
+    control = distill_cfg(data_csv, loss="bce")  # no teacher, nothing cached: any augmentation
+    control.data.augment = "full"
+    from flame_kd.distill import validate
+
+    validate(control)
+    live = distill_cfg(data_csv, mode="live")
+    live.data.augment = "full"
+    validate(live)
+
+
+def test_pos_weight_auto_is_negatives_over_positives_of_the_training_split():
+    from types import SimpleNamespace
+
+    import numpy as np
+    import pandas as pd
+
+    from flame_kd.distill import build_loss, train_pos_weight
+
+    frames = pd.DataFrame({"fire": [1, 0, 0, 0, 1, 1], "smoke": [1, 1, 1, 1, 0, 0]})
+    data = SimpleNamespace(frames=frames, split=SimpleNamespace(indices=lambda name: np.arange(4)))
+    w = train_pos_weight(data)  # train rows 0..3: fire 1 of 4 -> 3; smoke 4 of 4 -> no negatives -> 1
+    assert w.tolist() == [3.0, 1.0]
+    cfg = distill_cfg("x.csv")
+    cfg.loss.pos_weight = "auto"
+    assert build_loss(cfg, 8, 8, w).pos_weight.tolist() == [3.0, 1.0]
+    cfg.loss.pos_weight = "sometimes"
+    with pytest.raises(ConfigError, match="pos-weight"):
+        build_loss(cfg, 8, 8)
 
 
 @pytest.mark.parametrize("bad, match", [

@@ -20,6 +20,8 @@ from flame_kd.losses import (
     relational,
     register_term,
     resolve_weights,
+    squared_distance_mse,
+    term_for,
     unregister_term,
 )
 
@@ -40,7 +42,8 @@ def test_registry_names():
     assert {k: t.name for k, t in REGISTRY.items()} == {
         "alpha": "kl", "beta": "relational", "gamma": "l2", "delta": "bce"}
     assert [k for k, t in REGISTRY.items() if t.needs_teacher] == ["alpha", "beta", "gamma"]
-    assert [k for k, t in REGISTRY.items() if t.needs_projection] == ["beta", "gamma"]
+    assert [k for k, t in REGISTRY.items() if t.needs_projection] == ["gamma"]  # RKD: the student's own features
+    assert term_for("beta", "kd-research").needs_projection  # the original's term: projected features
 
 
 def test_kl_matches_hand_computation():
@@ -86,8 +89,9 @@ def test_relational_matches_hand_computation():
     mu_t = (2 + math.sqrt(2)) / 3
     pairs_s = [3 / 4, 4 / 4, 5 / 4]  # (0,1), (0,2), (1,2)
     pairs_t = [1 / mu_t, 1 / mu_t, math.sqrt(2) / mu_t]
-    # Each pair appears twice in the 3x3 matrix; the diagonal is 0 on both sides.
-    expected = 2 * sum((a - b) ** 2 for a, b in zip(pairs_s, pairs_t)) / 9
+    # Each pair appears twice in the 3x3 matrix; the diagonal is 0 on both sides. Huber (smooth L1,
+    # beta 1): 0.5 * d^2 for |d| < 1, as every difference here is.
+    expected = 2 * sum(0.5 * (a - b) ** 2 for a, b in zip(pairs_s, pairs_t)) / 9
     assert relational(_t(s), _t(t)).item() == pytest.approx(expected, rel=1e-5)
 
 
@@ -155,7 +159,7 @@ def test_distill_loss_returns_active_terms_and_their_weighted_sum(variant):
     proj = loss.projection(x["student_features"]) if loss.projection is not None else None
     args = {
         "kl": (x["student_logits"], x["teacher_logits"], 2.0),
-        "relational": (proj, x["teacher_features"]),
+        "relational": (x["student_features"], x["teacher_features"]),  # RKD: the student's own features
         "l2": (proj, x["teacher_features"]),
         "bce": (x["student_logits"], x["targets"]),
     }
@@ -171,7 +175,8 @@ def test_projection_only_when_feature_terms_are_active():
     assert len(list(DistillLoss(resolve_weights("kl_bce"), 2.0, 256, 2048).parameters())) == 0
     proj = DistillLoss(resolve_weights("kl_l2_bce"), 2.0, 256, 2048).projection
     assert (proj.in_features, proj.out_features) == (256, 2048)
-    assert DistillLoss({"beta": 1.0}, 2.0, 8, 4).projection is not None
+    assert DistillLoss({"beta": 1.0}, 2.0, 8, 4).projection is None  # RKD: the student's own distances
+    assert DistillLoss({"beta": 1.0}, 2.0, 8, 4, convention="kd-research").projection is not None
 
 
 def test_gradients_reach_projection_and_student():
@@ -213,7 +218,7 @@ def cosine_term():
 
 
 def test_a_term_registered_at_run_time_trains_a_step(cosine_term):
-    from flame_kd.tasks import DistillTask, TeacherOutputs
+    from flame_kd.tasks import DistillTask
 
     weights = resolve_weights("kl_bce", epsilon=0.5)
     assert weights == {"alpha": 0.7, "beta": 0.0, "gamma": 0.0, "delta": 0.3, "epsilon": 0.5}
@@ -231,11 +236,9 @@ def test_a_term_registered_at_run_time_trains_a_step(cosine_term):
             return out[:, :2], out[:, 2:]
 
     g = torch.Generator().manual_seed(1)
-    cache = {"logits": torch.randn(4, 2, generator=g), "features": torch.randn(4, 5, generator=g)}
-    cache |= {"logits_flip": cache["logits"], "features_flip": cache["features"]}
-    task = DistillTask(loss, TeacherOutputs(cache=cache))
-    batch = {"rgb": torch.randn(4, 3, 2, 2, generator=g), "target": torch.ones(4, 2),
-             "index": torch.arange(4), "flip": torch.zeros(4, dtype=torch.bool)}
+    teacher = torch.randn(4, 2, generator=g), torch.randn(4, 5, generator=g)
+    task = DistillTask(loss, lambda batch: teacher)
+    batch = {"rgb": torch.randn(4, 3, 2, 2, generator=g), "target": torch.ones(4, 2)}
     model = Student()
     params = list(model.parameters()) + [p for m in task.modules() for p in m.parameters()]
     opt = torch.optim.SGD(params, lr=0.1)
@@ -254,3 +257,113 @@ def test_registering_a_clashing_term_fails():
         register_term("kl2", "alpha", ("student_logits",))(lambda x: x.sum())
     with pytest.raises(ValueError, match="unknown inputs"):
         register_term("odd", "zeta", ("pixels",))
+
+def test_relational_is_huber_beyond_one_and_leaves_the_teacher_alone():
+    s = torch.tensor([[0.0], [1.0], [10.0]], requires_grad=True)  # psi: 1/mu*[1, 10, 9], mu = 20/3
+    t = torch.tensor([[0.0], [9.0], [10.0]], requires_grad=True)  # psi: 1/mu*[9, 10, 1]
+    ps, pt = np.array([1, 10, 9]) * 3 / 20, np.array([9, 10, 1]) * 3 / 20
+    d = np.abs(ps - pt)
+    huber = np.where(d < 1, 0.5 * d**2, d - 0.5)
+    out = relational(s, t)
+    assert out.item() == pytest.approx(2 * huber.sum() / 9, rel=1e-5)
+    out.backward()
+    assert t.grad is None or t.grad.abs().sum() == 0  # teacher detached
+    assert s.grad.abs().sum() > 0
+
+
+def test_kd_research_convention_reproduces_the_original_terms():
+    temp = 2.0
+    assert kl(_t(S), _t(T), temp, t_squared=False).item() == pytest.approx(kl(_t(S), _t(T), temp).item() / temp**2)
+    s = np.array([[3.0, 0.0], [0.0, 2.0], [1.0, 1.0]])
+    t = np.array([[1.0, 0.0, 0.0], [0.0, 5.0, 0.0], [0.0, 0.0, 2.0]])
+    def sq(x):
+        u = x / np.linalg.norm(x, axis=1, keepdims=True)
+        return ((u[:, None] - u[None]) ** 2).sum(-1)
+    expected = ((sq(s) - sq(t)) ** 2).mean()  # s: 90 deg, 45, 45 -> 2, 2-sqrt2, 2-sqrt2; t: all 2
+    assert squared_distance_mse(_t(s), _t(t)).item() == pytest.approx(expected, rel=1e-5)
+    loss = DistillLoss(resolve_weights("kl_contrastive_l2_bce"), temp, 2, 3, convention="kd-research")
+    x = {"student_logits": _t(S[:1] * 3), "student_features": _t(s), "targets": _t(Y[:1] * 3),
+         "teacher_logits": _t(T[:1] * 3), "teacher_features": _t(t)}
+    out = loss(**x)
+    proj = loss.projection(x["student_features"])
+    assert out["relational"].item() == pytest.approx(squared_distance_mse(proj, x["teacher_features"]).item(), rel=1e-6)
+    assert out["kl"].item() == pytest.approx(kl(x["student_logits"], x["teacher_logits"], temp, False).item(), rel=1e-6)
+    with pytest.raises(ConfigError, match="convention"):
+        DistillLoss({"alpha": 1.0}, convention="original")
+
+
+def test_pos_weight_weights_the_positives():
+    p, y, w = _sigmoid(S), np.array(Y), np.array([3.0, 0.5])
+    expected = -(w * y * np.log(p) + (1 - y) * np.log(1 - p)).mean()
+    assert bce(_t(S), _t(Y), torch.tensor(w, dtype=torch.float32)).item() == pytest.approx(expected, rel=1e-6)
+    loss = DistillLoss(resolve_weights("bce"), pos_weight=torch.tensor([3.0, 0.5]))
+    assert loss(_t(S), _t(S), _t(Y))["bce"].item() == pytest.approx(expected, rel=1e-6)
+    assert "pos_weight=3,0.5" in loss.formula()
+
+
+def test_kl_gradient_is_t_times_ps_minus_pt_over_b_l():
+    temp = 3.0
+    zs = _t(S).requires_grad_(True)
+    kl(zs, _t(T), temp).backward()
+    b, n_labels = zs.shape
+    expected = temp * (_sigmoid(np.array(S) / temp) - _sigmoid(np.array(T) / temp)) / (b * n_labels)
+    np.testing.assert_allclose(zs.grad.numpy(), expected, rtol=1e-5, atol=1e-7)
+
+
+class _TinyStudent(torch.nn.Module):
+    """logits and features both depend on the parameters, like the real students."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = torch.nn.Linear(4, 6)
+        self.head = torch.nn.Linear(6, 2)
+
+    def forward(self, x):
+        f = torch.relu(self.body(x))
+        return self.head(f), f
+
+
+@pytest.mark.parametrize("convention", ["hinton-rkd", "kd-research"])
+@pytest.mark.parametrize("letter", ["alpha", "beta", "gamma", "delta"])
+def test_each_term_alone_sends_gradient_to_the_student(letter, convention):
+    """A term that stops sending gradient (a detach, a dead projection) fails here."""
+    torch.manual_seed(0)
+    student = _TinyStudent()
+    loss = DistillLoss({letter: 1.0}, 2.0, student_dim=6, teacher_dim=5, convention=convention)
+    x = torch.randn(8, 4)
+    logits, feats = student(x)
+    out = loss(logits, feats, torch.randint(0, 2, (8, 2)).float(), torch.randn(8, 2), torch.randn(8, 5))
+    out["loss"].backward()
+    body = student.body.weight.grad
+    if letter in ("beta", "gamma"):  # feature terms reach the body through the features
+        assert body is not None and body.abs().sum() > 0
+    else:  # logit terms reach the head (and the body through it)
+        assert student.head.weight.grad is not None and student.head.weight.grad.abs().sum() > 0
+    if loss.projection is not None:
+        assert loss.projection.weight.grad is not None and loss.projection.weight.grad.abs().sum() > 0
+
+
+def test_projection_is_optimised_by_the_trainer(tmp_path):
+    from flame_kd.config import TrainConfig
+    from flame_kd.engine import Trainer
+    from flame_kd.tasks import DistillTask
+
+    class Outputs:
+        def __call__(self, batch):
+            return batch["t_logits"], batch["t_feats"]
+
+    torch.manual_seed(0)
+    student = _TinyStudent()
+    loss = DistillLoss(resolve_weights("kl_l2_bce"), 2.0, 6, 5)
+    task = DistillTask(loss, Outputs())
+    assert loss in task.modules()
+    trainer = Trainer(student, task, TrainConfig(epochs=1, lr=1e-2, device="cpu", progress=False), tmp_path)
+    assert any(p is loss.projection.weight for g in trainer.optimizer.param_groups for p in g["params"])
+    before = loss.projection.weight.detach().clone()
+    batch = {"rgb": torch.randn(8, 4), "target": torch.randint(0, 2, (8, 2)).float(),
+             "t_logits": torch.randn(8, 2), "t_feats": torch.randn(8, 5)}
+    out = task(student, batch)
+    trainer.optimizer.zero_grad()
+    out["loss"].backward()
+    trainer.optimizer.step()
+    assert not torch.equal(before, loss.projection.weight)

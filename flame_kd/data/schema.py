@@ -276,8 +276,13 @@ def load_frames(csv, root=None, verify_images: bool = False, *, check_files: boo
     return found.table.reset_index(drop=True)
 
 
-def data_digest(frames: pd.DataFrame) -> str:
-    """12-hex digest of ids, labels, file names (not directories) and video: moving data keeps it."""
+def data_digest(frames: pd.DataFrame, content: bool = True, cache_dir=None, progress=None) -> str:
+    """12-hex digest of ids, labels, file names (not directories), video and, with ``content``, a
+    hash of every image's bytes: moving data keeps it, other pixels under the same names change it.
+
+    Content hashes are remembered under ``cache_dir`` (``fingerprint.fingerprints``); ``content=False``
+    (names only) is for an index without images.
+    """
     cols = [
         frames["id"].astype(str),
         frames["rgb_path"].map(fr.file_name),
@@ -287,5 +292,11 @@ def data_digest(frames: pd.DataFrame) -> str:
     ]
     if "video" in frames.columns:
         cols.append(frames["video"].astype(str))
+    if content:
+        from flame_kd.data.fingerprint import fingerprints
+
+        hashes = fingerprints([*frames["rgb_path"], *frames["ir_path"]], cache_dir=cache_dir, progress=progress)
+        n = len(frames)
+        cols += [pd.Series(hashes[:n], index=frames.index), pd.Series(hashes[n:], index=frames.index)]
     lines = cols[0].str.cat(cols[1:], sep="\t")
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:12]

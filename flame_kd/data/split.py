@@ -76,6 +76,22 @@ class Split:
     block_size: int
     gap: int
     warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # how the gap was chosen, the measured leakage
+    decorrelation_frames: int | None = None  # the data's measured decorrelation distance (gap auto)
+    leakage: object | None = None  # leakage.Leakage when measured on the images
+
+    def metrics(self) -> dict[str, float]:
+        """``split/*`` metrics every training run logs: fractions, frames, gap, measured leakage."""
+        out = {f"split/{k}_fraction": v for k, v in self.fractions.items()}
+        counts = self.counts
+        out |= {f"split/{k}_frames": float(counts[k]) for k in SPLITS}
+        out["split/gap_frames"] = float(self.gap)  # frames dropped at each cross-split boundary
+        out["split/dropped_frames"] = float(counts["gap"])  # all of them together
+        if self.decorrelation_frames is not None:
+            out["split/decorrelation_frames"] = float(self.decorrelation_frames)
+        if self.leakage is not None:
+            out |= self.leakage.metrics()
+        return out
 
     @property
     def digest(self) -> str:
@@ -117,7 +133,9 @@ class Split:
         for s in (*SPLITS, "gap"):
             shown = f"{100 * frac[s]:8.1f}%" if s in frac else f"{'dropped':>9}"
             lines.append(f"{s:<6} {counts[s]:>8,} {shown} " + " ".join(f"{int(table.at[s, k]):>7,}" for k in STATES))
-        return "\n".join(lines + [f"warning: {w}" for w in self.warnings])
+        lines.append(f"{counts['gap']:,} of {len(m):,} frames ({100 * counts['gap'] / max(len(m), 1):.1f}%) dropped "
+                     f"as gaps at cross-split block boundaries")
+        return "\n".join(lines + self.notes + [f"warning: {w}" for w in self.warnings])
 
 
 def parse_ratios(ratios) -> tuple[float, float, float]:
@@ -281,7 +299,8 @@ def make_split(
 ) -> Split:
     """Assign every frame to train/val/test (or ``gap``); see the module docstring for the method.
 
-    ``block_size`` defaults to N/40 frames and ``gap`` to block/20 (at least 1). Videos from a
+    ``block_size`` defaults to N/40 frames and ``gap`` to block/20 (at least 1): the rule used when
+    no images are at hand; ``split_frames`` measures the gap on the images instead. Videos from a
     ``video`` column stay whole unless ``cut_videos``. Uses no global random state.
     """
     ratios = parse_ratios(ratios)
@@ -328,3 +347,68 @@ def _kept_mask(unit: np.ndarray, assign: np.ndarray, p: _Problem) -> np.ndarray:
         if p.next[u] >= 0 and assign[p.next[u]] != assign[u]:
             kept[max(last[u] - p.left, first[u]) : last[u]] = False
     return kept
+
+
+GAP_BLOCKS = 10  # with a measured gap, blocks are at least this many gaps long: few boundaries, few dropped
+
+
+def chain_order(frames: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """(rows in chain order, chain code per position): by video (when there is a column), then id."""
+    chains = frames["video"].astype(str).to_numpy() if "video" in frames.columns else np.zeros(len(frames), dtype=object)
+    codes = pd.factorize(chains, sort=True)[0]
+    order = np.lexsort((frames["id"].to_numpy(), codes))
+    return order, codes[order]
+
+
+def parse_gap(gap) -> int | str:
+    """``auto`` (measure on the images), ``rule`` (block/20) or a number of frames; else ConfigError."""
+    text = str(gap).strip().lower()
+    if text in ("auto", "rule"):
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise ConfigError(f"--gap must be auto, rule or a number of frames, not {gap!r}") from None
+    if value < 0:
+        raise ConfigError(f"--gap must be >= 0 frames, not {value}")
+    return value
+
+
+def split_frames(frames: pd.DataFrame, seed: int = 42, ratios=(0.7, 0.15, 0.15), ranges=None, gap="auto",
+                 thumbs: np.ndarray | None = None, leakage: bool = True) -> Split:
+    """``make_split`` with a gap measured on the images and the split's leakage measured.
+
+    ``gap="auto"`` with ``thumbs`` (unit thumbnails per row, ``thumbs.frame_thumbnails``): the gap is
+    the data's decorrelation distance (``leakage.decorrelation``) and blocks grow to ``GAP_BLOCKS``
+    gaps, so a large gap costs few frames. Without thumbnails it falls back to the rule and says so.
+    """
+    from flame_kd.data import leakage as lk
+
+    gap = parse_gap(gap)
+    ratios = parse_ratios(ratios)
+    notes, decor = [], None
+    kwargs: dict = {}
+    order, chains = chain_order(frames)
+    th = thumbs[order] if thumbs is not None else None  # chain order: row order of the CSV changes nothing
+    if isinstance(gap, int):
+        kwargs["gap"] = gap
+        notes.append(f"gap: {gap} frames, as given")
+    elif gap == "auto" and th is not None:
+        decor = lk.decorrelation(th, np.arange(len(frames)), chains, seed=seed)
+        kwargs["gap"] = decor.distance
+        kwargs["block_size"] = max(round(len(frames) / 40), GAP_BLOCKS * decor.distance, 1)
+        notes.append(f"gap: {decor.distance} frames, measured: {decor.describe()}")
+    elif gap == "auto":
+        notes.append("gap: no images to measure the frames' decorrelation on; fell back to the rule (block/20)")
+    else:
+        notes.append("gap: the rule (block/20)")
+    split = make_split(frames, seed=seed, ratios=ratios, ranges=ranges, **kwargs)
+    split.notes = notes
+    split.decorrelation_frames = decor.distance if decor is not None else None
+    if th is not None and leakage:
+        rank = np.empty(len(frames), dtype=np.int64)
+        rank[order] = np.arange(len(frames))
+        split.leakage = lk.measure_leakage(th, np.sort(rank[split.indices("train")]), np.sort(rank[split.indices("test")]),
+                                           np.arange(len(frames)), ratios, seed=seed)
+        split.notes.append(split.leakage.describe())
+    return split

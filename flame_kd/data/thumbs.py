@@ -1,0 +1,63 @@
+"""32-px grey thumbnails of the RGB frames: the one image summary that the split's measured gap
+(``--gap auto``) and its leakage report share, so both speak of the same similarity."""
+
+from __future__ import annotations
+
+import hashlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from flame_kd.errors import DataError
+
+THUMB = 32  # pixels per side: enough for scene layout, blind to JPEG noise and small shifts
+
+
+def _thumb(path: str, size: int) -> np.ndarray:
+    try:
+        with Image.open(path) as im:
+            im.draft("L", (size * 2, size * 2))  # JPEG: decode at reduced scale, much faster
+            im = im.convert("L").resize((size, size), Image.BILINEAR)
+            return np.asarray(im, dtype=np.float32).ravel()
+    except Exception as e:  # PIL raises many types for bad files; all mean "unreadable"
+        raise DataError(f"unreadable image {path} ({type(e).__name__}: {e})", [f"unreadable image {path}"]) from None
+
+
+def thumbnails(paths, size: int = THUMB, workers: int = 8, cache_dir: str | Path | None = None,
+               key: str | None = None) -> np.ndarray:
+    """Unit vectors ``float32 [N, size*size]``: each thumbnail minus its own mean, L2-normalised.
+
+    Centring makes the dot product of two rows their Pearson correlation (cosine similarity of the
+    centred thumbnails), so a uniformly brighter copy of a frame still counts as the same frame.
+    With ``cache_dir`` and ``key`` (e.g. the content data digest) the array is kept as ``.npy``.
+    """
+    paths = [str(p) for p in paths]
+    cached = Path(cache_dir) / f"thumbs-{key}-{size}px.npy" if cache_dir and key else None
+    if cached is not None and cached.is_file():
+        arr = np.load(cached)
+        if arr.shape == (len(paths), size * size):
+            return arr
+    with ThreadPoolExecutor(max_workers=workers) as pool:  # PIL releases the GIL while decoding
+        x = np.stack(list(pool.map(lambda p: _thumb(p, size), paths))) if paths else np.zeros((0, size * size), np.float32)
+    x -= x.mean(axis=1, keepdims=True)
+    norm = np.linalg.norm(x, axis=1, keepdims=True)
+    x /= np.where(norm > 0, norm, 1.0)  # a flat frame stays the zero vector: similar to nothing
+    if cached is not None:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_suffix(f".{hashlib.sha1(str(cached).encode()).hexdigest()[:6]}.tmp.npy")
+        np.save(tmp, x)
+        tmp.replace(cached)
+    return x
+
+
+def frame_thumbnails(frames: pd.DataFrame, **kw) -> np.ndarray:
+    """Thumbnails of a frame table's RGB images, in row order (RGB: what the student sees)."""
+    return thumbnails(frames["rgb_path"].tolist(), **kw)
+
+
+def images_available(frames: pd.DataFrame) -> bool:
+    """Whether every RGB frame exists on disk (an index of names only has none)."""
+    return len(frames) > 0 and all(Path(p).is_file() for p in frames["rgb_path"])
