@@ -287,7 +287,10 @@ def register_run_model(run_id: str, name: str, alias: str | None = None, tags: d
 
     ``alias`` is then moved to that version (a study's ``pareto-best``), ``tags`` set on it.
     """
-    version = mlflow.register_model(f"runs:/{run_id}/model", name).version
+    outputs = MlflowClient().get_run(run_id).outputs  # MLflow 3: the run's logged model has its own id
+    models = [o.model_id for o in (outputs.model_outputs if outputs else [])]
+    uri = f"models:/{models[-1]}" if models else f"runs:/{run_id}/model"
+    version = mlflow.register_model(uri, name).version
     client = MlflowClient()
     for k, v in (tags or {}).items():
         client.set_model_version_tag(name, version, k, str(v))
