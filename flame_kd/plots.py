@@ -345,13 +345,16 @@ def pareto_front(table: Any, latency_budget_ms: float | None = None) -> Figure:
     for k, (x_col, front_col, xlabel) in enumerate(panels):
         ax = fig.add_subplot(1, 2, k + 1)
         rows = table.dropna(subset=[x_col, "f1_macro"])
+        seen: dict[tuple[float, float], int] = {}  # coincident points (an int8 beside its fp32): labels stacked
         for _, r in rows.iterrows():
             best = bool(r.get("best", False))
+            at = (round(float(np.log10(max(r[x_col], 1e-9))), 1), round(float(r["f1_macro"]), 2))
+            seen[at] = seen.get(at, -1) + 1
             ax.scatter(r[x_col], r["f1_macro"], marker=_PRECISION_MARKERS.get(r["precision"], "s"),
                        s=140 if best else 50, color=colors[r["student"]], edgecolors="black" if best else "none",
                        zorder=3)
             ax.annotate(f"{r['student'].removeprefix('timm:')} {r['precision']}" + (" (best)" if best else ""),
-                        (r[x_col], r["f1_macro"]), textcoords="offset points", xytext=(4, 4), fontsize="x-small")
+                        (r[x_col], r["f1_macro"]), textcoords="offset points", xytext=(4, 4 - 9 * seen[at]), fontsize="x-small")
         if front_col in rows.columns:
             front = rows[rows[front_col].astype(bool)].sort_values(x_col)
             if len(front):
