@@ -166,8 +166,8 @@ class ParetoConfig:
 
     distill: DistillRunConfig = opt(factory=DistillRunConfig)  # its --student gives way to --students
     students: str = opt(DEFAULT_STUDENTS, "Comma-separated students (lightweight-cnn | timm:<name>).")
-    latency_budget_ms: float | None = opt(None, "Best student on the front under this int8/fp32 CPU latency; "
-                                                "default: no budget, the best test macro F1.")
+    latency_budget_ms: float | None = opt(None, "Pick the best student on the front within this batch-1 CPU "
+                                                "latency (ms, either precision); default: the best test macro F1.")
     calibration_frames: int = opt(128, "Train frames (a seeded sample) that calibrate the int8 activation ranges.")
     latency_runs: int = opt(50, "Timed batch-1 onnxruntime passes per model (the median is logged).")
     latency_warmup: int = opt(5, "Untimed passes before timing.")
