@@ -325,7 +325,8 @@ def log_front(parent_id: str, table: pd.DataFrame, cfg: ParetoConfig) -> None:
     tracking.set_tags(tags, run_id=parent_id)
     tracking.log_metrics({f"best/{k}": best[k] for k in ("f1_macro", "ap_macro", "latency_ms", "gflops", "size_mb")},
                          run_id=parent_id)
-    tracking.set_tags({"flame_kd.pareto_best": "true"}, run_id=best["run_id"])
+    for run_id in table["run_id"].unique():  # a re-run may move the choice: the old best is unmarked
+        tracking.set_tags({"flame_kd.pareto_best": str(run_id == best["run_id"]).lower()}, run_id=run_id)
     name = cfg.distill.tracking.register_as
     if name and cfg.distill.tracking.log_model:
         version = register_best(name, best, parent_id)

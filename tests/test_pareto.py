@@ -207,6 +207,8 @@ def test_front_logged_best_registered_and_report_rebuilds_it(study, tmp_path):
     best = logged[logged["best"]].iloc[0]
     assert best["on_front"] and best["f1_macro"] == logged.loc[logged["on_front"], "f1_macro"].max()
     assert parent.data.tags["flame_kd.pareto_best_run_id"] == best["run_id"]
+    marked = {r.info.run_id for r in _children(study["parent"]) if r.data.tags.get("flame_kd.pareto_best") == "true"}
+    assert marked == {best["run_id"]}
     version = MlflowClient().get_model_version_by_alias("flame-kd-student", "pareto-best")
     assert version.run_id == best["run_id"] and version.tags["flame_kd.precision"] == best["precision"]
     # only the best is registered, and a re-run that keeps the best registers nothing new
