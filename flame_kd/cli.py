@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
 import sys
@@ -16,6 +17,7 @@ from flame_kd.config import (
     DataConfig,
     DistillRunConfig,
     EmbedConfig,
+    ParetoConfig,
     SweepConfig,
     TeacherRunConfig,
 )
@@ -167,6 +169,9 @@ DISTILL = (
     Section("tracking"),
 )
 SWEEP = (*nested(DISTILL, "distill"), Section(""))
+# A pareto study's students come from --students, so the nested distill config's --student is left out.
+PARETO = (*nested(tuple(dataclasses.replace(s, exclude=(*s.exclude, "student")) if s.path == "" else s
+                        for s in DISTILL), "distill"), Section(""))
 EMBED = (Section(""),)
 ABLATION = (Section("", overrides=True),)
 ABLATION_DATA = (Section("", only=("csv", "image_size", "batch_size", "cache"), overrides=True),)
@@ -228,6 +233,23 @@ def sweep(**o) -> None:
 
 
 @main.command()
+@config_options(ParetoConfig, PARETO)
+def pareto(**o) -> None:
+    """Students x {fp32, int8} from one teacher: accuracy against CPU latency and GFLOPs, the front
+    logged and the best registered with the alias pareto-best; re-running skips finished students."""
+    from flame_kd.pareto import best_row, run_pareto, to_markdown
+
+    cfg = build_config(ParetoConfig, PARETO, o)
+    parent, table, failed = run_pareto(cfg)
+    click.echo(to_markdown(table, cfg.latency_budget_ms))
+    best = best_row(table)
+    click.echo(f"pareto run {parent}; best: " + (f"{best['student']} {best['precision']}" if best is not None
+                                                  else "none"))
+    if failed:
+        click.echo(f"failed students (see their runs): {', '.join(failed)}", err=True)
+
+
+@main.command()
 @click.option("--spec", type=str, default="experiments/ablation.yaml", show_default=True,
               help="YAML spec (see experiments/ablation.yaml).")
 @config_options(DataConfig, ABLATION_DATA)
@@ -264,13 +286,25 @@ def ui_url(experiment: str, host: str, tracking_uri: str | None) -> None:
               help="An MLflow search filter, e.g. \"tags.`flame_kd.seed` = '42'\".")
 @click.option("--out", type=str, default="report", show_default=True, help="Folder for ablation.md/.csv/.png.")
 @click.option("--tracking-uri", type=str, default=None, callback=_none_if_empty)
+@click.option("--pareto", "pareto_run", type=str, default=None, callback=_none_if_empty,
+              help="A pareto study's parent run: rebuild its table and figure instead of the ablation's.")
 def report(**o) -> None:
-    """Rebuild the ablation table (mean, std, 95% CI over seeds) from MLflow."""
+    """Rebuild the ablation table (mean, std, 95% CI over seeds), or a pareto study's, from MLflow."""
     from flame_kd import tracking
     from flame_kd.ablation import collect_runs, summary_table, to_markdown, write_report
     from flame_kd.errors import FlameKDError
 
     tracking.configure(o["tracking_uri"])
+    if o["pareto_run"]:
+        from flame_kd import pareto as pareto_mod
+
+        table, budget = pareto_mod.rebuild(o["pareto_run"])
+        if table.empty:
+            raise FlameKDError(f"pareto study {o['pareto_run']} has no finished student yet")
+        click.echo(pareto_mod.to_markdown(table, budget))
+        for path in pareto_mod.write_report(table, o["out"], budget):
+            click.echo(f"wrote {path}")
+        return
     table = summary_table(collect_runs(o["filter_string"], experiment=o["experiment"]))
     if table.empty:
         raise FlameKDError("no finished teacher or distill runs with test metrics match")

@@ -169,6 +169,28 @@ class SweepConfig:
     max_retry: int = opt(1, "Times a failed-by-heartbeat trial is retried.")
 
 
+DEFAULT_STUDENTS = ("lightweight-cnn,timm:mobilenetv3_small_100,timm:mobilenetv3_large_100,"
+                    "timm:efficientnet_b0,timm:resnet18")
+
+
+@dataclass
+class ParetoConfig:
+    """Students x {fp32, int8} distilled from one teacher with one loss, seed and split (pareto.py)."""
+
+    distill: DistillRunConfig = opt(factory=DistillRunConfig)  # its --student gives way to --students
+    students: str = opt(DEFAULT_STUDENTS, "Comma-separated students (lightweight-cnn | timm:<name>).")
+    latency_budget_ms: float | None = opt(None, "Pick the best student on the front within this batch-1 CPU "
+                                                "latency (ms, either precision); default: the best test macro F1.")
+    calibration_frames: int = opt(128, "Train frames (a seeded sample) that calibrate the int8 activation ranges.")
+    latency_runs: int = opt(50, "Timed batch-1 onnxruntime passes per model (the median is logged).")
+    latency_warmup: int = opt(5, "Untimed passes before timing.")
+    threads: int = opt(1, "onnxruntime intra-op threads for latency and predictions (pinned, logged).")
+
+    def student_list(self) -> list[str]:
+        """The students, in order, without blanks or repeats."""
+        return list(dict.fromkeys(s.strip() for s in self.students.split(",") if s.strip()))
+
+
 @dataclass
 class EmbedConfig:
     run_id: str | None = opt(None, "A teacher or distill run (its config and best checkpoint).")

@@ -17,6 +17,7 @@ ENTRY_POINTS: dict[str, tuple[str, ...]] = {
     "distill": ("distill",),
     "sweep": ("sweep",),
     "ablation": ("ablation",),
+    "pareto": ("pareto",),
     "embed": ("embed",),
     "report": ("report",),
 }

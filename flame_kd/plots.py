@@ -320,3 +320,53 @@ def optuna_figures(study: Any) -> dict[str, Figure]:
         axes = np.atleast_1d(ax).ravel()
         figures[name] = axes[0].figure
     return figures
+
+
+# --- the accuracy / cost front of a pareto study -------------------------------------------------
+
+_PRECISION_MARKERS = {"fp32": "o", "int8": "^"}
+
+
+def pareto_front(table: Any, latency_budget_ms: float | None = None) -> Figure:
+    """Test macro F1 against CPU latency and against GFLOPs, one point per student and precision.
+
+    ``table`` is pareto.py's (columns ``student, precision, latency_ms, gflops, f1_macro`` and the
+    flags ``on_front``, ``on_front_gflops``, optionally ``best``); each panel's front is drawn as a
+    staircase and every point is labelled. A latency budget is a dashed vertical line.
+    """
+    missing = [c for c in ("student", "precision", "latency_ms", "gflops", "f1_macro") if c not in table.columns]
+    if missing:
+        raise ValueError(f"pareto table lacks column(s) {missing}; it has {list(table.columns)}")
+    fig = Figure(figsize=(12, 4.8), layout="constrained")
+    panels = (("latency_ms", "on_front", "CPU latency, batch 1 (ms, onnxruntime)"),
+              ("gflops", "on_front_gflops", "GFLOPs per frame"))
+    students = list(dict.fromkeys(table["student"]))
+    colors = {s: f"C{i % 10}" for i, s in enumerate(students)}
+    for k, (x_col, front_col, xlabel) in enumerate(panels):
+        ax = fig.add_subplot(1, 2, k + 1)
+        rows = table.dropna(subset=[x_col, "f1_macro"])
+        seen: dict[tuple[float, float], int] = {}  # coincident points (an int8 beside its fp32): labels stacked
+        for _, r in rows.iterrows():
+            best = bool(r.get("best", False))
+            at = (round(float(np.log10(max(r[x_col], 1e-9))), 1), round(float(r["f1_macro"]), 2))
+            seen[at] = seen.get(at, -1) + 1
+            ax.scatter(r[x_col], r["f1_macro"], marker=_PRECISION_MARKERS.get(r["precision"], "s"),
+                       s=140 if best else 50, color=colors[r["student"]], edgecolors="black" if best else "none",
+                       zorder=3)
+            ax.annotate(f"{r['student'].removeprefix('timm:')} {r['precision']}" + (" (best)" if best else ""),
+                        (r[x_col], r["f1_macro"]), textcoords="offset points", xytext=(4, 4 - 9 * seen[at]), fontsize="x-small")
+        if front_col in rows.columns:
+            front = rows[rows[front_col].astype(bool)].sort_values(x_col)
+            if len(front):
+                ax.step(front[x_col], front["f1_macro"], where="post", color="black", lw=1, alpha=0.6,
+                        label="front")
+        if latency_budget_ms is not None and x_col == "latency_ms":
+            ax.axvline(latency_budget_ms, ls="--", color="grey", label=f"budget {latency_budget_ms:g} ms")
+        if len(rows) and (rows[x_col] > 0).all() and rows[x_col].max() / rows[x_col].min() > 20:
+            ax.set_xscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("test macro F1")
+        ax.grid(alpha=0.3)
+        handles = [Line2D([], [], marker=m, ls="", color="grey", label=p) for p, m in _PRECISION_MARKERS.items()]
+        ax.legend(handles=handles + ax.get_legend_handles_labels()[0], fontsize="small", loc="lower right")
+    return fig

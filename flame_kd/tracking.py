@@ -371,6 +371,31 @@ def log_model(model, example, registered_name: str | None = None) -> None:
     )
 
 
+def register_run_model(run_id: str, name: str, alias: str | None = None, tags: dict | None = None) -> str:
+    """Register the model a run logged (``runs:/<id>/model``) under ``name``; returns the version.
+
+    ``alias`` is then moved to that version (a study's ``pareto-best``), ``tags`` set on it.
+    """
+    outputs = MlflowClient().get_run(run_id).outputs  # MLflow 3: the run's logged model has its own id
+    models = [o.model_id for o in (outputs.model_outputs if outputs else [])]
+    uri = f"models:/{models[-1]}" if models else f"runs:/{run_id}/model"
+    version = mlflow.register_model(uri, name).version
+    client = MlflowClient()
+    for k, v in (tags or {}).items():
+        client.set_model_version_tag(name, version, k, str(v))
+    if alias:
+        client.set_registered_model_alias(name, alias, version)
+    return str(version)
+
+
+def model_version_by_alias(name: str, alias: str):
+    """The registered model version an alias points at, or None (no such model or alias)."""
+    try:
+        return MlflowClient().get_model_version_by_alias(name, alias)
+    except mlflow.exceptions.MlflowException:
+        return None
+
+
 def active_run_id() -> str:
     return mlflow.active_run().info.run_id
 
