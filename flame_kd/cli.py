@@ -39,13 +39,16 @@ def data() -> None:
 @click.option("--frames", default=600, show_default=True, help="frame pairs to draw")
 @click.option("--image-size", default=254, show_default=True, help="frame width and height in pixels")
 @click.option("--seed", default=42, show_default=True, help="same seed, byte-identical files")
-def data_synth(out: str, frames: int, image_size: int, seed: int) -> None:
+@click.option("--difficulty", type=click.Choice(["realistic", "easy"]), default="realistic", show_default=True,
+              help="realistic: RGB alone is ambiguous, as in FLAME2; easy: any model scores 1.0 (fast tests)")
+def data_synth(out: str, frames: int, image_size: int, seed: int, difficulty: str) -> None:
     """Write a FLAME2-like data set to OUT (image folders, flame2.csv, label_ranges.tsv)."""
     from flame_kd.data import synth
 
     if frames < 3 or image_size < 8:
         raise click.BadParameter("need --frames >= 3 and --image-size >= 8")
-    click.echo(synth.describe(synth.synthesize(out, frames=frames, image_size=image_size, seed=seed)))
+    click.echo(synth.describe(synth.synthesize(out, frames=frames, image_size=image_size, seed=seed,
+                                                    difficulty=difficulty)))
 
 
 @data.command("prepare")
@@ -143,10 +146,19 @@ def _data_options(f):
     return f
 
 
+def _field_option(name: str, cls: type, attr: str):
+    """A click option from a config dataclass field's default, help and choices."""
+    f = cls.__dataclass_fields__[attr]
+    choices = f.metadata.get("choices")
+    return click.option(name, type=click.Choice(choices) if choices else type(f.default), default=f.default,
+                        show_default=True, help=f.metadata.get("help"))
+
+
 def _run_options(f):
     opts = [
         click.option("--seed", type=int, default=TrainConfig.seed, show_default=True),
         click.option("--device", type=str, default=TrainConfig.device, show_default=True, help="auto|cpu|cuda|mps"),
+        _field_option("--monitor", TrainConfig, "monitor"),
         click.option("--amp/--no-amp", default=True, show_default=True, help="Mixed precision on CUDA."),
         click.option("--experiment", type=str, default=None, callback=_none_if_empty,
                      help="Default: mlflow run's experiment, else flame-kd."),
@@ -191,7 +203,7 @@ def _teacher_config(o: dict) -> TeacherConfig:
 def _train_config(base: TrainConfig, o: dict, epochs, lr, prefix: str = "") -> TrainConfig:
     base.epochs = epochs if epochs is not None else base.epochs
     base.lr = lr if lr is not None else base.lr
-    base.seed, base.device, base.amp = o["seed"], o["device"], o["amp"]
+    base.seed, base.device, base.amp, base.monitor = o["seed"], o["device"], o["amp"], o["monitor"]
     for key in ("patience", "plateau_patience"):
         if o.get(prefix + key) is not None:
             setattr(base, "early_stop_patience" if key == "patience" else key, o[prefix + key])

@@ -33,15 +33,33 @@ class TrainConfig:
     epochs: int = 50
     lr: float = 1e-4
     weight_decay: float = 1e-4  # AdamW
-    plateau_factor: float = 0.5  # ReduceLROnPlateau on val macro F1
+    plateau_factor: float = 0.5  # ReduceLROnPlateau on the monitored metric
     plateau_patience: int = 5
-    early_stop_patience: int = 10  # epochs without a better val macro F1
+    early_stop_patience: int = 10  # epochs without a better monitored metric
     threshold: float = 0.5  # on the sigmoid, per label
+    monitor: str = field(default="val/f1_macro", metadata={
+        "help": "What early stopping, the LR schedule, the best checkpoint and a sweep follow "
+                "(val/loss: lower is better).",
+        "choices": ("val/f1_macro", "val/ap_macro", "val/loss")})
     device: str = "auto"  # auto picks cuda, then mps, then cpu
     amp: bool = True  # mixed precision on CUDA only (bf16 where supported, else fp16 + GradScaler)
     channels_last: bool = True  # on CUDA only
     seed: int = 42
     progress: bool = True  # tqdm bar per epoch; silent when stderr is not a terminal
+
+
+MONITORS = TrainConfig.__dataclass_fields__["monitor"].metadata["choices"]
+
+
+def monitor_mode(monitor: str) -> str:
+    """``min`` for a loss (lower is better), else ``max``."""
+    return "min" if monitor.endswith("loss") else "max"
+
+
+def best_name(monitor: str) -> str:
+    """The metric that holds a run's best monitored value: val/f1_macro -> val/best_f1_macro."""
+    split, _, name = monitor.partition("/")
+    return f"{split}/best_{name}"
 
 
 def teacher_train_defaults() -> TrainConfig:

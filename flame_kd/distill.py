@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from flame_kd import plots, teacher_outputs, tracking
-from flame_kd.config import DistillRunConfig, TeacherRunConfig, TrackingConfig, to_dict
+from flame_kd.config import DistillRunConfig, TeacherRunConfig, TrackingConfig, best_name, to_dict
 from flame_kd.engine import ConsoleCallback, Trainer, resolve_device, seed_everything
 from flame_kd.errors import ConfigError
 from flame_kd.experiment import (
@@ -207,7 +207,7 @@ def run_distill(cfg: DistillRunConfig, attach_env: bool = True, extra_tags: dict
                 log_profile("teacher", teacher, (ex["rgb"], ex["ir"]))
                 log_teacher_comparison(prep.teacher_run_id, metrics, preds, teacher, data, seed)
         else:
-            tracking.log_metrics({"val/best_f1_macro": state.best_score, "best_epoch": float(state.best_epoch)})
+            tracking.log_metrics({best_name(cfg.train.monitor): state.best_score, "best_epoch": float(state.best_epoch)})
         keep_best_checkpoint(state, ckpt)
         if report and cfg.tracking.log_model:
             log_student(trainer.model, ex["rgb"], cfg.tracking.register_as)

@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 
 from flame_kd import plots, tracking
-from flame_kd.config import DataConfig, flatten
+from flame_kd.config import DataConfig, best_name, flatten
 from flame_kd.data.dataset import FrameCache, PairedFrames, make_loader
 from flame_kd.data.labels import find_label_ranges
 from flame_kd.data.schema import data_digest, load_frames
@@ -144,7 +144,7 @@ def test_report(
     trainer.load_best()
     metrics = trainer.evaluate(data.loaders["test"], "test")
     metrics["best_epoch"] = float(state.best_epoch)
-    metrics["val/best_f1_macro"] = float(state.best_score)
+    metrics[best_name(trainer.cfg.monitor)] = float(state.best_score)
     tracking.log_metrics(metrics)
     preds = predict(trainer.model, data.loaders["test"], trainer.device, forward)
     cms = confusion_matrices(preds.targets, preds.probs, trainer.cfg.threshold)
