@@ -341,6 +341,21 @@ def embed(**o) -> None:
     click.echo(f"embedding written to {run_embed(cfg)}")
 
 
+@main.command()
+@click.argument("run_a")
+@click.argument("run_b")
+@click.option("--seed", type=int, default=0, show_default=True, help="Bootstrap seed.")
+@click.option("--tracking-uri", type=str, default=None, callback=_none_if_empty,
+              help="Default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db.")
+def compare(run_a: str, run_b: str, seed: int, tracking_uri: str | None) -> None:
+    """Paired test of RUN_B against RUN_A on the same test frames (McNemar, bootstrap CIs); logged to RUN_B."""
+    from flame_kd import tracking
+    from flame_kd.compare import compare_runs
+
+    tracking.configure(tracking_uri)
+    click.echo(compare_runs(run_a, run_b, seed=seed)[1], nl=False)
+
+
 # --- studies (sweep, ablation, report) -------------------------------------------------------------
 
 

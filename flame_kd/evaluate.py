@@ -127,6 +127,18 @@ class Predictions:
     indices: np.ndarray  # [N] int
 
 
+def predictions_table(frames, preds: Predictions):
+    """Per-frame test predictions: ``id``, the targets and a probability per label (one row a frame)."""
+    import pandas as pd
+
+    table = pd.DataFrame({"id": frames["id"].to_numpy()[preds.indices]})
+    for i, label in enumerate(LABELS):
+        table[label] = preds.targets[:, i].astype(int)
+    for i, label in enumerate(LABELS):
+        table[f"prob_{label}"] = preds.probs[:, i]
+    return table
+
+
 Forward = Callable[[nn.Module, dict], tuple[torch.Tensor, torch.Tensor | None]]
 
 

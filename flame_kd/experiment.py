@@ -24,8 +24,19 @@ from flame_kd.data.labels import find_label_ranges
 from flame_kd.data.schema import data_digest, load_frames
 from flame_kd.data.split import Split, make_split
 from flame_kd.engine import FitState, Trainer
-from flame_kd.evaluate import Predictions, confusion_matrices, predict, profile_model
+from flame_kd.evaluate import (
+    LABELS,
+    Predictions,
+    confusion_matrices,
+    constant_f1_macro,
+    predict,
+    predictions_table,
+    profile_model,
+)
 from flame_kd.errors import DataError
+
+
+PREDICTIONS_FILE = "predictions/test.csv"
 
 
 def cache_home() -> Path:
@@ -140,13 +151,17 @@ def test_report(
     tag: str,
     seed: int,
 ) -> tuple[dict[str, float], Predictions]:
-    """Best checkpoint on the test split, once: metrics, confusion, curves, t-SNE and UMAP."""
+    """Best checkpoint on the test split, once: metrics beside the constant baseline, per-frame
+    predictions (so `flame-kd compare` needs MLflow alone), confusion, curves, t-SNE and UMAP."""
     trainer.load_best()
     metrics = trainer.evaluate(data.loaders["test"], "test")
     metrics["best_epoch"] = float(state.best_epoch)
     metrics[best_name(trainer.cfg.monitor)] = float(state.best_score)
-    tracking.log_metrics(metrics)
     preds = predict(trainer.model, data.loaders["test"], trainer.device, forward)
+    train_targets = data.frames.iloc[data.split.indices("train")][list(LABELS)].to_numpy()
+    metrics["test/f1_macro_constant"] = constant_f1_macro(train_targets, preds.targets)
+    tracking.log_metrics(metrics)
+    tracking.log_dataframe(predictions_table(data.frames, preds), PREDICTIONS_FILE)
     cms = confusion_matrices(preds.targets, preds.probs, trainer.cfg.threshold)
     tracking.log_figure(plots.confusion(cms), "plots/confusion.png")
     tracking.log_dict_json({k: v.tolist() for k, v in cms.items()}, "metrics/confusion.json")
