@@ -419,13 +419,18 @@ def ablation(**o) -> None:
 def report(**o) -> None:
     """Rebuild the ablation table (mean, std, 95% CI over seeds) from MLflow."""
     from flame_kd import tracking
-    from flame_kd.ablation import collect_runs, summary_table, to_markdown, write_report
+    from flame_kd.ablation import collect_runs, comparisons_markdown, control_comparisons, summary_table
+    from flame_kd.ablation import to_markdown, write_report
     from flame_kd.errors import FlameKDError
 
     tracking.configure(o["tracking_uri"])
-    table = summary_table(collect_runs(o["filter_string"], experiment=o["experiment"]))
+    runs = collect_runs(o["filter_string"], experiment=o["experiment"])
+    table = summary_table(runs)
     if table.empty:
         raise FlameKDError("no finished teacher or distill runs with test metrics match")
+    comparisons = control_comparisons(runs)
     click.echo(to_markdown(table))
-    for path in write_report(table, o["out"]):
+    if len(comparisons):
+        click.echo(comparisons_markdown(comparisons))
+    for path in write_report(table, o["out"], comparisons):
         click.echo(f"wrote {path}")
