@@ -240,7 +240,7 @@ def comparisons_markdown(comparisons: pd.DataFrame) -> str:
         cells = [f"{r[f'{k}_diff']:+.4f} [{r[f'{k}_lo']:+.4f}, {r[f'{k}_hi']:+.4f}]" for k in ("f1_macro", "ap_macro")]
         lines.append(f"| {r['teacher']} | {r['loss']} | {r['seed']} | {cells[0]} | {cells[1]} | {r['mcnemar_p']:.4g} |")
     return "\n".join(lines) + (f"\n\nEach KD variant minus the no-teacher control ({CONTROL_LOSS}) of the same seed "
-                               "and seed on the same test frames: paired bootstrap (2,000 resamples) and "
+                               "on the same test frames: paired bootstrap (2,000 resamples) and "
                                "McNemar's exact test on exact-match correctness.\n")
 
 
