@@ -101,12 +101,12 @@ LABEL_SLIP = 2  # realistic: a range boundary is labelled up to this many frames
 def _layout(n: int, rng: np.random.Generator, realistic: bool = False) -> list[tuple[int, int, str]]:
     """Label ranges (first, last, state): an NN stretch, then alternating YY / YN ranges.
 
-    Realistic sets cut the frames into more, shorter segments (about 40 frames each), so a split
-    sees many scenes rather than a handful.
+    Realistic sets cut the frames into many short segments (about 15 frames each, under the split's
+    25-frame blocks), so a scene mostly stays in one split and a model must generalise, not recall.
     """
     n_nn, n_yy = round(SHARES["NN"] * n), round(SHARES["YY"] * n)
     n_yn = n - n_nn - n_yy
-    pairs = int(np.clip(round(n / 80), 1, 60)) if realistic else int(np.clip(round(np.sqrt(n) / 8), 1, 9))
+    pairs = int(np.clip(round(n / 45), 1, 400)) if realistic else int(np.clip(round(np.sqrt(n) / 8), 1, 9))
     pairs = min(pairs, max(1, min(n_yy, n_yn)))
 
     def parts(total: int, k: int) -> list[int]:
