@@ -305,7 +305,7 @@ class Trainer:
             self.scheduler.step(score)
             self.state.epoch = epoch
             better = score < self.state.best_score if self.mode == "min" else score > self.state.best_score
-            if better:
+            if better or self.state.best_path is None:  # a NaN score (one-class val split) still keeps epoch 1
                 self.state.best_score, self.state.best_epoch, self.state.bad_epochs = score, epoch, 0
                 self.state.best_path = self.save("best")
             else:
