@@ -5,8 +5,8 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 BIN := $(VENV)/bin
 DEMO_DIR ?= data/demo
-DEMO_FRAMES ?= 400
-DEMO_SIZE ?= 32
+DEMO_FRAMES ?= 600
+DEMO_SIZE ?= 48
 
 .PHONY: install test test-fast demo bench clean
 

@@ -51,7 +51,7 @@ def main() -> None:
                 times[key].append(ort_latency_ms(path, frame, args.runs, args.warmup, args.threads))
     print(f"batch-1 latency, onnxruntime CPU, {args.threads} thread(s), {args.image_size} px: median of "
           f"{args.rounds} round medians of {args.runs} runs")
-    print(f"| student | fp32 ms | int8 ms | fp32/int8 |\n|---|---|---|---|")
+    print("| student | fp32 ms | int8 ms | fp32/int8 |\n|---|---|---|---|")
     for student in dict.fromkeys(s for s, _ in models):
         fp32 = statistics.median(times[(student, "fp32")]) if (student, "fp32") in times else float("nan")
         int8 = statistics.median(times[(student, "int8")]) if (student, "int8") in times else float("nan")

@@ -35,7 +35,7 @@ from flame_kd.errors import ConfigError
 
 log = logging.getLogger("flame_kd")
 
-METRICS = ("f1_macro", "f1_fire", "f1_smoke", "accuracy")
+METRICS = ("f1_macro", "f1_fire", "f1_smoke", "ap_macro", "auc_macro", "accuracy")
 CONTROL_LOSS = "bce"
 
 
@@ -139,8 +139,8 @@ def run_ablation(spec: AblationSpec, tracking_uri: str | None = None) -> str:
         prep = prepare(cfg, parent_run_id=parent_id)
         run_distill(cfg, attach_env=False, parent_run_id=parent_id, prep=prep,
                     extra_tags={"flame_kd.cell": key, "flame_kd.ablation": spec.name})
-    table = summary_table(collect_runs(f"tags.`mlflow.parentRunId` = '{parent_id}'"))
-    log_summary(parent_id, table)
+    runs = collect_runs(f"tags.`mlflow.parentRunId` = '{parent_id}'")
+    log_summary(parent_id, summary_table(runs), control_comparisons(runs))
     tracking.client().set_terminated(parent_id, "FINISHED")
     return parent_id
 
@@ -192,7 +192,8 @@ def summary_table(runs: pd.DataFrame) -> pd.DataFrame:
         row = {"teacher": teacher, "loss": loss, "n_seeds": len(g),
                "n_splits": int(g["split_digest"].nunique(dropna=True))}
         for m in METRICS:
-            row[f"{m}_mean"], row[f"{m}_std"], row[f"{m}_ci95"] = _t_ci(g[m].dropna().to_numpy(float))
+            row[f"{m}_mean"], row[f"{m}_std"], row[f"{m}_ci95"] = _t_ci(
+                g.get(m, pd.Series(dtype=float)).dropna().to_numpy(float))
         ctrl = control[control["teacher"] == teacher]
         if ctrl.empty:
             ctrl = control[control["teacher"] == "none"]
@@ -202,6 +203,9 @@ def summary_table(runs: pd.DataFrame) -> pd.DataFrame:
             paired = paired.iloc[0:0]
         row["n_paired"] = len(paired)
         for m in METRICS:
+            if m not in paired or f"{m}_ctrl" not in paired:
+                row[f"{m}_vs_control_mean"] = row[f"{m}_vs_control_ci95"] = float("nan")
+                continue
             diff = (paired[m] - paired[f"{m}_ctrl"]).dropna().to_numpy(float)
             mean, _, ci = _t_ci(diff)
             row[f"{m}_vs_control_mean"], row[f"{m}_vs_control_ci95"] = mean, ci
@@ -230,8 +234,47 @@ def to_markdown(table: pd.DataFrame) -> str:
                                "same split).\n")
 
 
-def log_summary(parent_id: str, table: pd.DataFrame) -> None:
+def control_comparisons(runs: pd.DataFrame) -> pd.DataFrame:
+    """Each KD variant against the no-teacher control of the same seed (and split), paired on the
+    same test frames (`flame-kd compare`; each comparison is also logged to the variant's run)."""
+    from flame_kd.compare import compare_runs
+    from flame_kd.errors import FlameKDError
+
+    runs = runs.drop_duplicates(subset=["teacher", "loss", "seed"])
+    rows = []
+    for _, r in runs.iterrows():
+        control = runs[(runs.seed == r.seed) & (runs.loss == CONTROL_LOSS)]  # its teacher tag is "none"
+        if r.loss in (CONTROL_LOSS, "teacher alone") or control.empty:
+            continue
+        try:
+            result, _ = compare_runs(control.run_id.iloc[0], r.run_id)
+        except FlameKDError as err:  # e.g. runs from before predictions were logged
+            log.warning("%s s%s not compared: %s", r.loss, r.seed, err.message)
+            continue
+        row = {"teacher": r.teacher, "loss": r.loss, "seed": r.seed, "mcnemar_p": result.mcnemar["pvalue"]}
+        for key, (d, lo, hi) in result.bootstrap.items():
+            row |= {f"{key}_diff": d, f"{key}_lo": lo, f"{key}_hi": hi}
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def comparisons_markdown(comparisons: pd.DataFrame) -> str:
+    """The paired comparisons as markdown: KD minus control, with bootstrap CIs and McNemar's p."""
+    lines = ["| teacher | loss | seed | Δ f1_macro [95% CI] | Δ ap_macro [95% CI] | McNemar p |",
+             "|---|---|---|---|---|---|"]
+    for _, r in comparisons.iterrows():
+        cells = [f"{r[f'{k}_diff']:+.4f} [{r[f'{k}_lo']:+.4f}, {r[f'{k}_hi']:+.4f}]" for k in ("f1_macro", "ap_macro")]
+        lines.append(f"| {r['teacher']} | {r['loss']} | {r['seed']} | {cells[0]} | {cells[1]} | {r['mcnemar_p']:.4g} |")
+    return "\n".join(lines) + (f"\n\nEach KD variant minus the no-teacher control ({CONTROL_LOSS}) of the same seed "
+                               "on the same test frames: paired bootstrap (2,000 resamples) and "
+                               "McNemar's exact test on exact-match correctness.\n")
+
+
+def log_summary(parent_id: str, table: pd.DataFrame, comparisons: pd.DataFrame | None = None) -> None:
     from flame_kd import plots
+
+    if comparisons is not None and len(comparisons):
+        tracking.log_text_to(parent_id, comparisons_markdown(comparisons), "tables/comparisons.md")
 
     with tempfile.TemporaryDirectory() as tmp:
         csv = Path(tmp) / "ablation.csv"
@@ -242,14 +285,16 @@ def log_summary(parent_id: str, table: pd.DataFrame) -> None:
         tracking.log_figure_to(parent_id, plots.ablation_bars(table), "plots/ablation.png")
 
 
-def write_report(table: pd.DataFrame, out_dir: str | Path) -> list[Path]:
-    """``flame-kd report``: the table as markdown, CSV and a grouped bar chart in a folder."""
+def write_report(table: pd.DataFrame, out_dir: str | Path, comparisons: pd.DataFrame | None = None) -> list[Path]:
+    """``flame-kd report``: the table as markdown (plus the paired KD-vs-control comparisons), CSV and
+    a grouped bar chart in a folder."""
     from flame_kd import plots
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / "ablation.md", out / "ablation.csv"]
-    paths[0].write_text(to_markdown(table))
+    extra = "\n" + comparisons_markdown(comparisons) if comparisons is not None and len(comparisons) else ""
+    paths[0].write_text(to_markdown(table) + extra)
     table.to_csv(paths[1], index=False)
     if len(table):
         fig = plots.ablation_bars(table)

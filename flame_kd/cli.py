@@ -87,13 +87,16 @@ def data() -> None:
 @click.option("--frames", default=600, show_default=True, help="frame pairs to draw")
 @click.option("--image-size", default=254, show_default=True, help="frame width and height in pixels")
 @click.option("--seed", default=42, show_default=True, help="same seed, byte-identical files")
-def data_synth(out: str, frames: int, image_size: int, seed: int) -> None:
+@click.option("--difficulty", type=click.Choice(["realistic", "easy"]), default="realistic", show_default=True,
+              help="realistic: RGB alone is ambiguous, as in FLAME2; easy: any model scores 1.0 (fast tests)")
+def data_synth(out: str, frames: int, image_size: int, seed: int, difficulty: str) -> None:
     """Write a FLAME2-like data set to OUT (image folders, flame2.csv, label_ranges.tsv)."""
     from flame_kd.data import synth
 
     if frames < 3 or image_size < 8:
         raise click.BadParameter("need --frames >= 3 and --image-size >= 8")
-    click.echo(synth.describe(synth.synthesize(out, frames=frames, image_size=image_size, seed=seed)))
+    click.echo(synth.describe(synth.synthesize(out, frames=frames, image_size=image_size, seed=seed,
+                                                    difficulty=difficulty)))
 
 
 @data.command("prepare")
@@ -215,6 +218,21 @@ def embed(**o) -> None:
     click.echo(f"embedding written to {run_embed(build_config(EmbedConfig, EMBED, o))}")
 
 
+@main.command()
+@click.argument("run_a")
+@click.argument("run_b")
+@click.option("--seed", type=int, default=0, show_default=True, help="Bootstrap seed.")
+@click.option("--tracking-uri", type=str, default=None, callback=_none_if_empty,
+              help="Default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db.")
+def compare(run_a: str, run_b: str, seed: int, tracking_uri: str | None) -> None:
+    """Paired test of RUN_B against RUN_A on the same test frames (McNemar, bootstrap CIs); logged to RUN_B."""
+    from flame_kd import tracking
+    from flame_kd.compare import compare_runs
+
+    tracking.configure(tracking_uri)
+    click.echo(compare_runs(run_a, run_b, seed=seed)[1], nl=False)
+
+
 # --- studies (sweep, ablation, report) -------------------------------------------------------------
 
 
@@ -291,7 +309,8 @@ def ui_url(experiment: str, host: str, tracking_uri: str | None) -> None:
 def report(**o) -> None:
     """Rebuild the ablation table (mean, std, 95% CI over seeds), or a pareto study's, from MLflow."""
     from flame_kd import tracking
-    from flame_kd.ablation import collect_runs, summary_table, to_markdown, write_report
+    from flame_kd.ablation import collect_runs, comparisons_markdown, control_comparisons, summary_table
+    from flame_kd.ablation import to_markdown, write_report
     from flame_kd.errors import FlameKDError
 
     tracking.configure(o["tracking_uri"])
@@ -305,9 +324,13 @@ def report(**o) -> None:
         for path in pareto_mod.write_report(table, o["out"], budget):
             click.echo(f"wrote {path}")
         return
-    table = summary_table(collect_runs(o["filter_string"], experiment=o["experiment"]))
+    runs = collect_runs(o["filter_string"], experiment=o["experiment"])
+    table = summary_table(runs)
     if table.empty:
         raise FlameKDError("no finished teacher or distill runs with test metrics match")
+    comparisons = control_comparisons(runs)
     click.echo(to_markdown(table))
-    for path in write_report(table, o["out"]):
+    if len(comparisons):
+        click.echo(comparisons_markdown(comparisons))
+    for path in write_report(table, o["out"], comparisons):
         click.echo(f"wrote {path}")

@@ -58,10 +58,12 @@ class TrainConfig:
     epochs: int = opt(50, "Epochs (at most: early stopping may end sooner).", ge=1)
     lr: float = opt(1e-4, "AdamW learning rate.", gt=0)
     weight_decay: float = opt(1e-4, "AdamW weight decay.", ge=0)
-    plateau_factor: float = opt(0.5, "ReduceLROnPlateau factor (on val macro F1).", gt=0, lt=1)
+    plateau_factor: float = opt(0.5, "ReduceLROnPlateau factor (on the monitored metric).", gt=0, lt=1)
     plateau_patience: int = opt(5, "ReduceLROnPlateau patience, epochs.", ge=0)
-    early_stop_patience: int = opt(10, "Epochs without a better val macro F1 before stopping.", cli="patience", ge=1)
+    early_stop_patience: int = opt(10, "Epochs without a better monitored metric before stopping.", cli="patience", ge=1)
     threshold: float = opt(0.5, "Decision threshold on each label's sigmoid.", gt=0, lt=1)
+    monitor: str = opt("val/f1_macro", "What early stopping, the LR schedule, the best checkpoint and a sweep "
+                       "follow (val/loss: lower is better).", choices=("val/f1_macro", "val/ap_macro", "val/loss"))
     device: str = opt("auto", "auto (cuda, then mps, then cpu) | cpu | cuda[:N] | mps.")
     amp: bool = opt(True, "Mixed precision on CUDA (bf16 where supported, else fp16 + GradScaler).")
     channels_last: bool = opt(True, "Channels-last memory format on CUDA.")
@@ -70,8 +72,22 @@ class TrainConfig:
 
 
 # Fields of TrainConfig that describe the machine and the run, not the schedule: a distill run's
-# teacher (trained on the way) and student share them, so the CLI takes them once.
-RUNTIME_FIELDS = ("device", "amp", "channels_last", "seed", "progress")
+# teacher (trained on the way) and student share them, so the CLI takes them once (one --monitor).
+RUNTIME_FIELDS = ("device", "amp", "channels_last", "seed", "progress", "monitor")
+
+
+MONITORS = TrainConfig.__dataclass_fields__["monitor"].metadata["choices"]
+
+
+def monitor_mode(monitor: str) -> str:
+    """``min`` for a loss (lower is better), else ``max``."""
+    return "min" if monitor.endswith("loss") else "max"
+
+
+def best_name(monitor: str) -> str:
+    """The metric that holds a run's best monitored value: val/f1_macro -> val/best_f1_macro."""
+    split, _, name = monitor.partition("/")
+    return f"{split}/best_{name}"
 
 
 def teacher_train_defaults() -> TrainConfig:

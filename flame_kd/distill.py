@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from flame_kd import plots, teacher_outputs, tracking
-from flame_kd.config import DistillRunConfig, check_ranges, TeacherRunConfig, TrackingConfig, to_dict
+from flame_kd.config import DistillRunConfig, TeacherRunConfig, TrackingConfig, best_name, check_ranges, to_dict
 from flame_kd.engine import resolve_device, seed_everything
 from flame_kd.errors import ConfigError
 from flame_kd.evaluate import predict
@@ -236,6 +236,7 @@ def run_distill(cfg: DistillRunConfig, attach_env: bool = True, extra_tags: dict
                    task=DistillTask(loss, prep.outputs if loss.uses_teacher else None), train=cfg.train,
                    tracking=cfg.tracking, device=device, tags=tags, resume=cfg.resume,
                    checkpoint_dir=cfg.checkpoint_dir, full_log=report)
+
     def on_start() -> None:
         tracking.log_text(repr(loss), "loss.txt")
         if pos_weight is not None:
@@ -245,7 +246,7 @@ def run_distill(cfg: DistillRunConfig, attach_env: bool = True, extra_tags: dict
     with tracked_fit(plan, attach_env, parent_run_id, extra_tags, callbacks, on_start=on_start) as fitted:
         trainer, state = fitted.trainer, fitted.state
         if not report:
-            tracking.log_metrics({"val/best_f1_macro": state.best_score, "best_epoch": float(state.best_epoch)})
+            tracking.log_metrics({best_name(cfg.train.monitor): state.best_score, "best_epoch": float(state.best_epoch)})
             return fitted.run_id
         ex = example_batch(data)
         rep = log_test_report(trainer, state, data, f"student ({cfg.loss.variant})", seed)

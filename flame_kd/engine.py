@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from flame_kd.config import TrainConfig
+from flame_kd.config import TrainConfig, monitor_mode
 from flame_kd.evaluate import Predictions, compute_metrics
 from flame_kd.progress import track
 
@@ -57,7 +57,7 @@ class FitState:
     """What the loop knows between epochs; all of it goes into the checkpoint."""
 
     epoch: int = 0  # epochs completed
-    best_score: float = -math.inf  # best val macro F1 so far
+    best_score: float = -math.inf  # best monitored value so far (+inf start for a loss)
     best_epoch: int = 0
     bad_epochs: int = 0  # epochs since the best one (early stopping)
     stopped_early: bool = False
@@ -180,15 +180,16 @@ class Trainer:
             m.to(self.device)
         self.params = [p for m in [self.model, *task.modules()] for p in m.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.mode = monitor_mode(cfg.monitor)
         self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            self.optimizer, mode="max", factor=cfg.plateau_factor, patience=cfg.plateau_patience
+            self.optimizer, mode=self.mode, factor=cfg.plateau_factor, patience=cfg.plateau_patience
         )
         self.dtype = amp_dtype(self.device, cfg.amp)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.dtype == torch.float16)
         self.callbacks = list(callbacks)
         self.checkpoint_dir = Path(checkpoint_dir)
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        self.state = FitState()
+        self.state = FitState(best_score=math.inf if self.mode == "min" else -math.inf)
 
     # --- checkpoints ---------------------------------------------------------------------------
     def _weights(self) -> dict:
@@ -331,10 +332,11 @@ class Trainer:
             metrics = self.train_epoch(train_loader, epoch)
             metrics |= self.evaluate(val_loader, "val")
             metrics["lr"] = self.optimizer.param_groups[0]["lr"]
-            score = metrics["val/f1_macro"]
+            score = metrics[cfg.monitor]
             self.scheduler.step(score)
             self.state.epoch = epoch
-            if score > self.state.best_score:
+            better = score < self.state.best_score if self.mode == "min" else score > self.state.best_score
+            if better or self.state.best_path is None:  # a NaN score (one-class val split) still keeps epoch 1
                 self.state.best_score, self.state.best_epoch, self.state.bad_epochs = score, epoch, 0
                 self.state.best_path = self.save("best")
             else:

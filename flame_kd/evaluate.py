@@ -3,6 +3,7 @@
 Labels are multi-label: column 0 is ``fire``, column 1 is ``smoke``, each a sigmoid output
 thresholded on its own. Metrics come from scikit-learn with ``zero_division=0``, so a split that
 lacks positives of one label (FLAME2 has no smoke-only frames) scores 0 instead of warning.
+Average precision and ROC AUC are threshold-free; they are NaN for a label with only one class.
 """
 
 from __future__ import annotations
@@ -32,6 +33,12 @@ METRIC_NAMES = (
     "recall_smoke",
     "accuracy",
     "hamming_loss",
+    "ap_macro",
+    "ap_fire",
+    "ap_smoke",
+    "auc_macro",
+    "auc_fire",
+    "auc_smoke",
 )
 
 
@@ -74,7 +81,31 @@ def compute_metrics(
         out[f"recall_{label}"] = float(recall[i])
     out["accuracy"] = float(skm.accuracy_score(y_true, y_pred))  # multilabel: exact match
     out["hamming_loss"] = float(skm.hamming_loss(y_true, y_pred))
+    out |= ranking_metrics(y_true, probs)
     return {name: out[name] for name in METRIC_NAMES}
+
+
+def ranking_metrics(targets: np.ndarray, probs: np.ndarray) -> dict[str, float]:
+    """Average precision and ROC AUC per label and their macro mean (NaN where a label is one class)."""
+    y_true, probs = _check_pair(targets, probs)
+    out = {}
+    for kind, score in (("ap", skm.average_precision_score), ("auc", skm.roc_auc_score)):
+        values = []
+        for i, label in enumerate(LABELS):
+            both = len(np.unique(y_true[:, i])) == 2
+            values.append(float(score(y_true[:, i], probs[:, i])) if both else float("nan"))
+            out[f"{kind}_{label}"] = values[-1]
+        defined = [v for v in values if not np.isnan(v)]
+        out[f"{kind}_macro"] = float(np.mean(defined)) if defined else float("nan")
+    return out
+
+
+def constant_f1_macro(train_targets: np.ndarray, targets: np.ndarray) -> float:
+    """Macro F1 on ``targets`` of predicting each label's training-set majority for every frame."""
+    majority = (np.asarray(train_targets).mean(axis=0) > 0.5).astype(int)
+    y_true = np.asarray(targets).astype(int)
+    y_pred = np.broadcast_to(majority, y_true.shape)
+    return float(skm.f1_score(y_true, y_pred, average="macro", zero_division=0))
 
 
 def confusion_matrices(
@@ -94,6 +125,18 @@ class Predictions:
     probs: np.ndarray  # [N,2] sigmoid of the logits
     features: np.ndarray | None  # [N,D], or None when the forward gives none
     indices: np.ndarray  # [N] int
+
+
+def predictions_table(frames, preds: Predictions):
+    """Per-frame test predictions: ``id``, the targets and a probability per label (one row a frame)."""
+    import pandas as pd
+
+    table = pd.DataFrame({"id": frames["id"].to_numpy()[preds.indices]})
+    for i, label in enumerate(LABELS):
+        table[label] = preds.targets[:, i].astype(int)
+    for i, label in enumerate(LABELS):
+        table[f"prob_{label}"] = preds.probs[:, i]
+    return table
 
 
 Forward = Callable[[nn.Module, dict], tuple[torch.Tensor, torch.Tensor | None]]

@@ -22,17 +22,27 @@ import torch
 from filelock import FileLock, Timeout
 
 from flame_kd import plots, tracking
-from flame_kd.config import DataConfig, TrackingConfig, TrainConfig, flatten
+from flame_kd.config import DataConfig, TrackingConfig, TrainConfig, best_name, flatten
 from flame_kd.data.dataset import FrameCache, PairedFrames, make_loader
 from flame_kd.data.labels import find_label_ranges
 from flame_kd.data.schema import data_digest, load_frames
 from flame_kd.data.split import Split, split_frames
 from flame_kd.data.thumbs import frame_thumbnails
 from flame_kd.engine import ConsoleCallback, FitState, Trainer, load_checkpoint
-from flame_kd.evaluate import Predictions, confusion_matrices, profile_model
+from flame_kd.evaluate import (
+    LABELS,
+    Predictions,
+    confusion_matrices,
+    constant_f1_macro,
+    predictions_table,
+    profile_model,
+)
 from flame_kd.errors import ConfigError, DataError
 
 log = logging.getLogger("flame_kd")
+
+
+PREDICTIONS_FILE = "predictions/test.csv"
 
 
 def cache_home() -> Path:
@@ -175,12 +185,16 @@ class TestReport:
 
 
 def log_test_report(trainer: Trainer, state: FitState, data: Data, tag: str, seed: int) -> TestReport:
-    """Best checkpoint on the test split in one pass; logs metrics, confusion, curves, t-SNE, UMAP."""
+    """Best checkpoint on the test split in one pass: metrics beside the constant baseline, per-frame
+    predictions (so `flame-kd compare` needs MLflow alone), confusion, curves, t-SNE and UMAP."""
     trainer.load_best()
     metrics, preds = trainer.evaluate(data.loaders["test"], "test", predictions=True)
     metrics["best_epoch"] = float(state.best_epoch)
-    metrics["val/best_f1_macro"] = float(state.best_score)
+    metrics[best_name(trainer.cfg.monitor)] = float(state.best_score)
+    train_targets = data.frames.iloc[data.split.indices("train")][list(LABELS)].to_numpy()
+    metrics["test/f1_macro_constant"] = constant_f1_macro(train_targets, preds.targets)
     tracking.log_metrics(metrics)
+    tracking.log_dataframe(predictions_table(data.frames, preds), PREDICTIONS_FILE)
     cms = confusion_matrices(preds.targets, preds.probs, trainer.cfg.threshold)
     tracking.log_figure(plots.confusion(cms), "plots/confusion.png")
     tracking.log_dict_json({k: v.tolist() for k, v in cms.items()}, "metrics/confusion.json")

@@ -20,6 +20,7 @@ ENTRY_POINTS: dict[str, tuple[str, ...]] = {
     "pareto": ("pareto",),
     "embed": ("embed",),
     "report": ("report",),
+    "compare": ("compare",),
 }
 
 # Commands without an entry point, and why.

@@ -24,7 +24,7 @@ from collections import Counter
 import optuna
 
 from flame_kd import tracking
-from flame_kd.config import SweepConfig, check_ranges
+from flame_kd.config import SweepConfig, check_ranges, monitor_mode
 from flame_kd.distill import Prepared, prepare, run_distill
 from flame_kd.engine import LambdaCallback, Trainer
 from flame_kd.errors import ConfigError, Preempted, RunFailed
@@ -132,7 +132,7 @@ def open_study(cfg: SweepConfig, storage, sampler_seed: int) -> tuple[optuna.Stu
     sampler = optuna.samplers.TPESampler(seed=sampler_seed)
     pruner = make_pruner(cfg.pruner)
     try:
-        study = optuna.create_study(study_name=cfg.study_name, storage=storage, direction="maximize",
+        study = optuna.create_study(study_name=cfg.study_name, storage=storage, direction="minimize" if monitor_mode(cfg.distill.train.monitor) == "min" else "maximize",
                                     sampler=sampler, pruner=pruner)
         return study, True
     except optuna.exceptions.DuplicatedStudyError:
@@ -182,7 +182,7 @@ def objective_for(cfg: SweepConfig, prep: Prepared, parent_id: str):
 
         def report(epoch: int, metrics: dict, state) -> None:
             best["score"] = state.best_score
-            trial.report(metrics["val/f1_macro"], epoch)
+            trial.report(metrics[base.train.monitor], epoch)
             if trial.should_prune():
                 raise optuna.TrialPruned(f"pruned at epoch {epoch}")
 
@@ -280,7 +280,7 @@ def summarise_and_finish(study: optuna.Study, cfg: SweepConfig, prep: Prepared, 
     tracking.set_tags({f"flame_kd.best.{k}": f"{v:.6g}" for k, v in best.params.items()}
                       | {"flame_kd.best_trial": best.number,
                          "flame_kd.best_run_id": best.user_attrs.get("mlflow_run_id", "")}, run_id=parent_id)
-    metrics = {"best/val_f1_macro": best.value} | {f"best/{k}": v for k, v in best.params.items()}
+    metrics = {"best/" + cfg.distill.train.monitor.replace("/", "_"): best.value} | {f"best/{k}": v for k, v in best.params.items()}
     run_id = best.user_attrs.get("mlflow_run_id")
     if run_id:
         metrics |= {f"best/{k}": v for k, v in evaluate_trial(run_id, cfg, prep).items()}

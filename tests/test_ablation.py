@@ -85,6 +85,13 @@ def test_summary_tables_and_chart(grid):
     assert all(r.f1_macro_ci95 >= 0 for r in rows.values())
 
 
+def test_each_variant_is_compared_with_the_control(grid):
+    assert "tables/comparisons.md" in artifacts(grid["parent"])
+    text = MlflowClient().download_artifacts(grid["parent"], "tables/comparisons.md")
+    lines = [line for line in open(text) if line.startswith(f"| {TINY_TEACHER} |")]
+    assert len(lines) == 4  # 2 KD losses x 2 seeds, each against the bce control of its seed
+
+
 def test_report_rebuilds_the_table_from_mlflow(grid, tmp_path):
     result = CliRunner().invoke(main, ["report", "--experiment", "ablation", "--out", str(tmp_path / "r")])
     assert result.exit_code == 0, result.output

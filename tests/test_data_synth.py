@@ -6,6 +6,7 @@ import hashlib
 
 import numpy as np
 import pandas as pd
+import pytest
 from click.testing import CliRunner
 from PIL import Image
 
@@ -42,6 +43,28 @@ def test_layout_like_flame2(synth_dir, synth_csv):
     assert ranges.fire_smoke[0] == "NN" and ranges["first"][0] == 1 and ranges["last"].iloc[-1] == 120
     assert set(ranges.fire_smoke[1::2]) == {"YY"} and set(ranges.fire_smoke[2::2]) == {"YN"}
     assert (synth_dir / "label_ranges.tsv").read_text().startswith("# ")
+
+
+def test_realistic_set_has_flame2_label_mix_and_ambiguous_rgb(tmp_path):
+    csv = synthesize(tmp_path, frames=800, image_size=32, seed=2, difficulty="realistic")
+    table = pd.read_csv(csv)
+    share = (table.fire.astype(str) + table.smoke.astype(str)).value_counts(normalize=True)
+    assert abs(share["00"] - 0.26) < 0.03 and abs(share["11"] - 0.48) < 0.03 and abs(share["10"] - 0.27) < 0.03
+    assert "01" not in share
+    ranges = read_label_ranges(tmp_path / "label_ranges.tsv")
+    assert len(ranges) >= 20  # many short video segments, not a handful
+    assert (ranges["last"] - ranges["first"] + 1).sum() == 800 and ranges["first"].iloc[0] == 1
+    # RGB alone is ambiguous: fire-coloured pixels (decoys) show in fire-free frames too
+    def orange(i):
+        rgb = load(tmp_path, "rgb", i)
+        return np.mean((rgb[..., 0] > 180) & (rgb[..., 0] - rgb[..., 2] > 80))
+    nofire = table.id[table.fire == 0].to_numpy()[::10]
+    assert np.mean([orange(i) > 0 for i in nofire]) > 0.2
+
+
+def test_difficulty_is_checked(tmp_path):
+    with pytest.raises(ValueError, match="difficulty"):
+        synthesize(tmp_path, frames=10, image_size=16, difficulty="hard")
 
 
 def load(folder, kind, i):

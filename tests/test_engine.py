@@ -47,10 +47,10 @@ def loaders(seed=0):
             DataLoader(Frames(32, 2), batch_size=16))
 
 
-def make(tmp_path, name, epochs=4, lr=0.05, patience=10, callbacks=()):
+def make(tmp_path, name, epochs=4, lr=0.05, patience=10, callbacks=(), monitor="val/f1_macro"):
     torch.manual_seed(0)
     cfg = TrainConfig(epochs=epochs, lr=lr, early_stop_patience=patience, plateau_patience=1, device="cpu",
-                      progress=False)
+                      progress=False, monitor=monitor)
     return Trainer(TinyTeacher(), SupervisedTask(teacher_forward), cfg, tmp_path / name, callbacks)
 
 
@@ -66,6 +66,17 @@ def test_fit_logs_every_epoch_and_keeps_best(tmp_path):
     assert state.best_score == max(m["val/f1_macro"] for _, m in seen)
     assert (tmp_path / "a" / "best.pt").exists() and (tmp_path / "a" / "last.pt").exists()
     assert not list((tmp_path / "a").glob("*.tmp"))
+
+
+@pytest.mark.parametrize("monitor, best", [("val/loss", min), ("val/ap_macro", max)])
+def test_monitor_picks_the_best_epoch(tmp_path, monitor, best):
+    seen = []
+    trainer = make(tmp_path, "m", epochs=4, monitor=monitor,
+                   callbacks=[LambdaCallback(lambda e, m, s: seen.append((e, m[monitor])))])
+    state = trainer.fit(*loaders())
+    assert state.best_score == best(v for _, v in seen)
+    assert state.best_epoch == best(seen, key=lambda ev: ev[1])[0]
+    assert "val/auc_macro" in trainer.evaluate(loaders()[1])
 
 
 def test_early_stopping_stops_after_patience(tmp_path):

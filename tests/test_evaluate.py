@@ -7,12 +7,14 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from sklearn import metrics as skm
 from torch import nn
 
 from flame_kd.evaluate import (
     METRIC_NAMES,
     Predictions,
     compute_metrics,
+    constant_f1_macro,
     confusion_matrices,
     latency_ms,
     predict,
@@ -36,6 +38,8 @@ PROBS = np.array(
 # smoke: TP=1 FP=1 FN=2 TN=3 -> precision 1/2, recall 1/3, F1 = 2*1/(2*1+1+2) = 2/5
 # macro: F1 (6/7+2/5)/2 = 22/35, precision (3/4+1/2)/2 = 5/8, recall (1+1/3)/2 = 2/3
 # exact match: rows 0, 3, 5 -> 3/7; Hamming: 4 wrong cells of 14 -> 2/7
+# ranking: every fire positive outranks every negative -> AP = AUC = 1. Smoke, by probability:
+# .7 P, .6 N, .3 P, .3 P, .2 N, .1 N, .1 N -> AUC = (4+3+3)/12 = 5/6, AP = 1/3*1 + 2/3*3/4 = 5/6
 EXPECTED = {
     "f1_macro": 22 / 35,
     "f1_fire": 6 / 7,
@@ -48,6 +52,12 @@ EXPECTED = {
     "recall_smoke": 1 / 3,
     "accuracy": 3 / 7,
     "hamming_loss": 2 / 7,
+    "ap_macro": 11 / 12,
+    "ap_fire": 1.0,
+    "ap_smoke": 5 / 6,
+    "auc_macro": 11 / 12,
+    "auc_fire": 1.0,
+    "auc_smoke": 5 / 6,
 }
 
 
@@ -56,6 +66,25 @@ def test_metrics_match_hand_counts():
     assert list(got) == list(METRIC_NAMES)
     assert got == pytest.approx(EXPECTED)
     assert all(type(v) is float for v in got.values())
+
+
+def test_ranking_metrics_match_scikit_learn():
+    rng = np.random.default_rng(0)
+    targets = rng.integers(0, 2, (50, 2))
+    probs = np.clip(0.3 * targets + rng.random((50, 2)), 0, 1)
+    got = compute_metrics(targets, probs)
+    for i, label in enumerate(("fire", "smoke")):
+        assert got[f"ap_{label}"] == pytest.approx(skm.average_precision_score(targets[:, i], probs[:, i]))
+        assert got[f"auc_{label}"] == pytest.approx(skm.roc_auc_score(targets[:, i], probs[:, i]))
+    assert got["ap_macro"] == pytest.approx(skm.average_precision_score(targets, probs, average="macro"))
+    assert got["auc_macro"] == pytest.approx(skm.roc_auc_score(targets, probs, average="macro"))
+
+
+def test_constant_baseline_predicts_training_majority():
+    train = np.array([[1, 0], [1, 0], [1, 1], [0, 0]])  # majority: fire yes, smoke no
+    test = np.array([[1, 1], [0, 0], [1, 0]])
+    # fire: predicted 1 everywhere -> TP 2, FP 1 -> F1 4/5; smoke: predicted 0 -> F1 0
+    assert constant_f1_macro(train, test) == pytest.approx(0.4)
 
 
 def test_perfect_predictions_score_one():
@@ -81,6 +110,8 @@ def test_label_without_positives_scores_zero_without_warning():
     assert got["f1_fire"] == 1.0
     assert got["f1_smoke"] == got["precision_smoke"] == got["recall_smoke"] == 0.0
     assert got["f1_macro"] == 0.5
+    assert np.isnan(got["ap_smoke"]) and np.isnan(got["auc_smoke"])  # undefined, not a fake 0
+    assert got["ap_macro"] == got["ap_fire"] == 1.0
     np.testing.assert_array_equal(cms["smoke"], [[3, 0], [0, 0]])
 
 

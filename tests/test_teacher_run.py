@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -33,7 +34,7 @@ def test_every_epoch_metric_has_its_step(teacher_run):
     client = MlflowClient()
     for key in ("train/loss", "train/bce", "val/loss", "val/f1_macro", "val/f1_fire", "val/f1_smoke",
                 "val/precision_macro", "val/recall_macro", "val/accuracy", "lr", "epoch_seconds",
-                "train/samples_per_second"):
+                "train/samples_per_second", "val/ap_macro", "val/auc_fire"):
         steps = [m.step for m in client.get_metric_history(teacher_run.info.run_id, key)]
         assert steps == [1, 2], key
 
@@ -42,9 +43,11 @@ def test_test_metrics_size_and_latency(teacher_run):
     m = teacher_run.data.metrics
     for key in ("test/f1_macro", "test/f1_fire", "test/f1_smoke", "test/precision_macro", "test/recall_macro",
                 "test/accuracy", "test/hamming_loss", "model/params", "model/size_mb", "model/gflops",
-                "model/latency_ms", "split/train_fraction"):
+                "model/latency_ms", "split/train_fraction", "test/ap_macro", "test/auc_macro",
+                "test/f1_macro_constant", "val/best_f1_macro"):
         assert key in m, key
     assert 0.0 <= m["test/f1_macro"] <= 1.0
+    assert 0.0 <= m["test/f1_macro_constant"] < 1.0
     assert m["model/params"] > 0 and m["model/latency_ms"] > 0
 
 
@@ -63,8 +66,11 @@ def test_tags_identify_the_run(teacher_run):
 def test_artifacts(teacher_run):
     have = artifacts(teacher_run.info.run_id)
     for path in ("config.yaml", "split/manifest.csv", "plots/training_curves.png", "plots/tsne.png",
-                 "plots/umap.png", "plots/confusion.png", "checkpoints/best.pt"):
+                 "plots/umap.png", "plots/confusion.png", "checkpoints/best.pt", "predictions/test.csv"):
         assert path in have, path
+    preds = pd.read_csv(MlflowClient().download_artifacts(teacher_run.info.run_id, "predictions/test.csv"))
+    assert list(preds.columns) == ["id", "fire", "smoke", "prob_fire", "prob_smoke"]
+    assert len(preds) == teacher_run.data.metrics["split/test_frames"] and preds.id.is_unique
     assert any(p.startswith("model") for p in have) or teacher_run.outputs.model_outputs
     assert teacher_run.inputs.dataset_inputs, "the data set is logged with mlflow.log_input"
 

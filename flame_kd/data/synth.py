@@ -5,12 +5,18 @@ ranges) in FLAME2's proportions, and neighbouring frames are near-duplicates: a 
 slowly over a procedurally generated terrain. Fire is a hot spot in the thermal frame (colour-mapped
 like FLAME2's) and flame colour in RGB; smoke is a grey-white haze over most of the RGB frame that
 can hide a small fire there while the thermal frame still shows it. Same seed, same bytes.
+
+``difficulty="easy"`` is that set: at 64 px any small CNN scores macro F1 1.0 in two epochs.
+``difficulty="realistic"`` makes RGB alone ambiguous, as in FLAME2: fire is always a hot spot in
+IR, but in RGB it is often faint, too small or hidden under haze; orange roofs, dry grass and sun
+glints look like fire in RGB and are cold in IR; a rare hot non-fire spot fools IR too; segments
+are shorter; and human-like label noise moves a few range boundaries by a frame or two.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -76,13 +82,31 @@ class _Segment:
     radius: np.ndarray  # [K] flame radius (frame pixels)
     smoke_max: float  # haze opacity at its densest
     wind: np.ndarray  # haze drift, pixels per frame
+    # realistic only: how much of the fire RGB shows (0 hidden .. 1 plain), RGB-only look-alikes,
+    # IR-only hot spots, and a thin mist over fire-free segments
+    visibility: float = 1.0
+    decoys: list = field(default_factory=list)  # (world xy, radius, kind) kind: roof | grass | glint
+    hot_spots: np.ndarray = field(default_factory=lambda: np.zeros((0, 2)))
+    mist: float = 0.0
 
 
-def _layout(n: int, rng: np.random.Generator) -> list[tuple[int, int, str]]:
-    """Label ranges (first, last, state): an NN stretch, then alternating YY / YN ranges."""
+DIFFICULTIES = ("realistic", "easy")
+# realistic: how a fire segment shows in RGB -> (probability, flame opacity scale)
+VISIBILITY = {"plain": (0.4, 1.0), "faint": (0.25, 0.3), "small": (0.15, 0.5), "hidden": (0.2, 0.0)}
+DECOY_RGB = {"roof": (205, 85, 40), "grass": (215, 160, 70), "glint": (255, 245, 200)}
+HOT_SPOT_SHARE = 0.1  # fire-free segments with a hot non-fire spot in IR (vehicle, chimney)
+LABEL_SLIP = 2  # realistic: a range boundary is labelled up to this many frames off
+
+
+def _layout(n: int, rng: np.random.Generator, realistic: bool = False) -> list[tuple[int, int, str]]:
+    """Label ranges (first, last, state): an NN stretch, then alternating YY / YN ranges.
+
+    Realistic sets cut the frames into many short segments (about 15 frames each, under the split's
+    25-frame blocks), so a scene mostly stays in one split and a model must generalise, not recall.
+    """
     n_nn, n_yy = round(SHARES["NN"] * n), round(SHARES["YY"] * n)
     n_yn = n - n_nn - n_yy
-    pairs = int(np.clip(round(np.sqrt(n) / 8), 1, 9))
+    pairs = int(np.clip(round(n / 45), 1, 400)) if realistic else int(np.clip(round(np.sqrt(n) / 8), 1, 9))
     pairs = min(pairs, max(1, min(n_yy, n_yn)))
 
     def parts(total: int, k: int) -> list[int]:
@@ -90,9 +114,16 @@ def _layout(n: int, rng: np.random.Generator) -> list[tuple[int, int, str]]:
         bounds = np.round(cuts / cuts[-1] * (total - k)).astype(int) + np.arange(1, k + 1)
         return list(np.diff(np.r_[0, bounds]))
 
-    lengths = [("NN", n_nn)]
-    for yy, yn in zip(parts(n_yy, pairs), parts(n_yn, pairs)):
-        lengths += [("YY", yy), ("YN", yn)]
+    if realistic:  # NN stretches interleaved too, as a drone flies in and out of the fire area
+        nn = parts(n_nn, min(pairs, max(1, n_nn)))
+        nn += [0] * (pairs - len(nn))
+        lengths = []
+        for a, yy, yn in zip(nn, parts(n_yy, pairs), parts(n_yn, pairs)):
+            lengths += [("NN", a), ("YY", yy), ("YN", yn)]
+    else:
+        lengths = [("NN", n_nn)]
+        for yy, yn in zip(parts(n_yy, pairs), parts(n_yn, pairs)):
+            lengths += [("YY", yy), ("YN", yn)]
     out, first = [], 1
     for state, length in lengths:
         if length > 0:
@@ -114,6 +145,40 @@ def _segment(first, last, state, size, world, rng) -> _Segment:
     radius = np.maximum(1.5, rng.uniform(0.02, 0.06, k) * size)
     wind = rng.normal(0, 0.3, 2)
     return _Segment(first, last, state, start, velocity, sites, radius, rng.uniform(0.85, 0.99), wind)
+
+
+def _realistic_segment(first, last, state, size, world, rng) -> _Segment:
+    """As `_segment`, plus what makes RGB ambiguous: fire visibility, decoys, hot spots, mist."""
+    seg = _segment(first, last, state, size, world, rng)
+    seg.radius = np.maximum(0.8, rng.uniform(0.012, 0.04, len(seg.radius)) * size)  # often small
+    kinds = list(VISIBILITY)
+    kind = kinds[rng.choice(len(kinds), p=[VISIBILITY[k][0] for k in kinds])]
+    seg.visibility = VISIBILITY[kind][1]
+    if kind == "small":
+        seg.radius = np.full(len(seg.radius), 0.6)
+    seg.smoke_max = rng.uniform(0.4, 0.9)
+    n_decoys = int(rng.integers(0, 4)) if state[0] == "Y" else int(rng.integers(1, 4))
+    for _ in range(n_decoys):
+        decoy = str(rng.choice(list(DECOY_RGB)))
+        r = size * (rng.uniform(0.01, 0.02) if decoy == "glint" else rng.uniform(0.025, 0.06))
+        seg.decoys.append((seg.start + rng.uniform(0.1, 0.9, 2) * size, max(r, 0.8), decoy))
+    if state[0] == "N" and rng.random() < HOT_SPOT_SHARE:
+        seg.hot_spots = seg.start + rng.uniform(0.2, 0.8, (1, 2)) * size
+    if state[1] == "N" and rng.random() < 0.3:
+        seg.mist = rng.uniform(0.1, 0.3)
+    return seg
+
+
+def _slip_labels(layout: list[tuple[int, int, str]], rng: np.random.Generator) -> list[tuple[int, int, str]]:
+    """Human-like label noise: each inner range boundary moves by up to LABEL_SLIP frames."""
+    firsts = [f for f, _, _ in layout]
+    lasts = [l for _, l, _ in layout]
+    for k in range(1, len(layout)):
+        shift = int(rng.integers(-LABEL_SLIP, LABEL_SLIP + 1))
+        lo, hi = firsts[k - 1] + 1, lasts[k]  # keep at least one frame on each side
+        firsts[k] = int(np.clip(firsts[k] + shift, lo, hi))
+        lasts[k - 1] = firsts[k] - 1
+    return [(f, l, st) for f, l, (_, _, st) in zip(firsts, lasts, layout)]
 
 
 class _Renderer:
@@ -161,16 +226,23 @@ class _Renderer:
         rgb = self.ground[y : y + s, x : x + s] * np.float32(rng.uniform(0.96, 1.04))  # exposure flicker
         temp = self.temperature[y : y + s, x : x + s]
 
+        for centre, radius, kind in seg.decoys:  # realistic: fire-coloured in RGB, cold in IR
+            blob = self._blob(centre - cam, radius, rng)
+            alpha = np.clip((2.5 if kind == "roof" else 1.2) * blob, 0, 0.95)[..., None]
+            rgb += (np.array(DECOY_RGB[kind], dtype=np.float32) - rgb) * alpha
+        vis = np.float32(seg.visibility)
         fire = np.zeros((s, s), dtype=np.float32)
         for site, radius in zip(seg.sites, seg.radius):
             centre = site - cam + rng.normal(0, 0.3, 2)
             r = radius * rng.uniform(0.85, 1.15)  # flicker
-            rgb *= (1 - 0.55 * self._blob(centre, 2.5 * r, rng))[..., None]  # burnt ground around it
+            rgb *= (1 - 0.55 * vis * self._blob(centre, 2.5 * r, rng))[..., None]  # burnt ground around it
             core = self._blob(centre, r, rng)
             rows, cols = np.nonzero(core > 0.01)  # draw the flame only where it shows
-            alpha = np.clip(1.6 * core[rows, cols], 0, 1)[:, None]
+            alpha = vis * np.clip(1.6 * core[rows, cols], 0, 1)[:, None]
             rgb[rows, cols] = rgb[rows, cols] * (1 - alpha) + _lookup(self.flame, core[rows, cols]) * alpha
             fire = np.maximum(fire, self._blob(centre, 1.8 * r, rng))
+        for spot in seg.hot_spots:  # realistic: a hot non-fire spot, in IR only
+            fire = np.maximum(fire, 0.9 * self._blob(spot - cam, 0.03 * s, rng))
         temp = np.maximum(temp, np.float32(rng.uniform(0.9, 1.0)) * fire)
 
         if seg.state[1] == "Y":  # smoke: haze over most of the frame, densest above the fires
@@ -178,8 +250,11 @@ class _Renderer:
             field = self.haze[off[1] : off[1] + s, off[0] : off[0] + s]
             plume = np.clip(fire * 3, 0, 1)
             alpha = seg.smoke_max * np.clip(0.35 + 0.9 * field + 0.6 * plume, 0, 1)
-        elif seg.state[0] == "Y":  # fire without (much) smoke: a thin local plume
-            alpha = 0.35 * np.clip(fire * 2, 0, 1)
+        elif seg.state[0] == "Y" and vis > 0:  # fire without (much) smoke: a thin local plume
+            alpha = 0.35 * vis * np.clip(fire * 2, 0, 1)
+        elif seg.mist > 0:  # realistic: thin morning mist, no fire
+            off = (np.array([s, s]) // 3 + seg.wind * t).astype(int) % s
+            alpha = seg.mist * (0.5 + self.haze[off[1] : off[1] + s, off[0] : off[0] + s])
         else:
             alpha = None
         if alpha is not None:
@@ -202,25 +277,33 @@ def _remove_stale(folder: Path, pattern: str, n: int) -> None:
             path.unlink()
 
 
-def synthesize(out, frames: int = 600, image_size: int = 254, seed: int = 42) -> Path:
+def synthesize(out, frames: int = 600, image_size: int = 254, seed: int = 42, difficulty: str = "easy") -> Path:
     """Write a FLAME2-like tree under ``out`` (image folders, ``flame2.csv``, ``label_ranges.tsv``).
 
-    Returns the CSV path. Deterministic: the same arguments give byte-identical files.
+    Returns the CSV path. Deterministic: the same arguments give byte-identical files. ``easy`` is
+    the Python default so tests stay fast and learnable; the CLI defaults to ``realistic``.
     """
     if frames < 3:
         raise ValueError("synthesize needs at least 3 frames (one per label state)")
+    if difficulty not in DIFFICULTIES:
+        raise ValueError(f"difficulty must be one of {', '.join(DIFFICULTIES)}; got {difficulty!r}")
+    realistic = difficulty == "realistic"
     out = Path(out)
     rgb_dir, ir_dir = out / IMAGE_DIRS["rgb"][0], out / IMAGE_DIRS["ir"][0]
     for d, kind in ((rgb_dir, "rgb"), (ir_dir, "ir")):
         d.mkdir(parents=True, exist_ok=True)
         _remove_stale(d, FILE_NAMES[kind], frames)
 
-    layout = _layout(frames, np.random.default_rng([seed, 1]))
+    layout = _layout(frames, np.random.default_rng([seed, 1]), realistic)
+    labelled = _slip_labels(layout, np.random.default_rng([seed, 4])) if realistic else layout
+    state_of = {i: st for f, l, st in labelled for i in range(f, l + 1)}
+    make_segment = _realistic_segment if realistic else _segment
     renderer = _Renderer(image_size, seed)
     rows = []
     for k, (first, last, state) in enumerate(layout):
-        seg = _segment(first, last, state, image_size, renderer.world, np.random.default_rng([seed, 2, k]))
+        seg = make_segment(first, last, state, image_size, renderer.world, np.random.default_rng([seed, 2, k]))
         for i in range(first, last + 1):
+            state = state_of[i]  # the label, which may slip a frame or two off the scene
             rgb, ir = renderer.render(seg, i, np.random.default_rng([seed, 3, i]))
             names = FILE_NAMES["rgb"].format(i), FILE_NAMES["ir"].format(i)
             Image.fromarray(rgb).save(rgb_dir / names[0], quality=JPEG_QUALITY)
@@ -231,14 +314,14 @@ def synthesize(out, frames: int = 600, image_size: int = 254, seed: int = 42) ->
     table = pd.DataFrame(rows, columns=["id", "rgb_frame", "ir_frame", "fire", "smoke"])
     csv = out / CSV_NAME
     table.to_csv(csv, index=False, lineterminator="\n")
-    ranges = pd.DataFrame(layout, columns=["first", "last", "fire_smoke"])
+    ranges = pd.DataFrame(labelled, columns=["first", "last", "fire_smoke"])
     counts = ranges.assign(n=ranges["last"] - ranges["first"] + 1).groupby("fire_smoke")["n"].sum()
     write_label_ranges(
         ranges,
         out / RANGES_FILE,
         [
             f"Synthetic FLAME2-like frame-pair label ranges (inclusive), written by flame-kd data synth "
-            f"({frames} frames, {image_size} px, seed {seed}).",
+            f"({frames} frames, {image_size} px, seed {seed}, {difficulty}).",
             "fire_smoke: first letter fire Y/N, second smoke Y/N (the official FLAME2 format).",
             f"Totals: {frames:,} frames; "
             + ", ".join(f"{s} {counts.get(s, 0):,}" for s in ("NN", "YY", "YN"))
