@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import add_threads_option, fix_threads, use_store  # noqa: E402
 
-NAMES = ("f1_macro", "ap_macro", "f1_macro_constant")
+NAMES = ("f1_macro", "ap_macro", "auc_macro", "f1_macro_constant")
 
 
 def main() -> None:
@@ -86,7 +86,8 @@ def main() -> None:
                 results.setdefault(name, []).append({k: m.get(f"test/{k}", float("nan")) for k in NAMES})
                 results.setdefault("constant (training majority)", [])
             results["constant (training majority)"].append(
-                {"f1_macro": results["teacher (RGB+IR)"][-1]["f1_macro_constant"], "ap_macro": float("nan")})
+                {"f1_macro": results["teacher (RGB+IR)"][-1]["f1_macro_constant"], "ap_macro": float("nan"),
+                 "auc_macro": float("nan")})
 
     def cell(vals: list[float]) -> str:
         vals = [v for v in vals if v == v]
@@ -98,11 +99,10 @@ def main() -> None:
     print(f"\n{args.frames} {args.difficulty} frames, {args.image_size} px, {args.epochs} epochs, "
           f"lr {args.lr}, teacher {args.teacher}, student {args.student}, seeds {args.seeds}, "
           f"{args.threads} thread(s), {time.perf_counter() - start:.0f} s in all\n")
-    print("| model | seeds | test macro F1 | test macro AP |")
-    print("|---|---|---|---|")
+    print("| model | seeds | test macro F1 | test macro AP | test macro AUC |")
+    print("|---|---|---|---|---|")
     for name, rows in results.items():
-        print(f"| {name} | {len(rows)} | {cell([r['f1_macro'] for r in rows])} | "
-              f"{cell([r['ap_macro'] for r in rows])} |")
+        print(f"| {name} | {len(rows)} | " + " | ".join(cell([r[k] for r in rows]) for k in NAMES[:3]) + " |")
     print("\nmean ± std over seeds; the split (and so the test frames) changes with the seed.")
 
 
