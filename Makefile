@@ -34,4 +34,4 @@ bench: install
 	HF_HUB_OFFLINE=1 $(PY) bench/data_loading.py
 
 clean:
-	rm -rf $(VENV) data/demo mlflow.db mlartifacts
+	rm -rf $(VENV) $(DEMO_DIR) mlflow.db mlflow.db.lock optuna.db mlruns mlartifacts
