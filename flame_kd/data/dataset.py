@@ -8,7 +8,9 @@ student always see the same frame.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import random
 import shutil
@@ -29,6 +31,8 @@ from tqdm.auto import tqdm
 from flame_kd.config import DataConfig
 from flame_kd.data import schema
 from flame_kd.errors import ConfigError, DataError
+
+log = logging.getLogger("flame_kd")
 
 # Frames leave the loader as uint8: the models normalise them (flame_kd.models.inputs), on the GPU
 # when there is one -- a quarter of the bytes to copy and no float work on the CPU.
@@ -76,7 +80,10 @@ class FrameCache:
         elif mode == "disk":
             digest = data_digest or schema.data_digest(frames)
             self.path = Path(cache_dir or default_cache_dir()) / f"{digest}-{self.image_size}"
-            if not self._valid(self.path):
+            problem = self._check(self.path)
+            if problem:
+                if (self.path / "meta.json").exists():
+                    log.warning("frame cache %s %s; rebuilding it", self.path, problem)
                 self._build(self.path)
             self._open()
 
@@ -111,12 +118,28 @@ class FrameCache:
         return len(self.paths), self.image_size, self.image_size, 3
 
     def _valid(self, path: Path) -> bool:
-        """A finished cache for this many frames at this size exists at ``path``."""
+        """A finished, intact cache for this many frames at this size exists at ``path``."""
+        return self._check(path) is None
+
+    def _check(self, path: Path) -> str | None:
+        """None if the cache at ``path`` is whole, else what is wrong with it: missing, for another
+        shape, truncated, or bytes that no longer match the checksums written when it was built.
+        (Changed source images change the content digest, hence the folder: a new cache.)"""
         try:
             meta = json.loads((path / "meta.json").read_text())
         except (OSError, ValueError):
-            return False
-        return meta.get("shape") == list(self._shape())
+            return "is missing"
+        if meta.get("shape") != list(self._shape()):
+            return "was built for another shape"
+        size = int(np.prod(self._shape()))
+        for name in ("rgb", "ir"):
+            file = path / f"{name}.u8"
+            actual = file.stat().st_size if file.exists() else -1
+            if actual != size:
+                return f"is truncated ({name}.u8 holds {max(actual, 0):,} of {size:,} bytes)"
+            if _checksums(file, self._shape()) != meta.get("checksums", {}).get(name):
+                return f"is corrupt ({name}.u8 does not match its checksums)"
+        return None
 
     def _build(self, final: Path) -> None:
         """Decode into a temporary folder, then rename it into place: a crash leaves no half cache."""
@@ -129,7 +152,8 @@ class FrameCache:
             self._fill(rgb, ir)
             rgb.flush(), ir.flush()
             del rgb, ir
-            meta = {"shape": list(self._shape()), "order": "rows of the frames table"}
+            meta = {"shape": list(self._shape()), "order": "rows of the frames table",
+                    "checksums": {n: _checksums(tmp / f"{n}.u8", self._shape()) for n in ("rgb", "ir")}}
             (tmp / "meta.json").write_text(json.dumps(meta))
             try:
                 os.rename(tmp, final)
@@ -150,6 +174,16 @@ class FrameCache:
         if self.mode == "disk":
             state["rgb"] = state["ir"] = None
         return state
+
+
+CHECKSUM_FRAMES = 512  # frames per checksummed chunk
+
+
+def _checksums(file: Path, shape: tuple[int, ...]) -> list[str]:
+    """blake2b of each chunk of CHECKSUM_FRAMES frames of a cache file (read through a memmap)."""
+    data = np.memmap(file, np.uint8, "r", shape=shape)
+    return [hashlib.blake2b(np.ascontiguousarray(data[i:i + CHECKSUM_FRAMES]).data, digest_size=16).hexdigest()
+            for i in range(0, shape[0], CHECKSUM_FRAMES)]
 
 
 def _seeded(*keys: int) -> torch.Generator:
