@@ -144,6 +144,7 @@ def data_split(csv: str, seed: int, ratios: str, labels: str | None, out: str | 
     from flame_kd.data.labels import find_label_ranges
     from flame_kd.data.schema import load_frames
     from flame_kd.data.split import parse_gap, parse_ratios, split_frames
+    from flame_kd.errors import DataError
     from flame_kd.data.thumbs import frame_thumbnails, images_available
 
     parse_gap(gap)
@@ -152,6 +153,10 @@ def data_split(csv: str, seed: int, ratios: str, labels: str | None, out: str | 
     split = split_frames(frames, seed=seed, ratios=parse_ratios(ratios), ranges=labels or find_label_ranges(csv),
                          gap=gap, thumbs=thumbs)
     click.echo(split.summary())
+    empty = [name for name in ("train", "val", "test") if len(split.indices(name)) == 0]
+    if empty:
+        raise DataError(f"{csv}: the {' and '.join(empty)} split is empty at ratios {ratios} "
+                        f"({len(frames)} frames): nothing written")
     if out:
         split.manifest.to_csv(out, index=False)
         click.echo(f"wrote the manifest to {out}")

@@ -70,7 +70,7 @@ def load_data(cfg: DataConfig, seed: int, device: torch.device, augment: str | N
     """Validate the CSV (every problem listed, before the first step), split it, build loaders."""
     if not cfg.csv:
         raise DataError("no data set given: pass --data CSV (make one with `flame-kd data synth`)")
-    frames = load_frames(cfg.csv, root=cfg.root)
+    frames = load_frames(cfg.csv, root=cfg.root, verify_images=True)  # exactly `data check`'s checks
     digest = data_digest(frames, cache_dir=cache_home())  # names, labels and every image's bytes
     split = make_data_split(frames, cfg, seed, digest)
     for name in ("train", "val", "test"):

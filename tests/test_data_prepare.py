@@ -64,8 +64,8 @@ def test_prepare_command(tmp_path):
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     assert "2 frame pairs" in result.output and "without a thermal frame" in result.output
-    check = CliRunner().invoke(main, ["data", "check", str(out)])
-    assert check.exit_code == 0, check.output
+    check = CliRunner().invoke(main, ["data", "check", str(out)])  # valid rows, but 2 frames cannot be split:
+    assert check.exit_code == 2 and "split would be empty" in check.output, check.output  # as training says
 
 
 def test_prepare_with_nothing_in_common_is_a_clean_error(tmp_path):

@@ -277,3 +277,38 @@ def test_fingerprints_are_remembered_by_path_size_and_mtime(synth_copy, tmp_path
     os.utime(path, ns=(1, 1))
     assert data_digest(frames, cache_dir=tmp_path) != first
     assert calls == [os.path.abspath(path)]  # only the changed file is hashed again
+
+
+def test_check_reports_what_training_would_refuse(synth_copy, tmp_path):
+    """One data contract: a CSV too small to split fails check as it fails training."""
+    csv = synth_copy / "flame2.csv"
+    df = pd.read_csv(csv, dtype=str)
+    df.iloc[:1].to_csv(tmp_path / "one.csv", index=False)
+    (tmp_path / "254p RGB Images").symlink_to(synth_copy / "254p RGB Images")
+    (tmp_path / "254p Thermal Images").symlink_to(synth_copy / "254p Thermal Images")
+    result = run_check(str(tmp_path / "one.csv"))
+    assert result.exit_code == 2 and "split would be empty" in result.output, result.output
+
+
+def test_check_flags_one_image_under_several_rows(synth_copy):
+    csv = synth_copy / "flame2.csv"
+    df = pd.read_csv(csv, dtype=str)
+    df.loc[5, ["rgb_frame", "ir_frame"]] = df.loc[4, ["rgb_frame", "ir_frame"]].to_numpy()
+    df.loc[5, "id"] = "9999"
+    df.to_csv(csv, index=False)
+    same = run_check(str(csv))
+    if df.loc[5, "fire"] == df.loc[4, "fire"] and df.loc[5, "smoke"] == df.loc[4, "smoke"]:
+        assert same.exit_code == 0 and "warning: 254p RGB Frame (5).jpg is used by 2 rows" in same.output
+    df.loc[5, "fire"] = str(1 - int(df.loc[4, "fire"]))
+    df.to_csv(csv, index=False)
+    differ = run_check(str(csv))
+    assert differ.exit_code == 2 and "is used by 2 rows with different labels (row 6, row 7)" in differ.output
+
+
+def test_a_single_class_is_a_warning(synth_copy):
+    csv = synth_copy / "flame2.csv"
+    df = pd.read_csv(csv, dtype=str)
+    df["smoke"] = "0"
+    df.to_csv(csv, index=False)
+    result = run_check(str(csv))
+    assert "warning: smoke is 0 in every row" in result.output, result.output

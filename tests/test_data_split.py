@@ -144,3 +144,13 @@ def test_split_command(synth_copy):
     assert {"id", "split", "group"} <= set(manifest.columns) and len(manifest) == 120
     bad = CliRunner().invoke(main, ["data", "split", str(csv), "--ratios", "0.9,0.9,0.1"])
     assert bad.exit_code == 2 and "ratios" in bad.output and "Traceback" not in bad.output
+
+
+def test_split_command_fails_when_a_split_would_be_empty(synth_csv, tmp_path):
+    import pandas as pd
+
+    pd.read_csv(synth_csv, dtype=str).iloc[:2].to_csv(tmp_path / "two.csv", index=False)
+    out = tmp_path / "manifest.csv"
+    result = CliRunner().invoke(main, ["data", "split", str(tmp_path / "two.csv"), "--out", str(out)])
+    assert result.exit_code == 2 and "split is empty" in result.output, result.output
+    assert not out.exists()

@@ -8,9 +8,10 @@ spreadsheet: the header is row 1, the first frame row 2.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -20,6 +21,8 @@ from flame_kd.data import frames as fr
 from flame_kd.data.labels import find_label_ranges
 from flame_kd.data.split import STATES, infer_groups, label_states
 from flame_kd.errors import DataError
+
+log = logging.getLogger("flame_kd")
 
 REQUIRED = ("rgb_frame", "ir_frame", "fire", "smoke")
 MAX_LISTED = 20  # problems printed in one message; the rest are counted
@@ -200,6 +203,7 @@ class _Inspection:
     ids_from: str = ""
     images: str = ""
     label_spelling: str = ""
+    warnings: list[str] = field(default_factory=list)
 
     def summary(self, ranges) -> str:
         """What `data check` prints: frames, label states, groups, how paths were resolved."""
@@ -218,10 +222,11 @@ class _Inspection:
             lines.append(f"paths: {forms}; resolved against {self.root} and its image folders")
         if self.images:
             lines.append(f"images: {self.images}")
+        lines += [f"warning: {w}" for w in self.warnings]
         return "\n".join(lines)
 
 
-def _inspect(csv, root, verify_images: bool, check_files: bool) -> _Inspection:
+def _inspect(csv, root, verify_images: bool, check_files: bool, split_check: bool = False) -> _Inspection:
     """Read, resolve and validate; shared by `check_frames` and `load_frames`."""
     csv = Path(csv)
     root = (Path(root) if root else csv.parent).resolve()
@@ -243,7 +248,42 @@ def _inspect(csv, root, verify_images: bool, check_files: bool) -> _Inspection:
         rows = table.index[paths.found]
         image_problems, found.images = _verify_images(list(table.rgb_path[rows]), list(table.ir_path[rows]), rows)
         problems += image_problems
+    if not problems:  # what would stop training later: said now, by check and training alike
+        contract_problems, found.warnings = _training_contract(table, csv, split_check)
+        problems += contract_problems
     return found
+
+
+def _training_contract(table: pd.DataFrame, csv: Path, split_check: bool) -> tuple[list[str], list[str]]:
+    """(problems, warnings) a valid table still has for training: a label with a single class (a
+    warning), one image file under several rows (a problem when their labels disagree, else a warning: such rows
+    can land in train and test), and (``split_check``: `data check`) an empty part of the default
+    split (70/15/15, seed 42); training checks its own split, at its own ratios and seed."""
+    from flame_kd.data.split import make_split
+
+    problems, warnings = [], []
+    for col in ("fire", "smoke"):
+        values = sorted(table[col].unique())
+        if len(values) < 2:
+            warnings.append(f"{col} is {values[0]} in every row: a single class gives a model nothing to learn "
+                            f"and its F1, AP and AUC are undefined")
+    for col in ("rgb_path", "ir_path"):
+        dup = table[table.duplicated(col, keep=False)]
+        for path, rows in dup.groupby(col):
+            where = ", ".join(_row(i) for i in rows.index[:5]) + (", ..." if len(rows) > 5 else "")
+            name = fr.file_name(path)
+            if len(rows[["fire", "smoke"]].drop_duplicates()) > 1:
+                problems.append(f"{name} is used by {len(rows)} rows with different labels ({where})")
+            else:
+                warnings.append(f"{name} is used by {len(rows)} rows ({where}); they can land in train and test")
+    if not split_check:
+        return problems, warnings
+    split = make_split(table.reset_index(drop=True), seed=42, ranges=find_label_ranges(csv))
+    empty = [name for name in ("train", "val", "test") if len(split.indices(name)) == 0]
+    if empty:
+        problems.append(f"the {' and '.join(empty)} split would be empty at ratios 0.70/0.15/0.15 "
+                        f"({len(table)} frames are too few to split by video)")
+    return problems, warnings
 
 
 def check_frames(csv, root=None, *, verify_images: bool = True, check_files: bool = True, ranges=None) -> CheckReport:
@@ -253,7 +293,7 @@ def check_frames(csv, root=None, *, verify_images: bool = True, check_files: boo
     ``ranges`` (a label-range file; default ``label_ranges.tsv`` next to the CSV) only changes how
     the summary counts groups.
     """
-    found = _inspect(csv, root, verify_images, check_files)
+    found = _inspect(csv, root, verify_images, check_files, split_check=True)
     try:
         summary = found.summary(ranges if ranges is not None else find_label_ranges(csv))
     except DataError as e:  # a broken label_ranges.tsv is one more problem, not a crash
@@ -273,6 +313,8 @@ def load_frames(csv, root=None, verify_images: bool = False, *, check_files: boo
     if found.problems:
         n = len(found.problems)
         raise DataError(f"{n} problem(s) in {csv}:\n{format_problems(found.problems)}", found.problems)
+    for warning in found.warnings:
+        log.warning("%s: %s", csv, warning)
     return found.table.reset_index(drop=True)
 
 
