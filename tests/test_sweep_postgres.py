@@ -96,7 +96,7 @@ def test_two_workers_share_one_study(setup):
     assert len(trials) == 4
     assert sorted(r.data.tags["flame_kd.trial_number"] for r in trials) == ["0", "1", "2", "3"]
     logged = parents[0].data.params["storage"]
-    assert PASSWORD not in storage and PASSWORD not in logged and logged.startswith("postgresql+psycopg2://***@")
+    assert PASSWORD in storage and PASSWORD not in logged and logged.startswith("postgresql+psycopg2://***@")
 
 
 def test_killed_worker_trial_is_failed_by_heartbeat(setup):
