@@ -31,10 +31,14 @@ def opt(default: Any = dataclasses.MISSING, help: str = "", *, factory=None, cli
     return field(default=default, metadata=meta)
 
 
+DEMO_CSV = "data/demo/flame2.csv"  # what `make demo` writes: the headline command runs on it with no -P data
+
+
 @dataclass
 class DataConfig:
-    csv: str | None = opt(None, "Frames CSV (id, rgb_frame, ir_frame, fire, smoke[, video]); make one with "
-                                "`flame-kd data synth` or `flame-kd data prepare`.", cli="data")
+    csv: str | None = opt(DEMO_CSV, "Frames CSV (id, rgb_frame, ir_frame, fire, smoke[, video]); the default is "
+                                    "what `make demo` makes; make one with `flame-kd data synth` or `data prepare`.",
+                          cli="data")
     root: str | None = opt(None, "Data root the frame paths resolve against; default: the CSV's folder.")
     image_size: int = opt(224, "Frame size fed to the models (224: what timm backbones were trained at).", ge=16)
     batch_size: int = opt(64, "Batch size (the original pipeline's 64).", ge=1)

@@ -72,6 +72,14 @@ def find_teacher_run(cfg: DistillRunConfig, data: Data) -> str | None:
     return runs[0].info.run_id if runs else None
 
 
+def run_name(cfg: DistillRunConfig, teacher_name: str) -> str:
+    """What tells distill runs apart in the run list: ``distill lcnn<-resnet-152 kl_bce T2 s42``."""
+    student = "lcnn" if cfg.student == "lightweight-cnn" else cfg.student.removeprefix("timm:")
+    if teacher_name == "none":
+        return f"distill {student} {cfg.loss.variant} s{cfg.train.seed}"
+    return f"distill {student}<-{teacher_name} {cfg.loss.variant} T{cfg.loss.temperature:g} s{cfg.train.seed}"
+
+
 def nearest_teacher(cfg: DistillRunConfig, data: Data, limit: int = 200) -> str:
     """``"; the nearest, run X, differs in: train.batch_size 32 (here 64), ..."`` or ``""``: what a
     user must change (or pin) to reuse a teacher instead of training one."""
@@ -230,7 +238,7 @@ def run_distill(cfg: DistillRunConfig, attach_env: bool = True, extra_tags: dict
     if prep.teacher_run_id and loss.uses_teacher:
         tags["flame_kd.teacher_run_id"] = prep.teacher_run_id
     plan = FitPlan(stage=stage, teacher=teacher_name, loss=cfg.loss.variant,
-                   run_name=cfg.tracking.run_name or f"{teacher_name} {cfg.loss.variant} s{seed}",
+                   run_name=cfg.tracking.run_name or run_name(cfg, teacher_name),
                    label=f"student {cfg.loss.variant}",
                    cfg=to_dict(cfg) | {"resolved_teacher_run_id": prep.teacher_run_id}, data=data, model=student,
                    task=DistillTask(loss, prep.outputs if loss.uses_teacher else None), train=cfg.train,
@@ -239,6 +247,10 @@ def run_distill(cfg: DistillRunConfig, attach_env: bool = True, extra_tags: dict
 
     def on_start() -> None:
         tracking.log_text(repr(loss), "loss.txt")
+        if prep.teacher_run_id and loss.uses_teacher:  # the teacher as a link in the run's description
+            link = tracking.run_link(prep.teacher_run_id)
+            tracking.set_tags({"mlflow.note.content": f"Student `{cfg.student}` distilled from the {cfg.teacher.name} "
+                               f"teacher run {link} with `{loss.formula()}`."})
         if pos_weight is not None:
             tracking.log_metrics({"loss/pos_weight_fire": float(pos_weight[0]),
                                   "loss/pos_weight_smoke": float(pos_weight[1])})
@@ -264,7 +276,7 @@ def log_teacher_comparison(teacher_run_id: str, rep: TestReport, teacher, data: 
     teacher's."""
     metrics, preds = rep.metrics, rep.predictions
     teacher_metrics = tracking.get_run(teacher_run_id).data.metrics
-    gaps = {f"gap/{m}": metrics[f"test/{m}"] - teacher_metrics[f"test/{m}"]
+    gaps = {f"vs_teacher/{m}": metrics[f"test/{m}"] - teacher_metrics[f"test/{m}"]
             for m in TEST_METRICS if f"test/{m}" in teacher_metrics and f"test/{m}" in metrics}
     tracking.log_metrics(gaps)
     t_feats = predict(teacher, data.loaders["test"], next(teacher.parameters()).device, teacher_forward).features

@@ -29,7 +29,7 @@ def run_teacher(cfg: TeacherRunConfig, attach_env: bool = True, extra_tags: dict
     t = cfg.teacher
     model = build_teacher(t.name, fusion=t.fusion, pretrained=t.pretrained, weights=t.weights,
                           image_size=cfg.data.image_size, freeze=t.freeze)
-    plan = FitPlan(stage="teacher", teacher=t.name, loss="bce", run_name=cfg.tracking.run_name or f"{t.name} teacher s{seed}",
+    plan = FitPlan(stage="teacher", teacher=t.name, loss="bce", run_name=cfg.tracking.run_name or f"teacher {t.name} s{seed}",
                    label=f"teacher {t.name}", cfg=to_dict(cfg), data=data, model=model,
                    task=SupervisedTask(teacher_forward), train=cfg.train, tracking=cfg.tracking, device=device,
                    tags={"flame_kd.fusion": t.fusion}, resume=cfg.resume, checkpoint_dir=cfg.checkpoint_dir)

@@ -132,6 +132,12 @@ def ensure_experiment(name: str | None) -> str:
     return exp_id
 
 
+def run_link(run_id: str) -> str:
+    """A markdown link to a run that the MLflow UI follows from a run's description."""
+    run = MlflowClient().get_run(run_id)
+    return f"[{run.info.run_name or run_id}](#/experiments/{run.info.experiment_id}/runs/{run_id})"
+
+
 def ui_url(experiment: str | None = None, host: str = "http://127.0.0.1:5000") -> str:
     """The MLflow UI page of an experiment's runs, in "Model training" mode.
 

@@ -61,7 +61,7 @@ def test_mlflow_run_teacher(env):
     assert run.data.params["teacher.fusion"] == "early"  # the resolved config, under other keys
     assert [m.step for m in client(env).get_metric_history(run.info.run_id, "val/f1_macro")] == [1, 2]
     assert "test/f1_macro" in run.data.metrics
-    assert run.data.tags["mlflow.runName"] == "timm:test_efficientnet teacher s42"
+    assert run.data.tags["mlflow.runName"] == "teacher timm:test_efficientnet s42"
 
 
 def test_mlflow_run_distill_trains_the_missing_teacher_and_links_it(env, distilled):
@@ -78,7 +78,7 @@ def test_mlflow_run_distill_trains_the_missing_teacher_and_links_it(env, distill
     assert d.data.params["loss.gamma"] == "0.2" and d.data.params["loss.beta"] == "0.0"  # resolved
     loss_txt = client(env).download_artifacts(d.info.run_id, "loss.txt")
     assert open(loss_txt).read().startswith("0.6*kl + 0.2*l2 + 0.3*bce (T=3.0)")
-    for key in ("train/kl", "train/l2", "train/bce", "test/f1_macro", "gap/f1_macro", "student/gflops"):
+    for key in ("train/kl", "train/l2", "train/bce", "test/f1_macro", "vs_teacher/f1_macro", "student/gflops"):
         assert key in d.data.metrics, key
     plots = {a.path for a in client(env).list_artifacts(d.info.run_id, "plots")}
     assert {"plots/umap_student_vs_teacher.png", "plots/tsne_student_vs_teacher.png"} <= plots

@@ -62,10 +62,14 @@ def test_distill_run_logs_components_gaps_plots_and_models(first_distill):
     for key in ("train/kl", "train/relational", "train/l2", "train/bce", "val/loss", "val/f1_macro"):
         assert [m.step for m in client.get_metric_history(run_id, key)] == [1, 2], key
     m = first_distill.data.metrics
-    for key in ("test/f1_macro", "gap/f1_macro", "student/params", "student/gflops", "student/latency_ms",
+    for key in ("test/f1_macro", "vs_teacher/f1_macro", "student/params", "student/gflops", "student/latency_ms",
                 "teacher/latency_ms", "teacher/gflops", "onnx/max_abs_diff"):
         assert key in m, key
     assert first_distill.data.tags["flame_kd.onnx_check"] == "passed"
+    teacher_id = first_distill.data.tags["flame_kd.teacher_run_id"]
+    assert first_distill.data.tags["mlflow.runName"] == (
+        "distill test_efficientnet<-timm:test_resnet kl_contrastive_l2_bce T2 s42")
+    assert f"/runs/{teacher_id})" in first_distill.data.tags["mlflow.note.content"]  # the teacher, as a link
     have = artifacts(run_id)
     for path in ("plots/tsne.png", "plots/umap.png", "plots/tsne_student_vs_teacher.png",
                  "plots/umap_student_vs_teacher.png", "plots/training_curves.png", "plots/confusion.png",

@@ -52,7 +52,8 @@ def _row(i: int) -> str:
 def _read_csv(csv: Path) -> tuple[pd.DataFrame | None, list[str]]:
     """The CSV as text columns (blank cells stay ""), or None and why not."""
     if not csv.is_file():
-        return None, [f"{csv}: no such file"]
+        return None, [f"{csv}: no such file (make one with `make demo`, which writes data/demo/flame2.csv, "
+                      "`flame-kd data synth DIR`, or `flame-kd data prepare` from the FLAME2 download)"]
     try:
         raw = pd.read_csv(csv, dtype=str, keep_default_na=False, skipinitialspace=True)
     except pd.errors.EmptyDataError:
