@@ -12,7 +12,7 @@ out=${1:-data/demo}; frames=${2:-600}; size=${3:-48}
 # runs the headline teacher (with more time, e.g. DEMO_TEACHER_EPOCHS=10).
 teacher=${DEMO_TEACHER:-timm:resnet18}
 export MLFLOW_TRACKING_URI=${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db}
-common=(-P data="$out/flame2.csv" -P image_size="$size" -P batch_size=32 -P pretrained=false -P device=cpu
+common=(-P data="$out/flame2.csv" -P image_size="$size" -P batch_size=32 -P pretrained=false -P device=cpu -P register=true
         -P teacher="$teacher" -P student_epochs=${DEMO_STUDENT_EPOCHS:-6} -P teacher_epochs=${DEMO_TEACHER_EPOCHS:-4} -P monitor=val/f1_macro)
 
 run_id() { grep -o "Run (ID '[0-9a-f]*') succeeded" "$1" | tail -1 | grep -o "[0-9a-f]\{32\}"; }

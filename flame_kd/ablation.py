@@ -79,7 +79,7 @@ def cell_config(spec: AblationSpec, teacher: str, loss: str, seed: int) -> Disti
         student=spec.student,
         train=student_train,
         loss=LossConfig(variant=loss),
-        tracking=TrackingConfig(experiment=spec.experiment, register_as=None, log_model=spec.log_models),
+        tracking=TrackingConfig(experiment=spec.experiment, log_model=spec.log_models),
     )
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import signal
 import sys
@@ -11,8 +10,14 @@ import click
 
 from flame_kd import __version__
 from flame_kd.errors import Preempted
+from flame_kd.config import ABLATION_DATA_OPTIONS as ABLATION_DATA
+from flame_kd.config import ABLATION_OPTIONS as ABLATION
+from flame_kd.config import DISTILL_OPTIONS as DISTILL
+from flame_kd.config import EMBED_OPTIONS as EMBED
+from flame_kd.config import PARETO_OPTIONS as PARETO
+from flame_kd.config import SWEEP_OPTIONS as SWEEP
+from flame_kd.config import TEACHER_OPTIONS as TEACHER
 from flame_kd.config import (
-    RUNTIME_FIELDS,
     AblationSpec,
     DataConfig,
     DistillRunConfig,
@@ -21,15 +26,7 @@ from flame_kd.config import (
     SweepConfig,
     TeacherRunConfig,
 )
-from flame_kd.options import (
-    NONE_WORDS,
-    OrNone,
-    Section,
-    build_config,
-    config_options,
-    exposed_fields,
-    nested,
-)
+from flame_kd.options import NONE_WORDS, OrNone, build_config, config_options, exposed_fields
 
 
 class _StoppableGroup(click.Group):
@@ -66,7 +63,10 @@ class _StoppableGroup(click.Group):
         sys.exit(0)
 
 
-@click.group(cls=_StoppableGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+# `mlflow run -P teacher_run_id=X` appends `--teacher_run_id X` for an option MLproject leaves
+# undeclared (mlproject.py): `_` in an option name reads as `-`.
+@click.group(cls=_StoppableGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100,
+                                                    "token_normalize_func": lambda name: name.replace("_", "-")})
 @click.version_option(__version__, prog_name="flame-kd")
 def main() -> None:
     """Knowledge distillation on FLAME2 (RGB+IR wildfire frames), tracked in MLflow."""
@@ -163,26 +163,9 @@ def data_split(csv: str, seed: int, ratios: str, labels: str | None, out: str | 
 
 
 # --- training commands (teacher, distill, embed) -------------------------------------------------
-# Their options come from the config dataclasses (config.py): each is declared there once.
+# Their options come from the config dataclasses and the sections of them each command exposes
+# (config.py, *_OPTIONS): each option is declared there once.
 
-TEACHER = (Section("data"), Section("teacher"), Section("train"), Section("tracking"), Section(""))
-DISTILL = (
-    Section("data"),
-    Section("teacher"),
-    Section(""),
-    Section("train", prefix="student-", exclude=RUNTIME_FIELDS),
-    Section("teacher_train", prefix="teacher-", exclude=RUNTIME_FIELDS),
-    Section("train", only=RUNTIME_FIELDS, also=("teacher_train",)),
-    Section("loss"),
-    Section("tracking"),
-)
-SWEEP = (*nested(DISTILL, "distill"), Section(""))
-# A pareto study's students come from --students, so the nested distill config's --student is left out.
-PARETO = (*nested(tuple(dataclasses.replace(s, exclude=(*s.exclude, "student")) if s.path == "" else s
-                        for s in DISTILL), "distill"), Section(""))
-EMBED = (Section(""),)
-ABLATION = (Section("", overrides=True),)
-ABLATION_DATA = (Section("", only=("csv", "image_size", "batch_size", "cache"), overrides=True),)
 
 
 def _none_if_empty(_ctx, _param, value):

@@ -122,10 +122,10 @@ class Comparison:
         return "\n".join(lines) + "\n"
 
     def metrics(self) -> dict[str, float]:
-        """What goes into run B's metrics: ``compare/...`` against run A."""
-        out = {"compare/mcnemar_p": self.mcnemar["pvalue"]}
+        """What goes into run B's metrics: ``compare_...`` against run A."""
+        out = {"compare_mcnemar_p": self.mcnemar["pvalue"]}
         for key, (d, lo, hi) in self.bootstrap.items():
-            out |= {f"compare/{key}_diff": d, f"compare/{key}_diff_lo": lo, f"compare/{key}_diff_hi": hi}
+            out |= {f"compare_{key}_diff": d, f"compare_{key}_diff_lo": lo, f"compare_{key}_diff_hi": hi}
         return out
 
 
@@ -173,7 +173,8 @@ def compare_runs(run_a: str, run_b: str, seed: int = 0, log: bool = True) -> tup
     if not sa or sa != sb:
         raise DataError(f"runs {run_a} and {run_b} were not tested on the same split "
                         f"({SPLIT_TAG} {sa or 'missing'} vs {sb or 'missing'}); a paired comparison needs one")
-    threshold = float(rb.data.params.get("train.threshold", 0.5))
+    params = rb.data.params  # a distill run's --student-threshold, a teacher run's --threshold
+    threshold = float(params.get("student_threshold", params.get("threshold", 0.5)))
     result = compare_predictions(load_predictions(run_a), load_predictions(run_b), threshold, seed, run_a, run_b)
     text = result.markdown(_label(ra), _label(rb))
     if log:

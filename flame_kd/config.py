@@ -14,6 +14,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from flame_kd.options import Section, nested
+
 
 def opt(default: Any = dataclasses.MISSING, help: str = "", *, factory=None, cli: str | None = None,
         choices: tuple[str, ...] | None = None, expose: bool = True, weight: bool = False,
@@ -69,8 +71,9 @@ class TrainConfig:
     monitor: str = opt("val/f1_macro", "What early stopping, the LR schedule, the best checkpoint and a sweep "
                        "follow (val/loss: lower is better).", choices=("val/f1_macro", "val/ap_macro", "val/loss"))
     device: str = opt("auto", "auto (cuda, then mps, then cpu) | cpu | cuda[:N] | mps.")
-    amp: bool = opt(True, "Mixed precision on CUDA (bf16 where supported, else fp16 + GradScaler).")
-    channels_last: bool = opt(True, "Channels-last memory format on CUDA.")
+    amp: bool | None = opt(None, "Mixed precision (bf16 where supported, else fp16 + GradScaler); default: on "
+                                 "on CUDA. Off the GPU it does not apply (and is not logged).")
+    channels_last: bool | None = opt(None, "Channels-last memory format; default: on on CUDA (CUDA only).")
     seed: int = opt(42, "Seed of the run (and of the split unless --split-seed is given).")
     progress: bool = opt(True, "Progress of each epoch: a bar on a terminal, else a line every 30 s.")
 
@@ -144,7 +147,9 @@ class TrackingConfig:
     run_name: str | None = opt(None, "Run name; default: built from the run's settings.")
     tracking_uri: str | None = opt(None, "Default: MLFLOW_TRACKING_URI, else MLflow's sqlite:///mlflow.db.")
     log_model: bool = opt(True, "Log the model with mlflow.pytorch at the end of the run.")
-    register_as: str | None = opt(None, "Register the model under this name in the MLflow registry.")
+    register: bool = opt(False, "Register the logged model as a new version of --register-as, described by "
+                                "its test F1, teacher and loss.")
+    register_as: str = opt("flame-kd-student", "Registered model name (with --register).")
 
 
 @dataclass
@@ -152,7 +157,9 @@ class TeacherRunConfig:
     data: DataConfig = opt(factory=DataConfig)
     teacher: TeacherConfig = opt(factory=TeacherConfig)
     train: TrainConfig = opt(factory=teacher_train_defaults)
-    tracking: TrackingConfig = opt(factory=TrackingConfig)
+    # The teacher's weights are kept once: its checkpoint (what distillation loads). --log-model true
+    # adds a servable RGB+IR model (a second copy of the weights).
+    tracking: TrackingConfig = opt(factory=lambda: TrackingConfig(log_model=False, register_as="flame-kd-teacher"))
     resume: bool = opt(False, "Continue the newest unfinished run with the same settings.")
     checkpoint_dir: str | None = opt(None, "Where in-flight checkpoints live; default $FLAME_KD_CACHE/checkpoints.")
 
@@ -166,7 +173,7 @@ class DistillRunConfig:
     student: str = opt("lightweight-cnn", "lightweight-cnn | timm:<name>.")
     train: TrainConfig = opt(factory=student_train_defaults)
     loss: LossConfig = opt(factory=LossConfig)
-    tracking: TrackingConfig = opt(factory=lambda: TrackingConfig(register_as="flame-kd-student"))
+    tracking: TrackingConfig = opt(factory=TrackingConfig)
     teacher_run_id: str | None = opt(None, "Pin this teacher run instead of looking one up.")
     teacher_mode: str = opt("cached", "cached: teacher outputs computed once per teacher run; live: every step.",
                             choices=("cached", "live"))
@@ -197,7 +204,8 @@ DEFAULT_STUDENTS = ("lightweight-cnn,timm:mobilenetv3_small_100,timm:mobilenetv3
 class ParetoConfig:
     """Students x {fp32, int8} distilled from one teacher with one loss, seed and split (pareto.py)."""
 
-    distill: DistillRunConfig = opt(factory=DistillRunConfig)  # its --student gives way to --students
+    # its --student gives way to --students; the study registers its best student (--register true)
+    distill: DistillRunConfig = opt(factory=lambda: DistillRunConfig(tracking=TrackingConfig(register=True)))
     students: str = opt(DEFAULT_STUDENTS, "Comma-separated students (lightweight-cnn | timm:<name>).")
     latency_budget_ms: float | None = opt(None, "Pick the best student on the front within this batch-1 CPU "
                                                 "latency (ms, either precision); default: the best test macro F1.")
@@ -303,3 +311,27 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
         else:
             out[key] = v
     return out
+
+
+# --- what each command puts on its command line (and MLproject), in sections of its run config ---
+# flame_kd/options.py turns the exposed fields into click options; experiment.py logs a run's params
+# under the same names, so a param is spelled as its -P parameter.
+
+TEACHER_OPTIONS = (Section("data"), Section("teacher"), Section("train"), Section("tracking"), Section(""))
+DISTILL_OPTIONS = (
+    Section("data"),
+    Section("teacher"),
+    Section(""),
+    Section("train", prefix="student-", exclude=RUNTIME_FIELDS),
+    Section("teacher_train", prefix="teacher-", exclude=RUNTIME_FIELDS),
+    Section("train", only=RUNTIME_FIELDS, also=("teacher_train",)),
+    Section("loss"),
+    Section("tracking"),
+)
+SWEEP_OPTIONS = (*nested(DISTILL_OPTIONS, "distill"), Section(""))
+# A pareto study's students come from --students, so the nested distill config's --student is left out.
+PARETO_OPTIONS = (*nested(tuple(dataclasses.replace(s, exclude=(*s.exclude, "student")) if s.path == "" else s
+                               for s in DISTILL_OPTIONS), "distill"), Section(""))
+EMBED_OPTIONS = (Section(""),)
+ABLATION_OPTIONS = (Section("", overrides=True),)
+ABLATION_DATA_OPTIONS = (Section("", only=("csv", "image_size", "batch_size", "cache"), overrides=True),)

@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 from flame_kd import plots, teacher_outputs, tracking
-from flame_kd.config import DistillRunConfig, TeacherRunConfig, TrackingConfig, best_name, check_ranges, to_dict
+from flame_kd.config import (DISTILL_OPTIONS, RUNTIME_FIELDS, TEACHER_OPTIONS, DistillRunConfig, TeacherRunConfig,
+                             TrackingConfig, best_name, check_ranges, to_dict)
 from flame_kd.engine import resolve_device, seed_everything
 from flame_kd.errors import ConfigError
 from flame_kd.evaluate import predict
@@ -25,18 +26,20 @@ from flame_kd.experiment import (
     FitPlan,
     TestReport,
     config_digest,
-    identity,
     example_batch,
     load_data,
     load_run_model,
     log_profile,
     log_test_report,
+    run_params,
     tracked_fit,
 )
 from flame_kd.export import export_onnx
 from flame_kd.losses import DistillLoss, check_temperature, resolve_weights
 from flame_kd.models import build_student
 from flame_kd.models.deploy import Deployable
+from flame_kd.options import option_values
+from flame_kd.progress import stage
 from flame_kd.tasks import DistillTask, TeacherOutputs, teacher_forward
 from flame_kd.teacher import run_teacher
 
@@ -52,7 +55,7 @@ def teacher_config(cfg: DistillRunConfig) -> TeacherRunConfig:
         teacher=cfg.teacher,
         train=cfg.teacher_train,
         tracking=TrackingConfig(experiment=cfg.tracking.experiment, tracking_uri=cfg.tracking.tracking_uri,
-                                log_model=cfg.tracking.log_model),
+                                log_model=False),  # its checkpoint is what distillation loads: weights once
     )
 
 
@@ -81,14 +84,22 @@ def run_name(cfg: DistillRunConfig, teacher_name: str) -> str:
 
 
 def nearest_teacher(cfg: DistillRunConfig, data: Data, limit: int = 200) -> str:
-    """``"; the nearest, run X, differs in: train.batch_size 32 (here 64), ..."`` or ``""``: what a
-    user must change (or pin) to reuse a teacher instead of training one."""
-    want = {k: str(v) for k, v in identity(to_dict(teacher_config(cfg))).items()}
+    """``"; the nearest, run X, differs in: batch_size 32 (here 64), teacher_epochs 2 (here 4)"`` or
+    ``""``: what a user must change (or pin) to reuse a teacher instead of training one. A teacher
+    run's params are its own options; the distill option of each is named."""
+    teacher_cfg = teacher_config(cfg)
+    want = run_params(teacher_cfg, TEACHER_OPTIONS, resolve_device(cfg.train.device), identity_only=True)
+    paths = {k: path for k, (path, _) in option_values(teacher_cfg, TEACHER_OPTIONS).items()}
+
+    def distill_name(k: str) -> str:  # the teacher run's `epochs` is distill's `teacher_epochs`
+        path = paths[k]
+        return f"teacher_{k}" if path.startswith("train.") and path[6:] not in RUNTIME_FIELDS else k
+
     runs = tracking.search_runs("tags.`flame_kd.stage` = 'teacher' and attributes.status = 'FINISHED'",
                                 max_results=limit)
     best: tuple[int, str, list[str]] | None = None
     for r in runs:
-        diffs = [f"{k} {r.data.params[k]} (here {v})" for k, v in want.items()
+        diffs = [f"{distill_name(k)} {r.data.params[k]} (here {v})" for k, v in want.items()
                  if k in r.data.params and r.data.params[k] != v]
         if r.data.tags.get("flame_kd.data_digest") != data.digest:
             diffs.insert(0, "another data set (data digest)")
@@ -240,7 +251,8 @@ def run_distill(cfg: DistillRunConfig, attach_env: bool = True, extra_tags: dict
     plan = FitPlan(stage=stage, teacher=teacher_name, loss=cfg.loss.variant,
                    run_name=cfg.tracking.run_name or run_name(cfg, teacher_name),
                    label=f"student {cfg.loss.variant}",
-                   cfg=to_dict(cfg) | {"resolved_teacher_run_id": prep.teacher_run_id}, data=data, model=student,
+                   cfg=to_dict(cfg) | {"resolved_teacher_run_id": prep.teacher_run_id},
+                   params=run_params(cfg, DISTILL_OPTIONS, device), data=data, model=student,
                    task=DistillTask(loss, prep.outputs if loss.uses_teacher else None), train=cfg.train,
                    tracking=cfg.tracking, device=device, tags=tags, resume=cfg.resume,
                    checkpoint_dir=cfg.checkpoint_dir, full_log=report)
@@ -252,8 +264,8 @@ def run_distill(cfg: DistillRunConfig, attach_env: bool = True, extra_tags: dict
             tracking.set_tags({"mlflow.note.content": f"Student `{cfg.student}` distilled from the {cfg.teacher.name} "
                                f"teacher run {link} with `{loss.formula()}`."})
         if pos_weight is not None:
-            tracking.log_metrics({"loss/pos_weight_fire": float(pos_weight[0]),
-                                  "loss/pos_weight_smoke": float(pos_weight[1])})
+            tracking.log_metrics({"loss_pos_weight_fire": float(pos_weight[0]),
+                                  "loss_pos_weight_smoke": float(pos_weight[1])})
 
     with tracked_fit(plan, attach_env, parent_run_id, extra_tags, callbacks, on_start=on_start) as fitted:
         trainer, state = fitted.trainer, fitted.state
@@ -267,8 +279,20 @@ def run_distill(cfg: DistillRunConfig, attach_env: bool = True, extra_tags: dict
             log_profile("teacher", teacher, (ex["rgb"], ex["ir"]))
             log_teacher_comparison(prep.teacher_run_id, rep, teacher, data, seed)
         if cfg.tracking.log_model:
-            log_student(trainer.model, ex["rgb"], cfg.tracking.register_as)
+            registered = cfg.tracking.register_as if cfg.tracking.register else None
+            log_student(trainer.model, ex["rgb"], registered, version_description(cfg, rep.metrics, prep.teacher_run_id))
+        elif cfg.tracking.register:
+            log.warning("--no-log-model: nothing to register")
     return fitted.run_id
+
+
+def version_description(cfg: DistillRunConfig, metrics: dict, teacher_run_id: str | None) -> str:
+    """What a registered student version says in the registry: its test figures, teacher and loss."""
+    teacher = (f"distilled from the {cfg.teacher.name} teacher run {teacher_run_id}" if teacher_run_id
+               else "trained without a teacher (the control)")
+    return (f"{cfg.student}: test macro F1 {metrics['test/f1_macro']:.3f}, macro AP {metrics['test/ap_macro']:.3f} "
+            f"(constant baseline {metrics['test/f1_macro_constant']:.3f}); {teacher}; loss {cfg.loss.variant}, "
+            f"T {cfg.loss.temperature:g}, seed {cfg.train.seed}, {cfg.data.image_size} px.")
 
 
 def log_teacher_comparison(teacher_run_id: str, rep: TestReport, teacher, data: Data, seed: int) -> None:
@@ -276,7 +300,7 @@ def log_teacher_comparison(teacher_run_id: str, rep: TestReport, teacher, data: 
     teacher's."""
     metrics, preds = rep.metrics, rep.predictions
     teacher_metrics = tracking.get_run(teacher_run_id).data.metrics
-    gaps = {f"vs_teacher/{m}": metrics[f"test/{m}"] - teacher_metrics[f"test/{m}"]
+    gaps = {f"vs_teacher_{m}": metrics[f"test/{m}"] - teacher_metrics[f"test/{m}"]
             for m in TEST_METRICS if f"test/{m}" in teacher_metrics and f"test/{m}" in metrics}
     tracking.log_metrics(gaps)
     t_feats = predict(teacher, data.loaders["test"], next(teacher.parameters()).device, teacher_forward).features
@@ -288,13 +312,18 @@ def log_teacher_comparison(teacher_run_id: str, rep: TestReport, teacher, data: 
         tracking.log_figure(fig, f"plots/{method}_student_vs_teacher.png")
 
 
-def log_student(model: torch.nn.Module, example: torch.Tensor, registered_name: str | None) -> None:
-    """The student through mlflow.pytorch (registered) and as ONNX checked with onnxruntime."""
+def log_student(model: torch.nn.Module, example: torch.Tensor, registered_name: str | None,
+                description: str = "") -> None:
+    """The student through mlflow.pytorch (registered under ``registered_name`` with ``description``,
+    when given) and as ONNX checked with onnxruntime."""
     model = model.cpu().eval()
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "student.onnx"
-        check = export_onnx(model, example, path)
-        tracking.log_metrics({"onnx/max_abs_diff": check["max_abs_diff"]})
+        with stage("ONNX export and onnxruntime check"):
+            check = export_onnx(model, example, path)
+        tracking.log_metrics({"onnx_max_abs_diff": check["max_abs_diff"]})
         tracking.set_tags({"flame_kd.onnx_check": "passed" if check["ok"] else "FAILED"})
         tracking.log_file(path, "onnx")
-    tracking.log_model(Deployable(model), example.numpy(), registered_name=registered_name)
+    with stage("logging the student model (pt2)"):
+        tracking.log_model(Deployable(model), example.numpy(), registered_name=registered_name,
+                           description=description)

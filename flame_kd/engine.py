@@ -171,7 +171,7 @@ class Trainer:
     ):
         self.cfg = cfg
         self.device = device or resolve_device(cfg.device)
-        self.channels_last = cfg.channels_last and self.device.type == "cuda"
+        self.channels_last = cfg.channels_last is not False and self.device.type == "cuda"
         self.model = model.to(self.device)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -184,7 +184,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
             self.optimizer, mode=self.mode, factor=cfg.plateau_factor, patience=cfg.plateau_patience
         )
-        self.dtype = amp_dtype(self.device, cfg.amp)
+        self.dtype = amp_dtype(self.device, cfg.amp is not False)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.dtype == torch.float16)
         self.callbacks = list(callbacks)
         self.checkpoint_dir = Path(checkpoint_dir)

@@ -15,7 +15,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import pandas as pd
 import torch
@@ -38,6 +38,7 @@ from flame_kd.evaluate import (
     profile_model,
 )
 from flame_kd.errors import ConfigError, DataError
+from flame_kd.options import Section, option_text, option_values
 
 log = logging.getLogger("flame_kd")
 
@@ -153,14 +154,34 @@ def checkpoint_dir(run_id: str, base: str | None = None) -> Path:
     return Path(base or cache_home() / "checkpoints") / run_id
 
 
-def start_logging(cfg: dict, data: Data, full: bool = True) -> None:
-    """Resolved config, flattened params, the data set and its split, at the start of a run.
+CUDA_ONLY = ("amp", "channels_last")  # options that do not apply off CUDA: not logged there
+
+
+def run_params(cfg: Any, sections: tuple[Section, ...], device: torch.device,
+               identity_only: bool = False) -> dict[str, str]:
+    """A run's params as its command line spells them (``teacher_epochs``, ``alpha``: what ``mlflow
+    run`` logs for ``-P``), so each is logged once under one name. Unset options, options that do not
+    apply on ``device`` and where-to-track settings are left out; config.yaml holds the whole config.
+    ``identity_only``: only the settings that change a run's numbers (not VOLATILE ones)."""
+    out = {}
+    for name, (path, value) in option_values(cfg, sections).items():
+        parts = path.split(".")
+        if value is None or parts[0] == "tracking" or (parts[-1] in CUDA_ONLY and device.type != "cuda"):
+            continue
+        if identity_only and any(p in VOLATILE for p in parts):
+            continue
+        out[name] = option_text(value)
+    return out
+
+
+def start_logging(cfg: dict, params: dict[str, str], data: Data, full: bool = True) -> None:
+    """Resolved config, params (``run_params``), the data set and its split, at the start of a run.
 
     ``full=False`` (sweep trials) skips the data set and manifest, which their parent holds.
     """
     cfg = tracking.redact_all(cfg)
     tracking.log_config(cfg)
-    tracking.log_params({k: v for k, v in flatten(cfg).items() if not k.startswith("tracking.")})
+    tracking.log_params(tracking.redact_all(params))
     if full:
         tracking.log_dataset(data.frames, data.csv, data.digest)
         tracking.log_dataframe(data.split.manifest, "split/manifest.csv")
@@ -171,7 +192,7 @@ def start_logging(cfg: dict, data: Data, full: bool = True) -> None:
 def log_profile(prefix: str, model: torch.nn.Module, example: tuple) -> dict:
     """Parameters, size, GFLOPs per frame and CPU latency at batch 1, so accuracy meets cost."""
     prof = profile_model(model, example)
-    tracking.log_metrics({f"{prefix}/{k}": float(v) for k, v in prof.items()})
+    tracking.log_metrics({f"{prefix}_{k}": float(v) for k, v in prof.items()})
     return prof
 
 
@@ -217,6 +238,7 @@ class FitPlan:
     run_name: str
     label: str  # the console's name for the model ("teacher resnet-152")
     cfg: dict  # the resolved config: logged whole, and its digest identifies the run for --resume
+    params: dict[str, str]  # run_params: the options as the command line spells them
     data: Data
     model: torch.nn.Module
     task: object
@@ -254,7 +276,7 @@ def tracked_fit(plan: FitPlan, attach_env: bool = True, parent_run_id: str | Non
                       parent_run_id=parent_run_id) as active:
         run_id = active.info.run_id
         if resume_id is None:
-            start_logging(plan.cfg, plan.data, full=plan.full_log)
+            start_logging(plan.cfg, plan.params, plan.data, full=plan.full_log)
             if on_start:
                 on_start()
         ckpt = checkpoint_dir(run_id, plan.checkpoint_dir)

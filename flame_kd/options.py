@@ -108,20 +108,47 @@ class _Field:
         return self.flag.replace("-", "_")
 
 
+def _section_fields(obj: Any, sec: Section) -> Iterator[dataclasses.Field]:
+    """The fields of ``obj`` (the section's config object) that the section puts on the command line."""
+    for f in dataclasses.fields(obj):
+        if not f.metadata.get("expose", True) or dataclasses.is_dataclass(getattr(obj, f.name)):
+            continue
+        if (sec.only is not None and f.name not in sec.only) or f.name in sec.exclude:
+            continue
+        yield f
+
+
 def exposed_fields(config_cls: type, sections: tuple[Section, ...]) -> Iterator[_Field]:
     """Every field the sections put on the command line, with its default in ``config_cls()``."""
     instance = config_cls()
     for sec in sections:
         obj = _resolve(instance, sec.path)
         hints = typing.get_type_hints(type(obj))
-        for f in dataclasses.fields(obj):
-            value = getattr(obj, f.name)
-            if not f.metadata.get("expose", True) or dataclasses.is_dataclass(value):
-                continue
-            if (sec.only is not None and f.name not in sec.only) or f.name in sec.exclude:
-                continue
+        for f in _section_fields(obj, sec):
             kind, optional = _base_type(hints[f.name])
+            value = getattr(obj, f.name)
             yield _Field(f, sec, kind, optional or sec.overrides, None if sec.overrides else value)
+
+
+def option_values(cfg: Any, sections: tuple[Section, ...]) -> dict[str, tuple[str, Any]]:
+    """``{option name as MLproject spells it: (dotted config path, value in cfg)}``: a run config
+    seen through its command line (``--teacher-epochs`` is ``teacher_epochs``: teacher_train.epochs)."""
+    out: dict[str, tuple[str, Any]] = {}
+    for sec in sections:
+        obj = _resolve(cfg, sec.path)
+        for f in _section_fields(obj, sec):
+            ident = (sec.prefix + (f.metadata.get("cli") or f.name)).replace("-", "_")
+            out[ident] = (".".join(filter(None, (sec.path, f.name))), getattr(obj, f.name))
+    return out
+
+
+def option_text(value: Any) -> str:
+    """A value as one types it on the command line: ``true``, ``0.7,0.15,0.15``, ``0.001``."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (tuple, list)):
+        return ",".join(f"{v:g}" for v in value)
+    return str(value)
 
 
 def _click_option(x: _Field) -> list[Callable]:

@@ -25,6 +25,7 @@ import yaml
 from flame_kd import quantize, tracking
 from flame_kd.config import DistillRunConfig, ParetoConfig, to_dict
 from flame_kd.errors import ConfigError, DataError
+from flame_kd.progress import stage
 
 log = logging.getLogger("flame_kd")
 
@@ -46,7 +47,7 @@ def cell_config(cfg: ParetoConfig, student: str) -> DistillRunConfig:
     d = cfg.distill
     name = f"{student.removeprefix('timm:')} {d.loss.variant} s{d.train.seed}"  # --run-name names the parent
     return dataclasses.replace(d, student=student,
-                               tracking=dataclasses.replace(d.tracking, register_as=None, run_name=name))
+                               tracking=dataclasses.replace(d.tracking, register=False, run_name=name))
 
 
 def study_digest(cfg: ParetoConfig, data_digest: str) -> str:
@@ -185,10 +186,10 @@ def score_onnx(path: Path, prefix: str, data, cfg: ParetoConfig, frame: np.ndarr
 
     targets, probs = quantize.ort_predict(path, data.loaders["test"], cfg.threads)
     f1 = compute_metrics(targets, probs, cfg.distill.train.threshold)["f1_macro"]
-    return {f"{prefix}/size_mb": quantize.file_mb(path),
-            f"{prefix}/latency_ms": quantize.ort_latency_ms(path, frame, cfg.latency_runs, cfg.latency_warmup,
+    return {f"{prefix}_size_mb": quantize.file_mb(path),
+            f"{prefix}_latency_ms": quantize.ort_latency_ms(path, frame, cfg.latency_runs, cfg.latency_warmup,
                                                             cfg.threads),
-            f"{prefix}/test_f1_macro": f1, f"{prefix}/test_ap_macro": quantize.ap_macro(targets, probs)}
+            f"{prefix}_test_f1_macro": f1, f"{prefix}_test_ap_macro": quantize.ap_macro(targets, probs)}
 
 
 def deploy_student(run_id: str, cfg: ParetoConfig, data) -> dict[str, float]:
@@ -201,8 +202,8 @@ def deploy_student(run_id: str, cfg: ParetoConfig, data) -> dict[str, float]:
     example = example_batch(data, n=2)["rgb"]
     frame = example[:1].numpy()
     tags: dict[str, object] = {"flame_kd.ort_threads": cfg.threads}
-    metrics: dict[str, float] = {"onnx/threads": float(cfg.threads)}
-    with tempfile.TemporaryDirectory() as tmp:
+    metrics: dict[str, float] = {"onnx_threads": float(cfg.threads)}
+    with tempfile.TemporaryDirectory() as tmp, stage(f"run {run_id}: ONNX fp32 and int8, scored and timed"):
         fp32 = Path(tmp) / "student.onnx"
         try:
             export_onnx(model, example, fp32)
@@ -211,9 +212,9 @@ def deploy_student(run_id: str, cfg: ParetoConfig, data) -> dict[str, float]:
                                                 cfg.distill.data.batch_size)
             int8 = quantize.quantize_onnx(fp32, Path(tmp) / "student_int8.onnx", batches)
             metrics |= score_onnx(int8, "int8", data, cfg, frame)
-            metrics["int8/calibration_frames"] = float(len(rows))
+            metrics["int8_calibration_frames"] = float(len(rows))
             for k in ("size_mb", "latency_ms", "test_f1_macro", "test_ap_macro"):
-                metrics[f"int8/delta_{k}"] = metrics[f"int8/{k}"] - metrics[f"fp32/{k}"]
+                metrics[f"int8_delta_{k}"] = metrics[f"int8_{k}"] - metrics[f"fp32_{k}"]
             ids = data.frames["id"].to_numpy()[rows].tolist()
             calib = Path(tmp) / "int8_calibration.json"
             calib.write_text(json.dumps({"split": "train", "seed": cfg.distill.train.seed, "frame_ids": ids}))
@@ -236,13 +237,13 @@ def pareto_table(parent_id: str) -> pd.DataFrame:
     rows = []
     for student, run in student_runs(parent_id).items():
         m, tags = run.data.metrics, run.data.tags
-        base = {"student": student, "run_id": run.info.run_id, "params": m.get("student/params", np.nan),
-                "gflops": m.get("student/gflops", np.nan)}
+        base = {"student": student, "run_id": run.info.run_id, "params": m.get("student_params", np.nan),
+                "gflops": m.get("student_gflops", np.nan)}
         for p in PRECISIONS:
-            status = "ok" if f"{p}/test_f1_macro" in m else (
+            status = "ok" if f"{p}_test_f1_macro" in m else (
                 f"failed: {tags.get('flame_kd.int8_error', '?')}" if tags.get(INT8_TAG) == "failed" else "pending")
             rows.append(base | {"precision": p, "status": status,
-                                **{c: m.get(f"{p}/{k}", np.nan) for c, k in (
+                                **{c: m.get(f"{p}_{k}", np.nan) for c, k in (
                                     ("size_mb", "size_mb"), ("latency_ms", "latency_ms"),
                                     ("f1_macro", "test_f1_macro"), ("ap_macro", "test_ap_macro"))}})
     table = pd.DataFrame(rows, columns=[c for c in COLUMNS if c not in ("on_front", "on_front_gflops", "best")])
@@ -327,7 +328,7 @@ def log_front(parent_id: str, table: pd.DataFrame, cfg: ParetoConfig) -> None:
                          run_id=parent_id)
     for run_id in table["run_id"].unique():  # a re-run may move the choice: the old best is unmarked
         tracking.set_tags({"flame_kd.pareto_best": str(run_id == best["run_id"]).lower()}, run_id=run_id)
-    name = cfg.distill.tracking.register_as
+    name = cfg.distill.tracking.register_as if cfg.distill.tracking.register else None
     if name and cfg.distill.tracking.log_model:
         version = register_best(name, best, parent_id)
         tracking.set_tags({"flame_kd.pareto_best_version": version}, run_id=parent_id)

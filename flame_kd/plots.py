@@ -15,6 +15,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from flame_kd.evaluate import LABELS, METRIC_NAMES
+from flame_kd.progress import stage
 
 # --- training curves -----------------------------------------------------------------------------
 
@@ -167,7 +168,8 @@ def embed_features(
 
     threads = torch.get_num_threads()
     try:
-        points = np.asarray(reducer.fit_transform(x), dtype=np.float64)
+        with stage(f"{method.upper()} of {n} feature vectors"):
+            points = np.asarray(reducer.fit_transform(x), dtype=np.float64)
     finally:  # numba's OpenMP start-up resets the process's thread count; later training keeps the user's
         torch.set_num_threads(threads)
     return points, kept

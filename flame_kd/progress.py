@@ -88,16 +88,18 @@ class _Watchdog:
                 cls.last = now
 
 
+SAY_DONE_AFTER = 10.0  # seconds: a stage that took longer says when it is done; a quick one says nothing
+
+
 @contextlib.contextmanager
 def stage(desc: str, quiet: bool = False) -> Iterator[None]:
-    """A long step: off a terminal, lines at its start and end and a heartbeat every 30 s between."""
+    """A long step: off a terminal, a heartbeat every 30 s while it runs and, if it took 10 s or more,
+    a line when it is done (a quick step prints nothing, so logs stay short)."""
     if on_terminal():
         yield
         return
     _Watchdog.start()
     start = time.monotonic()
-    if not quiet:
-        log.info("%s ...", desc)
     _Watchdog.current.append((desc, start))
     _Watchdog.touch()
     try:
@@ -105,5 +107,6 @@ def stage(desc: str, quiet: bool = False) -> Iterator[None]:
     finally:
         _Watchdog.current.pop()
         _Watchdog.touch()
-        if not quiet:
-            log.info("%s: done in %s", desc, _duration(time.monotonic() - start))
+        took = time.monotonic() - start
+        if not quiet and (took >= SAY_DONE_AFTER or took >= EVERY):
+            log.info("%s: done in %s", desc, _duration(took))

@@ -177,7 +177,7 @@ def objective_for(cfg: SweepConfig, prep: Prepared, parent_id: str):
         params = suggest(trial, base.loss.variant)
         loss = dataclasses.replace(base.loss, **params)
         dcfg = dataclasses.replace(base, loss=loss, tracking=dataclasses.replace(
-            base.tracking, run_name=f"trial {trial.number}", log_model=False, register_as=None))
+            base.tracking, run_name=f"trial {trial.number}", log_model=False, register=False))
         best = {"score": float("-inf")}
 
         def report(epoch: int, metrics: dict, state) -> None:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch
 
 from flame_kd import tracking
-from flame_kd.config import TeacherRunConfig, check_ranges, to_dict
+from flame_kd.config import TEACHER_OPTIONS, TeacherRunConfig, check_ranges, to_dict
 from flame_kd.engine import resolve_device, seed_everything
-from flame_kd.experiment import FitPlan, example_batch, load_data, log_profile, log_test_report, tracked_fit
+from flame_kd.experiment import (FitPlan, example_batch, load_data, log_profile, log_test_report, run_params,
+                                 tracked_fit)
 from flame_kd.models import build_teacher
 from flame_kd.models.deploy import Deployable
 from flame_kd.tasks import SupervisedTask, teacher_forward
@@ -30,14 +31,19 @@ def run_teacher(cfg: TeacherRunConfig, attach_env: bool = True, extra_tags: dict
     model = build_teacher(t.name, fusion=t.fusion, pretrained=t.pretrained, weights=t.weights,
                           image_size=cfg.data.image_size, freeze=t.freeze)
     plan = FitPlan(stage="teacher", teacher=t.name, loss="bce", run_name=cfg.tracking.run_name or f"teacher {t.name} s{seed}",
-                   label=f"teacher {t.name}", cfg=to_dict(cfg), data=data, model=model,
+                   label=f"teacher {t.name}", cfg=to_dict(cfg), params=run_params(cfg, TEACHER_OPTIONS, device),
+                   data=data, model=model,
                    task=SupervisedTask(teacher_forward), train=cfg.train, tracking=cfg.tracking, device=device,
                    tags={"flame_kd.fusion": t.fusion}, resume=cfg.resume, checkpoint_dir=cfg.checkpoint_dir)
     with tracked_fit(plan, attach_env, parent_run_id, extra_tags, callbacks) as fitted:
-        log_test_report(fitted.trainer, fitted.state, data, f"{t.name} teacher", seed)
+        m = log_test_report(fitted.trainer, fitted.state, data, f"{t.name} teacher", seed).metrics
         ex = example_batch(data)
-        log_profile("model", fitted.trainer.model, (ex["rgb"], ex["ir"]))
+        log_profile("teacher", fitted.trainer.model, (ex["rgb"], ex["ir"]))
         if cfg.tracking.log_model:  # served as 6 channels: RGB then IR, raw uint8
             frames = torch.cat([ex["rgb"], ex["ir"]], dim=1).numpy()
-            tracking.log_model(Deployable(fitted.trainer.model.cpu().eval(), modalities=2), frames)
+            about = (f"{t.name} RGB+IR teacher ({t.fusion} fusion): test macro F1 {m['test/f1_macro']:.3f}, "
+                     f"macro AP {m['test/ap_macro']:.3f}; seed {seed}, {cfg.data.image_size} px.")
+            tracking.log_model(Deployable(fitted.trainer.model.cpu().eval(), modalities=2), frames,
+                               registered_name=cfg.tracking.register_as if cfg.tracking.register else None,
+                               description=about)
     return fitted.run_id

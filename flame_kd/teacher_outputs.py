@@ -19,6 +19,7 @@ from torch import nn
 from flame_kd import tracking
 from flame_kd.data.dataset import PairedFrames, make_loader
 from flame_kd.engine import amp_dtype, to_device
+from flame_kd.progress import track
 from flame_kd.tasks import teacher_forward
 
 ARTIFACT_DIR = "teacher_outputs"
@@ -48,7 +49,7 @@ def compute(teacher: nn.Module, data, device: torch.device, teacher_run_id: str 
     ds = PairedFrames(data.frames, rows.numpy(), data.config.image_size, augment="none", cache=data.cache)
     loader = make_loader(ds, data.loaders["train"].batch_size, shuffle=False,
                          cfg=data.config, device=str(device), seed=0)
-    for batch in loader:
+    for batch in track(loader, f"teacher outputs ({len(rows)} frames, each and its flip)", unit="batches"):
         batch = to_device(batch, device, False)
         idx = batch["index"].cpu()
         for suffix, b in (("", batch), ("_flip", _flipped(batch))):

@@ -10,8 +10,10 @@ from __future__ import annotations
 import base64
 import contextlib
 import functools
+import logging
 import os
 import re
+import sys
 import tempfile
 import time
 import urllib.error
@@ -31,6 +33,7 @@ from flame_kd.errors import FlameKDError, Preempted
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"  # else MLflow 3.17's UI opens the experiment as GenAI
 TAG = "flame_kd."
+log = logging.getLogger("flame_kd")
 
 
 # userinfo up to the LAST @ of the token (a password may hold / or @), and secret query parameters
@@ -60,7 +63,9 @@ def configure(tracking_uri: str | None = None) -> str:
     """Point MLflow at ``tracking_uri`` (else MLFLOW_TRACKING_URI, else MLflow's default store).
 
     An HTTP server is probed once so an unreachable one is one clear error, not minutes of retries.
+    MLflow's artifact download bars show on a terminal only (in a log they run together on one line).
     """
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", str(sys.stderr.isatty()).lower())
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
     uri = mlflow.get_tracking_uri()
@@ -359,15 +364,18 @@ def log_dataset(frames, csv_path: str, digest: str, context: str = "training") -
 
 
 @_artifact_write
-def log_model(model, example, registered_name: str | None = None) -> None:
+def log_model(model, example, registered_name: str | None = None, description: str = "") -> str | None:
     """``model`` (a models.Deployable) through mlflow.pytorch in the pt2 format: torch.export's graph,
     no pickle, so loading it runs no code from the artifact store. ``example`` (uint8 frames, a batch
-    of 2 or more) traces it; MLflow marks the batch axis dynamic, so any batch size is served."""
+    of 2 or more) traces it; MLflow marks the batch axis dynamic, so any batch size is served.
+
+    With ``registered_name`` the model becomes a new version of it, carrying ``description``;
+    returns that version (None when not registered)."""
     import torch
 
     if len(example) < 2:
         raise ValueError("log_model needs an example batch of 2 or more (a batch of 1 is exported static)")
-    mlflow.pytorch.log_model(
+    info = mlflow.pytorch.log_model(
         model.eval(),
         name="model",
         serialization_format="pt2",
@@ -375,6 +383,12 @@ def log_model(model, example, registered_name: str | None = None) -> None:
         registered_model_name=registered_name,
         input_example=example,
     )
+    version = getattr(info, "registered_model_version", None)
+    if registered_name and version is not None:
+        if description:
+            MlflowClient().update_model_version(registered_name, str(version), description=description)
+        log.info("registered the model as %s version %s", registered_name, version)
+    return None if version is None else str(version)
 
 
 def register_run_model(run_id: str, name: str, alias: str | None = None, tags: dict | None = None) -> str:

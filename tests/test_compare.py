@@ -91,7 +91,7 @@ def test_compare_runs_logs_to_b_and_refuses_different_splits(tmp_path, monkeypat
     result, text = compare_runs(a, b)
     assert result.bootstrap["f1_macro"][0] > 0
     assert f"compare/vs_{a}.md" in tracking.list_artifacts(b, "compare")
-    assert tracking.get_run(b).data.metrics["compare/f1_macro_diff"] == pytest.approx(result.bootstrap["f1_macro"][0])
+    assert tracking.get_run(b).data.metrics["compare_f1_macro_diff"] == pytest.approx(result.bootstrap["f1_macro"][0])
 
     res = CliRunner().invoke(main, ["compare", a, other])
     assert res.exit_code == 2

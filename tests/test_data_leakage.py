@@ -54,9 +54,9 @@ def test_leakage_of_a_blocked_split_is_below_a_random_split():
     assert leak.split["median"] < 0.3 < leak.random["median"]  # random: a neighbour 1-2 frames away
     assert leak.split["frac_above"] == 0.0
     m = leak.metrics()
-    assert m["split/nn_similarity_median"] == leak.split["median"]
-    assert {"split/nn_similarity_random_median", "split/nn_similarity_frac_above_0.95",
-            "split/nn_similarity_p95"} <= set(m)
+    assert m["split_nn_similarity_median"] == leak.split["median"]
+    assert {"split_nn_similarity_random_median", "split_nn_similarity_frac_above_0.95",
+            "split_nn_similarity_p95"} <= set(m)
 
 
 def test_nearest_train_similarity_samples_and_finds_duplicates():
@@ -85,9 +85,9 @@ def test_split_frames_measures_the_gap_or_says_it_fell_back(synth_csv):
     assert auto.decorrelation_frames is not None and auto.gap == auto.decorrelation_frames
     assert any("measured" in n for n in auto.notes)
     m = auto.metrics()
-    assert m["split/gap_frames"] == auto.gap and m["split/decorrelation_frames"] == auto.decorrelation_frames
-    assert m["split/dropped_frames"] == auto.counts["gap"]
-    assert "split/nn_similarity_median" in m and "split/nn_similarity_random_median" in m
+    assert m["split_gap_frames"] == auto.gap and m["split_decorrelation_frames"] == auto.decorrelation_frames
+    assert m["split_dropped_frames"] == auto.counts["gap"]
+    assert "split_nn_similarity_median" in m and "split_nn_similarity_random_median" in m
     names_only = split_frames(frames, seed=42, gap="auto", thumbs=None)
     assert names_only.decorrelation_frames is None and names_only.leakage is None
     assert any("fell back" in n for n in names_only.notes)

@@ -36,7 +36,9 @@ def store(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def first_distill(store, data_csv):
-    run_id = run_distill(distill_cfg(data_csv, loss="kl_contrastive_l2_bce"))
+    cfg = distill_cfg(data_csv, loss="kl_contrastive_l2_bce")
+    cfg.tracking.register = True
+    run_id = run_distill(cfg)
     return MlflowClient().get_run(run_id)
 
 
@@ -54,6 +56,9 @@ def test_missing_teacher_is_trained_first_as_its_own_linked_run(first_distill):
     assert first_distill.data.tags["flame_kd.split_digest"] == teacher.data.tags["flame_kd.split_digest"]
     # the teacher's outputs were computed once and stored with the teacher run
     assert any(p.startswith("teacher_outputs/") for p in artifacts(teacher.info.run_id))
+    # its weights are kept once: the checkpoint distillation loads, no second copy as a logged model
+    have = artifacts(teacher.info.run_id)
+    assert "checkpoints/best.pt" in have and not any(p.startswith("model/") for p in have)
 
 
 def test_distill_run_logs_components_gaps_plots_and_models(first_distill):
@@ -62,8 +67,8 @@ def test_distill_run_logs_components_gaps_plots_and_models(first_distill):
     for key in ("train/kl", "train/relational", "train/l2", "train/bce", "val/loss", "val/f1_macro"):
         assert [m.step for m in client.get_metric_history(run_id, key)] == [1, 2], key
     m = first_distill.data.metrics
-    for key in ("test/f1_macro", "vs_teacher/f1_macro", "student/params", "student/gflops", "student/latency_ms",
-                "teacher/latency_ms", "teacher/gflops", "onnx/max_abs_diff"):
+    for key in ("test/f1_macro", "vs_teacher_f1_macro", "student_params", "student_gflops", "student_latency_ms",
+                "teacher_latency_ms", "teacher_gflops", "onnx_max_abs_diff"):
         assert key in m, key
     assert first_distill.data.tags["flame_kd.onnx_check"] == "passed"
     teacher_id = first_distill.data.tags["flame_kd.teacher_run_id"]
@@ -75,8 +80,11 @@ def test_distill_run_logs_components_gaps_plots_and_models(first_distill):
                  "plots/umap_student_vs_teacher.png", "plots/training_curves.png", "plots/confusion.png",
                  "checkpoints/best.pt", "onnx/student.onnx", "config.yaml", "loss.txt"):
         assert path in have, path
-    versions = client.search_model_versions("name = 'flame-kd-student'")
-    assert any(v.run_id == run_id for v in versions)
+    versions = [v for v in client.search_model_versions("name = 'flame-kd-student'") if v.run_id == run_id]
+    assert len(versions) == 1  # asked for (--register): a version that says what it is
+    about = versions[0].description
+    assert f"test macro F1 {m['test/f1_macro']:.3f}" in about and teacher_id in about
+    assert "loss kl_contrastive_l2_bce" in about and "timm:test_resnet" in about
 
 
 def test_second_distill_reuses_the_teacher(first_distill, data_csv, caplog):
@@ -87,6 +95,8 @@ def test_second_distill_reuses_the_teacher(first_distill, data_csv, caplog):
     teacher = first_distill.data.tags["flame_kd.teacher_run_id"]
     assert run.data.tags["flame_kd.teacher_run_id"] == teacher
     assert f"reusing teacher run {teacher}" in caplog.text  # the one line that says which
+    # not asked to register (the default): no new version
+    assert not [v for v in MlflowClient().search_model_versions("name = 'flame-kd-student'") if v.run_id == run_id]
 
 
 def test_pinned_teacher_and_mismatched_split(first_distill, data_csv):
@@ -118,7 +128,7 @@ def test_a_teacher_trained_otherwise_is_not_reused(first_distill, data_csv, capl
     with caplog.at_level(logging.INFO, logger="flame_kd"):
         run = MlflowClient().get_run(run_distill(cfg))
     assert "no finished timm:test_resnet teacher matches" in caplog.text
-    assert "the nearest finished teacher, run" in caplog.text and "train.epochs 2 (here 1)" in caplog.text
+    assert "the nearest finished teacher, run" in caplog.text and "teacher_epochs 2 (here 1)" in caplog.text
     new = {r.info.run_id for r in teacher_runs()} - before
     assert new == {run.data.tags["flame_kd.teacher_run_id"]}  # exactly one teacher trained, and used
     assert run.data.tags["flame_kd.teacher_run_id"] != first_distill.data.tags["flame_kd.teacher_run_id"]
@@ -176,10 +186,10 @@ def test_seeds_vary_training_only(first_distill, data_csv):
     b = load_data(distill_cfg(data_csv, seed=2).data, 2, torch.device("cpu"))
     assert a.split.digest == b.split.digest == first_distill.data.tags["flame_kd.split_digest"]
     params = first_distill.data.params
-    assert params["data.split_seed"] == "42" and params["data.gap"] == "auto"
+    assert params["split_seed"] == "42" and params["gap"] == "auto"
     m = first_distill.data.metrics
-    for key in ("split/gap_frames", "split/decorrelation_frames", "split/dropped_frames",
-                "split/nn_similarity_median", "split/nn_similarity_p95", "split/nn_similarity_random_median"):
+    for key in ("split_gap_frames", "split_decorrelation_frames", "split_dropped_frames",
+                "split_nn_similarity_median", "split_nn_similarity_p95", "split_nn_similarity_random_median"):
         assert key in m, key
 
 

@@ -8,6 +8,7 @@ weight the CLI does not take.
 from __future__ import annotations
 
 import dataclasses
+import shlex
 from pathlib import Path
 
 import click
@@ -17,7 +18,7 @@ import yaml
 from flame_kd import cli
 from flame_kd.config import DistillRunConfig, EmbedConfig, ParetoConfig, SweepConfig, TeacherRunConfig, to_dict
 from flame_kd.losses import REGISTRY
-from flame_kd.mlproject import CLI_ONLY, ENTRY_POINTS, command, mlproject_default, parameters, render
+from flame_kd.mlproject import CLI_ONLY, ENTRY_POINTS, command, extra_parameters, mlproject_default, parameters, render
 from flame_kd.options import build_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -100,12 +101,38 @@ def test_cli_defaults_build_the_config_defaults(name, config_cls, sections):
 def test_options_reach_the_config():
     cmd = command(("distill",))
     args = ["--teacher-epochs", "3", "--student-lr", "0.01", "--seed", "7", "--alpha", "0.9", "--ratios",
-            "0.6,0.2,0.2", "--no-amp", "--split-seed", "", "--register-as", ""]
+            "0.6,0.2,0.2", "--no-amp", "--split-seed", "", "--register", "--register-as", "mine"]
     cfg = build_config(DistillRunConfig, cli.DISTILL, cmd.make_context("distill", args).params)
     assert (cfg.teacher_train.epochs, cfg.train.lr, cfg.loss.alpha, cfg.data.ratios) == (3, 0.01, 0.9, (0.6, 0.2, 0.2))
     assert cfg.train.seed == cfg.teacher_train.seed == 7  # runtime options reach the teacher trained on the way
     assert cfg.train.amp is False and cfg.teacher_train.amp is False
-    assert cfg.data.split_seed is None and cfg.tracking.register_as is None
+    assert cfg.data.split_seed is None and cfg.tracking.register and cfg.tracking.register_as == "mine"
+
+
+@pytest.mark.parametrize("entry", list(ENTRY_POINTS))
+def test_options_unset_by_default_are_extra_parameters(entry):
+    """MLproject declares every option with a default; the rest reach the command as MLflow's extra
+    parameters (`--name value`), so an unset one is never logged as ''."""
+    cmd = command(ENTRY_POINTS[entry])
+    declared, extra = set(parameters(cmd)), set(extra_parameters(cmd))
+    assert not declared & extra
+    for p in cmd.params:
+        if isinstance(p, click.Option) and p.name != "help" and not p.name.startswith("no_"):
+            assert p in declared or p in extra, f"{entry}: --{p.name} is neither declared nor an extra parameter"
+    assert all(p.default is None for p in extra)
+
+
+def test_an_extra_parameter_reaches_the_config_through_mlflow():
+    from mlflow.projects._project_spec import load_project
+
+    entry = load_project(str(REPO)).get_entry_point("distill")
+    assert "teacher_run_id" not in entry.parameters and "{teacher_run_id}" not in entry.command
+    line = entry.compute_command({"teacher_run_id": "abc123", "checkpoint_dir": "/tmp/my ckpts", "alpha": "0.7"}, None)
+    args = shlex.split(line)[2:]  # after `flame-kd distill`
+    parent = cli.main.make_context("flame-kd", ["distill"])  # the group reads `_` in option names as `-`
+    ctx = command(("distill",)).make_context("distill", args, parent=parent)
+    cfg = build_config(DistillRunConfig, cli.DISTILL, ctx.params)
+    assert (cfg.teacher_run_id, cfg.checkpoint_dir, cfg.loss.alpha) == ("abc123", "/tmp/my ckpts", 0.7)
 
 
 @pytest.mark.parametrize("name", ["distill", "sweep", "pareto"])

@@ -111,6 +111,7 @@ def test_students_option_and_bad_names():
 
 def _cfg(csv: str, budget: float | None = None) -> ParetoConfig:
     d = distill_cfg(str(csv), epochs=1, teacher_epochs=1, experiment="pareto")
+    d.tracking.register = ParetoConfig().distill.tracking.register  # a study registers its best by default
     return ParetoConfig(distill=d, students=",".join(STUDENTS), latency_budget_ms=budget, calibration_frames=24,
                         latency_runs=3, latency_warmup=1)
 
@@ -178,15 +179,15 @@ def test_int8_logged_per_student_or_failed_with_reason(study, synth_csv):
             if r.info.status == "FINISHED" and "flame_kd.pareto_student" in r.data.tags}
     bad = runs[STUDENTS[2]].data
     assert bad.tags["flame_kd.int8"] == "failed" and "FancyConv" in bad.tags["flame_kd.int8_error"]
-    assert "fp32/test_f1_macro" in bad.metrics and "int8/test_f1_macro" not in bad.metrics
+    assert "fp32_test_f1_macro" in bad.metrics and "int8_test_f1_macro" not in bad.metrics
     for s in STUDENTS[:2]:
         run = runs[s]
         m = run.data.metrics
         assert run.data.tags["flame_kd.int8"] == "passed" and run.data.tags["flame_kd.ort_threads"] == "1"
         for k in ("size_mb", "latency_ms", "test_f1_macro", "test_ap_macro"):
-            assert m[f"int8/delta_{k}"] == pytest.approx(m[f"int8/{k}"] - m[f"fp32/{k}"])
-        assert m["int8/size_mb"] < m["fp32/size_mb"]
-        assert m["fp32/test_f1_macro"] == pytest.approx(m["test/f1_macro"], abs=1e-6)  # ORT fp32 = PyTorch
+            assert m[f"int8_delta_{k}"] == pytest.approx(m[f"int8_{k}"] - m[f"fp32_{k}"])
+        assert m["int8_size_mb"] < m["fp32_size_mb"]
+        assert m["fp32_test_f1_macro"] == pytest.approx(m["test/f1_macro"], abs=1e-6)  # ORT fp32 = PyTorch
         assert {"onnx/student_int8.onnx", "onnx/int8_calibration.json"} <= artifacts(run.info.run_id)
         client = MlflowClient()
         calib = json.loads(open(client.download_artifacts(run.info.run_id, "onnx/int8_calibration.json")).read())

@@ -55,7 +55,7 @@ def test_parent_holds_nested_trials_and_the_best(study):
     assert {r.data.tags["flame_kd.stage"] for r in trials} == {"trial"}
     assert {r.data.tags["flame_kd.trial_state"] for r in trials} == {"COMPLETE"}
     for r in trials:  # the trial's own params and per-epoch metrics
-        assert {"loss.alpha", "loss.gamma", "loss.delta", "loss.temperature"} <= set(r.data.params)
+        assert {"alpha", "gamma", "delta", "temperature"} <= set(r.data.params)
         steps = [m.step for m in MlflowClient().get_metric_history(r.info.run_id, "val/f1_macro")]
         assert steps == [1, 2]
         assert not any(k.startswith("test/") for k in r.data.metrics), "trials never look at test"

@@ -14,7 +14,6 @@ import logging
 import os
 import random
 import shutil
-import sys
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -26,11 +25,11 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, default_collate
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
-from tqdm.auto import tqdm
 
 from flame_kd.config import DataConfig
 from flame_kd.data import schema
 from flame_kd.errors import ConfigError, DataError
+from flame_kd.progress import track
 
 log = logging.getLogger("flame_kd")
 
@@ -71,7 +70,7 @@ class FrameCache:
             raise ConfigError(f"unknown cache mode {mode!r}; expected one of {', '.join(CACHE_MODES)}")
         self.image_size, self.mode = int(image_size), mode
         self.paths = list(zip(frames["rgb_path"], frames["ir_path"]))
-        self.progress = sys.stderr.isatty() if progress is None else progress
+        self.progress = True if progress is None else progress  # progress.track: a bar, or log lines
         self.rgb = self.ir = None
         self.path: Path | None = None
         if mode == "memory":
@@ -109,7 +108,7 @@ class FrameCache:
         pool = ThreadPoolExecutor(min(8, os.cpu_count() or 1))
         try:
             jobs = pool.map(one, range(len(self.paths)))
-            for _ in tqdm(jobs, total=len(self.paths), desc="decoding frames", unit="frame", disable=not self.progress):
+            for _ in track(jobs, "decoding frames", total=len(self.paths), unit="frames", enabled=self.progress):
                 pass
         finally:  # a corrupt frame (or Ctrl-C) stops the build now, not after decoding the rest
             pool.shutdown(wait=True, cancel_futures=True)

@@ -130,9 +130,9 @@ class Leakage:
     n_test: int
 
     def metrics(self) -> dict[str, float]:
-        """``split/nn_similarity_*`` metrics for MLflow (``_random_*`` for the random baseline)."""
+        """``split_nn_similarity_*`` metrics for MLflow (``_random_*`` for the random baseline)."""
         out = {}
-        for prefix, d in (("split/nn_similarity", self.split), ("split/nn_similarity_random", self.random)):
+        for prefix, d in (("split_nn_similarity", self.split), ("split_nn_similarity_random", self.random)):
             out |= {f"{prefix}_median": d["median"], f"{prefix}_p95": d["p95"],
                     f"{prefix}_frac_above_{THRESHOLD:g}": d["frac_above"]}
         return out

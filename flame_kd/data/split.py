@@ -81,14 +81,14 @@ class Split:
     leakage: object | None = None  # leakage.Leakage when measured on the images
 
     def metrics(self) -> dict[str, float]:
-        """``split/*`` metrics every training run logs: fractions, frames, gap, measured leakage."""
-        out = {f"split/{k}_fraction": v for k, v in self.fractions.items()}
+        """``split_*`` metrics every training run logs: fractions, frames, gap, measured leakage."""
+        out = {f"split_{k}_fraction": v for k, v in self.fractions.items()}
         counts = self.counts
-        out |= {f"split/{k}_frames": float(counts[k]) for k in SPLITS}
-        out["split/gap_frames"] = float(self.gap)  # frames dropped at each cross-split boundary
-        out["split/dropped_frames"] = float(counts["gap"])  # all of them together
+        out |= {f"split_{k}_frames": float(counts[k]) for k in SPLITS}
+        out["split_gap_frames"] = float(self.gap)  # frames dropped at each cross-split boundary
+        out["split_dropped_frames"] = float(counts["gap"])  # all of them together
         if self.decorrelation_frames is not None:
-            out["split/decorrelation_frames"] = float(self.decorrelation_frames)
+            out["split_decorrelation_frames"] = float(self.decorrelation_frames)
         if self.leakage is not None:
             out |= self.leakage.metrics()
         return out

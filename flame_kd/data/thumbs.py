@@ -12,6 +12,7 @@ import pandas as pd
 from PIL import Image
 
 from flame_kd.errors import DataError
+from flame_kd.progress import track
 
 THUMB = 32  # pixels per side: enough for scene layout, blind to JPEG noise and small shifts
 
@@ -41,7 +42,9 @@ def thumbnails(paths, size: int = THUMB, workers: int = 8, cache_dir: str | Path
         if arr.shape == (len(paths), size * size):
             return arr
     with ThreadPoolExecutor(max_workers=workers) as pool:  # PIL releases the GIL while decoding
-        x = np.stack(list(pool.map(lambda p: _thumb(p, size), paths))) if paths else np.zeros((0, size * size), np.float32)
+        thumbs = track(pool.map(lambda p: _thumb(p, size), paths), "thumbnails (split gap and leakage)",
+                       total=len(paths), unit="frames")
+        x = np.stack(list(thumbs)) if paths else np.zeros((0, size * size), np.float32)
     x -= x.mean(axis=1, keepdims=True)
     norm = np.linalg.norm(x, axis=1, keepdims=True)
     x /= np.where(norm > 0, norm, 1.0)  # a flat frame stays the zero vector: similar to nothing
