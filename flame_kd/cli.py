@@ -8,7 +8,7 @@ import sys
 
 import click
 
-from flame_kd import __version__
+from flame_kd import __version__, progress
 from flame_kd.errors import Preempted
 from flame_kd.config import ABLATION_DATA_OPTIONS as ABLATION_DATA
 from flame_kd.config import ABLATION_OPTIONS as ABLATION
@@ -44,8 +44,10 @@ class _StoppableGroup(click.Group):
             raise Preempted(signum)
 
         previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
-        try:
-            super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        words = [w for w in (sys.argv[1:] if args is None else list(args))[:2] if not w.startswith("-")]
+        try:  # off a terminal, a heartbeat whenever nothing was printed for 30 s
+            with progress.stage(" ".join(["flame-kd", *words]), quiet=True):
+                super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except click.exceptions.Abort as err:  # click turns KeyboardInterrupt into Abort
             cause = err.__cause__
             signum = cause.signum if isinstance(cause, Preempted) else signal.SIGINT

@@ -25,7 +25,7 @@ from torch import nn
 
 from flame_kd.config import TrainConfig, monitor_mode
 from flame_kd.evaluate import Predictions, compute_metrics
-from flame_kd.progress import track
+from flame_kd.progress import said, track
 
 Batch = dict[str, Any]
 
@@ -376,3 +376,4 @@ class ConsoleCallback(Callback):
         print(f"{self.label} epoch {epoch}/{self.epochs}: train/loss {metrics.get('train/loss', float('nan')):.4f}"
               f"  val/loss {metrics.get('val/loss', float('nan')):.4f}  val/f1_macro {metrics['val/f1_macro']:.4f}"
               f"{best}  ({metrics.get('epoch_seconds', 0):.1f} s)", file=sys.stderr, flush=True)
+        said()

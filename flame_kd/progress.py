@@ -42,20 +42,18 @@ def track(iterable: Iterable[T], desc: str, total: int | None = None, unit: str 
     if on_terminal():
         yield from tqdm(iterable, desc=desc, total=total, unit=unit, leave=False, dynamic_ncols=True)
         return
-    start = last = time.monotonic()
+    start = time.monotonic()
     done = 0
     with stage(desc, quiet=True):
         for item in iterable:
             yield item
             done += 1
             now = time.monotonic()
-            if now - last >= every:
-                last = now
+            if now - _Watchdog.last >= every:  # 30 s since the last line of anything, not of this loop
                 rate = done / (now - start)
                 eta = f", ETA {_duration((total - done) / rate)}" if total and rate > 0 else ""
                 of = f"/{total}" if total else ""
                 log.info("%s: %d%s %s, %.1f %s/s%s", desc, done, of, unit, rate, unit, eta)
-                _Watchdog.touch()
 
 
 class _Watchdog:
@@ -74,6 +72,7 @@ class _Watchdog:
     def start(cls) -> None:
         with cls.lock:
             if cls.thread is None:
+                log.addFilter(_SaidSomething())  # any flame_kd log line counts as a sign of life
                 cls.thread = threading.Thread(target=cls.run, name="flame-kd-progress", daemon=True)
                 cls.thread.start()
 
@@ -81,14 +80,27 @@ class _Watchdog:
     def run(cls) -> None:
         while True:
             time.sleep(1.0)
-            now = time.monotonic()
-            if cls.current and now - cls.last >= EVERY:
-                desc, since = cls.current[-1]
-                log.info("%s: still running (%s)", desc, _duration(now - since))
-                cls.last = now
+            try:
+                now = time.monotonic()
+                if cls.current and now - cls.last >= EVERY:
+                    desc, since = cls.current[-1]
+                    log.info("%s: still running (%s)", desc, _duration(now - since))
+            except Exception:  # noqa: BLE001 -- a heartbeat must never end the thread that prints them
+                continue
 
 
 SAY_DONE_AFTER = 10.0  # seconds: a stage that took longer says when it is done; a quick one says nothing
+
+
+class _SaidSomething(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        _Watchdog.touch()
+        return True
+
+
+def said() -> None:
+    """Something was printed outside logging (the per-epoch console line): no heartbeat is due."""
+    _Watchdog.touch()
 
 
 @contextlib.contextmanager
@@ -101,12 +113,10 @@ def stage(desc: str, quiet: bool = False) -> Iterator[None]:
     _Watchdog.start()
     start = time.monotonic()
     _Watchdog.current.append((desc, start))
-    _Watchdog.touch()
     try:
         yield
     finally:
         _Watchdog.current.pop()
-        _Watchdog.touch()
         took = time.monotonic() - start
         if not quiet and (took >= SAY_DONE_AFTER or took >= EVERY):
             log.info("%s: done in %s", desc, _duration(took))
