@@ -48,9 +48,9 @@ def main() -> None:
     from flame_kd.config import (DataConfig, DistillRunConfig, LossConfig, TeacherConfig, TeacherRunConfig,
                                  TrackingConfig, TrainConfig)
     from flame_kd.data.synth import synthesize
-    from flame_kd.distill import run_distill
+    from flame_kd.runs.distill import run_distill
     from flame_kd.losses import VARIANTS
-    from flame_kd.teacher import run_teacher
+    from flame_kd.runs.teacher import run_teacher
 
     variants = args.variants or ["bce", *[v for v in VARIANTS if v != "bce"]]
     results: dict[str, list[dict]] = {}

@@ -54,11 +54,11 @@ def main() -> None:
 
 
 def run_bench(args: argparse.Namespace, tmp: Path) -> None:
-    from flame_kd import teacher_outputs
+    from flame_kd.runs import teacher_outputs
     from flame_kd.config import DataConfig, TrainConfig
     from flame_kd.data.synth import synthesize
     from flame_kd.engine import Trainer, seed_everything
-    from flame_kd.experiment import load_data
+    from flame_kd.runs.experiment import load_data
     from flame_kd.losses import DistillLoss, resolve_weights
     from flame_kd.models import build_student, build_teacher
     from flame_kd.tasks import DistillTask, TeacherOutputs

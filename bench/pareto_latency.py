@@ -34,7 +34,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads")
     args = ap.parse_args()
     tracking.configure()
-    from flame_kd.pareto import student_runs
+    from flame_kd.runs.pareto import student_runs
 
     frame = np.random.default_rng(0).integers(0, 256, (1, 3, args.image_size, args.image_size), dtype=np.uint8)
     with tempfile.TemporaryDirectory() as tmp:

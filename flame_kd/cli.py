@@ -179,7 +179,7 @@ def _none_if_empty(_ctx, _param, value):
 @config_options(TeacherRunConfig, TEACHER)
 def teacher(**o) -> None:
     """Train a multimodal RGB+IR teacher as one MLflow run."""
-    from flame_kd.teacher import run_teacher
+    from flame_kd.runs.teacher import run_teacher
 
     run_id = run_teacher(build_config(TeacherRunConfig, TEACHER, o))
     click.echo(f"teacher run {run_id}")
@@ -193,7 +193,7 @@ def distill(**o) -> None:
     The relational term (beta, in kl_contrastive_l2_bce) is the RKD distance loss of Park et al.
     2019, not a contrastive loss; the variant keeps the original pipeline's name.
     """
-    from flame_kd.distill import run_distill
+    from flame_kd.runs.distill import run_distill
 
     run_id = run_distill(build_config(DistillRunConfig, DISTILL, o))
     click.echo(f"distill run {run_id}")
@@ -203,7 +203,7 @@ def distill(**o) -> None:
 @config_options(EmbedConfig, EMBED)
 def embed(**o) -> None:
     """t-SNE or UMAP of a model's features, logged into its run or written to a folder."""
-    from flame_kd.embed import run_embed
+    from flame_kd.runs.embed import run_embed
 
     click.echo(f"embedding written to {run_embed(build_config(EmbedConfig, EMBED, o))}")
 
@@ -217,7 +217,7 @@ def embed(**o) -> None:
 def compare(run_a: str, run_b: str, seed: int, tracking_uri: str | None) -> None:
     """Paired test of RUN_B against RUN_A on the same test frames (McNemar, bootstrap CIs); logged to RUN_B."""
     from flame_kd import tracking
-    from flame_kd.compare import compare_runs
+    from flame_kd.runs.compare import compare_runs
 
     tracking.configure(tracking_uri)
     click.echo(compare_runs(run_a, run_b, seed=seed)[1], nl=False)
@@ -230,7 +230,7 @@ def compare(run_a: str, run_b: str, seed: int, tracking_uri: str | None) -> None
 @config_options(SweepConfig, SWEEP)
 def sweep(**o) -> None:
     """Optuna search of the loss weights and temperature, one nested MLflow run per trial."""
-    from flame_kd.sweep import run_sweep
+    from flame_kd.runs.sweep import run_sweep
 
     study = run_sweep(build_config(SweepConfig, SWEEP, o))
     done = [t for t in study.trials if t.state.name == "COMPLETE"]
@@ -245,7 +245,7 @@ def sweep(**o) -> None:
 def pareto(**o) -> None:
     """Students x {fp32, int8} from one teacher: accuracy against CPU latency and GFLOPs, the front
     logged and the best registered with the alias pareto-best; re-running skips finished students."""
-    from flame_kd.pareto import best_row, run_pareto, to_markdown
+    from flame_kd.runs.pareto import best_row, run_pareto, to_markdown
 
     cfg = build_config(ParetoConfig, PARETO, o)
     parent, table, failed = run_pareto(cfg)
@@ -266,7 +266,7 @@ def pareto(**o) -> None:
               help="Default: MLFLOW_TRACKING_URI, else MLflow's sqlite:///mlflow.db.")
 def ablation(spec: str, tracking_uri: str | None, **o) -> None:
     """Teachers x losses x seeds plus a no-teacher control; re-running skips finished cells."""
-    from flame_kd.ablation import load_spec, run_ablation
+    from flame_kd.runs.ablation import load_spec, run_ablation
 
     given = [*exposed_fields(DataConfig, ABLATION_DATA), *exposed_fields(AblationSpec, ABLATION)]
     overrides = {x.field.name: o[x.ident] for x in given if o[x.ident] is not None}
@@ -299,13 +299,13 @@ def ui_url(experiment: str, host: str, tracking_uri: str | None) -> None:
 def report(**o) -> None:
     """Rebuild the ablation table (mean, std, 95% CI over seeds), or a pareto study's, from MLflow."""
     from flame_kd import tracking
-    from flame_kd.ablation import collect_runs, comparisons_markdown, control_comparisons, summary_table
-    from flame_kd.ablation import to_markdown, write_report
+    from flame_kd.runs.ablation import collect_runs, comparisons_markdown, control_comparisons, summary_table
+    from flame_kd.runs.ablation import to_markdown, write_report
     from flame_kd.errors import FlameKDError
 
     tracking.configure(o["tracking_uri"])
     if o["pareto_run"]:
-        from flame_kd import pareto as pareto_mod
+        from flame_kd.runs import pareto as pareto_mod
 
         table, budget = pareto_mod.rebuild(o["pareto_run"])
         if table.empty:

@@ -8,9 +8,9 @@ import yaml
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
-from flame_kd import ablation as ablation_mod
-from flame_kd import distill as distill_mod
-from flame_kd.ablation import AblationSpec, load_spec, run_ablation, summary_table
+from flame_kd.runs import ablation as ablation_mod
+from flame_kd.runs import distill as distill_mod
+from flame_kd.runs.ablation import AblationSpec, load_spec, run_ablation, summary_table
 from flame_kd.cli import main
 from flame_kd.data.synth import synthesize
 from flame_kd.errors import ConfigError
@@ -124,7 +124,7 @@ def test_spec_errors(tmp_path):
 
 
 def test_every_cell_shares_one_split_and_pairs_with_the_control(grid):
-    from flame_kd.ablation import collect_runs
+    from flame_kd.runs.ablation import collect_runs
 
     runs = collect_runs(f"tags.`mlflow.parentRunId` = '{grid['parent']}'")
     assert runs["split_digest"].nunique() == 1  # seeds 1 and 2, one split (split_seed 42)

@@ -10,8 +10,8 @@ from sklearn import metrics as skm
 
 from flame_kd import tracking
 from flame_kd.cli import main
-from flame_kd.compare import compare_predictions, compare_runs, mcnemar_exact, paired_bootstrap
-from flame_kd.experiment import PREDICTIONS_FILE
+from flame_kd.runs.compare import compare_predictions, compare_runs, mcnemar_exact, paired_bootstrap
+from flame_kd.runs.experiment import PREDICTIONS_FILE
 
 from pipeline_helpers import use_store
 

@@ -10,7 +10,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from flame_kd.data.synth import synthesize
-from flame_kd.distill import prepare, run_distill
+from flame_kd.runs.distill import prepare, run_distill
 from flame_kd.errors import ConfigError
 from flame_kd.losses import DistillLoss, resolve_weights
 from flame_kd.tasks import DistillTask, TeacherOutputs
@@ -179,7 +179,7 @@ def test_control_needs_no_teacher(store, data_csv):
 def test_seeds_vary_training_only(first_distill, data_csv):
     """split_seed defaults to 42: another training seed keeps the split (runs pair up)."""
     from flame_kd.config import DistillRunConfig
-    from flame_kd.experiment import load_data
+    from flame_kd.runs.experiment import load_data
 
     assert DistillRunConfig().data.split_seed == 42
     a = load_data(distill_cfg(data_csv, seed=1).data, 1, torch.device("cpu"))
@@ -234,8 +234,8 @@ def test_a_teacher_is_never_looked_up_across_pixel_variants(first_distill, data_
 
     from PIL import Image
 
-    from flame_kd.distill import find_teacher_run
-    from flame_kd.experiment import load_data
+    from flame_kd.runs.distill import find_teacher_run
+    from flame_kd.runs.experiment import load_data
 
     variant = Path(shutil.copytree(Path(data_csv).parent, tmp_path / "variant"))
     for path in sorted((variant / "254p RGB Images").iterdir())[:5]:
@@ -261,7 +261,7 @@ def test_cached_mode_refuses_augmentation_it_cannot_reproduce(data_csv, tmp_path
         run_distill(cfg)
     control = distill_cfg(data_csv, loss="bce")  # no teacher, nothing cached: any augmentation
     control.data.augment = "full"
-    from flame_kd.distill import validate
+    from flame_kd.runs.distill import validate
 
     validate(control)
     live = distill_cfg(data_csv, mode="live")
@@ -275,7 +275,7 @@ def test_pos_weight_auto_is_negatives_over_positives_of_the_training_split():
     import numpy as np
     import pandas as pd
 
-    from flame_kd.distill import build_loss, train_pos_weight
+    from flame_kd.runs.distill import build_loss, train_pos_weight
 
     frames = pd.DataFrame({"fire": [1, 0, 0, 0, 1, 1], "smoke": [1, 1, 1, 1, 0, 0]})
     data = SimpleNamespace(frames=frames, split=SimpleNamespace(indices=lambda name: np.arange(4)))

@@ -12,9 +12,9 @@ import torch
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
-from flame_kd import distill as distill_mod
+from flame_kd.runs import distill as distill_mod
 from flame_kd import plots, quantize
-from flame_kd import pareto as pareto_mod
+from flame_kd.runs import pareto as pareto_mod
 from flame_kd.cli import main
 from flame_kd.config import ParetoConfig
 from flame_kd.engine import LambdaCallback

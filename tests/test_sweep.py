@@ -6,10 +6,10 @@ import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
-from flame_kd import sweep as sweep_mod
+from flame_kd.runs import sweep as sweep_mod
 from flame_kd.data.synth import synthesize
 from flame_kd.errors import ConfigError
-from flame_kd.sweep import PARENT_ATTR, SweepConfig, run_sweep
+from flame_kd.runs.sweep import PARENT_ATTR, SweepConfig, run_sweep
 
 from pipeline_helpers import SIZE, artifacts, distill_cfg, use_store
 

@@ -9,7 +9,7 @@ from mlflow.tracking import MlflowClient
 from flame_kd.data.synth import synthesize
 from flame_kd.engine import LambdaCallback
 from flame_kd.errors import ConfigError, DataError, FlameKDError
-from flame_kd.teacher import run_teacher
+from flame_kd.runs.teacher import run_teacher
 
 from pipeline_helpers import SIZE, artifacts, teacher_cfg, use_store
 

@@ -125,7 +125,7 @@ def finished_cells(parent_id: str) -> set[str]:
 
 def run_ablation(spec: AblationSpec, tracking_uri: str | None = None) -> str:
     """Run every unfinished cell, then log the summary tables and chart into the parent."""
-    from flame_kd.distill import prepare, run_distill
+    from flame_kd.runs.distill import prepare, run_distill
 
     tracking.configure(tracking_uri)
     parent_id = find_or_create_parent(spec)
@@ -237,7 +237,7 @@ def to_markdown(table: pd.DataFrame) -> str:
 def control_comparisons(runs: pd.DataFrame) -> pd.DataFrame:
     """Each KD variant against the no-teacher control of the same seed (and split), paired on the
     same test frames (`flame-kd compare`; each comparison is also logged to the variant's run)."""
-    from flame_kd.compare import compare_runs
+    from flame_kd.runs.compare import compare_runs
     from flame_kd.errors import FlameKDError
 
     runs = runs.drop_duplicates(subset=["teacher", "loss", "seed"])

@@ -25,10 +25,10 @@ import optuna
 
 from flame_kd import tracking
 from flame_kd.config import SweepConfig, check_ranges, monitor_mode
-from flame_kd.distill import Prepared, prepare, run_distill
+from flame_kd.runs.distill import Prepared, prepare, run_distill
 from flame_kd.engine import LambdaCallback, Trainer
 from flame_kd.errors import ConfigError, Preempted, RunFailed
-from flame_kd.experiment import checkpoint_dir, load_run_model
+from flame_kd.runs.experiment import checkpoint_dir, load_run_model
 from flame_kd.losses import VARIANTS
 from flame_kd.tasks import SupervisedTask, student_forward
 

@@ -15,13 +15,15 @@ from pathlib import Path
 
 import torch
 
-from flame_kd import plots, teacher_outputs, tracking
+from flame_kd import plots, tracking
+
+from flame_kd.runs import teacher_outputs
 from flame_kd.config import (DISTILL_OPTIONS, RUNTIME_FIELDS, TEACHER_OPTIONS, DistillRunConfig, TeacherRunConfig,
                              TrackingConfig, best_name, check_ranges, to_dict)
 from flame_kd.engine import resolve_device, seed_everything
 from flame_kd.errors import ConfigError
 from flame_kd.evaluate import predict
-from flame_kd.experiment import (
+from flame_kd.runs.experiment import (
     Data,
     FitPlan,
     TestReport,
@@ -41,7 +43,7 @@ from flame_kd.models.deploy import Deployable
 from flame_kd.options import option_values
 from flame_kd.progress import stage
 from flame_kd.tasks import DistillTask, TeacherOutputs, teacher_forward
-from flame_kd.teacher import run_teacher
+from flame_kd.runs.teacher import run_teacher
 
 log = logging.getLogger("flame_kd")
 

@@ -53,7 +53,7 @@ def cell_config(cfg: ParetoConfig, student: str) -> DistillRunConfig:
 def study_digest(cfg: ParetoConfig, data_digest: str) -> str:
     """Identity of a study: data, teacher, loss, schedules, seed and what the int8 step measures --
     not the students (adding one extends the study) nor the latency budget (a choice made after)."""
-    from flame_kd.experiment import config_digest
+    from flame_kd.runs.experiment import config_digest
 
     d = to_dict(dataclasses.replace(cfg.distill, student=""))
     keep = {"distill": config_digest(d), "data": data_digest, "calibration_frames": cfg.calibration_frames,
@@ -116,7 +116,7 @@ def check_students(students: list[str], image_size: int) -> None:
 def run_pareto(cfg: ParetoConfig) -> tuple[str, pd.DataFrame, list[str]]:
     """Run every unfinished student, deploy each to int8, log the front; (parent run, table, failed)."""
     from flame_kd.data.schema import data_digest, load_frames
-    from flame_kd.distill import prepare, run_distill
+    from flame_kd.runs.distill import prepare, run_distill
 
     students = cfg.student_list()
     for name, value in (("calibration-frames", cfg.calibration_frames), ("latency-runs", cfg.latency_runs),
@@ -195,7 +195,7 @@ def score_onnx(path: Path, prefix: str, data, cfg: ParetoConfig, frame: np.ndarr
 def deploy_student(run_id: str, cfg: ParetoConfig, data) -> dict[str, float]:
     """Export the run's best student to ONNX, quantise it, score and time both precisions; log the
     int8 model, its calibration frames, the metrics and their int8 - fp32 deltas into the run."""
-    from flame_kd.experiment import example_batch, load_run_model
+    from flame_kd.runs.experiment import example_batch, load_run_model
     from flame_kd.export import export_onnx
 
     model, _, _ = load_run_model(run_id)

@@ -17,7 +17,7 @@ from sklearn import metrics as skm
 from flame_kd import tracking
 from flame_kd.errors import DataError
 from flame_kd.evaluate import LABELS, binarize
-from flame_kd.experiment import PREDICTIONS_FILE
+from flame_kd.runs.experiment import PREDICTIONS_FILE
 
 N_BOOT = 2000
 SPLIT_TAG = "flame_kd.split_digest"
