@@ -130,3 +130,15 @@ def test_an_artifact_store_that_cannot_be_written_is_one_line(tmp_path, monkeypa
     assert "Traceback" not in result.output
     run = MlflowClient().search_runs([MlflowClient().get_experiment_by_name("blocked").experiment_id])[0]
     assert run.info.status == "FAILED" and "cannot write artifacts" in run.data.tags["flame_kd.error"]
+
+
+@pytest.mark.parametrize("tty, shown", [(False, "false"), (True, "true")])
+def test_download_bars_only_on_a_terminal(monkeypatch, tmp_path, tty, shown):
+    """Off a terminal MLflow's artifact download bars would run together on one log line."""
+    monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "unset")  # so the test's change is undone
+    monkeypatch.delenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: tty)
+    tracking.configure(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    import os
+
+    assert os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] == shown
