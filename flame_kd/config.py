@@ -47,14 +47,19 @@ class DataConfig:
                                      "runs pair up; none: the run's seed.")
     gap: str = opt("auto", "Frames dropped at each cross-split boundary: auto (the images' measured decorrelation "
                            "distance; the rule when there are no images), rule (block/20) or a number.")
-    cache: str = opt("memory", "Decoded-frame cache (disk: a memory-mapped file reused across runs).",
-                     choices=("memory", "disk", "none"))
+    cache: str = opt("auto", "Decoded-frame cache: memory, disk (a memory-mapped file reused across runs), none, "
+                             "or device (frames resident on the training device, a batch is an index gather there; "
+                             "falls back to memory when they do not fit); auto: device on CUDA when the frames fit, "
+                             "else memory.", choices=("auto", "device", "memory", "disk", "none"))
     cache_dir: str | None = opt(None, "Folder of the disk cache; default $FLAME_KD_CACHE/frames.")
     num_workers: int = opt(0, "DataLoader workers; 0 decodes in the main process, best with the cache.", ge=0)
     pin_memory: bool | None = opt(None, "Pinned host memory; None: on when the device is CUDA.", expose=False)
     persistent_workers: bool = opt(True, "Keep workers alive across epochs.", expose=False)
-    augment: str = opt("full", "Training augmentation: full (flips, rotation, RGB colour jitter), flip or none.",
-                       choices=("full", "flip", "none"))
+    augment: str = opt("full", "Training augmentation: full (flips, rotation, shift, zoom, RGB colour jitter), "
+                               "flip or none.", choices=("full", "flip", "none"))
+    augment_on: str = opt("auto", "Where training augmentation runs: host (in the loader), device (batched on the "
+                                  "training device after the copy); auto: device on CUDA, else host. Both draw the "
+                                  "same parameters.", choices=("auto", "host", "device"))
 
 
 @dataclass
@@ -71,13 +76,14 @@ class TrainConfig:
     device: str = opt("auto", "auto (cuda, then mps, then cpu) | cpu | cuda[:N] | mps.")
     amp: bool = opt(True, "Mixed precision on CUDA (bf16 where supported, else fp16 + GradScaler).")
     channels_last: bool = opt(True, "Channels-last memory format on CUDA.")
+    compile: bool = opt(False, "torch.compile the model (opt-in: compiling takes minutes; steps on a GPU get faster).")
     seed: int = opt(42, "Seed of the run (and of the split unless --split-seed is given).")
     progress: bool = opt(True, "Progress of each epoch: a bar on a terminal, else a line every 30 s.")
 
 
 # Fields of TrainConfig that describe the machine and the run, not the schedule: a distill run's
 # teacher (trained on the way) and student share them, so the CLI takes them once (one --monitor).
-RUNTIME_FIELDS = ("device", "amp", "channels_last", "seed", "progress", "monitor")
+RUNTIME_FIELDS = ("device", "amp", "channels_last", "compile", "seed", "progress", "monitor")
 
 
 MONITORS = TrainConfig.__dataclass_fields__["monitor"].metadata["choices"]
