@@ -165,8 +165,7 @@ class TeacherRunConfig:
 
 @dataclass
 class DistillRunConfig:
-    # Cached teacher outputs exist for each frame and its flip only, so flips are the default here.
-    data: DataConfig = opt(factory=lambda: DataConfig(augment="flip"))
+    data: DataConfig = opt(factory=DataConfig)
     teacher: TeacherConfig = opt(factory=TeacherConfig)
     teacher_train: TrainConfig = opt(factory=teacher_train_defaults)
     student: str = opt("lightweight-cnn", "lightweight-cnn | timm:<name>.")
@@ -176,6 +175,9 @@ class DistillRunConfig:
     teacher_run_id: str | None = opt(None, "Pin this teacher run instead of looking one up.")
     teacher_mode: str = opt("cached", "cached: teacher outputs computed once per teacher run; live: every step.",
                             choices=("cached", "live"))
+    teacher_views: int = opt(8, "Cached mode: augmented views of each training frame whose teacher outputs are "
+                                "stored (float16) with the teacher run; each epoch a frame shows one of them, and the "
+                                "student sees exactly that view.", ge=1)
     resume: bool = opt(False, "Continue the newest unfinished run with the same settings.")
     checkpoint_dir: str | None = opt(None, "Where in-flight checkpoints live; default $FLAME_KD_CACHE/checkpoints.")
 

@@ -32,7 +32,8 @@ def run_teacher(cfg: TeacherRunConfig, attach_env: bool = True, extra_tags: dict
     plan = FitPlan(stage="teacher", teacher=t.name, loss="bce", run_name=cfg.tracking.run_name or f"teacher {t.name} s{seed}",
                    label=f"teacher {t.name}", cfg=to_dict(cfg), data=data, model=model,
                    task=SupervisedTask(teacher_forward), train=cfg.train, tracking=cfg.tracking, device=device,
-                   tags={"flame_kd.fusion": t.fusion}, resume=cfg.resume, checkpoint_dir=cfg.checkpoint_dir)
+                   tags={"flame_kd.fusion": t.fusion, "flame_kd.augment": cfg.data.augment}, resume=cfg.resume,
+                   checkpoint_dir=cfg.checkpoint_dir)
     with tracked_fit(plan, attach_env, parent_run_id, extra_tags, callbacks) as fitted:
         log_test_report(fitted.trainer, fitted.state, data, f"{t.name} teacher", seed)
         ex = example_batch(data)
