@@ -151,6 +151,8 @@ class TrackingConfig:
     tracking_uri: str | None = opt(None, "Default: MLFLOW_TRACKING_URI, else MLflow's sqlite:///mlflow.db.")
     log_model: bool = opt(True, "Log the model with mlflow.pytorch at the end of the run.")
     register_as: str | None = opt(None, "Register the model under this name in the MLflow registry.")
+    system_metrics: bool | None = opt(None, "MLflow system metrics (CPU, memory; GPU utilisation and memory "
+                                            "through nvidia-ml-py); default: on when training on CUDA.")
 
 
 @dataclass

@@ -259,8 +259,9 @@ def tracked_fit(plan: FitPlan, attach_env: bool = True, parent_run_id: str | Non
         log.warning("nothing to resume for these settings; starting a new run")
     tags = identity_tags(plan.stage, plan.teacher, plan.loss, plan.train.seed, plan.data, digest)
     tags |= plan.tags | (extra_tags or {})
+    sysm = tracking.system_metrics_setting(plan.tracking.system_metrics, torch.device(plan.device).type)
     with tracking.run(plan.tracking.experiment, plan.run_name, tags, run_id=resume_id, attach_env=attach_env,
-                      parent_run_id=parent_run_id) as active:
+                      parent_run_id=parent_run_id, system_metrics=sysm) as active:
         run_id = active.info.run_id
         if resume_id is None:
             start_logging(plan.cfg, plan.data, full=plan.full_log)
