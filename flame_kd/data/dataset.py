@@ -1,9 +1,9 @@
 """Paired RGB+IR frames for training: a decoded-frame cache, the dataset, and its DataLoader.
 
 Decoding two JPEGs per frame every epoch costs more than a small student's step, so frames are
-decoded and resized once into uint8 arrays (in memory or a memory-mapped file on disk). One item is
-one frame: its RGB and its own IR, transformed with the same random parameters, so teacher and
-student always see the same frame.
+decoded and resized once into uint8 arrays (in memory, a memory-mapped file on disk, or resident on
+the training device). One item is one frame: its RGB and its own IR, transformed with the same
+parameters (``augment.py``, batched), so teacher and student always see the same frame.
 """
 
 from __future__ import annotations
