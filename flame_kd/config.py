@@ -49,14 +49,19 @@ class DataConfig:
                                      "runs pair up; none: the run's seed.")
     gap: str = opt("auto", "Frames dropped at each cross-split boundary: auto (the images' measured decorrelation "
                            "distance; the rule when there are no images), rule (block/20) or a number.")
-    cache: str = opt("memory", "Decoded-frame cache (disk: a memory-mapped file reused across runs).",
-                     choices=("memory", "disk", "none"))
+    cache: str = opt("auto", "Decoded-frame cache: memory, disk (a memory-mapped file reused across runs), none, "
+                             "or device (frames resident on the training device, a batch is an index gather there; "
+                             "falls back to memory when they do not fit); auto: device on CUDA when the frames fit, "
+                             "else memory.", choices=("auto", "device", "memory", "disk", "none"))
     cache_dir: str | None = opt(None, "Folder of the disk cache; default $FLAME_KD_CACHE/frames.")
     num_workers: int = opt(0, "DataLoader workers; 0 decodes in the main process, best with the cache.", ge=0)
     pin_memory: bool | None = opt(None, "Pinned host memory; None: on when the device is CUDA.", expose=False)
     persistent_workers: bool = opt(True, "Keep workers alive across epochs.", expose=False)
-    augment: str = opt("full", "Training augmentation: full (flips, rotation, RGB colour jitter), flip or none.",
-                       choices=("full", "flip", "none"))
+    augment: str = opt("full", "Training augmentation: full (flips, rotation, shift, zoom, RGB colour jitter), "
+                               "flip or none.", choices=("full", "flip", "none"))
+    augment_on: str = opt("auto", "Where training augmentation runs: host (in the loader), device (batched on the "
+                                  "training device after the copy); auto: device on CUDA, else host. Both draw the "
+                                  "same parameters.", choices=("auto", "host", "device"))
 
 
 @dataclass
@@ -74,13 +79,14 @@ class TrainConfig:
     amp: bool | None = opt(None, "Mixed precision (bf16 where supported, else fp16 + GradScaler); default: on "
                                  "on CUDA. Off the GPU it does not apply (and is not logged).")
     channels_last: bool | None = opt(None, "Channels-last memory format; default: on on CUDA (CUDA only).")
+    compile: bool = opt(False, "torch.compile the model (opt-in: compiling takes minutes; steps on a GPU get faster).")
     seed: int = opt(42, "Seed of the run (and of the split unless --split-seed is given).")
     progress: bool = opt(True, "Progress of each epoch: a bar on a terminal, else a line every 30 s.")
 
 
 # Fields of TrainConfig that describe the machine and the run, not the schedule: a distill run's
 # teacher (trained on the way) and student share them, so the CLI takes them once (one --monitor).
-RUNTIME_FIELDS = ("device", "amp", "channels_last", "seed", "progress", "monitor")
+RUNTIME_FIELDS = ("device", "amp", "channels_last", "compile", "seed", "progress", "monitor")
 
 
 MONITORS = TrainConfig.__dataclass_fields__["monitor"].metadata["choices"]
@@ -150,6 +156,8 @@ class TrackingConfig:
     register: bool = opt(False, "Register the logged model as a new version of --register-as, described by "
                                 "its test F1, teacher and loss.")
     register_as: str = opt("flame-kd-student", "Registered model name (with --register).")
+    system_metrics: bool | None = opt(None, "MLflow system metrics (CPU, memory; GPU utilisation and memory "
+                                            "through nvidia-ml-py); default: on when training on CUDA.")
 
 
 @dataclass
@@ -166,8 +174,7 @@ class TeacherRunConfig:
 
 @dataclass
 class DistillRunConfig:
-    # Cached teacher outputs exist for each frame and its flip only, so flips are the default here.
-    data: DataConfig = opt(factory=lambda: DataConfig(augment="flip"))
+    data: DataConfig = opt(factory=DataConfig)
     teacher: TeacherConfig = opt(factory=TeacherConfig)
     teacher_train: TrainConfig = opt(factory=teacher_train_defaults)
     student: str = opt("lightweight-cnn", "lightweight-cnn | timm:<name>.")
@@ -177,6 +184,9 @@ class DistillRunConfig:
     teacher_run_id: str | None = opt(None, "Pin this teacher run instead of looking one up.")
     teacher_mode: str = opt("cached", "cached: teacher outputs computed once per teacher run; live: every step.",
                             choices=("cached", "live"))
+    teacher_views: int = opt(8, "Cached mode: augmented views of each training frame whose teacher outputs are "
+                                "stored (float16) with the teacher run; each epoch a frame shows one of them, and the "
+                                "student sees exactly that view.", ge=1)
     resume: bool = opt(False, "Continue the newest unfinished run with the same settings.")
     checkpoint_dir: str | None = opt(None, "Where in-flight checkpoints live; default $FLAME_KD_CACHE/checkpoints.")
 

@@ -99,15 +99,66 @@ def amp_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
+HOST_KEYS = ("index", "flip", "view")  # bookkeeping read on the host (teacher lookups, predictions): not copied
+FINITE_CHECK_STEPS = 50  # the training loss is checked for NaN/inf every this many steps (one host sync)
+
+
 def to_device(batch: Batch, device: torch.device, channels_last: bool) -> Batch:
+    """Tensors of ``batch`` on ``device`` (asynchronously from pinned memory), 4-d ones channels-last
+    when asked; HOST_KEYS stay where they are."""
     out = {}
     for k, v in batch.items():
-        if isinstance(v, torch.Tensor):
+        if isinstance(v, torch.Tensor) and k not in HOST_KEYS:
             v = v.to(device, non_blocking=True)
             if channels_last and v.ndim == 4:
                 v = v.contiguous(memory_format=torch.channels_last)
         out[k] = v
     return out
+
+
+def device_batches(loader, device: torch.device, channels_last: bool) -> Iterable[Batch]:
+    """The loader's batches on ``device``, with any augmentation the dataset deferred to the device
+    (``PairedFrames.on_device``) applied there, before the channels-last conversion."""
+    finish = getattr(getattr(loader, "dataset", None), "on_device", None)
+    for batch in loader:
+        batch = to_device(batch, device, False)
+        if finish is not None:
+            batch = finish(batch)
+        yield to_device(batch, device, channels_last) if channels_last else batch
+
+
+class Sums:
+    """Frame-weighted sums of a task's scalar outputs, kept on the device: reading them is the only
+    host synchronisation of an epoch (and the periodic finiteness check)."""
+
+    def __init__(self):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.n = 0
+
+    def add(self, out: dict[str, torch.Tensor], b: int) -> None:
+        self.n += b
+        for k, v in out.items():
+            if k not in ("logits", "features") and v.ndim == 0:
+                v = v.detach().float() * b
+                self.sums[k] = self.sums[k] + v if k in self.sums else v
+
+    def check_finite(self, what: str) -> None:
+        """Raise if the summed loss is NaN or infinite (one sync; a bad step poisons the sum)."""
+        loss = self.sums.get("loss")
+        if loss is not None and not bool(torch.isfinite(loss)):
+            raise FloatingPointError(f"training loss became {float(loss) / max(self.n, 1)} {what}")
+
+    def means(self, prefix: str) -> dict[str, float]:
+        if not self.sums:
+            return {}
+        values = torch.stack(list(self.sums.values())).cpu().tolist()  # one copy for every component
+        return {f"{prefix}/{k}": v / max(self.n, 1) for k, v in zip(self.sums, values)}
+
+
+def compile_model(model: nn.Module, enabled: bool) -> nn.Module:
+    """``torch.compile(model)`` when asked (opt-in: compiling takes a while, and pays off over long
+    runs on a GPU); the wrapper shares the model's parameters, so checkpoints hold plain weights."""
+    return torch.compile(model) if enabled else model
 
 
 def _rng_state() -> dict:
@@ -178,8 +229,11 @@ class Trainer:
         self.task = task
         for m in task.modules():
             m.to(self.device)
+        self.net = compile_model(self.model, cfg.compile)  # what the task calls; self.model is checkpointed
         self.params = [p for m in [self.model, *task.modules()] for p in m.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        # fused on CUDA: one kernel, and the fp16 GradScaler's inf check then needs no host sync
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                           fused=self.device.type == "cuda")
         self.mode = monitor_mode(cfg.monitor)
         self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
             self.optimizer, mode=self.mode, factor=cfg.plateau_factor, patience=cfg.plateau_patience
@@ -260,28 +314,23 @@ class Trainer:
         for m in self.task.modules():
             m.train()
         self._set_epoch(loader, epoch)
-        sums: dict[str, float] = {}
-        n = 0
+        sums = Sums()
         start = time.perf_counter()
-        for batch in self._bar(loader, f"epoch {epoch}/{self.cfg.epochs} train"):
-            batch = to_device(batch, self.device, self.channels_last)
+        batches = device_batches(loader, self.device, self.channels_last)
+        for step, batch in enumerate(self._bar(batches, f"epoch {epoch}/{self.cfg.epochs} train"), 1):
             with self._autocast():
-                out = self.task(self.model, batch)
-            loss = out["loss"]
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"training loss became {loss.item()} at epoch {epoch}")
+                out = self.task(self.net, batch)
             self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
+            self.scaler.scale(out["loss"]).backward()
             self.scaler.step(self.optimizer)
             self.scaler.update()
-            b = len(batch["target"])
-            n += b
-            for k, v in out.items():
-                if k not in ("logits", "features") and v.ndim == 0:
-                    sums[k] = sums.get(k, 0.0) + float(v.detach()) * b
+            sums.add(out, len(batch["target"]))
+            if step % FINITE_CHECK_STEPS == 0:
+                sums.check_finite(f"by step {step} of epoch {epoch}")
+        sums.check_finite(f"in epoch {epoch}")
+        metrics = sums.means("train")
         seconds = time.perf_counter() - start
-        metrics = {f"train/{k}": v / max(n, 1) for k, v in sums.items()}
-        metrics["train/samples_per_second"] = n / seconds if seconds > 0 else 0.0
+        metrics["train/samples_per_second"] = sums.n / seconds if seconds > 0 else 0.0
         return metrics
 
     @torch.inference_mode()
@@ -290,34 +339,30 @@ class Trainer:
 
         With ``predictions`` it returns ``(metrics, Predictions)``: the per-frame targets,
         probabilities, features and rows of the same pass, so a test report reads the split once.
+        Everything stays on the device until the pass ends.
         """
         self.model.eval()
         for m in self.task.modules():
             m.eval()
-        sums: dict[str, float] = {}
-        n = 0
+        sums = Sums()
         targets, probs, features, rows = [], [], [], []
-        for batch in self._bar(loader, prefix):
-            batch = to_device(batch, self.device, self.channels_last)
+        for batch in self._bar(device_batches(loader, self.device, self.channels_last), prefix):
             with self._autocast():
-                out = self.task(self.model, batch)
-            b = len(batch["target"])
-            n += b
-            for k, v in out.items():
-                if k not in ("logits", "features") and v.ndim == 0:
-                    sums[k] = sums.get(k, 0.0) + float(v) * b
-            targets.append(batch["target"].float().cpu().numpy())
-            probs.append(torch.sigmoid(out["logits"].float()).cpu().numpy())
+                out = self.task(self.net, batch)
+            sums.add(out, len(batch["target"]))
+            targets.append(batch["target"].float())
+            probs.append(torch.sigmoid(out["logits"].float()))
             if predictions:
-                features.append(out["features"].float().cpu().numpy())
-                rows.append(batch["index"].cpu().numpy().reshape(-1))
-        metrics = {f"{prefix}/{k}": v / max(n, 1) for k, v in sums.items()}
-        scores = compute_metrics(np.concatenate(targets), np.concatenate(probs), self.cfg.threshold)
-        metrics |= {f"{prefix}/{k}": v for k, v in scores.items()}
+                features.append(out["features"].float())
+                rows.append(torch.as_tensor(batch["index"]).reshape(-1))
+        host = lambda xs: torch.cat(xs).cpu().numpy()  # noqa: E731
+        metrics = sums.means(prefix)
+        targets, probs = host(targets), host(probs)
+        metrics |= {f"{prefix}/{k}": v for k, v in compute_metrics(targets, probs, self.cfg.threshold).items()}
         if not predictions:
             return metrics
-        return metrics, Predictions(targets=np.concatenate(targets), probs=np.concatenate(probs),
-                                    features=np.concatenate(features), indices=np.concatenate(rows).astype(int))
+        return metrics, Predictions(targets=targets, probs=probs, features=host(features),
+                                    indices=host(rows).astype(int))
 
     def fit(self, train_loader, val_loader, resume: bool = False) -> FitState:
         """Train until ``cfg.epochs`` or early stopping; returns the final state."""

@@ -89,9 +89,10 @@ def ort_predict(path: str | Path, loader: Iterable[dict], threads: int = 1) -> t
     sess = session(path, threads)
     targets, probs = [], []
     for batch in loader:
-        logits = sess.run(["logits"], {INPUT: np.asarray(batch["rgb"], dtype=np.uint8)})[0]
+        host = {k: v.cpu() if hasattr(v, "cpu") else v for k, v in batch.items()}  # a device cache's batch
+        logits = sess.run(["logits"], {INPUT: np.asarray(host["rgb"], dtype=np.uint8)})[0]
         probs.append(1.0 / (1.0 + np.exp(-logits.astype(np.float64))))
-        targets.append(np.asarray(batch["target"], dtype=np.float32))
+        targets.append(np.asarray(host["target"], dtype=np.float32))
     return np.concatenate(targets), np.concatenate(probs)
 
 

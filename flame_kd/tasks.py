@@ -42,9 +42,11 @@ class SupervisedTask:
 class TeacherOutputs:
     """Where a distillation step gets the teacher's (logits, features) for its batch.
 
-    ``cached``: looked up by frame ID and flip in tensors computed once per teacher run;
-    ``frame_ids`` maps the batch's rows (``batch["index"]``) to the ids of this run's frame table.
-    A frame the cache does not hold, or holds without outputs (``known`` False), is an error.
+    ``cached``: looked up by frame ID and view in tensors computed once per teacher run
+    (``teacher_outputs.compute``): ``batch["view"]`` -1 is the plain frame, ``v`` its cached view
+    ``v``; ``frame_ids`` maps the batch's rows (``batch["index"]``) to the ids of this run's frame
+    table. A frame (or view) the cache does not hold is an error, found on the host from the batch's
+    rows; the gather itself runs on the device that holds the outputs (``to``), with no host sync.
     ``live``: the frozen teacher run on the same RGB+IR batch the student sees.
     """
 
@@ -61,9 +63,14 @@ class TeacherOutputs:
                 raise ValueError("cached teacher outputs need the frame ids of the run's frame table")
             self.frame_ids = torch.tensor(frame_ids, dtype=torch.long)
             self._sorted_ids, self._perm = torch.sort(cache["ids"].long())
+            self.n, self.views = len(cache["ids"]), int(cache.get("views", 0))
+            self.view_known = cache.get("view_known", torch.zeros(self.n, dtype=torch.bool))
+            # one table: the plain frames, then view 0, view 1, ...: position = row + n * (view + 1)
+            self.table = [torch.cat([cache[key], *(cache[f"view_{key}"] if self.views else ())])
+                          for key in ("logits", "features")]
 
     def rows(self, index: torch.Tensor) -> torch.Tensor:
-        """Cache rows of the frames at table rows ``index``; checks ids and ``known``."""
+        """Cache rows of the frames at table rows ``index`` (host); checks ids and ``known``."""
         ids = self.frame_ids[index]
         pos = torch.searchsorted(self._sorted_ids, ids).clamp_max(len(self._sorted_ids) - 1)
         rows = self._perm[pos]
@@ -74,26 +81,40 @@ class TeacherOutputs:
                                "the cache was built for other frames")
         return rows
 
+    def positions(self, index: torch.Tensor, view: torch.Tensor | None, flip: torch.Tensor | None) -> torch.Tensor:
+        """Positions in the table of the batch's frames and views (host tensors in, host out)."""
+        rows = self.rows(index)
+        view = torch.full_like(rows, -1) if view is None else torch.as_tensor(view).long().cpu()
+        plain = view < 0
+        if flip is not None and bool((torch.as_tensor(flip).cpu() & plain).any()):
+            raise RuntimeError("a flipped frame outside the cached views: this loader augments without "
+                               "use_views, so cached teacher outputs cannot match it")
+        if bool((~plain & ((view >= self.views) | ~self.view_known[rows])).any()):
+            raise RuntimeError(f"cached teacher outputs hold {self.views} view(s) of training frames only; "
+                               "this batch asks for others")
+        return rows + self.n * (view + 1)
+
     def __call__(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         if self.teacher is not None:
             with torch.no_grad():
                 logits, feats = teacher_forward(self.teacher, batch)
             return logits.float(), feats.float()
-        rows = self.rows(batch["index"].cpu())
-        flip = batch["flip"].cpu().bool()
-        logits = torch.where(flip[:, None], self.cache["logits_flip"][rows], self.cache["logits"][rows])
-        feats = torch.where(flip[:, None], self.cache["features_flip"][rows], self.cache["features"][rows])
+        pos = self.positions(torch.as_tensor(batch["index"]).cpu(), batch.get("view"), batch.get("flip"))
+        pos = pos.to(self.table[0].device, non_blocking=True)
         device = batch["rgb"].device
-        return logits.to(device, non_blocking=True).float(), feats.to(device, non_blocking=True).float()
+        return tuple(t.index_select(0, pos).to(device, non_blocking=True).float() for t in self.table)
 
     def to(self, device: torch.device) -> "TeacherOutputs":
+        """Move the live teacher, or the cached outputs (gathered there each step), to ``device``."""
         if self.teacher is not None:
             self.teacher.to(device)
+        else:
+            self.table = [t.to(device) for t in self.table]
         return self
 
 
 class DistillTask:
-    """Student on RGB, teacher targets for the SAME frames (same rows, same flips) in the batch."""
+    """Student on RGB, teacher targets for the SAME frames (same rows, same views) in the batch."""
 
     def __init__(self, loss: DistillLoss, teacher: TeacherOutputs | None):
         if loss.uses_teacher and teacher is None:

@@ -168,6 +168,14 @@ def _error_text(err: BaseException) -> str:
     return redact(f"{type(err).__name__}: {text}")[:4000]
 
 
+def system_metrics_setting(wanted: bool | None, device_type: str) -> bool | None:
+    """``--system-metrics`` as given; unset: on for a CUDA run (GPU use through nvidia-ml-py, so the
+    run's System metrics tab shows whether the GPU was kept busy), else MLflow's own default."""
+    if wanted is not None:
+        return bool(wanted)
+    return True if device_type == "cuda" else None
+
+
 @contextlib.contextmanager
 def run(
     experiment: str | None,
@@ -176,20 +184,23 @@ def run(
     run_id: str | None = None,
     attach_env: bool = True,
     parent_run_id: str | None = None,
+    system_metrics: bool | None = None,
 ) -> Iterator[mlflow.ActiveRun]:
     """Start (or continue ``run_id``, or attach to ``mlflow run``'s) run; end it with its status.
 
     ``attach_env=False`` starts a fresh run even inside ``mlflow run`` (a teacher trained on the
     way to a distill run is its own run). ``parent_run_id`` nests the new run under that run
-    (sweep trials, ablation cells), in the parent's experiment.
+    (sweep trials, ablation cells), in the parent's experiment. ``system_metrics``: MLflow's
+    system metrics monitor for the run (None: MLflow's default, its environment variable).
     """
+    sysm = {"log_system_metrics": system_metrics}
     outer = os.environ.get("MLFLOW_RUN_ID")  # mlflow.end_run() unsets it: restored for the run it names
     env_run = outer if attach_env and not parent_run_id else None
     target = run_id or env_run
     saved_env = os.environ.pop("MLFLOW_RUN_ID", None) if not target else None  # else start_run reuses it
     try:
         if target:
-            active = mlflow.start_run(run_id=target)
+            active = mlflow.start_run(run_id=target, **sysm)
             tag_experiment(active.info.experiment_id)
             if run_name and target == env_run:
                 MlflowClient().set_tag(active.info.run_id, "mlflow.runName", run_name)
@@ -198,11 +209,12 @@ def run(
             current = mlflow.active_run()
             active = mlflow.start_run(
                 experiment_id=parent.info.experiment_id, run_name=run_name, parent_run_id=parent_run_id,
-                nested=current is not None and current.info.run_id == parent_run_id,
+                nested=current is not None and current.info.run_id == parent_run_id, **sysm,
             )
         else:
             exp_id = ensure_experiment(experiment)
-            active = mlflow.start_run(experiment_id=exp_id, run_name=run_name, nested=mlflow.active_run() is not None)
+            active = mlflow.start_run(experiment_id=exp_id, run_name=run_name, nested=mlflow.active_run() is not None,
+                                      **sysm)
     finally:
         if saved_env is not None:
             os.environ["MLFLOW_RUN_ID"] = saved_env

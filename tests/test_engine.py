@@ -123,3 +123,46 @@ def test_device_resolution():
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="CUDA is not available"):
             resolve_device("cuda")
+
+
+def test_nan_is_found_by_the_periodic_check_without_a_sync_per_step(tmp_path, monkeypatch):
+    """The loss is summed on the device; its finiteness is read every FINITE_CHECK_STEPS steps."""
+    from flame_kd import engine
+
+    monkeypatch.setattr(engine, "FINITE_CHECK_STEPS", 2)
+    trainer = make(tmp_path, "nan2", epochs=1)
+    with torch.no_grad():
+        trainer.model.head.bias.fill_(float("inf"))
+    with pytest.raises(FloatingPointError, match="by step 2 of epoch 1"):
+        trainer.train_epoch(loaders()[0], 1)
+
+
+def test_loss_sums_stay_tensors_until_the_epoch_ends():
+    from flame_kd.engine import Sums
+
+    sums = Sums()
+    sums.add({"loss": torch.tensor(2.0), "bce": torch.tensor(1.0), "logits": torch.zeros(4, 2)}, 4)
+    sums.add({"loss": torch.tensor(4.0), "bce": torch.tensor(3.0), "logits": torch.zeros(2, 2)}, 2)
+    assert all(isinstance(v, torch.Tensor) for v in sums.sums.values()) and set(sums.sums) == {"loss", "bce"}
+    assert sums.means("train") == pytest.approx({"train/loss": (8 + 8) / 6, "train/bce": (4 + 6) / 6})
+    sums.add({"loss": torch.tensor(float("nan"))}, 1)
+    with pytest.raises(FloatingPointError, match="became nan at the end"):
+        sums.check_finite("at the end")
+
+
+@pytest.mark.slow  # inductor compiles C++ for the CPU: ~1 minute on 2 cores
+def test_compile_trains_a_tiny_model_on_cpu(tmp_path):
+    """--compile: torch.compile'd forward, the same numbers as eager, plain weights in checkpoints."""
+    eager = make(tmp_path, "eager", epochs=1)
+    eager.model.drop.p = 0.0  # compiled dropout draws its own random numbers: compare without it
+    eager_state = eager.fit(*loaders())
+    torch.manual_seed(0)
+    cfg = TrainConfig(epochs=1, lr=0.05, plateau_patience=1, device="cpu", progress=False, compile=True)
+    model = TinyTeacher()
+    model.drop.p = 0.0
+    compiled = Trainer(model, SupervisedTask(teacher_forward), cfg, tmp_path / "compiled")
+    assert isinstance(compiled.net, torch._dynamo.eval_frame.OptimizedModule) and compiled.net is not compiled.model
+    state = compiled.fit(*loaders())
+    assert state.history["train/loss"][0][1] == pytest.approx(eager_state.history["train/loss"][0][1], rel=1e-4)
+    saved = torch.load(tmp_path / "compiled" / "best.pt", weights_only=True)["model"]
+    assert set(saved) == set(eager.model.state_dict())  # no _orig_mod. prefixes

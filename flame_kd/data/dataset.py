@@ -1,9 +1,9 @@
 """Paired RGB+IR frames for training: a decoded-frame cache, the dataset, and its DataLoader.
 
 Decoding two JPEGs per frame every epoch costs more than a small student's step, so frames are
-decoded and resized once into uint8 arrays (in memory or a memory-mapped file on disk). One item is
-one frame: its RGB and its own IR, transformed with the same random parameters, so teacher and
-student always see the same frame.
+decoded and resized once into uint8 arrays (in memory, a memory-mapped file on disk, or resident on
+the training device). One item is one frame: its RGB and its own IR, transformed with the same
+parameters (``augment.py``, batched), so teacher and student always see the same frame.
 """
 
 from __future__ import annotations
@@ -23,11 +23,10 @@ import pandas as pd
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, default_collate
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms.v2 import functional as F
 
 from flame_kd.config import DataConfig
-from flame_kd.data import schema
+from flame_kd.data import augment, schema
+from flame_kd.data.augment import AUGMENTS
 from flame_kd.errors import ConfigError, DataError
 from flame_kd.progress import track
 
@@ -36,8 +35,8 @@ log = logging.getLogger("flame_kd")
 # Frames leave the loader as uint8: the models normalise them (flame_kd.models.inputs), on the GPU
 # when there is one -- a quarter of the bytes to copy and no float work on the CPU.
 CACHE_MODES = ("memory", "disk", "none")
-AUGMENTS = ("none", "flip", "full")
-MAX_ROTATION, MAX_SHIFT, MAX_ZOOM, JITTER = 10.0, 0.05, 0.05, 0.2  # "full": degrees, fractions, +-20%
+CACHE_CHOICES = ("auto", "device", *CACHE_MODES)  # device/auto resolve to one of CACHE_MODES + "device"
+DEVICE_CACHE_SHARE = 0.6  # at most this share of the free accelerator memory holds frames: the rest trains
 
 
 def decode_image(path: str, size: int) -> np.ndarray:
@@ -72,6 +71,8 @@ class FrameCache:
         self.paths = list(zip(frames["rgb_path"], frames["ir_path"]))
         self.progress = True if progress is None else progress  # progress.track: a bar, or log lines
         self.rgb = self.ir = None
+        self.device_rgb: torch.Tensor | None = None
+        self.device_ir: torch.Tensor | None = None
         self.path: Path | None = None
         if mode == "memory":
             self.rgb, self.ir = np.empty(self._shape(), np.uint8), np.empty(self._shape(), np.uint8)
@@ -96,7 +97,52 @@ class FrameCache:
             return decode_image(rgb_path, self.image_size), decode_image(ir_path, self.image_size)
         if self.rgb is None:  # a disk cache after unpickling in a DataLoader worker
             self._open()
-        return self.rgb[i], self.ir[i]
+        return self.rgb[i], self.ir[i]  # (a device cache keeps its host arrays: memory or a memmap)
+
+    @property
+    def on_device(self) -> bool:
+        """Frames resident on the training device (``to_device``): a batch is an index gather there."""
+        return self.device_rgb is not None
+
+    def gather(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """RGB and IR uint8 [B,3,S,S] of table ``rows``, on the device the frames live on.
+
+        From host arrays: one fancy-indexing copy (the cache stays untouched), made contiguous NCHW
+        (a CPU warps that layout fastest). On the device: an index gather whose NHWC storage read as
+        NCHW is channels-last, the layout the convolutions want there.
+        """
+        if self.device_rgb is not None:
+            idx = torch.from_numpy(np.asarray(rows, dtype=np.int64)).to(self.device_rgb.device, non_blocking=True)
+            return tuple(t.index_select(0, idx).permute(0, 3, 1, 2) for t in (self.device_rgb, self.device_ir))
+        if self.mode == "none":
+            pairs = [self.get(int(i)) for i in rows]
+            stores = (np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs]))
+        else:
+            if self.rgb is None:
+                self._open()  # a disk cache after unpickling in a DataLoader worker
+            stores = (self.rgb[rows], self.ir[rows])
+        return tuple(torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2).contiguous() for x in stores)
+
+    def to_device(self, device: torch.device, chunk: int = 2048) -> "FrameCache":
+        """Put every frame on ``device`` (uint8 NHWC). On a CPU the tensors share the host arrays
+        (no copy: ``device`` is then ``memory``); elsewhere they are copied chunk by chunk (a
+        one-off, synchronous copy), so the host never holds a second full copy of a disk cache."""
+        device = torch.device(device)
+        if self.mode == "none":
+            raise ConfigError("a device cache needs decoded frames (cache memory or disk first)")
+        if self.rgb is None:
+            self._open()
+        if device.type == "cpu":
+            self.device_rgb, self.device_ir = torch.from_numpy(self.rgb), torch.from_numpy(self.ir)
+            return self
+        stores = []
+        for host in (self.rgb, self.ir):
+            dev = torch.empty(host.shape, dtype=torch.uint8, device=device)
+            for i in range(0, len(host), chunk):
+                dev[i:i + chunk].copy_(torch.from_numpy(np.ascontiguousarray(host[i:i + chunk])))
+            stores.append(dev)
+        self.device_rgb, self.device_ir = stores
+        return self
 
     def _fill(self, rgb: np.ndarray, ir: np.ndarray) -> None:
         """Decode every frame into ``rgb`` / ``ir`` (threads: PIL releases the GIL while decoding)."""
@@ -170,6 +216,7 @@ class FrameCache:
     def __getstate__(self) -> dict:
         """A disk cache travels to DataLoader workers as its path (and reopens there), not its bytes."""
         state = dict(self.__dict__)
+        state["device_rgb"] = state["device_ir"] = None  # (a device cache runs without workers)
         if self.mode == "disk":
             state["rgb"] = state["ir"] = None
         return state
@@ -185,95 +232,83 @@ def _checksums(file: Path, shape: tuple[int, ...]) -> list[str]:
             for i in range(0, shape[0], CHECKSUM_FRAMES)]
 
 
-def _seeded(*keys: int) -> torch.Generator:
-    """A torch.Generator seeded by a tuple of ints (seed, epoch, index): reproducible anywhere."""
-    seed = int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1, np.uint64)[0] >> 1)
-    return torch.Generator().manual_seed(seed)
-
-
-def _uniform(g: torch.Generator, low: float, high: float) -> float:
-    return low + (high - low) * float(torch.rand((), generator=g))
-
-
 class PairedFrames(Dataset):
     """One item = one frame: ``rgb``, ``ir`` (uint8 [3,S,S]), ``target`` [fire, smoke],
-    ``index`` (row in frames) and ``flip``. Augmentation is drawn from (seed, epoch, index)."""
+    ``index`` (row in frames), ``flip`` and ``view`` (-1, or the cached teacher view it shows).
+
+    Augmentation is batched (``augment.apply``) with parameters drawn from (seed, epoch, frame id);
+    with ``use_views(k, seed)`` each frame instead shows one of its ``k`` cached teacher views
+    (chosen from (seed, epoch, frame id)). It runs where the frames are when a batch is gathered,
+    unless ``augment_on="device"`` defers it to ``on_device`` (after the copy to the GPU): both
+    draw the same parameters.
+    """
 
     def __init__(self, frames: pd.DataFrame, indices, image_size: int, augment: str = "none",
-                 cache: FrameCache | None = None, seed: int = 0):
+                 cache: FrameCache | None = None, seed: int = 0, augment_on: str = "host"):
         if augment not in AUGMENTS:
             raise ConfigError(f"unknown augment {augment!r}; expected one of {', '.join(AUGMENTS)}")
+        if augment_on not in ("host", "device"):
+            raise ConfigError(f"unknown augment_on {augment_on!r}; expected host or device")
         self.cache = cache if cache is not None else FrameCache(frames, image_size, mode="none")
         if self.cache.image_size != image_size or len(self.cache) != len(frames):
             raise ConfigError(f"the frame cache holds {len(self.cache)} frames at {self.cache.image_size} px, "
                               f"not {len(frames)} at {image_size} px")
         self.indices = np.asarray(indices, dtype=np.int64)
         self.image_size, self.augment, self.seed = int(image_size), augment, int(seed)
+        self.augment_on = augment_on
+        self.keys = frames["id"].to_numpy(dtype=np.int64)  # augmentation follows the frame, not its row
         self.targets = torch.tensor(frames[["fire", "smoke"]].to_numpy(), dtype=torch.float32)
+        self.views, self.view_seed = 0, 0
         self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()  # seen by persistent workers
 
     def set_epoch(self, epoch: int) -> None:
         """Draw new augmentations for ``epoch`` (call before iterating the loader)."""
         self._epoch[0] = int(epoch)
 
+    def use_views(self, views: int, seed: int) -> None:
+        """Show each frame as one of its ``views`` cached teacher views (``augment.view_params``)."""
+        self.views, self.view_seed = int(views), int(seed)
+
+    @property
+    def deferred(self) -> bool:
+        """Augmentation waits for ``on_device``: frames on the host, augmentation asked on the device."""
+        return self.augment_on == "device" and self.augment != "none" and not self.cache.on_device
+
     def __len__(self) -> int:
         return len(self.indices)
 
+    def params(self, rows) -> tuple[augment.Params, torch.Tensor]:
+        """(augmentation parameters, view shown or -1) of table ``rows`` in the current epoch."""
+        keys = self.keys[np.asarray(rows, dtype=np.int64)]
+        epoch = int(self._epoch[0])
+        if self.views and self.augment != "none":
+            views = augment.choose_views(self.seed, epoch, keys, self.views)
+            return augment.view_params(self.augment, self.view_seed, views, keys), torch.from_numpy(views)
+        return augment.epoch_params(self.augment, self.seed, epoch, keys), torch.full((len(keys),), -1)
+
     def __getitem__(self, k: int) -> dict:
-        i = int(self.indices[k])
-        # uint8 [3,S,S], contiguous: a copy (the cache stays untouched) that keeps later ops fast
-        rgb, ir = (torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1))) for x in self.cache.get(i))
-        flip = False
-        if self.augment != "none":
-            rgb, ir, flip = self._augment(rgb, ir, _seeded(self.seed, int(self._epoch[0]), i))
-        return {"rgb": rgb, "ir": ir,
-                "target": self.targets[i].clone(), "index": i, "flip": flip}
+        batch = self.__getitems__([k])
+        return {key: (v[0].item() if v.ndim == 1 and key != "target" else v[0]) for key, v in batch.items()}
 
     def __getitems__(self, ks: list[int]) -> dict:
-        """A whole batch at once (DataLoader calls this): one gather from the cache and one flip per
-        modality instead of one per frame, the same numbers as ``__getitem__``.
-
-        Per-frame affine augmentation ("full") and an uncached set take the per-frame path.
-        """
-        if self.augment == "full" or self.cache.mode == "none":
-            return collate([self[k] for k in ks])
+        """A whole batch at once (the DataLoader calls this): one gather from the cache, one
+        augmentation call for the batch."""
         rows = self.indices[np.asarray(ks, dtype=np.int64)]
-        if self.cache.rgb is None:
-            self.cache.get(int(rows[0]))  # reopen a disk cache in a worker
-        epoch = int(self._epoch[0])
-        flips = torch.zeros(len(rows), dtype=torch.bool)
-        if self.augment == "flip":
-            flips = torch.tensor([bool(torch.rand((), generator=_seeded(self.seed, epoch, int(i))) < 0.5)
-                                  for i in rows])
-        out = {}
-        for key, store in (("rgb", self.cache.rgb), ("ir", self.cache.ir)):
-            x = torch.from_numpy(np.ascontiguousarray(store[rows]))  # fancy indexing copies: the cache stays
-            x = x.permute(0, 3, 1, 2).contiguous()  # [B,S,S,3] -> [B,3,S,S]
-            if flips.any():
-                x[flips] = x[flips].flip(-1)
-            out[key] = x
-        return out | {"target": self.targets[torch.from_numpy(rows)], "index": torch.from_numpy(rows),
-                      "flip": flips}
+        rgb, ir = self.cache.gather(rows)
+        p, views = self.params(rows)
+        if not self.deferred:
+            rgb, ir = augment.apply(rgb, ir, p)
+        index = torch.from_numpy(rows)
+        return {"rgb": rgb, "ir": ir, "target": self.targets[index], "index": index, "flip": p.flip,
+                "view": views}
 
-    def _augment(self, rgb: torch.Tensor, ir: torch.Tensor, g: torch.Generator):
-        """Flip (and for "full" a small affine) with the same parameters on both; jitter RGB only."""
-        flip = bool(torch.rand((), generator=g) < 0.5)
-        if flip:
-            rgb, ir = F.horizontal_flip(rgb), F.horizontal_flip(ir)
-        if self.augment == "full":
-            shift = MAX_SHIFT * self.image_size
-            affine = dict(
-                angle=_uniform(g, -MAX_ROTATION, MAX_ROTATION),
-                translate=[round(_uniform(g, -shift, shift)), round(_uniform(g, -shift, shift))],
-                scale=_uniform(g, 1 - MAX_ZOOM, 1 + MAX_ZOOM),
-                shear=[0.0, 0.0],
-                interpolation=InterpolationMode.BILINEAR,
-            )
-            rgb, ir = F.affine(rgb, **affine), F.affine(ir, **affine)
-            rgb = F.adjust_brightness(rgb, _uniform(g, 1 - JITTER, 1 + JITTER))
-            rgb = F.adjust_contrast(rgb, _uniform(g, 1 - JITTER, 1 + JITTER))
-            rgb = F.adjust_saturation(rgb, _uniform(g, 1 - JITTER, 1 + JITTER))
-        return rgb, ir, flip
+    def on_device(self, batch: dict) -> dict:
+        """The deferred augmentation, on the device the batch now lives on (same parameters)."""
+        if not self.deferred:
+            return batch
+        p, _ = self.params(batch["index"].numpy())
+        rgb, ir = augment.apply(batch["rgb"], batch["ir"], p)
+        return batch | {"rgb": rgb, "ir": ir}
 
 
 def collate(batch):
@@ -291,9 +326,16 @@ def seed_worker(worker_id: int) -> None:
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, cfg: DataConfig, device: str, seed: int,
                 drop_last: bool = False) -> DataLoader:
     """A DataLoader with the config's workers, pinning (default: on for CUDA), persistence, and a
-    seeded generator, so the shuffle order is a function of ``seed``."""
-    workers = int(cfg.num_workers)
+    seeded generator, so the shuffle order is a function of ``seed``.
+
+    Frames already on the device (``FrameCache.to_device``) need no workers and no pinning: the
+    loader then only draws the shuffled rows (the same order as any other cache) and the dataset
+    gathers them on the device.
+    """
+    on_device = getattr(getattr(dataset, "cache", None), "on_device", False)
+    workers = 0 if on_device else int(cfg.num_workers)
     pin = cfg.pin_memory if cfg.pin_memory is not None else str(device).startswith("cuda")
+    pin = pin and not on_device
     return DataLoader(
         dataset,
         batch_size=batch_size,
@@ -306,3 +348,50 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, cfg: DataConfi
         drop_last=drop_last,
         collate_fn=collate,
     )
+
+
+def cache_bytes(n_frames: int, image_size: int) -> int:
+    """Bytes of RGB + IR uint8 frames at ``image_size``."""
+    return 2 * n_frames * image_size * image_size * 3
+
+
+def device_free_bytes(device: torch.device) -> int | None:
+    """Free memory of an accelerator (None when it cannot be asked)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    return None
+
+
+def resolve_cache_mode(mode: str, device: torch.device, need_bytes: int, free_bytes: int | None = None) -> str:
+    """``auto``/``device`` made concrete for ``device``: ``device`` when the frames fit in
+    DEVICE_CACHE_SHARE of its free memory (always on a CPU, where it shares the memory cache's
+    arrays), else ``memory``; an explicit ``device`` that does not fit says so in one line.
+    ``free_bytes`` defaults to what the device reports (tests pass a fake capacity)."""
+    if mode not in CACHE_CHOICES:
+        raise ConfigError(f"unknown cache mode {mode!r}; expected one of {', '.join(CACHE_CHOICES)}")
+    if mode not in ("auto", "device"):
+        return mode
+    device = torch.device(device)
+    if device.type == "cpu":
+        return "device" if mode == "device" else "memory"
+    free = free_bytes if free_bytes is not None else device_free_bytes(device)
+    if free is not None and need_bytes <= DEVICE_CACHE_SHARE * free:
+        return "device"
+    if mode == "device":
+        room = "cannot be asked for its free memory" if free is None else (
+            f"has {free / 2**30:.1f} GiB free (frames may use {DEVICE_CACHE_SHARE:.0%})")
+        log.warning("--cache device: the frames need %.1f GiB and %s %s; caching them in host memory instead",
+                    need_bytes / 2**30, device, room)
+    return "memory"
+
+
+def build_cache(frames: pd.DataFrame, image_size: int, mode: str, device: torch.device, cache_dir=None,
+                data_digest: str | None = None, free_bytes: int | None = None) -> FrameCache:
+    """The run's frame cache for ``--cache mode`` on ``device``. A device cache is filled from the
+    disk cache on an accelerator (decoded once, reused by later runs) and from memory on a CPU."""
+    mode = resolve_cache_mode(mode, device, cache_bytes(len(frames), image_size), free_bytes)
+    if mode != "device":
+        return FrameCache(frames, image_size, mode=mode, cache_dir=cache_dir, data_digest=data_digest)
+    host = "memory" if torch.device(device).type == "cpu" else "disk"
+    cache = FrameCache(frames, image_size, mode=host, cache_dir=cache_dir, data_digest=data_digest)
+    return cache.to_device(device)

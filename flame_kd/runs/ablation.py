@@ -69,7 +69,7 @@ def cell_config(spec: AblationSpec, teacher: str, loss: str, seed: int) -> Disti
         cfg.seed, cfg.device = seed, spec.device
         if epochs:
             cfg.epochs = epochs
-    data = DataConfig(**{"cache": "disk", "split_seed": 42, **spec.data, "augment": "flip"})
+    data = DataConfig(**{"cache": "disk", "split_seed": 42, **spec.data})
     if data.split_seed is None:
         raise ConfigError("ablation: data.split_seed must be a number; every cell shares one split")
     return DistillRunConfig(

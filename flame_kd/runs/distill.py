@@ -172,12 +172,9 @@ def train_pos_weight(data: Data) -> torch.Tensor:
     return torch.tensor(w, dtype=torch.float32)
 
 
-CACHED_AUGMENTS = ("flip", "none")  # what cached teacher outputs can reproduce: the frame and its flip
-
-
 def validate(cfg: DistillRunConfig) -> None:
-    """Option errors (ranges, variant, weights, temperature, mode, gap, augmentation, a pinned teacher
-    that does not exist) before any data is read or run is started."""
+    """Option errors (ranges, variant, weights, temperature, mode, gap, a pinned teacher that does not
+    exist) before any data is read or run is started."""
     from flame_kd.data.split import parse_gap
 
     check_ranges(cfg)
@@ -185,10 +182,7 @@ def validate(cfg: DistillRunConfig) -> None:
     parse_gap(cfg.data.gap)
     if cfg.teacher_mode not in ("cached", "live"):
         raise ConfigError(f"--teacher-mode {cfg.teacher_mode}: expected cached or live")
-    if cfg.teacher_mode == "cached" and loss.uses_teacher and cfg.data.augment not in CACHED_AUGMENTS:
-        raise ConfigError(
-            f"augment={cfg.data.augment} with teacher_mode=cached: cached teacher outputs know only the plain "
-            "and flipped frame; use augment flip or none, or teacher_mode live")
+    del loss  # built above for its checks
 
 
 @dataclass
@@ -220,8 +214,12 @@ def prepare(cfg: DistillRunConfig, parent_run_id: str | None = None) -> Prepared
         prep.teacher_run_id, _ = resolve_teacher(cfg, data, parent_run_id)
         prep.teacher, _, _ = load_run_model(prep.teacher_run_id, device)
         if cfg.teacher_mode == "cached":
-            cache = teacher_outputs.load_or_compute(prep.teacher_run_id, prep.teacher, data, device)
-            prep.outputs = TeacherOutputs(cache=cache, frame_ids=data.frames["id"].to_numpy())
+            cache = teacher_outputs.load_or_compute(prep.teacher_run_id, prep.teacher, data, device,
+                                                    augment=cfg.data.augment, views=cfg.teacher_views,
+                                                    view_seed=cfg.train.seed)
+            # each frame shows one of the cached views per epoch, and the student gets exactly that view
+            data.loaders["train"].dataset.use_views(cache["views"], cache["view_seed"])
+            prep.outputs = TeacherOutputs(cache=cache, frame_ids=data.frames["id"].to_numpy()).to(device)
         else:
             prep.outputs = TeacherOutputs(teacher=prep.teacher).to(device)
     return prep
@@ -247,7 +245,12 @@ def run_distill(cfg: DistillRunConfig, attach_env: bool = True, extra_tags: dict
     pos_weight = train_pos_weight(data) if cfg.loss.pos_weight == "auto" else None
     loss = build_loss(cfg, student.feature_dim, teacher.feature_dim if teacher else student.feature_dim, pos_weight)
     teacher_name = cfg.teacher.name if loss.uses_teacher else "none"
-    tags = {"flame_kd.student": cfg.student, "flame_kd.teacher_mode": cfg.teacher_mode}
+    tags = {"flame_kd.student": cfg.student, "flame_kd.teacher_mode": cfg.teacher_mode,
+            "flame_kd.augment": cfg.data.augment}
+    if loss.uses_teacher:  # views per training frame the student can be shown (live: a new one every epoch)
+        tags["flame_kd.teacher_views"] = (
+            str(max(1, teacher_outputs.effective_views(cfg.data.augment, cfg.teacher_views)))
+            if cfg.teacher_mode == "cached" else "live")
     if prep.teacher_run_id and loss.uses_teacher:
         tags["flame_kd.teacher_run_id"] = prep.teacher_run_id
     plan = FitPlan(stage=stage, teacher=teacher_name, loss=cfg.loss.variant,

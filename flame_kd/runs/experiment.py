@@ -23,7 +23,7 @@ from filelock import FileLock, Timeout
 
 from flame_kd import plots, tracking
 from flame_kd.config import DataConfig, TrackingConfig, TrainConfig, best_name, flatten
-from flame_kd.data.dataset import FrameCache, PairedFrames, make_loader
+from flame_kd.data.dataset import FrameCache, PairedFrames, build_cache, make_loader
 from flame_kd.data.labels import find_label_ranges
 from flame_kd.data.schema import data_digest, load_frames
 from flame_kd.data.split import Split, split_frames
@@ -78,15 +78,24 @@ def load_data(cfg: DataConfig, seed: int, device: torch.device, augment: str | N
         if len(split.indices(name)) == 0:
             raise DataError(f"{cfg.csv}: the {name} split is empty ({len(frames)} frames are too few to split)")
     cache_dir = cfg.cache_dir or str(cache_home() / "frames")
-    cache = FrameCache(frames, cfg.image_size, mode=cfg.cache, cache_dir=cache_dir, data_digest=digest)
+    cache = build_cache(frames, cfg.image_size, cfg.cache, device, cache_dir=cache_dir, data_digest=digest)
     loaders = {}
     for name in ("train", "val", "test"):
         aug = (augment or cfg.augment) if name == "train" else "none"
-        ds = PairedFrames(frames, split.indices(name), cfg.image_size, augment=aug, cache=cache, seed=seed)
+        ds = PairedFrames(frames, split.indices(name), cfg.image_size, augment=aug, cache=cache, seed=seed,
+                          augment_on=augment_place(cfg.augment_on, device))
         train = name == "train"  # a last training batch of one frame would break BatchNorm: dropped
         loaders[name] = make_loader(ds, cfg.batch_size, shuffle=train, cfg=cfg, device=str(device), seed=seed,
                                     drop_last=train and len(ds) > cfg.batch_size)
     return Data(frames, split, digest, cache, loaders, cfg)
+
+
+def augment_place(augment_on: str, device: torch.device) -> str:
+    """``auto``: on the device on CUDA (the GPU warps a batch in microseconds), else in the loader
+    (on a CPU both run on the same cores, and loader workers add cores)."""
+    if augment_on == "auto":
+        return "device" if torch.device(device).type == "cuda" else "host"
+    return augment_on
 
 
 def make_data_split(frames: pd.DataFrame, cfg: DataConfig, seed: int, digest: str) -> Split:
@@ -98,7 +107,7 @@ def make_data_split(frames: pd.DataFrame, cfg: DataConfig, seed: int, digest: st
 
 
 VOLATILE = ("tracking", "resume", "checkpoint_dir", "device", "num_workers", "pin_memory",
-            "persistent_workers", "cache", "cache_dir", "progress",
+            "persistent_workers", "cache", "cache_dir", "progress", "augment_on", "compile",
             "csv", "root")  # where the data lies: the data digest says what it is
 
 
@@ -272,8 +281,9 @@ def tracked_fit(plan: FitPlan, attach_env: bool = True, parent_run_id: str | Non
         log.warning("nothing to resume for these settings; starting a new run")
     tags = identity_tags(plan.stage, plan.teacher, plan.loss, plan.train.seed, plan.data, digest)
     tags |= plan.tags | (extra_tags or {})
+    sysm = tracking.system_metrics_setting(plan.tracking.system_metrics, torch.device(plan.device).type)
     with tracking.run(plan.tracking.experiment, plan.run_name, tags, run_id=resume_id, attach_env=attach_env,
-                      parent_run_id=parent_run_id) as active:
+                      parent_run_id=parent_run_id, system_metrics=sysm) as active:
         run_id = active.info.run_id
         if resume_id is None:
             start_logging(plan.cfg, plan.params, plan.data, full=plan.full_log)
@@ -326,4 +336,4 @@ def example_batch(data: Data, n: int = 2) -> dict[str, torch.Tensor]:
     """The first ``n`` test frames, raw (uint8): profiling cuts them to one, exports keep a batch of 2."""
     ds = data.loaders["test"].dataset
     items = [ds[i] for i in range(min(n, len(ds)))]
-    return {k: torch.stack([torch.as_tensor(it[k]) for it in items]) for k in ("rgb", "ir")}
+    return {k: torch.stack([torch.as_tensor(it[k]).cpu() for it in items]) for k in ("rgb", "ir")}

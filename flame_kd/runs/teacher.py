@@ -34,7 +34,8 @@ def run_teacher(cfg: TeacherRunConfig, attach_env: bool = True, extra_tags: dict
                    label=f"teacher {t.name}", cfg=to_dict(cfg), params=run_params(cfg, TEACHER_OPTIONS, device),
                    data=data, model=model,
                    task=SupervisedTask(teacher_forward), train=cfg.train, tracking=cfg.tracking, device=device,
-                   tags={"flame_kd.fusion": t.fusion}, resume=cfg.resume, checkpoint_dir=cfg.checkpoint_dir)
+                   tags={"flame_kd.fusion": t.fusion, "flame_kd.augment": cfg.data.augment}, resume=cfg.resume,
+                   checkpoint_dir=cfg.checkpoint_dir)
     with tracked_fit(plan, attach_env, parent_run_id, extra_tags, callbacks) as fitted:
         m = log_test_report(fitted.trainer, fitted.state, data, f"{t.name} teacher", seed).metrics
         ex = example_batch(data)

@@ -1,0 +1,29 @@
+"""The accelerator benchmark runs end to end on a CPU (a smoke test: tiny models, 32 px, 2 steps)."""
+
+from __future__ import annotations
+
+
+import pytest
+
+from pipeline_helpers import REPO
+
+
+def test_gpu_throughput_smoke(tmp_path, monkeypatch, capsys):
+    for var in ("MLFLOW_TRACKING_URI", "FLAME_KD_CACHE"):  # the bench points them at its temp folder
+        monkeypatch.setenv(var, str(tmp_path / var))
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    monkeypatch.chdir(tmp_path)
+    gpu_throughput = pytest.importorskip("gpu_throughput")
+    gpu_throughput.main(["--device", "cpu", "--steps", "2", "--image-size", "32", "--batch-size", "4",
+                         "--teacher", "timm:test_resnet", "--student", "timm:test_efficientnet", "--compile", "off",
+                         "--views", "2", "--epoch-frames", "16", "--epoch-repeats", "1"])
+    out = capsys.readouterr().out
+    assert "device: cpu" in out
+    table = [line for line in out.splitlines() if line.startswith(("memory ", "device "))]
+    assert len(table) == 3  # memory cache x augmentation host/device, device cache (augmented there)
+    for line in table:
+        data, teacher, student = (float(v.replace(",", "")) for v in line.split()[3:6])
+        assert data > 0 and teacher > 0 and student > 0
+    assert "cache device / memory, teacher" in out and "augment_on device / host, data" in out
+    assert sorted(line.split()[1] for line in table) == ["device", "device", "host"]
+    assert "cached KD (kl_bce, 2 views)" in out and "ratio" in out
