@@ -39,6 +39,8 @@ def main() -> None:
     p.add_argument("--teacher-epochs", type=int, default=None, help="teacher epochs (default: --epochs)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="run seeds (split and init)")
     p.add_argument("--data-seed", type=int, default=1, help="synth seed")
+    p.add_argument("--fixed-split", action="store_true",
+                   help="one split for every seed (split seed 42); default: each seed draws its own split")
     p.add_argument("--teacher", default="timm:resnet18")
     p.add_argument("--student", default="lightweight-cnn")
     p.add_argument("--variants", nargs="+", default=None, help="loss variants; default: all, bce first")
@@ -71,8 +73,10 @@ def main() -> None:
             return TrainConfig(epochs=epochs, lr=args.lr, seed=seed, device="cpu", progress=False,
                                early_stop_patience=epochs, plateau_patience=2)
 
-        def data(augment: str) -> DataConfig:
-            return DataConfig(csv=csv, image_size=args.image_size, batch_size=args.batch_size, augment=augment)
+        def data(augment: str) -> DataConfig:  # split_seed None: the run's seed draws the split
+            split = {} if args.fixed_split else {"split_seed": None}
+            return DataConfig(csv=csv, image_size=args.image_size, batch_size=args.batch_size, augment=augment,
+                              **split)
 
         teacher = TeacherConfig(name=args.teacher, pretrained=False)
         tracking_cfg = TrackingConfig(experiment="signal", log_model=False)
@@ -111,8 +115,9 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for name, rows in results.items():
         print(f"| {name} | {len(rows)} | " + " | ".join(cell([r[k] for r in rows]) for k in NAMES[:3]) + " |")
-    print("\nmean ± std over seeds; the split is fixed (DataConfig.split_seed), so the seeds vary "
-          "initialisation and data order, not the test frames.\n")
+    print("\nmean ± std over seeds; " + ("the split is fixed, so the seeds vary initialisation and data order, "
+          "not the test frames.\n" if args.fixed_split else "each seed draws its own split (test frames), "
+          "initialisation and data order.\n"))
     print("| test F1 per seed: macro (fire / smoke) | " + " | ".join(f"seed {s}" for s in args.seeds) + " |")
     print("|---|" + "---|" * len(args.seeds))
     for name, rows in results.items():
