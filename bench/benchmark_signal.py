@@ -3,11 +3,13 @@
 One realistic set (``flame-kd data synth --difficulty realistic``), then per seed: an RGB+IR teacher
 from random weights, and a student per loss variant distilled from that teacher (``bce`` is the
 control: no teacher). Prints mean ± std over seeds of test macro F1 and macro AP, beside the constant
-predictor (each label's training-set majority). CPU, small frames; everything lives in a temporary
-folder, never your MLflow store.
+predictor (each label's training-set majority), then each seed's macro (fire / smoke) F1 and whether
+the issue's calibration target holds per seed and on the mean. CPU, small frames; everything lives in
+a temporary folder, never your MLflow store. The teacher is trained once per seed, so it can take
+more epochs than the four students at little cost.
 
     HF_HUB_OFFLINE=1 MPLBACKEND=Agg .venv/bin/python bench/benchmark_signal.py \
-        --frames 1000 --image-size 64 --epochs 5 --seeds 0 1 2
+        --frames 1000 --image-size 64 --epochs 3 --teacher-epochs 5 --seeds 0 1 2
 """
 
 from __future__ import annotations
@@ -23,16 +25,22 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import add_threads_option, fix_threads, use_store  # noqa: E402
 
-NAMES = ("f1_macro", "ap_macro", "auc_macro", "f1_macro_constant")
+NAMES = ("f1_macro", "ap_macro", "auc_macro", "f1_fire", "f1_smoke", "f1_macro_constant")
+# the issue's calibration target: teacher F1 in this range, control at least GAP below it, both at
+# least MARGIN above the constant predictor
+TEACHER_RANGE, GAP, MARGIN = (0.85, 0.97), 0.03, 0.05
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--frames", type=int, default=1000)
     p.add_argument("--image-size", type=int, default=64)
-    p.add_argument("--epochs", type=int, default=5, help="teacher and student epochs")
+    p.add_argument("--epochs", type=int, default=5, help="student epochs (and the teacher's unless --teacher-epochs)")
+    p.add_argument("--teacher-epochs", type=int, default=None, help="teacher epochs (default: --epochs)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="run seeds (split and init)")
     p.add_argument("--data-seed", type=int, default=1, help="synth seed")
+    p.add_argument("--fixed-split", action="store_true",
+                   help="one split for every seed (split seed 42); default: each seed draws its own split")
     p.add_argument("--teacher", default="timm:resnet18")
     p.add_argument("--student", default="lightweight-cnn")
     p.add_argument("--variants", nargs="+", default=None, help="loss variants; default: all, bce first")
@@ -52,6 +60,7 @@ def main() -> None:
     from flame_kd.losses import VARIANTS
     from flame_kd.runs.teacher import run_teacher
 
+    teacher_epochs = args.teacher_epochs or args.epochs
     variants = args.variants or ["bce", *[v for v in VARIANTS if v != "bce"]]
     results: dict[str, list[dict]] = {}
     start = time.perf_counter()
@@ -60,34 +69,36 @@ def main() -> None:
         csv = str(synthesize(Path(tmp) / "data", frames=args.frames, image_size=args.image_size,
                              seed=args.data_seed, difficulty=args.difficulty))
 
-        def train(seed: int) -> TrainConfig:
-            return TrainConfig(epochs=args.epochs, lr=args.lr, seed=seed, device="cpu", progress=False,
-                               early_stop_patience=args.epochs, plateau_patience=2)
+        def train(seed: int, epochs: int = args.epochs) -> TrainConfig:
+            return TrainConfig(epochs=epochs, lr=args.lr, seed=seed, device="cpu", progress=False,
+                               early_stop_patience=epochs, plateau_patience=2)
 
-        def data(augment: str) -> DataConfig:
-            return DataConfig(csv=csv, image_size=args.image_size, batch_size=args.batch_size, augment=augment)
+        def data(augment: str) -> DataConfig:  # split_seed None: the run's seed draws the split
+            split = {} if args.fixed_split else {"split_seed": None}
+            return DataConfig(csv=csv, image_size=args.image_size, batch_size=args.batch_size, augment=augment,
+                              **split)
 
         teacher = TeacherConfig(name=args.teacher, pretrained=False)
         tracking_cfg = TrackingConfig(experiment="signal", log_model=False)
         for seed in args.seeds:
             t0 = time.perf_counter()
-            tid = run_teacher(TeacherRunConfig(data=data("full"), teacher=teacher, train=train(seed),
+            tid = run_teacher(TeacherRunConfig(data=data("full"), teacher=teacher, train=train(seed, teacher_epochs),
                                                tracking=tracking_cfg))
             runs = {"teacher (RGB+IR)": tid}
             print(f"seed {seed}: teacher {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
             for v in variants:
                 t0 = time.perf_counter()
                 runs[f"student {v}"] = run_distill(DistillRunConfig(
-                    data=data("flip"), teacher=teacher, teacher_train=train(seed), student=args.student,
+                    data=data("flip"), teacher=teacher, teacher_train=train(seed, teacher_epochs), student=args.student,
                     train=train(seed), loss=LossConfig(variant=v), tracking=tracking_cfg, teacher_run_id=tid))
                 print(f"seed {seed}: {v} {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
             for name, run_id in runs.items():
                 m = tracking.get_run(run_id).data.metrics
                 results.setdefault(name, []).append({k: m.get(f"test/{k}", float("nan")) for k in NAMES})
                 results.setdefault("constant (training majority)", [])
-            results["constant (training majority)"].append(
-                {"f1_macro": results["teacher (RGB+IR)"][-1]["f1_macro_constant"], "ap_macro": float("nan"),
-                 "auc_macro": float("nan")})
+            constant = results["teacher (RGB+IR)"][-1]["f1_macro_constant"]
+            results["constant (training majority)"].append({k: constant if k == "f1_macro" else float("nan")
+                                                            for k in NAMES})
 
     def cell(vals: list[float]) -> str:
         vals = [v for v in vals if v == v]
@@ -96,14 +107,37 @@ def main() -> None:
         sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
         return f"{statistics.mean(vals):.3f} ± {sd:.3f}"
 
-    print(f"\n{args.frames} {args.difficulty} frames, {args.image_size} px, {args.epochs} epochs, "
+    print(f"\n{args.frames} {args.difficulty} frames, {args.image_size} px, teacher {teacher_epochs} epochs, "
+          f"students {args.epochs} epochs, "
           f"lr {args.lr}, teacher {args.teacher}, student {args.student}, seeds {args.seeds}, "
           f"{args.threads} thread(s), {time.perf_counter() - start:.0f} s in all\n")
     print("| model | seeds | test macro F1 | test macro AP | test macro AUC |")
     print("|---|---|---|---|---|")
     for name, rows in results.items():
         print(f"| {name} | {len(rows)} | " + " | ".join(cell([r[k] for r in rows]) for k in NAMES[:3]) + " |")
-    print("\nmean ± std over seeds; the split (and so the test frames) changes with the seed.")
+    print("\nmean ± std over seeds; " + ("the split is fixed, so the seeds vary initialisation and data order, "
+          "not the test frames.\n" if args.fixed_split else "each seed draws its own split (test frames), "
+          "initialisation and data order.\n"))
+    print("| test F1 per seed: macro (fire / smoke) | " + " | ".join(f"seed {s}" for s in args.seeds) + " |")
+    print("|---|" + "---|" * len(args.seeds))
+    for name, rows in results.items():
+        print(f"| {name} | " + " | ".join(f"{r['f1_macro']:.3f}" + (
+            f" ({r['f1_fire']:.3f} / {r['f1_smoke']:.3f})" if r["f1_fire"] == r["f1_fire"] else "") for r in rows) + " |")
+    if "student bce" in results:
+        print()
+        f1 = {name: [r["f1_macro"] for r in rows] for name, rows in results.items()}
+        teach, control, const = f1["teacher (RGB+IR)"], f1["student bce"], f1["constant (training majority)"]
+        for label, t, c, k in [*(
+                (f"seed {s}", *v) for s, *v in zip(args.seeds, teach, control, const)),
+                ("mean", statistics.mean(teach), statistics.mean(control), statistics.mean(const))]:
+            print(f"{label}: teacher {t:.3f} in {TEACHER_RANGE[0]}-{TEACHER_RANGE[1]}: "
+                  f"{_yes(TEACHER_RANGE[0] <= t <= TEACHER_RANGE[1])}; "
+                  f"control {t - c:+.3f} below the teacher (>= {GAP}): {_yes(t - c >= GAP)}; "
+                  f"above the constant by {min(t, c) - k:+.3f} (>= {MARGIN}): {_yes(min(t, c) - k >= MARGIN)}")
+
+
+def _yes(ok: bool) -> str:
+    return "yes" if ok else "NO"
 
 
 if __name__ == "__main__":

@@ -9,8 +9,10 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 from PIL import Image
+from sklearn.metrics import roc_auc_score
 
 from flame_kd.cli import main
+from flame_kd.data import synth
 from flame_kd.data.labels import read_label_ranges
 from flame_kd.data.synth import synthesize
 
@@ -60,6 +62,33 @@ def test_realistic_set_has_flame2_label_mix_and_ambiguous_rgb(tmp_path):
         return np.mean((rgb[..., 0] > 180) & (rgb[..., 0] - rgb[..., 2] > 80))
     nofire = table.id[table.fire == 0].to_numpy()[::10]
     assert np.mean([orange(i) > 0 for i in nofire]) > 0.2
+
+
+def test_realistic_fire_is_plain_in_ir_and_ambiguous_in_rgb(tmp_path):
+    """The teacher's signal: nearly every fire frame is hotter in IR than most fire-free frames (a few
+    of those hold a hot non-fire spot); the student's is weak: among frames without smoke,
+    fire-coloured RGB pixels do not tell fire from no fire (decoys look like flames)."""
+    csv = synthesize(tmp_path, frames=800, image_size=32, seed=2, difficulty="realistic")
+    table = pd.read_csv(csv)
+    table = table[table.smoke == 0]  # YN against NN: smoke would give fire away (there is no NY)
+    hot, orange = [], []
+    for i in table.id:
+        ir, rgb = load(tmp_path, "ir", i).sum(-1), load(tmp_path, "rgb", i)
+        hot.append(np.sort(ir.ravel())[-3:].mean())
+        orange.append(np.mean((rgb[..., 0] > 150) & (rgb[..., 0] - rgb[..., 2] > 60)))
+    hot, fire = np.array(hot), table.fire.to_numpy() == 1
+    assert np.percentile(hot[fire], 5) > np.percentile(hot[~fire], 80) + 100  # brightness, 3 channels summed
+    assert roc_auc_score(fire, hot) > 0.85
+    assert roc_auc_score(fire, orange) < 0.65
+
+
+def test_realistic_label_noise_is_one_or_two_percent():
+    layout = synth._layout(3000, np.random.default_rng([1, 1]), realistic=True)
+    labelled = synth._slip_labels(layout, np.random.default_rng([1, 4]))
+    scene = [st for f, l, st in layout for _ in range(f, l + 1)]
+    label = [st for f, l, st in labelled for _ in range(f, l + 1)]
+    assert len(scene) == len(label) == 3000
+    assert 0.005 < np.mean([a != b for a, b in zip(scene, label)]) < 0.03
 
 
 def test_difficulty_is_checked(tmp_path):

@@ -7,10 +7,13 @@ like FLAME2's) and flame colour in RGB; smoke is a grey-white haze over most of 
 can hide a small fire there while the thermal frame still shows it. Same seed, same bytes.
 
 ``difficulty="easy"`` is that set: at 64 px any small CNN scores macro F1 1.0 in two epochs.
-``difficulty="realistic"`` makes RGB alone ambiguous, as in FLAME2: fire is always a hot spot in
-IR, but in RGB it is often faint, too small or hidden under haze; orange roofs, dry grass and sun
-glints look like fire in RGB and are cold in IR; a rare hot non-fire spot fools IR too; segments
-are shorter; and human-like label noise moves a few range boundaries by a frame or two.
+``difficulty="realistic"`` makes RGB alone ambiguous, as in FLAME2: fire is always a clear hot spot
+in IR (its heat spreads beyond the flame, so even a fire too small to see in RGB shows), but in RGB
+it is often faint, tiny or not visible at all; orange roofs, dry grass and sun glints are drawn like
+flames in RGB (a bright core beside a dark patch) and are cold in IR; a rare hot non-fire spot
+(~4% of frames) fools IR too; segments are shorter (~15 frames); and human-like label noise moves
+some range boundaries by a frame or two (~1.5% of frames mislabelled). At 64 px an RGB+IR teacher
+then beats an RGB-only student on fire, while smoke shows in both.
 """
 
 from __future__ import annotations
@@ -85,17 +88,23 @@ class _Segment:
     # realistic only: how much of the fire RGB shows (0 hidden .. 1 plain), RGB-only look-alikes,
     # IR-only hot spots, and a thin mist over fire-free segments
     visibility: float = 1.0
-    decoys: list = field(default_factory=list)  # (world xy, radius, kind) kind: roof | grass | glint
+    decoys: list = field(default_factory=list)  # (world xy, radius, kind) kind: a key of DECOY_HEAT
     hot_spots: np.ndarray = field(default_factory=lambda: np.zeros((0, 2)))
     mist: float = 0.0
+    heat_spread: float = 0.0  # the smallest spread (Gaussian sigma, frame pixels) of a fire's heat in IR
 
 
 DIFFICULTIES = ("realistic", "easy")
 # realistic: how a fire segment shows in RGB -> (probability, flame opacity scale)
-VISIBILITY = {"plain": (0.4, 1.0), "faint": (0.25, 0.3), "small": (0.15, 0.5), "hidden": (0.2, 0.0)}
-DECOY_RGB = {"roof": (205, 85, 40), "grass": (215, 160, 70), "glint": (255, 245, 200)}
-HOT_SPOT_SHARE = 0.1  # fire-free segments with a hot non-fire spot in IR (vehicle, chimney)
-LABEL_SLIP = 2  # realistic: a range boundary is labelled up to this many frames off
+VISIBILITY = {"plain": (0.3, 1.0), "faint": (0.25, 0.3), "small": (0.15, 0.6), "hidden": (0.3, 0.0)}
+# decoys are drawn like a flame (bright core over a dark patch: a sunlit roof or glint beside its
+# shadow, a dry-grass patch): kind -> position on the flame palette of its core (roof orange ..
+# glint yellow-white); they are cold in IR
+DECOY_HEAT = {"roof": 0.55, "grass": 0.7, "glint": 1.0}
+HOT_SPOT_SHARE = 0.15  # fire-free segments with a hot non-fire spot in IR (vehicle, chimney): ~4% of frames
+IR_FIRE_SIGMA = 0.04  # realistic: a fire's heat spreads at least this share of the frame in IR (sigma)
+LABEL_SLIP = 2  # realistic: a range boundary is labelled up to this many frames off ...
+SLIP_SHARE = 0.15  # ... for this share of boundaries (with ~15-frame segments, ~1.5% of frames)
 
 
 def _layout(n: int, rng: np.random.Generator, realistic: bool = False) -> list[tuple[int, int, str]]:
@@ -148,7 +157,8 @@ def _segment(first, last, state, size, world, rng) -> _Segment:
 
 
 def _realistic_segment(first, last, state, size, world, rng) -> _Segment:
-    """As `_segment`, plus what makes RGB ambiguous: fire visibility, decoys, hot spots, mist."""
+    """As `_segment`, plus what makes RGB ambiguous: fire visibility, flame-like decoys, hot spots,
+    mist; and a fire's heat spread in IR."""
     seg = _segment(first, last, state, size, world, rng)
     seg.radius = np.maximum(0.8, rng.uniform(0.012, 0.04, len(seg.radius)) * size)  # often small
     kinds = list(VISIBILITY)
@@ -157,10 +167,11 @@ def _realistic_segment(first, last, state, size, world, rng) -> _Segment:
     if kind == "small":
         seg.radius = np.full(len(seg.radius), 0.6)
     seg.smoke_max = rng.uniform(0.4, 0.9)
-    n_decoys = int(rng.integers(0, 4)) if state[0] == "Y" else int(rng.integers(1, 4))
+    seg.heat_spread = IR_FIRE_SIGMA * size  # even a fire too small to see in RGB is a clear hot spot in IR
+    n_decoys = int(rng.integers(0, 3)) if state[0] == "Y" else int(rng.integers(1, 4))
     for _ in range(n_decoys):
-        decoy = str(rng.choice(list(DECOY_RGB)))
-        r = size * (rng.uniform(0.01, 0.02) if decoy == "glint" else rng.uniform(0.025, 0.06))
+        decoy = str(rng.choice(list(DECOY_HEAT)))
+        r = size * rng.uniform(0.012, 0.04)  # flame-sized
         seg.decoys.append((seg.start + rng.uniform(0.1, 0.9, 2) * size, max(r, 0.8), decoy))
     if state[0] == "N" and rng.random() < HOT_SPOT_SHARE:
         seg.hot_spots = seg.start + rng.uniform(0.2, 0.8, (1, 2)) * size
@@ -170,11 +181,15 @@ def _realistic_segment(first, last, state, size, world, rng) -> _Segment:
 
 
 def _slip_labels(layout: list[tuple[int, int, str]], rng: np.random.Generator) -> list[tuple[int, int, str]]:
-    """Human-like label noise: each inner range boundary moves by up to LABEL_SLIP frames."""
+    """Human-like label noise: one inner range boundary in SLIP_SHARE moves by 1..LABEL_SLIP frames
+    (about 1.5% of frames mislabelled with realistic segment lengths)."""
     firsts = [f for f, _, _ in layout]
     lasts = [l for _, l, _ in layout]
     for k in range(1, len(layout)):
-        shift = int(rng.integers(-LABEL_SLIP, LABEL_SLIP + 1))
+        slips = rng.random() < SLIP_SHARE
+        shift = int(rng.integers(1, LABEL_SLIP + 1)) * (1 if rng.random() < 0.5 else -1)
+        if not slips:
+            continue
         lo, hi = firsts[k - 1] + 1, lasts[k]  # keep at least one frame on each side
         firsts[k] = int(np.clip(firsts[k] + shift, lo, hi))
         lasts[k - 1] = firsts[k] - 1
@@ -213,6 +228,15 @@ class _Renderer:
         gy = np.exp(-((n - centre[1]) ** 2) / (2 * radius**2))
         return np.outer(gy, gx).astype(np.float32) * np.float32(rng.uniform(0.85, 1.0))
 
+    def _flame(self, rgb: np.ndarray, centre: np.ndarray, r: float, opacity, heat: float, rng) -> None:
+        """Draw a flame-like spot into ``rgb`` in place: a darker patch (burnt ground, or a shadow)
+        and a core coloured by the flame palette up to ``heat`` (1: a yellow-white core)."""
+        rgb *= (1 - 0.55 * opacity * self._blob(centre, 2.5 * r, rng))[..., None]
+        core = self._blob(centre, r, rng)
+        rows, cols = np.nonzero(core > 0.01)  # draw only where it shows
+        alpha = opacity * np.clip(1.6 * core[rows, cols], 0, 1)[:, None]
+        rgb[rows, cols] = rgb[rows, cols] * (1 - alpha) + _lookup(self.flame, heat * core[rows, cols]) * alpha
+
     def _noise(self, rng: np.random.Generator) -> np.ndarray:
         """Unit Gaussian noise [S, S, 3]: a random crop of the noise bank."""
         k, oy, ox = rng.integers(0, 2), *rng.integers(0, self.size, 2)
@@ -226,23 +250,20 @@ class _Renderer:
         rgb = self.ground[y : y + s, x : x + s] * np.float32(rng.uniform(0.96, 1.04))  # exposure flicker
         temp = self.temperature[y : y + s, x : x + s]
 
-        for centre, radius, kind in seg.decoys:  # realistic: fire-coloured in RGB, cold in IR
-            blob = self._blob(centre - cam, radius, rng)
-            alpha = np.clip((2.5 if kind == "roof" else 1.2) * blob, 0, 0.95)[..., None]
-            rgb += (np.array(DECOY_RGB[kind], dtype=np.float32) - rgb) * alpha
+        for centre, radius, kind in seg.decoys:  # realistic: drawn like a flame in RGB, cold in IR
+            self._flame(rgb, centre - cam, radius, 0.8, DECOY_HEAT[kind], rng)
         vis = np.float32(seg.visibility)
         fire = np.zeros((s, s), dtype=np.float32)
         for site, radius in zip(seg.sites, seg.radius):
             centre = site - cam + rng.normal(0, 0.3, 2)
             r = radius * rng.uniform(0.85, 1.15)  # flicker
-            rgb *= (1 - 0.55 * vis * self._blob(centre, 2.5 * r, rng))[..., None]  # burnt ground around it
-            core = self._blob(centre, r, rng)
-            rows, cols = np.nonzero(core > 0.01)  # draw the flame only where it shows
-            alpha = vis * np.clip(1.6 * core[rows, cols], 0, 1)[:, None]
-            rgb[rows, cols] = rgb[rows, cols] * (1 - alpha) + _lookup(self.flame, core[rows, cols]) * alpha
-            fire = np.maximum(fire, self._blob(centre, 1.8 * r, rng))
-        for spot in seg.hot_spots:  # realistic: a hot non-fire spot, in IR only
-            fire = np.maximum(fire, 0.9 * self._blob(spot - cam, 0.03 * s, rng))
+            self._flame(rgb, centre, r, vis, 1.0, rng)
+            if seg.heat_spread:  # realistic: the heat shows beyond the flame, at its hottest over the core
+                fire = np.maximum(fire, np.clip(1.4 * self._blob(centre, max(1.8 * r, seg.heat_spread), rng), 0, 1))
+            else:
+                fire = np.maximum(fire, self._blob(centre, 1.8 * r, rng))
+        for spot in seg.hot_spots:  # realistic: a hot non-fire spot in IR only, as hot as a fire
+            fire = np.maximum(fire, np.clip(1.4 * self._blob(spot - cam, max(seg.heat_spread, 0.03 * s), rng), 0, 1))
         temp = np.maximum(temp, np.float32(rng.uniform(0.9, 1.0)) * fire)
 
         if seg.state[1] == "Y":  # smoke: haze over most of the frame, densest above the fires
