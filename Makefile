@@ -23,7 +23,7 @@ $(VENV)/.installed: pyproject.toml
 test: install
 	HF_HUB_OFFLINE=1 MPLBACKEND=Agg $(PY) -m pytest -q
 
-# Everything but the pipeline tests (marked slow): under 2 minutes on 2 cores.
+# Everything but the pipeline tests (marked slow): about 2 minutes on 2 cores.
 test-fast: install
 	HF_HUB_OFFLINE=1 MPLBACKEND=Agg $(PY) -m pytest -q -m "not slow"
 
