@@ -8,11 +8,17 @@ import time
 from flame_kd import progress
 
 
-def test_track_logs_count_rate_and_eta_off_a_terminal(monkeypatch, caplog):
+def off_terminal_with_fake_clock(monkeypatch, seconds_per_tick: int) -> None:
+    """Off a terminal, with a clock that moves ``seconds_per_tick`` each time it is read; the last
+    line was printed at fake time 0."""
     monkeypatch.setattr(progress, "on_terminal", lambda: False)
-    clock = iter(range(0, 1000, 10))  # each item takes 10 s
+    clock = iter(range(0, 100_000, seconds_per_tick))
     monkeypatch.setattr(progress.time, "monotonic", lambda: next(clock))
-    monkeypatch.setattr(progress._Watchdog, "last", 0)  # the last line was printed at fake time 0
+    monkeypatch.setattr(progress._Watchdog, "last", 0)
+
+
+def test_track_logs_count_rate_and_eta_off_a_terminal(monkeypatch, caplog):
+    off_terminal_with_fake_clock(monkeypatch, 10)  # each item takes 10 s
     with caplog.at_level(logging.INFO, logger="flame_kd"):
         out = list(progress.track(range(12), "epoch 1/3 train", unit="batches"))
     assert out == list(range(12))
@@ -51,10 +57,7 @@ def test_on_a_terminal_nothing_is_logged(monkeypatch, caplog):
 
 def test_lines_keep_coming_across_short_steps(monkeypatch, caplog):
     """Three 20-s steps in a row: no step alone lasts 30 s, yet a line comes at least every 30 s."""
-    monkeypatch.setattr(progress, "on_terminal", lambda: False)
-    clock = iter(range(0, 1000, 5))  # each item takes 5 s
-    monkeypatch.setattr(progress.time, "monotonic", lambda: next(clock))
-    monkeypatch.setattr(progress._Watchdog, "last", 0)  # the last line was printed at fake time 0
+    off_terminal_with_fake_clock(monkeypatch, 5)  # each item takes 5 s
     with caplog.at_level(logging.INFO, logger="flame_kd"):
         for step in ("decoding frames", "teacher outputs", "epoch 1/6 train"):
             list(progress.track(range(4), step))
