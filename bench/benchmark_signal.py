@@ -94,7 +94,7 @@ def main() -> None:
                 print(f"seed {seed}: {v} {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
             for name, run_id in runs.items():
                 m = tracking.get_run(run_id).data.metrics
-                results.setdefault(name, []).append({k: m.get(f"test/{k}", float("nan")) for k in NAMES})
+                results.setdefault(name, []).append({k: m.get(f"test_{k}", float("nan")) for k in NAMES})
                 results.setdefault("constant (training majority)", [])
             constant = results["teacher (RGB+IR)"][-1]["f1_macro_constant"]
             results["constant (training majority)"].append({k: constant if k == "f1_macro" else float("nan")

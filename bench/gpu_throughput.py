@@ -174,7 +174,7 @@ def run_bench(args: argparse.Namespace, tmp: Path) -> None:
                     loss = DistillLoss(resolve_weights("kl_bce"), 2.0, student.feature_dim, t_dim)
                     return Trainer(student, DistillTask(loss, outputs), cfg, tmp / "ckpt" / "s", device=device)
 
-                mk = lambda r, v=0: loader_for(frames, r, args, cache, aug_on, device, views=v)  # noqa: E731
+                mk = lambda r, v=0, c=cache: loader_for(frames, r, args, c, aug_on, device, views=v)  # noqa: E731
                 teacher = train_rate(teacher_trainer, mk(warm_rows), mk(rows), device)
                 student = train_rate(student_trainer, mk(warm_rows, args.views), mk(rows, args.views), device)
                 table.append({"cache": resident, "augment_on": aug_on, "compile": "on" if compiled else "off",

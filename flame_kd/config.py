@@ -98,9 +98,10 @@ def monitor_mode(monitor: str) -> str:
 
 
 def best_name(monitor: str) -> str:
-    """The metric that holds a run's best monitored value: val/f1_macro -> val/best_f1_macro."""
+    """The metric that holds a run's best monitored value: val/f1_macro -> val_best_f1_macro (a
+    one-off figure, so no "/": see ``engine.metric_key``)."""
     split, _, name = monitor.partition("/")
-    return f"{split}/best_{name}"
+    return f"{split}_best_{name}"
 
 
 def teacher_train_defaults() -> TrainConfig:

@@ -100,6 +100,17 @@ def amp_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
 
 
 HOST_KEYS = ("index", "flip", "view")  # bookkeeping read on the host (teacher lookups, predictions): not copied
+# Metric names: "<group>/<name>" for per-epoch curves, "<group>_<name>" for one-off figures (test
+# results). MLflow's Model metrics tab makes a section per text before "/" (sorted by name) and puts
+# names without "/" last, so a run's page opens on its curves and the one-off figures follow.
+CURVE_GROUPS = ("train", "val")
+
+
+def metric_key(group: str, name: str) -> str:
+    """``val/f1_macro`` for a per-epoch curve, ``test_f1_macro`` for a one-off figure."""
+    return f"{group}/{name}" if group in CURVE_GROUPS else f"{group}_{name}"
+
+
 FINITE_CHECK_STEPS = 50  # the training loss is checked for NaN/inf every this many steps (one host sync)
 
 
@@ -152,7 +163,7 @@ class Sums:
         if not self.sums:
             return {}
         values = torch.stack(list(self.sums.values())).cpu().tolist()  # one copy for every component
-        return {f"{prefix}/{k}": v / max(self.n, 1) for k, v in zip(self.sums, values)}
+        return {metric_key(prefix, k): v / max(self.n, 1) for k, v in zip(self.sums, values)}
 
 
 def compile_model(model: nn.Module, enabled: bool) -> nn.Module:
@@ -358,7 +369,7 @@ class Trainer:
         host = lambda xs: torch.cat(xs).cpu().numpy()  # noqa: E731
         metrics = sums.means(prefix)
         targets, probs = host(targets), host(probs)
-        metrics |= {f"{prefix}/{k}": v for k, v in compute_metrics(targets, probs, self.cfg.threshold).items()}
+        metrics |= {metric_key(prefix, k): v for k, v in compute_metrics(targets, probs, self.cfg.threshold).items()}
         if not predictions:
             return metrics
         return metrics, Predictions(targets=targets, probs=probs, features=host(features),

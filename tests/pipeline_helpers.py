@@ -89,3 +89,15 @@ def cli(*args: str, env: dict | None = None, cwd: Path = REPO, timeout: int = 60
     for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID"):
         full_env.pop(var, None)
     return subprocess.run(list(args), cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def assert_only_curves_grouped(run, epochs: int) -> None:
+    """A "/" only on per-epoch curves (train/, val/), each with one value per epoch (issue 10)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    grouped = [k for k in run.data.metrics if "/" in k]
+    assert grouped and {k.split("/")[0] for k in grouped} == {"train", "val"}
+    for key in grouped:
+        assert len(client.get_metric_history(run.info.run_id, key)) == epochs, key
+    assert "test_f1_macro" in run.data.metrics  # the one-off results are still searchable

@@ -15,7 +15,7 @@ from flame_kd.errors import ConfigError
 from flame_kd.losses import DistillLoss, resolve_weights
 from flame_kd.tasks import DistillTask, TeacherOutputs
 
-from pipeline_helpers import SIZE, artifacts, distill_cfg, use_store
+from pipeline_helpers import SIZE, artifacts, assert_only_curves_grouped, distill_cfg, use_store
 
 pytestmark = pytest.mark.slow  # a real pipeline: `make test-fast` leaves it out
 
@@ -66,8 +66,9 @@ def test_distill_run_logs_components_gaps_plots_and_models(first_distill):
     run_id = first_distill.info.run_id
     for key in ("train/kl", "train/relational", "train/l2", "train/bce", "val/loss", "val/f1_macro"):
         assert [m.step for m in client.get_metric_history(run_id, key)] == [1, 2], key
+    assert_only_curves_grouped(first_distill, epochs=2)
     m = first_distill.data.metrics
-    for key in ("test/f1_macro", "vs_teacher_f1_macro", "student_params", "student_gflops", "student_latency_ms",
+    for key in ("test_f1_macro", "vs_teacher_f1_macro", "student_params", "student_gflops", "student_latency_ms",
                 "teacher_latency_ms", "teacher_gflops", "onnx_max_abs_diff"):
         assert key in m, key
     assert first_distill.data.tags["flame_kd.onnx_check"] == "passed"
@@ -83,7 +84,7 @@ def test_distill_run_logs_components_gaps_plots_and_models(first_distill):
     versions = [v for v in client.search_model_versions("name = 'flame-kd-student'") if v.run_id == run_id]
     assert len(versions) == 1  # asked for (--register): a version that says what it is
     about = versions[0].description
-    assert f"test macro F1 {m['test/f1_macro']:.3f}" in about and teacher_id in about
+    assert f"test macro F1 {m['test_f1_macro']:.3f}" in about and teacher_id in about
     assert "loss kl_contrastive_l2_bce" in about and "timm:test_resnet" in about
 
 

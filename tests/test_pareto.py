@@ -187,7 +187,7 @@ def test_int8_logged_per_student_or_failed_with_reason(study, synth_csv):
         for k in ("size_mb", "latency_ms", "test_f1_macro", "test_ap_macro"):
             assert m[f"int8_delta_{k}"] == pytest.approx(m[f"int8_{k}"] - m[f"fp32_{k}"])
         assert m["int8_size_mb"] < m["fp32_size_mb"]
-        assert m["fp32_test_f1_macro"] == pytest.approx(m["test/f1_macro"], abs=1e-6)  # ORT fp32 = PyTorch
+        assert m["fp32_test_f1_macro"] == pytest.approx(m["test_f1_macro"], abs=1e-6)  # ORT fp32 = PyTorch
         assert {"onnx/student_int8.onnx", "onnx/int8_calibration.json"} <= artifacts(run.info.run_id)
         client = MlflowClient()
         calib = json.loads(open(client.download_artifacts(run.info.run_id, "onnx/int8_calibration.json")).read())

@@ -58,13 +58,13 @@ def test_parent_holds_nested_trials_and_the_best(study):
         assert {"alpha", "gamma", "delta", "temperature"} <= set(r.data.params)
         steps = [m.step for m in MlflowClient().get_metric_history(r.info.run_id, "val/f1_macro")]
         assert steps == [1, 2]
-        assert not any(k.startswith("test/") for k in r.data.metrics), "trials never look at test"
+        assert not any(k.startswith("test_") for k in r.data.metrics), "trials never look at test"
     m = parent.data.metrics
     assert m["best/val_f1_macro"] == pytest.approx(study.best_value)
     for k in ("alpha", "gamma", "delta", "temperature"):
         assert m[f"best/{k}"] == pytest.approx(study.best_params[k])
         assert 0 <= study.best_params[k] <= (10 if k == "temperature" else 1)
-    assert "best/test/f1_macro" in m and m["trials/complete"] == 3
+    assert "best/test_f1_macro" in m and m["trials/complete"] == 3
     assert parent.data.tags["flame_kd.best_run_id"] == study.best_trial.user_attrs["mlflow_run_id"]
     have = artifacts(parent_id)
     assert "plots/optimization_history.png" in have and "plots/parallel_coordinate.png" in have

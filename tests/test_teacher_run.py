@@ -11,7 +11,7 @@ from flame_kd.engine import LambdaCallback
 from flame_kd.errors import ConfigError, DataError, FlameKDError
 from flame_kd.runs.teacher import run_teacher
 
-from pipeline_helpers import SIZE, artifacts, teacher_cfg, use_store
+from pipeline_helpers import SIZE, artifacts, assert_only_curves_grouped, teacher_cfg, use_store
 
 pytestmark = pytest.mark.slow  # a real pipeline: `make test-fast` leaves it out
 
@@ -39,15 +39,21 @@ def test_every_epoch_metric_has_its_step(teacher_run):
         assert steps == [1, 2], key
 
 
+def test_only_per_epoch_curves_have_a_slash(teacher_run):
+    """MLflow's Model metrics tab makes a section per text before "/" (sorted) and puts names without
+    one last: with a "/" only on per-epoch curves, the tab opens on them, not on one-point charts."""
+    assert_only_curves_grouped(teacher_run, epochs=2)
+
+
 def test_test_metrics_size_and_latency(teacher_run):
     m = teacher_run.data.metrics
-    for key in ("test/f1_macro", "test/f1_fire", "test/f1_smoke", "test/precision_macro", "test/recall_macro",
-                "test/accuracy", "test/hamming_loss", "teacher_params", "teacher_size_mb", "teacher_gflops",
-                "teacher_latency_ms", "split_train_fraction", "test/ap_macro", "test/auc_macro",
-                "test/f1_macro_constant", "val/best_f1_macro"):
+    for key in ("test_f1_macro", "test_f1_fire", "test_f1_smoke", "test_precision_macro", "test_recall_macro",
+                "test_accuracy", "test_hamming_loss", "teacher_params", "teacher_size_mb", "teacher_gflops",
+                "teacher_latency_ms", "split_train_fraction", "test_ap_macro", "test_auc_macro",
+                "test_f1_macro_constant", "val_best_f1_macro"):
         assert key in m, key
-    assert 0.0 <= m["test/f1_macro"] <= 1.0
-    assert 0.0 <= m["test/f1_macro_constant"] < 1.0
+    assert 0.0 <= m["test_f1_macro"] <= 1.0
+    assert 0.0 <= m["test_f1_macro_constant"] < 1.0
     assert m["teacher_params"] > 0 and m["teacher_latency_ms"] > 0
 
 
@@ -102,7 +108,7 @@ def test_resume_continues_the_same_run_with_the_same_numbers(data_csv, tmp_path,
     assert [m.step for m in history] == [1, 2, 3]  # no duplicate steps
     full_hist = MlflowClient().get_metric_history(full.info.run_id, "val/f1_macro")
     assert [m.value for m in history] == [m.value for m in full_hist]
-    for key in ("test/f1_macro", "test/accuracy", "test/hamming_loss"):
+    for key in ("test_f1_macro", "test_accuracy", "test_hamming_loss"):
         assert resumed.data.metrics[key] == full.data.metrics[key]
 
 

@@ -156,7 +156,7 @@ def collect_runs(filter_string: str, experiment: str | None = None) -> pd.DataFr
     for r in runs:
         tags, metrics = r.data.tags, r.data.metrics
         stage = tags.get("flame_kd.stage")
-        if stage not in ("teacher", "distill") or "test/f1_macro" not in metrics:
+        if stage not in ("teacher", "distill") or "test_f1_macro" not in metrics:
             continue
         rows.append({
             "teacher": tags.get("flame_kd.teacher", "?"),
@@ -164,7 +164,7 @@ def collect_runs(filter_string: str, experiment: str | None = None) -> pd.DataFr
             "seed": tags.get("flame_kd.seed"),
             "split_digest": tags.get("flame_kd.split_digest"),
             "run_id": r.info.run_id,
-            **{m: metrics.get(f"test/{m}", np.nan) for m in METRICS},
+            **{m: metrics.get(f"test_{m}", np.nan) for m in METRICS},
         })
     return pd.DataFrame(rows, columns=["teacher", "loss", "seed", "split_digest", "run_id", *METRICS])
 

@@ -295,8 +295,8 @@ def version_description(cfg: DistillRunConfig, metrics: dict, teacher_run_id: st
     """What a registered student version says in the registry: its test figures, teacher and loss."""
     teacher = (f"distilled from the {cfg.teacher.name} teacher run {teacher_run_id}" if teacher_run_id
                else "trained without a teacher (the control)")
-    return (f"{cfg.student}: test macro F1 {metrics['test/f1_macro']:.3f}, macro AP {metrics['test/ap_macro']:.3f} "
-            f"(constant baseline {metrics['test/f1_macro_constant']:.3f}); {teacher}; loss {cfg.loss.variant}, "
+    return (f"{cfg.student}: test macro F1 {metrics['test_f1_macro']:.3f}, macro AP {metrics['test_ap_macro']:.3f} "
+            f"(constant baseline {metrics['test_f1_macro_constant']:.3f}); {teacher}; loss {cfg.loss.variant}, "
             f"T {cfg.loss.temperature:g}, seed {cfg.train.seed}, {cfg.data.image_size} px.")
 
 
@@ -305,8 +305,8 @@ def log_teacher_comparison(teacher_run_id: str, rep: TestReport, teacher, data: 
     teacher's."""
     metrics, preds = rep.metrics, rep.predictions
     teacher_metrics = tracking.get_run(teacher_run_id).data.metrics
-    gaps = {f"vs_teacher_{m}": metrics[f"test/{m}"] - teacher_metrics[f"test/{m}"]
-            for m in TEST_METRICS if f"test/{m}" in teacher_metrics and f"test/{m}" in metrics}
+    gaps = {f"vs_teacher_{m}": metrics[f"test_{m}"] - teacher_metrics[f"test_{m}"]
+            for m in TEST_METRICS if f"test_{m}" in teacher_metrics and f"test_{m}" in metrics}
     tracking.log_metrics(gaps)
     t_feats = predict(teacher, data.loaders["test"], next(teacher.parameters()).device, teacher_forward).features
     for method in ("tsne", "umap"):

@@ -222,7 +222,7 @@ def log_test_report(trainer: Trainer, state: FitState, data: Data, tag: str, see
     metrics["best_epoch"] = float(state.best_epoch)
     metrics[best_name(trainer.cfg.monitor)] = float(state.best_score)
     train_targets = data.frames.iloc[data.split.indices("train")][list(LABELS)].to_numpy()
-    metrics["test/f1_macro_constant"] = constant_f1_macro(train_targets, preds.targets)
+    metrics["test_f1_macro_constant"] = constant_f1_macro(train_targets, preds.targets)
     tracking.log_metrics(metrics)
     tracking.log_dataframe(predictions_table(data.frames, preds), PREDICTIONS_FILE)
     cms = confusion_matrices(preds.targets, preds.probs, trainer.cfg.threshold)

@@ -42,8 +42,8 @@ def run_teacher(cfg: TeacherRunConfig, attach_env: bool = True, extra_tags: dict
         log_profile("teacher", fitted.trainer.model, (ex["rgb"], ex["ir"]))
         if cfg.tracking.log_model:  # served as 6 channels: RGB then IR, raw uint8
             frames = torch.cat([ex["rgb"], ex["ir"]], dim=1).numpy()
-            about = (f"{t.name} RGB+IR teacher ({t.fusion} fusion): test macro F1 {m['test/f1_macro']:.3f}, "
-                     f"macro AP {m['test/ap_macro']:.3f}; seed {seed}, {cfg.data.image_size} px.")
+            about = (f"{t.name} RGB+IR teacher ({t.fusion} fusion): test macro F1 {m['test_f1_macro']:.3f}, "
+                     f"macro AP {m['test_ap_macro']:.3f}; seed {seed}, {cfg.data.image_size} px.")
             tracking.log_model(Deployable(fitted.trainer.model.cpu().eval(), modalities=2), frames,
                                registered_name=cfg.tracking.register_as if cfg.tracking.register else None,
                                description=about)
