@@ -59,3 +59,17 @@ def test_building_blocks_do_not_import_run_modules():
     offenders = sorted(m for m, p in blocks.items()
                        if any(i.startswith("flame_kd.runs") for i in _imports(p, top_level_only=False)))
     assert not offenders, f"building blocks importing run modules: {offenders}"
+
+
+def test_no_source_file_is_hidden_by_gitignore():
+    """A file .gitignore hides never reaches a fresh clone: a `runs/` pattern once kept
+    flame_kd/runs/__init__.py out of the repository."""
+    import subprocess
+
+    root = PKG.parent
+    files = [str(p.relative_to(root)) for d in ("flame_kd", "tests", "bench", "experiments")
+             for p in (root / d).rglob("*") if p.is_file() and "__pycache__" not in p.parts]
+    assert len(files) > 50
+    hidden = subprocess.run(["git", "check-ignore", "--no-index", *files], cwd=root, capture_output=True, text=True)
+    assert hidden.returncode in (0, 1), hidden.stderr  # 1: none ignored
+    assert hidden.stdout.split() == []
