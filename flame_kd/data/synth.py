@@ -9,10 +9,14 @@ can hide a small fire there while the thermal frame still shows it. Same seed, s
 ``difficulty="easy"`` is that set: at 64 px any small CNN scores macro F1 1.0 in two epochs.
 ``difficulty="realistic"`` makes RGB alone ambiguous, as in FLAME2: fire is always a clear hot spot
 in IR (its heat spreads beyond the flame, so even a fire too small to see in RGB shows), but in RGB
-it is often faint, tiny or not visible at all; orange roofs, dry grass and sun glints are drawn like
-flames in RGB (a bright core beside a dark patch) and are cold in IR; a rare hot non-fire spot
-(~4% of frames) fools IR too; segments are shorter (~15 frames); and human-like label noise moves
-some range boundaries by a frame or two (~1.5% of frames mislabelled). At 64 px an RGB+IR teacher
+it is often faint or tiny, and drifting smoke or canopy hides it altogether for almost half of every
+fire segment's frames; orange roofs, dry grass and sun glints are drawn like flames in RGB (a bright
+core beside a dark patch), as many in fire frames as in fire-free ones, and are cold in IR; smoke
+thins out at times to no more than a morning mist; a hot non-fire spot (a vehicle, a machine) passes
+through some fire-free frames (~2.5% of all frames) and fools IR too; segments are shorter (~15
+frames); and human-like label noise moves some range boundaries by a frame or two (~1.5% of frames
+mislabelled). The hidden flames, thin smoke and hot spots come and go within segments rather than
+holding for whole ones, so every split's test frames hold about the same share of each. At 64 px an RGB+IR teacher
 then beats an RGB-only student on fire, while smoke shows in both.
 """
 
@@ -88,6 +92,9 @@ class _Segment:
     # realistic only: how much of the fire RGB shows (0 hidden .. 1 plain), RGB-only look-alikes,
     # IR-only hot spots, and a thin mist over fire-free segments
     visibility: float = 1.0
+    occlusion: tuple = ()  # realistic: (phase, period in frames) of drifting smoke or canopy over the flames
+    puffs: tuple = ()  # realistic: (phase, period) of the smoke's density, which thins and thickens
+    hot_window: tuple = ()  # realistic: (phase, period) of a hot spot's time in view
     decoys: list = field(default_factory=list)  # (world xy, radius, kind) kind: a key of DECOY_HEAT
     hot_spots: np.ndarray = field(default_factory=lambda: np.zeros((0, 2)))
     mist: float = 0.0
@@ -95,13 +102,23 @@ class _Segment:
 
 
 DIFFICULTIES = ("realistic", "easy")
-# realistic: how a fire segment shows in RGB -> (probability, flame opacity scale)
-VISIBILITY = {"plain": (0.3, 1.0), "faint": (0.25, 0.3), "small": (0.15, 0.6), "hidden": (0.3, 0.0)}
+# realistic: how a fire segment shows in RGB -> (probability, flame opacity scale) ...
+VISIBILITY = {"plain": (0.45, 1.0), "faint": (0.35, 0.3), "small": (0.2, 0.6)}
+# ... times an occlusion that comes and goes within the segment (smoke puffs, canopy as the drone
+# pans): a triangle wave with a random phase, so in every segment about HIDDEN of the fire frames show
+# no flame in RGB at all, REVEAL of them show it partly, and the rest plainly. Hiding frames rather
+# than whole segments keeps the share of RGB-invisible fire about the same in every split's test frames.
+HIDDEN, REVEAL, OCCLUSION_PERIOD = 0.45, 0.25, (8, 16)
 # decoys are drawn like a flame (bright core over a dark patch: a sunlit roof or glint beside its
 # shadow, a dry-grass patch): kind -> position on the flame palette of its core (roof orange ..
 # glint yellow-white); they are cold in IR
 DECOY_HEAT = {"roof": 0.55, "grass": 0.7, "glint": 1.0}
-HOT_SPOT_SHARE = 0.15  # fire-free segments with a hot non-fire spot in IR (vehicle, chimney): ~4% of frames
+# fire-free segments with a hot non-fire spot in IR (a vehicle, a machine), in view for HOT_SPOT_ON of
+# the frames: ~2.5% of all frames, spread over many segments so every split's test frames hold some
+HOT_SPOT_SHARE, HOT_SPOT_ON, HOT_SPOT_PERIOD = 0.3, 0.33, (10, 20)
+# smoke density over time: from SMOKE_THIN of the segment's densest (as thin as morning mist) to it
+SMOKE_THIN, PUFF_PERIOD = 0.4, (10, 24)
+MIST_SHARE = 0.5  # smoke-free segments under a thin mist
 IR_FIRE_SIGMA = 0.04  # realistic: a fire's heat spreads at least this share of the frame in IR (sigma)
 LABEL_SLIP = 2  # realistic: a range boundary is labelled up to this many frames off ...
 SLIP_SHARE = 0.15  # ... for this share of boundaries (with ~15-frame segments, ~1.5% of frames)
@@ -164,20 +181,45 @@ def _realistic_segment(first, last, state, size, world, rng) -> _Segment:
     kinds = list(VISIBILITY)
     kind = kinds[rng.choice(len(kinds), p=[VISIBILITY[k][0] for k in kinds])]
     seg.visibility = VISIBILITY[kind][1]
+    seg.occlusion = (rng.random(), rng.uniform(*OCCLUSION_PERIOD))
     if kind == "small":
         seg.radius = np.full(len(seg.radius), 0.6)
     seg.smoke_max = rng.uniform(0.4, 0.9)
     seg.heat_spread = IR_FIRE_SIGMA * size  # even a fire too small to see in RGB is a clear hot spot in IR
-    n_decoys = int(rng.integers(0, 3)) if state[0] == "Y" else int(rng.integers(1, 4))
+    # as many look-alikes with fire as without: a different count would tell a frame whose flames are
+    # hidden from a fire-free one by counting flame-like spots
+    n_decoys = int(rng.integers(1, 4))
     for _ in range(n_decoys):
         decoy = str(rng.choice(list(DECOY_HEAT)))
         r = size * rng.uniform(0.012, 0.04)  # flame-sized
         seg.decoys.append((seg.start + rng.uniform(0.1, 0.9, 2) * size, max(r, 0.8), decoy))
     if state[0] == "N" and rng.random() < HOT_SPOT_SHARE:
         seg.hot_spots = seg.start + rng.uniform(0.2, 0.8, (1, 2)) * size
-    if state[1] == "N" and rng.random() < 0.3:
+        seg.hot_window = (rng.random(), rng.uniform(*HOT_SPOT_PERIOD))
+    if state[1] == "N" and rng.random() < MIST_SHARE:
         seg.mist = rng.uniform(0.1, 0.3)
+    seg.puffs = (rng.random(), rng.uniform(*PUFF_PERIOD))
     return seg
+
+
+def _wave(timing: tuple, t: int) -> float:
+    """A triangle wave in [0, 1] at frame ``t`` of a segment; ``timing`` = (phase, period in frames).
+    With a random phase its value is uniform on [0, 1], so "below x" holds for a share x of frames."""
+    phase, period = timing
+    return 1 - abs(2 * ((phase + t / period) % 1) - 1)
+
+
+def flame_visibility(seg: _Segment, i: int) -> float:
+    """How much of the flames RGB shows in frame ``i`` (0 hidden .. 1 plain): the segment's
+    visibility times its occlusion at that frame (hidden for a share HIDDEN of the frames)."""
+    if not seg.occlusion:
+        return seg.visibility
+    return seg.visibility * float(np.clip((_wave(seg.occlusion, i - seg.first) - HIDDEN) / REVEAL, 0, 1))
+
+
+def smoke_density(seg: _Segment, i: int) -> float:
+    """The smoke's opacity in frame ``i`` as a share of the segment's densest (1 on easy sets)."""
+    return SMOKE_THIN + (1 - SMOKE_THIN) * _wave(seg.puffs, i - seg.first) if seg.puffs else 1.0
 
 
 def _slip_labels(layout: list[tuple[int, int, str]], rng: np.random.Generator) -> list[tuple[int, int, str]]:
@@ -252,7 +294,7 @@ class _Renderer:
 
         for centre, radius, kind in seg.decoys:  # realistic: drawn like a flame in RGB, cold in IR
             self._flame(rgb, centre - cam, radius, 0.8, DECOY_HEAT[kind], rng)
-        vis = np.float32(seg.visibility)
+        vis = np.float32(flame_visibility(seg, i))
         fire = np.zeros((s, s), dtype=np.float32)
         for site, radius in zip(seg.sites, seg.radius):
             centre = site - cam + rng.normal(0, 0.3, 2)
@@ -262,7 +304,8 @@ class _Renderer:
                 fire = np.maximum(fire, np.clip(1.4 * self._blob(centre, max(1.8 * r, seg.heat_spread), rng), 0, 1))
             else:
                 fire = np.maximum(fire, self._blob(centre, 1.8 * r, rng))
-        for spot in seg.hot_spots:  # realistic: a hot non-fire spot in IR only, as hot as a fire
+        in_view = not seg.hot_window or _wave(seg.hot_window, t) < HOT_SPOT_ON
+        for spot in seg.hot_spots if in_view else ():  # realistic: a hot non-fire spot in IR only, as hot as a fire
             fire = np.maximum(fire, np.clip(1.4 * self._blob(spot - cam, max(seg.heat_spread, 0.03 * s), rng), 0, 1))
         temp = np.maximum(temp, np.float32(rng.uniform(0.9, 1.0)) * fire)
 
@@ -270,7 +313,7 @@ class _Renderer:
             off = (np.array([s, s]) // 2 + seg.wind * t).astype(int) % s
             field = self.haze[off[1] : off[1] + s, off[0] : off[0] + s]
             plume = np.clip(fire * 3, 0, 1)
-            alpha = seg.smoke_max * np.clip(0.35 + 0.9 * field + 0.6 * plume, 0, 1)
+            alpha = seg.smoke_max * smoke_density(seg, i) * np.clip(0.35 + 0.9 * field + 0.6 * plume, 0, 1)
         elif seg.state[0] == "Y" and vis > 0:  # fire without (much) smoke: a thin local plume
             alpha = 0.35 * vis * np.clip(fire * 2, 0, 1)
         elif seg.mist > 0:  # realistic: thin morning mist, no fire
