@@ -63,7 +63,8 @@ def compute_metrics(
 ) -> dict[str, float]:
     """F1, precision and recall per label and macro-averaged, exact-match accuracy, Hamming loss.
 
-    Names are those of ``METRIC_NAMES``; the caller names them (``engine.metric_key``: ``val/f1_macro``, ``test_f1_macro``).
+    Names are those of ``METRIC_NAMES``; the caller names them for MLflow (``engine.metric_key``:
+    ``val/f1_macro``, ``test_f1_macro``).
     """
     y_true, probs = _check_pair(targets, probs)
     y_pred = binarize(probs, threshold)

@@ -93,8 +93,6 @@ def cli(*args: str, env: dict | None = None, cwd: Path = REPO, timeout: int = 60
 
 def assert_only_curves_grouped(run, epochs: int) -> None:
     """A "/" only on per-epoch curves (train/, val/), each with one value per epoch (issue 10)."""
-    from mlflow.tracking import MlflowClient
-
     client = MlflowClient()
     grouped = [k for k in run.data.metrics if "/" in k]
     assert grouped and {k.split("/")[0] for k in grouped} == {"train", "val"}

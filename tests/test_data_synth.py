@@ -94,8 +94,7 @@ def test_realistic_cues_come_and_go_within_each_segment():
     thin = [min(synth.smoke_density(s, i) for i in frames) for s in segs["YY"]]
     assert max(thin) < synth.SMOKE_THIN + 0.1  # every smoky segment thins out at times
     hot = [s for s in segs["NN"] if len(s.hot_spots)]
-    assert hot and all(0.15 < np.mean([synth._wave(s.hot_window, i) < synth.HOT_SPOT_ON for i in range(60)]) < 0.55
-                       for s in hot)
+    assert hot and all(0.15 < np.mean([synth.hot_spot_in_view(s, i) for i in frames]) < 0.55 for s in hot)
     # as many flame-like decoys with fire as without: their count does not give a hidden fire away
     decoys = {state: np.mean([len(s.decoys) for s in segs[state]]) for state in segs}
     assert abs(decoys["NN"] - decoys["YN"]) < 0.4 and abs(decoys["NN"] - decoys["YY"]) < 0.4

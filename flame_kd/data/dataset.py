@@ -95,8 +95,7 @@ class FrameCache:
         if self.mode == "none":
             rgb_path, ir_path = self.paths[i]
             return decode_image(rgb_path, self.image_size), decode_image(ir_path, self.image_size)
-        if self.rgb is None:  # a disk cache after unpickling in a DataLoader worker
-            self._open()
+        self._open()
         return self.rgb[i], self.ir[i]  # (a device cache keeps its host arrays: memory or a memmap)
 
     @property
@@ -118,8 +117,7 @@ class FrameCache:
             pairs = [self.get(int(i)) for i in rows]
             stores = (np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs]))
         else:
-            if self.rgb is None:
-                self._open()  # a disk cache after unpickling in a DataLoader worker
+            self._open()
             stores = (self.rgb[rows], self.ir[rows])
         return tuple(torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2).contiguous() for x in stores)
 
@@ -130,8 +128,7 @@ class FrameCache:
         device = torch.device(device)
         if self.mode == "none":
             raise ConfigError("a device cache needs decoded frames (cache memory or disk first)")
-        if self.rgb is None:
-            self._open()
+        self._open()
         if device.type == "cpu":
             self.device_rgb, self.device_ir = torch.from_numpy(self.rgb), torch.from_numpy(self.ir)
             return self
@@ -210,6 +207,10 @@ class FrameCache:
             shutil.rmtree(tmp, ignore_errors=True)
 
     def _open(self) -> None:
+        """Map a disk cache's files, once per process (a DataLoader worker reopens them after
+        unpickling); a no-op when the arrays are there."""
+        if self.rgb is not None:
+            return
         self.rgb = np.memmap(self.path / "rgb.u8", np.uint8, "r", shape=self._shape())
         self.ir = np.memmap(self.path / "ir.u8", np.uint8, "r", shape=self._shape())
 

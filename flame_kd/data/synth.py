@@ -16,8 +16,8 @@ thins out at times to no more than a morning mist; a hot non-fire spot (a vehicl
 through some fire-free frames (~2.5% of all frames) and fools IR too; segments are shorter (~15
 frames); and human-like label noise moves some range boundaries by a frame or two (~1.5% of frames
 mislabelled). The hidden flames, thin smoke and hot spots come and go within segments rather than
-holding for whole ones, so every split's test frames hold about the same share of each. At 64 px an RGB+IR teacher
-then beats an RGB-only student on fire, while smoke shows in both.
+holding for whole ones, so every split's test frames hold about the same share of each. At 64 px an
+RGB+IR teacher then beats an RGB-only student on fire, while smoke shows in both.
 """
 
 from __future__ import annotations
@@ -217,6 +217,11 @@ def flame_visibility(seg: _Segment, i: int) -> float:
     return seg.visibility * float(np.clip((_wave(seg.occlusion, i - seg.first) - HIDDEN) / REVEAL, 0, 1))
 
 
+def hot_spot_in_view(seg: _Segment, i: int) -> bool:
+    """Whether the segment's hot non-fire spot is in view in frame ``i`` (HOT_SPOT_ON of its frames)."""
+    return bool(seg.hot_window) and _wave(seg.hot_window, i - seg.first) < HOT_SPOT_ON
+
+
 def smoke_density(seg: _Segment, i: int) -> float:
     """The smoke's opacity in frame ``i`` as a share of the segment's densest (1 on easy sets)."""
     return SMOKE_THIN + (1 - SMOKE_THIN) * _wave(seg.puffs, i - seg.first) if seg.puffs else 1.0
@@ -304,8 +309,7 @@ class _Renderer:
                 fire = np.maximum(fire, np.clip(1.4 * self._blob(centre, max(1.8 * r, seg.heat_spread), rng), 0, 1))
             else:
                 fire = np.maximum(fire, self._blob(centre, 1.8 * r, rng))
-        in_view = not seg.hot_window or _wave(seg.hot_window, t) < HOT_SPOT_ON
-        for spot in seg.hot_spots if in_view else ():  # realistic: a hot non-fire spot in IR only, as hot as a fire
+        for spot in seg.hot_spots if hot_spot_in_view(seg, i) else ():  # realistic: IR only, as hot as a fire
             fire = np.maximum(fire, np.clip(1.4 * self._blob(spot - cam, max(seg.heat_spread, 0.03 * s), rng), 0, 1))
         temp = np.maximum(temp, np.float32(rng.uniform(0.9, 1.0)) * fire)
 
