@@ -47,6 +47,8 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--difficulty", default="realistic", choices=("realistic", "easy"))
+    p.add_argument("--store", type=Path, default=None,
+                   help="keep the data and MLflow runs in this folder (default: a temporary one, removed)")
     add_threads_option(p)
     args = p.parse_args()
     fix_threads(args.threads)
@@ -55,7 +57,8 @@ def main() -> None:
     from flame_kd import tracking
     from flame_kd.config import (DataConfig, DistillRunConfig, LossConfig, TeacherConfig, TeacherRunConfig,
                                  TrackingConfig, TrainConfig)
-    from flame_kd.data.synth import synthesize
+    from flame_kd.data.synth import flame_visibility, segments, synthesize
+    from flame_kd.runs.compare import load_predictions
     from flame_kd.runs.distill import run_distill
     from flame_kd.losses import VARIANTS
     from flame_kd.runs.teacher import run_teacher
@@ -65,9 +68,14 @@ def main() -> None:
     results: dict[str, list[dict]] = {}
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
+        tmp = args.store or tmp
         use_store(Path(tmp) / "store")
         csv = str(synthesize(Path(tmp) / "data", frames=args.frames, image_size=args.image_size,
                              seed=args.data_seed, difficulty=args.difficulty))
+
+        # how much of each frame's fire RGB shows (1 on easy sets), from the scenes synth drew
+        scenes = segments(args.frames, args.image_size, args.data_seed, args.difficulty)
+        shows = {i: flame_visibility(seg, i) for seg in scenes for i in range(seg.first, seg.last + 1)}
 
         def train(seed: int, epochs: int = args.epochs) -> TrainConfig:
             return TrainConfig(epochs=epochs, lr=args.lr, seed=seed, device="cpu", progress=False,
@@ -94,7 +102,8 @@ def main() -> None:
                 print(f"seed {seed}: {v} {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
             for name, run_id in runs.items():
                 m = tracking.get_run(run_id).data.metrics
-                results.setdefault(name, []).append({k: m.get(f"test_{k}", float("nan")) for k in NAMES})
+                results.setdefault(name, []).append({k: m.get(f"test_{k}", float("nan")) for k in NAMES}
+                                                    | fire_aucs(load_predictions(run_id), shows))
                 results.setdefault("constant (training majority)", [])
             constant = results["teacher (RGB+IR)"][-1]["f1_macro_constant"]
             results["constant (training majority)"].append({k: constant if k == "f1_macro" else float("nan")
@@ -118,6 +127,17 @@ def main() -> None:
     print("\nmean ± std over seeds; " + ("the split is fixed, so the seeds vary initialisation and data order, "
           "not the test frames.\n" if args.fixed_split else "each seed draws its own split (test frames), "
           "initialisation and data order.\n"))
+    print("Fire among the smoke-free test frames (no smoke, so no smoke to give fire away): ROC AUC of the "
+          "fire probability, frames whose flame is in view (at least half shown) or hidden against fire-free "
+          "frames. 0.5 is chance; RGB can only learn the flames in view.\n")
+    print("| model | fire AUC, flame in view | fire AUC, flame hidden |")
+    print("|---|---|---|")
+    for name, rows in results.items():
+        if name.startswith("constant"):
+            continue
+        aucs = (cell([r[k] for r in rows]) for k in ("auc_fire_in_view", "auc_fire_hidden"))
+        print(f"| {name} | " + " | ".join(aucs) + " |")
+    print()
     print("| test F1 per seed: macro (fire / smoke) | " + " | ".join(f"seed {s}" for s in args.seeds) + " |")
     print("|---|" + "---|" * len(args.seeds))
     for name, rows in results.items():
@@ -134,6 +154,20 @@ def main() -> None:
                   f"{_yes(TEACHER_RANGE[0] <= t <= TEACHER_RANGE[1])}; "
                   f"control {t - c:+.3f} below the teacher (>= {GAP}): {_yes(t - c >= GAP)}; "
                   f"above the constant by {min(t, c) - k:+.3f} (>= {MARGIN}): {_yes(min(t, c) - k >= MARGIN)}")
+
+
+def fire_aucs(predictions, shows: dict[int, float]) -> dict[str, float]:
+    """ROC AUC of the fire probability among smoke-free frames: flames in view, or hidden, against
+    fire-free frames (NaN where a test split holds none of one kind)."""
+    from sklearn.metrics import roc_auc_score
+
+    p = predictions[predictions.smoke == 0]
+    shown = p.id.map(shows).fillna(1.0)
+    out = {}
+    for name, keep in (("auc_fire_in_view", shown >= 0.5), ("auc_fire_hidden", shown == 0)):
+        sel = p[(p.fire == 0) | keep]
+        out[name] = roc_auc_score(sel.fire, sel.prob_fire) if sel.fire.nunique() == 2 else float("nan")
+    return out
 
 
 def _yes(ok: bool) -> str:

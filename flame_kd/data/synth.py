@@ -9,15 +9,17 @@ can hide a small fire there while the thermal frame still shows it. Same seed, s
 ``difficulty="easy"`` is that set: at 64 px any small CNN scores macro F1 1.0 in two epochs.
 ``difficulty="realistic"`` makes RGB alone ambiguous, as in FLAME2: fire is always a clear hot spot
 in IR (its heat spreads beyond the flame, so even a fire too small to see in RGB shows), but in RGB
-it is often faint or tiny, and drifting smoke or canopy hides it altogether for almost half of every
-fire segment's frames; orange roofs, dry grass and sun glints are drawn like flames in RGB (a bright
-core beside a dark patch), as many in fire frames as in fire-free ones, and are cold in IR; smoke
-thins out at times to no more than a morning mist; a hot non-fire spot (a vehicle, a machine) passes
-through some fire-free frames (~2.5% of all frames) and fools IR too; segments are shorter (~15
-frames); and human-like label noise moves some range boundaries by a frame or two (~1.5% of frames
-mislabelled). The hidden flames, thin smoke and hot spots come and go within segments rather than
-holding for whole ones, so every split's test frames hold about the same share of each. At 64 px an
-RGB+IR teacher then beats an RGB-only student on fire, while smoke shows in both.
+drifting smoke or canopy hides it altogether for about a third of every fire segment's frames, and
+some fires are faint or tiny; orange roofs, dry grass and sun glints are coloured like flames in RGB,
+as many in fire frames as in fire-free ones, and are cold in IR; smoke thins out at times to no more
+than a morning mist; a hot non-fire spot (a vehicle, a machine) passes through some fire-free frames
+(~2.5% of all frames) and fools IR too; segments are shorter (~15 frames); and human-like label noise
+moves some range boundaries by a frame or two (~1.5% of frames mislabelled). The hidden flames, thin
+smoke and hot spots come and go within segments rather than holding for whole ones, so every split's
+test frames hold about the same share of each. A flame in plain view is still learnable from RGB (a
+yellow-white core over burnt ground, which no look-alike has), so an RGB-only student can learn some
+fire, and the fire it cannot see is what a teacher with IR knows: at 64 px an RGB+IR teacher beats an
+RGB-only student on fire, while smoke shows in both.
 """
 
 from __future__ import annotations
@@ -102,23 +104,32 @@ class _Segment:
 
 
 DIFFICULTIES = ("realistic", "easy")
+WORLD = 4  # the terrain the camera pans over is this many frames wide
 # realistic: how a fire segment shows in RGB -> (probability, flame opacity scale) ...
-VISIBILITY = {"plain": (0.45, 1.0), "faint": (0.35, 0.3), "small": (0.2, 0.6)}
+VISIBILITY = {"plain": (0.65, 1.0), "faint": (0.2, 0.35), "small": (0.15, 0.6)}
 # ... times an occlusion that comes and goes within the segment (smoke puffs, canopy as the drone
 # pans): a triangle wave with a random phase, so in every segment about HIDDEN of the fire frames show
-# no flame in RGB at all, REVEAL of them show it partly, and the rest plainly. Hiding frames rather
-# than whole segments keeps the share of RGB-invisible fire about the same in every split's test frames.
-HIDDEN, REVEAL, OCCLUSION_PERIOD = 0.45, 0.25, (8, 16)
-# decoys are drawn like a flame (bright core over a dark patch: a sunlit roof or glint beside its
-# shadow, a dry-grass patch): kind -> position on the flame palette of its core (roof orange ..
-# glint yellow-white); they are cold in IR
-DECOY_HEAT = {"roof": 0.55, "grass": 0.7, "glint": 1.0}
+# no flame in RGB at all, REVEAL of them show it partly, and the rest plainly (a visible flame is
+# learnable from RGB, so HIDDEN sets how much of the smoke-free fire only IR shows). Hiding frames
+# rather than whole segments keeps the share of RGB-invisible fire about the same in every split.
+HIDDEN, REVEAL, OCCLUSION_PERIOD = 0.35, 0.15, (8, 16)
+# look-alikes, cold in IR: a roof or dry-grass patch coloured like a flame's rim (kind -> how far up
+# the flame palette its colour goes: orange, not the yellow-white of a flame's core, and no burnt
+# ground around it) and a sun glint (a small white-blue spot, GLINT_RGB). They are as common in fire
+# frames as in fire-free ones, so fire-coloured pixels alone tell little; a flame in plain view is
+# still told apart by its core and the burnt ground, and that is the fire an RGB student can learn.
+DECOY_HEAT = {"roof": 0.55, "grass": 0.7, "glint": None}
+GLINT_RGB = (235, 242, 255)
 # fire-free segments with a hot non-fire spot in IR (a vehicle, a machine), in view for HOT_SPOT_ON of
 # the frames: ~2.5% of all frames, spread over many segments so every split's test frames hold some
 HOT_SPOT_SHARE, HOT_SPOT_ON, HOT_SPOT_PERIOD = 0.3, 0.33, (10, 20)
 # smoke density over time: from SMOKE_THIN of the segment's densest (as thin as morning mist) to it
 SMOKE_THIN, PUFF_PERIOD = 0.4, (10, 24)
 MIST_SHARE = 0.5  # smoke-free segments under a thin mist
+# realistic: a flame core's radius as a share of the frame (3-6 px at 64 px; "small" fires are 0.6 px).
+# Smaller flames were not learnable from RGB by a small CNN in a few epochs: every student's fire F1
+# was then that of predicting fire for every frame.
+FLAME_RADIUS = (0.05, 0.1)
 IR_FIRE_SIGMA = 0.04  # realistic: a fire's heat spreads at least this share of the frame in IR (sigma)
 LABEL_SLIP = 2  # realistic: a range boundary is labelled up to this many frames off ...
 SLIP_SHARE = 0.15  # ... for this share of boundaries (with ~15-frame segments, ~1.5% of frames)
@@ -177,7 +188,7 @@ def _realistic_segment(first, last, state, size, world, rng) -> _Segment:
     """As `_segment`, plus what makes RGB ambiguous: fire visibility, flame-like decoys, hot spots,
     mist; and a fire's heat spread in IR."""
     seg = _segment(first, last, state, size, world, rng)
-    seg.radius = np.maximum(0.8, rng.uniform(0.012, 0.04, len(seg.radius)) * size)  # often small
+    seg.radius = np.maximum(0.8, rng.uniform(*FLAME_RADIUS, len(seg.radius)) * size)
     kinds = list(VISIBILITY)
     kind = kinds[rng.choice(len(kinds), p=[VISIBILITY[k][0] for k in kinds])]
     seg.visibility = VISIBILITY[kind][1]
@@ -249,7 +260,7 @@ class _Renderer:
     def __init__(self, size: int, seed: int):
         self.size = size
         rng = np.random.default_rng([seed, 0])
-        self.world = 4 * size
+        self.world = WORLD * size
         shape = (self.world, self.world)
         height = smooth_noise(rng, shape, scales=(6, 12, 24, 48, 96))
         canopy = smooth_noise(rng, shape, scales=(128, 256), decay=0.8)  # tree-sized texture
@@ -284,6 +295,19 @@ class _Renderer:
         alpha = opacity * np.clip(1.6 * core[rows, cols], 0, 1)[:, None]
         rgb[rows, cols] = rgb[rows, cols] * (1 - alpha) + _lookup(self.flame, heat * core[rows, cols]) * alpha
 
+    def _decoy(self, rgb: np.ndarray, centre: np.ndarray, r: float, kind: str, rng) -> None:
+        """Draw a look-alike into ``rgb`` in place: a roof or dry-grass patch coloured like a flame's rim
+        (no yellow-white core, no burnt patch), or a sun glint (a small white-blue specular spot)."""
+        glint = DECOY_HEAT[kind] is None
+        core = self._blob(centre, 0.6 * r if glint else r, rng)
+        rows, cols = np.nonzero(core > 0.01)
+        alpha = np.clip(1.6 * core[rows, cols], 0, 1)[:, None] * np.float32(0.85)
+        if glint:
+            colour = np.array(GLINT_RGB, dtype=np.float32)
+        else:
+            colour = _lookup(self.flame, DECOY_HEAT[kind] * core[rows, cols])
+        rgb[rows, cols] = rgb[rows, cols] * (1 - alpha) + colour * alpha
+
     def _noise(self, rng: np.random.Generator) -> np.ndarray:
         """Unit Gaussian noise [S, S, 3]: a random crop of the noise bank."""
         k, oy, ox = rng.integers(0, 2), *rng.integers(0, self.size, 2)
@@ -297,8 +321,8 @@ class _Renderer:
         rgb = self.ground[y : y + s, x : x + s] * np.float32(rng.uniform(0.96, 1.04))  # exposure flicker
         temp = self.temperature[y : y + s, x : x + s]
 
-        for centre, radius, kind in seg.decoys:  # realistic: drawn like a flame in RGB, cold in IR
-            self._flame(rgb, centre - cam, radius, 0.8, DECOY_HEAT[kind], rng)
+        for centre, radius, kind in seg.decoys:  # realistic: flame-coloured in RGB, cold in IR
+            self._decoy(rgb, centre - cam, radius, kind, rng)
         vis = np.float32(flame_visibility(seg, i))
         fire = np.zeros((s, s), dtype=np.float32)
         for site, radius in zip(seg.sites, seg.radius):
@@ -365,12 +389,10 @@ def synthesize(out, frames: int = 600, image_size: int = 254, seed: int = 42, di
     layout = _layout(frames, np.random.default_rng([seed, 1]), realistic)
     labelled = _slip_labels(layout, np.random.default_rng([seed, 4])) if realistic else layout
     state_of = {i: st for f, l, st in labelled for i in range(f, l + 1)}
-    make_segment = _realistic_segment if realistic else _segment
     renderer = _Renderer(image_size, seed)
     rows = []
-    for k, (first, last, state) in enumerate(layout):
-        seg = make_segment(first, last, state, image_size, renderer.world, np.random.default_rng([seed, 2, k]))
-        for i in range(first, last + 1):
+    for seg in segments(frames, image_size, seed, difficulty):
+        for i in range(seg.first, seg.last + 1):
             state = state_of[i]  # the label, which may slip a frame or two off the scene
             rgb, ir = renderer.render(seg, i, np.random.default_rng([seed, 3, i]))
             names = FILE_NAMES["rgb"].format(i), FILE_NAMES["ir"].format(i)
@@ -397,6 +419,16 @@ def synthesize(out, frames: int = 600, image_size: int = 254, seed: int = 42, di
         ],
     )
     return csv
+
+
+def segments(frames: int, image_size: int, seed: int, difficulty: str = "easy") -> list[_Segment]:
+    """The video segments `synthesize` draws for these arguments (scenes: their labels may slip a frame
+    or two), so a diagnostic can ask what each frame shows, e.g. ``flame_visibility(seg, i)``."""
+    realistic = difficulty == "realistic"
+    make_segment = _realistic_segment if realistic else _segment
+    layout = _layout(frames, np.random.default_rng([seed, 1]), realistic)
+    return [make_segment(first, last, state, image_size, WORLD * image_size, np.random.default_rng([seed, 2, k]))
+            for k, (first, last, state) in enumerate(layout)]
 
 
 def describe(csv: os.PathLike) -> str:
