@@ -11,7 +11,7 @@ from sklearn import metrics as skm
 from flame_kd import tracking
 from flame_kd.cli import main
 from flame_kd.runs.compare import compare_predictions, compare_runs, mcnemar_exact, paired_bootstrap
-from flame_kd.runs.experiment import PREDICTIONS_FILE
+from flame_kd.runs.experiment import MANIFEST_FILE, PREDICTIONS_FILE
 
 from pipeline_helpers import use_store
 
@@ -61,6 +61,26 @@ def test_bootstrap_observed_difference_matches_scikit_learn_and_seed_fixes_ci():
     assert paired_bootstrap(y, pa, pb, n_boot=200, seed=5) == got
 
 
+def test_bootstrap_over_blocks_resamples_whole_blocks():
+    """Near-duplicate frames are not independent: when B's whole lead comes from one block of frames,
+    resampling blocks must say so (a CI that reaches 0), while resampling frames calls it certain."""
+    y = _labels(80)
+    blocks = np.arange(80) // 10  # 8 blocks of 10 near-duplicate frames
+    pa = np.where(y == 1, 0.7, 0.3).astype(float)
+    pb = pa.copy()
+    pb[blocks == 3] = 1.0 - pb[blocks == 3]  # A gets one block wrong; on the rest they agree
+    pa, pb = pb, pa  # A wrong on block 3, B right everywhere
+    frames = paired_bootstrap(y, pa, pb, n_boot=1000, seed=2)
+    by_block = paired_bootstrap(y, pa, pb, n_boot=1000, seed=2, clusters=blocks)
+    assert by_block["f1_macro"][0] == frames["f1_macro"][0] > 0  # the same observed difference
+    assert frames["f1_macro"][1] > 0.05  # frames: the lead looks certain
+    assert by_block["f1_macro"][1] == pytest.approx(0.0)  # blocks: a resample without block 3 ties
+    assert by_block["f1_macro"][2] - by_block["f1_macro"][1] > 2 * (frames["f1_macro"][2] - frames["f1_macro"][1])
+    # one frame per block is the frame bootstrap, draw for draw
+    assert paired_bootstrap(y, pa, pb, n_boot=300, seed=4, clusters=np.arange(80) + 100) == \
+        paired_bootstrap(y, pa, pb, n_boot=300, seed=4)
+
+
 def _table(y, probs, ids=None):
     ids = np.arange(1, len(y) + 1) if ids is None else ids
     return pd.DataFrame({"id": ids, "fire": y[:, 0], "smoke": y[:, 1],
@@ -76,9 +96,13 @@ def test_compare_predictions_joins_on_id():
     assert "McNemar" in got.markdown()
 
 
-def _fake_run(split_digest: str, y, probs) -> str:
+def _fake_run(split_digest: str, y, probs, blocks=None) -> str:
     with tracking.run("cmp", "fake", {"flame_kd.split_digest": split_digest, "flame_kd.stage": "distill"}) as r:
         tracking.log_dataframe(_table(y, probs), PREDICTIONS_FILE)
+        if blocks is not None:
+            ids = np.arange(1, len(y) + 1)
+            tracking.log_dataframe(pd.DataFrame({"id": ids, "split": "test", "group": blocks, "block": blocks}),
+                                   MANIFEST_FILE)
     return r.info.run_id
 
 
@@ -99,3 +123,18 @@ def test_compare_runs_logs_to_b_and_refuses_different_splits(tmp_path, monkeypat
     ok = CliRunner().invoke(main, ["compare", a, b])
     assert ok.exit_code == 0, ok.output
     assert "| f1_macro |" in ok.output
+    assert "resamples of the test frames (the runs logged no split manifest" in ok.output
+
+
+def test_compare_runs_resamples_the_split_blocks(tmp_path, monkeypatch):
+    use_store(tmp_path, monkeypatch)
+    y = _labels(30)
+    blocks = np.arange(30) // 5  # 6 blocks
+    a = _fake_run("split1", y, np.full(y.shape, 0.6), blocks)
+    b = _fake_run("split1", y, y * 0.8 + 0.1, blocks)
+    result, text = compare_runs(a, b, log=False)
+    assert result.n_blocks == 6
+    assert "paired resamples of the test split's 6 blocks" in text and "optimistic" in text
+    frames = paired_bootstrap(y, np.full(y.shape, 0.6), y * 0.8 + 0.1, seed=0)
+    assert result.bootstrap["f1_macro"][0] == pytest.approx(frames["f1_macro"][0])
+    assert result.bootstrap == paired_bootstrap(y, np.full(y.shape, 0.6), y * 0.8 + 0.1, seed=0, clusters=blocks)

@@ -44,6 +44,7 @@ log = logging.getLogger("flame_kd")
 
 
 PREDICTIONS_FILE = "predictions/test.csv"
+MANIFEST_FILE = "split/manifest.csv"  # the split's manifest (id, split, group, block), logged with every run
 
 
 def cache_home() -> Path:
@@ -193,7 +194,7 @@ def start_logging(cfg: dict, params: dict[str, str], data: Data, full: bool = Tr
     tracking.log_params(tracking.redact_all(params))
     if full:
         tracking.log_dataset(data.frames, data.csv, data.digest)
-        tracking.log_dataframe(data.split.manifest, "split/manifest.csv")
+        tracking.log_dataframe(data.split.manifest, MANIFEST_FILE)
         tracking.log_text(data.split.summary(), "split/summary.txt")
     tracking.log_metrics(data.split.metrics())  # fractions, frames, gap, nn-similarity leakage
 
