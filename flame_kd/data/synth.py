@@ -228,6 +228,18 @@ def flame_visibility(seg: _Segment, i: int) -> float:
     return seg.visibility * float(np.clip((_wave(seg.occlusion, i - seg.first) - HIDDEN) / REVEAL, 0, 1))
 
 
+def flame_shown(seg: _Segment, i: int) -> str:
+    """What RGB shows of frame ``i``'s fire: "in view" (at least half shown and at least a pixel
+    across: learnable from RGB), "hidden" (nothing), "faint" (in between: partly occluded, faint or
+    tiny flames), or "" in a fire-free scene. For diagnostics: `bench/benchmark_signal.py`, tests."""
+    if seg.state[0] != "Y":
+        return ""
+    shown = flame_visibility(seg, i)
+    if shown == 0:
+        return "hidden"
+    return "in view" if shown >= 0.5 and float(np.max(seg.radius)) >= 1.0 else "faint"
+
+
 def hot_spot_in_view(seg: _Segment, i: int) -> bool:
     """Whether the segment's hot non-fire spot is in view in frame ``i`` (HOT_SPOT_ON of its frames)."""
     return bool(seg.hot_window) and _wave(seg.hot_window, i - seg.first) < HOT_SPOT_ON
