@@ -131,8 +131,7 @@ def main() -> None:
           "initialisation and data order.\n"))
     print("Fire among the smoke-free test frames (no smoke, so no smoke to give fire away): ROC AUC of the "
           "fire probability, frames whose flame is in view (at least half shown, at least a pixel) or hidden "
-          "against fire-free "
-          "frames. 0.5 is chance; RGB can only learn the flames in view.\n")
+          "against fire-free frames. 0.5 is chance; RGB can only learn the flames in view.\n")
     print("| model | fire AUC, flame in view | fire AUC, flame hidden |")
     print("|---|---|---|")
     for name, rows in results.items():

@@ -398,12 +398,13 @@ def synthesize(out, frames: int = 600, image_size: int = 254, seed: int = 42, di
         d.mkdir(parents=True, exist_ok=True)
         _remove_stale(d, FILE_NAMES[kind], frames)
 
-    layout = _layout(frames, np.random.default_rng([seed, 1]), realistic)
+    scenes = segments(frames, image_size, seed, difficulty)
+    layout = [(seg.first, seg.last, seg.state) for seg in scenes]
     labelled = _slip_labels(layout, np.random.default_rng([seed, 4])) if realistic else layout
     state_of = {i: st for f, l, st in labelled for i in range(f, l + 1)}
     renderer = _Renderer(image_size, seed)
     rows = []
-    for seg in segments(frames, image_size, seed, difficulty):
+    for seg in scenes:
         for i in range(seg.first, seg.last + 1):
             state = state_of[i]  # the label, which may slip a frame or two off the scene
             rgb, ir = renderer.render(seg, i, np.random.default_rng([seed, 3, i]))

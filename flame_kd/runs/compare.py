@@ -82,7 +82,7 @@ def paired_bootstrap(targets, probs_a, probs_b, threshold: float = 0.5, n_boot: 
     y = np.asarray(targets).astype(bool)
     pa, pb = binarize(probs_a, threshold).astype(bool), binarize(probs_b, threshold).astype(bool)
     codes = np.arange(len(y)) if clusters is None else np.unique(np.asarray(clusters), return_inverse=True)[1]
-    k = int(codes.max()) + 1 if len(codes) else 0
+    k = len(np.unique(codes))  # clusters (frames when None); codes run 0..k-1
     rng = np.random.default_rng(seed)
     counts = np.zeros((n_boot + 1, k))
     counts[0] = 1.0  # row 0: the observed frames
@@ -147,23 +147,28 @@ class Comparison:
         return out
 
 
+def _read_csv_artifact(run_id: str, path: str) -> pd.DataFrame | None:
+    """A CSV the run logged at ``path``, or None when it has none."""
+    if path not in tracking.list_artifacts(run_id, path.split("/")[0]):
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        return pd.read_csv(tracking.download(run_id, path, tmp))
+
+
 def load_predictions(run_id: str) -> pd.DataFrame:
     """A run's per-frame test predictions, or a DataError when the run has none."""
-    if PREDICTIONS_FILE not in tracking.list_artifacts(run_id, PREDICTIONS_FILE.split("/")[0]):
+    table = _read_csv_artifact(run_id, PREDICTIONS_FILE)
+    if table is None:
         raise DataError(f"run {run_id} has no {PREDICTIONS_FILE} (runs from before flame-kd logged "
                         "predictions cannot be compared)")
-    with tempfile.TemporaryDirectory() as tmp:
-        return pd.read_csv(tracking.download(run_id, PREDICTIONS_FILE, tmp))
+    return table
 
 
 def load_blocks(run_id: str) -> pd.Series | None:
     """The split block of each frame (``id`` -> block) from the run's split manifest; None for a run
     that did not log one."""
-    if MANIFEST_FILE not in tracking.list_artifacts(run_id, MANIFEST_FILE.split("/")[0]):
-        return None
-    with tempfile.TemporaryDirectory() as tmp:
-        manifest = pd.read_csv(tracking.download(run_id, MANIFEST_FILE, tmp))
-    return manifest.set_index("id")["block"]
+    manifest = _read_csv_artifact(run_id, MANIFEST_FILE)
+    return None if manifest is None else manifest.set_index("id")["block"]
 
 
 def compare_predictions(a: pd.DataFrame, b: pd.DataFrame, threshold: float = 0.5, seed: int = 0,
