@@ -1,6 +1,6 @@
 """Wall time of an ablation grid as flame-kd runs it vs the original pipeline's way, side by side.
 
-(a) ``flame_kd.runs.ablation.run_ablation(AblationSpec(...))``: each teacher trained once per seed and
+(a) ``flame_kd.runs.ablation.run_ablation(spec)``: each teacher trained once per seed and
     reused by every loss of that seed, its outputs computed once and cached.
 (b) the original Kaggle pipeline's way: for every (teacher, loss) cell a teacher trained from
     scratch (``run_teacher``), then ``run_distill`` pinned to that fresh teacher with the teacher
@@ -11,7 +11,7 @@ seeds, logging. Each side gets its own temporary MLflow store and flame-kd cache
 reuse (b)'s teachers or decoded frames; a small untimed warm-up grid in a third store first pays
 one-time costs (imports, numba's UMAP compilation, database code paths) for both. (a) runs before
 (b), so load on the machine that changes over the run is not balanced between them.
-Models are logged the same way on both sides (``AblationSpec.log_models``, which every cell's
+Models are logged the same way on both sides (the spec's ``log_model``, which every cell's
 config carries): off by default, ``--log-model`` for on.
 
     HF_HUB_OFFLINE=1 MPLBACKEND=Agg .venv/bin/python bench/ablation_cost.py \
@@ -93,7 +93,7 @@ class Stopwatch:
 
 def run_bench(args: argparse.Namespace, tmp: Path) -> None:
     from flame_kd.runs import ablation, distill, teacher_outputs
-    from flame_kd.runs.ablation import AblationSpec, run_ablation
+    from flame_kd.runs.ablation import run_ablation, spec_from_dict
     from flame_kd.config import TeacherRunConfig
     from flame_kd.data.synth import synthesize
     from flame_kd.runs.distill import run_distill
@@ -111,14 +111,13 @@ def run_bench(args: argparse.Namespace, tmp: Path) -> None:
     run_teacher_timed = watch.wrap("teacher runs", run_teacher)
 
     def spec_for(experiment: str, teachers=None, losses=None, teacher_epochs=None, student_epochs=None):
-        return AblationSpec(
-            name=experiment,
-            data={"csv": str(csv), "image_size": args.image_size, "batch_size": args.batch_size},
-            teachers=list(teachers or args.teachers), losses=list(losses or args.losses), seeds=list(args.seeds),
-            control=False, student=args.student, fusion="late", pretrained=False,
-            teacher_epochs=teacher_epochs or args.teacher_epochs, student_epochs=student_epochs or args.student_epochs,
-            device="cpu", experiment=experiment, log_models=args.log_model,
-        )
+        return spec_from_dict({
+            "name": experiment, "data": str(csv), "image_size": args.image_size, "batch_size": args.batch_size,
+            "teachers": list(teachers or args.teachers), "losses": list(losses or args.losses),
+            "seeds": list(args.seeds), "control": False, "student": args.student, "fusion": "late",
+            "pretrained": False, "teacher_epochs": teacher_epochs or args.teacher_epochs,
+            "student_epochs": student_epochs or args.student_epochs, "device": "cpu", "experiment": experiment,
+            "log_model": args.log_model})
 
     n_cells = len(args.teachers) * len(args.losses) * len(args.seeds)
     print(f"synthesised {args.frames} frames at {args.image_size} px in {synth_s:.1f} s; CPU, "

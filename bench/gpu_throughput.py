@@ -96,8 +96,8 @@ def fake_views(frames, views: int, dim: int) -> dict:
     rand = lambda *s: torch.randn(*s, generator=g).to(torch.float16)  # noqa: E731
     return {"ids": torch.as_tensor(frames["id"].to_numpy()), "known": torch.ones(n, dtype=torch.bool),
             "view_known": torch.ones(n, dtype=torch.bool), "views": views, "view_seed": 42,
-            "logits": rand(n, 2), "features": rand(n, dim), "view_logits": rand(views, n, 2),
-            "view_features": rand(views, n, dim)}
+            "outputs": {"logits": rand(n, 2), "features": rand(n, dim)},
+            "view_outputs": {"logits": rand(views, n, 2), "features": rand(views, n, dim)}}
 
 
 def data_rate(loader, device, steps: int) -> float:

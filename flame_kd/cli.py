@@ -10,8 +10,8 @@ import click
 
 from flame_kd import __version__, progress
 from flame_kd.errors import Preempted
-from flame_kd.config import ABLATION_DATA_OPTIONS as ABLATION_DATA
 from flame_kd.config import ABLATION_OPTIONS as ABLATION
+from flame_kd.config import TRACKING_URI_OPTION as TRACKING_URI
 from flame_kd.config import DISTILL_OPTIONS as DISTILL
 from flame_kd.config import EMBED_OPTIONS as EMBED
 from flame_kd.config import PARETO_OPTIONS as PARETO
@@ -25,8 +25,9 @@ from flame_kd.config import (
     ParetoConfig,
     SweepConfig,
     TeacherRunConfig,
+    TrackingConfig,
 )
-from flame_kd.options import NONE_WORDS, OrNone, build_config, config_options, exposed_fields
+from flame_kd.options import NONE_WORDS, OrNone, build_config, config_options
 
 
 class _StoppableGroup(click.Group):
@@ -212,8 +213,7 @@ def embed(**o) -> None:
 @click.argument("run_a")
 @click.argument("run_b")
 @click.option("--seed", type=int, default=0, show_default=True, help="Bootstrap seed.")
-@click.option("--tracking-uri", type=str, default=None, callback=_none_if_empty,
-              help="Default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db.")
+@config_options(TrackingConfig, TRACKING_URI)
 def compare(run_a: str, run_b: str, seed: int, tracking_uri: str | None) -> None:
     """Paired test of RUN_B against RUN_A on the same test frames (McNemar, bootstrap CIs); logged to RUN_B."""
     from flame_kd import tracking
@@ -232,10 +232,12 @@ def sweep(**o) -> None:
     """Optuna search of the loss weights and temperature, one nested MLflow run per trial."""
     from flame_kd.runs.sweep import run_sweep
 
-    study = run_sweep(build_config(SweepConfig, SWEEP, o))
+    cfg = build_config(SweepConfig, SWEEP, o)
+    study = run_sweep(cfg)
     done = [t for t in study.trials if t.state.name == "COMPLETE"]
     if done:
-        click.echo(f"study {study.study_name}: best val macro F1 {study.best_value:.4f} with {study.best_params}")
+        click.echo(f"study {study.study_name}: best {cfg.distill.train.monitor} {study.best_value:.4f} "
+                   f"with {study.best_params}")
     else:
         click.echo(f"study {study.study_name}: no trial completed")
 
@@ -259,27 +261,21 @@ def pareto(**o) -> None:
 
 @main.command()
 @click.option("--spec", type=str, default="experiments/ablation.yaml", show_default=True,
-              help="YAML spec (see experiments/ablation.yaml).")
-@config_options(DataConfig, ABLATION_DATA)
+              help="YAML spec (see experiments/ablation.yaml): the grid, and any distill option for every cell.")
 @config_options(AblationSpec, ABLATION)
-@click.option("--tracking-uri", type=str, default=None, callback=_none_if_empty,
-              help="Default: MLFLOW_TRACKING_URI, else MLflow's sqlite:///mlflow.db.")
-def ablation(spec: str, tracking_uri: str | None, **o) -> None:
-    """Teachers x losses x seeds plus a no-teacher control; re-running skips finished cells."""
+def ablation(spec: str, **o) -> None:
+    """Teachers x losses x seeds plus a no-teacher control; re-running skips finished cells. Every
+    distill option but --teacher, --loss and --seed overrides the spec's value for every cell."""
     from flame_kd.runs.ablation import load_spec, run_ablation
 
-    given = [*exposed_fields(DataConfig, ABLATION_DATA), *exposed_fields(AblationSpec, ABLATION)]
-    overrides = {x.field.name: o[x.ident] for x in given if o[x.ident] is not None}
-    if o.get("no_pretrained"):
-        overrides["pretrained"] = False
-    parent = run_ablation(load_spec(spec, overrides), tracking_uri)
+    parent = run_ablation(load_spec(spec, o))
     click.echo(f"ablation run {parent}")
 
 
 @main.command("ui-url")
 @click.option("--experiment", type=str, default="flame-kd", show_default=True)
 @click.option("--host", type=str, default="http://127.0.0.1:5000", show_default=True, help="Where `mlflow ui` listens.")
-@click.option("--tracking-uri", type=str, default=None, callback=_none_if_empty)
+@config_options(TrackingConfig, TRACKING_URI)
 def ui_url(experiment: str, host: str, tracking_uri: str | None) -> None:
     """The URL that opens an experiment's runs in the MLflow UI (not its GenAI overview)."""
     from flame_kd import tracking
@@ -293,7 +289,7 @@ def ui_url(experiment: str, host: str, tracking_uri: str | None) -> None:
 @click.option("--filter", "filter_string", type=str, default="",
               help="An MLflow search filter, e.g. \"tags.`flame_kd.seed` = '42'\".")
 @click.option("--out", type=str, default="report", show_default=True, help="Folder for ablation.md/.csv/.png.")
-@click.option("--tracking-uri", type=str, default=None, callback=_none_if_empty)
+@config_options(TrackingConfig, TRACKING_URI)
 @click.option("--pareto", "pareto_run", type=str, default=None, callback=_none_if_empty,
               help="A pareto study's parent run: rebuild its table and figure instead of the ablation's.")
 def report(**o) -> None:

@@ -12,17 +12,18 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
-from flame_kd.options import Section, nested
+from flame_kd.options import Section, nested, option_values
 
 
-def opt(default: Any = dataclasses.MISSING, help: str = "", *, factory=None, cli: str | None = None,
+def opt(default: Any = dataclasses.MISSING, help: str | Callable[[], str] = "", *, factory=None, cli: str | None = None,
         choices: tuple[str, ...] | None = None, expose: bool = True, weight: bool = False,
         gt: float | None = None, ge: float | None = None, lt: float | None = None, le: float | None = None) -> Any:
     """A config field with the metadata its CLI option is built from.
 
-    ``cli`` renames the option (``--data`` for ``csv``); ``expose=False`` keeps a field off the
+    ``help`` may be a function, called when the help is shown (names drawn from a registry, which the
+    CLI need not import to start). ``cli`` renames the option (``--data`` for ``csv``); ``expose=False`` keeps a field off the
     command line (set from code only); ``weight`` marks a loss weight letter (losses.REGISTRY);
     ``gt``/``ge``/``lt``/``le`` bound a number (``check_ranges``, before any data is read).
     """
@@ -84,12 +85,15 @@ class TrainConfig:
     progress: bool = opt(True, "Progress of each epoch: a bar on a terminal, else a line every 30 s.")
 
 
+# Settings that say where things lie or how fast they go, not what a run computes: left out of a run's
+# identity (config digest, teacher lookup, an ablation's parent).
+VOLATILE = ("tracking", "resume", "checkpoint_dir", "device", "num_workers", "pin_memory",
+            "persistent_workers", "cache", "cache_dir", "progress", "augment_on", "compile",
+            "csv", "root")  # where the data lies: the data digest says what it is
+
 # Fields of TrainConfig that describe the machine and the run, not the schedule: a distill run's
 # teacher (trained on the way) and student share them, so the CLI takes them once (one --monitor).
 RUNTIME_FIELDS = ("device", "amp", "channels_last", "compile", "seed", "progress", "monitor")
-
-
-MONITORS = TrainConfig.__dataclass_fields__["monitor"].metadata["choices"]
 
 
 def monitor_mode(monitor: str) -> str:
@@ -114,9 +118,27 @@ def student_train_defaults() -> TrainConfig:
     return TrainConfig(epochs=30, lr=1e-3, plateau_patience=3, early_stop_patience=5)
 
 
+def _teachers_help() -> str:
+    from flame_kd.models import TEACHERS
+
+    return " | ".join([*TEACHERS, "timm:<name>."])
+
+
+def _students_help() -> str:
+    from flame_kd.models import STUDENTS
+
+    return " | ".join([*STUDENTS, "timm:<name>."])
+
+
+def _variants_help() -> str:
+    from flame_kd.losses import variant_help
+
+    return variant_help() + "."
+
+
 @dataclass
 class TeacherConfig:
-    name: str = opt("resnet-152", "resnet-152 | efficientnet-b7 | swin-tiny | vit-b-16 | timm:<name>.", cli="teacher")
+    name: str = opt("resnet-152", _teachers_help, cli="teacher")
     fusion: str = opt("late", "late: one backbone per modality; early: one over stacked RGB+IR.",
                       choices=("late", "early"))
     pretrained: bool = opt(True, "ImageNet weights from the model hub.")
@@ -126,14 +148,19 @@ class TeacherConfig:
 
 @dataclass
 class LossConfig:
-    """loss = alpha*KL + beta*relational + gamma*L2 + delta*BCE; None takes the variant's weight."""
+    """loss = alpha*KL + beta*relational + gamma*L2 + delta*BCE + at_weight*AT + hint_weight*hint; None
+    takes the variant's weight. Each weight here is a registered term's (losses.REGISTRY; the drift test
+    fails on a term without its field)."""
 
-    variant: str = opt("kl_bce", "kl_bce | kl_l2_bce | kl_contrastive_l2_bce | bce (no teacher: the control).",
-                       cli="loss")
+    variant: str = opt("kl_bce", _variants_help, cli="loss")
     alpha: float | None = opt(None, "Weight of the KL term; default: the variant's.", weight=True, ge=0)
     beta: float | None = opt(None, "Weight of the relational (RKD distance) term.", weight=True, ge=0)
     gamma: float | None = opt(None, "Weight of the L2 feature (FitNets hint) term.", weight=True, ge=0)
     delta: float | None = opt(None, "Weight of the BCE term on the hard labels.", weight=True, ge=0)
+    at_weight: float | None = opt(None, "Weight of the attention-transfer term (Zagoruyko & Komodakis; the paper's "
+                                        "beta/2 = 500).", weight=True, ge=0)
+    hint_weight: float | None = opt(None, "Weight of the FitNets hint term on the middle stage map (through a "
+                                          "learned 1x1-conv regressor).", weight=True, ge=0)
     temperature: float = opt(2.0, "Temperature of the soft targets (Hinton); KL is scaled by T^2 "
                                   "(not under kd-research).", gt=0)
     loss_convention: str = opt("hinton-rkd", "hinton-rkd: KL x T^2 and the RKD distance loss (Huber on the "
@@ -169,6 +196,8 @@ class TeacherRunConfig:
     # The teacher's weights are kept once: its checkpoint (what distillation loads). --log-model true
     # adds a servable RGB+IR model (a second copy of the weights).
     tracking: TrackingConfig = opt(factory=lambda: TrackingConfig(log_model=False, register_as="flame-kd-teacher"))
+    pos_weight: str = opt("none", "BCE positive-class weight: none, or auto (negatives/positives per label in the "
+                          "training split).", choices=("none", "auto"))
     resume: bool = opt(False, "Continue the newest unfinished run with the same settings.")
     checkpoint_dir: str | None = opt(None, "Where in-flight checkpoints live; default $FLAME_KD_CACHE/checkpoints.")
 
@@ -178,7 +207,9 @@ class DistillRunConfig:
     data: DataConfig = opt(factory=DataConfig)
     teacher: TeacherConfig = opt(factory=TeacherConfig)
     teacher_train: TrainConfig = opt(factory=teacher_train_defaults)
-    student: str = opt("lightweight-cnn", "lightweight-cnn | timm:<name>.")
+    student: str = opt("lightweight-cnn", _students_help)
+    student_pretrained: bool = opt(False, "Start a timm student from its ImageNet weights (the model hub).")
+    student_weights: str | None = opt(None, "A local timm weights file for the student, for machines without the hub.")
     train: TrainConfig = opt(factory=student_train_defaults)
     loss: LossConfig = opt(factory=LossConfig)
     tracking: TrackingConfig = opt(factory=TrackingConfig)
@@ -261,37 +292,44 @@ class EmbedConfig:
         return {"n_neighbors": self.n_neighbors, "min_dist": self.min_dist, "metric": self.metric}
 
 
+def ablation_distill_defaults() -> DistillRunConfig:
+    """What every cell of an ablation starts from: distill's defaults with the decoded frames kept on
+    disk (a grid reads the same frames in every cell)."""
+    return DistillRunConfig(data=DataConfig(cache="disk"))
+
+
 @dataclass
 class AblationSpec:
-    """A grid read from YAML (experiments/ablation.yaml); the CLI can override some fields."""
+    """A grid of distill runs (teachers x losses x seeds, plus a no-teacher control) read from YAML
+    (experiments/ablation.yaml): the grid keys below, and any distill option for every cell, named as
+    `flame-kd distill` names it (``teacher_mode: live``, ``student_epochs: 2``, ``at_weight: 250``)."""
 
     name: str = opt("ablation", "Name of the grid.", expose=False)
-    data: dict = opt(factory=dict, help="DataConfig fields: csv, image_size, batch_size, ...", expose=False)
     teachers: list[str] = opt(factory=lambda: ["resnet-152", "efficientnet-b7", "swin-tiny", "vit-b-16"],
                               help="Teachers of the grid.", expose=False)
     losses: list[str] = opt(factory=lambda: ["kl_bce", "kl_l2_bce", "kl_contrastive_l2_bce"],
                             help="Loss variants of the grid.", expose=False)
     seeds: list[int] = opt(factory=lambda: [42, 123, 456, 789, 1024], help="Seeds of the grid.", expose=False)
     control: bool = opt(True, "Also train the same student with BCE alone, no teacher.", expose=False)
-    student: str = opt("lightweight-cnn", "Student of every cell.", expose=False)
-    fusion: str = opt("late", "Teacher fusion.", expose=False)
-    pretrained: bool = opt(True, "Teachers start from ImageNet weights.")
-    teacher_epochs: int | None = opt(None, "Teacher epochs (None: 50, the original pipeline's).")
-    student_epochs: int | None = opt(None, "Student epochs (None: 30, the original pipeline's).")
-    device: str = opt("auto", "auto | cpu | cuda | mps.")
-    experiment: str | None = opt(None, "MLflow experiment; default: mlflow run's, else flame-kd.")
-    log_models: bool = opt(True, "Each cell's student through mlflow.pytorch (not registered).", expose=False)
+    distill: DistillRunConfig = opt(factory=ablation_distill_defaults)
 
     def digest(self) -> str:
+        """Identity of the grid (a re-run finds its parent by it): every setting that changes numbers."""
         import hashlib
 
-        keep = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("device", "experiment", "log_models")}
+        keep = {k: v for k, v in flatten(to_dict(self)).items() if not any(p in VOLATILE for p in k.split("."))}
         return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def check_ranges(cfg: Any, path: str = "") -> None:
+def check_ranges(cfg: Any, sections: tuple[Section, ...] = ()) -> None:
     """Every number within its field's bounds (``opt(gt=...)``), before any data is read; a
-    ``ConfigError`` names the first that is not (``train.lr must be > 0, got -1.0``)."""
+    ``ConfigError`` names the first that is not, as the user typed it when ``sections`` say how the
+    command spells it (``--student-lr must be > 0, got -1``), else by its path (``train.lr``)."""
+    flags = {path: "--" + name.replace("_", "-") for name, (path, _) in option_values(cfg, sections).items()}
+    _check_ranges(cfg, "", flags)
+
+
+def _check_ranges(cfg: Any, path: str, flags: dict[str, str]) -> None:
     from flame_kd.errors import ConfigError
 
     words = {"gt": (">", lambda v, b: v > b), "ge": (">=", lambda v, b: v >= b),
@@ -299,12 +337,13 @@ def check_ranges(cfg: Any, path: str = "") -> None:
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
         if dataclasses.is_dataclass(value):
-            check_ranges(value, f"{path}{f.name}.")
+            _check_ranges(value, f"{path}{f.name}.", flags)
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
             for kind, bound in f.metadata.get("bounds", {}).items():
                 word, ok = words[kind]
                 if not ok(value, bound) or value != value:  # NaN fails every bound
-                    raise ConfigError(f"{path}{f.name} must be {word} {bound:g}, got {value:g}")
+                    name = flags.get(f"{path}{f.name}", f"{path}{f.name}")
+                    raise ConfigError(f"{name} must be {word} {bound:g}, got {value:g}")
 
 
 def to_dict(cfg: Any) -> dict:
@@ -340,9 +379,15 @@ DISTILL_OPTIONS = (
     Section("tracking"),
 )
 SWEEP_OPTIONS = (*nested(DISTILL_OPTIONS, "distill"), Section(""))
-# A pareto study's students come from --students, so the nested distill config's --student is left out.
-PARETO_OPTIONS = (*nested(tuple(dataclasses.replace(s, exclude=(*s.exclude, "student")) if s.path == "" else s
+# A pareto study's students come from --students, so the nested distill config's --student is left out
+# (and --student-weights: one file cannot fit every student).
+PARETO_OPTIONS = (*nested(tuple(dataclasses.replace(s, exclude=(*s.exclude, "student", "student_weights")) if s.path == "" else s
                                for s in DISTILL_OPTIONS), "distill"), Section(""))
 EMBED_OPTIONS = (Section(""),)
-ABLATION_OPTIONS = (Section("", overrides=True),)
-ABLATION_DATA_OPTIONS = (Section("", only=("csv", "image_size", "batch_size", "cache"), overrides=True),)
+# An ablation spec takes every distill option but the grid's axes (teacher, loss, seed), and so does
+# its command line, where each overrides the spec's value.
+GRID_AXES = ("name", "variant", "seed")  # TeacherConfig.name, LossConfig.variant, TrainConfig.seed
+ABLATION_SPEC_OPTIONS = nested(tuple(dataclasses.replace(s, exclude=(*s.exclude, *GRID_AXES))
+                                     for s in DISTILL_OPTIONS), "distill")
+ABLATION_OPTIONS = tuple(dataclasses.replace(s, overrides=True) for s in ABLATION_SPEC_OPTIONS)
+TRACKING_URI_OPTION = (Section("", only=("tracking_uri",)),)  # of TrackingConfig: commands that only read runs

@@ -40,6 +40,9 @@ METRIC_NAMES = (
     "auc_fire",
     "auc_smoke",
 )
+# The figures a summary shows (the ablation table; a pareto study's): one list, drawn from METRIC_NAMES.
+SUMMARY_METRICS = ("f1_macro", "f1_fire", "f1_smoke", "precision_macro", "recall_macro", "ap_macro", "auc_macro",
+                   "accuracy")
 
 
 def binarize(probs: np.ndarray, threshold: float = 0.5) -> np.ndarray:
@@ -140,13 +143,14 @@ def predictions_table(frames, preds: Predictions):
     return table
 
 
-Forward = Callable[[nn.Module, dict], tuple[torch.Tensor, torch.Tensor | None]]
+Forward = Callable[[nn.Module, dict], dict]
 
 
 def predict(
     model: nn.Module, loader: Iterable[dict], device: torch.device | str, forward: Forward
 ) -> Predictions:
-    """Run ``forward(model, batch) -> (logits, features)`` over every batch, in eval mode.
+    """Run ``forward(model, batch) -> {"logits": ..., "features": ...}`` (a model's named outputs; no
+    features: none collected) over every batch, in eval mode.
 
     The caller supplies ``forward`` so a teacher (rgb, ir) and a student (rgb) share this function;
     tensors in the batch are moved to ``device`` first. The model's train/eval mode is restored.
@@ -161,7 +165,8 @@ def predict(
                     k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
                     for k, v in batch.items()
                 }
-                logits, feats = forward(model, batch)
+                out = forward(model, batch)
+                logits, feats = out["logits"], out.get("features")
                 probs.append(torch.sigmoid(logits.float()).cpu().numpy())
                 targets.append(torch.as_tensor(batch["target"]).float().cpu().numpy())
                 indices.append(torch.as_tensor(batch["index"]).cpu().numpy().reshape(-1))

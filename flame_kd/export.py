@@ -17,7 +17,8 @@ class _LogitsAndFeatures(nn.Module):
         self.model = model
 
     def forward(self, rgb):
-        return self.model(rgb)
+        out = self.model(rgb)
+        return out["logits"], out["features"]
 
 
 def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, atol: float = 1e-4) -> dict:
@@ -42,6 +43,6 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, atol:
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = session.run(None, {"rgb": batch.numpy()})
     with torch.inference_mode():
-        want = [t.numpy() for t in model.eval()(batch)]
+        want = [t.numpy() for t in _LogitsAndFeatures(model).eval()(batch)]
     diff = max(float(np.abs(g - w).max()) for g, w in zip(got, want))
     return {"max_abs_diff": diff, "ok": diff <= atol * max(1.0, max(float(np.abs(w).max()) for w in want))}

@@ -151,7 +151,27 @@ def option_text(value: Any) -> str:
     return str(value)
 
 
-def _click_option(x: _Field) -> list[Callable]:
+class _LazyHelpOption(click.Option):
+    """An option whose help text is computed when help is shown (``opt(help=<function>)``)."""
+
+    def __init__(self, *args, lazy_help: Callable[[], str] | None = None, help_suffix: str = "", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.lazy_help, self.help_suffix = lazy_help, help_suffix
+
+    def get_help_record(self, ctx):
+        if self.lazy_help is not None:
+            self.help, self.lazy_help = self.lazy_help() + self.help_suffix, None
+        return super().get_help_record(ctx)
+
+
+def help_text(field: dataclasses.Field) -> str:
+    """A field's help text (computed, for ``opt(help=<function>)``)."""
+    h = field.metadata.get("help", "")
+    return h() if callable(h) else h
+
+
+def _param_type(x: _Field) -> click.ParamType:
+    """The click type of a field's option: what parses and checks a value typed or written in YAML."""
     meta = x.field.metadata
     if x.kind is bool:
         ptype: click.ParamType = click.BOOL
@@ -161,11 +181,20 @@ def _click_option(x: _Field) -> list[Callable]:
         ptype = click.Choice(meta["choices"])
     else:
         ptype = {int: click.INT, float: click.FLOAT}.get(x.kind, click.STRING)
-    if x.optional:
-        ptype = OrNone(ptype)
+    return OrNone(ptype) if x.optional else ptype
+
+
+def _click_option(x: _Field) -> list[Callable]:
+    meta = x.field.metadata
+    ptype = _param_type(x)
     default = ",".join(f"{v:g}" for v in x.default) if x.kind is tuple and x.default else x.default
-    help_ = meta.get("help", "") + (" Default: the spec's." if x.section.overrides else "")
-    kw: dict[str, Any] = {"type": ptype, "default": default, "help": help_, "show_default": default is not None}
+    suffix = " Default: the spec's." if x.section.overrides else ""
+    help_ = meta.get("help", "")
+    kw: dict[str, Any] = {"type": ptype, "default": default, "show_default": default is not None}
+    if callable(help_):
+        kw |= {"cls": _LazyHelpOption, "lazy_help": help_, "help_suffix": suffix}
+    else:
+        kw["help"] = help_ + suffix
     if x.kind is bool:  # `--resume`, `--resume true|false`, and `--no-resume`
         kw |= {"is_flag": False, "flag_value": True}
         no = click.option(f"--no-{x.flag}", f"no_{x.ident}", is_flag=True, help=f"Same as --{x.flag} false.")
@@ -187,9 +216,16 @@ def config_options(config_cls: type, sections: tuple[Section, ...]) -> Callable:
 
 def build_config(config_cls: type, sections: tuple[Section, ...], values: dict[str, Any]) -> Any:
     """The run config with every option in ``values`` (click's kwargs) written into its field."""
-    cfg = config_cls()
-    for x in exposed_fields(config_cls, sections):
-        value = values[x.ident]
+    return apply_options(config_cls(), sections, values)
+
+
+def apply_options(cfg: Any, sections: tuple[Section, ...], values: dict[str, Any]) -> Any:
+    """``cfg`` with every option in ``values`` (click's kwargs) written into its field; an
+    ``overrides`` section leaves a field whose value is None (not given) as it is."""
+    for x in exposed_fields(type(cfg), sections):
+        if x.ident not in values and f"no_{x.ident}" not in values:
+            continue
+        value = values.get(x.ident)
         if x.kind is bool and values.get(f"no_{x.ident}"):
             value = False
         if x.section.overrides and value is None:
@@ -197,3 +233,35 @@ def build_config(config_cls: type, sections: tuple[Section, ...], values: dict[s
         for path in (x.section.path, *x.section.also):
             setattr(_resolve(cfg, path), x.field.name, value)
     return cfg
+
+
+def option_names(config_cls: type, sections: tuple[Section, ...]) -> list[str]:
+    """The options the sections expose, as MLproject and a YAML spec spell them (``student_epochs``)."""
+    return [x.ident for x in exposed_fields(config_cls, sections)]
+
+
+def set_options(cfg: Any, sections: tuple[Section, ...], raw: dict[str, Any], where: str,
+                others: tuple[str, ...] = (), note: str = "") -> Any:
+    """``cfg`` with options named as the command line names them (``student_epochs``, ``student-epochs``)
+    set from plain values (YAML), each parsed and checked as its option would be. An unknown name or a
+    bad value is a ``ConfigError`` naming it (and the nearest known name, among the options and
+    ``others``, keys the caller takes itself; ``note`` says what is known)."""
+    import difflib
+
+    from flame_kd.errors import ConfigError
+
+    fields = {x.ident: x for x in exposed_fields(type(cfg), sections)}
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        ident = str(key).replace("-", "_")
+        if ident not in fields:
+            near = difflib.get_close_matches(ident, [*fields, *others], n=1)
+            hint = f"; did you mean {near[0]}?" if near else ""
+            raise ConfigError(f"{where}: unknown key {key!r}{hint}{' ' + note if note else ''}")
+        if isinstance(value, list) and fields[ident].kind is tuple:
+            value = tuple(value)
+        try:
+            values[ident] = _param_type(fields[ident]).convert(value, None, None)
+        except click.BadParameter as err:
+            raise ConfigError(f"{where}: {key}: {err.format_message()}") from None
+    return apply_options(cfg, tuple(dataclasses.replace(s, overrides=False) for s in sections), values)

@@ -6,41 +6,60 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from flame_kd.losses import DistillLoss
+from flame_kd.losses import OUTPUTS, DistillLoss, model_outputs
 
 Batch = dict[str, torch.Tensor]
 
 
-def teacher_forward(model: nn.Module, batch: Batch):
-    """A teacher sees both modalities of the same frame."""
-    return model(batch["rgb"], batch["ir"])
+def teacher_forward(model: nn.Module, batch: Batch, maps: bool = False) -> dict:
+    """A teacher sees both modalities of the same frame; its named outputs (``logits``, ``features``,
+    and with ``maps`` its stage maps)."""
+    return model(batch["rgb"], batch["ir"], maps=maps) if maps else model(batch["rgb"], batch["ir"])
 
 
-def student_forward(model: nn.Module, batch: Batch):
+def student_forward(model: nn.Module, batch: Batch, maps: bool = False) -> dict:
     """A student sees RGB only."""
-    return model(batch["rgb"])
+    return model(batch["rgb"], maps=maps) if maps else model(batch["rgb"])
+
+
+@torch.no_grad()
+def output_shapes(model: nn.Module, forward: Callable, batch: Batch, names, side: str) -> dict[str, tuple]:
+    """``{"<side>_<name>": shape without the batch}`` of the named outputs on an example batch (what a
+    learned adapter is built from: the hint regressor's channels and grid)."""
+    if not names:
+        return {}
+    device = next(model.parameters()).device
+    was = model.training
+    model.eval()
+    try:
+        raw = forward(model, {k: v.to(device) for k, v in batch.items()}, maps=any(OUTPUTS[n].maps for n in names))
+        out = model_outputs(raw, names)
+    finally:
+        model.train(was)
+    return {f"{side}_{n}": tuple(v.shape[1:]) for n, v in out.items() if torch.is_tensor(v)}
 
 
 class SupervisedTask:
-    """BCE on the hard labels: teacher training, and the no-teacher control of the ablation."""
+    """BCE on the hard labels, the registered ``bce`` term (so ``pos_weight`` applies): teacher
+    training, and a sweep's retraining of a trial's student."""
 
-    def __init__(self, forward: Callable = teacher_forward):
+    def __init__(self, forward: Callable = teacher_forward, pos_weight: torch.Tensor | None = None):
         self.forward = forward
+        self.loss = DistillLoss({"delta": 1.0}, pos_weight=pos_weight)
 
     def __call__(self, model: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
-        logits, features = self.forward(model, batch)
-        bce = F.binary_cross_entropy_with_logits(logits.float(), batch["target"].float())
-        return {"loss": bce, "bce": bce, "logits": logits, "features": features}
+        out = self.forward(model, batch)
+        return self.loss(out, batch["target"].float()) | {"logits": out["logits"], "features": out["features"]}
 
     def modules(self) -> list[nn.Module]:
         return []
 
 
 class TeacherOutputs:
-    """Where a distillation step gets the teacher's (logits, features) for its batch.
+    """Where a distillation step gets the teacher's named outputs for its batch: ``{name: tensor, or
+    tuple of tensors}`` for the ``outputs`` its loss needs (``DistillLoss.outputs("teacher")``).
 
     ``cached``: looked up by frame ID and view in tensors computed once per teacher run
     (``teacher_outputs.compute``): ``batch["view"]`` -1 is the plain frame, ``v`` its cached view
@@ -51,23 +70,29 @@ class TeacherOutputs:
     """
 
     def __init__(self, teacher: nn.Module | None = None, cache: dict | None = None,
-                 frame_ids=None):
+                 frame_ids=None, outputs: tuple[str, ...] = ("logits", "features")):
         if (teacher is None) == (cache is None):
             raise ValueError("give exactly one of teacher (live) or cache (cached)")
         self.teacher = teacher
         self.cache = cache
+        self.outputs = tuple(outputs)
         if teacher is not None:
             teacher.eval().requires_grad_(False)
         if cache is not None:
             if frame_ids is None:
                 raise ValueError("cached teacher outputs need the frame ids of the run's frame table")
+            stored = cache.get("outputs", {})
+            missing = [n for n in self.outputs if not any(k == n or k.startswith(n + ".") for k in stored)]
+            if missing:
+                raise ValueError(f"the cached teacher outputs hold no {', '.join(missing)}")
             self.frame_ids = torch.tensor(frame_ids, dtype=torch.long)
             self._sorted_ids, self._perm = torch.sort(cache["ids"].long())
             self.n, self.views = len(cache["ids"]), int(cache.get("views", 0))
             self.view_known = cache.get("view_known", torch.zeros(self.n, dtype=torch.bool))
-            # one table: the plain frames, then view 0, view 1, ...: position = row + n * (view + 1)
-            self.table = [torch.cat([cache[key], *(cache[f"view_{key}"] if self.views else ())])
-                          for key in ("logits", "features")]
+            # one table per stored tensor: the plain frames, then view 0, view 1, ...: position = row + n * (view + 1)
+            self.table = {key: torch.cat([val, *(cache["view_outputs"][key] if self.views else ())])
+                          for key, val in stored.items()
+                          if key.partition(".")[0] in self.outputs}
 
     def rows(self, index: torch.Tensor) -> torch.Tensor:
         """Cache rows of the frames at table rows ``index`` (host); checks ids and ``known``."""
@@ -94,23 +119,49 @@ class TeacherOutputs:
                                "this batch asks for others")
         return rows + self.n * (view + 1)
 
-    def __call__(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, batch: Batch) -> dict:
         if self.teacher is not None:
+            maps = any(OUTPUTS[n].maps for n in self.outputs)
             with torch.no_grad():
-                logits, feats = teacher_forward(self.teacher, batch)
-            return logits.float(), feats.float()
+                out = model_outputs(teacher_forward(self.teacher, batch, maps=maps), self.outputs)
+            return {k: tuple(t.float() for t in v) if isinstance(v, tuple) else v.float() for k, v in out.items()}
         pos = self.positions(torch.as_tensor(batch["index"]).cpu(), batch.get("view"), batch.get("flip"))
-        pos = pos.to(self.table[0].device, non_blocking=True)
         device = batch["rgb"].device
-        return tuple(t.index_select(0, pos).to(device, non_blocking=True).float() for t in self.table)
+        got = {}
+        for key, table in self.table.items():
+            got[key] = table.index_select(0, pos.to(table.device, non_blocking=True)).to(device, non_blocking=True).float()
+        return unflatten(got)
 
     def to(self, device: torch.device) -> "TeacherOutputs":
         """Move the live teacher, or the cached outputs (gathered there each step), to ``device``."""
         if self.teacher is not None:
             self.teacher.to(device)
         else:
-            self.table = [t.to(device) for t in self.table]
+            self.table = {k: t.to(device) for k, t in self.table.items()}
         return self
+
+
+def flatten_outputs(outputs: dict) -> dict[str, torch.Tensor]:
+    """``{"attention": (a, b)}`` -> ``{"attention.0": a, "attention.1": b}``: one tensor per key, as stored."""
+    flat = {}
+    for name, value in outputs.items():
+        if isinstance(value, (tuple, list)):
+            flat |= {f"{name}.{i}": v for i, v in enumerate(value)}
+        else:
+            flat[name] = value
+    return flat
+
+
+def unflatten(flat: dict[str, torch.Tensor]) -> dict:
+    """The inverse of ``flatten_outputs``."""
+    out: dict = {}
+    for key in sorted(flat, key=lambda k: (k.partition(".")[0], int(k.partition(".")[2] or -1))):
+        name, _, i = key.partition(".")
+        if i:
+            out[name] = (*out.get(name, ()), flat[key])
+        else:
+            out[name] = flat[key]
+    return out
 
 
 class DistillTask:
@@ -123,12 +174,9 @@ class DistillTask:
         self.teacher = teacher
 
     def __call__(self, model: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
-        logits, features = student_forward(model, batch)
-        t_logits = t_feats = None
-        if self.loss.uses_teacher:
-            t_logits, t_feats = self.teacher(batch)
-        out = self.loss(logits.float(), features.float(), batch["target"].float(), t_logits, t_feats)
-        return out | {"logits": logits, "features": features}
+        out = student_forward(model, batch, maps=self.loss.needs_maps("student"))
+        teacher = self.teacher(batch) if self.loss.uses_teacher else None
+        return self.loss(out, batch["target"].float(), teacher) | {"logits": out["logits"], "features": out["features"]}
 
     def modules(self) -> list[nn.Module]:
         return [self.loss]

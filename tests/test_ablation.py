@@ -10,7 +10,7 @@ from mlflow.tracking import MlflowClient
 
 from flame_kd.runs import ablation as ablation_mod
 from flame_kd.runs import distill as distill_mod
-from flame_kd.runs.ablation import AblationSpec, load_spec, run_ablation, summary_table
+from flame_kd.runs.ablation import AblationSpec, load_spec, run_ablation, spec_from_dict, summary_table
 from flame_kd.cli import main
 from flame_kd.data.synth import synthesize
 from flame_kd.errors import ConfigError
@@ -20,13 +20,12 @@ from pipeline_helpers import REPO, SIZE, TINY_TEACHER, artifacts, use_store
 pytestmark = pytest.mark.slow  # a real pipeline: `make test-fast` leaves it out
 
 
-def tiny_spec(csv: str) -> AblationSpec:
-    return AblationSpec(
-        name="tiny", data={"csv": csv, "image_size": SIZE, "batch_size": 16},
-        teachers=[TINY_TEACHER], losses=["kl_bce", "kl_l2_bce"], seeds=[1, 2], control=True,
-        student="lightweight-cnn", pretrained=False, teacher_epochs=1, student_epochs=1, device="cpu",
-        experiment="ablation", log_models=False,
-    )
+def tiny_spec(csv: str, **more) -> AblationSpec:
+    return spec_from_dict({
+        "name": "tiny", "data": {"csv": csv, "image_size": SIZE, "batch_size": 16},
+        "teachers": [TINY_TEACHER], "losses": ["kl_bce", "kl_l2_bce"], "seeds": [1, 2], "control": True,
+        "student": "lightweight-cnn", "pretrained": False, "teacher_epochs": 1, "student_epochs": 1, "device": "cpu",
+        "experiment": "ablation", "log_model": False, **more})
 
 
 @pytest.fixture(scope="module")
@@ -146,3 +145,40 @@ def test_paired_difference_by_hand():
     assert row["f1_macro_vs_control_mean"] == pytest.approx(0.5 / 3)
     assert row["f1_macro_vs_control_ci95"] == pytest.approx(4.302653 * 0.057735 / 3 ** 0.5, rel=1e-4)
     assert row["n_paired"] == 3
+
+
+def test_spec_takes_every_distill_option_and_names_the_nearest_for_a_typo():
+    """The spec is built from the same option declarations as `flame-kd distill`: every option but the
+    grid's axes (teacher, loss, seed) can be set per grid, checked as the command line checks it."""
+    from flame_kd.config import ABLATION_SPEC_OPTIONS, DISTILL_OPTIONS, DistillRunConfig
+    from flame_kd.options import option_names, option_values
+
+    settable = set(option_names(AblationSpec, ABLATION_SPEC_OPTIONS))
+    assert set(option_values(DistillRunConfig(), DISTILL_OPTIONS)) - settable == {"teacher", "loss", "seed"}
+    spec = spec_from_dict({"teacher_mode": "live", "student_epochs": 3, "at-weight": 250, "ratios": [0.6, 0.2, 0.2],
+                           "teacher_views": 2, "pos_weight": "auto"})
+    d = spec.distill
+    assert (d.teacher_mode, d.train.epochs, d.loss.at_weight, d.data.ratios) == ("live", 3, 250.0, (0.6, 0.2, 0.2))
+    assert (d.teacher_views, d.loss.pos_weight) == (2, "auto")
+    cell = ablation_mod.cell_config(spec, "timm:test_resnet", "kl_at_bce", 7)
+    assert (cell.teacher.name, cell.loss.variant, cell.train.seed, cell.teacher_train.seed) == (
+        "timm:test_resnet", "kl_at_bce", 7, 7)
+    with pytest.raises(ConfigError, match=r"unknown key 'studnet_epochs'; did you mean student_epochs\?"):
+        spec_from_dict({"studnet_epochs": 3})
+    with pytest.raises(ConfigError, match=r"unknown key 'seed'.*but --teacher, --loss and --seed"):
+        spec_from_dict({"seed": 3})
+    with pytest.raises(ConfigError, match=r"teacher_mode: .*'sometimes' is not one of 'cached', 'live'"):
+        spec_from_dict({"teacher_mode": "sometimes"})
+
+
+def test_an_attention_transfer_grid_runs_with_cached_teachers(tmp_path, monkeypatch):
+    """`losses: [kl_at_bce]` with the default (cached) teacher mode: the cell runs and logs its curve."""
+    use_store(tmp_path, monkeypatch)
+    csv = str(synthesize(tmp_path / "data", frames=120, image_size=SIZE, seed=3))
+    spec = tiny_spec(csv, losses=["kl_at_bce"], seeds=[1], control=False, name="at")
+    assert spec.distill.teacher_mode == "cached"
+    parent = run_ablation(spec)
+    runs = MlflowClient().search_runs([MlflowClient().get_experiment_by_name("ablation").experiment_id],
+                                      f"tags.`mlflow.parentRunId` = '{parent}' and tags.`flame_kd.stage` = 'distill'")
+    assert [r.data.tags["flame_kd.cell"] for r in runs] == [f"{TINY_TEACHER}|kl_at_bce|1"]
+    assert "train/at" in runs[0].data.metrics and runs[0].data.tags["flame_kd.teacher_mode"] == "cached"

@@ -12,7 +12,7 @@ from mlflow.tracking import MlflowClient
 from flame_kd.data.synth import synthesize
 from flame_kd.runs.distill import prepare, run_distill
 from flame_kd.errors import ConfigError
-from flame_kd.losses import DistillLoss, resolve_weights
+from flame_kd.losses import VARIANTS, DistillLoss, resolve_weights
 from flame_kd.tasks import DistillTask, TeacherOutputs
 
 from pipeline_helpers import SIZE, artifacts, assert_only_curves_grouped, distill_cfg, use_store
@@ -144,13 +144,14 @@ def test_teacher_targets_belong_to_the_batch_frames(first_distill, data_csv):
     assert batch["flip"].any() and not batch["flip"].all()
     assert not torch.equal(batch["index"], torch.sort(batch["index"]).values)
     assert (batch["view"] >= 0).all()  # each frame shows one of its cached views
-    cached_logits, cached_feats = prep.outputs(batch)
-    live_logits, live_feats = live(batch)
-    torch.testing.assert_close(cached_logits, live_logits, **FP16)
-    torch.testing.assert_close(cached_feats, live_feats, **FP16)
+    cached, alive = prep.outputs(batch), live(batch)
+    assert set(cached) == set(alive) == {"logits", "features"}
+    for key in cached:
+        torch.testing.assert_close(cached[key], alive[key], **FP16)
     # and a mismatched pairing (another permutation of the same frames) would differ
     perm = torch.roll(torch.arange(len(batch["index"])), 1)
-    assert not torch.allclose(cache["logits"][batch["index"][perm]], cache["logits"][batch["index"]])
+    logits = cache["outputs"]["logits"]
+    assert not torch.allclose(logits[batch["index"][perm]], logits[batch["index"]])
 
 
 FP16 = {"atol": 2e-3, "rtol": 2e-3}  # cached outputs are stored as float16 (3 significant digits)
@@ -168,7 +169,8 @@ def test_cached_equals_live_under_full_augmentation(first_distill, data_csv):
     batch gives the cached targets."""
     prep = full_prep(data_csv)
     cache, loader = prep.outputs.cache, prep.data.loaders["train"]
-    assert cache["views"] == 3 and cache["augment"] == "full" and cache["view_logits"].dtype == torch.float16
+    assert cache["views"] == 3 and cache["augment"] == "full"
+    assert cache["view_outputs"]["logits"].dtype == torch.float16
     assert cache["view_known"].sum() == len(prep.data.split.indices("train"))
     live = TeacherOutputs(teacher=prep.teacher)
     views_seen = set()
@@ -176,14 +178,14 @@ def test_cached_equals_live_under_full_augmentation(first_distill, data_csv):
         loader.dataset.set_epoch(epoch)
         for batch in loader:
             views_seen |= set(batch["view"].tolist())
-            c_logits, c_feats = prep.outputs(batch)
-            l_logits, l_feats = live(batch)
-            torch.testing.assert_close(c_logits, l_logits, **FP16)
-            torch.testing.assert_close(c_feats, l_feats, **FP16)
+            cached, alive = prep.outputs(batch), live(batch)
+            for key in ("logits", "features"):
+                torch.testing.assert_close(cached[key], alive[key], **FP16)
     assert views_seen == {0, 1, 2}
     # the views are really different images: view 0 and 1 of the same frames give other targets
     rows = torch.as_tensor(prep.data.split.indices("train")[:8])
-    assert not torch.allclose(cache["view_logits"][0][rows].float(), cache["view_logits"][1][rows].float(), atol=1e-3)
+    views = cache["view_outputs"]["logits"]
+    assert not torch.allclose(views[0][rows].float(), views[1][rows].float(), atol=1e-3)
 
 
 @pytest.mark.parametrize("split", ["val", "train"])
@@ -252,8 +254,9 @@ def test_shuffled_csv_gets_targets_of_its_own_frames(first_distill, data_csv):
     assert cache["teacher_run_id"] == pinned and cache["data_digest"] == prep.data.digest
     live = TeacherOutputs(teacher=prep.teacher)
     for batch in prep.data.loaders["train"]:
-        torch.testing.assert_close(prep.outputs(batch)[0], live(batch)[0], **FP16)
-        torch.testing.assert_close(prep.outputs(batch)[1], live(batch)[1], **FP16)
+        cached, alive = prep.outputs(batch), live(batch)
+        torch.testing.assert_close(cached["logits"], alive["logits"], **FP16)
+        torch.testing.assert_close(cached["features"], alive["features"], **FP16)
     # a cache of other frames is refused at lookup, never silently indexed by row
     wrong = TeacherOutputs(cache=cache, frame_ids=prep.data.frames["id"].to_numpy() + 10_000)
     with pytest.raises(RuntimeError, match="other frames"):
@@ -312,7 +315,8 @@ def test_pos_weight_auto_is_negatives_over_positives_of_the_training_split():
     import numpy as np
     import pandas as pd
 
-    from flame_kd.runs.distill import build_loss, train_pos_weight
+    from flame_kd.runs.distill import build_loss
+    from flame_kd.runs.experiment import train_pos_weight
 
     frames = pd.DataFrame({"fire": [1, 0, 0, 0, 1, 1], "smoke": [1, 1, 1, 1, 0, 0]})
     data = SimpleNamespace(frames=frames, split=SimpleNamespace(indices=lambda name: np.arange(4)))
@@ -320,10 +324,10 @@ def test_pos_weight_auto_is_negatives_over_positives_of_the_training_split():
     assert w.tolist() == [3.0, 1.0]
     cfg = distill_cfg("x.csv")
     cfg.loss.pos_weight = "auto"
-    assert build_loss(cfg, 8, 8, w).pos_weight.tolist() == [3.0, 1.0]
+    assert build_loss(cfg, pos_weight=w).pos_weight.tolist() == [3.0, 1.0]
     cfg.loss.pos_weight = "sometimes"
     with pytest.raises(ConfigError, match="pos-weight"):
-        build_loss(cfg, 8, 8)
+        build_loss(cfg)
 
 
 @pytest.mark.parametrize("bad, match", [
@@ -336,7 +340,36 @@ def test_bad_loss_options_are_clear_errors(data_csv, tmp_path, monkeypatch, bad,
     cfg.loss = dataclasses.replace(cfg.loss, **bad)
     with pytest.raises(ConfigError, match=match):
         run_distill(cfg)
-    cfg = distill_cfg(data_csv, loss="kl_everything")
+    cfg = distill_cfg(data_csv, loss="x" * (max(map(len, VARIANTS)) + 1))  # a name no variant holds
     with pytest.raises(ConfigError, match="kl_bce"):
         run_distill(cfg)
     assert MlflowClient().search_experiments(filter_string="name = 't'") == []
+
+
+@pytest.mark.parametrize("variant, term", [("kl_at_bce", "at"), ("kl_hint_bce", "hint")])
+def test_map_terms_distil_from_cached_teacher_outputs(first_distill, data_csv, variant, term):
+    """Attention transfer and the FitNets hint with the default (cached) teacher mode: the cache holds
+    the map outputs they need (float16, every view), the run logs the term's per-epoch curve, and
+    the cached targets are what the live teacher gives."""
+    from flame_kd.runs.teacher_outputs import _names_in
+
+    cfg = distill_cfg(data_csv, loss=variant, experiment="t")
+    cfg.tracking.log_model = False
+    run = MlflowClient().get_run(run_distill(cfg))
+    history = MlflowClient().get_metric_history(run.info.run_id, f"train/{term}")
+    assert len(history) == cfg.train.epochs and all(m.value > 0 for m in history)
+    assert run.data.tags["flame_kd.teacher_mode"] == "cached"
+    pinned = run.data.tags["flame_kd.teacher_run_id"]
+    assert pinned == first_distill.data.tags["flame_kd.teacher_run_id"]  # the same teacher, its cache extended
+    names = [p for p in artifacts(pinned) if p.startswith("teacher_outputs/")]
+    stored = "attention" if term == "at" else "hint"
+    assert any(stored in _names_in(n) for n in names)
+    prep = prepare(cfg)
+    assert stored in prep.outputs.outputs and "maps" not in prep.outputs.cache["outputs"]
+    keys = [k for k in prep.outputs.cache["outputs"] if k.startswith(stored)]
+    assert all(prep.outputs.cache["view_outputs"][k].dtype == torch.float16 for k in keys)
+    live = TeacherOutputs(teacher=prep.teacher, outputs=prep.outputs.outputs)
+    batch = next(iter(prep.data.loaders["train"]))
+    cached, alive = prep.outputs(batch), live(batch)
+    for a, b in zip(*(v[stored] if isinstance(v[stored], tuple) else (v[stored],) for v in (cached, alive))):
+        torch.testing.assert_close(a, b, atol=5e-3, rtol=5e-3)

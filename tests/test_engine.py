@@ -38,7 +38,7 @@ class TinyTeacher(nn.Module):
 
     def forward(self, rgb, ir):
         f = self.body(torch.cat([rgb, ir], 1))
-        return self.head(self.drop(f)), f
+        return {"logits": self.head(self.drop(f)), "features": f}
 
 
 def loaders(seed=0):

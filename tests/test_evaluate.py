@@ -137,7 +137,7 @@ class TinyNet(nn.Module):
         self.drop = nn.Dropout(0.9)  # would make outputs random if predict left train mode on
 
     def forward(self, x):
-        return self.head(self.drop(x)), x[:, :3]
+        return {"logits": self.head(self.drop(x)), "features": x[:, :3]}
 
 
 def _loader(n_batches=3, batch=4):
@@ -170,7 +170,7 @@ def test_predict_collects_batches_in_order():
 
 
 def test_predict_without_features():
-    preds = predict(TinyNet(), _loader(1), "cpu", lambda m, b: (m(b["rgb"])[0], None))
+    preds = predict(TinyNet(), _loader(1), "cpu", lambda m, b: {"logits": m(b["rgb"])["logits"]})
     assert preds.features is None and preds.probs.shape == (4, 2)
 
 

@@ -1,7 +1,8 @@
-"""Teachers and students: shapes, feature sizes, fusion, weights loading, freezing, errors.
+"""Teachers and students: named outputs, shapes, feature sizes, fusion, weights loading, freezing, errors.
 
-The registered teachers are real-size models built once each at 64 px (random weights); every
-other test uses timm's tiny ``test_*`` models.
+The registered teachers are real-size models built once each at 64 px (random weights), and every
+registered student is built and run, so a new registration is tested with no edit here; other tests
+use timm's tiny ``test_*`` models.
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ import torch
 
 from flame_kd.errors import ConfigError
 from flame_kd.models import STUDENTS, TEACHERS, LightweightCNN, build_student, build_teacher
+from flame_kd.models.backbone import MAP_STAGES, NUM_LABELS, features_and_maps
 
 SIZE = 64
-FEATURE_DIMS = {"resnet-152": 2048, "efficientnet-b7": 2560, "swin-tiny": 768, "vit-b-16": 768}
+FEATURE_DIMS = {"resnet-152": 2048, "efficientnet-b7": 2560, "swin-tiny": 768, "vit-b-16": 768}  # DESIGN's table
 
 
 def _frames(b: int = 2, size: int = SIZE) -> tuple[torch.Tensor, torch.Tensor]:
@@ -28,14 +30,53 @@ def _first_conv(backbone: torch.nn.Module) -> torch.nn.Conv2d:
     return backbone.get_submodule(backbone.pretrained_cfg["first_conv"])
 
 
+def _check_outputs(model, *inputs, dim: int, both: bool = True) -> dict:
+    """Named outputs: logits [B, 2] and features [B, dim]; with maps=True also MAP_STAGES maps
+    [B, C, H, W] and (``both``: checked against a pass without maps) the same logits."""
+    model.eval()
+    with torch.no_grad():
+        full = model(*inputs, maps=True)
+        out = model(*inputs) if both else {k: full[k] for k in ("logits", "features")}
+    b = len(inputs[0])
+    assert set(out) == {"logits", "features"} and set(full) == {"logits", "features", "maps"}
+    assert out["logits"].shape == (b, NUM_LABELS) and out["features"].shape == (b, dim)
+    assert len(full["maps"]) == MAP_STAGES and all(m.ndim == 4 and len(m) == b for m in full["maps"])
+    torch.testing.assert_close(full["logits"], out["logits"], rtol=1e-4, atol=1e-5)
+    return full
+
+
 @pytest.mark.parametrize("name", list(TEACHERS))
 def test_registered_teacher_builds_with_its_feature_size(name):
-    assert set(TEACHERS) == set(FEATURE_DIMS)
-    teacher = build_teacher(name, image_size=SIZE).eval()
-    assert (teacher.name, teacher.fusion, teacher.feature_dim) == (name, "late", FEATURE_DIMS[name])
+    teacher = build_teacher(name, image_size=SIZE)
+    dim = teacher.feature_dim  # the features' width, checked below; DESIGN's for the teachers it lists
+    assert (teacher.name, teacher.fusion) == (name, "late") and FEATURE_DIMS.get(name, dim) == dim
+    _check_outputs(teacher, *_frames(1), dim=dim, both=False)  # real-size: one pass (tiny models check both)
+
+
+@pytest.mark.parametrize("name", list(STUDENTS))
+def test_registered_student_gives_named_outputs(name):
+    student = build_student(name, image_size=SIZE)
+    assert student.feature_dim > 0
+    full = _check_outputs(student, _frames()[0], dim=student.feature_dim)
+    student.train()
+    out = student(_frames()[0], maps=True)
+    (out["logits"].sum() + sum(m.sum() for m in out["maps"])).backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
+    assert [m.shape[-1] for m in full["maps"]] == sorted((m.shape[-1] for m in full["maps"]), reverse=True)
+
+
+def test_maps_come_from_hooks_where_a_backbone_has_no_forward_intermediates():
+    backbone = timm.create_model("test_resnet", num_classes=0).eval()
+    x = _frames()[0]
     with torch.no_grad():
-        logits, features = teacher(*_frames())
-    assert logits.shape == (2, 2) and features.shape == (2, FEATURE_DIMS[name])
+        feats, maps = features_and_maps(backbone, x, maps=True)
+        backbone.forward_intermediates = None  # as a timm model without it
+        hooked_feats, hooked = features_and_maps(backbone, x, maps=True)
+    torch.testing.assert_close(hooked_feats, feats)
+    assert len(hooked) == len(maps) == MAP_STAGES
+    for a, b in zip(hooked, maps):
+        torch.testing.assert_close(a, b)
+    assert not backbone._forward_hooks and not any(m._forward_hooks for m in backbone.modules())
 
 
 @pytest.mark.parametrize("fusion", ["late", "early"])
@@ -43,10 +84,13 @@ def test_registered_teacher_builds_with_its_feature_size(name):
 def test_timm_teacher_both_fusions(model, fusion):
     teacher = build_teacher(f"timm:{model}", fusion=fusion, image_size=SIZE)
     dim = timm.create_model(model, num_classes=0).num_features
-    logits, features = teacher(*_frames())
+    full = _check_outputs(teacher, *_frames(), dim=dim)
     assert teacher.fusion == fusion and teacher.feature_dim == dim
-    assert logits.shape == (2, 2) and features.shape == (2, dim)
-    logits.sum().backward()
+    one = build_teacher(f"timm:{model}", fusion="early", image_size=SIZE) if fusion == "late" else None
+    if one is not None:  # late fusion: RGB and IR stage maps joined on channels
+        assert [m.shape[1] for m in full["maps"]] == [2 * m.shape[1] for m in _check_outputs(one, *_frames(), dim=dim)["maps"]]
+    teacher.train()
+    teacher(*_frames())["logits"].sum().backward()
     assert all(p.grad is not None for p in teacher.head.parameters())
 
 
@@ -59,14 +103,15 @@ def test_early_fusion_is_one_six_channel_backbone():
 
 
 def test_unknown_names_raise_config_error_listing_known_ones():
-    with pytest.raises(ConfigError, match=r"unknown teacher 'resnet-9'; known: resnet-152, "):
-        build_teacher("resnet-9")
+    unknown = "x" * (max(map(len, [*TEACHERS, *STUDENTS])) + 1)  # longer than any registered name
+    with pytest.raises(ConfigError, match=rf"unknown teacher '{unknown}'; known: {', '.join(TEACHERS)}, "):
+        build_teacher(unknown)
     with pytest.raises(ConfigError, match=r"unknown fusion 'middle'; known: late, early"):
         build_teacher("timm:test_resnet", fusion="middle")
     with pytest.raises(ConfigError, match=r"unknown timm model 'no_such_net'"):
         build_teacher("timm:no_such_net")
-    with pytest.raises(ConfigError, match=r"unknown student 'tiny-cnn'; known: lightweight-cnn"):
-        build_student("tiny-cnn")
+    with pytest.raises(ConfigError, match=rf"unknown student '{unknown}'; known: {', '.join(STUDENTS)}"):
+        build_student(unknown)
 
 
 def _equal_except(model_sd: dict, source_sd: dict, skip: set[str]) -> bool:
@@ -142,9 +187,9 @@ def test_lightweight_cnn_is_the_original_student():
     assert isinstance(student, LightweightCNN) and "lightweight-cnn" in STUDENTS
     assert sum(p.numel() for p in student.parameters()) == 4_821_058
     assert student.feature_dim == 256
-    logits, features = student.eval()(_frames()[0])
-    assert logits.shape == (2, 2) and features.shape == (2, 256)
-    assert (features >= 0).all()  # taken after the ReLU
+    out = student.eval()(_frames()[0])
+    assert out["logits"].shape == (2, 2) and out["features"].shape == (2, 256)
+    assert (out["features"] >= 0).all()  # taken after the ReLU
     with pytest.raises(ConfigError, match="no pretrained weights"):
         build_student("lightweight-cnn", pretrained=True)
 
@@ -156,9 +201,8 @@ def test_lightweight_cnn_is_the_original_student():
 def test_timm_student_uses_pooled_pre_logits(name, dim):
     # MobileNetV3's pre-logits are its 1280-d conv head, not its 960 pooled channels.
     student = build_student(name, image_size=SIZE)
-    logits, features = student(_frames()[0])
     assert student.feature_dim == dim
-    assert logits.shape == (2, 2) and features.shape == (2, dim)
+    _check_outputs(student, _frames()[0], dim=dim)
 
 
 def test_student_cost_at_224_px_matches_design():

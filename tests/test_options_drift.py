@@ -16,7 +16,8 @@ import pytest
 import yaml
 
 from flame_kd import cli
-from flame_kd.config import DistillRunConfig, EmbedConfig, ParetoConfig, SweepConfig, TeacherRunConfig, to_dict
+from flame_kd.config import (AblationSpec, DistillRunConfig, EmbedConfig, ParetoConfig, SweepConfig, TeacherRunConfig,
+                             to_dict)
 from flame_kd.losses import REGISTRY
 from flame_kd.mlproject import CLI_ONLY, ENTRY_POINTS, command, extra_parameters, mlproject_default, parameters, render
 from flame_kd.options import build_config
@@ -28,9 +29,13 @@ RUN_COMMANDS = [
     ("sweep", SweepConfig, cli.SWEEP),
     ("embed", EmbedConfig, cli.EMBED),
     ("pareto", ParetoConfig, cli.PARETO),
+    ("ablation", AblationSpec, cli.ABLATION),
 ]
-# Config fields a command sets from another option on purpose: pareto's students come from --students.
-REPLACED = {"pareto": {"distill.student"}}
+# Config fields a command sets from another option on purpose: pareto's students come from --students
+# (one weights file cannot fit them all),
+# an ablation's teacher, loss and seed from its grid.
+REPLACED = {"pareto": {"distill.student", "distill.student_weights"},
+            "ablation": {"distill.teacher.name", "distill.loss.variant", "distill.train.seed", "distill.teacher_train.seed"}}
 
 
 def _mlproject() -> dict:

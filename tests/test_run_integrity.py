@@ -22,17 +22,20 @@ from flame_kd.runs.teacher import run_teacher
 from pipeline_helpers import distill_cfg, teacher_cfg, use_store
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--lr", "-1"], "train.lr must be > 0, got -1"),
-    (["--lr", "0"], "train.lr must be > 0"),
-    (["--epochs", "0"], "train.epochs must be >= 1"),
-    (["--batch-size", "0"], "data.batch_size must be >= 1"),
-    (["--image-size", "8"], "data.image_size must be >= 16"),
+@pytest.mark.parametrize("args, message", [  # each error names the flag the user typed
+    (["teacher", "--lr", "-1"], "--lr must be > 0, got -1"),
+    (["teacher", "--lr", "0"], "--lr must be > 0"),
+    (["teacher", "--epochs", "0"], "--epochs must be >= 1"),
+    (["teacher", "--batch-size", "0"], "--batch-size must be >= 1"),
+    (["teacher", "--image-size", "8"], "--image-size must be >= 16"),
+    (["distill", "--student-lr", "-1"], "--student-lr must be > 0, got -1"),
+    (["distill", "--teacher-epochs", "0"], "--teacher-epochs must be >= 1"),
+    (["distill", "--at-weight", "-1"], "--at-weight must be >= 0"),
 ])
 def test_options_that_cannot_work_are_refused_before_the_data_is_read(tmp_path, monkeypatch, args, message):
     use_store(tmp_path, monkeypatch)
-    result = CliRunner().invoke(main, ["teacher", "--data", str(tmp_path / "absent.csv"), "--no-pretrained",
-                                       "--teacher", "timm:test_resnet", *args])
+    result = CliRunner().invoke(main, [args[0], "--data", str(tmp_path / "absent.csv"), "--no-pretrained",
+                                       "--teacher", "timm:test_resnet", *args[1:]])
     assert result.exit_code == 2 and message in result.output, result.output  # not "absent.csv not found"
     assert "Traceback" not in result.output
 

@@ -27,9 +27,6 @@ EPOCH_STREAM, VIEW_STREAM, CHOICE_STREAM = 1, 2, 3  # independent draws from the
 CPU_CHUNK = 8  # frames per warp on a CPU: the float working set stays in cache (2.8x the whole batch at 224 px)
 _GREY = (0.299, 0.587, 0.114)  # ITU-R 601 luma, as torchvision's rgb_to_grayscale
 
-_MASK = np.uint64(0xFFFFFFFFFFFFFFFF)
-
-
 def _mix(x: np.ndarray) -> np.ndarray:
     """splitmix64's finaliser: a bijective avalanche of uint64 (wrapping arithmetic is intended)."""
     with np.errstate(over="ignore"):

@@ -1,7 +1,8 @@
 """timm backbones for teachers and students: build, load weights, pool, freeze stages.
 
 Every backbone is a timm model built with ``num_classes=0``, so ``forward_features`` +
-``forward_head(x, pre_logits=True)`` give the pooled feature vector without hooks.
+``forward_head(x, pre_logits=True)`` give the pooled feature vector without hooks, and
+``forward_intermediates`` the stage maps in the same pass (``features_and_maps``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from torch import nn
 from flame_kd.errors import ConfigError
 
 TIMM_PREFIX = "timm:"
+NUM_LABELS = 2  # fire, smoke: two sigmoid outputs, for teachers and students alike
+MAP_STAGES = 3  # intermediate maps a model returns on request: the outputs of its last three stages
 WEIGHTS_HINT = "pass --weights FILE (a local timm state dict) or --no-pretrained"
 
 
@@ -43,6 +46,27 @@ def feature_dim(backbone: nn.Module) -> int:
 def pooled(backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The backbone's pooled pre-logits features ``[B, D]``."""
     return backbone.forward_head(backbone.forward_features(x), pre_logits=True)
+
+
+def features_and_maps(backbone: nn.Module, x: torch.Tensor, maps: bool = False
+                      ) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+    """Pooled features ``[B, D]`` and, when ``maps``, the last ``MAP_STAGES`` stage outputs ``[B, C, H, W]``
+    of the same pass: timm's ``forward_intermediates`` where the model has it, else forward hooks on
+    the modules its ``feature_info`` names."""
+    if not maps:
+        return pooled(backbone, x), None
+    if callable(getattr(backbone, "forward_intermediates", None)):
+        final, inter = backbone.forward_intermediates(x, indices=MAP_STAGES)
+        return backbone.forward_head(final, pre_logits=True), list(inter)
+    got: list[torch.Tensor] = []
+    names = [f["module"] for f in backbone.feature_info][-MAP_STAGES:]
+    handles = [backbone.get_submodule(n).register_forward_hook(lambda _m, _i, out: got.append(out))
+               for n in names]
+    try:
+        return pooled(backbone, x), got
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def create_backbone(

@@ -21,7 +21,7 @@ class Deployable(nn.Module):
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
         if self.modalities == 2:
-            logits, _ = self.model(frames[:, :3], frames[:, 3:])
+            out = self.model(frames[:, :3], frames[:, 3:])
         else:
-            logits, _ = self.model(frames)
-        return torch.sigmoid(logits.float())
+            out = self.model(frames)
+        return torch.sigmoid(out["logits"].float())

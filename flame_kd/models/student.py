@@ -1,7 +1,9 @@
 """RGB-only students: the original pipeline's LightweightCNN, or any timm model.
 
-``forward(rgb) -> (logits[B, 2], features[B, feature_dim])``; the features are what feature
-distillation projects onto the teacher's and what the embedding plots show.
+``forward(rgb, maps=False) -> {"logits": [B, 2], "features": [B, feature_dim]}`` (named outputs; with
+``maps=True`` also ``"maps"``: the last ``MAP_STAGES`` stage outputs ``[B, C, H, W]``, which the map-based
+distillation terms use); the features are what feature distillation projects onto the teacher's and
+what the embedding plots show.
 """
 
 from __future__ import annotations
@@ -14,9 +16,7 @@ from torch import nn
 
 from flame_kd.errors import ConfigError
 from flame_kd.models.inputs import RGB_MEAN, RGB_STD, Normalize
-from flame_kd.models.backbone import create_backbone, feature_dim, pooled, resolve_name
-
-NUM_LABELS = 2  # fire, smoke
+from flame_kd.models.backbone import MAP_STAGES, NUM_LABELS, create_backbone, feature_dim, features_and_maps, resolve_name
 
 
 def _conv_block(c_in: int, c_out: int) -> nn.Sequential:
@@ -48,9 +48,16 @@ class LightweightCNN(nn.Module):
         self.embed = nn.Sequential(nn.Linear(512, self.feature_dim), nn.ReLU(inplace=True))
         self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(self.feature_dim, NUM_LABELS))
 
-    def forward(self, rgb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        features = self.embed(self.pool(self.features(self.norm(rgb))).flatten(1))
-        return self.head(features), features
+    def forward(self, rgb: torch.Tensor, maps: bool = False) -> dict[str, torch.Tensor | list[torch.Tensor]]:
+        x, stages = self.norm(rgb), []
+        for block in self.features:
+            x = block(x)
+            stages.append(x)
+        features = self.embed(self.pool(x).flatten(1))
+        out = {"logits": self.head(features), "features": features}
+        if maps:
+            out["maps"] = stages[-MAP_STAGES:]
+        return out
 
 
 class TimmStudent(nn.Module):
@@ -64,9 +71,12 @@ class TimmStudent(nn.Module):
         self.feature_dim = feature_dim(backbone)
         self.head = nn.Linear(self.feature_dim, NUM_LABELS)
 
-    def forward(self, rgb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        features = pooled(self.backbone, self.norm(rgb))
-        return self.head(features), features
+    def forward(self, rgb: torch.Tensor, maps: bool = False) -> dict[str, torch.Tensor | list[torch.Tensor]]:
+        features, stages = features_and_maps(self.backbone, self.norm(rgb), maps)
+        out = {"logits": self.head(features), "features": features}
+        if maps:
+            out["maps"] = stages
+        return out
 
 
 def _lightweight_cnn(image_size: int, pretrained: bool, weights: str | Path | None) -> nn.Module:

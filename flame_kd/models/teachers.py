@@ -1,7 +1,8 @@
 """Multimodal teachers: timm backbones over RGB and IR, fused late or early.
 
-``forward(rgb, ir) -> (logits[B, 2], features[B, D])`` with ``D = feature_dim``: the vector that
-feature distillation (L2, relational) matches and the embedding plots show.
+``forward(rgb, ir, maps=False) -> {"logits": [B, 2], "features": [B, D]}`` with ``D = feature_dim``: the
+vector that feature distillation (L2, relational) matches and the embedding plots show. ``maps=True``
+adds ``"maps"``, the last ``MAP_STAGES`` stage outputs (late fusion: RGB and IR joined on channels).
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ from torch import nn
 from flame_kd.errors import ConfigError
 from flame_kd.models.inputs import IR_MEAN, IR_STD, RGB_MEAN, RGB_STD, Normalize
 from flame_kd.models.backbone import (
+    NUM_LABELS,
     create_backbone,
     feature_dim,
+    features_and_maps,
     freeze_stages,
-    pooled,
     resolve_name,
 )
 
@@ -30,7 +32,6 @@ TEACHERS: dict[str, str] = {
     "vit-b-16": "vit_base_patch16_224",
 }
 FUSIONS = ("late", "early")
-NUM_LABELS = 2  # fire, smoke: two sigmoid outputs
 
 
 class _Teacher(nn.Module):
@@ -66,10 +67,14 @@ class LateFusionTeacher(_Teacher):
         self.project = nn.Sequential(nn.Linear(2 * dim, dim), nn.LayerNorm(dim))
         self.head = nn.Linear(dim, NUM_LABELS)
 
-    def forward(self, rgb: torch.Tensor, ir: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        rgb, ir = self.norm_rgb(rgb), self.norm_ir(ir)
-        features = self.project(torch.cat([pooled(self.rgb, rgb), pooled(self.ir, ir)], dim=1))
-        return self.head(features), features
+    def forward(self, rgb: torch.Tensor, ir: torch.Tensor, maps: bool = False) -> dict:
+        f_rgb, m_rgb = features_and_maps(self.rgb, self.norm_rgb(rgb), maps)
+        f_ir, m_ir = features_and_maps(self.ir, self.norm_ir(ir), maps)
+        features = self.project(torch.cat([f_rgb, f_ir], dim=1))
+        out = {"logits": self.head(features), "features": features}
+        if maps:
+            out["maps"] = [torch.cat(pair, dim=1) for pair in zip(m_rgb, m_ir)]
+        return out
 
 
 class EarlyFusionTeacher(_Teacher):
@@ -80,9 +85,13 @@ class EarlyFusionTeacher(_Teacher):
         self.backbone = backbone
         self.head = nn.Linear(self.feature_dim, NUM_LABELS)
 
-    def forward(self, rgb: torch.Tensor, ir: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        features = pooled(self.backbone, torch.cat([self.norm_rgb(rgb), self.norm_ir(ir)], dim=1))
-        return self.head(features), features
+    def forward(self, rgb: torch.Tensor, ir: torch.Tensor, maps: bool = False) -> dict:
+        features, stages = features_and_maps(self.backbone, torch.cat([self.norm_rgb(rgb), self.norm_ir(ir)], dim=1),
+                                             maps)
+        out = {"logits": self.head(features), "features": features}
+        if maps:
+            out["maps"] = stages
+        return out
 
 
 def build_teacher(

@@ -10,6 +10,7 @@ says otherwise), so the summary can pair each cell with the no-teacher control o
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import os
@@ -21,25 +22,44 @@ import pandas as pd
 import yaml
 
 from flame_kd import tracking
-from flame_kd.config import (
-    AblationSpec,
-    DataConfig,
-    DistillRunConfig,
-    LossConfig,
-    TeacherConfig,
-    TrackingConfig,
-    student_train_defaults,
-    teacher_train_defaults,
-)
+from flame_kd.config import ABLATION_OPTIONS, ABLATION_SPEC_OPTIONS, AblationSpec, DataConfig, DistillRunConfig, to_dict
 from flame_kd.errors import ConfigError
+from flame_kd.evaluate import SUMMARY_METRICS
+from flame_kd.options import apply_options, set_options
 
 log = logging.getLogger("flame_kd")
 
-METRICS = ("f1_macro", "f1_fire", "f1_smoke", "ap_macro", "auc_macro", "accuracy")
+METRICS = SUMMARY_METRICS  # one list with the other summaries (evaluate.SUMMARY_METRICS)
 CONTROL_LOSS = "bce"
 
 
+GRID_KEYS = tuple(f.name for f in dataclasses.fields(AblationSpec) if f.name != "distill")
+
+
+def spec_from_dict(raw: dict, where: str = "ablation spec") -> AblationSpec:
+    """An AblationSpec from YAML's mapping: the grid keys (``GRID_KEYS``) and any distill option but the
+    grid's axes, named as the command line names them (``ABLATION_SPEC_OPTIONS``); ``data:`` may also
+    be a mapping of DataConfig fields (``{csv: ..., image_size: 224}``). An unknown key is refused with
+    the nearest known name."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping of keys to values, got {type(raw).__name__}")
+    spec, options = AblationSpec(), {}
+    data_flags = {f.name: (f.metadata.get("cli") or f.name) for f in dataclasses.fields(DataConfig)}
+    for key, value in raw.items():
+        if key in GRID_KEYS:
+            setattr(spec, key, value)
+        elif key == "data" and isinstance(value, dict):
+            options |= {data_flags.get(k, k): v for k, v in value.items()}
+        else:
+            options[key] = value
+    return set_options(spec, ABLATION_SPEC_OPTIONS, options, where, others=GRID_KEYS,
+                       note=f"(known: the grid keys {', '.join(GRID_KEYS)}, and any `flame-kd distill` option "
+                            "but --teacher, --loss and --seed)")
+
+
 def load_spec(path: str, overrides: dict | None = None) -> AblationSpec:
+    """The spec in YAML file ``path``, with the command line's options (click's values; None: the
+    spec's) over it."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"ablation spec {path} not found")
@@ -47,40 +67,22 @@ def load_spec(path: str, overrides: dict | None = None) -> AblationSpec:
         raw = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"ablation spec {path} is not valid YAML: {str(err).splitlines()[0]}") from None
-    unknown = set(raw) - {f.name for f in dataclasses.fields(AblationSpec)}
-    if unknown:
-        raise ConfigError(f"ablation spec {path}: unknown keys {', '.join(sorted(unknown))}")
-    spec = AblationSpec(**raw)
-    for k, v in (overrides or {}).items():
-        if v is None:
-            continue
-        if k in ("csv", "image_size", "batch_size", "cache"):
-            spec.data[k] = v
-        else:
-            setattr(spec, k, v)
-    if not spec.data.get("csv"):
-        raise ConfigError(f"ablation spec {path}: no data set (data.csv, or --data)")
+    spec = spec_from_dict(raw, f"ablation spec {path}")
+    apply_options(spec, ABLATION_OPTIONS, overrides or {})
+    given = "data" in raw or (overrides or {}).get("data")
+    if not given:
+        raise ConfigError(f"ablation spec {path}: no data set (data, or --data)")
     return spec
 
 
 def cell_config(spec: AblationSpec, teacher: str, loss: str, seed: int) -> DistillRunConfig:
-    teacher_train, student_train = teacher_train_defaults(), student_train_defaults()
-    for cfg, epochs in ((teacher_train, spec.teacher_epochs), (student_train, spec.student_epochs)):
-        cfg.seed, cfg.device = seed, spec.device
-        if epochs:
-            cfg.epochs = epochs
-    data = DataConfig(**{"cache": "disk", "split_seed": 42, **spec.data})
-    if data.split_seed is None:
-        raise ConfigError("ablation: data.split_seed must be a number; every cell shares one split")
-    return DistillRunConfig(
-        data=data,
-        teacher=TeacherConfig(name=teacher, fusion=spec.fusion, pretrained=spec.pretrained),
-        teacher_train=teacher_train,
-        student=spec.student,
-        train=student_train,
-        loss=LossConfig(variant=loss),
-        tracking=TrackingConfig(experiment=spec.experiment, log_model=spec.log_models),
-    )
+    """The spec's distill options with the cell's teacher, loss and seed."""
+    cfg = copy.deepcopy(spec.distill)
+    if cfg.data.split_seed is None:
+        raise ConfigError("ablation: split_seed (--split-seed) must be a number; every cell shares one split")
+    cfg.teacher.name, cfg.loss.variant = teacher, loss
+    cfg.train.seed = cfg.teacher_train.seed = seed
+    return cfg
 
 
 def cells(spec: AblationSpec) -> list[tuple[str, str, int]]:
@@ -111,8 +113,8 @@ def find_or_create_parent(spec: AblationSpec) -> str:
         tracking.set_tags(tags | {"mlflow.runName": f"ablation {spec.name}"}, run_id=env_run)
         run_id = env_run
     else:
-        run_id = tracking.create_run(spec.experiment, f"ablation {spec.name}", tags)
-    tracking.log_text_to(run_id, yaml.safe_dump(dataclasses.asdict(spec), sort_keys=False), "spec.yaml")
+        run_id = tracking.create_run(spec.distill.tracking.experiment, f"ablation {spec.name}", tags)
+    tracking.log_text_to(run_id, yaml.safe_dump(tracking.redact_all(to_dict(spec)), sort_keys=False), "spec.yaml")
     return run_id
 
 
@@ -123,11 +125,13 @@ def finished_cells(parent_id: str) -> set[str]:
     return {r.data.tags["flame_kd.cell"] for r in runs if "flame_kd.cell" in r.data.tags}
 
 
-def run_ablation(spec: AblationSpec, tracking_uri: str | None = None) -> str:
+def run_ablation(spec: AblationSpec) -> str:
     """Run every unfinished cell, then log the summary tables and chart into the parent."""
-    from flame_kd.runs.distill import prepare, run_distill
+    from flame_kd.runs.distill import prepare, run_distill, validate
 
-    tracking.configure(tracking_uri)
+    tracking.configure(spec.distill.tracking.tracking_uri)
+    for teacher, loss, seed in cells(spec):  # every option error before the first cell runs
+        validate(cell_config(spec, teacher if teacher != "none" else spec.teachers[0], loss, seed))
     parent_id = find_or_create_parent(spec)
     done = finished_cells(parent_id)
     todo = [c for c in cells(spec) if "|".join(map(str, c)) not in done]

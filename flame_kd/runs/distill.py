@@ -22,7 +22,7 @@ from flame_kd.config import (DISTILL_OPTIONS, RUNTIME_FIELDS, TEACHER_OPTIONS, D
                              TrackingConfig, best_name, check_ranges, to_dict)
 from flame_kd.engine import resolve_device, seed_everything
 from flame_kd.errors import ConfigError
-from flame_kd.evaluate import predict
+from flame_kd.evaluate import METRIC_NAMES, predict
 from flame_kd.runs.experiment import (
     Data,
     FitPlan,
@@ -35,19 +35,18 @@ from flame_kd.runs.experiment import (
     log_test_report,
     run_params,
     tracked_fit,
+    train_pos_weight,
 )
 from flame_kd.export import export_onnx
-from flame_kd.losses import DistillLoss, check_temperature, resolve_weights
+from flame_kd.losses import DistillLoss, active_terms, check_temperature, needed_outputs, resolve_weights
 from flame_kd.models import build_student
 from flame_kd.models.deploy import Deployable
 from flame_kd.options import option_values
 from flame_kd.progress import stage
-from flame_kd.tasks import DistillTask, TeacherOutputs, teacher_forward
+from flame_kd.tasks import DistillTask, TeacherOutputs, output_shapes, student_forward, teacher_forward
 from flame_kd.runs.teacher import run_teacher
 
 log = logging.getLogger("flame_kd")
-
-TEST_METRICS = ("f1_macro", "f1_fire", "f1_smoke", "precision_macro", "recall_macro", "accuracy")
 
 
 def teacher_config(cfg: DistillRunConfig) -> TeacherRunConfig:
@@ -56,6 +55,7 @@ def teacher_config(cfg: DistillRunConfig) -> TeacherRunConfig:
         data=dataclasses.replace(cfg.data, augment="full"),
         teacher=cfg.teacher,
         train=cfg.teacher_train,
+        pos_weight=cfg.loss.pos_weight,  # one BCE: --pos-weight weighs the teacher trained on the way too
         tracking=TrackingConfig(experiment=cfg.tracking.experiment, tracking_uri=cfg.tracking.tracking_uri,
                                 log_model=False),  # its checkpoint is what distillation loads: weights once
     )
@@ -151,25 +151,24 @@ def resolve_teacher(cfg: DistillRunConfig, data: Data, parent_run_id: str | None
                        parent_run_id=parent_run_id), True
 
 
-def build_loss(cfg: DistillRunConfig, student_dim: int, teacher_dim: int,
-               pos_weight: torch.Tensor | None = None) -> DistillLoss:
+def loss_terms(cfg: DistillRunConfig) -> list:
+    """The active loss terms of the run's options (variant, weights, convention), checked with the
+    temperature and --pos-weight: every loss option error before any data is read."""
     lc = cfg.loss
-    weights = resolve_weights(lc.variant, **lc.weight_overrides())
+    terms = active_terms(resolve_weights(lc.variant, **lc.weight_overrides()), lc.loss_convention)
     check_temperature(lc.temperature)
     if lc.pos_weight not in ("none", "auto"):
         raise ConfigError(f"--pos-weight {lc.pos_weight}: expected none or auto")
-    return DistillLoss(weights, lc.temperature, student_dim, teacher_dim, convention=lc.loss_convention,
-                       pos_weight=pos_weight)
+    return terms
 
 
-def train_pos_weight(data: Data) -> torch.Tensor:
-    """Class-balanced BCE weights per label (fire, smoke): negatives / positives in the training split
-    (1 for a label with no positives or no negatives)."""
-    y = data.frames[["fire", "smoke"]].to_numpy()[data.split.indices("train")]
-    pos = y.sum(0).astype(float)
-    neg = len(y) - pos
-    w = [n / p if p > 0 and n > 0 else 1.0 for p, n in zip(pos, neg)]
-    return torch.tensor(w, dtype=torch.float32)
+def build_loss(cfg: DistillRunConfig, shapes: dict[str, tuple] | None = None,
+               pos_weight: torch.Tensor | None = None) -> DistillLoss:
+    """The run's DistillLoss; ``shapes`` (``tasks.output_shapes``) size its learned adapters."""
+    lc = cfg.loss
+    loss_terms(cfg)
+    return DistillLoss(resolve_weights(lc.variant, **lc.weight_overrides()), lc.temperature,
+                       convention=lc.loss_convention, pos_weight=pos_weight, shapes=shapes)
 
 
 def validate(cfg: DistillRunConfig) -> None:
@@ -177,12 +176,11 @@ def validate(cfg: DistillRunConfig) -> None:
     exist) before any data is read or run is started."""
     from flame_kd.data.split import parse_gap
 
-    check_ranges(cfg)
-    loss = build_loss(cfg, 8, 8)
+    check_ranges(cfg, DISTILL_OPTIONS)
+    loss_terms(cfg)
     parse_gap(cfg.data.gap)
     if cfg.teacher_mode not in ("cached", "live"):
         raise ConfigError(f"--teacher-mode {cfg.teacher_mode}: expected cached or live")
-    del loss  # built above for its checks
 
 
 @dataclass
@@ -210,18 +208,20 @@ def prepare(cfg: DistillRunConfig, parent_run_id: str | None = None) -> Prepared
     data = load_data(cfg.data, cfg.train.seed, device)
     build_student(cfg.student, image_size=cfg.data.image_size)  # an unknown student fails here, not later
     prep = Prepared(data, device)
-    if build_loss(cfg, 8, 8).uses_teacher:
+    teacher_needs = needed_outputs(loss_terms(cfg), "teacher")
+    if teacher_needs:
         prep.teacher_run_id, _ = resolve_teacher(cfg, data, parent_run_id)
         prep.teacher, _, _ = load_run_model(prep.teacher_run_id, device)
         if cfg.teacher_mode == "cached":
             cache = teacher_outputs.load_or_compute(prep.teacher_run_id, prep.teacher, data, device,
                                                     augment=cfg.data.augment, views=cfg.teacher_views,
-                                                    view_seed=cfg.train.seed)
+                                                    view_seed=cfg.train.seed, outputs=teacher_needs)
             # each frame shows one of the cached views per epoch, and the student gets exactly that view
             data.loaders["train"].dataset.use_views(cache["views"], cache["view_seed"])
-            prep.outputs = TeacherOutputs(cache=cache, frame_ids=data.frames["id"].to_numpy()).to(device)
+            prep.outputs = TeacherOutputs(cache=cache, frame_ids=data.frames["id"].to_numpy(),
+                                          outputs=teacher_needs).to(device)
         else:
-            prep.outputs = TeacherOutputs(teacher=prep.teacher).to(device)
+            prep.outputs = TeacherOutputs(teacher=prep.teacher, outputs=teacher_needs).to(device)
     return prep
 
 
@@ -240,10 +240,15 @@ def run_distill(cfg: DistillRunConfig, attach_env: bool = True, extra_tags: dict
     data, device = prep.data, prep.device
     seed = cfg.train.seed
     seed_everything(seed)
-    student = build_student(cfg.student, image_size=cfg.data.image_size)
+    student = build_student(cfg.student, image_size=cfg.data.image_size, pretrained=cfg.student_pretrained,
+                            weights=cfg.student_weights)
     teacher = prep.teacher
     pos_weight = train_pos_weight(data) if cfg.loss.pos_weight == "auto" else None
-    loss = build_loss(cfg, student.feature_dim, teacher.feature_dim if teacher else student.feature_dim, pos_weight)
+    terms, ex = loss_terms(cfg), example_batch(data)
+    shapes = output_shapes(student, student_forward, ex, needed_outputs(terms, "student"), "student")
+    if teacher is not None:  # what the learned adapters (L2's projection, the hint regressor) map onto
+        shapes |= output_shapes(teacher, teacher_forward, ex, needed_outputs(terms, "teacher"), "teacher")
+    loss = build_loss(cfg, shapes, pos_weight)
     teacher_name = cfg.teacher.name if loss.uses_teacher else "none"
     tags = {"flame_kd.student": cfg.student, "flame_kd.teacher_mode": cfg.teacher_mode,
             "flame_kd.augment": cfg.data.augment}
@@ -277,7 +282,6 @@ def run_distill(cfg: DistillRunConfig, attach_env: bool = True, extra_tags: dict
         if not report:
             tracking.log_metrics({best_name(cfg.train.monitor): state.best_score, "best_epoch": float(state.best_epoch)})
             return fitted.run_id
-        ex = example_batch(data)
         rep = log_test_report(trainer, state, data, f"student ({cfg.loss.variant})", seed)
         log_profile("student", trainer.model, (ex["rgb"],))
         if loss.uses_teacher:
@@ -306,7 +310,7 @@ def log_teacher_comparison(teacher_run_id: str, rep: TestReport, teacher, data: 
     metrics, preds = rep.metrics, rep.predictions
     teacher_metrics = tracking.get_run(teacher_run_id).data.metrics
     gaps = {f"vs_teacher_{m}": metrics[f"test_{m}"] - teacher_metrics[f"test_{m}"]
-            for m in TEST_METRICS if f"test_{m}" in teacher_metrics and f"test_{m}" in metrics}
+            for m in METRIC_NAMES if f"test_{m}" in teacher_metrics and f"test_{m}" in metrics}
     tracking.log_metrics(gaps)
     t_feats = predict(teacher, data.loaders["test"], next(teacher.parameters()).device, teacher_forward).features
     for method in ("tsne", "umap"):

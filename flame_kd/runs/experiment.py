@@ -22,7 +22,7 @@ import torch
 from filelock import FileLock, Timeout
 
 from flame_kd import plots, tracking
-from flame_kd.config import DataConfig, TrackingConfig, TrainConfig, best_name, flatten
+from flame_kd.config import VOLATILE, DataConfig, TrackingConfig, TrainConfig, best_name, flatten
 from flame_kd.data.dataset import FrameCache, PairedFrames, build_cache, make_loader
 from flame_kd.data.labels import find_label_ranges
 from flame_kd.data.schema import data_digest, load_frames
@@ -91,6 +91,16 @@ def load_data(cfg: DataConfig, seed: int, device: torch.device, augment: str | N
     return Data(frames, split, digest, cache, loaders, cfg)
 
 
+def train_pos_weight(data: Data) -> torch.Tensor:
+    """Class-balanced BCE weights per label (fire, smoke): negatives / positives in the training split
+    (1 for a label with no positives or no negatives)."""
+    y = data.frames[["fire", "smoke"]].to_numpy()[data.split.indices("train")]
+    pos = y.sum(0).astype(float)
+    neg = len(y) - pos
+    w = [n / p if p > 0 and n > 0 else 1.0 for p, n in zip(pos, neg)]
+    return torch.tensor(w, dtype=torch.float32)
+
+
 def augment_place(augment_on: str, device: torch.device) -> str:
     """``auto``: on the device on CUDA (the GPU warps a batch in microseconds), else in the loader
     (on a CPU both run on the same cores, and loader workers add cores)."""
@@ -105,11 +115,6 @@ def make_data_split(frames: pd.DataFrame, cfg: DataConfig, seed: int, digest: st
     thumbs = frame_thumbnails(frames, cache_dir=cache_home() / "thumbs", key=digest)
     return split_frames(frames, seed=seed if cfg.split_seed is None else cfg.split_seed, ratios=cfg.ratios,
                         ranges=find_label_ranges(cfg.csv), gap=cfg.gap, thumbs=thumbs)
-
-
-VOLATILE = ("tracking", "resume", "checkpoint_dir", "device", "num_workers", "pin_memory",
-            "persistent_workers", "cache", "cache_dir", "progress", "augment_on", "compile",
-            "csv", "root")  # where the data lies: the data digest says what it is
 
 
 def identity(cfg: dict) -> dict:

@@ -24,17 +24,16 @@ from collections import Counter
 import optuna
 
 from flame_kd import tracking
-from flame_kd.config import SweepConfig, check_ranges, monitor_mode
+from flame_kd.config import SWEEP_OPTIONS, SweepConfig, check_ranges, monitor_mode
 from flame_kd.runs.distill import Prepared, prepare, run_distill
 from flame_kd.engine import LambdaCallback, Trainer
 from flame_kd.errors import ConfigError, Preempted, RunFailed
 from flame_kd.runs.experiment import checkpoint_dir, load_run_model
-from flame_kd.losses import VARIANTS
+from flame_kd.losses import REGISTRY, VARIANTS
 from flame_kd.tasks import SupervisedTask, student_forward
 
 log = logging.getLogger("flame_kd")
 
-WEIGHT_RANGE = (0.0, 1.0)
 TEMPERATURE_RANGE = (1.0, 10.0)  # log scale
 PARENT_ATTR = "mlflow_parent_run_id"
 
@@ -118,9 +117,10 @@ class _StaleTrial:
 
 
 def suggest(trial: optuna.Trial, variant: str) -> dict[str, float]:
-    """The variant's active weights in [0, 1] and the temperature on a log scale."""
-    params = {k: trial.suggest_float(k, *WEIGHT_RANGE) for k in VARIANTS[variant]}
-    if any(k != "delta" for k in VARIANTS[variant]):  # the temperature only matters with a teacher
+    """The variant's active weights, each in its term's range ([0, 1]; attention transfer [0, 1000]),
+    and the temperature on a log scale."""
+    params = {k: trial.suggest_float(k, *REGISTRY[k].weight_range) for k in VARIANTS[variant]}
+    if any(REGISTRY[k].needs_teacher for k in VARIANTS[variant]):  # the temperature only matters with a teacher
         params["temperature"] = trial.suggest_float("temperature", *TEMPERATURE_RANGE, log=True)
     if sum(v for k, v in params.items() if k != "temperature") <= 0:
         raise optuna.TrialPruned("all loss weights are zero")
@@ -230,7 +230,7 @@ def _tag_last_trial(parent_id: str, number: int, state: str, error: str | None =
 def run_sweep(cfg: SweepConfig) -> optuna.Study:
     """Run this worker's trials, then summarise the study in its parent run."""
     d = cfg.distill
-    check_ranges(cfg)
+    check_ranges(cfg, SWEEP_OPTIONS)
     if d.loss.variant not in VARIANTS or d.loss.variant == "bce":
         raise ConfigError(f"--loss {d.loss.variant}: a sweep needs a distillation variant "
                           f"({', '.join(v for v in VARIANTS if v != 'bce')})")

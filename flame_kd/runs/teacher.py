@@ -8,7 +8,7 @@ from flame_kd import tracking
 from flame_kd.config import TEACHER_OPTIONS, TeacherRunConfig, check_ranges, to_dict
 from flame_kd.engine import resolve_device, seed_everything
 from flame_kd.runs.experiment import (FitPlan, example_batch, load_data, log_profile, log_test_report, run_params,
-                                 tracked_fit)
+                                 tracked_fit, train_pos_weight)
 from flame_kd.models import build_teacher
 from flame_kd.models.deploy import Deployable
 from flame_kd.tasks import SupervisedTask, teacher_forward
@@ -21,19 +21,20 @@ def run_teacher(cfg: TeacherRunConfig, attach_env: bool = True, extra_tags: dict
     Everything that can be wrong with the input (data, teacher name, weights, tracking server) is
     found before the run starts, so a bad option never leaves an empty run behind.
     """
-    check_ranges(cfg)
+    check_ranges(cfg, TEACHER_OPTIONS)
     tracking.configure(cfg.tracking.tracking_uri)
     device = resolve_device(cfg.train.device)
     seed = cfg.train.seed
     seed_everything(seed)
     data = load_data(cfg.data, seed, device)
     t = cfg.teacher
+    pos_weight = train_pos_weight(data) if cfg.pos_weight == "auto" else None
     model = build_teacher(t.name, fusion=t.fusion, pretrained=t.pretrained, weights=t.weights,
                           image_size=cfg.data.image_size, freeze=t.freeze)
     plan = FitPlan(stage="teacher", teacher=t.name, loss="bce", run_name=cfg.tracking.run_name or f"teacher {t.name} s{seed}",
                    label=f"teacher {t.name}", cfg=to_dict(cfg), params=run_params(cfg, TEACHER_OPTIONS, device),
                    data=data, model=model,
-                   task=SupervisedTask(teacher_forward), train=cfg.train, tracking=cfg.tracking, device=device,
+                   task=SupervisedTask(teacher_forward, pos_weight), train=cfg.train, tracking=cfg.tracking, device=device,
                    tags={"flame_kd.fusion": t.fusion, "flame_kd.augment": cfg.data.augment}, resume=cfg.resume,
                    checkpoint_dir=cfg.checkpoint_dir)
     with tracked_fit(plan, attach_env, parent_run_id, extra_tags, callbacks) as fitted:

@@ -1,5 +1,5 @@
-"""A teacher's logits and features for every frame, and for K augmented views of every training
-frame, computed once per teacher run and data set and stored with the teacher run, so distillation
+"""A teacher's named outputs (logits, features, and the map-based outputs the loss's terms need:
+``attention``, ``hint``) for every frame, and for K augmented views of every training frame, computed once per teacher run and data set and stored with the teacher run, so distillation
 runs and sweep trials train only the student -- and still see the augmentation a live teacher would.
 
 View ``v`` of a frame is the augmentation ``augment.view_params(augment, view_seed, v, frame id)``;
@@ -15,6 +15,7 @@ with its rows shuffled or pixels changed can never receive another frame's targe
 from __future__ import annotations
 
 import contextlib
+import logging
 import tempfile
 from pathlib import Path
 
@@ -26,12 +27,23 @@ from flame_kd import tracking
 from flame_kd.data import augment as aug
 from flame_kd.data.dataset import PairedFrames, make_loader
 from flame_kd.engine import amp_dtype, device_batches
+from flame_kd.losses import OUTPUTS, model_outputs
 from flame_kd.progress import track
-from flame_kd.tasks import teacher_forward
+from flame_kd.tasks import flatten_outputs, teacher_forward
+
+log = logging.getLogger("flame_kd")
 
 ARTIFACT_DIR = "teacher_outputs"
-FORMAT = 2  # 2: float16, K views per training frame (1: fp32, the frame and its flip)
+FORMAT = 3  # 3: named outputs; 2: float16 logits/features, K views per training frame; 1: fp32, frame and flip
 STORE = torch.float16  # soft targets need 3 significant digits, not 7: half the bytes of a K-view file
+BASE_OUTPUTS = ("logits", "features")  # always stored: a few KB per frame, and every KD variant shares them
+
+
+def stored_outputs(needed) -> tuple[str, ...]:
+    """What a cache for terms needing ``needed`` holds: logits, features and the needed others, in
+    OUTPUTS order."""
+    want = set(BASE_OUTPUTS) | set(needed)
+    return tuple(o for o in OUTPUTS if o in want)
 
 
 def effective_views(augment: str, views: int) -> int:
@@ -40,19 +52,28 @@ def effective_views(augment: str, views: int) -> int:
 
 
 def artifact_name(image_size: int, data_digest: str, split_digest: str, augment: str = "none", views: int = 0,
-                  view_seed: int = 0) -> str:
-    """One file per image size, data set (content digest), split and view set of one teacher run."""
-    return f"outputs-{image_size}px-{data_digest}-{split_digest}-{augment}x{views}-s{view_seed}.pt"
+                  view_seed: int = 0, outputs=BASE_OUTPUTS) -> str:
+    """One file per image size, data set (content digest), split, view set and stored outputs of one
+    teacher run."""
+    return f"outputs-{image_size}px-{data_digest}-{split_digest}-{augment}x{views}-s{view_seed}-{'+'.join(outputs)}.pt"
+
+
+def _names_in(artifact: str) -> set[str]:
+    return set(artifact.rsplit("-", 1)[-1].removesuffix(".pt").split("+"))
 
 
 @torch.inference_mode()
 def compute(teacher: nn.Module, data, device: torch.device, teacher_run_id: str = "", augment: str = "none",
-            views: int = 0, view_seed: int = 0) -> dict:
-    """Outputs for every non-gap frame, plain (``logits``/``features`` [N, ...]) and, for training
-    frames, in ``views`` augmented views (``view_logits``/``view_features`` [K, N, ...]), float16,
-    one row per frame of ``data``. Rows without outputs stay zero with ``known``/``view_known``
-    False. ``ids`` is each row's frame id (lookups go by id); the other keys say what the file is for.
+            views: int = 0, view_seed: int = 0, outputs=BASE_OUTPUTS) -> dict:
+    """The named ``outputs`` (``stored_outputs``) for every non-gap frame, plain (``outputs[key]``
+    [N, ...]) and, for training frames, in ``views`` augmented views (``view_outputs[key]`` [K, N, ...]),
+    float16, one row per frame of ``data``; a tuple-valued output (``attention``: one map per stage)
+    is stored one tensor per stage (``attention.0``...). Rows without outputs stay zero with
+    ``known``/``view_known`` False. ``ids`` is each row's frame id (lookups go by id); the other keys
+    say what the file is for.
     """
+    names = stored_outputs(outputs)
+    maps = any(OUTPUTS[n].maps for n in names)
     teacher = teacher.to(device).eval()
     dtype = amp_dtype(device, True)
     views = effective_views(augment, views)
@@ -60,41 +81,42 @@ def compute(teacher: nn.Module, data, device: torch.device, teacher_run_id: str 
     ids = data.frames["id"].to_numpy(dtype=np.int64)
     out: dict = {"format": FORMAT, "known": torch.zeros(n, dtype=torch.bool), "view_known": torch.zeros(n, dtype=torch.bool),
                  "ids": torch.from_numpy(ids.copy()), "data_digest": data.digest, "split_digest": data.split.digest,
-                 "teacher_run_id": teacher_run_id, "augment": augment, "views": views, "view_seed": int(view_seed)}
+                 "teacher_run_id": teacher_run_id, "augment": augment, "views": views, "view_seed": int(view_seed),
+                 "names": list(names), "outputs": {}, "view_outputs": {}}
     is_train = np.zeros(n, dtype=bool)
     is_train[data.split.indices("train")] = True
     rows = np.concatenate([data.split.indices(s) for s in ("train", "val", "test")])
     ds = PairedFrames(data.frames, rows, data.config.image_size, augment="none", cache=data.cache)
     loader = make_loader(ds, data.loaders["train"].batch_size, shuffle=False, cfg=data.config, device=str(device), seed=0)
 
-    def forward(rgb, ir):
+    def forward(rgb, ir) -> dict[str, torch.Tensor]:
         with torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext():
-            logits, feats = teacher_forward(teacher, {"rgb": rgb, "ir": ir})
-        return logits.to(STORE).cpu(), feats.to(STORE).cpu()
+            got = model_outputs(teacher_forward(teacher, {"rgb": rgb, "ir": ir}, maps=maps), names)
+        return {k: v.to(STORE).cpu() for k, v in flatten_outputs(got).items()}
 
-    def store(key: str, val: torch.Tensor, where) -> None:
-        if key not in out:
-            shape = (n, val.shape[-1]) if key in ("logits", "features") else (views, n, val.shape[-1])
-            out[key] = torch.zeros(shape, dtype=STORE)
-        out[key][where] = val
+    def store(got: dict[str, torch.Tensor], where, view: int | None = None) -> None:
+        into = out["outputs"] if view is None else out["view_outputs"]
+        for key, val in got.items():
+            if key not in into:
+                into[key] = torch.zeros(((n,) if view is None else (views, n)) + tuple(val.shape[1:]), dtype=STORE)
+            into[key][where if view is None else (view, where)] = val
 
     what = f"teacher outputs ({len(rows)} frames" + (f", {views} views of each train frame)" if views else ")")
     for batch in track(device_batches(loader, device, False), what, total=len(loader), unit="batches"):
         idx = batch["index"]
-        logits, feats = forward(batch["rgb"], batch["ir"])
-        store("logits", logits, idx)
-        store("features", feats, idx)
+        store(forward(batch["rgb"], batch["ir"]), idx)
         train = torch.from_numpy(is_train[idx.numpy()])
         if views and train.any():
             sel = train.nonzero().view(-1)
             rgb, ir = (batch[k].index_select(0, sel.to(batch[k].device)) for k in ("rgb", "ir"))
             for v in range(views):
                 p = aug.view_params(augment, view_seed, v, ids[idx[sel].numpy()])
-                logits, feats = forward(*aug.apply(rgb, ir, p))
-                store("view_logits", logits, (v, idx[sel]))
-                store("view_features", feats, (v, idx[sel]))
+                store(forward(*aug.apply(rgb, ir, p)), idx[sel], view=v)
             out["view_known"][idx[sel]] = True
         out["known"][idx] = True
+    size = sum(t.numel() * t.element_size() for part in ("outputs", "view_outputs") for t in out[part].values())
+    log.info("teacher outputs (%s): %.1f MB, %.1f KB per frame and view", ", ".join(names), size / 2**20,
+             size / 2**10 / max(1, len(rows) + views * int(out["view_known"].sum())))
     return out
 
 
@@ -110,18 +132,23 @@ def matches(outputs: dict, teacher_run_id: str, data) -> bool:
 
 
 def load_or_compute(teacher_run_id: str, teacher: nn.Module, data, device: torch.device, augment: str = "none",
-                    views: int = 0, view_seed: int = 0) -> dict:
+                    views: int = 0, view_seed: int = 0, outputs=BASE_OUTPUTS) -> dict:
     """The stored outputs of this teacher run for this image size, data set, split and view set,
-    computed once (a pinned teacher on another data set gets its outputs recomputed for this one)."""
+    holding at least ``outputs``, computed once (a pinned teacher on another data set gets its outputs
+    recomputed for this one)."""
     views = effective_views(augment, views)
-    name = artifact_name(data.config.image_size, data.digest, data.split.digest, augment, views, view_seed)
+    names = stored_outputs(outputs)
+    name = artifact_name(data.config.image_size, data.digest, data.split.digest, augment, views, view_seed, names)
+    prefix = name.rsplit("-", 1)[0] + "-"
     with tempfile.TemporaryDirectory() as tmp:
-        if f"{ARTIFACT_DIR}/{name}" in tracking.list_artifacts(teacher_run_id, ARTIFACT_DIR):
-            path = tracking.download(teacher_run_id, f"{ARTIFACT_DIR}/{name}", tmp)
-            outputs = torch.load(path, map_location="cpu", weights_only=True)
-            if matches(outputs, teacher_run_id, data) and _same_views(outputs, augment, views, view_seed):
-                return outputs
-        outputs = compute(teacher, data, device, teacher_run_id, augment, views, view_seed)
+        for path in tracking.list_artifacts(teacher_run_id, ARTIFACT_DIR):
+            file = path.rsplit("/", 1)[-1]
+            if not (file.startswith(prefix) and _names_in(file) >= set(names)):
+                continue  # another data set, split or view set, or it lacks an output these terms need
+            stored = torch.load(tracking.download(teacher_run_id, path, tmp), map_location="cpu", weights_only=True)
+            if matches(stored, teacher_run_id, data) and _same_views(stored, augment, views, view_seed):
+                return stored
+        outputs = compute(teacher, data, device, teacher_run_id, augment, views, view_seed, names)
         path = Path(tmp) / name
         torch.save(outputs, path)
         tracking.log_file(path, ARTIFACT_DIR, run_id=teacher_run_id)
