@@ -40,6 +40,7 @@ METRIC_NAMES = (
     "auc_fire",
     "auc_smoke",
 )
+LOWER_IS_BETTER = ("hamming_loss",)  # every other metric: higher is better, 1 at best
 # The figures a summary shows (the ablation table; a pareto study's): one list, drawn from METRIC_NAMES.
 SUMMARY_METRICS = ("f1_macro", "f1_fire", "f1_smoke", "precision_macro", "recall_macro", "ap_macro", "auc_macro",
                    "accuracy")

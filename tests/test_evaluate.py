@@ -11,7 +11,9 @@ from sklearn import metrics as skm
 from torch import nn
 
 from flame_kd.evaluate import (
+    LOWER_IS_BETTER,
     METRIC_NAMES,
+    SUMMARY_METRICS,
     Predictions,
     compute_metrics,
     constant_f1_macro,
@@ -64,8 +66,24 @@ EXPECTED = {
 def test_metrics_match_hand_counts():
     got = compute_metrics(TARGETS, PROBS)
     assert list(got) == list(METRIC_NAMES)
-    assert got == pytest.approx(EXPECTED)
+    assert {k: got[k] for k in EXPECTED} == pytest.approx(EXPECTED)
     assert all(type(v) is float for v in got.values())
+
+
+@pytest.mark.parametrize("name", METRIC_NAMES)
+def test_every_metric_scores_perfect_predictions_best_and_stays_in_range(name):
+    """Run over every registered metric: perfect probabilities score the best value (0 for a loss,
+    else 1), and any prediction scores within [0, 1]."""
+    perfect = compute_metrics(TARGETS, TARGETS.astype(float))[name]
+    assert perfect == (0.0 if name in LOWER_IS_BETTER else 1.0)
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        value = compute_metrics(TARGETS, rng.random(TARGETS.shape))[name]
+        assert 0.0 <= value <= 1.0
+
+
+def test_summary_metrics_are_registered_metrics():
+    assert set(SUMMARY_METRICS) <= set(METRIC_NAMES) and set(LOWER_IS_BETTER) <= set(METRIC_NAMES)
 
 
 def test_ranking_metrics_match_scikit_learn():
