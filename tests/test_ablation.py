@@ -18,6 +18,7 @@ from flame_kd.errors import ConfigError
 from pipeline_helpers import REPO, SIZE, TINY_TEACHER, artifacts, use_store
 
 pytestmark = pytest.mark.slow  # a real pipeline: `make test-fast` leaves it out
+REAL_RUN_DISTILL = distill_mod.run_distill  # the grid fixture wraps it in a crash for the module's life
 
 
 def tiny_spec(csv: str, **more) -> AblationSpec:
@@ -174,6 +175,7 @@ def test_spec_takes_every_distill_option_and_names_the_nearest_for_a_typo():
 def test_an_attention_transfer_grid_runs_with_cached_teachers(tmp_path, monkeypatch):
     """`losses: [kl_at_bce]` with the default (cached) teacher mode: the cell runs and logs its curve."""
     use_store(tmp_path, monkeypatch)
+    monkeypatch.setattr(distill_mod, "run_distill", REAL_RUN_DISTILL)
     csv = str(synthesize(tmp_path / "data", frames=120, image_size=SIZE, seed=3))
     spec = tiny_spec(csv, losses=["kl_at_bce"], seeds=[1], control=False, name="at")
     assert spec.distill.teacher_mode == "cached"
