@@ -26,7 +26,7 @@ import tempfile
 from pathlib import Path
 
 LENT_HAS = ("torch", "torchvision", "timm", "onnxruntime", "numpy", "pandas", "scikit-learn", "matplotlib", "scipy",
-            "statsmodels", "psutil", "nvidia-ml-py", "pytest")
+            "statsmodels", "psutil", "nvidia-ml-py", "pytest", "pip")
 
 SITECUSTOMIZE = '''\
 """Written by bench/lent_machine.py: this environment's site-packages replaced by a folder of links
