@@ -48,7 +48,7 @@ H200_PAIRS_PER_S = 5_700  # bench/gpu_throughput.py: ResNet-152 late fusion at 2
 # run takes under 5 minutes on an idle 2-core CPU, and its timeouts leave room for a busy one.
 SIZES = {
     False: {"frames": 300, "image_size": 64, "batch_size": 32, "teacher": "resnet-152", "student": "lightweight-cnn",
-            "epochs": 2, "timeouts": {"tests": 200, "e2e": 150, "throughput": 130},
+            "epochs": 2, "timeouts": {"tests": 180, "e2e": 140, "throughput": 120},
             "throughput": ["--image-size", "224", "--batch-size", "64", "--steps", "10", "--warmup", "3",
                            "--compile", "off", "--views", "4", "--epoch-frames", "256", "--epoch-repeats", "2",
                            "--live-epoch", "--threads", "0"]},
@@ -337,8 +337,9 @@ def check_store(uri: str, epochs: int, dry_run: bool, raw: dict) -> list[Row]:
                 problems.append("no system/gpu_* metrics in the teacher run")
             raw[r.info.run_id] = {"stage": stage, "status": r.info.status, "metrics": r.data.metrics,
                                   "val_f1_macro_points": len(curve)}
+        what = "the study's parent run" if stage == "sweep" else "val/f1_macro per epoch, train/loss"
         figure = "; ".join(problems) if problems else (
-            f"{len(got)} run(s), val/f1_macro per epoch" + (f", {', '.join(figures)}" if figures else ""))
+            f"{len(got)} run(s), {what}" + (f", {', '.join(figures)}" if figures else ""))
         rows.append(Row("e2e", f"MLflow: {stage} run(s)", "failed" if problems else "passed", figure))
     return rows
 
@@ -358,7 +359,8 @@ def step_throughput(tmp: Path, env: dict, sizes: dict, log_path: Path, dry_run: 
     res = json.loads(out.read_text())
     best, size = res["best"], res["image_size"]
     share = res.get("share_of_h200_limit")
-    rows = [Row("throughput", f"teacher {res['teacher']} late fusion, AMP, {size} px", "passed",
+    precision = "fp32 (no AMP off CUDA)" if res["device"].startswith("cpu") else "AMP"
+    rows = [Row("throughput", f"teacher {res['teacher']} late fusion, {precision}, {size} px", "passed",
                 f"{best['teacher']:,.1f} pairs/s" + (f" = {share:.0%} of ~{H200_PAIRS_PER_S:,} pairs/s" if share else "")
                 + f" ({best['cache']} cache, augment on {best['augment_on']})")]
     rows.append(Row("throughput", "data path / teacher step", "passed",

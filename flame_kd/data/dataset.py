@@ -340,6 +340,7 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, cfg: DataConfi
     """
     on_device = getattr(getattr(dataset, "cache", None), "on_device", False)
     workers = 0 if on_device else int(cfg.num_workers)
+    # pinning has no CPU stand-in (it needs a CUDA driver); tests check the loader's setting
     pin = cfg.pin_memory if cfg.pin_memory is not None else str(device).startswith("cuda")
     pin = pin and not on_device
     return DataLoader(
