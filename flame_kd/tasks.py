@@ -8,6 +8,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from flame_kd.errors import ConfigError
 from flame_kd.losses import OUTPUTS, DistillLoss, model_outputs
 
 Batch = dict[str, torch.Tensor]
@@ -93,6 +94,20 @@ class TeacherOutputs:
             self.table = {key: torch.cat([val, *(cache["view_outputs"][key] if self.views else ())])
                           for key, val in stored.items()
                           if key.partition(".")[0] in self.outputs}
+
+    def attach(self, dataset) -> None:
+        """Make a student's training set show what this cache holds, or refuse it in one line: the
+        same augmentation (a cache built for another shows the student other pixels than its targets
+        were computed on), and each frame one of the cached views (``PairedFrames.use_views``)."""
+        if self.cache is None:
+            return
+        cached, asked = self.cache.get("augment", "none"), getattr(dataset, "augment", "none")
+        if cached != asked:
+            raise ConfigError(f"cached teacher outputs were computed for augment={cached!r}, but the student's "
+                             f"training set augments with {asked!r}: recompute them for {asked!r} "
+                             "(--teacher-views) or use --teacher-mode live")
+        if self.views:
+            dataset.use_views(self.views, int(self.cache.get("view_seed", 0)))
 
     def rows(self, index: torch.Tensor) -> torch.Tensor:
         """Cache rows of the frames at table rows ``index`` (host); checks ids and ``known``."""

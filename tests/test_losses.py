@@ -433,3 +433,11 @@ def test_hint_matches_torchdistill_fitnets():
                {"hint": t_map})["hint"]
     assert got.item() == pytest.approx(reference.item(), rel=1e-5)
     assert hint(t_map, t_map).item() == 0.0
+
+
+def test_kl_sends_no_gradient_to_the_teacher():
+    zs = torch.tensor([[0.3, -1.0]], requires_grad=True)
+    zt = torch.tensor([[1.5, 0.2]], requires_grad=True)
+    kl(zs, zt, 2.0).backward()
+    assert zs.grad is not None and zs.grad.abs().sum() > 0
+    assert zt.grad is None  # the teacher's logits are targets, detached

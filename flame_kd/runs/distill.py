@@ -216,10 +216,10 @@ def prepare(cfg: DistillRunConfig, parent_run_id: str | None = None) -> Prepared
             cache = teacher_outputs.load_or_compute(prep.teacher_run_id, prep.teacher, data, device,
                                                     augment=cfg.data.augment, views=cfg.teacher_views,
                                                     view_seed=cfg.train.seed, outputs=teacher_needs)
-            # each frame shows one of the cached views per epoch, and the student gets exactly that view
-            data.loaders["train"].dataset.use_views(cache["views"], cache["view_seed"])
             prep.outputs = TeacherOutputs(cache=cache, frame_ids=data.frames["id"].to_numpy(),
                                           outputs=teacher_needs).to(device)
+            # each frame shows one of the cached views per epoch, and the student gets exactly that view
+            prep.outputs.attach(data.loaders["train"].dataset)
         else:
             prep.outputs = TeacherOutputs(teacher=prep.teacher, outputs=teacher_needs).to(device)
     return prep
@@ -313,7 +313,7 @@ def log_teacher_comparison(teacher_run_id: str, rep: TestReport, teacher, data: 
             for m in METRIC_NAMES if f"test_{m}" in teacher_metrics and f"test_{m}" in metrics}
     tracking.log_metrics(gaps)
     t_feats = predict(teacher, data.loaders["test"], next(teacher.parameters()).device, teacher_forward).features
-    for method in ("tsne", "umap"):
+    for method in rep.embeddings:  # t-SNE, and UMAP where umap-learn is installed
         s_pts, s_kept = rep.embeddings[method]
         t_pts, t_kept = plots.embed_features(t_feats, method=method, seed=seed)
         fig = plots.embedding_pair(s_pts, preds.targets[s_kept], t_pts, preds.targets[t_kept],
