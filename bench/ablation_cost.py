@@ -92,7 +92,8 @@ class Stopwatch:
 
 
 def run_bench(args: argparse.Namespace, tmp: Path) -> None:
-    from flame_kd.runs import ablation, distill, teacher_outputs
+    from flame_kd import teacher_cache
+    from flame_kd.runs import ablation, distill
     from flame_kd.runs.ablation import run_ablation, spec_from_dict
     from flame_kd.config import TeacherRunConfig
     from flame_kd.data.synth import synthesize
@@ -107,7 +108,7 @@ def run_bench(args: argparse.Namespace, tmp: Path) -> None:
     # Instrumentation: where the time goes (teacher training, teacher outputs), both sides.
     watch = Stopwatch()
     distill.run_teacher = watch.wrap("teacher runs", distill.run_teacher)
-    teacher_outputs.load_or_compute = watch.wrap("teacher outputs (cache)", teacher_outputs.load_or_compute)
+    teacher_cache.load_or_compute = watch.wrap("teacher outputs (cache)", teacher_cache.load_or_compute)
     run_teacher_timed = watch.wrap("teacher runs", run_teacher)
 
     def spec_for(experiment: str, teachers=None, losses=None, teacher_epochs=None, student_epochs=None):

@@ -101,7 +101,7 @@ def main() -> None:
         tracking_cfg = TrackingConfig(experiment="signal", log_model=False)
         if args.baselines_only:
             from flame_kd.data.schema import data_digest, load_frames
-            from flame_kd.runs.experiment import cache_home, make_data_split
+            from flame_kd.runs.skeleton import cache_home, make_data_split
 
             frames = load_frames(csv)
             for seed in args.seeds:
@@ -187,7 +187,7 @@ COLOUR = "colour statistics (logistic regression on RGB mean and std)"
 def manifest_of(run_id: str):
     """The split manifest a run logged (``id, split, group, block``)."""
     from flame_kd.runs.compare import _read_csv_artifact
-    from flame_kd.runs.experiment import MANIFEST_FILE
+    from flame_kd.runs.skeleton import MANIFEST_FILE
 
     return _read_csv_artifact(run_id, MANIFEST_FILE)
 

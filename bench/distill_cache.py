@@ -2,7 +2,7 @@
 
 A late-fusion ResNet-152 teacher (two ResNet-152 streams, random weights: fine for timing) and the
 same student, data, loss and seed on both sides; CPU, small frames. The cached side pays a one-off
-``teacher_outputs.compute`` (every train/val/test frame, and --views flip views of every train frame), timed separately
+``teacher_cache.compute`` (every train/val/test frame, and --views flip views of every train frame), timed separately
 because a real run pays it once per teacher run and every later distill run or sweep trial reuses
 it. Epochs alternate live/cached in an ABBA pattern after one untimed warm-up step per side; one
 "student epoch" is ``Trainer.train_epoch`` plus the validation pass ``Trainer.fit`` runs after it.
@@ -55,14 +55,15 @@ def main() -> None:
 
 
 def run_bench(args: argparse.Namespace, tmp: Path) -> None:
-    from flame_kd.runs import teacher_outputs
+    from flame_kd import teacher_cache
     from flame_kd.config import DataConfig, TrainConfig
     from flame_kd.data.synth import synthesize
     from flame_kd.engine import Trainer, seed_everything
-    from flame_kd.runs.experiment import load_data
+    from flame_kd.runs.skeleton import load_data
     from flame_kd.losses import DistillLoss, resolve_weights
     from flame_kd.models import build_student, build_teacher
-    from flame_kd.tasks import DistillTask, TeacherOutputs
+    from flame_kd.tasks import DistillTask
+    from flame_kd.teacher_cache import TeacherOutputs
 
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     device = torch.device("cpu")
@@ -81,10 +82,10 @@ def run_bench(args: argparse.Namespace, tmp: Path) -> None:
           f"loss {args.loss}\n")
 
     t0 = time.perf_counter()
-    cache = teacher_outputs.compute(teacher, data, device, augment="flip", views=args.views, view_seed=42)
+    cache = teacher_cache.compute(teacher, data, device, augment="flip", views=args.views, view_seed=42)
     cache_s = time.perf_counter() - t0
     n_cached, n_views = int(cache["known"].sum()), int(cache["view_known"].sum()) * cache["views"]
-    print(f"one-off teacher_outputs.compute: {cache_s:.1f} s for {n_cached} frames + {n_views} train-frame views "
+    print(f"one-off teacher_cache.compute: {cache_s:.1f} s for {n_cached} frames + {n_views} train-frame views "
           f"= {(n_cached + n_views) / cache_s:.1f} teacher frames/s\n")
 
     weights = resolve_weights(args.loss)

@@ -139,7 +139,8 @@ def run_bench(args: argparse.Namespace, tmp: Path) -> dict:
     from flame_kd.engine import Trainer, resolve_device, seed_everything
     from flame_kd.losses import DistillLoss, resolve_weights
     from flame_kd.models import build_student, build_teacher
-    from flame_kd.tasks import DistillTask, SupervisedTask, TeacherOutputs, teacher_forward
+    from flame_kd.tasks import DistillTask, SupervisedTask, teacher_forward
+    from flame_kd.teacher_cache import TeacherOutputs
 
     device = resolve_device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{device.type} ({torch.get_num_threads()} torch thread(s))"
@@ -238,13 +239,14 @@ def epoch_ratio(args, tmp: Path, device: torch.device) -> dict:
     """Seconds of a cached-view distillation epoch (full augmentation) vs a no-teacher bce epoch of the
     same student on the same frames, alternating ABBA; both through Trainer.train_epoch. With
     ``--live-epoch``, also a live-teacher KD epoch (the teacher run every step) after them."""
-    from flame_kd.runs import teacher_outputs
+    from flame_kd import teacher_cache
     from flame_kd.config import DataConfig, TrainConfig
     from flame_kd.data.dataset import build_cache
     from flame_kd.engine import Trainer, seed_everything
     from flame_kd.losses import DistillLoss, resolve_weights
     from flame_kd.models import build_student, build_teacher
-    from flame_kd.tasks import DistillTask, TeacherOutputs
+    from flame_kd.tasks import DistillTask
+    from flame_kd.teacher_cache import TeacherOutputs
 
     size = args.epoch_size or args.image_size
     frames = frames_for(tmp, args.epoch_frames, size, "epoch")
@@ -252,7 +254,7 @@ def epoch_ratio(args, tmp: Path, device: torch.device) -> dict:
     cache = build_cache(frames, size, "auto", device, cache_dir=tmp / "frames")
     teacher = build_teacher(args.teacher, fusion="late", pretrained=False, image_size=size)
 
-    class Data:  # what teacher_outputs.compute reads: every frame counts as training
+    class Data:  # what teacher_cache.compute reads: every frame counts as training
         pass
 
     data = Data()
@@ -261,7 +263,7 @@ def epoch_ratio(args, tmp: Path, device: torch.device) -> dict:
     data.split = type("S", (), {"digest": "bench", "indices": staticmethod(lambda s: rows if s == "train" else rows[:0])})()
     data.loaders = {"train": loader_for(frames, rows, args, cache, "host", device, augment="none", image_size=size)}
     t0 = time.perf_counter()
-    cached = teacher_outputs.compute(teacher, data, device, augment="full", views=args.views, view_seed=42)
+    cached = teacher_cache.compute(teacher, data, device, augment="full", views=args.views, view_seed=42)
     compute_s = time.perf_counter() - t0
     outputs = TeacherOutputs(cache=cached, frame_ids=frames["id"].to_numpy()).to(device)
     aug_on = "device" if device.type == "cuda" else "host"
@@ -287,7 +289,7 @@ def epoch_ratio(args, tmp: Path, device: torch.device) -> dict:
     kd, bce = (statistics.median(times[s]) for s in ("cached KD", "bce"))
     print(f"\nepoch cost, {len(rows)} frames at {size} px, {args.student}, full augmentation (on {aug_on}), "
           f"median of {args.epoch_repeats} epochs per side (ABBA):")
-    print(f"  one-off teacher_outputs.compute ({args.views} views + plain): {compute_s:.1f} s")
+    print(f"  one-off teacher_cache.compute ({args.views} views + plain): {compute_s:.1f} s")
     print(f"  cached KD (kl_bce, {cached['views']} views) {kd:.2f} s/epoch   bce (no teacher) {bce:.2f} s/epoch   "
           f"ratio {kd / bce:.3f}x (target <= 1.1x)")
     result = {"frames": len(rows), "image_size": size, "compute_seconds": compute_s, "cached_kd_seconds": kd,

@@ -19,8 +19,7 @@ import torch
 def main(argv=None) -> int:
     from flame_kd.losses import OUTPUTS, model_outputs
     from flame_kd.models import TEACHERS, build_teacher
-    from flame_kd.runs.teacher_outputs import STORE
-    from flame_kd.tasks import flatten_outputs
+    from flame_kd.teacher_cache import STORE, flatten_outputs
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--image-size", type=int, default=224)

@@ -53,7 +53,7 @@ def run_bench(args: argparse.Namespace, tmp: Path) -> None:
     from flame_kd.config import DataConfig, TrainConfig
     from flame_kd.data.synth import synthesize
     from flame_kd.engine import Callback, Trainer, seed_everything
-    from flame_kd.runs.experiment import load_data
+    from flame_kd.runs.skeleton import load_data
     from flame_kd.models import build_teacher
     from flame_kd.tasks import SupervisedTask, teacher_forward
 

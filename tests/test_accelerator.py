@@ -23,7 +23,8 @@ from flame_kd.data.schema import load_frames
 from flame_kd.engine import Trainer, amp_dtype, device_batches, load_checkpoint
 from flame_kd.losses import DistillLoss, resolve_weights
 from flame_kd.models import build_student, build_teacher
-from flame_kd.tasks import DistillTask, SupervisedTask, TeacherOutputs, teacher_forward
+from flame_kd.tasks import DistillTask, SupervisedTask, teacher_forward
+from flame_kd.teacher_cache import TeacherOutputs
 
 SIZE = 32
 TEACHER, STUDENT = "timm:test_resnet", "timm:test_efficientnet"
@@ -278,8 +279,8 @@ def test_device_augmentation_against_host(dev, frames):
 def test_cached_views_on_device_against_live(dev, synth_csv, tmp_path, monkeypatch):
     """Cached teacher views, gathered on the device for a device-cached, device-augmented loader,
     are what the live teacher says about the very frames the student sees."""
-    from flame_kd.runs import teacher_outputs
-    from flame_kd.runs.experiment import load_data
+    from flame_kd import teacher_cache
+    from flame_kd.runs.skeleton import load_data
 
     monkeypatch.setenv("FLAME_KD_CACHE", str(tmp_path / "cache"))
     cfg = DataConfig(csv=str(synth_csv), image_size=SIZE, batch_size=16, cache="device", augment="full",
@@ -288,7 +289,7 @@ def test_cached_views_on_device_against_live(dev, synth_csv, tmp_path, monkeypat
     assert data.cache.on_device
     torch.manual_seed(0)
     teacher = build_teacher(TEACHER, image_size=SIZE).to(dev).eval()
-    cached = teacher_outputs.compute(teacher, data, dev, augment="full", views=2, view_seed=5)
+    cached = teacher_cache.compute(teacher, data, dev, augment="full", views=2, view_seed=5)
     outputs = TeacherOutputs(cache=cached, frame_ids=data.frames["id"].to_numpy()).to(dev)
     live = TeacherOutputs(teacher=teacher)
     train = data.loaders["train"]
@@ -303,7 +304,8 @@ def test_cached_views_on_device_against_live(dev, synth_csv, tmp_path, monkeypat
         assert set(got) == {"logits", "features"} and all(t.device.type == dev.type for t in got.values())
         with torch.autocast(dev.type, dtype=dtype) if dtype else torch.autocast("cpu", enabled=False):
             want = live(batch)
-        for g, w in zip(got.values(), want.values()):  # float16 storage; AMP on a GPU
+        for key, w in want.items():  # float16 storage; AMP on a GPU
+            g = got[key]
             torch.testing.assert_close(g, w.float(), rtol=3e-2, atol=3e-2 * max(1.0, float(w.abs().max())))
     assert seen == {0, 1}
 

@@ -62,7 +62,7 @@ def test_the_real_host_figure_comes_from_psutil():
 def test_a_run_on_a_small_host_gets_the_disk_cache(synth_csv, tmp_path, monkeypatch, caplog):
     """``load_data`` with ``--cache auto`` and a faked 1 MiB of available memory: the disk cache,
     said in one line, with the same batches as the memory cache."""
-    from flame_kd.runs.experiment import load_data
+    from flame_kd.runs.skeleton import load_data
 
     monkeypatch.setenv("FLAME_KD_CACHE", str(tmp_path / "cache"))
     cfg = DataConfig(csv=str(synth_csv), image_size=32, batch_size=16, cache="auto", augment="full")

@@ -15,7 +15,7 @@ from flame_kd import tracking
 from flame_kd.cli import main
 from flame_kd import stats
 from flame_kd.runs.compare import compare_predictions, compare_runs
-from flame_kd.runs.experiment import MANIFEST_FILE, PREDICTIONS_FILE
+from flame_kd.runs.skeleton import MANIFEST_FILE, PREDICTIONS_FILE
 from flame_kd.stats import block_permutation, mcnemar_exact, paired_bootstrap
 
 from pipeline_helpers import REPO, use_store

@@ -94,7 +94,7 @@ def test_range_file_round_trip_and_loose_formats(tmp_path):
 
 
 def test_locate_image_folders_finds_a_mounted_data_set(tmp_path):
-    from flame_kd.data.frames import locate_image_folders
+    from flame_kd.data.paths import locate_image_folders
 
     base = tmp_path / "input" / "flame2-dataset" / "FLAME2"
     (base / "254p RGB Images").mkdir(parents=True)

@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from flame_kd.cli import main
-from flame_kd.data import frames as fr
+from flame_kd.data import paths as fr
 from flame_kd.data.schema import check_frames, data_digest, load_frames
 from flame_kd.errors import DataError
 

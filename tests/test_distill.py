@@ -13,7 +13,8 @@ from flame_kd.data.synth import synthesize
 from flame_kd.runs.distill import prepare, run_distill
 from flame_kd.errors import ConfigError
 from flame_kd.losses import VARIANTS, DistillLoss, resolve_weights
-from flame_kd.tasks import DistillTask, TeacherOutputs
+from flame_kd.tasks import DistillTask
+from flame_kd.teacher_cache import TeacherOutputs
 
 from pipeline_helpers import SIZE, artifacts, assert_only_curves_grouped, distill_cfg, use_store
 
@@ -222,7 +223,7 @@ def test_control_needs_no_teacher(store, data_csv):
 def test_seeds_vary_training_only(first_distill, data_csv):
     """split_seed defaults to 42: another training seed keeps the split (runs pair up)."""
     from flame_kd.config import DistillRunConfig
-    from flame_kd.runs.experiment import load_data
+    from flame_kd.runs.skeleton import load_data
 
     assert DistillRunConfig().data.split_seed == 42
     a = load_data(distill_cfg(data_csv, seed=1).data, 1, torch.device("cpu"))
@@ -279,7 +280,7 @@ def test_a_teacher_is_never_looked_up_across_pixel_variants(first_distill, data_
     from PIL import Image
 
     from flame_kd.runs.distill import find_teacher_run
-    from flame_kd.runs.experiment import load_data
+    from flame_kd.runs.skeleton import load_data
 
     variant = Path(shutil.copytree(Path(data_csv).parent, tmp_path / "variant"))
     for path in sorted((variant / "254p RGB Images").iterdir())[:5]:
@@ -319,7 +320,7 @@ def test_pos_weight_auto_is_negatives_over_positives_of_the_training_split():
     import pandas as pd
 
     from flame_kd.runs.distill import build_loss
-    from flame_kd.runs.experiment import train_pos_weight
+    from flame_kd.runs.skeleton import train_pos_weight
 
     frames = pd.DataFrame({"fire": [1, 0, 0, 0, 1, 1], "smoke": [1, 1, 1, 1, 0, 0]})
     data = SimpleNamespace(frames=frames, split=SimpleNamespace(indices=lambda name: np.arange(4)))
@@ -354,7 +355,7 @@ def test_map_terms_distil_from_cached_teacher_outputs(first_distill, data_csv, v
     """Attention transfer and the FitNets hint with the default (cached) teacher mode: the cache holds
     the map outputs they need (float16, every view), the run logs the term's per-epoch curve, and
     the cached targets are what the live teacher gives."""
-    from flame_kd.runs.teacher_outputs import _names_in
+    from flame_kd.teacher_cache import _names_in
 
     cfg = distill_cfg(data_csv, loss=variant, experiment="t")
     cfg.tracking.log_model = False

@@ -34,7 +34,8 @@ from flame_kd.losses import (
     term_for,
     unregister_term,
 )
-from flame_kd.tasks import DistillTask, TeacherOutputs, output_shapes, student_forward, teacher_forward
+from flame_kd.tasks import DistillTask, output_shapes, student_forward, teacher_forward
+from flame_kd.teacher_cache import TeacherOutputs
 
 S = [[1.0, -2.0], [0.5, 3.0]]  # student logits, 2 frames x (fire, smoke)
 T = [[2.0, -1.0], [-0.5, 1.0]]  # teacher logits

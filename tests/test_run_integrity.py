@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 from flame_kd.cli import main
 from flame_kd.engine import LambdaCallback
 from flame_kd.errors import ConfigError, RunFailed
-from flame_kd.runs.experiment import checkpoint_dir
+from flame_kd.runs.skeleton import checkpoint_dir
 from flame_kd.runs.sweep import SweepConfig, resolve_storage, run_sweep
 from flame_kd.runs.teacher import run_teacher
 

@@ -17,7 +17,7 @@ from flame_kd.cli import main
 from flame_kd.config import TrainConfig
 from flame_kd.engine import Trainer
 from flame_kd.errors import ConfigError
-from flame_kd.runs.experiment import load_run_model
+from flame_kd.runs.skeleton import load_run_model
 from flame_kd.models import build_student, build_teacher
 from flame_kd.models.deploy import Deployable
 from flame_kd.tasks import SupervisedTask, student_forward

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from flame_kd.errors import ConfigError
-from flame_kd.tasks import TeacherOutputs
+from flame_kd.teacher_cache import TeacherOutputs
 
 
 class _Dataset:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from flame_kd.data.frames import IMAGE_SUFFIXES, frame_id
+from flame_kd.data.paths import IMAGE_SUFFIXES, frame_id
 from flame_kd.errors import DataError
 
 RANGES_FILE = "label_ranges.tsv"  # the name `data synth` / `data prepare` write next to the CSV

@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 from PIL import Image
 
-from flame_kd.data import frames as fr
+from flame_kd.data import paths as fr
 from flame_kd.data.labels import find_label_ranges
 from flame_kd.data.split import STATES, infer_groups, label_states
 from flame_kd.errors import DataError

@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from flame_kd.data.frames import FILE_NAMES, IMAGE_DIRS, frame_id
+from flame_kd.data.paths import FILE_NAMES, IMAGE_DIRS, frame_id
 from flame_kd.data.labels import RANGES_FILE, write_label_ranges
 
 CSV_NAME = "flame2.csv"

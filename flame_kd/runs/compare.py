@@ -18,7 +18,7 @@ import pandas as pd
 from flame_kd import stats, tracking
 from flame_kd.errors import DataError
 from flame_kd.evaluate import LABELS, binarize, compute_metrics
-from flame_kd.runs.experiment import MANIFEST_FILE, PREDICTIONS_FILE
+from flame_kd.runs.skeleton import MANIFEST_FILE, PREDICTIONS_FILE
 
 SPLIT_TAG = "flame_kd.split_digest"
 MCNEMAR_NOTE = "counts frames, optimistic"

@@ -17,13 +17,13 @@ import torch
 
 from flame_kd import plots, tracking
 
-from flame_kd.runs import teacher_outputs
+from flame_kd import teacher_cache
 from flame_kd.config import (DISTILL_OPTIONS, RUNTIME_FIELDS, TEACHER_OPTIONS, DistillRunConfig, TeacherRunConfig,
                              TrackingConfig, best_name, check_ranges, to_dict)
 from flame_kd.engine import resolve_device, seed_everything
 from flame_kd.errors import ConfigError
 from flame_kd.evaluate import METRIC_NAMES, predict
-from flame_kd.runs.experiment import (
+from flame_kd.runs.skeleton import (
     Data,
     FitPlan,
     TestReport,
@@ -43,7 +43,8 @@ from flame_kd.models import build_student
 from flame_kd.models.deploy import Deployable
 from flame_kd.options import option_values
 from flame_kd.progress import stage
-from flame_kd.tasks import DistillTask, TeacherOutputs, output_shapes, student_forward, teacher_forward
+from flame_kd.tasks import DistillTask, output_shapes, student_forward, teacher_forward
+from flame_kd.teacher_cache import TeacherOutputs
 from flame_kd.runs.teacher import run_teacher
 
 log = logging.getLogger("flame_kd")
@@ -213,7 +214,7 @@ def prepare(cfg: DistillRunConfig, parent_run_id: str | None = None) -> Prepared
         prep.teacher_run_id, _ = resolve_teacher(cfg, data, parent_run_id)
         prep.teacher, _, _ = load_run_model(prep.teacher_run_id, device)
         if cfg.teacher_mode == "cached":
-            cache = teacher_outputs.load_or_compute(prep.teacher_run_id, prep.teacher, data, device,
+            cache = teacher_cache.load_or_compute(prep.teacher_run_id, prep.teacher, data, device,
                                                     augment=cfg.data.augment, views=cfg.teacher_views,
                                                     view_seed=cfg.train.seed, outputs=teacher_needs)
             prep.outputs = TeacherOutputs(cache=cache, frame_ids=data.frames["id"].to_numpy(),
@@ -254,7 +255,7 @@ def run_distill(cfg: DistillRunConfig, attach_env: bool = True, extra_tags: dict
             "flame_kd.augment": cfg.data.augment}
     if loss.uses_teacher:  # views per training frame the student can be shown (live: a new one every epoch)
         tags["flame_kd.teacher_views"] = (
-            str(max(1, teacher_outputs.effective_views(cfg.data.augment, cfg.teacher_views)))
+            str(max(1, teacher_cache.effective_views(cfg.data.augment, cfg.teacher_views)))
             if cfg.teacher_mode == "cached" else "live")
     if prep.teacher_run_id and loss.uses_teacher:
         tags["flame_kd.teacher_run_id"] = prep.teacher_run_id

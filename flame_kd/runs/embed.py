@@ -12,7 +12,7 @@ from flame_kd.config import DataConfig, EmbedConfig
 from flame_kd.engine import load_checkpoint, resolve_device, seed_everything
 from flame_kd.errors import ConfigError
 from flame_kd.evaluate import predict
-from flame_kd.runs.experiment import load_data, load_run_model
+from flame_kd.runs.skeleton import load_data, load_run_model
 from flame_kd.models import build_student, build_teacher
 from flame_kd.tasks import student_forward, teacher_forward
 

@@ -62,7 +62,7 @@ def cell_config(cfg: ParetoConfig, student: str) -> DistillRunConfig:
 def study_digest(cfg: ParetoConfig, data_digest: str) -> str:
     """Identity of a study: data, teacher, loss, schedules, seed and what the int8 step measures --
     not the students (adding one extends the study) nor the latency budget (a choice made after)."""
-    from flame_kd.runs.experiment import config_digest
+    from flame_kd.runs.skeleton import config_digest
 
     d = to_dict(dataclasses.replace(cfg.distill, student=""))
     keep = {"distill": config_digest(d), "data": data_digest, "calibration_frames": cfg.calibration_frames,
@@ -211,7 +211,7 @@ def score_onnx(path: Path, prefix: str, data, cfg: ParetoConfig, frame: np.ndarr
 def deploy_student(run_id: str, cfg: ParetoConfig, data) -> dict[str, float]:
     """Export the run's best student to ONNX, quantise it, score and time both precisions; log the
     int8 model, its calibration frames, the metrics and their int8 - fp32 deltas into the run."""
-    from flame_kd.runs.experiment import example_batch, load_run_model
+    from flame_kd.runs.skeleton import example_batch, load_run_model
     from flame_kd.export import export_onnx
 
     model, _, _ = load_run_model(run_id)

@@ -28,7 +28,7 @@ from flame_kd.config import SWEEP_OPTIONS, SweepConfig, check_ranges, monitor_mo
 from flame_kd.runs.distill import Prepared, prepare, run_distill
 from flame_kd.engine import LambdaCallback, Trainer
 from flame_kd.errors import ConfigError, Preempted, RunFailed
-from flame_kd.runs.experiment import checkpoint_dir, load_run_model
+from flame_kd.runs.skeleton import checkpoint_dir, load_run_model
 from flame_kd.losses import REGISTRY, VARIANTS
 from flame_kd.tasks import SupervisedTask, student_forward
 

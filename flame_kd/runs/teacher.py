@@ -7,7 +7,7 @@ import torch
 from flame_kd import tracking
 from flame_kd.config import TEACHER_OPTIONS, TeacherRunConfig, check_ranges, to_dict
 from flame_kd.engine import resolve_device, seed_everything
-from flame_kd.runs.experiment import (FitPlan, example_batch, load_data, log_profile, log_test_report, run_params,
+from flame_kd.runs.skeleton import (FitPlan, example_batch, load_data, log_profile, log_test_report, run_params,
                                  tracked_fit, train_pos_weight)
 from flame_kd.models import build_teacher
 from flame_kd.models.deploy import Deployable

@@ -1,7 +1,9 @@
-"""What every training run shares: data preparation, run identity, and the end-of-run report.
+"""The run skeleton: what every training run shares -- data preparation, run identity, the tracked
+fit and the end-of-run report.
 
 ``teacher.py`` and ``distill.py`` are thin on purpose: load data, build a model and a task, fit with
-the engine, then ``finish`` evaluates the best checkpoint on test once and logs everything.
+the engine (``tracked_fit``), then ``log_test_report`` evaluates the best checkpoint on test once and
+logs everything.
 """
 
 from __future__ import annotations
