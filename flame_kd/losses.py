@@ -237,7 +237,7 @@ class Term:
 
     def outputs(self, side: str) -> set[str]:
         """The model outputs of ``side`` (student | teacher) this term needs."""
-        return {o for i in self.inputs if (so := input_outputs(i)) and so[0] == side for o in [so[1]]}
+        return {output for s, output in filter(None, map(input_outputs, self.inputs)) if s == side}
 
     @property
     def needs_teacher(self) -> bool:

@@ -212,3 +212,22 @@ def test_student_cost_at_224_px_matches_design():
     student = build_student("lightweight-cnn", image_size=224).eval()
     gflops = count_flops(student, (torch.zeros(1, 3, 224, 224),)) / 1e9
     assert gflops == pytest.approx(20.5, abs=0.05)
+
+
+def test_a_distill_run_starts_its_student_from_the_weights_it_is_given(tmp_path):
+    """--student-weights FILE (and --student-pretrained) reach the student a distill run trains."""
+    from flame_kd.config import DistillRunConfig
+    from flame_kd.runs.distill import make_student
+
+    source = timm.create_model("test_resnet")
+    path = tmp_path / "student.pth"
+    torch.save(source.state_dict(), path)
+    cfg = DistillRunConfig(student="timm:test_resnet", student_weights=str(path))
+    cfg.data.image_size = SIZE
+    student = make_student(cfg)
+    assert _equal_except(student.backbone.state_dict(), source.state_dict(), set())
+    scratch = make_student(DistillRunConfig(student="timm:test_resnet"))
+    assert not _equal_except(scratch.backbone.state_dict(), source.state_dict(), set())
+    cfg = DistillRunConfig(student="lightweight-cnn", student_pretrained=True)
+    with pytest.raises(ConfigError, match="no pretrained weights"):
+        make_student(cfg)

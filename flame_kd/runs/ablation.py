@@ -69,8 +69,8 @@ def load_spec(path: str, overrides: dict | None = None) -> AblationSpec:
         raise ConfigError(f"ablation spec {path} is not valid YAML: {str(err).splitlines()[0]}") from None
     spec = spec_from_dict(raw, f"ablation spec {path}")
     apply_options(spec, ABLATION_OPTIONS, overrides or {})
-    given = "data" in raw or (overrides or {}).get("data")
-    if not given:
+    data = raw.get("data")
+    if not ((data.get("csv") if isinstance(data, dict) else data) or (overrides or {}).get("data")):
         raise ConfigError(f"ablation spec {path}: no data set (data, or --data)")
     return spec
 

@@ -152,6 +152,13 @@ def resolve_teacher(cfg: DistillRunConfig, data: Data, parent_run_id: str | None
                        parent_run_id=parent_run_id), True
 
 
+def make_student(cfg: DistillRunConfig) -> torch.nn.Module:
+    """The run's student, from scratch or from pretrained weights (--student-pretrained: the hub;
+    --student-weights: a local timm file)."""
+    return build_student(cfg.student, image_size=cfg.data.image_size, pretrained=cfg.student_pretrained,
+                         weights=cfg.student_weights)
+
+
 def loss_terms(cfg: DistillRunConfig) -> list:
     """The active loss terms of the run's options (variant, weights, convention), checked with the
     temperature and --pos-weight: every loss option error before any data is read."""
@@ -241,8 +248,7 @@ def run_distill(cfg: DistillRunConfig, attach_env: bool = True, extra_tags: dict
     data, device = prep.data, prep.device
     seed = cfg.train.seed
     seed_everything(seed)
-    student = build_student(cfg.student, image_size=cfg.data.image_size, pretrained=cfg.student_pretrained,
-                            weights=cfg.student_weights)
+    student = make_student(cfg)
     teacher = prep.teacher
     pos_weight = train_pos_weight(data) if cfg.loss.pos_weight == "auto" else None
     terms, ex = loss_terms(cfg), example_batch(data)
