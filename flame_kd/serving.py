@@ -1,7 +1,7 @@
 """The served student: MLflow's pyfunc loader for flame-kd's logged models, the request check, and
 `flame-kd serve` (which registered version to serve, and how to start MLflow's scoring server).
 
-A logged model is torch.export's pt2 graph plus ``input.json`` (the frame shape). MLflow loads it
+A logged model is torch.export's pt2 graph (``model/data/model.pt2``; its input says the frame shape). MLflow loads it
 through this module (``loader_module="flame_kd.serving"``): installed code, no pickle, nothing from
 the artifact store runs. Every request is checked here before the graph sees it, so a wrong shape, a
 float image or an empty batch is MLflow's 400 INVALID_PARAMETER_VALUE naming the schema, never a 500.
@@ -9,7 +9,6 @@ float image or an empty batch is MLflow's 400 INVALID_PARAMETER_VALUE naming the
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -20,7 +19,6 @@ import torch
 from flame_kd.errors import ConfigError
 
 MODEL_FILE = "model.pt2"
-INPUT_FILE = "input.json"
 ALIASES = ("champion", "pareto-best")  # what `flame-kd serve` looks for, the newest first
 
 
@@ -38,16 +36,19 @@ def requirements() -> list[str]:
     return [f"torch=={torch.__version__.split('+')[0]}"]
 
 
-def export(model: torch.nn.Module, example: np.ndarray, out: Path) -> Path:
-    """``model`` (uint8 frames -> probabilities) as a pt2 graph with a dynamic batch axis, and the
-    frame shape it takes, into folder ``out``; returns ``out``."""
-    out.mkdir(parents=True, exist_ok=True)
+def export(model: torch.nn.Module, example: np.ndarray, path: Path) -> Path:
+    """``model`` (uint8 frames -> probabilities) as a pt2 graph with a dynamic batch axis at ``path``."""
     x = torch.from_numpy(np.ascontiguousarray(example))
     batch = torch.export.Dim.AUTO  # a batch of 1 or more (a size-1 example would be exported static)
-    program = torch.export.export(model, (x,), dynamic_shapes=({0: batch},))
-    torch.export.save(program, out / MODEL_FILE)
-    (out / INPUT_FILE).write_text(json.dumps({"frame_shape": list(x.shape[1:]), "dtype": "uint8"}))
-    return out
+    torch.export.save(torch.export.export(model, (x,), dynamic_shapes=({0: batch},)), path)
+    return path
+
+
+def frame_shape(program: torch.export.ExportedProgram) -> tuple[int, ...]:
+    """The [C, H, W] of the frames an exported model takes (its one input, batch axis left out)."""
+    name = program.graph_signature.user_inputs[0]
+    node = next(n for n in program.graph.nodes if n.op == "placeholder" and n.name == name)
+    return tuple(int(d) for d in node.meta["val"].shape[1:])
 
 
 class ServedFrames:
@@ -100,11 +101,9 @@ def _problem(frames, shape: tuple[int, ...]) -> str | None:
 
 
 def _load_pyfunc(path: str) -> ServedFrames:
-    """MLflow's entry point for a pyfunc ``loader_module``: ``path`` is the model's ``data`` folder."""
-    folder = Path(path)
-    spec = json.loads((folder / INPUT_FILE).read_text())
-    program = torch.export.load(str(folder / MODEL_FILE)).module()
-    return ServedFrames(program, tuple(spec["frame_shape"]))
+    """MLflow's entry point for a pyfunc ``loader_module``: ``path`` is the model's pt2 file."""
+    program = torch.export.load(path)
+    return ServedFrames(program.module(), frame_shape(program))
 
 
 # --- flame-kd serve ---------------------------------------------------------------------------------

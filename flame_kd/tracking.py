@@ -394,7 +394,7 @@ def log_model(model, example, registered_name: str | None = None, description: s
     if len(example) < 2:
         raise ValueError("log_model needs an example batch of 2 or more (a batch of 1 is exported static)")
     with tempfile.TemporaryDirectory() as tmp:
-        data = serving.export(model.eval(), example, Path(tmp) / "data")
+        data = serving.export(model.eval(), example, Path(tmp) / serving.MODEL_FILE)
         info = mlflow.pyfunc.log_model(
             name="model",
             loader_module="flame_kd.serving",
