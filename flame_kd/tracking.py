@@ -443,6 +443,15 @@ def set_model_alias(name: str, alias: str, version: str) -> None:
     MlflowClient().set_registered_model_alias(name, alias, str(version))
 
 
+def model_problem(model_uri: str) -> str | None:
+    """Why ``model_uri`` names no logged model MLflow can load (one line), or None when it does."""
+    try:
+        mlflow.models.get_model_info(model_uri)
+    except (mlflow.exceptions.MlflowException, OSError, ValueError) as err:
+        return redact(str(getattr(err, "message", err)).splitlines()[0] if str(err) else type(err).__name__)
+    return None
+
+
 def metric_history(run_id: str, key: str) -> list[float]:
     """Every value a run logged under ``key``, in logging order (empty when none)."""
     return [m.value for m in MlflowClient().get_metric_history(run_id, key)]

@@ -64,12 +64,14 @@ def test_good_frames_are_answered(dtype):
 
 
 def version(name: str, score: float, data: str = "d1", split: str = "s1", metric: str = "val_best_f1_macro"):
-    """A finished run with the digests and a best val score, and a version of ``name`` from it."""
+    """A finished run with the digests, a best val score and a model's MLmodel (no weights: nothing
+    here loads it), and a version of ``name`` from it."""
     import mlflow
 
     with mlflow.start_run() as run:
         mlflow.set_tags({"flame_kd.data_digest": data, "flame_kd.split_digest": split})
         mlflow.log_metric(metric, score)
+        mlflow.log_text("flavors:\n  python_function:\n    loader_module: flame_kd.serving\n", "model/MLmodel")
     client = MlflowClient()
     if not client.search_registered_models(f"name = '{name}'"):
         client.create_registered_model(name)
@@ -142,8 +144,11 @@ def test_serve_picks_the_newest_of_champion_and_pareto_best_on_loopback(tmp_path
     done = runner.invoke(main, ["serve", "--dry-run"])
     assert "-m models:/flame-kd-student@pareto-best" in done.output and f"version {v2} (alias pareto-best" \
         in done.output
-    given = runner.invoke(main, ["serve", "--dry-run", "--model-uri", f"runs:/{r1}/model"])
-    assert f"-m runs:/{r1}/model" in given.output
+    # a URI that names no model: one line, exit 2, before any server starts
+    for bad in ("models:/flame-kd-student/99", "models:/nope@champion", f"runs:/{r1}/no-model"):
+        refused = runner.invoke(main, ["serve", "--dry-run", "--model-uri", bad])
+        assert refused.exit_code == 2 and f"cannot serve {bad}: " in refused.output, refused.output
+        assert "Traceback" not in refused.output and "models serve" not in refused.output
     assert uri  # the store the command read is the test's own
 
 
