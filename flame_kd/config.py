@@ -281,7 +281,7 @@ class AblationSpec:
     student_epochs: int | None = opt(None, "Student epochs (None: 30, the original pipeline's).")
     device: str = opt("auto", "auto | cpu | cuda | mps.")
     experiment: str | None = opt(None, "MLflow experiment; default: mlflow run's, else flame-kd.")
-    log_models: bool = opt(True, "Each cell's student through mlflow.pytorch (not registered).", expose=False)
+    log_models: bool = opt(True, "Each cell's student as a servable MLflow model (not registered).", expose=False)
 
     def digest(self) -> str:
         import hashlib
