@@ -291,18 +291,9 @@ def serve(model_uri: str | None, name: str, host: str, port: int, tracking_uri: 
     bin on PATH): POST uint8 frames as JSON to http://HOST:PORT/invocations."""
     import os
 
-    from flame_kd import serving, tracking
-    from flame_kd.errors import ConfigError
+    from flame_kd import serving
 
-    uri = tracking.configure(tracking_uri)
-    if model_uri is None:
-        model_uri, which = serving.resolve_model_uri(name)
-        click.echo(f"flame-kd: serving {which}", err=True)
-    problem = tracking.model_problem(model_uri)
-    if problem:
-        raise ConfigError(f"cannot serve {model_uri}: {problem}")
-    argv, env = serving.serve_command(model_uri, host, port, uri)
-    click.echo(f"flame-kd: {' '.join(argv[1:])}  (POST to http://{host}:{port}/invocations)", err=True)
+    argv, env = serving.plan(model_uri, name, host, port, tracking_uri)
     if not dry_run:
         os.execve(argv[0], argv, env)  # the server replaces this process: Ctrl-C stops it directly
 

@@ -9,6 +9,7 @@ float image or an empty batch is MLflow's 400 INVALID_PARAMETER_VALUE naming the
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from pathlib import Path
@@ -20,6 +21,7 @@ from flame_kd.errors import ConfigError
 
 MODEL_FILE = "model.pt2"
 ALIASES = ("champion", "pareto-best")  # what `flame-kd serve` looks for, the newest first
+log = logging.getLogger("flame_kd")
 
 
 def schema_text(frame_shape) -> str:
@@ -132,4 +134,21 @@ def serve_command(model_uri: str, host: str, port: int, tracking_uri: str) -> tu
     env = {**os.environ, "PATH": os.pathsep.join([bindir, os.environ.get("PATH", "")]),
            "MLFLOW_TRACKING_URI": tracking_uri}
     argv = [mlflow_bin, "models", "serve", "-m", model_uri, "--env-manager", "local", "-h", host, "-p", str(port)]
+    return argv, env
+
+
+def plan(model_uri: str | None, name: str, host: str, port: int, tracking_uri: str | None) -> tuple[list[str], dict]:
+    """`flame-kd serve` up to the start: the model (given, else the newest aliased version of
+    ``name``) checked to exist, then the command and environment; says both on stderr."""
+    from flame_kd import tracking
+
+    uri = tracking.configure(tracking_uri)
+    if model_uri is None:
+        model_uri, which = resolve_model_uri(name)
+        log.info("serving %s", which)
+    problem = tracking.model_problem(model_uri)
+    if problem:
+        raise ConfigError(f"cannot serve {model_uri}: {problem}")
+    argv, env = serve_command(model_uri, host, port, uri)
+    log.info("%s  (POST to http://%s:%s/invocations)", " ".join(argv[1:]), host, port)
     return argv, env

@@ -126,30 +126,36 @@ def test_champion_compares_a_loss_downwards_and_reads_the_curve_when_needed(tmp_
 # --- flame-kd serve ---------------------------------------------------------------------------------
 
 
-def test_serve_picks_the_newest_of_champion_and_pareto_best_on_loopback(tmp_path, monkeypatch):
-    uri = use_store(tmp_path, monkeypatch)
+def test_serve_picks_the_newest_of_champion_and_pareto_best_on_loopback(tmp_path, monkeypatch, caplog):
+    import logging
+
+    use_store(tmp_path, monkeypatch)
     runner = CliRunner()
-    none = runner.invoke(main, ["serve", "--dry-run"])
-    assert none.exit_code == 2 and "no version of 'flame-kd-student' has the alias champion or pareto-best" \
-        in none.output and "Traceback" not in none.output
+    caplog.set_level(logging.INFO, logger="flame_kd")
+
+    def dry_run(*args):
+        caplog.clear()
+        done = runner.invoke(main, ["serve", "--dry-run", *args])
+        return done, done.output + caplog.text
+
+    done, said = dry_run()
+    assert done.exit_code == 2 and "no version of 'flame-kd-student' has the alias champion or pareto-best" \
+        in said and "Traceback" not in said
     v1, r1 = version("flame-kd-student", 0.7)
     crown("flame-kd-student", v1, r1, 0.7)
-    done = runner.invoke(main, ["serve", "--dry-run", "--port", "5123"])
-    assert done.exit_code == 0, done.output
-    assert f"serving flame-kd-student version {v1} (alias champion, run {r1})" in done.output
-    assert ("models serve -m models:/flame-kd-student@champion --env-manager local -h 127.0.0.1 -p 5123"
-            in done.output)
+    done, said = dry_run("--port", "5123")
+    assert done.exit_code == 0, said
+    assert f"serving flame-kd-student version {v1} (alias champion, run {r1})" in said
+    assert "models serve -m models:/flame-kd-student@champion --env-manager local -h 127.0.0.1 -p 5123" in said
     v2, _ = version("flame-kd-student", 0.5)  # registered later: the newest
     MlflowClient().set_registered_model_alias("flame-kd-student", "pareto-best", v2)
-    done = runner.invoke(main, ["serve", "--dry-run"])
-    assert "-m models:/flame-kd-student@pareto-best" in done.output and f"version {v2} (alias pareto-best" \
-        in done.output
+    done, said = dry_run()
+    assert "-m models:/flame-kd-student@pareto-best" in said and f"version {v2} (alias pareto-best" in said
     # a URI that names no model: one line, exit 2, before any server starts
     for bad in ("models:/flame-kd-student/99", "models:/nope@champion", f"runs:/{r1}/no-model"):
-        refused = runner.invoke(main, ["serve", "--dry-run", "--model-uri", bad])
-        assert refused.exit_code == 2 and f"cannot serve {bad}: " in refused.output, refused.output
-        assert "Traceback" not in refused.output and "models serve" not in refused.output
-    assert uri  # the store the command read is the test's own
+        done, said = dry_run("--model-uri", bad)
+        assert done.exit_code == 2 and f"cannot serve {bad}: " in said, said
+        assert "Traceback" not in said and "models serve" not in said
 
 
 def test_serve_command_puts_the_venv_bin_first_on_path(monkeypatch):
