@@ -169,3 +169,14 @@ def test_the_docs_show_commands():
 @pytest.mark.parametrize("doc, line", all_shown())
 def test_every_command_shown_in_the_docs_is_accepted(doc, line):
     assert problems_of(line) == [], f"{doc}: {line}"
+
+
+def test_every_relative_link_in_the_docs_resolves():
+    broken = []
+    for doc in DOCS:
+        for target in re.findall(r"\]\(([^)\s]+)\)", doc.read_text()):
+            if re.match(r"[a-z]+:", target) or target.startswith("#"):
+                continue
+            if not (doc.parent / target.split("#")[0]).exists():
+                broken.append(f"{doc.relative_to(REPO)} -> {target}")
+    assert not broken, broken
