@@ -67,6 +67,8 @@ def flame_kd_problems(words: list[str]) -> list[str]:
             i += 1
         if i == len(words):
             return [f"{' '.join(path)}: no subcommand"] if len(path) == 1 else []
+        if words[i] in ("...", "…"):  # `flame-kd ...`: any command
+            return []
         sub = cmd.commands.get(words[i])
         if sub is None:
             return [f"{' '.join(path)}: no command {words[i]!r}"]
@@ -98,7 +100,7 @@ def mlflow_run_problems(words: list[str]) -> list[str]:
     from mlflow.cli import cli as mlflow_cli
 
     run_opts = _options(mlflow_cli.commands["run"])
-    entry, params, problems, j = "main", [], [], 0
+    entry, params, problems, j = None, [], [], 0
     while j < len(words):
         word = words[j]
         if word.startswith("-"):
@@ -115,6 +117,10 @@ def mlflow_run_problems(words: list[str]) -> list[str]:
         else:
             j += 1
     entries = _mlproject()
+    if entry is None:  # MLflow's default entry point, unless the line leaves it open (`mlflow run ...`)
+        if "..." in words:
+            return problems
+        entry = "main"
     if entry not in entries:
         return problems + [f"mlflow run: MLproject has no entry point {entry!r}"]
     declared = set(entries[entry].get("parameters", {}))
@@ -154,6 +160,8 @@ def test_the_checker_catches_what_rots():
     assert problems_of("mlflow run . -e distill -P teacher_run_id=abc") == []  # undeclared, but an option
     assert problems_of("mlflow run . -e distill -P nosuch=1") == ["mlflow run -e distill: no parameter 'nosuch'"]
     assert problems_of("mlflow run . -e nosuch") == ["mlflow run: MLproject has no entry point 'nosuch'"]
+    assert problems_of("mlflow run .") == ["mlflow run: MLproject has no entry point 'main'"]
+    assert problems_of("flame-kd ...") == [] and problems_of("mlflow run ...") == []  # prose: any command
     assert problems_of("mlflow run . -e teacher --no-such-mlflow-flag") == ["mlflow run: no option --no-such-mlflow-flag"]
     text = "x `flame-kd embed --run-id RUN` y\n```\nHF_HUB_OFFLINE=1 flame-kd data check \\\n    a.csv   # note\n```\n"
     assert shown_commands(text) == ["flame-kd data check a.csv # note", "flame-kd embed --run-id RUN"]
