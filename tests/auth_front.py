@@ -120,7 +120,7 @@ class AuthFront:
             httpd.shutdown()
         self.proc.terminate()
         try:
-            self.proc.wait(timeout=30)
+            self.proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
             self.proc.kill()
 

@@ -18,6 +18,8 @@ from flame_kd import tracking
 from flame_kd.errors import FlameKDError
 from pipeline_helpers import SIZE, TINY_TEACHER
 
+pytestmark = pytest.mark.slow  # a real `mlflow server` (half a minute to start) and real runs
+
 FLAME_KD = str(Path(sys.executable).parent / "flame-kd")
 
 

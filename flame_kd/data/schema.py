@@ -148,7 +148,7 @@ def _resolve_paths(raw: pd.DataFrame, root: Path, check_files: bool) -> tuple[pd
             if found is None and check_files:
                 problems.append(f"{_row(i)}: {col} file not found: {value!r} (looked under {root})")
                 out.at[i, "found"] = False
-            paths.append(str(found or fr.candidates(value, root, kind)[0]))
+            paths.append(str(found or fr.first_candidate(value, root, kind)))
         out[f"{kind}_path"] = paths
     return out, problems
 
