@@ -28,6 +28,8 @@ from flame_kd.config import DataConfig
 from flame_kd.data import augment, schema
 from flame_kd.data.augment import AUGMENTS
 from flame_kd.errors import ConfigError, DataError
+from flame_kd.data.decode import to_rgb8
+from flame_kd.files import check_regular
 from flame_kd.progress import track
 
 log = logging.getLogger("flame_kd")
@@ -42,8 +44,9 @@ DEVICE_CACHE_SHARE = 0.6  # at most this share of the free accelerator memory ho
 def decode_image(path: str, size: int) -> np.ndarray:
     """One image as uint8 [size, size, 3] (3-channel even for thermal frames; antialiased resize)."""
     try:
+        check_regular(path)
         with Image.open(path) as im:
-            im = im.convert("RGB")
+            im = to_rgb8(im)
             if im.size != (size, size):
                 im = im.resize((size, size), Image.BILINEAR)  # Pillow's bilinear antialiases when shrinking
             return np.asarray(im)

@@ -12,6 +12,8 @@ import pandas as pd
 from PIL import Image
 
 from flame_kd.errors import DataError
+from flame_kd.data.decode import EIGHT_BIT, to_rgb8
+from flame_kd.files import check_regular
 from flame_kd.progress import track
 
 THUMB = 32  # pixels per side: enough for scene layout, blind to JPEG noise and small shifts
@@ -19,9 +21,10 @@ THUMB = 32  # pixels per side: enough for scene layout, blind to JPEG noise and 
 
 def _thumb(path: str, size: int) -> np.ndarray:
     try:
+        check_regular(path)
         with Image.open(path) as im:
             im.draft("L", (size * 2, size * 2))  # JPEG: decode at reduced scale, much faster
-            im = im.convert("L").resize((size, size), Image.BILINEAR)
+            im = (im if im.mode in EIGHT_BIT else to_rgb8(im)).convert("L").resize((size, size), Image.BILINEAR)
             return np.asarray(im, dtype=np.float32).ravel()
     except Exception as e:  # PIL raises many types for bad files; all mean "unreadable"
         raise DataError(f"unreadable image {path} ({type(e).__name__}: {e})", [f"unreadable image {path}"]) from None
