@@ -9,7 +9,7 @@ import torch
 
 from flame_kd import plots, tracking
 from flame_kd.config import DataConfig, EmbedConfig
-from flame_kd.engine import load_checkpoint, resolve_device, seed_everything
+from flame_kd.engine import load_checkpoint, load_weights, resolve_device, seed_everything
 from flame_kd.errors import ConfigError
 from flame_kd.evaluate import predict
 from flame_kd.runs.experiment import load_data, load_run_model
@@ -35,11 +35,8 @@ def _from_checkpoint(cfg: EmbedConfig) -> tuple[torch.nn.Module, str, DataConfig
         model = build_teacher(cfg.architecture, fusion=cfg.fusion, pretrained=False, image_size=cfg.image_size)
     else:
         model = build_student(cfg.architecture, image_size=cfg.image_size)
-    state = load_checkpoint(path)
-    try:
-        model.load_state_dict(state.get("model", state))
-    except Exception as err:  # a wrong architecture
-        raise ConfigError(f"cannot load {path} into {cfg.architecture}: {str(err).splitlines()[0]}") from None
+    state = load_checkpoint(path, what="--checkpoint")
+    load_weights(model, state.get("model", state), f"--checkpoint {path} as {cfg.architecture}")
     return model, cfg.model_type, DataConfig(csv=cfg.csv, image_size=cfg.image_size), cfg.seed
 
 

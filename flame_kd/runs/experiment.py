@@ -28,7 +28,7 @@ from flame_kd.data.labels import find_label_ranges
 from flame_kd.data.schema import data_digest, load_frames
 from flame_kd.data.split import Split, split_frames
 from flame_kd.data.thumbs import frame_thumbnails
-from flame_kd.engine import ConsoleCallback, FitState, Trainer, load_checkpoint
+from flame_kd.engine import ConsoleCallback, FitState, Trainer, load_checkpoint, load_weights
 from flame_kd.evaluate import (
     LABELS,
     Predictions,
@@ -315,14 +315,15 @@ def load_run_model(run_id: str, device: torch.device | str = "cpu") -> tuple[tor
         raise ConfigError(f"run {run_id} is not a flame-kd teacher or distill run (stage {stage!r})")
     with tempfile.TemporaryDirectory() as tmp:
         rc = tracking.load_config(run_id, tmp)
-        state = load_checkpoint(tracking.download(run_id, "checkpoints/best.pt", tmp))
+        state = load_checkpoint(tracking.download(run_id, "checkpoints/best.pt", tmp), what="best checkpoint",
+                                run_id=run_id, keys=("model",))
     size = rc["data"]["image_size"]
     if stage == "teacher":
         t = rc["teacher"]
         model, kind = build_teacher(t["name"], fusion=t["fusion"], pretrained=False, image_size=size), "teacher"
     else:
         model, kind = build_student(rc["student"], image_size=size), "student"
-    model.load_state_dict(state["model"])
+    load_weights(model, state["model"], f"best checkpoint checkpoints/best.pt of run {run_id}")
     return model.to(device).eval(), kind, rc
 
 
