@@ -143,12 +143,17 @@ def ensure_experiment(name: str | None) -> str:
     if exp is None:
         try:
             exp_id = client.create_experiment(name)
-        except mlflow.exceptions.MlflowException:  # created by a concurrent worker meanwhile
-            exp_id = client.get_experiment_by_name(name).experiment_id
+        except mlflow.exceptions.MlflowException as err:  # created by a concurrent worker meanwhile, or refused
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                shown = name if len(name) <= 80 else name[:77] + "..."
+                raise FlameKDError(f"--experiment {shown!r}: MLflow cannot create it ({_first_sentence(err)})") from None
+            exp_id = exp.experiment_id
     else:
         exp_id = exp.experiment_id
-        if exp.lifecycle_stage == "deleted":
-            client.restore_experiment(exp_id)
+        if exp.lifecycle_stage == "deleted":  # restoring it silently would undo the user's delete
+            raise FlameKDError(f"--experiment {name!r} was deleted (experiment {exp_id}, in MLflow's trash): restore "
+                               f"it with `mlflow experiments restore --experiment-id {exp_id}`, or choose another name")
     tag_experiment(exp_id)
     return exp_id
 
@@ -556,5 +561,15 @@ def list_artifacts(run_id: str, path: str | None = None) -> list[str]:
 
 
 def load_config(run_id: str, dst: str | Path) -> dict:
-    return yaml.safe_load(download(run_id, "config.yaml", dst).read_text())
+    """A run's logged ``config.yaml`` (plain YAML only: a python tag is refused, never run)."""
+    try:
+        cfg = yaml.safe_load(download(run_id, "config.yaml", dst).read_text())
+    except yaml.YAMLError as err:
+        reason = str(err).strip().splitlines()[0][:200]
+        raise FlameKDError(f"config.yaml of run {run_id} is not a flame-kd config (not plain YAML: {reason})") from None
+    except (OSError, mlflow.exceptions.MlflowException) as err:
+        raise FlameKDError(f"run {run_id} has no readable config.yaml ({_first_sentence(err)})") from None
+    if not isinstance(cfg, dict):
+        raise FlameKDError(f"config.yaml of run {run_id} is not a flame-kd config (it holds a {type(cfg).__name__})")
+    return cfg
 

@@ -23,11 +23,11 @@ from pipeline_helpers import distill_cfg, teacher_cfg, use_store
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--lr", "-1"], "train.lr must be > 0, got -1"),
-    (["--lr", "0"], "train.lr must be > 0"),
-    (["--epochs", "0"], "train.epochs must be >= 1"),
-    (["--batch-size", "0"], "data.batch_size must be >= 1"),
-    (["--image-size", "8"], "data.image_size must be >= 16"),
+    (["--lr", "-1"], "--lr (train.lr) must be > 0, got -1"),
+    (["--lr", "0"], "--lr (train.lr) must be > 0"),
+    (["--epochs", "0"], "--epochs (train.epochs) must be >= 1"),
+    (["--batch-size", "0"], "--batch-size (data.batch_size) must be >= 1"),
+    (["--image-size", "8"], "--image-size (data.image_size) must be >= 16"),
 ])
 def test_options_that_cannot_work_are_refused_before_the_data_is_read(tmp_path, monkeypatch, args, message):
     use_store(tmp_path, monkeypatch)
@@ -72,7 +72,8 @@ def test_a_sweep_whose_trials_all_fail_ends_failed(tmp_path, monkeypatch, synth_
 
 
 @pytest.mark.slow
-def test_resume_skips_a_run_that_another_process_trains(tmp_path, monkeypatch, synth_csv, caplog):
+def test_resume_refuses_a_run_that_another_process_trains(tmp_path, monkeypatch, synth_csv):
+    """A second `--resume true` of a run in training refuses (a copy from scratch is not what was asked)."""
     use_store(tmp_path, monkeypatch)
     cfg = teacher_cfg(str(synth_csv), epochs=3)
     cfg.tracking.log_model = False
@@ -92,10 +93,9 @@ def test_resume_skips_a_run_that_another_process_trains(tmp_path, monkeypatch, s
     try:
         assert holder.stdout.readline().strip() == "held"
         cfg.resume = True
-        with caplog.at_level(logging.WARNING, logger="flame_kd"):
-            second = run_teacher(cfg)
-        assert second != first
-        assert f"run {first} is being trained by another process" in caplog.text
+        with pytest.raises(ConfigError, match=f"run {first} with these settings is being trained by another process"):
+            run_teacher(cfg)
+        assert len(client.search_runs([client.get_experiment_by_name("t").experiment_id])) == 1  # no new run
     finally:
         holder.kill()
         holder.wait()

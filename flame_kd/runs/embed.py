@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from flame_kd import plots, tracking
-from flame_kd.config import DataConfig, EmbedConfig
+from flame_kd.config import DataConfig, EmbedConfig, check_ranges
 from flame_kd.engine import load_checkpoint, load_weights, resolve_device, seed_everything
 from flame_kd.errors import ConfigError
 from flame_kd.evaluate import predict
@@ -42,6 +42,7 @@ def _from_checkpoint(cfg: EmbedConfig) -> tuple[torch.nn.Module, str, DataConfig
 
 def run_embed(cfg: EmbedConfig) -> Path | str:
     """Embed the features of one split and log the figure to the run or write it to a folder."""
+    check_ranges(cfg)
     if cfg.method not in ("tsne", "umap"):
         raise ConfigError(f"--method {cfg.method}: expected tsne or umap")
     if bool(cfg.run_id) == bool(cfg.checkpoint):

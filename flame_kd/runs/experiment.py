@@ -146,6 +146,7 @@ def find_resumable(cfg_digest: str, base: str | None = None) -> tuple[str, FileL
     runs = tracking.search_runs(
         f"tags.`flame_kd.config_digest` = '{cfg_digest}' and attributes.status != 'FINISHED'"
     )
+    busy = []
     for r in runs:
         folder = checkpoint_dir(r.info.run_id, base)
         if not (folder / "last.pt").exists():
@@ -154,9 +155,13 @@ def find_resumable(cfg_digest: str, base: str | None = None) -> tuple[str, FileL
         try:
             lock.acquire(timeout=0)
         except Timeout:
-            log.warning("run %s is being trained by another process: not resuming it", r.info.run_id)
+            busy.append(r.info.run_id)
             continue
         return r.info.run_id, lock
+    if busy:  # a second `--resume` of a run in training: a fresh copy from scratch is not what was asked
+        raise ConfigError(f"--resume true: run {busy[0]} with these settings is being trained by another process "
+                          f"(its checkpoint folder {checkpoint_dir(busy[0], base)} is locked); not starting a second "
+                          "copy. Wait for it, or stop it and resume again")
     return None
 
 
@@ -317,12 +322,16 @@ def load_run_model(run_id: str, device: torch.device | str = "cpu") -> tuple[tor
         rc = tracking.load_config(run_id, tmp)
         state = load_checkpoint(tracking.download(run_id, "checkpoints/best.pt", tmp), what="best checkpoint",
                                 run_id=run_id, keys=("model",))
-    size = rc["data"]["image_size"]
-    if stage == "teacher":
-        t = rc["teacher"]
-        model, kind = build_teacher(t["name"], fusion=t["fusion"], pretrained=False, image_size=size), "teacher"
-    else:
-        model, kind = build_student(rc["student"], image_size=size), "student"
+    try:
+        size = int(rc["data"]["image_size"])
+        if stage == "teacher":
+            t = rc["teacher"]
+            model, kind = build_teacher(t["name"], fusion=t["fusion"], pretrained=False, image_size=size), "teacher"
+        else:
+            model, kind = build_student(rc["student"], image_size=size), "student"
+    except (KeyError, TypeError, ValueError) as err:
+        raise ConfigError(f"config.yaml of run {run_id} lacks what rebuilds its model "
+                          f"({type(err).__name__}: {err})") from None
     load_weights(model, state["model"], f"best checkpoint checkpoints/best.pt of run {run_id}")
     return model.to(device).eval(), kind, rc
 
