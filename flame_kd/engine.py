@@ -14,6 +14,7 @@ import math
 import os
 import pickle
 import random
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -248,9 +249,12 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu", *, what: str = 
         raise ConfigError(f"cannot read {label}: {why}")
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError:
-        raise ConfigError(f"refused to load {label}: it holds more than tensors and plain data, which no "
-                          "flame-kd file does, and loading it could run code") from None
+    except pickle.UnpicklingError as err:
+        found = re.search(r"(?i)GLOBAL ([\w.]+)", str(err))
+        if found:  # a pickled callable: what an attack (or a foreign object) looks like
+            raise ConfigError(f"refused to load {label}: it holds more than tensors and plain data (a reference "
+                              f"to {found.group(1)}), which no flame-kd file does, and loading it could run code") from None
+        raise ConfigError(f"cannot read {label}: not a readable torch file, truncated or corrupted") from None
     except Exception as err:  # noqa: BLE001 (torch raises many types for a truncated or foreign file)
         raise ConfigError(f"cannot read {label}: not a readable torch file, truncated or corrupted "
                           f"({type(err).__name__}: {_first_line(err)})") from None

@@ -29,7 +29,7 @@ def _from_checkpoint(cfg: EmbedConfig) -> tuple[torch.nn.Module, str, DataConfig
     if cfg.model_type not in ("teacher", "student") or not cfg.architecture:
         raise ConfigError("--checkpoint needs --model-type teacher|student and --architecture NAME")
     path = Path(cfg.checkpoint)
-    if not path.is_file():
+    if not path.exists():
         raise ConfigError(f"checkpoint {path} not found")
     if cfg.model_type == "teacher":
         model = build_teacher(cfg.architecture, fusion=cfg.fusion, pretrained=False, image_size=cfg.image_size)
