@@ -318,3 +318,32 @@ def test_a_hostile_input_is_one_named_line(case, world, monkeypatch, tmp_path, c
 
 def test_there_are_at_least_sixty_probes():
     assert len(CASES) >= 60
+
+
+@pytest.mark.parametrize("error, code, shown", [
+    (EOFError("Ran out of input"), 1, "Error: EOFError: Ran out of input"),  # was "stopped by SIGINT"
+    (mlflow.exceptions.MlflowException(f"API request to http://u:{SECRET}@h:5000/api failed\nmore"), 1,
+     "Error: MlflowException: API request to http://***@h:5000/api failed"),
+    (OSError(28, "No space left on device"), 1, "Error: OSError: [Errno 28] No space left on device"),
+])
+def test_the_last_resort_is_one_redacted_line(monkeypatch, error, code, shown):
+    from flame_kd.data import schema
+
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(schema, "check_frames", fail)
+    result = CliRunner().invoke(main, ["data", "check", "x.csv"])
+    assert result.exit_code == code and result.output.strip() == shown, result.output
+
+
+def test_a_bug_still_shows_its_traceback_without_the_secret(monkeypatch):
+    from flame_kd.data import schema
+
+    def fail(*args, **kwargs):
+        raise RuntimeError(f"cannot reach postgresql+psycopg2//user:{SECRET}@db/x")
+
+    monkeypatch.setattr(schema, "check_frames", fail)
+    result = CliRunner().invoke(main, ["data", "check", "x.csv"])
+    assert result.exit_code == 1 and "Traceback" in result.output  # a bug to report, with where it happened
+    assert SECRET not in result.output and "postgresql+psycopg2//***@db/x" in result.output
