@@ -4,6 +4,7 @@ through ``redact``. No mlflow import, so the CLI can redact a last-resort traceb
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import urllib.parse
@@ -62,3 +63,26 @@ def redact_all(obj: Any) -> Any:
         return type(obj)(redact_all(v) for v in obj)
     return redact(obj) if isinstance(obj, str) else obj
 
+
+
+class RedactingFilter(logging.Filter):
+    """A logging filter that redacts every record's message: MLflow's and the network libraries'
+    log lines (which may quote a URL with its password) pass through the same handlers as ours."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        clean = redact(message)
+        if clean != message:
+            record.msg, record.args = clean, ()
+        return True
+
+
+_FILTER = RedactingFilter()
+
+
+def redact_logging() -> None:
+    """Put the filter on every handler of the root and ``mlflow`` loggers (idempotent)."""
+    for logger in (logging.getLogger(), logging.getLogger("mlflow")):
+        for handler in logger.handlers:
+            if _FILTER not in handler.filters:
+                handler.addFilter(_FILTER)

@@ -26,7 +26,7 @@ from mlflow.tracking import MlflowClient
 
 from flame_kd.engine import Callback, FitState
 from flame_kd.errors import FlameKDError, Preempted, RunFailed
-from flame_kd.redaction import redact, redact_all, remember_secrets  # noqa: F401 (tracking.redact is the API)
+from flame_kd.redaction import redact, redact_all, redact_logging, remember_secrets  # noqa: F401 (tracking.redact is the API)
 
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"  # else MLflow 3.17's UI opens the experiment as GenAI
@@ -49,6 +49,7 @@ def configure(tracking_uri: str | None = None) -> str:
         mlflow.set_tracking_uri(tracking_uri)
     uri = mlflow.get_tracking_uri()
     remember_secrets(uri)
+    redact_logging()
     if uri.startswith(("http://", "https://")):
         _probe(uri)
     elif uri.startswith("sqlite:///"):
