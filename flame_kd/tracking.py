@@ -25,7 +25,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from flame_kd.engine import Callback, FitState
-from flame_kd.errors import FlameKDError, Preempted, RunFailed
+from flame_kd.errors import FlameKDError, Preempted, ServerLost
 from flame_kd.redaction import redact, redact_all, redact_logging, remember_secrets  # noqa: F401 (tracking.redact is the API)
 
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
@@ -251,9 +251,9 @@ def run(
     except BaseException as err:
         _end(run_id, "FAILED", _error_text(err))
         if isinstance(err, Exception) and server_lost(err):
-            raise RunFailed(f"lost the MLflow tracking server {redact(mlflow.get_tracking_uri())} during run {run_id} "
+            raise ServerLost(f"lost the MLflow tracking server {redact(mlflow.get_tracking_uri())} during run {run_id} "
                             f"({short_reason(err)}); its last finished epoch is kept on this machine: "
-                            "`--resume true` continues it once the server is back") from None
+                            "`--resume true` continues it once the server is back", run_id) from None
         raise
     else:
         _end(run_id, "FINISHED", None)
@@ -295,6 +295,23 @@ def _print_run_link(run_id: str) -> None:
         run = MlflowClient().get_run(run_id)
         url = f"{redact(uri).rstrip('/')}/#/experiments/{run.info.experiment_id}"
         sys.stdout.write(f"🏃 View run {run.info.run_name} at: {url}/runs/{run_id}\n🧪 View experiment at: {url}\n")
+
+
+def store_key() -> str:
+    """A hash of the tracking URI (credentials included, never stored): which store a file is about."""
+    import hashlib
+
+    return hashlib.sha256(mlflow.get_tracking_uri().encode()).hexdigest()[:16]
+
+
+def mark_failed(run_id: str, reason: str) -> bool:
+    """End a run still RUNNING as FAILED with ``reason`` in ``flame_kd.error``; whether it was."""
+    client = MlflowClient()
+    if client.get_run(run_id).info.status != "RUNNING":
+        return False
+    client.set_tag(run_id, TAG + "error", redact(reason)[:4000])
+    client.set_terminated(run_id, "FAILED")
+    return True
 
 
 def server_lost(err: BaseException) -> bool:

@@ -16,6 +16,7 @@ from mlflow.tracking import MlflowClient
 from auth_front import PASSWORD, USER, tls_front
 from flame_kd import tracking
 from flame_kd.errors import FlameKDError
+from flame_kd.runs.experiment import mark_lost_runs
 from pipeline_helpers import SIZE, TINY_TEACHER
 
 pytestmark = pytest.mark.slow  # a real `mlflow server` (half a minute to start) and real runs
@@ -69,7 +70,7 @@ def teacher(csv: Path, uri: str, epochs: int, resume: bool) -> list[str]:
 
 
 def test_a_run_behind_basic_auth_never_prints_the_password_and_survives_the_server_going_away(
-        front, synth_csv, tmp_path):
+        front, synth_csv, tmp_path, monkeypatch):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "MPLBACKEND": "Agg", "FLAME_KD_CACHE": str(tmp_path / "cache"),
            "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
     for var in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
@@ -90,8 +91,16 @@ def test_a_run_behind_basic_auth_never_prints_the_password_and_survives_the_serv
     client = MlflowClient(front.store)
     exp = client.get_experiment_by_name("behind-auth")
     run = client.search_runs([exp.experiment_id])[0]
-    assert run.info.status == "RUNNING"  # it could not be told; resume finds it
-    assert (tmp_path / "cache" / "checkpoints" / run.info.run_id / "last.pt").exists()
+    assert run.info.status == "RUNNING"  # it could not be told then
+    folder = tmp_path / "cache" / "checkpoints" / run.info.run_id
+    assert (folder / "last.pt").exists() and (folder / "lost.json").exists()
+    assert PASSWORD not in (folder / "lost.json").read_text()
+    monkeypatch.setenv("FLAME_KD_CACHE", str(tmp_path / "cache"))
+    tracking.configure(front.url)
+    assert mark_lost_runs() == [run.info.run_id]  # what the next run on this store does first
+    run = client.get_run(run.info.run_id)
+    assert run.info.status == "FAILED" and "lost the MLflow tracking server" in run.data.tags["flame_kd.error"]
+    assert not (folder / "lost.json").exists() and (folder / "last.pt").exists()
     done = subprocess.run(teacher(synth_csv, front.url, 3, True), cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=600)
     out = done.stdout + done.stderr

@@ -37,7 +37,7 @@ from flame_kd.evaluate import (
     predictions_table,
     profile_model,
 )
-from flame_kd.errors import ConfigError, DataError
+from flame_kd.errors import ConfigError, DataError, ServerLost
 from flame_kd.options import Section, option_text, option_values
 
 log = logging.getLogger("flame_kd")
@@ -280,6 +280,7 @@ def tracked_fit(plan: FitPlan, attach_env: bool = True, parent_run_id: str | Non
     """The skeleton every tracked run shares: resume lookup, open the run (or continue it), log the
     config and data, fit; the caller reports inside the ``with``; then the best checkpoint is kept
     and the run ends FINISHED (or FAILED / KILLED with the reason, by ``tracking.run``)."""
+    mark_lost_runs(plan.checkpoint_dir)
     digest = config_digest(plan.cfg)
     found = find_resumable(digest, plan.checkpoint_dir) if plan.resume else None
     resume_id, lock = found or (None, None)
@@ -288,8 +289,9 @@ def tracked_fit(plan: FitPlan, attach_env: bool = True, parent_run_id: str | Non
     tags = identity_tags(plan.stage, plan.teacher, plan.loss, plan.train.seed, plan.data, digest)
     tags |= plan.tags | (extra_tags or {})
     sysm = tracking.system_metrics_setting(plan.tracking.system_metrics, torch.device(plan.device).type)
-    with tracking.run(plan.tracking.experiment, plan.run_name, tags, run_id=resume_id, attach_env=attach_env,
-                      parent_run_id=parent_run_id, system_metrics=sysm) as active:
+    with _note_lost_server(plan.checkpoint_dir), \
+            tracking.run(plan.tracking.experiment, plan.run_name, tags, run_id=resume_id, attach_env=attach_env,
+                         parent_run_id=parent_run_id, system_metrics=sysm) as active:
         run_id = active.info.run_id
         if resume_id is None:
             start_logging(plan.cfg, plan.params, plan.data, full=plan.full_log)
@@ -307,6 +309,45 @@ def tracked_fit(plan: FitPlan, attach_env: bool = True, parent_run_id: str | Non
             keep_best_checkpoint(state, ckpt)
         finally:
             lock.release(force=True)
+
+
+LOST = "lost.json"  # in a run's checkpoint folder: the server went away before it could be marked FAILED
+
+
+@contextlib.contextmanager
+def _note_lost_server(base: str | None) -> Iterator[None]:
+    """A run whose server went away leaves a note beside its checkpoint (store hash, reason)."""
+    try:
+        yield
+    except ServerLost as err:
+        with contextlib.suppress(OSError):
+            note = {"run_id": err.run_id, "store": tracking.store_key(), "reason": err.message}
+            folder = checkpoint_dir(err.run_id, base)
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / LOST).write_text(json.dumps(note))
+        raise
+
+
+def mark_lost_runs(base: str | None = None) -> list[str]:
+    """Runs this machine lost their server during, now that the server answers: ended FAILED with
+    the reason, their checkpoints kept for ``--resume`` (which finds FAILED runs too). Never fails
+    the run that calls it."""
+    marked = []
+    folder = Path(base or cache_home() / "checkpoints")
+    for note_path in folder.glob(f"*/{LOST}") if folder.is_dir() else ():
+        try:
+            note = json.loads(note_path.read_text())
+            if note.get("store") != tracking.store_key():
+                continue
+            if tracking.mark_failed(note["run_id"], note["reason"]):
+                marked.append(note["run_id"])
+                log.info("marked run %s FAILED: %s", note["run_id"], note["reason"])
+            note_path.unlink()
+            with contextlib.suppress(OSError):
+                note_path.parent.rmdir()  # nothing else there: the run had no checkpoint yet
+        except Exception as err:  # noqa: BLE001 (a note of another form, a server still away)
+            log.debug("could not settle %s: %s", note_path, err)
+    return marked
 
 
 def load_run_model(run_id: str, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, str, dict]:
