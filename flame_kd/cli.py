@@ -55,6 +55,7 @@ class _StoppableGroup(click.Group):
                        "`--resume true` continues the run", err=True)
             sys.exit(128 + signum)
         except click.ClickException as err:
+            _fail_env_run(err)
             err.show()
             sys.exit(err.exit_code)
         except click.exceptions.Exit as err:
@@ -63,6 +64,16 @@ class _StoppableGroup(click.Group):
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
         sys.exit(0)
+
+
+def _fail_env_run(err: BaseException) -> None:
+    """Inside `mlflow run`, its run ends FAILED with the message and reason (tracking.fail_env_run)."""
+    import os
+
+    if os.environ.get("MLFLOW_RUN_ID"):
+        from flame_kd import tracking
+
+        tracking.fail_env_run(err)
 
 
 # `mlflow run -P teacher_run_id=X` appends `--teacher_run_id X` for an option MLproject leaves

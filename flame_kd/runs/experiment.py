@@ -297,8 +297,9 @@ def tracked_fit(plan: FitPlan, attach_env: bool = True, parent_run_id: str | Non
             lock.acquire()
         try:
             hooks = [tracking.MlflowCallback(), ConsoleCallback(plan.label, plan.train.epochs), *callbacks]
-            trainer = Trainer(plan.model, plan.task, plan.train, ckpt, hooks, plan.device)
-            state = trainer.fit(plan.data.loaders["train"], plan.data.loaders["val"], resume=resume_id is not None)
+            trainer = Trainer(plan.model, plan.task, plan.train, ckpt, hooks, plan.device, name=plan.label)
+            state = trainer.fit(plan.data.loaders["train"], plan.data.loaders["val"], resume=resume_id is not None,
+                                auto_batch=plan.data.config.batch_size == "auto")
             yield Fitted(run_id, trainer, state)
             keep_best_checkpoint(state, ckpt)
         finally:
