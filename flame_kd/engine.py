@@ -25,7 +25,7 @@ from torch import nn
 
 from flame_kd.config import TrainConfig, monitor_mode
 from flame_kd.evaluate import Predictions, compute_metrics
-from flame_kd.memory import BatchPlan, Probe, gib, is_out_of_memory, plan_batch
+from flame_kd.memory import PROBES, BatchPlan, Probe, is_out_of_memory, plan_batch
 from flame_kd.progress import said, track
 
 Batch = dict[str, Any]
@@ -482,21 +482,20 @@ class Trainer:
     def _checkpointed_probe(self, loader):
         """For the message of a run that does not fit: the same probe steps with gradient
         checkpointing on (None when the model cannot checkpoint)."""
-        def probe() -> Probe | None:
+        def probe(plain: Probe) -> Probe | None:
             if not hasattr(self.model, "set_grad_checkpointing"):
                 return None
             found = Probe(lambda b: self.measure_step(loader, b), self.device)
             set_grad_checkpointing(self.model, True)
             try:
-                for frames in sorted({min(p, loader.batch_size) for p in (2, 4)}):
-                    found.measure(frames)
+                found.measure(min(PROBES[0], loader.batch_size))  # one step: its line starts where the plain one does
             except Exception as err:  # noqa: BLE001
                 if not is_out_of_memory(err):
                     raise
                 return None
             finally:
                 set_grad_checkpointing(self.model, False)
-            return found
+            return found.anchored(plain)
         return probe
 
     def measure_step(self, loader, frames: int) -> None:
@@ -510,15 +509,16 @@ class Trainer:
         was_training = [m.training for m in modules]
         for m in modules:
             m.train()
+        # AdamW's two tensors per parameter live through every step after the first: held from the
+        # start, so the peak is theirs plus the step's (activations grow with the batch, the rest does not)
+        stand_in = [torch.zeros_like(p) for p in self.params if p not in self.optimizer.state for _ in range(2)]
         try:
             with self._autocast():
                 out = self.task(self.net, batch)
             out["loss"].float().backward()
             del out
-            # AdamW keeps two tensors per parameter; allocated at its first step
-            stand_in = [torch.zeros_like(p) for p in self.params if p not in self.optimizer.state for _ in range(2)]
-            del stand_in
         finally:
+            del stand_in
             for p in self.params:
                 p.grad = None
             with torch.no_grad():

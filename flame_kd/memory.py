@@ -1,8 +1,9 @@
 """How much memory one training step needs, how much the device has, and which batch sizes fit.
 
 The check before the first epoch (``Trainer.fit``) measures real steps, never guesses: the peak of
-one training step at 2 and 4 frames first (cheap, safe), then -- only when the straight line
-through them says the run's micro-batch fits -- one step at the micro-batch itself. On CUDA the
+one training step at 2 and 4 frames first (cheap, safe); then, while the straight line through the
+two largest measured batches says the run's micro-batch fits, steps at twice the largest measured
+batch, up to the micro-batch itself (a run that fits is measured at its own batch). On CUDA the
 peak is ``torch.cuda.max_memory_allocated``; on a CPU it is the process's peak resident set
 (``VmHWM``, reset through ``/proc/self/clear_refs``; a sampling thread where that is missing).
 A run that will not fit stops with one line naming the need, what is there and what would fit,
@@ -164,58 +165,91 @@ class Probe:
     def __init__(self, step: Callable[[int], None], device: torch.device):
         self.step, self.device = step, device
         self.measured: dict[int, int] = {}
+        self.line: tuple[float, float] | None = None  # (fixed, per frame) when set by ``anchored``
 
     def measure(self, frames: int) -> int:
         if frames not in self.measured:
             self.measured[frames] = peak_of(lambda: self.step(frames), self.device)
         return self.measured[frames]
 
+    def anchored(self, plain: "Probe") -> "Probe":
+        """A probe measured at one batch (gradient checkpointing on) made a line: it shares
+        ``plain``'s fixed part (weights, gradients, optimizer state: the same either way), so its
+        per-frame cost is its one measured step less that fixed part."""
+        points = self._finite()
+        if len(points) == 1 and plain._finite():
+            (b, p), fixed = points[0], plain.fixed()
+            self.line = (fixed, max(0.0, (p - fixed) / b))
+        return self
+
+    def fixed(self) -> float:
+        """The line's value at zero frames: what does not grow with the batch."""
+        if self.line:
+            return self.line[0]
+        b, p = self._finite()[-1]
+        return p - self.per_frame() * b
+
+    def _finite(self) -> list[tuple[int, float]]:
+        return sorted((b, p) for b, p in self.measured.items() if math.isfinite(p))
+
     def per_frame(self) -> float:
-        (b1, p1), (b2, p2) = sorted(self.measured.items())[-2:] if len(self.measured) > 1 else [(0, 0)] * 2
-        return max(0.0, (p2 - p1) / (b2 - b1)) if b2 > b1 else 0.0
+        """Bytes per frame along the line through the two largest measured batches."""
+        points = self._finite()
+        if len(points) < 2:
+            return 0.0
+        (b1, p1), (b2, p2) = points[-2:]
+        return max(0.0, (p2 - p1) / (b2 - b1))
 
     def predict(self, frames: int, image_scale: float = 1.0) -> float:
-        """Predicted peak at ``frames`` (exact where measured); ``image_scale`` scales the per-frame
-        part by the ratio of pixels (an estimate for a smaller --image-size)."""
+        """Predicted peak at ``frames`` (exact where measured; infinite at or past a batch that ran
+        out of memory); ``image_scale`` scales the per-frame part by the ratio of pixels (an estimate
+        for a smaller --image-size)."""
         if frames in self.measured and image_scale == 1.0:
             return float(self.measured[frames])
-        b, p = max(self.measured.items())
-        slope = self.per_frame()
-        fixed = p - slope * b
-        return fixed + slope * frames * image_scale
+        if any(not math.isfinite(p) and b <= frames for b, p in self.measured.items()):
+            return math.inf
+        if not self._finite():
+            return math.inf
+        slope = self.line[1] if self.line else self.per_frame()
+        return self.fixed() + slope * frames * image_scale
 
 
 def plan_batch(step: Callable[[int], None], micro: int, accumulate: int, device: torch.device, auto: bool,
                what: str = "the model", image_size: int | None = None,
-               checkpointed: Callable[[], "Probe | None"] | None = None, have: int | None = None) -> BatchPlan:
+               checkpointed: Callable[[Probe], "Probe | None"] | None = None, have: int | None = None) -> BatchPlan:
     """The micro-batch to train with, from measured steps; raises ``errors.OutOfMemory`` (one line:
     the need, what is there, the options that fit) when even the smallest allowed does not fit.
 
     ``step(frames)`` runs one training step at that many frames and leaves no trace (weights,
     optimizer, statistics and RNG as before). ``auto`` halves the micro-batch and doubles
-    ``accumulate`` while a step does not fit. ``checkpointed()`` measures the same steps with
-    gradient checkpointing on, for the message (None when the run already has it).
+    ``accumulate`` while a step does not fit. ``checkpointed(probe)`` measures a step with gradient
+    checkpointing on, for the message (None when the run already has it).
     """
     have = available(device) if have is None else have
     budget = HEADROOM * have
     probe = Probe(step, device)
     start = micro
-    try:
-        for frames in sorted({min(p, micro) for p in PROBES}):
+    for frames in sorted({min(p, micro) for p in PROBES}):
+        try:
             probe.measure(frames)
-    except Exception as err:  # noqa: BLE001 -- only an out-of-memory error is ours to explain
-        if not is_out_of_memory(err):
-            raise
-        probe.measured[min(PROBES[0], micro)] = math.inf  # not even the smallest probe fits
+        except Exception as err:  # noqa: BLE001 -- only an out-of-memory error is ours to explain
+            if not is_out_of_memory(err):
+                raise
+            probe.measured[frames] = math.inf
+            break
     while True:
         need = probe.predict(micro)
-        if need <= budget and micro not in probe.measured:  # the line says it fits: confirm with the step itself
+        # While the line says it fits, climb to the micro-batch by doubling the largest measured batch
+        # (never a jump the line could get badly wrong), the line redrawn after each step.
+        while need <= budget and micro not in probe.measured:
+            frames = min(micro, 2 * max(b for b, _ in probe._finite()))
             try:
-                need = probe.measure(micro)
+                probe.measure(frames)
             except Exception as err:  # noqa: BLE001
                 if not is_out_of_memory(err):
                     raise
-                need = probe.measured[micro] = math.inf
+                probe.measured[frames] = math.inf
+            need = probe.predict(micro)
         if need <= budget:
             note = (f"batch size auto: micro-batch {micro} x accumulate {accumulate} (effective {micro * accumulate}): "
                     f"one training step at {start} frames needs ~{gib(probe.predict(start))}, "
@@ -227,7 +261,7 @@ def plan_batch(step: Callable[[int], None], micro: int, accumulate: int, device:
     from flame_kd.errors import OutOfMemory
 
     raise OutOfMemory(too_big(probe, micro, accumulate, have, device, what, image_size,
-                              checkpointed() if checkpointed else None))
+                              checkpointed(probe) if checkpointed else None))
 
 
 def too_big(probe: Probe, micro: int, accumulate: int, have: int, device: torch.device, what: str,

@@ -137,13 +137,39 @@ def test_a_run_that_does_not_fit_stops_before_the_first_epoch_with_one_line(tmp_
     assert err.value.exit_code != 0 and err.value.end_reason == "out of memory"
 
 
+class Checkpointable(WithNorm):
+    def __init__(self):
+        super().__init__()
+        self.checkpointing = False
+
+    def set_grad_checkpointing(self, enable=True):
+        self.checkpointing = enable
+
+
+def test_the_message_offers_gradient_checkpointing_from_one_measured_step(tmp_path, monkeypatch):
+    measured = fake_peaks(monkeypatch, fixed_gib=2.0, per_frame_gib=0.5, have_gib=10.0)
+    t = trainer(tmp_path, "ckpt", model=Checkpointable)
+    plain = memory.peak_of
+
+    def peak_of(fn, device):  # checkpointing keeps a fifth of the activations
+        value = plain(fn, device)
+        return int(2.0 * memory.GiB + (value - 2.0 * memory.GiB) / 5) if t.model.checkpointing else value
+
+    monkeypatch.setattr(memory, "peak_of", peak_of)
+    with pytest.raises(OutOfMemory) as err:
+        t.fit(train_loader(32), val_loader())
+    assert measured == [2, 4, 2]  # the two probes, then one step with checkpointing on
+    assert "--grad-checkpointing true (~5.2 GiB)" in err.value.message  # 2 + 0.1 x 32
+    assert not t.model.checkpointing  # put back as the run asked
+
+
 def test_a_run_that_fits_is_measured_at_its_micro_batch(tmp_path, monkeypatch):
     measured = fake_peaks(monkeypatch, fixed_gib=1.0, per_frame_gib=0.1, have_gib=10.0)
     plans = []
     t = trainer(tmp_path, "ok", epochs=1)
     t.callbacks.append(type("C", (LambdaCallback,), {"on_batch_plan": lambda self, p: plans.append(p)})())
     t.fit(train_loader(16), val_loader())
-    assert measured[:3] == [2, 4, 16]  # the probes, then one real step at the run's micro-batch
+    assert measured[:4] == [2, 4, 8, 16]  # the probes, then doubling up to the run's own micro-batch
     assert plans[0].micro == 16 and plans[0].need == pytest.approx(2.6 * memory.GiB) and not plans[0].note
 
 
