@@ -270,8 +270,8 @@ def too_big(probe: Probe, micro: int, accumulate: int, have: int, device: torch.
     the options that fit: a smaller batch with --accumulate, --grad-checkpointing, a smaller size."""
     budget = HEADROOM * have
     need = probe.predict(micro)
-    how = ", ".join(f"{b}: {gib(p)}" for b, p in sorted(probe.measured.items()) if math.isfinite(p))
-    how = f"measured at {how} frames" if how else "the smallest step did not fit"
+    how = ", ".join(f"{gib(p)} at {b}" for b, p in sorted(probe.measured.items()) if math.isfinite(p))
+    how = f"steps measured: {how} frames" if how else "the smallest step did not fit"
     shown = "~" + gib(need) if math.isfinite(need) else "more than is there"
     fits = []
     if math.isfinite(need):
