@@ -82,7 +82,6 @@ def run_bench(args: argparse.Namespace, tmp: Path) -> None:
 
     t0 = time.perf_counter()
     cache = teacher_outputs.compute(teacher, data, device, augment="flip", views=args.views, view_seed=42)
-    data.loaders["train"].dataset.use_views(cache["views"], cache["view_seed"])  # as distill.prepare does
     cache_s = time.perf_counter() - t0
     n_cached, n_views = int(cache["known"].sum()), int(cache["view_known"].sum()) * cache["views"]
     print(f"one-off teacher_outputs.compute: {cache_s:.1f} s for {n_cached} frames + {n_views} train-frame views "
@@ -91,6 +90,7 @@ def run_bench(args: argparse.Namespace, tmp: Path) -> None:
     weights = resolve_weights(args.loss)
     live_outputs = TeacherOutputs(teacher=teacher)
     cached_outputs = TeacherOutputs(cache=cache, frame_ids=data.frames["id"].to_numpy())
+    cached_outputs.attach(data.loaders["train"].dataset)  # as distill.prepare does
     train_loader, val_loader = data.loaders["train"], data.loaders["val"]
     rows = []
     for student_name in args.students:

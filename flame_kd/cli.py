@@ -256,11 +256,11 @@ def sweep(**o) -> None:
 def pareto(**o) -> None:
     """Students x {fp32, int8} from one teacher: accuracy against CPU latency and GFLOPs, the front
     logged and the best registered with the alias pareto-best; re-running skips finished students."""
-    from flame_kd.runs.pareto import best_row, run_pareto, to_markdown
+    from flame_kd.runs.pareto import best_row, run_pareto, selection_metric, to_markdown
 
     cfg = build_config(ParetoConfig, PARETO, o)
     parent, table, failed = run_pareto(cfg)
-    click.echo(to_markdown(table, cfg.latency_budget_ms))
+    click.echo(to_markdown(table, cfg.latency_budget_ms, selection_metric(cfg.distill.train.monitor)))
     best = best_row(table)
     click.echo(f"pareto run {parent}; best: " + (f"{best['student']} {best['precision']}" if best is not None
                                                   else "none"))
@@ -318,11 +318,11 @@ def report(**o) -> None:
     if o["pareto_run"]:
         from flame_kd.runs import pareto as pareto_mod
 
-        table, budget = pareto_mod.rebuild(o["pareto_run"])
+        table, budget, metric = pareto_mod.rebuild(o["pareto_run"])
         if table.empty:
             raise FlameKDError(f"pareto study {o['pareto_run']} has no finished student yet")
-        click.echo(pareto_mod.to_markdown(table, budget))
-        for path in pareto_mod.write_report(table, o["out"], budget):
+        click.echo(pareto_mod.to_markdown(table, budget, metric))
+        for path in pareto_mod.write_report(table, o["out"], budget, metric):
             click.echo(f"wrote {path}")
         return
     runs = collect_runs(o["filter_string"], experiment=o["experiment"])

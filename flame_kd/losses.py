@@ -42,10 +42,11 @@ def kl(
     Network": the T^2 keeps gradient sizes, hence the weight's meaning, fixed as T is swept.
     Computed from logsigmoid (log(1-sigmoid(z)) = logsigmoid(-z)), so it is finite for any logits.
     Its gradient with respect to the student's logits is ``T * (p_s - p_t) / (B * L)``.
-    ``t_squared=False`` drops the T^2, as the original pipeline did (``kd-research``).
+    ``t_squared=False`` drops the T^2, as the original pipeline did (``kd-research``). The teacher's
+    logits are targets: detached, so no gradient reaches a teacher run live or trained alongside.
     """
     zs = student_logits.float() / temperature
-    zt = teacher_logits.float() / temperature
+    zt = teacher_logits.detach().float() / temperature
     p_t = torch.sigmoid(zt)
     per_label = p_t * (F.logsigmoid(zt) - F.logsigmoid(zs)) + (1 - p_t) * (
         F.logsigmoid(-zt) - F.logsigmoid(-zs)

@@ -329,14 +329,15 @@ def optuna_figures(study: Any) -> dict[str, Figure]:
 _PRECISION_MARKERS = {"fp32": "o", "int8": "^"}
 
 
-def pareto_front(table: Any, latency_budget_ms: float | None = None) -> Figure:
-    """Test macro F1 against CPU latency and against GFLOPs, one point per student and precision.
+def pareto_front(table: Any, latency_budget_ms: float | None = None, metric: str = "val_f1_macro") -> Figure:
+    """Val macro F1 (``metric``: the column the study chose on) against CPU latency and against GFLOPs,
+    one point per student and precision.
 
-    ``table`` is pareto.py's (columns ``student, precision, latency_ms, gflops, f1_macro`` and the
+    ``table`` is pareto.py's (columns ``student, precision, latency_ms, gflops``, ``metric`` and the
     flags ``on_front``, ``on_front_gflops``, optionally ``best``); each panel's front is drawn as a
     staircase and every point is labelled. A latency budget is a dashed vertical line.
     """
-    missing = [c for c in ("student", "precision", "latency_ms", "gflops", "f1_macro") if c not in table.columns]
+    missing = [c for c in ("student", "precision", "latency_ms", "gflops", metric) if c not in table.columns]
     if missing:
         raise ValueError(f"pareto table lacks column(s) {missing}; it has {list(table.columns)}")
     fig = Figure(figsize=(12, 4.8), layout="constrained")
@@ -346,28 +347,28 @@ def pareto_front(table: Any, latency_budget_ms: float | None = None) -> Figure:
     colors = {s: f"C{i % 10}" for i, s in enumerate(students)}
     for k, (x_col, front_col, xlabel) in enumerate(panels):
         ax = fig.add_subplot(1, 2, k + 1)
-        rows = table.dropna(subset=[x_col, "f1_macro"])
+        rows = table.dropna(subset=[x_col, metric])
         seen: dict[tuple[float, float], int] = {}  # coincident points (an int8 beside its fp32): labels stacked
         for _, r in rows.iterrows():
             best = bool(r.get("best", False))
-            at = (round(float(np.log10(max(r[x_col], 1e-9))), 1), round(float(r["f1_macro"]), 2))
+            at = (round(float(np.log10(max(r[x_col], 1e-9))), 1), round(float(r[metric]), 2))
             seen[at] = seen.get(at, -1) + 1
-            ax.scatter(r[x_col], r["f1_macro"], marker=_PRECISION_MARKERS.get(r["precision"], "s"),
+            ax.scatter(r[x_col], r[metric], marker=_PRECISION_MARKERS.get(r["precision"], "s"),
                        s=140 if best else 50, color=colors[r["student"]], edgecolors="black" if best else "none",
                        zorder=3)
             ax.annotate(f"{r['student'].removeprefix('timm:')} {r['precision']}" + (" (best)" if best else ""),
-                        (r[x_col], r["f1_macro"]), textcoords="offset points", xytext=(4, 4 - 9 * seen[at]), fontsize="x-small")
+                        (r[x_col], r[metric]), textcoords="offset points", xytext=(4, 4 - 9 * seen[at]), fontsize="x-small")
         if front_col in rows.columns:
             front = rows[rows[front_col].astype(bool)].sort_values(x_col)
             if len(front):
-                ax.step(front[x_col], front["f1_macro"], where="post", color="black", lw=1, alpha=0.6,
+                ax.step(front[x_col], front[metric], where="post", color="black", lw=1, alpha=0.6,
                         label="front")
         if latency_budget_ms is not None and x_col == "latency_ms":
             ax.axvline(latency_budget_ms, ls="--", color="grey", label=f"budget {latency_budget_ms:g} ms")
         if len(rows) and (rows[x_col] > 0).all() and rows[x_col].max() / rows[x_col].min() > 20:
             ax.set_xscale("log")
         ax.set_xlabel(xlabel)
-        ax.set_ylabel("test macro F1")
+        ax.set_ylabel(metric.replace("_", " ").replace("f1", "F1").replace("ap", "AP") + " (chooses)")
         ax.grid(alpha=0.3)
         handles = [Line2D([], [], marker=m, ls="", color="grey", label=p) for p, m in _PRECISION_MARKERS.items()]
         ax.legend(handles=handles + ax.get_legend_handles_labels()[0], fontsize="small", loc="lower right")

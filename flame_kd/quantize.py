@@ -96,16 +96,6 @@ def ort_predict(path: str | Path, loader: Iterable[dict], threads: int = 1) -> t
     return np.concatenate(targets), np.concatenate(probs)
 
 
-def ap_macro(targets: np.ndarray, probs: np.ndarray) -> float:
-    """Mean average precision over the labels that have positives (NaN when none has)."""
-    from sklearn.metrics import average_precision_score
-
-    targets = np.asarray(targets).astype(int)
-    aps = [average_precision_score(targets[:, j], probs[:, j]) for j in range(targets.shape[1])
-           if targets[:, j].any()]
-    return float(np.mean(aps)) if aps else float("nan")
-
-
 def file_mb(path: str | Path) -> float:
     """Size of a model file in MiB (what a deployment ships)."""
     return Path(path).stat().st_size / 2**20

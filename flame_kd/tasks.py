@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flame_kd.errors import ConfigError
 from flame_kd.losses import DistillLoss
 
 Batch = dict[str, torch.Tensor]
@@ -68,6 +69,20 @@ class TeacherOutputs:
             # one table: the plain frames, then view 0, view 1, ...: position = row + n * (view + 1)
             self.table = [torch.cat([cache[key], *(cache[f"view_{key}"] if self.views else ())])
                           for key in ("logits", "features")]
+
+    def attach(self, dataset) -> None:
+        """Make a student's training set show what this cache holds, or refuse it in one line: the
+        same augmentation (a cache built for another shows the student other pixels than its targets
+        were computed on), and each frame one of the cached views (``PairedFrames.use_views``)."""
+        if self.cache is None:
+            return
+        cached, asked = self.cache.get("augment", "none"), getattr(dataset, "augment", "none")
+        if cached != asked:
+            raise ConfigError(f"cached teacher outputs were computed for augment={cached!r}, but the student's "
+                             f"training set augments with {asked!r}: recompute them for {asked!r} "
+                             "(--teacher-views) or use --teacher-mode live")
+        if self.views:
+            dataset.use_views(self.views, int(self.cache.get("view_seed", 0)))
 
     def rows(self, index: torch.Tensor) -> torch.Tensor:
         """Cache rows of the frames at table rows ``index`` (host); checks ids and ``known``."""

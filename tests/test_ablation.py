@@ -90,6 +90,14 @@ def test_each_variant_is_compared_with_the_control(grid):
     text = MlflowClient().download_artifacts(grid["parent"], "tables/comparisons.md")
     lines = [line for line in open(text) if line.startswith(f"| {TINY_TEACHER} |")]
     assert len(lines) == 4  # 2 KD losses x 2 seeds, each against the bce control of its seed
+    body = open(text).read()
+    assert "| p | 95% CI |" in body and "McNemar p (counts frames, optimistic)" in body
+    assert "paired permutation test exchanging the two runs' predictions within whole blocks" in body
+    # the verdict is the permutation p, also logged on the variant's run
+    kd = [r for r in MlflowClient().search_runs([MlflowClient().get_run(grid["parent"]).info.experiment_id],
+                                                "tags.`flame_kd.loss` = 'kl_bce'")]
+    assert kd and all("compare_f1_macro_p" in r.data.metrics and "compare_mcnemar_p_frames_optimistic"
+                      in r.data.metrics for r in kd)
 
 
 def test_report_rebuilds_the_table_from_mlflow(grid, tmp_path):

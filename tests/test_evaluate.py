@@ -80,11 +80,25 @@ def test_ranking_metrics_match_scikit_learn():
     assert got["auc_macro"] == pytest.approx(skm.roc_auc_score(targets, probs, average="macro"))
 
 
-def test_constant_baseline_predicts_training_majority():
-    train = np.array([[1, 0], [1, 0], [1, 1], [0, 0]])  # majority: fire yes, smoke no
+def test_constant_baseline_predicts_positive_wherever_training_has_one():
+    train = np.array([[1, 0], [1, 0], [1, 1], [0, 0]])  # smoke a minority: still predicted everywhere
     test = np.array([[1, 1], [0, 0], [1, 0]])
-    # fire: predicted 1 everywhere -> TP 2, FP 1 -> F1 4/5; smoke: predicted 0 -> F1 0
-    assert constant_f1_macro(train, test) == pytest.approx(0.4)
+    # fire: 1 everywhere -> TP 2, FP 1 -> F1 4/5; smoke: 1 everywhere -> TP 1, FP 2 -> F1 1/2
+    assert constant_f1_macro(train, test) == pytest.approx((0.8 + 0.5) / 2)
+    no_smoke = np.array([[1, 0], [0, 0]])  # training without a positive: "never" is all it can learn
+    assert constant_f1_macro(no_smoke, test) == pytest.approx(0.4)
+
+
+@pytest.mark.parametrize("train_smoke_share", [0.30, 0.476, 0.479, 0.526, 0.70])
+def test_constant_baseline_cannot_flip_with_the_training_share(train_smoke_share):
+    """FLAME2's test mix (fire 74.4%, smoke 47.6%): the baseline is the same for any training share, and
+    at least the F1 of predicting both labels positive everywhere (the review's 0.426 vs 0.748 flip)."""
+    rng = np.random.default_rng(0)
+    test = np.stack([rng.random(2000) < 0.744, rng.random(2000) < 0.476], axis=1).astype(int)
+    train = np.stack([rng.random(1000) < 0.744, rng.random(1000) < train_smoke_share], axis=1).astype(int)
+    both_positive = skm.f1_score(test, np.ones_like(test), average="macro", zero_division=0)
+    assert constant_f1_macro(train, test) == pytest.approx(both_positive)
+    assert constant_f1_macro(train, test) > 0.7
 
 
 def test_perfect_predictions_score_one():

@@ -367,3 +367,11 @@ def test_projection_is_optimised_by_the_trainer(tmp_path):
     out["loss"].backward()
     trainer.optimizer.step()
     assert not torch.equal(before, loss.projection.weight)
+
+
+def test_kl_sends_no_gradient_to_the_teacher():
+    zs = torch.tensor([[0.3, -1.0]], requires_grad=True)
+    zt = torch.tensor([[1.5, 0.2]], requires_grad=True)
+    kl(zs, zt, 2.0).backward()
+    assert zs.grad is not None and zs.grad.abs().sum() > 0
+    assert zt.grad is None  # the teacher's logits are targets, detached

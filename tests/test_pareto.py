@@ -34,9 +34,29 @@ def _table() -> pd.DataFrame:
         "student": ["a", "a", "b", "b", "c", "c"], "precision": ["fp32", "int8"] * 3,
         "run_id": ["ra", "ra", "rb", "rb", "rc", "rc"], "params": [1e6] * 6,
         "gflops": [2.0, 2.0, 0.5, 0.5, 1.0, 1.0], "size_mb": [4, 1, 2, 0.5, 3, 1],
-        "latency_ms": [10.0, 4.0, 2.0, 1.5, 6.0, np.nan], "f1_macro": [0.90, 0.88, 0.80, 0.70, 0.85, np.nan],
-        "ap_macro": [0.9] * 6, "status": ["ok"] * 5 + ["failed: no"],
+        "latency_ms": [10.0, 4.0, 2.0, 1.5, 6.0, np.nan], "val_f1_macro": [0.90, 0.88, 0.80, 0.70, 0.85, np.nan],
+        "val_ap_macro": [0.9] * 6, "test_f1_macro": [0.80, 0.95, 0.99, 0.60, 0.97, np.nan],
+        "test_ap_macro": [0.8] * 6, "status": ["ok"] * 5 + ["failed: no"],
     })
+
+
+def test_the_front_and_the_choice_read_val_never_test():
+    """The review's case: a student at test 0.91 / val 0.80 must not be chosen over one at test 0.90 /
+    val 0.95, however the test column moves."""
+    t = pd.DataFrame({"student": ["x", "y"], "precision": ["fp32"] * 2, "run_id": ["rx", "ry"], "params": [1e6] * 2,
+                      "gflops": [1.0, 1.0], "size_mb": [1, 1], "latency_ms": [2.0, 2.0],
+                      "val_f1_macro": [0.80, 0.95], "val_ap_macro": [0.7, 0.9],
+                      "test_f1_macro": [0.91, 0.90], "test_ap_macro": [0.99, 0.5], "status": ["ok"] * 2})
+    best = pareto_mod.best_row(pareto_mod.choose(pareto_mod.mark_front(t)))
+    assert best["student"] == "y"
+    shuffled = t.assign(test_f1_macro=[1.0, 0.0], test_ap_macro=[1.0, 0.0])
+    assert pareto_mod.choose(pareto_mod.mark_front(shuffled))["best"].tolist() == [False, True]
+    by_ap = pareto_mod.choose(pareto_mod.mark_front(t, "val_ap_macro"), metric="val_ap_macro")
+    assert by_ap["best"].tolist() == [False, True]
+    with pytest.raises(ValueError, match="val column"):
+        pareto_mod.mark_front(t, "test_f1_macro")
+    assert pareto_mod.selection_metric("val/ap_macro") == "val_ap_macro"
+    assert pareto_mod.selection_metric("val/loss") == pareto_mod.selection_metric("val/f1_macro") == "val_f1_macro"
 
 
 def test_front_and_best_by_hand():
@@ -64,13 +84,6 @@ def test_calibration_sample_is_seeded_train_rows():
     assert len(a) == 16 and set(a) <= set(train) and np.array_equal(a, quantize.calibration_indices(train, 16, 3))
     assert not np.array_equal(a, quantize.calibration_indices(train, 16, 4))
     assert np.array_equal(quantize.calibration_indices(train, 500, 3), train)
-
-
-def test_ap_macro_skips_labels_without_positives():
-    targets = np.array([[1, 0], [0, 0], [1, 0], [0, 0]])
-    probs = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.3], [0.7, 0.2]])
-    assert quantize.ap_macro(targets, probs) == pytest.approx(0.8333333)  # fire only: AP 5/6
-    assert np.isnan(quantize.ap_macro(np.zeros((3, 2)), np.full((3, 2), 0.5)))
 
 
 def test_int8_model_is_smaller_and_agrees_with_fp32(tmp_path):
@@ -184,10 +197,11 @@ def test_int8_logged_per_student_or_failed_with_reason(study, synth_csv):
         run = runs[s]
         m = run.data.metrics
         assert run.data.tags["flame_kd.int8"] == "passed" and run.data.tags["flame_kd.ort_threads"] == "1"
-        for k in ("size_mb", "latency_ms", "test_f1_macro", "test_ap_macro"):
+        for k in ("size_mb", "latency_ms", "val_f1_macro", "val_ap_macro", "test_f1_macro", "test_ap_macro"):
             assert m[f"int8_delta_{k}"] == pytest.approx(m[f"int8_{k}"] - m[f"fp32_{k}"])
         assert m["int8_size_mb"] < m["fp32_size_mb"]
-        assert m["fp32_test_f1_macro"] == pytest.approx(m["test_f1_macro"], abs=1e-6)  # ORT fp32 = PyTorch
+        for k in ("test_f1_macro", "test_ap_macro"):  # ORT fp32 = PyTorch, scored by the same metric code
+            assert m[f"fp32_{k}"] == pytest.approx(m[k], abs=1e-5)
         assert {"onnx/student_int8.onnx", "onnx/int8_calibration.json"} <= artifacts(run.info.run_id)
         client = MlflowClient()
         calib = json.loads(open(client.download_artifacts(run.info.run_id, "onnx/int8_calibration.json")).read())
@@ -205,8 +219,11 @@ def test_front_logged_best_registered_and_report_rebuilds_it(study, tmp_path):
     assert len(logged) == 6 and set(logged["precision"]) == {"fp32", "int8"}
     assert logged.loc[(logged["student"] == STUDENTS[2]) & (logged["precision"] == "int8"), "status"].iloc[0] \
         .startswith("failed")
+    assert {"val_f1_macro", "val_ap_macro", "test_f1_macro", "test_ap_macro"} <= set(logged.columns)
     best = logged[logged["best"]].iloc[0]
-    assert best["on_front"] and best["f1_macro"] == logged.loc[logged["on_front"], "f1_macro"].max()
+    assert best["on_front"] and best["val_f1_macro"] == logged.loc[logged["on_front"], "val_f1_macro"].max()
+    assert parent.data.tags["flame_kd.pareto_metric"] == "val_f1_macro"
+    assert parent.data.metrics["best_val_f1_macro"] == pytest.approx(best["val_f1_macro"])
     assert parent.data.tags["flame_kd.pareto_best_run_id"] == best["run_id"]
     marked = {r.info.run_id for r in _children(study["parent"]) if r.data.tags.get("flame_kd.pareto_best") == "true"}
     assert marked == {best["run_id"]}

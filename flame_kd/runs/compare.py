@@ -1,13 +1,10 @@
-"""Paired comparison of two runs on the same test frames: McNemar's exact test and a bootstrap CI.
+"""Paired comparison of two runs on the same test frames: the verdict from a block permutation test,
+the effect size from a stratified block bootstrap, and McNemar's test (frames; optimistic).
 
 Both runs' per-frame test predictions (``predictions/test.csv``) are read back from MLflow, so a
-comparison needs nothing but the tracking store. Differences are B minus A.
-
-Neighbouring video frames are near-duplicates, so the frames of a test split are not independent
-draws: the bootstrap resamples the split's blocks (``split/manifest.csv``, the contiguous runs of
-frames the split assigns whole), not frames. On the demo's 98 test frames (10 blocks) a frame-level
-bootstrap gave CIs a quarter to a third as wide, and called an AP difference that came from one scene
-significant. McNemar's test counts frames, so its p-value is optimistic in the same way.
+comparison needs nothing but the tracking store. Differences are B minus A. Neighbouring video frames
+are near-duplicates, so the tests treat the split's blocks (``split/manifest.csv``) as the unit; why
+and how well each test holds its level is in ``flame_kd/stats.py`` and ``bench/compare_level.py``.
 """
 
 from __future__ import annotations
@@ -17,86 +14,14 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-from scipy import stats
-from sklearn import metrics as skm
 
-from flame_kd import tracking
+from flame_kd import stats, tracking
 from flame_kd.errors import DataError
-from flame_kd.evaluate import LABELS, binarize
+from flame_kd.evaluate import LABELS, binarize, compute_metrics
 from flame_kd.runs.experiment import MANIFEST_FILE, PREDICTIONS_FILE
 
-N_BOOT = 2000
 SPLIT_TAG = "flame_kd.split_digest"
-
-
-def mcnemar_exact(correct_a: np.ndarray, correct_b: np.ndarray) -> dict[str, float]:
-    """McNemar's exact test on paired 0/1 correctness: a two-sided binomial test of the discordant
-    frames (A right, B wrong: ``b``; A wrong, B right: ``c``) against p = 1/2 (scipy)."""
-    a, b_ = np.asarray(correct_a, bool), np.asarray(correct_b, bool)
-    b, c = int(np.sum(a & ~b_)), int(np.sum(~a & b_))
-    p = 1.0 if b + c == 0 else float(stats.binomtest(b, b + c, 0.5).pvalue)
-    return {"a_only": b, "b_only": c, "pvalue": p}
-
-
-def _f1_macro_weighted(y: np.ndarray, pred: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """Macro F1 for each row of resample weights ``w`` [B, N] (0 where a label has no TP, FP, FN)."""
-    f1 = []
-    for i in range(y.shape[1]):
-        tp = w @ (y[:, i] & pred[:, i])
-        fp = w @ (~y[:, i] & pred[:, i])
-        fn = w @ (y[:, i] & ~pred[:, i])
-        denom = 2 * tp + fp + fn
-        f1.append(np.where(denom > 0, 2 * tp / np.maximum(denom, 1), 0.0))
-    return np.mean(f1, axis=0)
-
-
-def _ap_weighted(y: np.ndarray, scores: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """Average precision of one label for each row of frame weights ``w`` [B, N], all rows at once:
-    scikit-learn's step-wise sum over distinct score thresholds (NaN where a row has no positive)."""
-    order = np.argsort(-scores, kind="mergesort")
-    s, yy, ww = scores[order], y[order].astype(float), w[:, order]
-    last = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]  # last frame of each distinct score
-    tps = np.cumsum(ww * yy, axis=1)[:, last]
-    fps = np.cumsum(ww * (1 - yy), axis=1)[:, last]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        precision = np.where(tps + fps > 0, tps / (tps + fps), 0.0)
-        recall = tps / tps[:, -1:]
-    steps = np.diff(np.concatenate([np.zeros((len(w), 1)), recall], axis=1), axis=1)
-    return np.sum(steps * precision, axis=1)
-
-
-def _ap_macro_weighted(y: np.ndarray, probs: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """Macro average precision per row of resample weights ``w`` (labels without positives skipped)."""
-    aps = np.stack([_ap_weighted(y[:, i], probs[:, i], w) for i in range(y.shape[1])])
-    defined = (~np.isnan(aps)).sum(axis=0)
-    return np.where(defined > 0, np.nansum(aps, axis=0) / np.maximum(defined, 1), np.nan)
-
-
-def paired_bootstrap(targets, probs_a, probs_b, threshold: float = 0.5, n_boot: int = N_BOOT,
-                     seed: int = 0, clusters=None) -> dict[str, tuple[float, float, float]]:
-    """Observed B - A difference in macro F1 and macro AP with a percentile 95% CI over ``n_boot``
-    paired resamples (the same frames for both runs in each resample).
-
-    ``clusters`` (one id per frame, e.g. the split's block) resamples whole clusters with replacement,
-    as many as there are, each drawn cluster bringing all its frames; ``None`` resamples frames."""
-    y = np.asarray(targets).astype(bool)
-    pa, pb = binarize(probs_a, threshold).astype(bool), binarize(probs_b, threshold).astype(bool)
-    codes = np.arange(len(y)) if clusters is None else np.unique(np.asarray(clusters), return_inverse=True)[1]
-    k = len(np.unique(codes))  # clusters (frames when None); codes run 0..k-1
-    rng = np.random.default_rng(seed)
-    counts = np.zeros((n_boot + 1, k))
-    counts[0] = 1.0  # row 0: the observed frames
-    np.add.at(counts, (np.repeat(np.arange(1, n_boot + 1), k), rng.integers(0, k, n_boot * k)), 1.0)
-    w = counts[:, codes]  # a frame weighs as often as its cluster was drawn
-    out = {}
-    for name, diff in (
-        ("f1_macro", _f1_macro_weighted(y, pb, w) - _f1_macro_weighted(y, pa, w)),
-        ("ap_macro", _ap_macro_weighted(y, np.asarray(probs_b), w) - _ap_macro_weighted(y, np.asarray(probs_a), w)),
-    ):
-        boots = diff[1:][~np.isnan(diff[1:])]
-        lo, hi = np.percentile(boots, [2.5, 97.5]) if len(boots) else (np.nan, np.nan)
-        out[name] = (float(diff[0]), float(lo), float(hi))
-    return out
+MCNEMAR_NOTE = "counts frames, optimistic"
 
 
 @dataclass
@@ -104,46 +29,76 @@ class Comparison:
     run_a: str
     run_b: str
     n_frames: int
-    n_blocks: int | None  # the bootstrap's resampling unit; None: frames (runs without a split manifest)
+    n_blocks: int | None  # the tests' unit; None: frames (runs without a split manifest)
+    permutation: dict[str, dict]  # per metric: diff, pvalue, n_perm, exact, n_blocks (stats.block_permutation)
+    bootstrap: dict[str, tuple[float, float, float]]  # per metric: diff, CI low, CI high
     mcnemar: dict[str, float]
-    bootstrap: dict[str, tuple[float, float, float]]
     scores: dict[str, dict[str, float]]  # per run: f1_macro, ap_macro, accuracy
+
+    @property
+    def unit(self) -> str:
+        return "blocks" if self.n_blocks else "frames"
+
+    def permutation_line(self) -> str:
+        p = self.permutation["f1_macro"]
+        how = (f"all {p['n_perm']:,} exchanges (exact)" if p["exact"] else
+               f"{p['n_perm']:,} random exchanges (the observed one included)")
+        if self.n_blocks:
+            return (f"p: paired permutation test, A's and B's predictions exchanged within whole blocks of the "
+                    f"test split ({self.n_blocks} blocks; {how}), two-sided.")
+        return (f"p: paired permutation test, A and B exchanged frame by frame ({p['n_blocks']} frames; {how}); "
+                "the runs logged no split manifest, so near-duplicate frames count as independent and p is "
+                "optimistic.")
+
+    def bootstrap_line(self) -> str:
+        if not self.n_blocks:
+            return (f"CI: {stats.N_BOOT} paired resamples of the test frames (the runs logged no split manifest, "
+                    "so frames are resampled one by one, and the interval is too narrow where they are "
+                    "near-duplicates), percentile interval; an effect size, not a test.")
+        line = (f"CI: {stats.N_BOOT} paired resamples of the test split's {self.n_blocks} blocks (a block's frames "
+                "are resampled together), stratified by the blocks' label state, percentile interval; an effect "
+                "size, not a test.")
+        if self.n_blocks < stats.RELIABLE_BLOCKS:
+            line += (f" With {self.n_blocks} blocks (fewer than about {stats.RELIABLE_BLOCKS}) it is unreliable: "
+                     "too narrow (for two equal models it excluded 0 in about 15% of simulations with 10 "
+                     "blocks, bench/compare_level.py).")
+        return line
 
     def markdown(self, name_a: str = "A", name_b: str = "B") -> str:
         m = self.mcnemar
         lines = [
-            f"Paired comparison on {self.n_frames} test frames: A = {name_a} ({self.run_a}), "
-            f"B = {name_b} ({self.run_b}).",
+            f"Paired comparison on {self.n_frames} test frames ({self.n_blocks or self.n_frames} {self.unit}): "
+            f"A = {name_a} ({self.run_a}), B = {name_b} ({self.run_b}).",
             "",
-            "| measure | A | B | B - A | 95% CI (paired bootstrap) |",
-            "|---|---|---|---|---|",
+            "| measure | A | B | B - A | p (block permutation) | 95% CI (block bootstrap) |",
+            "|---|---|---|---|---|---|",
         ]
-        for key in ("f1_macro", "ap_macro"):
+        for key in stats.METRICS:
             d, lo, hi = self.bootstrap[key]
             lines.append(f"| {key} | {self.scores['a'][key]:.4f} | {self.scores['b'][key]:.4f} | "
-                         f"{d:+.4f} | [{lo:+.4f}, {hi:+.4f}] |")
+                         f"{d:+.4f} | {self.permutation[key]['pvalue']:.4g} | [{lo:+.4f}, {hi:+.4f}] |")
         lines.append(f"| exact-match accuracy | {self.scores['a']['accuracy']:.4f} | "
                      f"{self.scores['b']['accuracy']:.4f} | "
-                     f"{self.scores['b']['accuracy'] - self.scores['a']['accuracy']:+.4f} | |")
+                     f"{self.scores['b']['accuracy'] - self.scores['a']['accuracy']:+.4f} | | |")
         lines += [
             "",
-            f"McNemar's exact test on per-frame exact-match correctness: A right and B wrong on "
-            f"{m['a_only']} frames, B right and A wrong on {m['b_only']}; p = {m['pvalue']:.4g}"
-            + (" (it counts frames, and a block's frames are near-duplicates, so this p is optimistic)."
-               if self.n_blocks else "."),
-            f"Bootstrap: {N_BOOT} paired resamples of the test split's {self.n_blocks} blocks (a block's frames "
-            "are resampled together), percentile interval." if self.n_blocks else
-            f"Bootstrap: {N_BOOT} paired resamples of the test frames (the runs logged no split manifest, so "
-            "frames are resampled one by one, and the interval is too narrow where they are near-duplicates), "
-            "percentile interval.",
+            self.permutation_line(),
+            self.bootstrap_line(),
+            f"McNemar's exact test ({MCNEMAR_NOTE}): on per-frame exact-match correctness, A right and B wrong "
+            f"on {m['a_only']} frames, B right and A wrong on {m['b_only']}; p = {m['pvalue']:.4g}. It treats "
+            "near-duplicate frames as independent (a false-positive rate of 13-34% at a nominal 5% in "
+            "bench/compare_level.py's simulations); do not read it as the verdict.",
         ]
         return "\n".join(lines) + "\n"
 
     def metrics(self) -> dict[str, float]:
-        """What goes into run B's metrics: ``compare_...`` against run A."""
-        out = {"compare_mcnemar_p": self.mcnemar["pvalue"]}
+        """What goes into run B's metrics: ``compare_...`` against run A (``_p``: the permutation test;
+        ``_lo``/``_hi``: the bootstrap CI; McNemar's p named for what it is)."""
+        out = {"compare_mcnemar_p_frames_optimistic": self.mcnemar["pvalue"],
+               "compare_n_blocks": float(self.n_blocks or 0)}
         for key, (d, lo, hi) in self.bootstrap.items():
-            out |= {f"compare_{key}_diff": d, f"compare_{key}_diff_lo": lo, f"compare_{key}_diff_hi": hi}
+            out |= {f"compare_{key}_diff": d, f"compare_{key}_diff_lo": lo, f"compare_{key}_diff_hi": hi,
+                    f"compare_{key}_p": self.permutation[key]["pvalue"]}
         return out
 
 
@@ -174,7 +129,7 @@ def load_blocks(run_id: str) -> pd.Series | None:
 def compare_predictions(a: pd.DataFrame, b: pd.DataFrame, threshold: float = 0.5, seed: int = 0,
                         run_a: str = "A", run_b: str = "B", blocks: pd.Series | None = None) -> Comparison:
     """Compare two prediction tables frame by frame (joined on ``id``; the frames must match).
-    ``blocks`` (frame id -> split block) makes the bootstrap resample blocks instead of frames."""
+    ``blocks`` (frame id -> split block) makes the tests exchange and resample blocks, not frames."""
     if set(a["id"]) != set(b["id"]):
         raise DataError(f"runs {run_a} and {run_b} were tested on different frames")
     both = a.merge(b, on="id", suffixes=("_a", "_b"))
@@ -182,21 +137,19 @@ def compare_predictions(a: pd.DataFrame, b: pd.DataFrame, threshold: float = 0.5
     if not np.array_equal(y, both[[f"{label}_b" for label in LABELS]].to_numpy(int)):
         raise DataError(f"runs {run_a} and {run_b} disagree on the labels of the same frames")
     probs = {k: both[[f"prob_{label}_{k}" for label in LABELS]].to_numpy(float) for k in ("a", "b")}
-    preds = {k: binarize(p, threshold) for k, p in probs.items()}
-    correct = {k: (p == y).all(axis=1) for k, p in preds.items()}
-    scores = {}
-    for k in ("a", "b"):
-        f1 = skm.f1_score(y, preds[k], average="macro", zero_division=0)
-        aps = [skm.average_precision_score(y[:, i], probs[k][:, i]) for i in range(len(LABELS))
-               if 0 < y[:, i].sum() < len(y)]
-        scores[k] = {"f1_macro": float(f1), "ap_macro": float(np.mean(aps)) if aps else float("nan"),
-                     "accuracy": float(correct[k].mean())}
+    correct = {k: (binarize(p, threshold) == y).all(axis=1) for k, p in probs.items()}
+    scores = {k: {m: compute_metrics(y, p, threshold)[m] for m in ("f1_macro", "ap_macro", "accuracy")}
+              for k, p in probs.items()}
     clusters = None if blocks is None else both["id"].map(blocks)
     if clusters is not None and clusters.isna().any():
         raise DataError(f"the split manifest of run {run_b} lacks {int(clusters.isna().sum())} of its test frames")
     n_blocks = None if clusters is None else int(clusters.nunique())
-    return Comparison(run_a, run_b, len(y), n_blocks, mcnemar_exact(correct["a"], correct["b"]),
-                      paired_bootstrap(y, probs["a"], probs["b"], threshold, N_BOOT, seed, clusters), scores)
+    strata = None if clusters is None else stats.block_strata(y, clusters)
+    return Comparison(
+        run_a, run_b, len(y), n_blocks,
+        permutation=stats.block_permutation(y, probs["a"], probs["b"], threshold, clusters, seed=seed),
+        bootstrap=stats.paired_bootstrap(y, probs["a"], probs["b"], threshold, stats.N_BOOT, seed, clusters, strata),
+        mcnemar=stats.mcnemar_exact(correct["a"], correct["b"]), scores=scores)
 
 
 def _label(run) -> str:

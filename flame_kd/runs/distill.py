@@ -225,9 +225,9 @@ def prepare(cfg: DistillRunConfig, parent_run_id: str | None = None, env_name: s
             cache = teacher_outputs.load_or_compute(prep.teacher_run_id, prep.teacher, data, device,
                                                     augment=cfg.data.augment, views=cfg.teacher_views,
                                                     view_seed=cfg.train.seed)
-            # each frame shows one of the cached views per epoch, and the student gets exactly that view
-            data.loaders["train"].dataset.use_views(cache["views"], cache["view_seed"])
             prep.outputs = TeacherOutputs(cache=cache, frame_ids=data.frames["id"].to_numpy()).to(device)
+            # each frame shows one of the cached views per epoch, and the student gets exactly that view
+            prep.outputs.attach(data.loaders["train"].dataset)
         else:
             prep.outputs = TeacherOutputs(teacher=prep.teacher).to(device)
     return prep

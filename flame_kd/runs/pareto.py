@@ -34,8 +34,17 @@ PRECISIONS = ("fp32", "int8")
 ALIAS = "pareto-best"
 STUDENT_TAG = "flame_kd.pareto_student"
 INT8_TAG = "flame_kd.int8"  # passed | failed: set once a student's deployment step is done
-COLUMNS = ["student", "precision", "run_id", "params", "gflops", "size_mb", "latency_ms", "f1_macro", "ap_macro",
+SCORES = ("val_f1_macro", "val_ap_macro", "test_f1_macro", "test_ap_macro")  # per precision, in onnxruntime
+COLUMNS = ["student", "precision", "run_id", "params", "gflops", "size_mb", "latency_ms", *SCORES,
            "status", "on_front", "on_front_gflops", "best"]
+METRIC_TAG = "flame_kd.pareto_metric"
+
+
+def selection_metric(monitor: str) -> str:
+    """The pareto table's column that draws the front and chooses the best: the run's --monitor on
+    val (val/loss, the distillation loss, needs the teacher, so the int8 models are ranked on val
+    macro F1 instead). Test columns are reported beside it, never used to choose."""
+    return "val_ap_macro" if monitor == "val/ap_macro" else "val_f1_macro"
 
 
 # --- the study -----------------------------------------------------------------------------------
@@ -148,14 +157,19 @@ def run_pareto(cfg: ParetoConfig) -> tuple[str, pd.DataFrame, list[str]]:
                                      extra_tags={STUDENT_TAG: student, "flame_kd.pareto_parent_run_id": parent_id})
             else:
                 run_id = done[student].info.run_id
-                if INT8_TAG in done[student].data.tags:
-                    continue
+                if INT8_TAG in done[student].data.tags and "fp32_val_f1_macro" in done[student].data.metrics:
+                    continue  # deployed and scored on val and test (studies from before val was scored redo it)
             deploy_student(run_id, cfg, prep.data)
         except Exception as err:  # one student's failure is recorded; the study goes on
             log.warning("student %s failed: %s", student, _reason(err))
             failed.append(student)
-    table = choose(mark_front(pareto_table(parent_id)), cfg.latency_budget_ms)
-    log_front(parent_id, table, cfg)
+    metric = selection_metric(cfg.distill.train.monitor)
+    if cfg.distill.train.monitor == "val/loss":
+        log.info("pareto: --monitor val/loss is the distillation loss, which an ONNX student alone cannot "
+                 "compute; the front and the choice use val macro F1")
+    tracking.set_tags({METRIC_TAG: metric}, run_id=parent_id)
+    table = choose(mark_front(pareto_table(parent_id), metric), cfg.latency_budget_ms, metric)
+    log_front(parent_id, table, cfg, metric)
     tracking.set_tags({"flame_kd.failed_students": ",".join(failed) or "none"}, run_id=parent_id)
     tracking.client().set_terminated(parent_id, "FINISHED")
     return parent_id, table, failed
@@ -181,15 +195,17 @@ def calibration_batches(data, n: int, seed: int, batch_size: int):
 
 
 def score_onnx(path: Path, prefix: str, data, cfg: ParetoConfig, frame: np.ndarray) -> dict[str, float]:
-    """Size, batch-1 latency, test macro F1 and macro AP of one ONNX model, all in onnxruntime."""
+    """Size, batch-1 latency, and val and test macro F1 and macro AP of one ONNX model, in onnxruntime
+    (scored by ``evaluate.compute_metrics``, as the run's own ``test_*``). Val chooses; test reports."""
     from flame_kd.evaluate import compute_metrics
 
-    targets, probs = quantize.ort_predict(path, data.loaders["test"], cfg.threads)
-    f1 = compute_metrics(targets, probs, cfg.distill.train.threshold)["f1_macro"]
-    return {f"{prefix}_size_mb": quantize.file_mb(path),
-            f"{prefix}_latency_ms": quantize.ort_latency_ms(path, frame, cfg.latency_runs, cfg.latency_warmup,
-                                                            cfg.threads),
-            f"{prefix}_test_f1_macro": f1, f"{prefix}_test_ap_macro": quantize.ap_macro(targets, probs)}
+    out = {f"{prefix}_size_mb": quantize.file_mb(path),
+           f"{prefix}_latency_ms": quantize.ort_latency_ms(path, frame, cfg.latency_runs, cfg.latency_warmup,
+                                                           cfg.threads)}
+    for split in ("val", "test"):
+        m = compute_metrics(*quantize.ort_predict(path, data.loaders[split], cfg.threads), cfg.distill.train.threshold)
+        out |= {f"{prefix}_{split}_f1_macro": m["f1_macro"], f"{prefix}_{split}_ap_macro": m["ap_macro"]}
+    return out
 
 
 def deploy_student(run_id: str, cfg: ParetoConfig, data) -> dict[str, float]:
@@ -213,7 +229,7 @@ def deploy_student(run_id: str, cfg: ParetoConfig, data) -> dict[str, float]:
             int8 = quantize.quantize_onnx(fp32, Path(tmp) / "student_int8.onnx", batches)
             metrics |= score_onnx(int8, "int8", data, cfg, frame)
             metrics["int8_calibration_frames"] = float(len(rows))
-            for k in ("size_mb", "latency_ms", "test_f1_macro", "test_ap_macro"):
+            for k in ("size_mb", "latency_ms", *SCORES):
                 metrics[f"int8_delta_{k}"] = metrics[f"int8_{k}"] - metrics[f"fp32_{k}"]
             ids = data.frames["id"].to_numpy()[rows].tolist()
             calib = Path(tmp) / "int8_calibration.json"
@@ -240,12 +256,10 @@ def pareto_table(parent_id: str) -> pd.DataFrame:
         base = {"student": student, "run_id": run.info.run_id, "params": m.get("student_params", np.nan),
                 "gflops": m.get("student_gflops", np.nan)}
         for p in PRECISIONS:
-            status = "ok" if f"{p}_test_f1_macro" in m else (
+            status = "ok" if f"{p}_val_f1_macro" in m else (
                 f"failed: {tags.get('flame_kd.int8_error', '?')}" if tags.get(INT8_TAG) == "failed" else "pending")
             rows.append(base | {"precision": p, "status": status,
-                                **{c: m.get(f"{p}_{k}", np.nan) for c, k in (
-                                    ("size_mb", "size_mb"), ("latency_ms", "latency_ms"),
-                                    ("f1_macro", "test_f1_macro"), ("ap_macro", "test_ap_macro"))}})
+                                **{k: m.get(f"{p}_{k}", np.nan) for k in ("size_mb", "latency_ms", *SCORES)}})
     table = pd.DataFrame(rows, columns=[c for c in COLUMNS if c not in ("on_front", "on_front_gflops", "best")])
     return table.sort_values(["student", "precision"], ignore_index=True)
 
@@ -261,23 +275,31 @@ def front_flags(cost: np.ndarray, score: np.ndarray) -> np.ndarray:
     return flags
 
 
-def mark_front(table: pd.DataFrame) -> pd.DataFrame:
-    """The table with ``on_front`` (latency vs test F1) and ``on_front_gflops`` (GFLOPs vs test F1)."""
+def mark_front(table: pd.DataFrame, metric: str = "val_f1_macro") -> pd.DataFrame:
+    """The table with ``on_front`` (latency vs ``metric``) and ``on_front_gflops`` (GFLOPs vs ``metric``):
+    a val column, so the front, like the choice, never reads test."""
+    _check_val(metric)
     table = table.copy()
-    table["on_front"] = front_flags(table["latency_ms"], table["f1_macro"])
-    table["on_front_gflops"] = front_flags(table["gflops"], table["f1_macro"])
+    table["on_front"] = front_flags(table["latency_ms"], table[metric])
+    table["on_front_gflops"] = front_flags(table["gflops"], table[metric])
     return table
 
 
-def choose(table: pd.DataFrame, latency_budget_ms: float | None = None) -> pd.DataFrame:
-    """Mark ``best``: the highest test macro F1 on the latency front within the budget (ties: faster)."""
+def _check_val(metric: str) -> None:
+    if not metric.startswith("val_"):
+        raise ValueError(f"the pareto front and choice read a val column, not {metric!r}")
+
+
+def choose(table: pd.DataFrame, latency_budget_ms: float | None = None, metric: str = "val_f1_macro") -> pd.DataFrame:
+    """Mark ``best``: the highest val ``metric`` on the latency front within the budget (ties: faster)."""
+    _check_val(metric)
     table = table.copy()
     table["best"] = False
     ok = table["on_front"].astype(bool)
     if latency_budget_ms is not None:
         ok &= table["latency_ms"] <= latency_budget_ms
     if ok.any():
-        cand = table[ok].sort_values(["f1_macro", "latency_ms"], ascending=[False, True])
+        cand = table[ok].sort_values([metric, "latency_ms"], ascending=[False, True])
         table.loc[cand.index[0], "best"] = True
     return table
 
@@ -286,24 +308,31 @@ def best_row(table: pd.DataFrame) -> pd.Series | None:
     return table[table["best"]].iloc[0] if "best" in table and table["best"].any() else None
 
 
-def to_markdown(table: pd.DataFrame, latency_budget_ms: float | None = None) -> str:
+def _metric_words(metric: str) -> str:
+    return {"val_f1_macro": "val macro F1", "val_ap_macro": "val macro AP"}.get(metric, metric)
+
+
+def to_markdown(table: pd.DataFrame, latency_budget_ms: float | None = None, metric: str = "val_f1_macro") -> str:
     """The table as markdown, for the note and ``flame-kd report --pareto``."""
-    head = ("| student | precision | params (M) | GFLOPs | size (MB) | latency (ms) | test F1 | test AP "
-            "| front | best |")
-    lines = [head, "|" + "---|" * 10]
+    head = ("| student | precision | params (M) | GFLOPs | size (MB) | latency (ms) | val F1 | val AP "
+            "| test F1 | test AP | front | best |")
+    lines = [head, "|" + "---|" * 12]
     for _, r in table.iterrows():
         if r["status"] != "ok":
-            lines.append(f"| {r['student']} | {r['precision']} | {r['status']} |" + " |" * 7)
+            lines.append(f"| {r['student']} | {r['precision']} | {r['status']} |" + " |" * 9)
             continue
         lines.append(f"| {r['student']} | {r['precision']} | {r['params'] / 1e6:.2f} | {r['gflops']:.3f} | "
-                     f"{r['size_mb']:.2f} | {r['latency_ms']:.2f} | {r['f1_macro']:.4f} | {r['ap_macro']:.4f} | "
-                     f"{'yes' if r['on_front'] else ''} | {'**best**' if r.get('best') else ''} |")
+                     f"{r['size_mb']:.2f} | {r['latency_ms']:.2f} | "
+                     + " | ".join(f"{r[c]:.4f}" for c in SCORES)
+                     + f" | {'yes' if r['on_front'] else ''} | {'**best**' if r.get('best') else ''} |")
     budget = f"under a {latency_budget_ms:g} ms budget" if latency_budget_ms is not None else "no latency budget"
-    return "\n".join(lines) + (f"\n\nlatency: onnxruntime CPU, batch 1, median; front: latency vs test macro F1; "
-                               f"best: highest F1 on the front, {budget}.\n")
+    words = _metric_words(metric)
+    return "\n".join(lines) + (f"\n\nlatency: onnxruntime CPU, batch 1, median; front: latency vs {words}; "
+                               f"best: highest {words} on the front, {budget}. Chosen on val only; the test "
+                               "columns are reported, never used to choose.\n")
 
 
-def log_front(parent_id: str, table: pd.DataFrame, cfg: ParetoConfig) -> None:
+def log_front(parent_id: str, table: pd.DataFrame, cfg: ParetoConfig, metric: str = "val_f1_macro") -> None:
     """pareto.csv, pareto.md and pareto.png into the parent; the best tagged, registered and aliased."""
     from flame_kd import plots
 
@@ -312,9 +341,9 @@ def log_front(parent_id: str, table: pd.DataFrame, cfg: ParetoConfig) -> None:
         csv = Path(tmp) / "pareto.csv"
         table.to_csv(csv, index=False)
         tracking.log_file(csv, None, run_id=parent_id)
-    tracking.log_text_to(parent_id, to_markdown(table, budget), "pareto.md")
+    tracking.log_text_to(parent_id, to_markdown(table, budget, metric), "pareto.md")
     if len(table):
-        tracking.log_figure_to(parent_id, plots.pareto_front(table, budget), "pareto.png")
+        tracking.log_figure_to(parent_id, plots.pareto_front(table, budget, metric), "pareto.png")
     tags = {"flame_kd.latency_budget_ms": "none" if budget is None else f"{budget:g}"}
     best = best_row(table)
     if best is None:
@@ -324,7 +353,7 @@ def log_front(parent_id: str, table: pd.DataFrame, cfg: ParetoConfig) -> None:
     tags |= {"flame_kd.pareto_best": f"{best['student']} {best['precision']}",
              "flame_kd.pareto_best_run_id": best["run_id"], "flame_kd.pareto_best_precision": best["precision"]}
     tracking.set_tags(tags, run_id=parent_id)
-    tracking.log_metrics({f"best/{k}": best[k] for k in ("f1_macro", "ap_macro", "latency_ms", "gflops", "size_mb")},
+    tracking.log_metrics({f"best_{k}": best[k] for k in (*SCORES, "latency_ms", "gflops", "size_mb")},
                          run_id=parent_id)
     for run_id in table["run_id"].unique():  # a re-run may move the choice: the old best is unmarked
         tracking.set_tags({"flame_kd.pareto_best": str(run_id == best["run_id"]).lower()}, run_id=run_id)
@@ -349,24 +378,27 @@ def register_best(name: str, best: pd.Series, parent_id: str) -> str:
     return tracking.register_run_model(best["run_id"], name, alias=ALIAS, tags=tags)
 
 
-def rebuild(parent_id: str) -> tuple[pd.DataFrame, float | None]:
-    """``flame-kd report --pareto``: the table (front and best) from MLflow alone, and the budget used."""
+def rebuild(parent_id: str) -> tuple[pd.DataFrame, float | None, str]:
+    """``flame-kd report --pareto``: the table (front and best) from MLflow alone, the budget and the
+    val metric the study chose on."""
     run = tracking.get_run(parent_id)
     if run.data.tags.get("flame_kd.stage") != STAGE:
         raise ConfigError(f"run {parent_id} is not a pareto study (stage {run.data.tags.get('flame_kd.stage')!r})")
     raw = run.data.tags.get("flame_kd.latency_budget_ms", "none")
     budget = None if raw == "none" else float(raw)
-    return choose(mark_front(pareto_table(parent_id)), budget), budget
+    metric = run.data.tags.get(METRIC_TAG, "val_f1_macro")
+    return choose(mark_front(pareto_table(parent_id), metric), budget, metric), budget, metric
 
 
-def write_report(table: pd.DataFrame, out_dir: str | Path, latency_budget_ms: float | None = None) -> list[Path]:
+def write_report(table: pd.DataFrame, out_dir: str | Path, latency_budget_ms: float | None = None,
+                 metric: str = "val_f1_macro") -> list[Path]:
     """pareto.md, pareto.csv and pareto.png in a folder."""
     from flame_kd import plots
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / "pareto.md", out / "pareto.csv", out / "pareto.png"]
-    paths[0].write_text(to_markdown(table, latency_budget_ms))
+    paths[0].write_text(to_markdown(table, latency_budget_ms, metric))
     table.to_csv(paths[1], index=False)
-    plots.pareto_front(table, latency_budget_ms).savefig(paths[2], dpi=120, bbox_inches="tight")
+    plots.pareto_front(table, latency_budget_ms, metric).savefig(paths[2], dpi=120, bbox_inches="tight")
     return paths

@@ -1,0 +1,216 @@
+"""Paired tests of two models on the same test frames: a block permutation test (the verdict), a
+stratified block bootstrap (the effect size) and McNemar's exact test (frames; optimistic).
+
+Neighbouring video frames are near-duplicates, so a test split's frames are not independent draws.
+The split assigns whole blocks (contiguous runs of one video and label state) to a split, and every
+test here treats a block as the unit. ``bench/compare_level.py`` measures each test's false-positive
+rate and power by simulation (two models of equal skill whose errors are correlated within blocks,
+at FLAME2's label mix). With 10 blocks of 10 frames, the permutation test holds its 5% level; the
+percentile bootstrap CI excludes 0 about twice as often as it should, and McNemar's test, which
+counts frames, about ten times as often. Hence: p from the permutation, CI as an effect size only.
+
+Pure numpy/scipy (no MLflow): ``runs/compare.py`` and the ablation call these on logged predictions.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+from scipy import stats as sps
+
+from flame_kd.evaluate import binarize
+
+N_BOOT = 2000
+N_PERM = 10_000  # Monte Carlo exchanges when the blocks are too many to enumerate (2^k > N_PERM)
+RELIABLE_BLOCKS = 15  # below this the percentile bootstrap CI is too narrow (bench/compare_level.py)
+METRICS = ("f1_macro", "ap_macro")
+
+
+def mcnemar_exact(correct_a: np.ndarray, correct_b: np.ndarray) -> dict[str, float]:
+    """McNemar's exact test on paired 0/1 correctness: a two-sided binomial test of the discordant
+    frames (A right, B wrong: ``a_only``; A wrong, B right: ``b_only``) against p = 1/2 (scipy).
+
+    It counts frames as independent, so on video frames its p is optimistic (see the module doc)."""
+    a, b_ = np.asarray(correct_a, bool), np.asarray(correct_b, bool)
+    b, c = int(np.sum(a & ~b_)), int(np.sum(~a & b_))
+    p = 1.0 if b + c == 0 else float(sps.binomtest(b, b + c, 0.5).pvalue)
+    return {"a_only": b, "b_only": c, "pvalue": p}
+
+
+# --- macro F1 and macro AP for many reweightings or exchanges at once -----------------------------
+
+
+def _f1(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray) -> np.ndarray:
+    denom = 2 * tp + fp + fn
+    return np.where(denom > 0, 2 * tp / np.maximum(denom, 1e-300), 0.0)
+
+
+def _f1_macro_weighted(y: np.ndarray, pred: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Macro F1 for each row of frame weights ``w`` [B, N] (0 where a label has no TP, FP, FN)."""
+    return np.mean([_f1(w @ (y[:, i] & pred[:, i]), w @ (~y[:, i] & pred[:, i]), w @ (y[:, i] & ~pred[:, i]))
+                    for i in range(y.shape[1])], axis=0)
+
+
+def _ap_weighted(y: np.ndarray, scores: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Average precision of one label for each row of frame weights ``w`` [B, N], all rows at once:
+    scikit-learn's step-wise sum over distinct score thresholds (NaN where a row has no positive)."""
+    order = np.argsort(-scores, kind="mergesort")
+    s, yy, ww = scores[order], y[order].astype(float), w[:, order]
+    last = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]  # last frame of each distinct score
+    tps = np.cumsum(ww * yy, axis=1)[:, last]
+    fps = np.cumsum(ww * (1 - yy), axis=1)[:, last]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        precision = np.where(tps + fps > 0, tps / (tps + fps), 0.0)
+        recall = tps / tps[:, -1:]
+    steps = np.diff(np.concatenate([np.zeros((len(w), 1)), recall], axis=1), axis=1)
+    return np.sum(steps * precision, axis=1)
+
+
+def _ap_rows(y: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """Average precision of one label for each row of ``scores`` [P, N] (the same frames ``y``, each
+    row its own ranking), as scikit-learn computes it: ties share the precision at their threshold.
+    NaN when ``y`` has no positive."""
+    npos = y.sum()
+    if npos == 0:
+        return np.full(len(scores), np.nan)
+    order = np.argsort(-scores, axis=1, kind="mergesort")
+    s = np.take_along_axis(scores, order, axis=1)
+    yy = y[order].astype(float)
+    tps = np.cumsum(yy, axis=1)
+    precision = tps / np.arange(1, scores.shape[1] + 1)
+    n = scores.shape[1]
+    end = np.ones_like(s, dtype=bool)
+    end[:, :-1] = s[:, :-1] != s[:, 1:]  # the last frame of each run of tied scores
+    nxt = np.where(end, np.arange(n), n)  # each frame takes the precision at the end of its tie run
+    nxt = np.minimum.accumulate(nxt[:, ::-1], axis=1)[:, ::-1]
+    return np.sum(yy * np.take_along_axis(precision, nxt, axis=1), axis=1) / npos
+
+
+def _nanmean_rows(values: list[np.ndarray]) -> np.ndarray:
+    v = np.stack(values)
+    defined = (~np.isnan(v)).sum(axis=0)
+    return np.where(defined > 0, np.nansum(v, axis=0) / np.maximum(defined, 1), np.nan)
+
+
+# --- the block permutation test --------------------------------------------------------------------
+
+
+def _codes(clusters, n: int) -> np.ndarray:
+    """Cluster codes 0..k-1 per frame (each frame its own cluster when ``clusters`` is None)."""
+    if clusters is None:
+        return np.arange(n)
+    return np.unique(np.asarray(clusters), return_inverse=True)[1].reshape(-1)
+
+
+def exchanges(k: int, n_perm: int = N_PERM, seed: int = 0) -> tuple[np.ndarray, bool]:
+    """Which blocks swap A and B, one row per exchange ([P, k] bool), and whether the rows are all
+    2^k of them (exact) or ``n_perm`` random ones (row 0 is then the identity, the observed split)."""
+    if 2**k <= n_perm:
+        return np.array(list(itertools.product((False, True), repeat=k)), dtype=bool).reshape(-1, k), True
+    rng = np.random.default_rng(seed)
+    swaps = rng.random((n_perm, k)) < 0.5
+    swaps[0] = False
+    return swaps, False
+
+
+def block_permutation(targets, probs_a, probs_b, threshold: float = 0.5, clusters=None, n_perm: int = N_PERM,
+                      seed: int = 0, metrics: tuple[str, ...] = METRICS, chunk: int = 256) -> dict[str, dict]:
+    """Paired permutation test of B - A in macro F1 and macro AP, exchanging A's and B's predictions
+    within whole clusters (blocks): under the null that the two models are exchangeable, every
+    exchange is as likely as the observed one. Two-sided p: the share of exchanges whose |B - A| is
+    at least the observed one (all 2^k when that is at most ``n_perm``, else ``n_perm`` random ones,
+    the observed included). Returns ``{metric: {"diff", "pvalue", "n_perm", "exact", "n_blocks"}}``.
+    """
+    y = np.asarray(targets).astype(bool)
+    pa, pb = np.asarray(probs_a, float), np.asarray(probs_b, float)
+    codes = _codes(clusters, len(y))
+    k = int(codes.max()) + 1
+    swaps, exact = exchanges(k, n_perm, seed)
+    out = {}
+    if "f1_macro" in metrics:  # counts per block, then one matrix product: exchanges move whole blocks
+        da, db = binarize(pa, threshold).astype(bool), binarize(pb, threshold).astype(bool)
+        f1a, f1b = [], []
+        for i in range(y.shape[1]):
+            counts = []
+            for pred in (da[:, i], db[:, i]):
+                c = np.stack([y[:, i] & pred, ~y[:, i] & pred, y[:, i] & ~pred], axis=1).astype(float)
+                per_block = np.zeros((k, 3))
+                np.add.at(per_block, codes, c)
+                counts.append(per_block)
+            move = swaps.astype(float) @ (counts[1] - counts[0])  # [P, 3]: what exchanges move A <- B
+            a_side, b_side = counts[0].sum(0) + move, counts[1].sum(0) - move
+            f1a.append(_f1(*a_side.T))
+            f1b.append(_f1(*b_side.T))
+        out["f1_macro"] = np.mean(f1b, axis=0) - np.mean(f1a, axis=0)
+    if "ap_macro" in metrics:  # per exchange a new ranking: computed in chunks of exchanges
+        diffs = []
+        for start in range(0, len(swaps), chunk):
+            s = swaps[start:start + chunk][:, codes]  # [p, N] frame swapped?
+            side_a, side_b = np.where(s[..., None], pb, pa), np.where(s[..., None], pa, pb)
+            aps = [_ap_rows(y[:, i], side_b[..., i]) - _ap_rows(y[:, i], side_a[..., i]) for i in range(y.shape[1])]
+            diffs.append(_nanmean_rows(aps))
+        out["ap_macro"] = np.concatenate(diffs)
+    result = {}
+    for name, diff in out.items():
+        observed = float(diff[0])
+        if np.isnan(observed):
+            p = float("nan")
+        else:
+            p = float(np.mean(np.abs(diff) >= abs(observed) - 1e-12))
+        result[name] = {"diff": observed, "pvalue": p, "n_perm": len(swaps), "exact": exact, "n_blocks": k}
+    return result
+
+
+# --- the stratified block bootstrap ----------------------------------------------------------------
+
+
+def block_strata(targets, clusters) -> np.ndarray:
+    """Each frame's stratum: the most common label state (fire, smoke) of its block, as 0..3."""
+    y = np.asarray(targets).astype(int)
+    codes = _codes(clusters, len(y))
+    state = y[:, 0] * 2 + y[:, 1]
+    per_block = np.zeros((codes.max() + 1, 4))
+    np.add.at(per_block, (codes, state), 1)
+    return per_block.argmax(axis=1)[codes]
+
+
+def paired_bootstrap(targets, probs_a, probs_b, threshold: float = 0.5, n_boot: int = N_BOOT,
+                     seed: int = 0, clusters=None, strata=None,
+                     metrics: tuple[str, ...] = METRICS) -> dict[str, tuple[float, float, float]]:
+    """Observed B - A difference in macro F1 and macro AP with a percentile 95% CI over ``n_boot``
+    paired resamples (the same frames for both runs in each resample).
+
+    ``clusters`` (one id per frame, e.g. the split's block) resamples whole clusters with replacement,
+    as many as there are, each drawn cluster bringing all its frames; ``None`` resamples frames.
+    ``strata`` (one per frame, constant within a cluster; e.g. ``block_strata``) resamples within
+    each stratum, so every resample holds as many fire-free blocks as the test split. An effect size:
+    with fewer than ``RELIABLE_BLOCKS`` clusters the interval is too narrow to serve as a test."""
+    y = np.asarray(targets).astype(bool)
+    pa, pb = binarize(probs_a, threshold).astype(bool), binarize(probs_b, threshold).astype(bool)
+    codes = _codes(clusters, len(y))
+    k = int(codes.max()) + 1
+    rng = np.random.default_rng(seed)
+    counts = np.zeros((n_boot + 1, k))
+    counts[0] = 1.0  # row 0: the observed frames
+    if strata is None:
+        groups = [np.arange(k)]
+    else:
+        of_cluster = np.zeros(k, dtype=np.asarray(strata).dtype)
+        of_cluster[codes] = np.asarray(strata)
+        groups = [np.flatnonzero(of_cluster == s) for s in np.unique(of_cluster)]
+    for members in groups:  # each stratum keeps its number of clusters in every resample
+        draws = members[rng.integers(0, len(members), (n_boot, len(members)))]
+        np.add.at(counts, (np.repeat(np.arange(1, n_boot + 1), len(members)), draws.reshape(-1)), 1.0)
+    w = counts[:, codes]  # a frame weighs as often as its cluster was drawn
+    out = {}
+    for name in metrics:
+        if name == "f1_macro":
+            diff = _f1_macro_weighted(y, pb, w) - _f1_macro_weighted(y, pa, w)
+        else:
+            diff = (_nanmean_rows([_ap_weighted(y[:, i], np.asarray(probs_b)[:, i], w) for i in range(y.shape[1])])
+                    - _nanmean_rows([_ap_weighted(y[:, i], np.asarray(probs_a)[:, i], w) for i in range(y.shape[1])]))
+        boots = diff[1:][~np.isnan(diff[1:])]
+        lo, hi = np.percentile(boots, [2.5, 97.5]) if len(boots) else (np.nan, np.nan)
+        out[name] = (float(diff[0]), float(lo), float(hi))
+    return out
