@@ -509,9 +509,13 @@ class Trainer:
         was_training = [m.training for m in modules]
         for m in modules:
             m.train()
-        # AdamW's two tensors per parameter live through every step after the first: held from the
-        # start, so the peak is theirs plus the step's (activations grow with the batch, the rest does not)
+        # AdamW's two tensors per parameter live through every step after the first, and the gradients
+        # through every micro-batch of an accumulated step: both held from the start, so the peak is
+        # theirs plus the activations (which grow with the batch; the rest does not). Without
+        # accumulation this counts the gradients in full where a step may peak before all exist.
         stand_in = [torch.zeros_like(p) for p in self.params if p not in self.optimizer.state for _ in range(2)]
+        for p in self.params:
+            p.grad = torch.zeros_like(p)
         try:
             with self._autocast():
                 out = self.task(self.net, batch)
