@@ -25,7 +25,7 @@ from torch import nn
 
 from flame_kd.config import TrainConfig, monitor_mode
 from flame_kd.evaluate import Predictions, compute_metrics
-from flame_kd.memory import PROBES, BatchPlan, Probe, is_out_of_memory, plan_batch
+from flame_kd.memory import BatchPlan, Probe, is_out_of_memory, plan_batch
 from flame_kd.progress import said, track
 
 Batch = dict[str, Any]
@@ -483,12 +483,12 @@ class Trainer:
         """For the message of a run that does not fit: the same probe steps with gradient
         checkpointing on (None when the model cannot checkpoint)."""
         def probe(plain: Probe) -> Probe | None:
-            if not hasattr(self.model, "set_grad_checkpointing"):
+            if not hasattr(self.model, "set_grad_checkpointing") or not plain._finite():
                 return None
             found = Probe(lambda b: self.measure_step(loader, b), self.device)
             set_grad_checkpointing(self.model, True)
             try:
-                found.measure(min(PROBES[0], loader.batch_size))  # one step: its line starts where the plain one does
+                found.measure(min(plain._finite()[0][0], loader.batch_size))  # one step, anchored on the plain line
             except Exception as err:  # noqa: BLE001
                 if not is_out_of_memory(err):
                     raise

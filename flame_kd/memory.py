@@ -1,7 +1,7 @@
 """How much memory one training step needs, how much the device has, and which batch sizes fit.
 
 The check before the first epoch (``Trainer.fit``) measures real steps, never guesses: the peak of
-one training step at 2 and 4 frames first (cheap, safe); then, while the straight line through the
+one training step at 1 and 2 frames first (cheap, safe; 2 and 4 where a BatchNorm would see a 1x1 map); then, while the straight line through the
 two largest measured batches says the run's micro-batch fits, steps at twice the largest measured
 batch, up to the micro-batch itself (a run that fits is measured at its own batch). On CUDA the
 peak is ``torch.cuda.max_memory_allocated``; on a CPU it is the process's peak resident set
@@ -26,7 +26,8 @@ import torch
 
 GiB = 2**30
 HEADROOM = 0.9  # a run may plan on this share of what is available: other processes grow too
-PROBES = (2, 4)  # frames of the two cheap probe steps (2, not 1: BatchNorm needs two values per channel)
+PROBES = (1, 2)  # frames of the two cheap probe steps
+SMALL_MAP_PROBES = (2, 4)  # where a BatchNorm sees a 1x1 map, one frame gives it one value per channel: an error
 IMAGE_SIZES = (192, 160, 128, 112, 96, 64)  # smaller --image-size values a failing run is offered
 
 
@@ -229,14 +230,23 @@ def plan_batch(step: Callable[[int], None], micro: int, accumulate: int, device:
     budget = HEADROOM * have
     probe = Probe(step, device)
     start = micro
-    for frames in sorted({min(p, micro) for p in PROBES}):
+    probes = PROBES
+    for frames in sorted({min(p, micro) for p in probes}):
         try:
             probe.measure(frames)
+        except ValueError as err:
+            if "more than 1 value per channel" not in str(err) or probes is SMALL_MAP_PROBES:
+                raise
+            probes = SMALL_MAP_PROBES
+            break
         except Exception as err:  # noqa: BLE001 -- only an out-of-memory error is ours to explain
             if not is_out_of_memory(err):
                 raise
             probe.measured[frames] = math.inf
             break
+    if probes is SMALL_MAP_PROBES:
+        for frames in sorted({min(p, micro) for p in probes}):
+            probe.measure(frames)
     while True:
         need = probe.predict(micro)
         # While the line says it fits, climb to the micro-batch by doubling the largest measured batch

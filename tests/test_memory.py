@@ -130,7 +130,7 @@ def test_a_run_that_does_not_fit_stops_before_the_first_epoch_with_one_line(tmp_
     text = err.value.message
     assert "\n" not in text and epochs == []
     # 2 + 0.5 x 32 = 18 GiB needed, 9 GiB usable: only the probes ran, never the 32-frame step
-    assert measured[:2] == [2, 4] and 32 not in measured
+    assert measured[:2] == [1, 2] and 32 not in measured
     assert "--batch-size 32 needs ~18.0 GiB" in text and "10.0 GiB memory available (cpu)" in text
     assert "--batch-size 8 --accumulate 4 (~6.0 GiB)" in text  # 2 + 0.5 x 8 = 6 <= 9; 16 -> 10 > 9
     assert "--image-size" not in text or "estimated" in text
@@ -158,9 +158,26 @@ def test_the_message_offers_gradient_checkpointing_from_one_measured_step(tmp_pa
     monkeypatch.setattr(memory, "peak_of", peak_of)
     with pytest.raises(OutOfMemory) as err:
         t.fit(train_loader(32), val_loader())
-    assert measured == [2, 4, 2]  # the two probes, then one step with checkpointing on
+    assert measured == [1, 2, 1]  # the two probes, then one step with checkpointing on
     assert "--grad-checkpointing true (~5.2 GiB)" in err.value.message  # 2 + 0.1 x 32
     assert not t.model.checkpointing  # put back as the run asked
+
+
+class OneByOne(Plain):
+    """A BatchNorm over a 1x1 map: a one-frame step raises, so the probes start at two frames."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(6, 4, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.BatchNorm2d(4),
+                                  nn.Flatten())
+
+
+def test_a_one_by_one_batchnorm_probes_at_two_and_four_frames(tmp_path, monkeypatch):
+    measured = fake_peaks(monkeypatch, fixed_gib=1.0, per_frame_gib=0.1, have_gib=10.0)
+    t = trainer(tmp_path, "small", model=OneByOne, epochs=1)
+    t.fit(train_loader(16), val_loader())
+    assert measured[:5] == [1, 2, 4, 8, 16]  # the one-frame step was tried, refused by BatchNorm, and passed over
+    assert t.state.micro_batch == 16
 
 
 def test_a_run_that_fits_is_measured_at_its_micro_batch(tmp_path, monkeypatch):
@@ -169,7 +186,7 @@ def test_a_run_that_fits_is_measured_at_its_micro_batch(tmp_path, monkeypatch):
     t = trainer(tmp_path, "ok", epochs=1)
     t.callbacks.append(type("C", (LambdaCallback,), {"on_batch_plan": lambda self, p: plans.append(p)})())
     t.fit(train_loader(16), val_loader())
-    assert measured[:4] == [2, 4, 8, 16]  # the probes, then doubling up to the run's own micro-batch
+    assert measured[:5] == [1, 2, 4, 8, 16]  # the probes, then doubling up to the run's own micro-batch
     assert plans[0].micro == 16 and plans[0].need == pytest.approx(2.6 * memory.GiB) and not plans[0].note
 
 
