@@ -58,11 +58,13 @@ class _StoppableGroup(click.Group):
                        "`--resume true` continues the run", err=True)
             sys.exit(128 + signum)
         except click.ClickException as err:
+            _fail_env_run(err)
             err.show()
             sys.exit(err.exit_code)
         except click.exceptions.Exit as err:
             sys.exit(err.exit_code)
         except Exception as err:  # noqa: BLE001 (the last resort: no secret and no MLflow traceback shown)
+            _fail_env_run(err)
             _show_unexpected(err)
             sys.exit(1)
         finally:
@@ -84,6 +86,16 @@ def _show_unexpected(err: BaseException) -> None:
         click.echo(redact(f"Error: {type(err).__name__}: {text}"), err=True)
         return
     click.echo(redact("".join(traceback.format_exception(err))), err=True, nl=False)
+
+
+def _fail_env_run(err: BaseException) -> None:
+    """Inside `mlflow run`, its run ends FAILED with the message and reason (tracking.fail_env_run)."""
+    import os
+
+    if os.environ.get("MLFLOW_RUN_ID"):
+        from flame_kd import tracking
+
+        tracking.fail_env_run(err)
 
 
 # `mlflow run -P teacher_run_id=X` appends `--teacher_run_id X` for an option MLproject leaves

@@ -19,14 +19,16 @@ from flame_kd.options import Section, nested
 
 def opt(default: Any = dataclasses.MISSING, help: str = "", *, factory=None, cli: str | None = None,
         choices: tuple[str, ...] | None = None, expose: bool = True, weight: bool = False,
-        gt: float | None = None, ge: float | None = None, lt: float | None = None, le: float | None = None) -> Any:
+        gt: float | None = None, ge: float | None = None, lt: float | None = None, le: float | None = None,
+        words: tuple[str, ...] = ()) -> Any:
     """A config field with the metadata its CLI option is built from.
 
     ``cli`` renames the option (``--data`` for ``csv``); ``expose=False`` keeps a field off the
     command line (set from code only); ``weight`` marks a loss weight letter (losses.REGISTRY);
-    ``gt``/``ge``/``lt``/``le`` bound a number (``check_ranges``, before any data is read).
+    ``gt``/``ge``/``lt``/``le`` bound a number (``check_ranges``, before any data is read); ``words``
+    are the strings a number field also takes (``--batch-size auto``).
     """
-    meta = {"help": help, "cli": cli, "choices": choices, "expose": expose, "weight": weight,
+    meta = {"help": help, "cli": cli, "choices": choices, "expose": expose, "weight": weight, "words": words,
             "bounds": {k: v for k, v in (("gt", gt), ("ge", ge), ("lt", lt), ("le", le)) if v is not None}}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
@@ -43,7 +45,11 @@ class DataConfig:
                           cli="data")
     root: str | None = opt(None, "Data root the frame paths resolve against; default: the CSV's folder.")
     image_size: int = opt(224, "Frame size fed to the models (224: what timm backbones were trained at).", ge=16)
-    batch_size: int = opt(64, "Batch size (the original pipeline's 64).", ge=1)
+    batch_size: int | str = opt(64, "Micro-batch: frames per forward pass (the original pipeline's 64); a step "
+                                    "of the optimizer sees --accumulate of them. auto: start at 64 and halve it "
+                                    "(doubling --accumulate, so the effective batch stays) while one training step "
+                                    "does not fit in memory, measured before the first epoch and on out-of-memory "
+                                    "in the first steps.", ge=1, words=("auto",))
     ratios: tuple[float, float, float] = opt((0.7, 0.15, 0.15), "Train,val,test FRAME fractions.")
     split_seed: int | None = opt(42, "Seed of the train/val/test split, fixed so seeds vary training only and "
                                      "runs pair up; none: the run's seed.")
@@ -82,11 +88,26 @@ class TrainConfig:
     compile: bool = opt(False, "torch.compile the model (opt-in: compiling takes minutes; steps on a GPU get faster).")
     seed: int = opt(42, "Seed of the run (and of the split unless --split-seed is given).")
     progress: bool = opt(True, "Progress of each epoch: a bar on a terminal, else a line every 30 s.")
+    accumulate: int = opt(1, "Gradient accumulation: micro-batches per optimizer step (effective batch = "
+                             "--batch-size x --accumulate, logged as effective_batch_size).", ge=1)
+    grad_checkpointing: bool = opt(False, "Recompute activations in the backward pass instead of keeping them "
+                                          "(timm's set_grad_checkpointing; torch.utils.checkpoint for "
+                                          "LightweightCNN): much less memory for about a third more compute.")
+    memory_check: bool = opt(True, "Before the first epoch, measure one training step's peak memory and stop "
+                                   "with the batch sizes that fit when the run would not.")
 
 
 # Fields of TrainConfig that describe the machine and the run, not the schedule: a distill run's
 # teacher (trained on the way) and student share them, so the CLI takes them once (one --monitor).
-RUNTIME_FIELDS = ("device", "amp", "channels_last", "compile", "seed", "progress", "monitor")
+RUNTIME_FIELDS = ("device", "amp", "channels_last", "compile", "seed", "progress", "monitor", "accumulate",
+                  "grad_checkpointing", "memory_check")
+
+AUTO_BATCH = 64  # where --batch-size auto starts (the original pipeline's batch)
+
+
+def micro_batch(batch_size: int | str) -> int:
+    """The micro-batch a run starts at: ``--batch-size`` as given, ``auto`` -> AUTO_BATCH."""
+    return AUTO_BATCH if batch_size == "auto" else int(batch_size)
 
 
 MONITORS = TrainConfig.__dataclass_fields__["monitor"].metadata["choices"]

@@ -54,3 +54,12 @@ class Preempted(KeyboardInterrupt):
 
 class ConfigError(FlameKDError):
     """An option value that cannot work (unknown teacher, negative weight, ...)."""
+
+
+class OutOfMemory(FlameKDError):
+    """A training step does not fit in the device's memory (found before the first epoch, or an
+    out-of-memory error later): one line with what would fit, exit status 1, and the run ends
+    FAILED with ``flame_kd.end_reason`` "out of memory"."""
+
+    exit_code = 1
+    end_reason = "out of memory"

@@ -7,13 +7,16 @@ with the reason in the ``flame_kd.error`` tag, so nothing logged before is lost.
 
 from __future__ import annotations
 
+import calendar
 import contextlib
 import functools
 import logging
 import os
 import re
+import socket
 import sys
 import tempfile
+import threading
 import time
 import urllib.parse
 import warnings
@@ -56,7 +59,16 @@ def configure(tracking_uri: str | None = None) -> str:
         _create_sqlite_store(uri)
     else:
         _open_store(uri)
+    _reap_quietly()
     return uri
+
+
+def _reap_quietly() -> None:
+    """``reap_lost_runs`` on opening the store; a store it cannot read yet is no reason to fail."""
+    try:
+        reap_lost_runs()
+    except Exception as err:  # noqa: BLE001
+        log.debug("could not check for lost runs: %s", err)
 
 
 def _open_store(uri: str) -> None:
@@ -243,12 +255,15 @@ def run(
     run_id = active.info.run_id
     if tags:
         mlflow.set_tags({k: str(v) for k, v in tags.items()})
+    claim_run(run_id)
     try:
         yield active
     except KeyboardInterrupt as err:  # Ctrl-C, or a Preempted (SIGTERM): resumable with --resume
+        _set_end_reason(run_id, "stopped")
         _end(run_id, "KILLED", str(err) if isinstance(err, Preempted) else "interrupted (Ctrl-C)")
         raise
     except BaseException as err:
+        _set_end_reason(run_id, getattr(err, "end_reason", "error"))
         _end(run_id, "FAILED", _error_text(err))
         if isinstance(err, Exception) and server_lost(err):
             raise ServerLost(f"lost the MLflow tracking server {redact(mlflow.get_tracking_uri())} during run {run_id} "
@@ -256,8 +271,10 @@ def run(
                             "`--resume true` continues it once the server is back", run_id) from None
         raise
     else:
+        _set_end_reason(run_id, None)
         _end(run_id, "FINISHED", None)
     finally:
+        release_run(run_id)
         if outer and outer != run_id:  # a teacher trained on the way: `mlflow run`'s own run comes next
             os.environ["MLFLOW_RUN_ID"] = outer
 
@@ -534,6 +551,25 @@ class MlflowCallback(Callback):
     def on_epoch_end(self, epoch: int, metrics: dict[str, float], state: FitState) -> None:
         log_metrics(metrics, step=epoch, run_id=self.run_id)
 
+    def on_batch_plan(self, plan) -> None:
+        log_batch_plan(plan, self.run_id)
+
+
+def log_batch_plan(plan, run_id: str | None = None) -> None:
+    """The batch a run trains with: param ``effective_batch_size``, tags ``flame_kd.micro_batch`` and
+    ``flame_kd.accumulate`` (updated when --batch-size auto halves it, with ``flame_kd.batch_auto``
+    saying why), and the memory check's ``memory_step_gib`` / ``memory_available_gib``."""
+    run_id = run_id or active_run_id()
+    client = MlflowClient()
+    if "effective_batch_size" not in client.get_run(run_id).data.params:
+        client.log_param(run_id, "effective_batch_size", str(plan.effective))
+    tags = {TAG + "micro_batch": plan.micro, TAG + "accumulate": plan.accumulate}
+    if plan.note:
+        tags[TAG + "batch_auto"] = plan.note
+    set_tags(tags, run_id=run_id)
+    if plan.need:
+        log_metrics({"memory_step_gib": plan.need / 2**30, "memory_available_gib": plan.have / 2**30}, run_id=run_id)
+
 
 # --- lookups ------------------------------------------------------------------------------------
 
@@ -591,3 +627,155 @@ def load_config(run_id: str, dst: str | Path) -> dict:
         raise FlameKDError(f"config.yaml of run {run_id} is not a flame-kd config (it holds a {type(cfg).__name__})")
     return cfg
 
+
+
+# --- liveness: every run records its host, pid and a heartbeat; later commands fail the lost ones ---
+
+HOST_TAG, PID_TAG, STARTED_TAG, HEARTBEAT_TAG = (TAG + "host", TAG + "pid", TAG + "process_started",
+                                                 TAG + "heartbeat")
+END_REASON_TAG = TAG + "end_reason"
+HEARTBEAT_EVERY = 60.0  # seconds between heartbeats of a run (at most one write a minute)
+HEARTBEAT_TIMEOUT_ENV = "FLAME_KD_HEARTBEAT_TIMEOUT"
+HEARTBEAT_TIMEOUT = 600.0  # a run on another host with no heartbeat for this long is lost
+_owned: dict[str, str] = {}  # run id -> tracking URI: the runs this process keeps alive
+_beat_lock = threading.Lock()
+_beat_thread = None
+
+
+def _utc(seconds: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
+
+
+def _process_started(pid: int) -> float | None:
+    import psutil
+
+    try:
+        return psutil.Process(pid).create_time()
+    except (psutil.NoSuchProcess, psutil.ZombieProcess):
+        return None
+    except psutil.AccessDenied:
+        return -1.0  # alive, and not ours to read
+
+
+def claim_run(run_id: str) -> None:
+    """Record this host, pid (with the process's start time, against pid reuse) and a heartbeat on
+    the run, and keep the heartbeat fresh (a thread, once a minute) until ``release_run``."""
+    global _beat_thread
+    now = time.time()
+    with contextlib.suppress(Exception):
+        set_tags({HOST_TAG: socket.gethostname(), PID_TAG: os.getpid(),
+                  STARTED_TAG: f"{_process_started(os.getpid()):.2f}", HEARTBEAT_TAG: _utc(now)}, run_id=run_id)
+    with _beat_lock:
+        _owned[run_id] = mlflow.get_tracking_uri()
+        if _beat_thread is None or not _beat_thread.is_alive():
+            _beat_thread = threading.Thread(target=_beat, name="flame-kd heartbeat", daemon=True)
+            _beat_thread.start()
+
+
+def release_run(run_id: str) -> None:
+    """Stop the heartbeat of a run that has ended."""
+    with _beat_lock:
+        _owned.pop(run_id, None)
+
+
+def _beat() -> None:
+    while True:
+        time.sleep(HEARTBEAT_EVERY)
+        with _beat_lock:
+            owned = dict(_owned)
+        for run_id, uri in owned.items():
+            with contextlib.suppress(Exception):  # a store that hiccups misses one beat, not the run
+                MlflowClient(uri).set_tag(run_id, HEARTBEAT_TAG, _utc(time.time()))
+
+
+def heartbeat_timeout() -> float:
+    """Seconds without a heartbeat after which a run on another host counts as lost
+    ($FLAME_KD_HEARTBEAT_TIMEOUT, default 600)."""
+    try:
+        return float(os.environ.get(HEARTBEAT_TIMEOUT_ENV) or HEARTBEAT_TIMEOUT)
+    except ValueError:
+        return HEARTBEAT_TIMEOUT
+
+
+def lost_reason(tags: dict[str, str], host: str, now: float, timeout: float) -> str | None:
+    """Why a RUNNING run is lost, or None while its process may still be at work: ``process gone``
+    (this host, and its pid is dead or now another process), ``heartbeat lost`` (another host, and no
+    heartbeat for ``timeout`` seconds). Runs without flame-kd's host and pid tags are left alone."""
+    if HOST_TAG not in tags or PID_TAG not in tags:
+        return None
+    if tags[HOST_TAG] == host:
+        try:
+            pid, started = int(tags[PID_TAG]), float(tags.get(STARTED_TAG, "-1"))
+        except ValueError:
+            return None
+        seen = _process_started(pid)
+        if seen is None or (seen >= 0 and started >= 0 and abs(seen - started) > 1.0):
+            return "process gone"
+        return None
+    try:
+        beat = calendar.timegm(time.strptime(tags.get(HEARTBEAT_TAG, ""), "%Y-%m-%dT%H:%M:%SZ"))
+    except ValueError:
+        return None
+    return "heartbeat lost" if now - beat > timeout else None
+
+
+def reap_lost_runs() -> list[tuple[str, str]]:
+    """Mark every RUNNING run whose process is gone (this host) or whose heartbeat is stale (another
+    host) FAILED, with ``flame_kd.end_reason`` and a one-line ``flame_kd.error``; ``--resume true``
+    still continues them. Returns (run id, reason) of each. Every command that opens the store runs it."""
+    client, host, now, timeout = MlflowClient(), socket.gethostname(), time.time(), heartbeat_timeout()
+    ids = all_experiment_ids()
+    if not ids:
+        return []
+    reaped = []
+    for r in client.search_runs(ids, "attributes.status = 'RUNNING'", max_results=1000):
+        tags = r.data.tags
+        reason = lost_reason(tags, host, now, timeout)
+        if reason is None or r.info.run_id in _owned:
+            continue
+        if reason == "process gone":
+            why = f"process {tags[PID_TAG]} on {tags[HOST_TAG]} is gone (killed, or out of memory)"
+        else:
+            why = f"no heartbeat from {tags[HOST_TAG]} since {tags.get(HEARTBEAT_TAG)}"
+        client.set_tag(r.info.run_id, END_REASON_TAG, reason)
+        client.set_tag(r.info.run_id, TAG + "error", f"{why}; `--resume true` continues it from its last checkpoint")
+        client.set_terminated(r.info.run_id, "FAILED")
+        log.warning("run %s (%s) marked FAILED: %s", r.info.run_id, r.info.run_name, why)
+        reaped.append((r.info.run_id, reason))
+    return reaped
+
+
+def _set_end_reason(run_id: str, reason: str | None) -> None:
+    """``flame_kd.end_reason``: why a run ended other than FINISHED (removed when it finishes)."""
+    with contextlib.suppress(Exception):
+        client = MlflowClient()
+        if reason:
+            client.set_tag(run_id, END_REASON_TAG, reason)
+        elif END_REASON_TAG in client.get_run(run_id).data.tags:
+            client.delete_tag(run_id, END_REASON_TAG)
+
+
+def name_env_run(name: str) -> None:
+    """Give ``mlflow run``'s run (MLFLOW_RUN_ID) flame-kd's run name and claim it (host, pid,
+    heartbeat) at the start of a command, so a command that fails early leaves no nameless run."""
+    run_id = os.environ.get("MLFLOW_RUN_ID")
+    if not run_id:
+        return
+    with contextlib.suppress(Exception):
+        MlflowClient().set_tag(run_id, "mlflow.runName", name)
+        claim_run(run_id)
+
+
+def fail_env_run(err: BaseException) -> None:
+    """A command ended with ``err`` before its ``mlflow run`` run was ended: end that run FAILED
+    with the message and reason (the CLI calls this on any flame-kd error)."""
+    run_id = os.environ.get("MLFLOW_RUN_ID")
+    if not run_id:
+        return
+    with contextlib.suppress(Exception):
+        run = MlflowClient().get_run(run_id)
+        if run.info.status != "RUNNING":
+            return
+        _set_end_reason(run_id, getattr(err, "end_reason", "error"))
+        _end(run_id, "FAILED", _error_text(err))
+        release_run(run_id)

@@ -22,7 +22,7 @@ import torch
 from filelock import FileLock, Timeout
 
 from flame_kd import plots, tracking
-from flame_kd.config import DataConfig, TrackingConfig, TrainConfig, best_name, flatten
+from flame_kd.config import DataConfig, TrackingConfig, TrainConfig, best_name, flatten, micro_batch
 from flame_kd.data.dataset import FrameCache, PairedFrames, build_cache, make_loader
 from flame_kd.data.labels import find_label_ranges
 from flame_kd.data.schema import data_digest, load_frames
@@ -81,13 +81,14 @@ def load_data(cfg: DataConfig, seed: int, device: torch.device, augment: str | N
     cache_dir = cfg.cache_dir or str(cache_home() / "frames")
     cache = build_cache(frames, cfg.image_size, cfg.cache, device, cache_dir=cache_dir, data_digest=digest)
     loaders = {}
+    batch = micro_batch(cfg.batch_size)  # `auto` starts at 64; the trainer halves it when a step does not fit
     for name in ("train", "val", "test"):
         aug = (augment or cfg.augment) if name == "train" else "none"
         ds = PairedFrames(frames, split.indices(name), cfg.image_size, augment=aug, cache=cache, seed=seed,
                           augment_on=augment_place(cfg.augment_on, device))
         train = name == "train"  # a last training batch of one frame would break BatchNorm: dropped
-        loaders[name] = make_loader(ds, cfg.batch_size, shuffle=train, cfg=cfg, device=str(device), seed=seed,
-                                    drop_last=train and len(ds) > cfg.batch_size)
+        loaders[name] = make_loader(ds, batch, shuffle=train, cfg=cfg, device=str(device), seed=seed,
+                                    drop_last=train and len(ds) > batch)
     return Data(frames, split, digest, cache, loaders, cfg)
 
 
@@ -107,7 +108,7 @@ def make_data_split(frames: pd.DataFrame, cfg: DataConfig, seed: int, digest: st
                         ranges=find_label_ranges(cfg.csv), gap=cfg.gap, thumbs=thumbs)
 
 
-VOLATILE = ("tracking", "resume", "checkpoint_dir", "device", "num_workers", "pin_memory",
+VOLATILE = ("tracking", "resume", "checkpoint_dir", "device", "num_workers", "pin_memory", "memory_check",
             "persistent_workers", "cache", "cache_dir", "progress", "augment_on", "compile",
             "csv", "root")  # where the data lies: the data digest says what it is
 
@@ -303,8 +304,9 @@ def tracked_fit(plan: FitPlan, attach_env: bool = True, parent_run_id: str | Non
             lock.acquire()
         try:
             hooks = [tracking.MlflowCallback(), ConsoleCallback(plan.label, plan.train.epochs), *callbacks]
-            trainer = Trainer(plan.model, plan.task, plan.train, ckpt, hooks, plan.device)
-            state = trainer.fit(plan.data.loaders["train"], plan.data.loaders["val"], resume=resume_id is not None)
+            trainer = Trainer(plan.model, plan.task, plan.train, ckpt, hooks, plan.device, name=plan.label)
+            state = trainer.fit(plan.data.loaders["train"], plan.data.loaders["val"], resume=resume_id is not None,
+                                auto_batch=plan.data.config.batch_size == "auto")
             yield Fitted(run_id, trainer, state)
             keep_best_checkpoint(state, ckpt)
         finally:

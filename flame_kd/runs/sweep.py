@@ -239,7 +239,7 @@ def run_sweep(cfg: SweepConfig) -> optuna.Study:
     uri = tracking.configure(d.tracking.tracking_uri)
     cfg.storage = resolve_storage(cfg.storage, uri)
     storage = make_storage(cfg.storage, cfg)
-    prep = prepare(d)  # data + teacher + cached outputs, once for every trial
+    prep = prepare(d, env_name=f"sweep {cfg.study_name} worker")  # data + teacher + cached outputs, once for every trial
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # a failed trial is one line of ours, no traceback
     study, created = open_study(cfg, storage, d.train.seed)
     parent_id = parent_run(study, created, cfg, prep)
