@@ -309,6 +309,28 @@ def ablation(spec: str, tracking_uri: str | None, **o) -> None:
     click.echo(f"ablation run {parent}")
 
 
+@main.command()
+@click.option("--model-uri", type=str, default=None, callback=_none_if_empty,
+              help="Serve this model (models:/..., runs:/<id>/model). Default: the newest version of --name "
+                   "aliased champion or pareto-best.")
+@click.option("--name", type=str, default="flame-kd-student", show_default=True, help="Registered model name.")
+@click.option("--host", type=str, default="127.0.0.1", show_default=True, help="Address to listen on (loopback).")
+@click.option("--port", type=click.IntRange(1, 65535), default=5001, show_default=True)
+@click.option("--tracking-uri", type=str, default=None, callback=_none_if_empty,
+              help="Default: MLFLOW_TRACKING_URI, else MLflow's sqlite:///mlflow.db.")
+@click.option("--dry-run", is_flag=True, help="Print the model and the command, start nothing.")
+def serve(model_uri: str | None, name: str, host: str, port: int, tracking_uri: str | None, dry_run: bool) -> None:
+    """Serve the registered student over REST (`mlflow models serve` on this environment, the venv's
+    bin on PATH): POST uint8 frames as JSON to http://HOST:PORT/invocations."""
+    import os
+
+    from flame_kd import serving
+
+    argv, env = serving.plan(model_uri, name, host, port, tracking_uri)
+    if not dry_run:
+        os.execve(argv[0], argv, env)  # the server replaces this process: Ctrl-C stops it directly
+
+
 @main.command("ui-url")
 @click.option("--experiment", type=str, default="flame-kd", show_default=True)
 @click.option("--host", type=str, default="http://127.0.0.1:5000", show_default=True, help="Where `mlflow ui` listens.")

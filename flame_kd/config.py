@@ -174,9 +174,10 @@ class TrackingConfig:
     experiment: str | None = opt(None, "MLflow experiment; default: mlflow run's, else flame-kd.")
     run_name: str | None = opt(None, "Run name; default: built from the run's settings.")
     tracking_uri: str | None = opt(None, "Default: MLFLOW_TRACKING_URI, else MLflow's sqlite:///mlflow.db.")
-    log_model: bool = opt(True, "Log the model with mlflow.pytorch at the end of the run.")
+    log_model: bool = opt(True, "Log the model (a servable MLflow model, pt2) at the end of the run.")
     register: bool = opt(False, "Register the logged model as a new version of --register-as, described by "
-                                "its test F1, teacher and loss.")
+                                "its test F1, teacher and loss; a distilled student also takes the alias champion "
+                                "when its best val score beats the champion's on the same data and split.")
     register_as: str = opt("flame-kd-student", "Registered model name (with --register).")
     system_metrics: bool | None = opt(None, "MLflow system metrics (CPU, memory; GPU utilisation and memory "
                                             "through nvidia-ml-py); default: on when training on CUDA.")
@@ -301,7 +302,7 @@ class AblationSpec:
     student_epochs: int | None = opt(None, "Student epochs (None: 30, the original pipeline's).")
     device: str = opt("auto", "auto | cpu | cuda | mps.")
     experiment: str | None = opt(None, "MLflow experiment; default: mlflow run's, else flame-kd.")
-    log_models: bool = opt(True, "Each cell's student through mlflow.pytorch (not registered).", expose=False)
+    log_models: bool = opt(True, "Each cell's student as a servable MLflow model (not registered).", expose=False)
 
     def digest(self) -> str:
         import hashlib
