@@ -48,8 +48,11 @@ class _StoppableGroup(click.Group):
         try:  # off a terminal, a heartbeat whenever nothing was printed for 30 s
             with progress.stage(" ".join(["flame-kd", *words]), quiet=True):
                 super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
-        except click.exceptions.Abort as err:  # click turns KeyboardInterrupt into Abort
+        except click.exceptions.Abort as err:  # click turns KeyboardInterrupt (and EOFError) into Abort
             cause = err.__cause__
+            if isinstance(cause, EOFError):  # a file that ends early, not a signal
+                _show_unexpected(cause)
+                sys.exit(1)
             signum = cause.signum if isinstance(cause, Preempted) else signal.SIGINT
             click.echo(f"flame-kd: stopped by {signal.Signals(signum).name}; "
                        "`--resume true` continues the run", err=True)
@@ -60,10 +63,29 @@ class _StoppableGroup(click.Group):
             sys.exit(err.exit_code)
         except click.exceptions.Exit as err:
             sys.exit(err.exit_code)
+        except Exception as err:  # noqa: BLE001 (the last resort: no secret and no MLflow traceback shown)
+            _fail_env_run(err)
+            _show_unexpected(err)
+            sys.exit(1)
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
         sys.exit(0)
+
+
+def _show_unexpected(err: BaseException) -> None:
+    """An error no flame-kd check named: MLflow's and the network's in one redacted line (they are
+    about the store, not flame-kd), anything else as a redacted traceback (a bug to report)."""
+    import traceback
+
+    from flame_kd.redaction import redact
+
+    module = type(err).__module__.split(".")[0]
+    if module in ("mlflow", "requests", "urllib3", "sqlalchemy") or isinstance(err, (EOFError, OSError)):
+        text = (str(getattr(err, "message", None) or err).strip().splitlines() or [""])[0][:500]
+        click.echo(redact(f"Error: {type(err).__name__}: {text}"), err=True)
+        return
+    click.echo(redact("".join(traceback.format_exception(err))), err=True, nl=False)
 
 
 def _fail_env_run(err: BaseException) -> None:

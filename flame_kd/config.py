@@ -260,14 +260,14 @@ class EmbedConfig:
     architecture: str | None = opt(None, "Teacher or student name (with --checkpoint).")
     fusion: str = opt("late", "Teacher fusion (with --checkpoint).", choices=("late", "early"))
     csv: str | None = opt(None, "Frames CSV; default: the run's.", cli="data")
-    image_size: int = opt(224, "Frame size (with --checkpoint; a run knows its own).")
+    image_size: int = opt(224, "Frame size (with --checkpoint; a run knows its own).", ge=8)
     split: str = opt("test", "Which split's features to embed.", choices=("train", "val", "test"))
     method: str = opt("umap", "Embedding method.", choices=("tsne", "umap"))
-    perplexity: float = opt(30.0, "t-SNE perplexity.")
-    learning_rate: float = opt(200.0, "t-SNE learning rate.")
-    n_iter: int = opt(1000, "t-SNE iterations.")
-    n_neighbors: int = opt(15, "UMAP neighbours.")
-    min_dist: float = opt(0.1, "UMAP minimum distance.")
+    perplexity: float = opt(30.0, "t-SNE perplexity.", gt=0)
+    learning_rate: float = opt(200.0, "t-SNE learning rate.", gt=0)
+    n_iter: int = opt(1000, "t-SNE iterations (scikit-learn takes 250 or more).", ge=250)
+    n_neighbors: int = opt(15, "UMAP neighbours.", ge=2)
+    min_dist: float = opt(0.1, "UMAP minimum distance.", ge=0)
     metric: str = opt("euclidean", "UMAP metric.", choices=("euclidean", "manhattan", "cosine", "correlation"))
     max_samples: int = opt(2000, "Frames embedded at most (a seeded sample).", ge=2)
     seed: int = opt(42, "Seed of the sample and the embedding.")
@@ -310,9 +310,10 @@ class AblationSpec:
         return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def check_ranges(cfg: Any, path: str = "") -> None:
+def check_ranges(cfg: Any, path: str = "", names: dict[str, str] | None = None) -> None:
     """Every number within its field's bounds (``opt(gt=...)``), before any data is read; a
-    ``ConfigError`` names the first that is not (``train.lr must be > 0, got -1.0``)."""
+    ``ConfigError`` names the first that is not (``train.lr must be > 0, got -1.0``), by its
+    command-line flag when ``names`` maps the dotted path to one (``--lr must be > 0, got -1 (train.lr)``)."""
     from flame_kd.errors import ConfigError
 
     words = {"gt": (">", lambda v, b: v > b), "ge": (">=", lambda v, b: v >= b),
@@ -320,12 +321,16 @@ def check_ranges(cfg: Any, path: str = "") -> None:
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
         if dataclasses.is_dataclass(value):
-            check_ranges(value, f"{path}{f.name}.")
+            check_ranges(value, f"{path}{f.name}.", names)
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            dotted = f"{path}{f.name}"
+            name = f"{names[dotted]} ({dotted})" if names and dotted in names else dotted
+            if f.metadata.get("bounds") and (value != value or value in (float("inf"), float("-inf"))):
+                raise ConfigError(f"{name} must be a finite number, got {value:g}")
             for kind, bound in f.metadata.get("bounds", {}).items():
                 word, ok = words[kind]
-                if not ok(value, bound) or value != value:  # NaN fails every bound
-                    raise ConfigError(f"{path}{f.name} must be {word} {bound:g}, got {value:g}")
+                if not ok(value, bound):
+                    raise ConfigError(f"{name} must be {word} {bound:g}, got {value:g}")
 
 
 def to_dict(cfg: Any) -> dict:

@@ -9,10 +9,12 @@ task, optimizer, scheduler, AMP scaler, early-stopping state, RNG states and epo
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 import os
 import pickle
 import random
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -203,27 +205,107 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
-    """``torch.load`` with ``weights_only=True``: tensors and plain data only, so a checkpoint from
-    elsewhere (a shared tracking server, a download) can never run code here. Anything else is
-    refused with one line naming the file."""
+CHECKSUM = "flame_kd_checksum"  # written into every checkpoint and teacher-outputs file: blake2b of its contents
+
+
+def content_checksum(obj: Any) -> str:
+    """blake2b of a checkpoint's contents (every tensor's dtype, shape and bytes, every plain value),
+    walked in a fixed order: a flipped byte anywhere in a tensor changes it, which the zip container
+    torch.save writes does not check."""
+    h = hashlib.blake2b(digest_size=16)
+
+    def walk(x: Any) -> None:
+        if isinstance(x, torch.Tensor):
+            t = x.detach().reshape(-1).contiguous().cpu()
+            h.update(f"T{t.dtype}{tuple(x.shape)}".encode())
+            h.update(memoryview(t.view(torch.uint8).numpy()) if t.numel() else b"")
+        elif isinstance(x, dict):
+            h.update(b"D%d" % len(x))
+            for k in sorted(x, key=str):
+                h.update(repr(k).encode())
+                walk(x[k])
+        elif isinstance(x, (list, tuple)):
+            h.update(b"L%d" % len(x))
+            for v in x:
+                walk(v)
+        else:
+            h.update(repr(x).encode())
+
+    walk(obj)
+    return h.hexdigest()
+
+
+def seal(obj: dict) -> dict:
+    """``obj`` with its ``content_checksum``, for ``load_checkpoint`` to verify."""
+    return {**obj, CHECKSUM: content_checksum(obj)}
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return (lines[0] if lines else type(err).__name__)[:200]
+
+
+def load_checkpoint(path: str | Path, map_location: Any = "cpu", *, what: str = "checkpoint",
+                    run_id: str | None = None, keys: tuple[str, ...] = ()) -> dict:
+    """The one ``torch.load`` of flame-kd: ``weights_only=True`` (tensors and plain data only, so a
+    file from elsewhere, a shared tracking server, a download, can never run code here); a dict with
+    ``keys``; its checksum, when it carries one (every file flame-kd writes does), verified. Anything
+    else is refused in one line naming the file, its run (``run_id``) and ``what`` it should be."""
+    from flame_kd.errors import ConfigError
+    from flame_kd.files import not_regular
+
+    label = f"{what} {path}" + (f" (run {run_id})" if run_id else "")
+    why = not_regular(path)
+    if why is not None:
+        raise ConfigError(f"cannot read {label}: {why}")
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"(?i)GLOBAL ([\w.]+)", str(err))
+        if found:  # a pickled callable: what an attack (or a foreign object) looks like
+            raise ConfigError(f"refused to load {label}: it holds more than tensors and plain data (a reference "
+                              f"to {found.group(1)}), which no flame-kd file does, and loading it could run code") from None
+        raise ConfigError(f"cannot read {label}: not a readable torch file, truncated or corrupted") from None
+    except Exception as err:  # noqa: BLE001 (torch raises many types for a truncated or foreign file)
+        raise ConfigError(f"cannot read {label}: not a readable torch file, truncated or corrupted "
+                          f"({type(err).__name__}: {_first_line(err)})") from None
+    if not isinstance(obj, dict):
+        raise ConfigError(f"cannot use {label}: it holds a {type(obj).__name__}, not a flame-kd {what} (a dict)")
+    missing = [k for k in keys if k not in obj]
+    if missing:
+        raise ConfigError(f"cannot use {label}: it lacks {', '.join(missing)}: not a flame-kd {what}")
+    stored = obj.pop(CHECKSUM, None)
+    if stored is not None and content_checksum(obj) != stored:
+        raise ConfigError(f"cannot use {label}: it is corrupted (its contents do not match the checksum "
+                          "written with it)")
+    return obj
+
+
+def load_weights(module: nn.Module, state: Any, label: str) -> None:
+    """``module.load_state_dict(state)``, or one line: the file was saved for another architecture."""
     from flame_kd.errors import ConfigError
 
+    if not isinstance(state, dict):
+        raise ConfigError(f"cannot use {label}: its weights are a {type(state).__name__}, not a state dict")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as err:
-        detail = str(err).split("\n")[0][:200]
-        raise ConfigError(f"refused to load {path}: it holds more than tensors and plain data, which no "
-                          f"flame-kd checkpoint does, and loading it could run code ({detail})") from None
-    except (OSError, RuntimeError, EOFError) as err:
-        raise ConfigError(f"cannot read checkpoint {path}: {str(err).splitlines()[0][:200]}") from None
+        module.load_state_dict(state)
+    except Exception as err:  # noqa: BLE001 (RuntimeError listing every key; a shape mismatch; a non-tensor)
+        have, want = set(state), set(module.state_dict())
+        detail = (f"{len(want - have)} missing and {len(have - want)} unexpected of {len(want)} weights"
+                  if have != want else _first_line(err).split(":", 1)[-1].strip()[:160])
+        raise ConfigError(f"cannot use {label}: its weights do not fit {type(module).__name__} ({detail}); "
+                          "was it saved for another architecture or image size?") from None
 
 
 def atomic_save(obj: Any, path: Path) -> None:
-    """torch.save to a temp name, then rename: a crash never leaves half a checkpoint."""
+    """torch.save (with a checksum of its contents, when a dict) to a temp name, then rename: a crash
+    never leaves half a checkpoint, and a corrupted one is refused at load."""
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
+    torch.save(seal(obj) if isinstance(obj, dict) else obj, tmp)
     os.replace(tmp, path)
+
+
+LAST_KEYS = ("model", "task", "optimizer", "scheduler", "scaler", "state", "rng")
 
 
 class Trainer:
@@ -297,16 +379,21 @@ class Trainer:
         path = self.checkpoint_dir / "last.pt"
         if not path.exists():
             return False
-        ckpt = load_checkpoint(path, self.device)
-        self.model.load_state_dict(ckpt["model"])
-        for m, sd in zip(self.task.modules(), ckpt["task"]):
-            m.load_state_dict(sd)
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scheduler.load_state_dict(ckpt["scheduler"])
-        self.scaler.load_state_dict(ckpt["scaler"])
-        for k, v in ckpt["state"].items():
-            setattr(self.state, k, v)
-        _set_rng_state(ckpt["rng"])
+        ckpt = load_checkpoint(path, self.device, what="last checkpoint", keys=LAST_KEYS)
+        label = f"last checkpoint {path}"
+        self._load_weights(ckpt, label)
+        try:
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.scheduler.load_state_dict(ckpt["scheduler"])
+            self.scaler.load_state_dict(ckpt["scaler"])
+            for k, v in ckpt["state"].items():
+                setattr(self.state, k, v)
+            _set_rng_state(ckpt["rng"])
+        except Exception as err:  # noqa: BLE001 (a file of the right keys but not this run's training state)
+            from flame_kd.errors import ConfigError
+
+            raise ConfigError(f"cannot resume from {label}: its training state does not fit this run "
+                              f"({type(err).__name__}: {_first_line(err)})") from None
         self.state.last_path = path
         best = self.checkpoint_dir / "best.pt"
         self.state.best_path = best if best.exists() else None
@@ -315,10 +402,19 @@ class Trainer:
     def load_best(self) -> None:
         """Put the best checkpoint's weights back into the model (and task modules)."""
         path = self.state.best_path or self.checkpoint_dir / "best.pt"
-        ckpt = load_checkpoint(path, self.device)
-        self.model.load_state_dict(ckpt["model"])
-        for m, sd in zip(self.task.modules(), ckpt["task"]):
-            m.load_state_dict(sd)
+        ckpt = load_checkpoint(path, self.device, what="best checkpoint", keys=("model", "task"))
+        self._load_weights(ckpt, f"best checkpoint {path}")
+
+    def _load_weights(self, ckpt: dict, label: str) -> None:
+        load_weights(self.model, ckpt["model"], label)
+        modules = self.task.modules()
+        if not isinstance(ckpt["task"], list) or len(ckpt["task"]) != len(modules):
+            from flame_kd.errors import ConfigError
+
+            raise ConfigError(f"cannot use {label}: it holds {len(ckpt['task']) if isinstance(ckpt['task'], list) else 'no'} "
+                              f"task module(s), this run has {len(modules)}")
+        for m, sd in zip(modules, ckpt["task"]):
+            load_weights(m, sd, label)
 
     # --- the loop --------------------------------------------------------------------------------
     def _autocast(self):

@@ -28,6 +28,15 @@ class RunFailed(FlameKDError):
     exit_code = 1
 
 
+class ServerLost(RunFailed):
+    """The tracking server went away during run ``run_id``: its checkpoint is kept, and the run is
+    marked FAILED there by the next flame-kd run on the same store (``experiment.mark_lost_runs``)."""
+
+    def __init__(self, message: str, run_id: str):
+        self.run_id = run_id
+        super().__init__(message)
+
+
 class Preempted(KeyboardInterrupt):
     """The process was told to stop (SIGTERM from Kaggle, Slurm, Kubernetes or ``timeout``; SIGINT).
 

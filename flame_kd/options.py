@@ -219,4 +219,8 @@ def build_config(config_cls: type, sections: tuple[Section, ...], values: dict[s
             continue
         for path in (x.section.path, *x.section.also):
             setattr(_resolve(cfg, path), x.field.name, value)
+    from flame_kd.config import check_ranges  # config builds its sections from this module
+
+    flags = {path: "--" + ident.replace("_", "-") for ident, (path, _) in option_values(cfg, sections).items()}
+    check_ranges(cfg, names=flags)  # a number out of range is named by the flag the user typed
     return cfg

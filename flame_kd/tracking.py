@@ -7,7 +7,6 @@ with the reason in the ``flame_kd.error`` tag, so nothing logged before is lost.
 
 from __future__ import annotations
 
-import base64
 import calendar
 import contextlib
 import functools
@@ -19,9 +18,7 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 import warnings
 from pathlib import Path
 from typing import Any, Iterator
@@ -31,7 +28,8 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from flame_kd.engine import Callback, FitState
-from flame_kd.errors import FlameKDError, Preempted
+from flame_kd.errors import FlameKDError, Preempted, ServerLost
+from flame_kd.redaction import redact, redact_all, redact_logging, remember_secrets  # noqa: F401 (tracking.redact is the API)
 
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"  # else MLflow 3.17's UI opens the experiment as GenAI
@@ -39,43 +37,28 @@ TAG = "flame_kd."
 log = logging.getLogger("flame_kd")
 
 
-# userinfo up to the LAST @ of the token (a password may hold / or @), and secret query parameters
-_USERINFO = re.compile(r"(?<=://)[^\s]*@(?=[^@\s]*$)|(?<=://)[^\s]*@(?=[^@\s]*\s)")
-_SECRET_QUERY = re.compile(r"(?i)([?&;](?:[a-z_]*password|passwd|pwd|[a-z_]*token|[a-z_]*secret|[a-z_]*key)=)[^&;\s]*")
-
-
-def redact(uri: str | None) -> str:
-    """Drop credentials from a URL or a message holding one: ``postgresql://user:pw@host`` ->
-    ``postgresql://***@host``, ``...?password=pw`` -> ``...?password=***``."""
-    if uri is None:
-        return ""
-    text = " ".join(_USERINFO.sub("***@", word) if "://" in word else word for word in str(uri).split(" "))
-    return _SECRET_QUERY.sub(r"\1***", text)
-
-
-def redact_all(obj: Any) -> Any:
-    """``redact`` every string in a nested config, so no credential reaches a param or artifact."""
-    if isinstance(obj, dict):
-        return {k: redact_all(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(redact_all(v) for v in obj)
-    return redact(obj) if isinstance(obj, str) else obj
-
-
 def configure(tracking_uri: str | None = None) -> str:
     """Point MLflow at ``tracking_uri`` (else MLFLOW_TRACKING_URI, else MLflow's default store).
 
-    An HTTP server is probed once so an unreachable one is one clear error, not minutes of retries.
-    MLflow's artifact download bars show on a terminal only (in a log they run together on one line).
+    An HTTP server is probed once so an unreachable one is one clear error, not minutes of retries;
+    any other store MLflow cannot open is one line too. MLflow's "View run" line is flame-kd's own,
+    redacted (``_end``). MLflow's artifact download bars show on a terminal only (in a log they run
+    together on one line).
     """
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", str(sys.stderr.isatty()).lower())
+    os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"  # it prints user:password@ as given
+    remember_secrets(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"))
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
     uri = mlflow.get_tracking_uri()
+    remember_secrets(uri)
+    redact_logging()
     if uri.startswith(("http://", "https://")):
         _probe(uri)
     elif uri.startswith("sqlite:///"):
         _create_sqlite_store(uri)
+    else:
+        _open_store(uri)
     _reap_quietly()
     return uri
 
@@ -88,25 +71,59 @@ def _reap_quietly() -> None:
         log.debug("could not check for lost runs: %s", err)
 
 
-def _probe(uri: str) -> None:
-    """One GET of the server's /health, with any ``user:password@`` sent as basic auth, so a wrong
-    URL is one clear line instead of minutes of retries; the password is never printed."""
-    parts = urllib.parse.urlsplit(uri)
-    netloc = parts.hostname or ""
-    if parts.port:
-        netloc += f":{parts.port}"
-    request = urllib.request.Request(urllib.parse.urlunsplit(parts._replace(netloc=netloc)).rstrip("/") + "/health")
-    if parts.username is not None:
-        token = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
-        request.add_header("Authorization", "Basic " + base64.b64encode(token.encode()).decode())
+def _open_store(uri: str) -> None:
+    """Any other store (PostgreSQL, MySQL, a typo) opened once: what MLflow says, in one line."""
+    from mlflow.tracking._tracking_service.utils import _get_store
+
     try:
-        urllib.request.urlopen(request, timeout=10).read()
-    except urllib.error.HTTPError as err:
-        raise FlameKDError(f"{redact(uri)} answered HTTP {err.code} ({err.reason}) on /health: "
-                           "is it an MLflow tracking server, and are the credentials right?") from None
-    except (urllib.error.URLError, OSError, ValueError) as err:
-        reason = getattr(err, "reason", err)
-        raise FlameKDError(f"MLflow tracking server {redact(uri)} is unreachable: {redact(str(reason))}") from None
+        _get_store(uri)
+    except Exception as err:  # an unknown scheme, a file store (MLflow 3 refuses), a driver missing
+        raise FlameKDError(f"--tracking-uri {redact(uri)}: MLflow cannot use it as a tracking store "
+                           f"({_first_sentence(err)}); try http://host:port or sqlite:///mlflow.db") from None
+
+
+def _first_sentence(err: BaseException) -> str:
+    text = str(getattr(err, "message", None) or err).strip() or type(err).__name__
+    return redact(text.splitlines()[0].split(". ")[0])[:300]
+
+
+_REASONS = re.compile(r"\[Errno [^\]]+\][^'\")]*|CERTIFICATE_VERIFY_FAILED[^'\")]*|[Rr]ead timed out|"
+                      r"Name or service not known|Connection refused|Connection reset by peer|"
+                      r"Remote end closed connection without response|timed out")
+
+
+def short_reason(err: BaseException | str) -> str:
+    """The cause inside a urllib3/requests/MLflow error ("[Errno 111] Connection refused"), redacted."""
+    text = str(getattr(err, "message", None) or err)
+    found = _REASONS.search(text)
+    return redact(found.group().strip() if found else (text.splitlines() or [type(err).__name__])[0])[:300]
+
+
+PROBE_RETRIES = 2  # a server just starting gets a second look; a wrong URL still fails in seconds
+
+
+def _probe(uri: str) -> None:
+    """One GET of the server's /health through MLflow's own HTTP layer and settings (basic auth from
+    the URL or MLFLOW_TRACKING_USERNAME/PASSWORD, a token, MLFLOW_TRACKING_INSECURE_TLS,
+    MLFLOW_TRACKING_SERVER_CERT_PATH, client certificates), so whatever setup MLflow accepts passes,
+    and a wrong one is one clear line instead of minutes of retries; no credential is printed."""
+    from mlflow.utils.credentials import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request
+
+    try:
+        parts = urllib.parse.urlsplit(uri)
+        _ = parts.port  # a port out of range raises here
+        if not parts.hostname:
+            raise ValueError("no host name")
+        response = http_request(get_default_host_creds(uri.rstrip("/")), "/health", "GET", max_retries=PROBE_RETRIES,
+                                backoff_factor=0.5, timeout=10, raise_on_status=False)
+    except ValueError as err:
+        raise FlameKDError(f"--tracking-uri {redact(uri)} is not a usable URL: {redact(str(err))}") from None
+    except Exception as err:  # MLflow wraps requests' connection, TLS and timeout errors
+        raise FlameKDError(f"MLflow tracking server {redact(uri)} is unreachable: {short_reason(err)}") from None
+    if response.status_code != 200:
+        raise FlameKDError(f"{redact(uri)} answered HTTP {response.status_code} ({response.reason}) on /health: "
+                           "is it an MLflow tracking server, and are the credentials right?")
 
 
 def _create_sqlite_store(uri: str) -> None:
@@ -139,12 +156,17 @@ def ensure_experiment(name: str | None) -> str:
     if exp is None:
         try:
             exp_id = client.create_experiment(name)
-        except mlflow.exceptions.MlflowException:  # created by a concurrent worker meanwhile
-            exp_id = client.get_experiment_by_name(name).experiment_id
+        except mlflow.exceptions.MlflowException as err:  # created by a concurrent worker meanwhile, or refused
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                shown = name if len(name) <= 80 else name[:77] + "..."
+                raise FlameKDError(f"--experiment {shown!r}: MLflow cannot create it ({_first_sentence(err)})") from None
+            exp_id = exp.experiment_id
     else:
         exp_id = exp.experiment_id
-        if exp.lifecycle_stage == "deleted":
-            client.restore_experiment(exp_id)
+        if exp.lifecycle_stage == "deleted":  # restoring it silently would undo the user's delete
+            raise FlameKDError(f"--experiment {name!r} was deleted (experiment {exp_id}, in MLflow's trash): restore "
+                               f"it with `mlflow experiments restore --experiment-id {exp_id}`, or choose another name")
     tag_experiment(exp_id)
     return exp_id
 
@@ -243,6 +265,10 @@ def run(
     except BaseException as err:
         _set_end_reason(run_id, getattr(err, "end_reason", "error"))
         _end(run_id, "FAILED", _error_text(err))
+        if isinstance(err, Exception) and server_lost(err):
+            raise ServerLost(f"lost the MLflow tracking server {redact(mlflow.get_tracking_uri())} during run {run_id} "
+                            f"({short_reason(err)}); its last finished epoch is kept on this machine: "
+                            "`--resume true` continues it once the server is back", run_id) from None
         raise
     else:
         _set_end_reason(run_id, None)
@@ -255,7 +281,8 @@ def run(
 
 def _end(run_id: str, status: str, error: str | None) -> None:
     """End the run with ``status``; its ``flame_kd.error`` says why, and a resumed run that then
-    finishes loses the reason it was stopped before."""
+    finishes loses the reason it was stopped before. Never raises: a server that is gone leaves the
+    run as it was there (``--resume true`` finds it), with one warning line."""
     with contextlib.suppress(Exception):
         client = MlflowClient()
         if error:
@@ -263,11 +290,59 @@ def _end(run_id: str, status: str, error: str | None) -> None:
         elif TAG + "error" in client.get_run(run_id).data.tags:
             client.delete_tag(run_id, TAG + "error")
         mlflow.flush_async_logging()
-    active = mlflow.active_run()
-    if active and active.info.run_id == run_id:
-        mlflow.end_run(status)
-    else:
-        MlflowClient().set_terminated(run_id, status)
+    try:
+        active = mlflow.active_run()
+        if active and active.info.run_id == run_id:
+            mlflow.end_run(status)
+        else:
+            MlflowClient().set_terminated(run_id, status)
+    except Exception as err:
+        log.warning("could not mark run %s %s on %s: %s", run_id, status, redact(mlflow.get_tracking_uri()),
+                    short_reason(err))
+        return
+    _print_run_link(run_id)
+
+
+def _print_run_link(run_id: str) -> None:
+    """MLflow's "View run" line for a server, from a redacted URL (MLflow's own prints the password)."""
+    uri = mlflow.get_tracking_uri()
+    if not uri.startswith(("http://", "https://")):
+        return
+    with contextlib.suppress(Exception):
+        run = MlflowClient().get_run(run_id)
+        url = f"{redact(uri).rstrip('/')}/#/experiments/{run.info.experiment_id}"
+        sys.stdout.write(f"🏃 View run {run.info.run_name} at: {url}/runs/{run_id}\n🧪 View experiment at: {url}\n")
+
+
+def store_key() -> str:
+    """A hash of the tracking URI (credentials included, never stored): which store a file is about."""
+    import hashlib
+
+    return hashlib.sha256(mlflow.get_tracking_uri().encode()).hexdigest()[:16]
+
+
+def mark_failed(run_id: str, reason: str) -> bool:
+    """End a run still RUNNING as FAILED with ``reason`` in ``flame_kd.error``; whether it was."""
+    client = MlflowClient()
+    if client.get_run(run_id).info.status != "RUNNING":
+        return False
+    client.set_tag(run_id, TAG + "error", redact(reason)[:4000])
+    client.set_terminated(run_id, "FAILED")
+    return True
+
+
+def server_lost(err: BaseException) -> bool:
+    """Whether ``err`` is MLflow failing to reach an HTTP tracking server (it went away mid-run)."""
+    import requests
+
+    if not mlflow.get_tracking_uri().startswith(("http://", "https://")):
+        return False
+    if isinstance(err, (requests.exceptions.ConnectionError, requests.exceptions.Timeout)):
+        return True
+    text = str(getattr(err, "message", None) or err)
+    return isinstance(err, mlflow.exceptions.MlflowException) and (
+        "API request to" in text and ("failed with exception" in text or "failed with timeout" in text)
+        or "Max retries exceeded" in text)
 
 
 # --- logging into the active run ------------------------------------------------------------------
@@ -450,10 +525,28 @@ def active_run_id() -> str:
 
 
 class MlflowCallback(Callback):
-    """Per-epoch metrics with ``step=epoch``; resumed runs re-log nothing already logged."""
+    """Per-epoch metrics with ``step=epoch``; a resumed run logs what its checkpoint's history holds
+    and the store lacks (a stop between ``last.pt`` and the epoch's logging, a server that went away),
+    and re-logs nothing already logged."""
 
     def __init__(self, run_id: str | None = None):
         self.run_id = run_id
+
+    def on_fit_start(self, state: FitState) -> None:
+        if not state.epoch or not state.history:
+            return
+        run_id = self.run_id or active_run_id()
+        client = MlflowClient()
+        missing = []
+        for key, values in state.history.items():
+            name = key.replace("@", "_")
+            have = {m.step for m in client.get_metric_history(run_id, name)}
+            missing += [mlflow.entities.Metric(name, float(v), _now_ms(), int(step))
+                        for step, v in values if int(step) not in have]
+        for i in range(0, len(missing), 1000):  # MLflow's log_batch takes at most 1000 metrics
+            client.log_batch(run_id, metrics=missing[i:i + 1000])
+        if missing:
+            log.info("logged %d metric value(s) of earlier epochs the store lacked", len(missing))
 
     def on_epoch_end(self, epoch: int, metrics: dict[str, float], state: FitState) -> None:
         log_metrics(metrics, step=epoch, run_id=self.run_id)
@@ -522,7 +615,17 @@ def list_artifacts(run_id: str, path: str | None = None) -> list[str]:
 
 
 def load_config(run_id: str, dst: str | Path) -> dict:
-    return yaml.safe_load(download(run_id, "config.yaml", dst).read_text())
+    """A run's logged ``config.yaml`` (plain YAML only: a python tag is refused, never run)."""
+    try:
+        cfg = yaml.safe_load(download(run_id, "config.yaml", dst).read_text())
+    except yaml.YAMLError as err:
+        reason = str(err).strip().splitlines()[0][:200]
+        raise FlameKDError(f"config.yaml of run {run_id} is not a flame-kd config (not plain YAML: {reason})") from None
+    except (OSError, mlflow.exceptions.MlflowException) as err:
+        raise FlameKDError(f"run {run_id} has no readable config.yaml ({_first_sentence(err)})") from None
+    if not isinstance(cfg, dict):
+        raise FlameKDError(f"config.yaml of run {run_id} is not a flame-kd config (it holds a {type(cfg).__name__})")
+    return cfg
 
 
 

@@ -58,6 +58,8 @@ def teacher_config(cfg: DistillRunConfig) -> TeacherRunConfig:
         train=cfg.teacher_train,
         tracking=TrackingConfig(experiment=cfg.tracking.experiment, tracking_uri=cfg.tracking.tracking_uri,
                                 log_model=False),  # its checkpoint is what distillation loads: weights once
+        resume=cfg.resume,  # a distill stopped while training its teacher resumes that teacher run
+        checkpoint_dir=cfg.checkpoint_dir,
     )
 
 
