@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import optuna
@@ -19,6 +18,7 @@ from mlflow.tracking import MlflowClient
 
 from flame_kd.data.synth import synthesize
 
+from mlflow_server import PASSWORD, fresh_database
 from pipeline_helpers import SIZE, TINY_TEACHER, cli
 
 SERVER = os.environ.get("FLAME_KD_TEST_POSTGRES")
@@ -27,26 +27,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(
     reason="PostgreSQL is not running: set FLAME_KD_TEST_POSTGRES=postgresql+psycopg2://user@host:port/db "
            "(bash .ci/postgres.sh starts one on loopback and prints it; CI does this)",
 )]
-
-
-PASSWORD = "s3cret-pw"
-
-
-def fresh_database(prefix: str) -> str:
-    """CREATE DATABASE <prefix>_<random> on the test server; returns its SQLAlchemy URL."""
-    import psycopg2
-    from sqlalchemy.engine import make_url
-
-    url = make_url(SERVER)
-    if url.password is None:  # CI's server trusts loopback and ignores it: a password to keep out of logs
-        url = url.set(password=PASSWORD)
-    name = f"{prefix}_{uuid.uuid4().hex[:8]}"
-    conn = psycopg2.connect(host=url.host, port=url.port, user=url.username, password=url.password,
-                            dbname=url.database)
-    conn.autocommit = True
-    conn.cursor().execute(f"CREATE DATABASE {name}")
-    conn.close()
-    return url.set(database=name).render_as_string(hide_password=False)
 
 
 @pytest.fixture(scope="module")
