@@ -298,8 +298,8 @@ def comparisons_markdown(comparisons: pd.DataFrame) -> str:
         "(two-sided; `flame-kd compare`). 95% CI: stratified block bootstrap (2,000 resamples), an effect size, "
         "not a test" + (f"; with {int(blocks.min())} blocks (fewer than about {RELIABLE_BLOCKS}) it is too narrow"
                          if few else "") +
-        ". McNemar's exact test counts frames as independent, so its p is optimistic (20-50% false positives "
-        "at a nominal 5% on video frames, bench/compare_level.py): not a verdict.\n")
+        ". McNemar's exact test counts frames as independent, so its p is optimistic (13-34% false positives "
+        "at a nominal 5% in bench/compare_level.py's simulations): not a verdict.\n")
 
 
 def log_summary(parent_id: str, table: pd.DataFrame, comparisons: pd.DataFrame | None = None) -> None:

@@ -60,8 +60,8 @@ class Comparison:
                 "size, not a test.")
         if self.n_blocks < stats.RELIABLE_BLOCKS:
             line += (f" With {self.n_blocks} blocks (fewer than about {stats.RELIABLE_BLOCKS}) it is unreliable: "
-                     "too narrow, it excludes 0 for equal models about twice as often as 5% "
-                     "(bench/compare_level.py).")
+                     "too narrow (for two equal models it excluded 0 in about 15% of simulations with 10 "
+                     "blocks, bench/compare_level.py).")
         return line
 
     def markdown(self, name_a: str = "A", name_b: str = "B") -> str:
@@ -86,8 +86,8 @@ class Comparison:
             self.bootstrap_line(),
             f"McNemar's exact test ({MCNEMAR_NOTE}): on per-frame exact-match correctness, A right and B wrong "
             f"on {m['a_only']} frames, B right and A wrong on {m['b_only']}; p = {m['pvalue']:.4g}. It treats "
-            "near-duplicate frames as independent (false-positive rate 20-50% at a nominal 5%); do not read it "
-            "as the verdict.",
+            "near-duplicate frames as independent (a false-positive rate of 13-34% at a nominal 5% in "
+            "bench/compare_level.py's simulations); do not read it as the verdict.",
         ]
         return "\n".join(lines) + "\n"
 
