@@ -5,6 +5,7 @@ failed by heartbeat and queued again with its run ended FAILED, a lost tracking 
 from __future__ import annotations
 
 import time
+import warnings
 
 import optuna
 import pytest
@@ -98,7 +99,9 @@ def test_a_lost_workers_task_is_failed_by_heartbeat_queued_again_and_its_run_end
     run = client.create_run(client.get_run(parent).info.experiment_id,
                             tags={"mlflow.parentRunId": parent, "flame_kd.cell": "none|bce|1"})
     time.sleep(3 * s.heartbeat)  # past the grace period (two heartbeats)
-    optuna.storages.fail_stale_trials(study)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
     trials = [t for t in study.trials if t.user_attrs["task"] == "cell|none|bce|1"]
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.WAITING]
     ended = client.get_run(run.info.run_id)

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
+from sqlalchemy.exc import SQLAlchemyError
 
 from flame_kd import tracking
 from flame_kd.config import AblationSpec, SweepConfig
@@ -245,6 +246,15 @@ def run_worker(spec: AblationSpec, tracking_uri: str | None = None) -> str:
     uri = tracking.configure(tracking_uri)
     url = resolve_storage(spec.storage, uri)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        return _work(spec, url)
+    except SQLAlchemyError as err:  # the storage went away mid-grid: one line, the task is retried later
+        reason = tracking.redact(str(err).splitlines()[0])[:300]
+        raise RunFailed(f"lost the Optuna storage {tracking.redact(url)} ({reason}); run the same command again "
+                        "once it is back: a task this worker held is run again after its heartbeat times out") from None
+
+
+def _work(spec: AblationSpec, url: str) -> str:
     study, storage, parent = open_grid(spec, url)
     needs = {t.key: deps for t, deps in grid_tasks(spec).items()}
     me = f"{socket.gethostname()}:{os.getpid()}"
