@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import statistics
 import sys
 import tempfile
@@ -51,7 +52,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--epoch-size", type=int, default=None, help="image size of that comparison (default: "
                                                                   "--image-size)")
     p.add_argument("--epoch-repeats", type=int, default=2, help="timed epochs per side (ABBA order)")
+    p.add_argument("--live-epoch", action="store_true", help="also time a live-teacher KD epoch (teacher run "
+                                                             "every step) against the cached one")
     p.add_argument("--skip-table", action="store_true", help="only the KD-vs-bce epoch comparison")
+    p.add_argument("--json", default=None, help="also write every figure to this JSON file (bench/gpu_check.py)")
     add_threads_option(p)
     return p.parse_args(argv)
 
@@ -61,7 +65,9 @@ def main(argv=None) -> None:
     fix_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="flame-kd-bench-") as tmp:
         use_store(Path(tmp))
-        run_bench(args, Path(tmp))
+        result = run_bench(args, Path(tmp))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
 
 
 def sync(device: torch.device) -> None:
@@ -126,7 +132,8 @@ def train_rate(make_trainer, warm_loader, loader, device) -> float:
     return len(loader) * loader.batch_size / seconds if seconds > 0 else metrics["train/samples_per_second"]
 
 
-def run_bench(args: argparse.Namespace, tmp: Path) -> None:
+def run_bench(args: argparse.Namespace, tmp: Path) -> dict:
+    """Every cell of the table and the epoch comparison; returns them (``--json``) as it prints them."""
     from flame_kd.config import TrainConfig
     from flame_kd.data.dataset import build_cache
     from flame_kd.engine import Trainer, resolve_device, seed_everything
@@ -138,8 +145,11 @@ def run_bench(args: argparse.Namespace, tmp: Path) -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{device.type} ({torch.get_num_threads()} torch thread(s))"
     per_epoch = args.batch_size * args.steps
     print(f"device: {name}")
+    result = {"device": name, "image_size": args.image_size, "batch_size": args.batch_size, "steps": args.steps,
+              "teacher": args.teacher, "student": args.student, "table": [], "epochs": None}
     if args.skip_table:
-        return epoch_ratio(args, tmp, device)
+        result["epochs"] = epoch_ratio(args, tmp, device)
+        return result
     t0 = time.perf_counter()
     frames = frames_for(tmp, args.batch_size * max(args.steps, args.warmup), args.image_size, "data")
     rows, warm_rows = np.arange(per_epoch), np.arange(args.batch_size * args.warmup)
@@ -182,12 +192,15 @@ def run_bench(args: argparse.Namespace, tmp: Path) -> None:
                 print(f"  {resident:>6} cache, augment on {aug_on:>6}, compile {table[-1]['compile']:>3}: data "
                       f"{data:9,.0f} fr/s  teacher {teacher:8,.1f} pairs/s  student {student:8,.1f} fr/s", flush=True)
         del cache
-    print_table(table, args, name)
+    result["table"] = table
+    result |= print_table(table, args, name)
     if args.epoch_frames:
-        epoch_ratio(args, tmp, device)
+        result["epochs"] = epoch_ratio(args, tmp, device)
+    return result
 
 
-def print_table(table: list[dict], args, name: str) -> None:
+def print_table(table: list[dict], args, name: str) -> dict:
+    """Prints the table and its ratios; returns the best teacher cell's figures."""
     print(f"\n{'cache':<8}{'augment on':<12}{'compile':<9}{'data path fr/s':>16}{'teacher pairs/s':>17}"
           f"{'student fr/s':>14}{'data/teacher':>14}")
     for r in table:
@@ -199,8 +212,9 @@ def print_table(table: list[dict], args, name: str) -> None:
     print(f"\ndevice: {name}")
     print(f"best teacher cell: {best['teacher']:,.1f} pairs/s ({best['cache']} cache, augment on {best['augment_on']}, "
           f"compile {best['compile']}) = {tflops:,.2f} TFLOP/s of model compute at {args.image_size} px")
-    if "H200" in name and args.image_size == 224:
-        print(f"  = {best['teacher'] / H200_PAIRS_PER_S:.0%} of the H200's {H200_PAIRS_PER_S:,} pairs/s at full use")
+    share = best["teacher"] / H200_PAIRS_PER_S if "H200" in name and args.image_size == 224 else None
+    if share is not None:
+        print(f"  = {share:.0%} of the H200's {H200_PAIRS_PER_S:,} pairs/s at full use")
     print(f"data path / teacher step (best teacher cell): {best['data'] / best['teacher']:.1f}x (target >= 10x on a GPU)")
 
     def ratio(key, field, a, b):
@@ -216,11 +230,14 @@ def print_table(table: list[dict], args, name: str) -> None:
         ratio("augment_on", field, "host", "device")
         if field != "data":
             ratio("compile", field, "off", "on")
+    return {"best": best, "teacher_tflops": tflops, "share_of_h200_limit": share,
+            "data_over_teacher": best["data"] / best["teacher"]}
 
 
-def epoch_ratio(args, tmp: Path, device: torch.device) -> None:
+def epoch_ratio(args, tmp: Path, device: torch.device) -> dict:
     """Seconds of a cached-view distillation epoch (full augmentation) vs a no-teacher bce epoch of the
-    same student on the same frames, alternating ABBA; both through Trainer.train_epoch."""
+    same student on the same frames, alternating ABBA; both through Trainer.train_epoch. With
+    ``--live-epoch``, also a live-teacher KD epoch (the teacher run every step) after them."""
     from flame_kd.runs import teacher_outputs
     from flame_kd.config import DataConfig, TrainConfig
     from flame_kd.data.dataset import build_cache
@@ -273,6 +290,28 @@ def epoch_ratio(args, tmp: Path, device: torch.device) -> None:
     print(f"  one-off teacher_outputs.compute ({args.views} views + plain): {compute_s:.1f} s")
     print(f"  cached KD (kl_bce, {cached['views']} views) {kd:.2f} s/epoch   bce (no teacher) {bce:.2f} s/epoch   "
           f"ratio {kd / bce:.3f}x (target <= 1.1x)")
+    result = {"frames": len(rows), "image_size": size, "compute_seconds": compute_s, "cached_kd_seconds": kd,
+              "bce_seconds": bce, "cached_over_bce": kd / bce, "live_kd_seconds": None, "live_over_cached": None}
+    if args.live_epoch:
+        seed_everything(0)
+        student = build_student(args.student, image_size=size)
+        loss = DistillLoss(resolve_weights("kl_bce"), 2.0, student.feature_dim, teacher.feature_dim)
+        cfg = TrainConfig(epochs=1, lr=1e-3, device=str(device), progress=False)
+        live = Trainer(student, DistillTask(loss, TeacherOutputs(teacher=teacher).to(device)), cfg,
+                       tmp / "ckpt" / "live", device=device)
+        live_loader = loader_for(frames, rows, args, cache, aug_on, device, image_size=size)
+        live.train_epoch(live_loader, 0)  # warm-up
+        seconds = []
+        for epoch in range(1, args.epoch_repeats + 1):
+            sync(device)
+            start = time.perf_counter()
+            live.train_epoch(live_loader, epoch)
+            seconds.append(time.perf_counter() - start)
+        result["live_kd_seconds"] = statistics.median(seconds)
+        result["live_over_cached"] = result["live_kd_seconds"] / kd
+        print(f"  live KD (teacher every step) {result['live_kd_seconds']:.2f} s/epoch = "
+              f"{result['live_over_cached']:.2f}x the cached epoch")
+    return result
 
 
 if __name__ == "__main__":

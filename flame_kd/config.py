@@ -51,8 +51,8 @@ class DataConfig:
                            "distance; the rule when there are no images), rule (block/20) or a number.")
     cache: str = opt("auto", "Decoded-frame cache: memory, disk (a memory-mapped file reused across runs), none, "
                              "or device (frames resident on the training device, a batch is an index gather there; "
-                             "falls back to memory when they do not fit); auto: device on CUDA when the frames fit, "
-                             "else memory.", choices=("auto", "device", "memory", "disk", "none"))
+                             "falls back to the host's choice when they do not fit); auto: device on CUDA when the "
+                             "frames fit, else memory when they fit in half the host's available memory, else disk.", choices=("auto", "device", "memory", "disk", "none"))
     cache_dir: str | None = opt(None, "Folder of the disk cache; default $FLAME_KD_CACHE/frames.")
     num_workers: int = opt(0, "DataLoader workers; 0 decodes in the main process, best with the cache.", ge=0)
     pin_memory: bool | None = opt(None, "Pinned host memory; None: on when the device is CUDA.", expose=False)

@@ -93,7 +93,11 @@ def seed_everything(seed: int) -> None:
 
 
 def amp_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
-    """bf16 where the GPU has it, else fp16 (Kaggle's P100/T4); None (full precision) off CUDA."""
+    """bf16 where the GPU has it, else fp16 (Kaggle's P100/T4); None (full precision) off CUDA.
+
+    CI runs the numerics with bf16 autocast on the CPU and the fp16 GradScaler path through torch's
+    CPU GradScaler and a fake one (tests/test_accelerator.py); ``is_bf16_supported`` itself has no
+    stand-in: it is a property of the GPU."""
     if not enabled or device.type != "cuda":
         return None
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -178,7 +182,7 @@ def _rng_state() -> dict:
     numpy_state = {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
                    "has_gauss": int(has_gauss), "cached": float(cached)}
     state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
+    if torch.cuda.is_available():  # no CPU stand-in: the CUDA generators exist only with a GPU
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 

@@ -6,6 +6,9 @@ pyplot, so no backend or global state is touched); saving and logging are ``trac
 
 from __future__ import annotations
 
+import functools
+import logging
+
 import warnings
 from typing import Any, NamedTuple, Sequence
 
@@ -111,6 +114,24 @@ _EMBED_DEFAULTS: dict[str, dict[str, Any]] = {
     "tsne": {"perplexity": 30.0, "learning_rate": 200.0, "max_iter": 1000},
     "umap": {"n_neighbors": 15, "min_dist": 0.1, "metric": "euclidean"},
 }
+
+
+def embedding_methods() -> tuple[str, ...]:
+    """The test-feature embeddings a run logs: t-SNE, and UMAP when umap-learn is installed. A lent
+    GPU machine may lack it (numba's llvmlite wheel alone is larger than what can be carried there,
+    docs/gpu.md): the run then says so once and logs t-SNE alone."""
+    import importlib.util
+
+    if importlib.util.find_spec("umap") is not None:
+        return ("tsne", "umap")
+    _say_no_umap()
+    return ("tsne",)
+
+
+@functools.lru_cache(maxsize=1)
+def _say_no_umap() -> None:
+    logging.getLogger("flame_kd").warning("umap-learn is not installed: logging the t-SNE embedding only "
+                                          "(pip install umap-learn)")
 
 
 EXACT_TSNE_MAX = 300  # points; above this Barnes-Hut t-SNE wins

@@ -134,9 +134,10 @@ def test_cache_mode_resolution_with_a_fake_capacity(caplog):
     gib = 2**30
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     assert ds.resolve_cache_mode("auto", cuda, 16 * gib, free_bytes=130 * gib) == "device"
-    assert ds.resolve_cache_mode("auto", cuda, 16 * gib, free_bytes=14 * gib) == "memory"
+    host = 128 * gib  # a host with room for a memory cache (tests/test_cache_memory.py: one without)
+    assert ds.resolve_cache_mode("auto", cuda, 16 * gib, free_bytes=14 * gib, host_bytes=host) == "memory"
     with caplog.at_level(logging.WARNING, logger="flame_kd"):
-        assert ds.resolve_cache_mode("device", cuda, 16 * gib, free_bytes=15 * gib) == "memory"
+        assert ds.resolve_cache_mode("device", cuda, 16 * gib, free_bytes=15 * gib, host_bytes=host) == "memory"
     assert len(caplog.records) == 1 and "--cache device" in caplog.text and "16.0 GiB" in caplog.text
     assert ds.resolve_cache_mode("device", cpu, 10**12) == "device"  # on a CPU: the memory cache's arrays
     assert ds.resolve_cache_mode("auto", cpu, 1) == "memory"

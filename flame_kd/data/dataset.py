@@ -37,6 +37,7 @@ log = logging.getLogger("flame_kd")
 CACHE_MODES = ("memory", "disk", "none")
 CACHE_CHOICES = ("auto", "device", *CACHE_MODES)  # device/auto resolve to one of CACHE_MODES + "device"
 DEVICE_CACHE_SHARE = 0.6  # at most this share of the free accelerator memory holds frames: the rest trains
+HOST_CACHE_SHARE = 0.5  # at most this share of the host's available memory holds a memory cache (auto)
 
 
 def decode_image(path: str, size: int) -> np.ndarray:
@@ -132,13 +133,7 @@ class FrameCache:
         if device.type == "cpu":
             self.device_rgb, self.device_ir = torch.from_numpy(self.rgb), torch.from_numpy(self.ir)
             return self
-        stores = []
-        for host in (self.rgb, self.ir):
-            dev = torch.empty(host.shape, dtype=torch.uint8, device=device)
-            for i in range(0, len(host), chunk):
-                dev[i:i + chunk].copy_(torch.from_numpy(np.ascontiguousarray(host[i:i + chunk])))
-            stores.append(dev)
-        self.device_rgb, self.device_ir = stores
+        self.device_rgb, self.device_ir = (copy_in_chunks(host, device, chunk) for host in (self.rgb, self.ir))
         return self
 
     def _fill(self, rgb: np.ndarray, ir: np.ndarray) -> None:
@@ -221,6 +216,16 @@ class FrameCache:
         if self.mode == "disk":
             state["rgb"] = state["ir"] = None
         return state
+
+
+def copy_in_chunks(host: np.ndarray, device: torch.device, chunk: int = 2048) -> torch.Tensor:
+    """A copy of ``host`` (a memory or memory-mapped array) on ``device``, ``chunk`` frames at a time,
+    so a memmap is never read whole into host memory. Device-agnostic: CI runs it into a CPU tensor,
+    the stand-in for the GPU copy."""
+    dev = torch.empty(host.shape, dtype=torch.uint8, device=device)
+    for i in range(0, len(host), chunk):
+        dev[i:i + chunk].copy_(torch.from_numpy(np.ascontiguousarray(host[i:i + chunk])))
+    return dev
 
 
 CHECKSUM_FRAMES = 512  # frames per checksummed chunk
@@ -335,6 +340,7 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, cfg: DataConfi
     """
     on_device = getattr(getattr(dataset, "cache", None), "on_device", False)
     workers = 0 if on_device else int(cfg.num_workers)
+    # pinning has no CPU stand-in (it needs a CUDA driver); tests check the loader's setting
     pin = cfg.pin_memory if cfg.pin_memory is not None else str(device).startswith("cuda")
     pin = pin and not on_device
     return DataLoader(
@@ -357,40 +363,68 @@ def cache_bytes(n_frames: int, image_size: int) -> int:
 
 
 def device_free_bytes(device: torch.device) -> int | None:
-    """Free memory of an accelerator (None when it cannot be asked)."""
+    """Free memory of an accelerator (None when it cannot be asked). CUDA only: no CPU stand-in (the
+    CPU's "device" cache is the memory cache's arrays); tests pass ``free_bytes`` instead."""
     if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0])
     return None
 
 
-def resolve_cache_mode(mode: str, device: torch.device, need_bytes: int, free_bytes: int | None = None) -> str:
+def host_available_bytes() -> int | None:
+    """Memory the host can hand out without swapping (psutil's ``available``); None when unknown."""
+    try:
+        import psutil
+    except ImportError:  # a dependency, but the cache must not fail over a missing figure
+        return None
+    return int(psutil.virtual_memory().available)
+
+
+def _fits_host(need_bytes: int, host_bytes: int | None) -> tuple[bool, int | None]:
+    """Whether the frames fit in HOST_CACHE_SHARE of the host's available memory (yes when it
+    cannot be asked), and that memory."""
+    host = host_bytes if host_bytes is not None else host_available_bytes()
+    return host is None or need_bytes <= HOST_CACHE_SHARE * host, host
+
+
+def resolve_cache_mode(mode: str, device: torch.device, need_bytes: int, free_bytes: int | None = None,
+                       host_bytes: int | None = None) -> str:
     """``auto``/``device`` made concrete for ``device``: ``device`` when the frames fit in
-    DEVICE_CACHE_SHARE of its free memory (always on a CPU, where it shares the memory cache's
-    arrays), else ``memory``; an explicit ``device`` that does not fit says so in one line.
-    ``free_bytes`` defaults to what the device reports (tests pass a fake capacity)."""
+    DEVICE_CACHE_SHARE of its free memory (an explicit ``device`` always on a CPU, where it shares
+    the memory cache's arrays), else the host's choice: ``memory`` when they fit in HOST_CACHE_SHARE
+    of the host's available memory, else ``disk`` (memory-mapped, decoded once). A fallback says so
+    in one line. ``free_bytes`` and ``host_bytes`` default to what the device and psutil report
+    (tests pass fake capacities)."""
     if mode not in CACHE_CHOICES:
         raise ConfigError(f"unknown cache mode {mode!r}; expected one of {', '.join(CACHE_CHOICES)}")
     if mode not in ("auto", "device"):
         return mode
     device = torch.device(device)
-    if device.type == "cpu":
-        return "device" if mode == "device" else "memory"
-    free = free_bytes if free_bytes is not None else device_free_bytes(device)
+    if device.type == "cpu" and mode == "device":
+        return "device"
+    free = None if device.type == "cpu" else (free_bytes if free_bytes is not None else device_free_bytes(device))
     if free is not None and need_bytes <= DEVICE_CACHE_SHARE * free:
         return "device"
+    fits, host = _fits_host(need_bytes, host_bytes)
+    chosen, where = ("memory", "in host memory") if fits else ("disk", "on disk (memory-mapped, decoded once)")
+    reasons = []
     if mode == "device":
-        room = "cannot be asked for its free memory" if free is None else (
-            f"has {free / 2**30:.1f} GiB free (frames may use {DEVICE_CACHE_SHARE:.0%})")
-        log.warning("--cache device: the frames need %.1f GiB and %s %s; caching them in host memory instead",
-                    need_bytes / 2**30, device, room)
-    return "memory"
+        reasons.append(f"{device} cannot be asked for its free memory" if free is None else
+                       f"{device} has {free / 2**30:.1f} GiB free (frames may use {DEVICE_CACHE_SHARE:.0%})")
+    if not fits:
+        reasons.append(f"the host has {host / 2**30:.1f} GiB available (a memory cache may use "
+                       f"{HOST_CACHE_SHARE:.0%})")
+    if reasons:
+        log.warning("--cache %s: the frames need %.1f GiB and %s; caching them %s", mode, need_bytes / 2**30,
+                    " and ".join(reasons), where)
+    return chosen
 
 
 def build_cache(frames: pd.DataFrame, image_size: int, mode: str, device: torch.device, cache_dir=None,
-                data_digest: str | None = None, free_bytes: int | None = None) -> FrameCache:
+                data_digest: str | None = None, free_bytes: int | None = None,
+                host_bytes: int | None = None) -> FrameCache:
     """The run's frame cache for ``--cache mode`` on ``device``. A device cache is filled from the
     disk cache on an accelerator (decoded once, reused by later runs) and from memory on a CPU."""
-    mode = resolve_cache_mode(mode, device, cache_bytes(len(frames), image_size), free_bytes)
+    mode = resolve_cache_mode(mode, device, cache_bytes(len(frames), image_size), free_bytes, host_bytes)
     if mode != "device":
         return FrameCache(frames, image_size, mode=mode, cache_dir=cache_dir, data_digest=data_digest)
     host = "memory" if torch.device(device).type == "cpu" else "disk"

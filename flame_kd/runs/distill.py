@@ -309,7 +309,7 @@ def log_teacher_comparison(teacher_run_id: str, rep: TestReport, teacher, data: 
             for m in TEST_METRICS if f"test_{m}" in teacher_metrics and f"test_{m}" in metrics}
     tracking.log_metrics(gaps)
     t_feats = predict(teacher, data.loaders["test"], next(teacher.parameters()).device, teacher_forward).features
-    for method in ("tsne", "umap"):
+    for method in rep.embeddings:  # t-SNE, and UMAP where umap-learn is installed
         s_pts, s_kept = rep.embeddings[method]
         t_pts, t_kept = plots.embed_features(t_feats, method=method, seed=seed)
         fig = plots.embedding_pair(s_pts, preds.targets[s_kept], t_pts, preds.targets[t_kept],

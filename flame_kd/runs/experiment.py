@@ -231,7 +231,7 @@ def log_test_report(trainer: Trainer, state: FitState, data: Data, tag: str, see
     tracking.log_dict_json({k: v.tolist() for k, v in cms.items()}, "metrics/confusion.json")
     tracking.log_figure(plots.training_curves(state.history), "plots/training_curves.png")
     embeddings = {}
-    for method in ("tsne", "umap"):
+    for method in plots.embedding_methods():
         pts, kept = embeddings[method] = plots.embed_features(preds.features, method=method, seed=seed)
         fig = plots.embedding(pts, preds.targets[kept], f"{tag} test features ({method.upper()})")
         tracking.log_figure(fig, f"plots/{method}.png")
