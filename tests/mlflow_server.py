@@ -42,20 +42,26 @@ def free_port() -> int:
 
 
 class MlflowServer:
-    """``mlflow server`` in its own process group, on a free loopback port."""
+    """``mlflow server`` in its own process group, on a free loopback port; ``stop`` and ``start``
+    again play a server that goes away and comes back (same backend, artifacts and port)."""
 
     def __init__(self, folder: Path, timeout: float = 180):
+        self.folder, self.timeout = folder, timeout
         self.backend = fresh_database("mlflow") if POSTGRES else f"sqlite:///{folder / 'server.db'}"
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log = open(folder / "server.log", "w")
+        self.proc = None
+        self.start()
+
+    def start(self) -> None:
+        self.log = open(self.folder / "server.log", "a")
         mlflow = str(Path(sys.executable).parent / "mlflow")
         self.proc = subprocess.Popen(
             [mlflow, "server", "--backend-store-uri", self.backend, "--serve-artifacts",
-             "--artifacts-destination", str(folder / "artifacts"), "--host", "127.0.0.1",
+             "--artifacts-destination", str(self.folder / "artifacts"), "--host", "127.0.0.1",
              "--port", str(self.port), "--workers", "1"],
-            cwd=folder, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.time() + timeout
+            cwd=self.folder, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + self.timeout
         while True:
             try:
                 urllib.request.urlopen(self.url + "/health", timeout=5).read()
@@ -63,11 +69,12 @@ class MlflowServer:
             except OSError:
                 if self.proc.poll() is not None or time.time() > deadline:
                     self.close()
-                    raise RuntimeError(f"mlflow server did not start: {(folder / 'server.log').read_text()[-2000:]}")
+                    raise RuntimeError(f"mlflow server did not start: {(self.folder / 'server.log').read_text()[-2000:]}")
                 time.sleep(1)
 
     def close(self) -> None:
-        if self.proc.poll() is None:
+        """Stop the server (its whole process group) and wait for it."""
+        if self.proc is not None and self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGTERM)
             try:
                 self.proc.wait(timeout=30)
@@ -75,3 +82,5 @@ class MlflowServer:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
         self.log.close()
+
+    stop = close

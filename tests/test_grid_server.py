@@ -142,3 +142,47 @@ def test_a_server_down_at_start_is_one_line(synth_csv, tmp_path):
         errors = [line for line in done.stderr.splitlines() if line.startswith("Error:")]
         assert len(errors) == 1 and "unreachable" in errors[0], done.stderr
         assert "Traceback" not in done.stderr and "worker 1" not in done.stderr
+
+
+def test_a_server_going_away_mid_cell_is_one_line_and_the_same_command_resumes_it(synth_csv, tmp_path):
+    """A server of its own (the session's is shared): stopped while a cell trains, started again."""
+    from mlflow_server import MlflowServer
+
+    (tmp_path / "server").mkdir()
+    server = MlflowServer(tmp_path / "server")
+    try:
+        spec = {"name": "lost", "data": {"csv": str(synth_csv), "image_size": SIZE, "batch_size": 16},
+                "teachers": [TINY_TEACHER], "losses": ["bce"], "seeds": [1], "control": False,
+                "student": "timm:test_efficientnet", "pretrained": False, "student_epochs": 30, "device": "cpu",
+                "experiment": "lost-server", "log_models": False}
+        (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+        command = [FLAME_KD, "ablation", "--spec", str(tmp_path / "spec.yaml"), "--storage",
+                   f"sqlite:///{tmp_path / 'optuna.db'}", "--heartbeat", "2", "--tracking-uri", server.url]
+        env = worker_env(tmp_path) | {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+        log = open(tmp_path / "worker.log", "w")
+        worker = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
+        client, run_id = MlflowClient(server.url), None
+        deadline = time.time() + 600
+        while run_id is None and time.time() < deadline and worker.poll() is None:
+            time.sleep(0.5)
+            exp = client.get_experiment_by_name("lost-server")
+            runs = exp and client.search_runs([exp.experiment_id], "tags.`flame_kd.stage` = 'distill'")
+            if runs and client.get_metric_history(runs[0].info.run_id, "val/f1_macro"):
+                run_id = runs[0].info.run_id
+                server.stop()  # gone after the cell's first epoch
+        assert run_id is not None, (tmp_path / "worker.log").read_text()[-3000:]
+        assert worker.wait(timeout=600) == 1
+        log.close()
+        text = (tmp_path / "worker.log").read_text()
+        errors = [line for line in text.splitlines() if line.startswith("Error:")]
+        assert len(errors) == 1 and "queued again" in errors[0] and "Traceback" not in text, text[-3000:]
+        assert (tmp_path / "cache" / "checkpoints" / run_id / "last.pt").exists()  # the resumable checkpoint
+
+        server.start()
+        again = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+        assert again.returncode == 0, again.stderr[-3000:]
+        exp = client.get_experiment_by_name("lost-server")
+        cells = client.search_runs([exp.experiment_id], "tags.`flame_kd.stage` = 'distill'")
+        assert [(r.info.run_id, r.info.status) for r in cells] == [(run_id, "FINISHED")]  # the same run, continued
+    finally:
+        server.close()
