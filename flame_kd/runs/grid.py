@@ -273,6 +273,7 @@ def _work(spec: AblationSpec, url: str) -> str:
             tid = storage.get_trial_id_from_study_id_trial_number(study._study_id, trial.number)
             with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
                 if storage.set_trial_state_values(tid, TrialState.RUNNING):
+                    storage.record_heartbeat(tid)  # at once: a trial with no beat yet is never found stale
                     trial_id, task = tid, Task.parse(trial.user_attrs["task"])
                     break
         if task is None:
