@@ -128,3 +128,18 @@ def test_each_worker_gets_one_gpu_or_a_share_of_the_cores():
     assert [p["CUDA_VISIBLE_DEVICES"] for p in placements(2, ["4", "7"], 16)] == ["4", "7"]
     assert placements(3, [], 2) == [{"OMP_NUM_THREADS": "1"}] * 3
     assert placements(2, [], 16) == [{"OMP_NUM_THREADS": "8"}] * 2
+
+
+def test_storage_from_an_unset_variable_is_one_line(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from flame_kd.cli import main
+
+    use_store(tmp_path, monkeypatch)
+    monkeypatch.delenv("NO_SUCH_STORAGE_23", raising=False)
+    (tmp_path / "spec.yaml").write_text("data: {csv: x.csv}\nteachers: [a]\n")
+    result = CliRunner().invoke(main, ["ablation", "--spec", str(tmp_path / "spec.yaml"), "--storage",
+                                       "env:NO_SUCH_STORAGE_23"])
+    assert result.exit_code == 2
+    assert "the environment variable NO_SUCH_STORAGE_23 is not set" in result.output
+    assert "Traceback" not in result.output
