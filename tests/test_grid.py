@@ -14,7 +14,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from flame_kd import tracking
 from flame_kd.config import AblationSpec
-from flame_kd.errors import RunFailed
+from flame_kd.errors import RunFailed, ServerLost
 from flame_kd.runs import grid
 from flame_kd.workers import placements
 
@@ -113,10 +113,11 @@ def test_a_lost_tracking_server_queues_the_task_again_and_stops_the_worker(opene
     tid = claim(study, storage, "cell|none|bce|1")
 
     def lost(*_):
-        raise RunFailed("lost the MLflow tracking server http://h during run r ([Errno 111] Connection refused)")
+        raise ServerLost("lost the MLflow tracking server http://h during run r ([Errno 111] Connection refused)", "r")
 
     monkeypatch.setattr(grid, "do_task", lost)
-    with pytest.raises(RunFailed, match="queued again: run the same command once the server is back"):
+    with pytest.raises(RunFailed, match="lost the MLflow tracking server .*Connection refused.*queued again: run the "
+                                        "same command once the server is back"):
         grid.run_task(study, storage, tid, grid.Task.parse("cell|none|bce|1"), s, parent, "me:1", [])
     trials = [t for t in study.trials if t.user_attrs["task"] == "cell|none|bce|1"]
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.WAITING]

@@ -112,8 +112,9 @@ def test_no_run_is_left_running_and_the_dead_attempt_is_failed_or_resumed(grid):
         steps = [m.step for m in grid["client"].get_metric_history(dead.info.run_id, "val/f1_macro")]
         assert steps == [1]
     else:
-        assert dead.info.status == "FAILED"
-        assert "no heartbeat" in dead.data.tags["flame_kd.error"]
+        assert dead.info.status == "FAILED"  # by the grid's heartbeat, or by the store's lost-run check
+        assert re.search(r"no heartbeat|is gone", dead.data.tags["flame_kd.error"])
+        assert dead.data.tags["flame_kd.end_reason"] in ("heartbeat lost", "process gone")
     trials = grid["study"].trials
     assert trials[grid["killed"]["trial"]].state == optuna.trial.TrialState.FAIL
     retried = [t for t in trials if t.system_attrs.get("failed_trial") == grid["killed"]["trial"]]

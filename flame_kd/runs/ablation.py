@@ -32,6 +32,7 @@ from flame_kd.config import (
     teacher_train_defaults,
 )
 from flame_kd.errors import ConfigError
+from flame_kd.files import not_regular
 
 log = logging.getLogger("flame_kd")
 
@@ -41,12 +42,17 @@ CONTROL_LOSS = "bce"
 
 def load_spec(path: str, overrides: dict | None = None) -> AblationSpec:
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"ablation spec {path} not found")
+    why = not_regular(p)
+    if why is not None:
+        raise ConfigError(f"ablation spec {path} not found" if why == "no such file" else f"ablation spec {path} {why}")
     try:
         raw = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"ablation spec {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"ablation spec {path} cannot be read: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"ablation spec {path} holds a {type(raw).__name__}, not a mapping of settings")
     unknown = set(raw) - {f.name for f in dataclasses.fields(AblationSpec)}
     if unknown:
         raise ConfigError(f"ablation spec {path}: unknown keys {', '.join(sorted(unknown))}")

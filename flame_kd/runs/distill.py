@@ -17,7 +17,7 @@ import torch
 
 from flame_kd import plots, tracking
 
-from flame_kd.runs import teacher_outputs
+from flame_kd.runs import champion, teacher_outputs
 from flame_kd.config import (DISTILL_OPTIONS, RUNTIME_FIELDS, TEACHER_OPTIONS, DistillRunConfig, TeacherRunConfig,
                              TrackingConfig, best_name, check_ranges, to_dict)
 from flame_kd.engine import resolve_device, seed_everything
@@ -58,6 +58,8 @@ def teacher_config(cfg: DistillRunConfig) -> TeacherRunConfig:
         train=cfg.teacher_train,
         tracking=TrackingConfig(experiment=cfg.tracking.experiment, tracking_uri=cfg.tracking.tracking_uri,
                                 log_model=False),  # its checkpoint is what distillation loads: weights once
+        resume=cfg.resume,  # a distill stopped while training its teacher resumes that teacher run
+        checkpoint_dir=cfg.checkpoint_dir,
     )
 
 
@@ -162,6 +164,11 @@ def build_loss(cfg: DistillRunConfig, student_dim: int, teacher_dim: int,
                        pos_weight=pos_weight)
 
 
+def uses_teacher(cfg: DistillRunConfig) -> bool:
+    """Whether the loss has a term that needs the teacher (``bce`` alone does not)."""
+    return build_loss(cfg, 8, 8).uses_teacher
+
+
 def train_pos_weight(data: Data) -> torch.Tensor:
     """Class-balanced BCE weights per label (fire, smoke): negatives / positives in the training split
     (1 for a label with no positives or no negatives)."""
@@ -196,13 +203,16 @@ class Prepared:
     outputs: TeacherOutputs | None = None
 
 
-def prepare(cfg: DistillRunConfig, parent_run_id: str | None = None) -> Prepared:
+def prepare(cfg: DistillRunConfig, parent_run_id: str | None = None, env_name: str | None = None) -> Prepared:
     """Validate options, load and split the data, resolve the teacher and its outputs once.
 
     A teacher trained here nests under ``parent_run_id`` (an ablation's parent) when given.
+    ``env_name`` names `mlflow run`'s run now, so it is named even if what follows fails.
     """
     tracking.configure(cfg.tracking.tracking_uri)
     validate(cfg)
+    if env_name:
+        tracking.name_env_run(env_name)
     if cfg.teacher_run_id:
         tracking.get_run(cfg.teacher_run_id)  # "not found" now, not after the data is read
     device = resolve_device(cfg.train.device)
@@ -233,7 +243,10 @@ def run_distill(cfg: DistillRunConfig, attach_env: bool = True, extra_tags: dict
     A sweep passes its ``prep`` (data and teacher outputs built once) and ``report=False``: a trial
     logs its epochs and best checkpoint but never looks at the test split.
     """
-    prep = prep or prepare(cfg)
+    if prep is None:
+        named = (cfg.tracking.run_name or run_name(cfg, cfg.teacher.name if uses_teacher(cfg) else "none")
+                 if attach_env and not parent_run_id else None)
+        prep = prepare(cfg, env_name=named)
     lc = cfg.loss  # every weight resolved, so runs compare on loss.alpha..delta in the MLflow UI
     weights = resolve_weights(lc.variant, **lc.weight_overrides())
     cfg = dataclasses.replace(cfg, loss=dataclasses.replace(lc, **{k: weights[k] for k in lc.weight_overrides()}))
@@ -285,7 +298,11 @@ def run_distill(cfg: DistillRunConfig, attach_env: bool = True, extra_tags: dict
             log_teacher_comparison(prep.teacher_run_id, rep, teacher, data, seed)
         if cfg.tracking.log_model:
             registered = cfg.tracking.register_as if cfg.tracking.register else None
-            log_student(trainer.model, ex["rgb"], registered, version_description(cfg, rep.metrics, prep.teacher_run_id))
+            version = log_student(trainer.model, ex["rgb"], registered,
+                                  version_description(cfg, rep.metrics, prep.teacher_run_id))
+            if version is not None:
+                champion.crown(registered, version, fitted.run_id, cfg.train.monitor,
+                               rep.metrics[best_name(cfg.train.monitor)], data.digest, data.split.digest)
         elif cfg.tracking.register:
             log.warning("--no-log-model: nothing to register")
     return fitted.run_id
@@ -318,9 +335,9 @@ def log_teacher_comparison(teacher_run_id: str, rep: TestReport, teacher, data: 
 
 
 def log_student(model: torch.nn.Module, example: torch.Tensor, registered_name: str | None,
-                description: str = "") -> None:
-    """The student through mlflow.pytorch (registered under ``registered_name`` with ``description``,
-    when given) and as ONNX checked with onnxruntime."""
+                description: str = "") -> str | None:
+    """The student as a served MLflow model (registered under ``registered_name`` with
+    ``description``, when given: returns the version) and as ONNX checked with onnxruntime."""
     model = model.cpu().eval()
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "student.onnx"
@@ -330,5 +347,5 @@ def log_student(model: torch.nn.Module, example: torch.Tensor, registered_name: 
         tracking.set_tags({"flame_kd.onnx_check": "passed" if check["ok"] else "FAILED"})
         tracking.log_file(path, "onnx")
     with stage("logging the student model (pt2)"):
-        tracking.log_model(Deployable(model), example.numpy(), registered_name=registered_name,
-                           description=description)
+        return tracking.log_model(Deployable(model), example.numpy(), registered_name=registered_name,
+                                  description=description)

@@ -29,7 +29,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from flame_kd import tracking
 from flame_kd.config import AblationSpec, SweepConfig
 from flame_kd.engine import Callback
-from flame_kd.errors import ConfigError, FlameKDError, RunFailed
+from flame_kd.errors import ConfigError, FlameKDError, RunFailed, ServerLost
 from flame_kd.runs import ablation
 from flame_kd.runs.sweep import make_storage, resolve_storage
 
@@ -164,10 +164,10 @@ def end_lost_runs(parent: str, task: Task, reason: str) -> list[str]:
         return []
     ended = []
     for run in tracking.search_runs(where):
-        tracking.set_tags({"flame_kd.error": reason}, run_id=run.info.run_id)
-        tracking.client().set_terminated(run.info.run_id, "FAILED")
-        ended.append(run.info.run_id)
-        log.warning("run %s (%s) ended FAILED: %s", run.info.run_id, task.key, reason)
+        if tracking.mark_failed(run.info.run_id, reason):
+            tracking.set_tags({tracking.END_REASON_TAG: "heartbeat lost"}, run_id=run.info.run_id)
+            ended.append(run.info.run_id)
+            log.warning("run %s (%s) ended FAILED: %s", run.info.run_id, task.key, reason)
     return ended
 
 
@@ -247,14 +247,14 @@ def run_worker(spec: AblationSpec, tracking_uri: str | None = None) -> str:
     url = resolve_storage(spec.storage, uri)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
-        return _work(spec, url)
+        return _work(spec, url, uri)
     except SQLAlchemyError as err:  # the storage went away mid-grid: one line, the task is retried later
         reason = tracking.redact(str(err).splitlines()[0])[:300]
         raise RunFailed(f"lost the Optuna storage {tracking.redact(url)} ({reason}); run the same command again "
                         "once it is back: a task this worker held is run again after its heartbeat times out") from None
 
 
-def _work(spec: AblationSpec, url: str) -> str:
+def _work(spec: AblationSpec, url: str, uri: str) -> str:
     study, storage, parent = open_grid(spec, url)
     needs = {t.key: deps for t, deps in grid_tasks(spec).items()}
     me = f"{socket.gethostname()}:{os.getpid()}"
@@ -284,7 +284,7 @@ def _work(spec: AblationSpec, url: str) -> str:
             continue
         waiting = False
         blocked = [k for k in needs[task.key] if board.state(k) == "failed"] if task.kind == "cell" else []
-        run_task(study, storage, trial_id, task, spec, parent, me, blocked)
+        run_task(study, storage, trial_id, task, spec, parent, me, blocked, uri)
     board = Board(storage.get_all_trials(study._study_id, deepcopy=False))
     failed = [k for k in needs if board.state(k) == "failed"]
     if failed:
@@ -295,7 +295,7 @@ def _work(spec: AblationSpec, url: str) -> str:
 
 
 def run_task(study: optuna.Study, storage, trial_id: int, task: Task, spec: AblationSpec, parent: str, me: str,
-             blocked: list[str]) -> None:
+             blocked: list[str], uri: str = "") -> None:
     """Run one claimed task under its heartbeat and settle its trial: COMPLETE, FAIL (an error: not
     retried), or FAIL and queued again (this worker was stopped, or lost the tracking server)."""
     number = storage.get_trial(trial_id).number
@@ -315,8 +315,9 @@ def run_task(study: optuna.Study, storage, trial_id: int, task: Task, spec: Abla
         if tracking_lost(err):
             _settle(storage, trial_id, TrialState.FAIL, {"ended": "stopped", "error": text})
             study.enqueue_trial({}, user_attrs={"task": task.key, "retry_of": number})
-            raise RunFailed(f"{task.key}: {text}; the task is queued again: run the same command once the "
-                            "server is back (a cell continues from its last epoch on this machine)") from None
+            raise RunFailed(f"{task.key}: lost the MLflow tracking server {tracking.redact(uri)} "
+                            f"({tracking.short_reason(err)}); the task is queued again: run the same command once "
+                            "the server is back (a cell continues from its last epoch on this machine)") from None
         _settle(storage, trial_id, TrialState.FAIL, {"ended": "error", "error": text})
         log.warning("%s failed: %s", task.key, text)
         return
@@ -325,7 +326,7 @@ def run_task(study: optuna.Study, storage, trial_id: int, task: Task, spec: Abla
 
 def tracking_lost(err: Exception) -> bool:
     """Whether the task failed because the tracking server went away (not the task's fault)."""
-    if isinstance(err, RunFailed) and "lost the MLflow tracking server" in err.message:
+    if isinstance(err, ServerLost) or tracking.server_lost(err):
         return True
     try:
         tracking.configure()  # probes a server's /health: one clear line when it is gone

@@ -240,7 +240,7 @@ def run_sweep(cfg: SweepConfig) -> optuna.Study:
     uri = tracking.configure(d.tracking.tracking_uri)
     cfg.storage = resolve_storage(cfg.storage, uri)
     storage = make_storage(cfg.storage, cfg)
-    prep = prepare(d)  # data + teacher + cached outputs, once for every trial
+    prep = prepare(d, env_name=f"sweep {cfg.study_name} worker")  # data + teacher + cached outputs, once for every trial
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # a failed trial is one line of ours, no traceback
     study, created = open_study(cfg, storage, d.train.seed)
     parent_id = parent_run(study, created, cfg, prep)
@@ -252,15 +252,27 @@ def run_sweep(cfg: SweepConfig) -> optuna.Study:
     study.optimize(objective_for(cfg, prep, parent_id), n_trials=cfg.n_trials, timeout=cfg.timeout,
                    catch=(Exception,), gc_after_trial=True)
     mine = [t for t in study.trials if t.number not in before]
-    failed = [t for t in mine if t.state == optuna.trial.TrialState.FAIL]
-    if mine and len(failed) == len(mine) and not any(t.state.name == "COMPLETE" for t in study.trials):
-        common, count = Counter(t.user_attrs.get("error", "unknown error") for t in failed).most_common(1)[0]
-        message = f"study {cfg.study_name}: no trial completed; {len(failed)} failed, {count} with: {common}"
-        tracking.set_tags({"flame_kd.error": message}, run_id=parent_id)
-        tracking.client().set_terminated(parent_id, "FAILED")
-        raise RunFailed(message)
+    if not any(t.state.name == "COMPLETE" for t in study.trials):
+        fail_without_trials(study, cfg.study_name, mine, parent_id)
     summarise_and_finish(study, cfg, prep, parent_id)
     return study
+
+
+def fail_without_trials(study: optuna.Study, name: str, mine: list, parent_id: str) -> None:
+    """No trial of the study completed (all failed or pruned, or none ran: ``--timeout`` spent):
+    exit 1, and the parent ends FAILED with the reason unless another worker's trial still runs."""
+    failed = [t for t in mine if t.state == optuna.trial.TrialState.FAIL]
+    if failed:
+        common, count = Counter(t.user_attrs.get("error", "unknown error") for t in failed).most_common(1)[0]
+        message = f"study {name}: no trial completed; {len(failed)} failed, {count} with: {common}"
+    else:
+        message = (f"study {name}: no trial completed ({len(mine)} ran in this worker"
+                   f"{', all pruned' if mine else ': check --n-trials and --timeout'})")
+    others = [t for t in study.trials if t.state.name == "RUNNING" and t.number not in {m.number for m in mine}]
+    if not others:
+        tracking.set_tags({"flame_kd.error": message}, run_id=parent_id)
+        tracking.client().set_terminated(parent_id, "FAILED")
+    raise RunFailed(message)
 
 
 def summarise_and_finish(study: optuna.Study, cfg: SweepConfig, prep: Prepared, parent_id: str) -> None:

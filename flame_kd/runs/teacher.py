@@ -14,6 +14,10 @@ from flame_kd.models.deploy import Deployable
 from flame_kd.tasks import SupervisedTask, teacher_forward
 
 
+def run_name(cfg: TeacherRunConfig) -> str:
+    return cfg.tracking.run_name or f"teacher {cfg.teacher.name} s{cfg.train.seed}"
+
+
 def run_teacher(cfg: TeacherRunConfig, attach_env: bool = True, extra_tags: dict | None = None,
                 parent_run_id: str | None = None, callbacks=()) -> str:
     """Fit, evaluate and log a teacher; returns its MLflow run id.
@@ -23,6 +27,8 @@ def run_teacher(cfg: TeacherRunConfig, attach_env: bool = True, extra_tags: dict
     """
     check_ranges(cfg)
     tracking.configure(cfg.tracking.tracking_uri)
+    if attach_env and not parent_run_id:  # `mlflow run`'s run carries this name even if the run fails early
+        tracking.name_env_run(run_name(cfg))
     device = resolve_device(cfg.train.device)
     seed = cfg.train.seed
     seed_everything(seed)
@@ -30,7 +36,7 @@ def run_teacher(cfg: TeacherRunConfig, attach_env: bool = True, extra_tags: dict
     t = cfg.teacher
     model = build_teacher(t.name, fusion=t.fusion, pretrained=t.pretrained, weights=t.weights,
                           image_size=cfg.data.image_size, freeze=t.freeze)
-    plan = FitPlan(stage="teacher", teacher=t.name, loss="bce", run_name=cfg.tracking.run_name or f"teacher {t.name} s{seed}",
+    plan = FitPlan(stage="teacher", teacher=t.name, loss="bce", run_name=run_name(cfg),
                    label=f"teacher {t.name}", cfg=to_dict(cfg), params=run_params(cfg, TEACHER_OPTIONS, device),
                    data=data, model=model,
                    task=SupervisedTask(teacher_forward), train=cfg.train, tracking=cfg.tracking, device=device,

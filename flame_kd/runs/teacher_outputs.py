@@ -15,6 +15,7 @@ with its rows shuffled or pixels changed can never receive another frame's targe
 from __future__ import annotations
 
 import contextlib
+import logging
 import tempfile
 from pathlib import Path
 
@@ -25,9 +26,12 @@ from torch import nn
 from flame_kd import tracking
 from flame_kd.data import augment as aug
 from flame_kd.data.dataset import PairedFrames, make_loader
-from flame_kd.engine import amp_dtype, device_batches
+from flame_kd.engine import amp_dtype, device_batches, load_checkpoint, seal
+from flame_kd.errors import ConfigError
 from flame_kd.progress import track
 from flame_kd.tasks import teacher_forward
+
+log = logging.getLogger("flame_kd")
 
 ARTIFACT_DIR = "teacher_outputs"
 FORMAT = 2  # 2: float16, K views per training frame (1: fp32, the frame and its flip)
@@ -98,6 +102,26 @@ def compute(teacher: nn.Module, data, device: torch.device, teacher_run_id: str 
     return out
 
 
+KEYS = ("format", "known", "ids", "logits", "features", "teacher_run_id", "data_digest", "split_digest")
+
+
+def check_structure(outputs: dict, n: int, label: str) -> None:
+    """Keys, shapes and dtypes of stored outputs for ``n`` frames, else one ConfigError naming them."""
+    problems = []
+    for key, shape in (("known", (n,)), ("ids", (n,))):
+        value = outputs.get(key)
+        if not isinstance(value, torch.Tensor) or tuple(value.shape) != shape:
+            problems.append(f"{key} is not a tensor of {n} values")
+    for key in ("logits", "features"):
+        value = outputs.get(key)
+        if not isinstance(value, torch.Tensor) or value.ndim != 2 or value.shape[0] != n or not value.is_floating_point():
+            problems.append(f"{key} is not a float tensor of {n} rows")
+    if isinstance(outputs.get("logits"), torch.Tensor) and outputs["logits"].ndim == 2 and outputs["logits"].shape[1] != 2:
+        problems.append("logits do not have 2 columns (fire, smoke)")
+    if problems:
+        raise ConfigError(f"cannot use {label}: {'; '.join(problems)}")
+
+
 def _same_views(outputs: dict, augment: str, views: int, view_seed: int) -> bool:
     return (outputs.get("format") == FORMAT and outputs.get("augment") == augment
             and outputs.get("views") == effective_views(augment, views) and outputs.get("view_seed") == view_seed)
@@ -118,11 +142,17 @@ def load_or_compute(teacher_run_id: str, teacher: nn.Module, data, device: torch
     with tempfile.TemporaryDirectory() as tmp:
         if f"{ARTIFACT_DIR}/{name}" in tracking.list_artifacts(teacher_run_id, ARTIFACT_DIR):
             path = tracking.download(teacher_run_id, f"{ARTIFACT_DIR}/{name}", tmp)
-            outputs = torch.load(path, map_location="cpu", weights_only=True)
-            if matches(outputs, teacher_run_id, data) and _same_views(outputs, augment, views, view_seed):
+            try:
+                outputs = load_checkpoint(path, what="teacher outputs", run_id=teacher_run_id, keys=KEYS)
+                check_structure(outputs, len(data.frames), f"teacher outputs {ARTIFACT_DIR}/{name} (run {teacher_run_id})")
+            except ConfigError as err:  # corrupted or foreign: computed again from the teacher, and replaced
+                log.warning("%s; computing them again", err.message)
+                outputs = None
+            if outputs is not None and matches(outputs, teacher_run_id, data) and _same_views(outputs, augment, views,
+                                                                                                view_seed):
                 return outputs
         outputs = compute(teacher, data, device, teacher_run_id, augment, views, view_seed)
         path = Path(tmp) / name
-        torch.save(outputs, path)
+        torch.save(seal(outputs), path)
         tracking.log_file(path, ARTIFACT_DIR, run_id=teacher_run_id)
         return outputs
