@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 
@@ -49,21 +50,54 @@ class _StoppableGroup(click.Group):
         try:  # off a terminal, a heartbeat whenever nothing was printed for 30 s
             with progress.stage(" ".join(["flame-kd", *words]), quiet=True):
                 super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
-        except click.exceptions.Abort as err:  # click turns KeyboardInterrupt into Abort
+        except click.exceptions.Abort as err:  # click turns KeyboardInterrupt (and EOFError) into Abort
             cause = err.__cause__
+            if isinstance(cause, EOFError):  # a file that ends early, not a signal
+                _show_unexpected(cause)
+                sys.exit(1)
             signum = cause.signum if isinstance(cause, Preempted) else signal.SIGINT
             click.echo(f"flame-kd: stopped by {signal.Signals(signum).name}; "
                        "`--resume true` continues the run", err=True)
             sys.exit(128 + signum)
         except click.ClickException as err:
+            _fail_env_run(err)
             err.show()
             sys.exit(err.exit_code)
         except click.exceptions.Exit as err:
             sys.exit(err.exit_code)
+        except Exception as err:  # noqa: BLE001 (the last resort: no secret and no MLflow traceback shown)
+            _fail_env_run(err)
+            _show_unexpected(err)
+            sys.exit(1)
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
         sys.exit(0)
+
+
+def _show_unexpected(err: BaseException) -> None:
+    """An error no flame-kd check named: MLflow's and the network's in one redacted line (they are
+    about the store, not flame-kd), anything else as a redacted traceback (a bug to report)."""
+    import traceback
+
+    from flame_kd.redaction import redact
+
+    module = type(err).__module__.split(".")[0]
+    if module in ("mlflow", "requests", "urllib3", "sqlalchemy") or isinstance(err, (EOFError, OSError)):
+        text = (str(getattr(err, "message", None) or err).strip().splitlines() or [""])[0][:500]
+        click.echo(redact(f"Error: {type(err).__name__}: {text}"), err=True)
+        return
+    click.echo(redact("".join(traceback.format_exception(err))), err=True, nl=False)
+
+
+def _fail_env_run(err: BaseException) -> None:
+    """Inside `mlflow run`, its run ends FAILED with the message and reason (tracking.fail_env_run)."""
+    import os
+
+    if os.environ.get("MLFLOW_RUN_ID"):
+        from flame_kd import tracking
+
+        tracking.fail_env_run(err)
 
 
 # `mlflow run -P teacher_run_id=X` appends `--teacher_run_id X` for an option MLproject leaves
@@ -73,7 +107,9 @@ class _StoppableGroup(click.Group):
 @click.version_option(__version__, prog_name="flame-kd")
 def main() -> None:
     """Knowledge distillation on FLAME2 (RGB+IR wildfire frames), tracked in MLflow."""
-    logging.basicConfig(format="flame-kd: %(message)s", level=logging.INFO, stream=sys.stderr)
+    worker = os.environ.get("FLAME_KD_WORKER")  # one of `--workers N` (flame_kd/workers.py)
+    logging.basicConfig(format=f"flame-kd[{worker}]: %(message)s" if worker else "flame-kd: %(message)s",
+                        level=logging.INFO, stream=sys.stderr)
     logging.getLogger("flame_kd").setLevel(logging.INFO)
 
 
@@ -233,6 +269,8 @@ def sweep(**o) -> None:
     from flame_kd.runs.sweep import run_sweep
 
     cfg = build_config(SweepConfig, SWEEP, o)
+    if cfg.workers > 1:
+        _launch_sweep(cfg)
     study = run_sweep(cfg)
     done = [t for t in study.trials if t.state.name == "COMPLETE"]
     if done:
@@ -240,6 +278,21 @@ def sweep(**o) -> None:
                    f"with {study.best_params}")
     else:
         click.echo(f"study {study.study_name}: no trial completed")
+
+
+def _launch_sweep(cfg: SweepConfig) -> None:
+    """``--workers N``: the teacher and its outputs once, here, then N workers on one study."""
+    from flame_kd import tracking
+    from flame_kd.runs.distill import prepare
+    from flame_kd.runs.sweep import resolve_storage
+    from flame_kd.workers import launch
+
+    uri = tracking.configure(cfg.distill.tracking.tracking_uri)
+    extra = {}
+    if not cfg.storage:  # every worker on the same storage (the default file, or FLAME_KD_STORAGE)
+        extra["FLAME_KD_STORAGE"] = resolve_storage(None, uri)
+    prepare(cfg.distill)  # so no worker trains the teacher another is training
+    sys.exit(launch(cfg.workers, sys.argv[1:], extra))
 
 
 @main.command()
@@ -268,8 +321,40 @@ def ablation(spec: str, **o) -> None:
     distill option but --teacher, --loss and --seed overrides the spec's value for every cell."""
     from flame_kd.runs.ablation import load_spec, run_ablation
 
-    parent = run_ablation(load_spec(spec, o))
+    grid = load_spec(spec, o)
+    if grid.workers > 1:
+        from flame_kd import tracking
+        from flame_kd.runs.sweep import resolve_storage
+        from flame_kd.workers import launch
+
+        uri = tracking.configure(grid.distill.tracking.tracking_uri)  # a server that is down: one line here
+        extra = {} if grid.storage else {"FLAME_KD_GRID_STORAGE": resolve_storage(None, uri)}
+        args = sys.argv[1:] + ([] if grid.storage else ["--storage", "env:FLAME_KD_GRID_STORAGE"])
+        sys.exit(launch(grid.workers, args, extra))
+    parent = run_ablation(grid)
     click.echo(f"ablation run {parent}")
+
+
+@main.command()
+@click.option("--model-uri", type=str, default=None, callback=_none_if_empty,
+              help="Serve this model (models:/..., runs:/<id>/model). Default: the newest version of --name "
+                   "aliased champion or pareto-best.")
+@click.option("--name", type=str, default="flame-kd-student", show_default=True, help="Registered model name.")
+@click.option("--host", type=str, default="127.0.0.1", show_default=True, help="Address to listen on (loopback).")
+@click.option("--port", type=click.IntRange(1, 65535), default=5001, show_default=True)
+@click.option("--tracking-uri", type=str, default=None, callback=_none_if_empty,
+              help="Default: MLFLOW_TRACKING_URI, else MLflow's sqlite:///mlflow.db.")
+@click.option("--dry-run", is_flag=True, help="Print the model and the command, start nothing.")
+def serve(model_uri: str | None, name: str, host: str, port: int, tracking_uri: str | None, dry_run: bool) -> None:
+    """Serve the registered student over REST (`mlflow models serve` on this environment, the venv's
+    bin on PATH): POST uint8 frames as JSON to http://HOST:PORT/invocations."""
+    import os
+
+    from flame_kd import serving
+
+    argv, env = serving.plan(model_uri, name, host, port, tracking_uri)
+    if not dry_run:
+        os.execve(argv[0], argv, env)  # the server replaces this process: Ctrl-C stops it directly
 
 
 @main.command("ui-url")

@@ -14,20 +14,22 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from flame_kd.options import Section, nested, option_values
+from flame_kd.options import Section, nested
 
 
 def opt(default: Any = dataclasses.MISSING, help: str | Callable[[], str] = "", *, factory=None, cli: str | None = None,
         choices: tuple[str, ...] | None = None, expose: bool = True, weight: bool = False,
-        gt: float | None = None, ge: float | None = None, lt: float | None = None, le: float | None = None) -> Any:
+        gt: float | None = None, ge: float | None = None, lt: float | None = None, le: float | None = None,
+        words: tuple[str, ...] = ()) -> Any:
     """A config field with the metadata its CLI option is built from.
 
     ``help`` may be a function, called when the help is shown (names drawn from a registry, which the
     CLI need not import to start). ``cli`` renames the option (``--data`` for ``csv``); ``expose=False`` keeps a field off the
     command line (set from code only); ``weight`` marks a loss weight letter (losses.REGISTRY);
-    ``gt``/``ge``/``lt``/``le`` bound a number (``check_ranges``, before any data is read).
+    ``gt``/``ge``/``lt``/``le`` bound a number (``check_ranges``, before any data is read); ``words``
+    are the strings a number field also takes (``--batch-size auto``).
     """
-    meta = {"help": help, "cli": cli, "choices": choices, "expose": expose, "weight": weight,
+    meta = {"help": help, "cli": cli, "choices": choices, "expose": expose, "weight": weight, "words": words,
             "bounds": {k: v for k, v in (("gt", gt), ("ge", ge), ("lt", lt), ("le", le)) if v is not None}}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
@@ -44,7 +46,11 @@ class DataConfig:
                           cli="data")
     root: str | None = opt(None, "Data root the frame paths resolve against; default: the CSV's folder.")
     image_size: int = opt(224, "Frame size fed to the models (224: what timm backbones were trained at).", ge=16)
-    batch_size: int = opt(64, "Batch size (the original pipeline's 64).", ge=1)
+    batch_size: int | str = opt(64, "Micro-batch: frames per forward pass (the original pipeline's 64); a step "
+                                    "of the optimizer sees --accumulate of them. auto: start at 64 and halve it "
+                                    "(doubling --accumulate, so the effective batch stays) while one training step "
+                                    "does not fit in memory, measured before the first epoch and on out-of-memory "
+                                    "in the first steps.", ge=1, words=("auto",))
     ratios: tuple[float, float, float] = opt((0.7, 0.15, 0.15), "Train,val,test FRAME fractions.")
     split_seed: int | None = opt(42, "Seed of the train/val/test split, fixed so seeds vary training only and "
                                      "runs pair up; none: the run's seed.")
@@ -83,17 +89,32 @@ class TrainConfig:
     compile: bool = opt(False, "torch.compile the model (opt-in: compiling takes minutes; steps on a GPU get faster).")
     seed: int = opt(42, "Seed of the run (and of the split unless --split-seed is given).")
     progress: bool = opt(True, "Progress of each epoch: a bar on a terminal, else a line every 30 s.")
+    accumulate: int = opt(1, "Gradient accumulation: micro-batches per optimizer step (effective batch = "
+                             "--batch-size x --accumulate, logged as effective_batch_size).", ge=1)
+    grad_checkpointing: bool = opt(False, "Recompute activations in the backward pass instead of keeping them "
+                                          "(timm's set_grad_checkpointing; torch.utils.checkpoint for "
+                                          "LightweightCNN): much less memory for about a third more compute.")
+    memory_check: bool = opt(True, "Before the first epoch, measure one training step's peak memory and stop "
+                                   "with the batch sizes that fit when the run would not.")
 
 
 # Settings that say where things lie or how fast they go, not what a run computes: left out of a run's
 # identity (config digest, teacher lookup, an ablation's parent).
-VOLATILE = ("tracking", "resume", "checkpoint_dir", "device", "num_workers", "pin_memory",
+VOLATILE = ("tracking", "resume", "checkpoint_dir", "device", "num_workers", "pin_memory", "memory_check",
             "persistent_workers", "cache", "cache_dir", "progress", "augment_on", "compile",
             "csv", "root")  # where the data lies: the data digest says what it is
 
 # Fields of TrainConfig that describe the machine and the run, not the schedule: a distill run's
 # teacher (trained on the way) and student share them, so the CLI takes them once (one --monitor).
-RUNTIME_FIELDS = ("device", "amp", "channels_last", "compile", "seed", "progress", "monitor")
+RUNTIME_FIELDS = ("device", "amp", "channels_last", "compile", "seed", "progress", "monitor", "accumulate",
+                  "grad_checkpointing", "memory_check")
+
+AUTO_BATCH = 64  # where --batch-size auto starts (the original pipeline's batch)
+
+
+def micro_batch(batch_size: int | str) -> int:
+    """The micro-batch a run starts at: ``--batch-size`` as given, ``auto`` -> AUTO_BATCH."""
+    return AUTO_BATCH if batch_size == "auto" else int(batch_size)
 
 
 def monitor_mode(monitor: str) -> str:
@@ -180,9 +201,10 @@ class TrackingConfig:
     experiment: str | None = opt(None, "MLflow experiment; default: mlflow run's, else flame-kd.")
     run_name: str | None = opt(None, "Run name; default: built from the run's settings.")
     tracking_uri: str | None = opt(None, "Default: MLFLOW_TRACKING_URI, else MLflow's sqlite:///mlflow.db.")
-    log_model: bool = opt(True, "Log the model with mlflow.pytorch at the end of the run.")
+    log_model: bool = opt(True, "Log the model (a servable MLflow model, pt2) at the end of the run.")
     register: bool = opt(False, "Register the logged model as a new version of --register-as, described by "
-                                "its test F1, teacher and loss.")
+                                "its test F1, teacher and loss; a distilled student also takes the alias champion "
+                                "when its best val score beats the champion's on the same data and split.")
     register_as: str = opt("flame-kd-student", "Registered model name (with --register).")
     system_metrics: bool | None = opt(None, "MLflow system metrics (CPU, memory; GPU utilisation and memory "
                                             "through nvidia-ml-py); default: on when training on CUDA.")
@@ -236,6 +258,8 @@ class SweepConfig:
     heartbeat_interval: int = opt(30, "Seconds between trial heartbeats; a killed worker's trial is failed "
                                       "and retried.", cli="heartbeat", ge=1)
     max_retry: int = opt(1, "Times a failed-by-heartbeat trial is retried.")
+    workers: int = opt(1, "Start this many local worker processes on the study (each runs --n-trials), each pinned "
+                          "to one GPU when there are GPUs.", ge=1)
 
 
 DEFAULT_STUDENTS = ("lightweight-cnn,timm:mobilenetv3_small_100,timm:mobilenetv3_large_100,"
@@ -270,14 +294,14 @@ class EmbedConfig:
     architecture: str | None = opt(None, "Teacher or student name (with --checkpoint).")
     fusion: str = opt("late", "Teacher fusion (with --checkpoint).", choices=("late", "early"))
     csv: str | None = opt(None, "Frames CSV; default: the run's.", cli="data")
-    image_size: int = opt(224, "Frame size (with --checkpoint; a run knows its own).")
+    image_size: int = opt(224, "Frame size (with --checkpoint; a run knows its own).", ge=8)
     split: str = opt("test", "Which split's features to embed.", choices=("train", "val", "test"))
     method: str = opt("umap", "Embedding method.", choices=("tsne", "umap"))
-    perplexity: float = opt(30.0, "t-SNE perplexity.")
-    learning_rate: float = opt(200.0, "t-SNE learning rate.")
-    n_iter: int = opt(1000, "t-SNE iterations.")
-    n_neighbors: int = opt(15, "UMAP neighbours.")
-    min_dist: float = opt(0.1, "UMAP minimum distance.")
+    perplexity: float = opt(30.0, "t-SNE perplexity.", gt=0)
+    learning_rate: float = opt(200.0, "t-SNE learning rate.", gt=0)
+    n_iter: int = opt(1000, "t-SNE iterations (scikit-learn takes 250 or more).", ge=250)
+    n_neighbors: int = opt(15, "UMAP neighbours.", ge=2)
+    min_dist: float = opt(0.1, "UMAP minimum distance.", ge=0)
     metric: str = opt("euclidean", "UMAP metric.", choices=("euclidean", "manhattan", "cosine", "correlation"))
     max_samples: int = opt(2000, "Frames embedded at most (a seeded sample).", ge=2)
     seed: int = opt(42, "Seed of the sample and the embedding.")
@@ -312,24 +336,28 @@ class AblationSpec:
     seeds: list[int] = opt(factory=lambda: [42, 123, 456, 789, 1024], help="Seeds of the grid.", expose=False)
     control: bool = opt(True, "Also train the same student with BCE alone, no teacher.", expose=False)
     distill: DistillRunConfig = opt(factory=ablation_distill_defaults)
+    # Where and how many workers run the grid (runs/grid.py): not part of what the grid is (its digest).
+    storage: str | None = opt(None, "Optuna RDB URL (or env:NAME) shared by any number of workers, on one machine "
+                                    "or many: each teacher and cell runs once; none: this process runs the grid alone.")
+    heartbeat: int = opt(30, "With --storage: seconds between a worker's heartbeats; a task whose worker stopped "
+                             "beating is failed and run again by another.", ge=1)
+    workers: int = opt(1, "Start this many local worker processes, each pinned to one GPU when there are GPUs; "
+                          "more than one shares the grid through --storage (default: optuna.db beside the store).",
+                       ge=1)
 
     def digest(self) -> str:
         """Identity of the grid (a re-run finds its parent by it): every setting that changes numbers."""
         import hashlib
 
-        keep = {k: v for k, v in flatten(to_dict(self)).items() if not any(p in VOLATILE for p in k.split("."))}
+        keep = {k: v for k, v in flatten(to_dict(self)).items()
+                if not any(p in VOLATILE for p in k.split(".")) and k not in ("storage", "heartbeat", "workers")}
         return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def check_ranges(cfg: Any, sections: tuple[Section, ...] = ()) -> None:
+def check_ranges(cfg: Any, path: str = "", names: dict[str, str] | None = None) -> None:
     """Every number within its field's bounds (``opt(gt=...)``), before any data is read; a
-    ``ConfigError`` names the first that is not, as the user typed it when ``sections`` say how the
-    command spells it (``--student-lr must be > 0, got -1``), else by its path (``train.lr``)."""
-    flags = {path: "--" + name.replace("_", "-") for name, (path, _) in option_values(cfg, sections).items()}
-    _check_ranges(cfg, "", flags)
-
-
-def _check_ranges(cfg: Any, path: str, flags: dict[str, str]) -> None:
+    ``ConfigError`` names the first that is not (``train.lr must be > 0, got -1.0``), by its
+    command-line flag when ``names`` maps the dotted path to one (``--lr must be > 0, got -1 (train.lr)``)."""
     from flame_kd.errors import ConfigError
 
     words = {"gt": (">", lambda v, b: v > b), "ge": (">=", lambda v, b: v >= b),
@@ -337,12 +365,15 @@ def _check_ranges(cfg: Any, path: str, flags: dict[str, str]) -> None:
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
         if dataclasses.is_dataclass(value):
-            _check_ranges(value, f"{path}{f.name}.", flags)
+            check_ranges(value, f"{path}{f.name}.", names)
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            dotted = f"{path}{f.name}"
+            name = f"{names[dotted]} ({dotted})" if names and dotted in names else dotted
+            if f.metadata.get("bounds") and (value != value or value in (float("inf"), float("-inf"))):
+                raise ConfigError(f"{name} must be a finite number, got {value:g}")
             for kind, bound in f.metadata.get("bounds", {}).items():
                 word, ok = words[kind]
-                if not ok(value, bound) or value != value:  # NaN fails every bound
-                    name = flags.get(f"{path}{f.name}", f"{path}{f.name}")
+                if not ok(value, bound):
                     raise ConfigError(f"{name} must be {word} {bound:g}, got {value:g}")
 
 
@@ -387,7 +418,8 @@ EMBED_OPTIONS = (Section(""),)
 # An ablation spec takes every distill option but the grid's axes (teacher, loss, seed), and so does
 # its command line, where each overrides the spec's value.
 GRID_AXES = ("name", "variant", "seed")  # TeacherConfig.name, LossConfig.variant, TrainConfig.seed
-ABLATION_SPEC_OPTIONS = nested(tuple(dataclasses.replace(s, exclude=(*s.exclude, *GRID_AXES))
-                                     for s in DISTILL_OPTIONS), "distill")
+ABLATION_SPEC_OPTIONS = (Section(""),  # where and how many workers run it: --storage, --heartbeat, --workers
+                         *nested(tuple(dataclasses.replace(s, exclude=(*s.exclude, *GRID_AXES))
+                                       for s in DISTILL_OPTIONS), "distill"))
 ABLATION_OPTIONS = tuple(dataclasses.replace(s, overrides=True) for s in ABLATION_SPEC_OPTIONS)
 TRACKING_URI_OPTION = (Section("", only=("tracking_uri",)),)  # of TrackingConfig: commands that only read runs

@@ -9,10 +9,12 @@ task, optimizer, scheduler, AMP scaler, early-stopping state, RNG states and epo
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 import os
 import pickle
 import random
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -25,6 +27,7 @@ from torch import nn
 
 from flame_kd.config import TrainConfig, monitor_mode
 from flame_kd.evaluate import Predictions, compute_metrics
+from flame_kd.memory import BatchPlan, Probe, is_out_of_memory, plan_batch
 from flame_kd.progress import said, track
 
 Batch = dict[str, Any]
@@ -51,6 +54,10 @@ class Callback:
 
     def on_fit_end(self, state: "FitState") -> None: ...
 
+    def on_batch_plan(self, plan: "BatchPlan") -> None:
+        """The micro-batch and accumulation the run trains with (after the memory check, and again
+        whenever ``--batch-size auto`` halves the micro-batch)."""
+
 
 @dataclass
 class FitState:
@@ -64,6 +71,8 @@ class FitState:
     history: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
     best_path: Path | None = None
     last_path: Path | None = None
+    micro_batch: int = 0  # frames per forward pass the run trains with (0: the loader's); kept for resume
+    accumulate: int = 0  # micro-batches per optimizer step (0: the config's)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -196,27 +205,107 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
-    """``torch.load`` with ``weights_only=True``: tensors and plain data only, so a checkpoint from
-    elsewhere (a shared tracking server, a download) can never run code here. Anything else is
-    refused with one line naming the file."""
+CHECKSUM = "flame_kd_checksum"  # written into every checkpoint and teacher-outputs file: blake2b of its contents
+
+
+def content_checksum(obj: Any) -> str:
+    """blake2b of a checkpoint's contents (every tensor's dtype, shape and bytes, every plain value),
+    walked in a fixed order: a flipped byte anywhere in a tensor changes it, which the zip container
+    torch.save writes does not check."""
+    h = hashlib.blake2b(digest_size=16)
+
+    def walk(x: Any) -> None:
+        if isinstance(x, torch.Tensor):
+            t = x.detach().reshape(-1).contiguous().cpu()
+            h.update(f"T{t.dtype}{tuple(x.shape)}".encode())
+            h.update(memoryview(t.view(torch.uint8).numpy()) if t.numel() else b"")
+        elif isinstance(x, dict):
+            h.update(b"D%d" % len(x))
+            for k in sorted(x, key=str):
+                h.update(repr(k).encode())
+                walk(x[k])
+        elif isinstance(x, (list, tuple)):
+            h.update(b"L%d" % len(x))
+            for v in x:
+                walk(v)
+        else:
+            h.update(repr(x).encode())
+
+    walk(obj)
+    return h.hexdigest()
+
+
+def seal(obj: dict) -> dict:
+    """``obj`` with its ``content_checksum``, for ``load_checkpoint`` to verify."""
+    return {**obj, CHECKSUM: content_checksum(obj)}
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return (lines[0] if lines else type(err).__name__)[:200]
+
+
+def load_checkpoint(path: str | Path, map_location: Any = "cpu", *, what: str = "checkpoint",
+                    run_id: str | None = None, keys: tuple[str, ...] = ()) -> dict:
+    """The one ``torch.load`` of flame-kd: ``weights_only=True`` (tensors and plain data only, so a
+    file from elsewhere, a shared tracking server, a download, can never run code here); a dict with
+    ``keys``; its checksum, when it carries one (every file flame-kd writes does), verified. Anything
+    else is refused in one line naming the file, its run (``run_id``) and ``what`` it should be."""
+    from flame_kd.errors import ConfigError
+    from flame_kd.files import not_regular
+
+    label = f"{what} {path}" + (f" (run {run_id})" if run_id else "")
+    why = not_regular(path)
+    if why is not None:
+        raise ConfigError(f"cannot read {label}: {why}")
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"(?i)GLOBAL ([\w.]+)", str(err))
+        if found:  # a pickled callable: what an attack (or a foreign object) looks like
+            raise ConfigError(f"refused to load {label}: it holds more than tensors and plain data (a reference "
+                              f"to {found.group(1)}), which no flame-kd file does, and loading it could run code") from None
+        raise ConfigError(f"cannot read {label}: not a readable torch file, truncated or corrupted") from None
+    except Exception as err:  # noqa: BLE001 (torch raises many types for a truncated or foreign file)
+        raise ConfigError(f"cannot read {label}: not a readable torch file, truncated or corrupted "
+                          f"({type(err).__name__}: {_first_line(err)})") from None
+    if not isinstance(obj, dict):
+        raise ConfigError(f"cannot use {label}: it holds a {type(obj).__name__}, not a flame-kd {what} (a dict)")
+    missing = [k for k in keys if k not in obj]
+    if missing:
+        raise ConfigError(f"cannot use {label}: it lacks {', '.join(missing)}: not a flame-kd {what}")
+    stored = obj.pop(CHECKSUM, None)
+    if stored is not None and content_checksum(obj) != stored:
+        raise ConfigError(f"cannot use {label}: it is corrupted (its contents do not match the checksum "
+                          "written with it)")
+    return obj
+
+
+def load_weights(module: nn.Module, state: Any, label: str) -> None:
+    """``module.load_state_dict(state)``, or one line: the file was saved for another architecture."""
     from flame_kd.errors import ConfigError
 
+    if not isinstance(state, dict):
+        raise ConfigError(f"cannot use {label}: its weights are a {type(state).__name__}, not a state dict")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as err:
-        detail = str(err).split("\n")[0][:200]
-        raise ConfigError(f"refused to load {path}: it holds more than tensors and plain data, which no "
-                          f"flame-kd checkpoint does, and loading it could run code ({detail})") from None
-    except (OSError, RuntimeError, EOFError) as err:
-        raise ConfigError(f"cannot read checkpoint {path}: {str(err).splitlines()[0][:200]}") from None
+        module.load_state_dict(state)
+    except Exception as err:  # noqa: BLE001 (RuntimeError listing every key; a shape mismatch; a non-tensor)
+        have, want = set(state), set(module.state_dict())
+        detail = (f"{len(want - have)} missing and {len(have - want)} unexpected of {len(want)} weights"
+                  if have != want else _first_line(err).split(":", 1)[-1].strip()[:160])
+        raise ConfigError(f"cannot use {label}: its weights do not fit {type(module).__name__} ({detail}); "
+                          "was it saved for another architecture or image size?") from None
 
 
 def atomic_save(obj: Any, path: Path) -> None:
-    """torch.save to a temp name, then rename: a crash never leaves half a checkpoint."""
+    """torch.save (with a checksum of its contents, when a dict) to a temp name, then rename: a crash
+    never leaves half a checkpoint, and a corrupted one is refused at load."""
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
+    torch.save(seal(obj) if isinstance(obj, dict) else obj, tmp)
     os.replace(tmp, path)
+
+
+LAST_KEYS = ("model", "task", "optimizer", "scheduler", "scaler", "state", "rng")
 
 
 class Trainer:
@@ -234,11 +323,15 @@ class Trainer:
         checkpoint_dir: str | Path,
         callbacks: Iterable[Callback] = (),
         device: torch.device | None = None,
+        name: str = "the model",
     ):
         self.cfg = cfg
+        self.name = name  # what the memory check's message calls the model ("teacher resnet-152")
         self.device = device or resolve_device(cfg.device)
         self.channels_last = cfg.channels_last is not False and self.device.type == "cuda"
         self.model = model.to(self.device)
+        if cfg.grad_checkpointing:
+            set_grad_checkpointing(self.model, True)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.task = task
@@ -259,6 +352,9 @@ class Trainer:
         self.checkpoint_dir = Path(checkpoint_dir)
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         self.state = FitState(best_score=math.inf if self.mode == "min" else -math.inf)
+        self.accumulate = int(getattr(cfg, "accumulate", 1) or 1)
+        self.optimizer_steps = 0  # taken by this process: --batch-size auto may only rebatch before the first
+        self.auto_batch = False  # --batch-size auto (set by ``fit``)
 
     # --- checkpoints ---------------------------------------------------------------------------
     def _weights(self) -> dict:
@@ -283,16 +379,21 @@ class Trainer:
         path = self.checkpoint_dir / "last.pt"
         if not path.exists():
             return False
-        ckpt = load_checkpoint(path, self.device)
-        self.model.load_state_dict(ckpt["model"])
-        for m, sd in zip(self.task.modules(), ckpt["task"]):
-            m.load_state_dict(sd)
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scheduler.load_state_dict(ckpt["scheduler"])
-        self.scaler.load_state_dict(ckpt["scaler"])
-        for k, v in ckpt["state"].items():
-            setattr(self.state, k, v)
-        _set_rng_state(ckpt["rng"])
+        ckpt = load_checkpoint(path, self.device, what="last checkpoint", keys=LAST_KEYS)
+        label = f"last checkpoint {path}"
+        self._load_weights(ckpt, label)
+        try:
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.scheduler.load_state_dict(ckpt["scheduler"])
+            self.scaler.load_state_dict(ckpt["scaler"])
+            for k, v in ckpt["state"].items():
+                setattr(self.state, k, v)
+            _set_rng_state(ckpt["rng"])
+        except Exception as err:  # noqa: BLE001 (a file of the right keys but not this run's training state)
+            from flame_kd.errors import ConfigError
+
+            raise ConfigError(f"cannot resume from {label}: its training state does not fit this run "
+                              f"({type(err).__name__}: {_first_line(err)})") from None
         self.state.last_path = path
         best = self.checkpoint_dir / "best.pt"
         self.state.best_path = best if best.exists() else None
@@ -301,10 +402,19 @@ class Trainer:
     def load_best(self) -> None:
         """Put the best checkpoint's weights back into the model (and task modules)."""
         path = self.state.best_path or self.checkpoint_dir / "best.pt"
-        ckpt = load_checkpoint(path, self.device)
-        self.model.load_state_dict(ckpt["model"])
-        for m, sd in zip(self.task.modules(), ckpt["task"]):
-            m.load_state_dict(sd)
+        ckpt = load_checkpoint(path, self.device, what="best checkpoint", keys=("model", "task"))
+        self._load_weights(ckpt, f"best checkpoint {path}")
+
+    def _load_weights(self, ckpt: dict, label: str) -> None:
+        load_weights(self.model, ckpt["model"], label)
+        modules = self.task.modules()
+        if not isinstance(ckpt["task"], list) or len(ckpt["task"]) != len(modules):
+            from flame_kd.errors import ConfigError
+
+            raise ConfigError(f"cannot use {label}: it holds {len(ckpt['task']) if isinstance(ckpt['task'], list) else 'no'} "
+                              f"task module(s), this run has {len(modules)}")
+        for m, sd in zip(modules, ckpt["task"]):
+            load_weights(m, sd, label)
 
     # --- the loop --------------------------------------------------------------------------------
     def _autocast(self):
@@ -325,23 +435,42 @@ class Trainer:
         return track(loader, desc, unit="batches", enabled=self.cfg.progress)
 
     def train_epoch(self, loader, epoch: int) -> dict[str, float]:
+        """One pass over ``loader``: an optimizer step every ``accumulate`` micro-batches (and after
+        the last), each micro-batch's loss divided by the size of its group, so the step's gradient
+        is the mean over the effective batch."""
         self.model.train()
         for m in self.task.modules():
             m.train()
         self._set_epoch(loader, epoch)
         sums = Sums()
         start = time.perf_counter()
+        k, n = self.accumulate, len(loader)
         batches = device_batches(loader, self.device, self.channels_last)
-        for step, batch in enumerate(self._bar(batches, f"epoch {epoch}/{self.cfg.epochs} train"), 1):
-            with self._autocast():
-                out = self.task(self.net, batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        step = 0
+        try:
+            for step, batch in enumerate(self._bar(batches, f"epoch {epoch}/{self.cfg.epochs} train"), 1):
+                group = min(k, n - (step - 1) // k * k)  # micro-batches in this step's group (the last may be short)
+                with self._autocast():
+                    out = self.task(self.net, batch)
+                self.scaler.scale(out["loss"] / group if group > 1 else out["loss"]).backward()
+                if step % k == 0 or step == n:
+                    self.scaler.step(self.optimizer)
+                    self.scaler.update()
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self.optimizer_steps += 1
+                sums.add(out, len(batch["target"]))
+                if step % FINITE_CHECK_STEPS == 0:
+                    sums.check_finite(f"by step {step} of epoch {epoch}")
+        except Exception as err:
+            if not is_out_of_memory(err):
+                raise
+            oom = self._out_of_memory(err, f"epoch {epoch}, step {step}", loader)
+        else:
+            oom = None
+        if oom is not None:  # raised outside the handler: the failed step's tensors are freed first
             self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(out["loss"]).backward()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            sums.add(out, len(batch["target"]))
-            if step % FINITE_CHECK_STEPS == 0:
-                sums.check_finite(f"by step {step} of epoch {epoch}")
+            raise oom
         sums.check_finite(f"in epoch {epoch}")
         metrics = sums.means("train")
         seconds = time.perf_counter() - start
@@ -379,18 +508,42 @@ class Trainer:
         return metrics, Predictions(targets=targets, probs=probs, features=host(features),
                                     indices=host(rows).astype(int))
 
-    def fit(self, train_loader, val_loader, resume: bool = False) -> FitState:
-        """Train until ``cfg.epochs`` or early stopping; returns the final state."""
+    def fit(self, train_loader, val_loader, resume: bool = False, auto_batch: bool = False) -> FitState:
+        """Train until ``cfg.epochs`` or early stopping; returns the final state.
+
+        Before the first epoch (``cfg.memory_check``) one training step is measured against the
+        device's memory: a run that will not fit stops with ``OutOfMemory``. ``auto_batch``
+        (``--batch-size auto``) halves the micro-batch and doubles the accumulation instead, there
+        and on an out-of-memory error before the first optimizer step.
+        """
         if resume:
             self.resume()
+        if self.state.micro_batch and self.state.micro_batch != train_loader.batch_size:  # resumed after auto
+            train_loader = rebatched(train_loader, self.state.micro_batch)
+        self.accumulate = self.state.accumulate or self.accumulate
+        self.auto_batch = auto_batch
+        cfg = self.cfg
+        if self.state.epoch < cfg.epochs and not self.state.stopped_early:
+            train_loader = self.check_memory(train_loader)
         for cb in self.callbacks:
             cb.on_fit_start(self.state)
-        cfg = self.cfg
+        start_state = self._snapshot() if auto_batch and self.state.epoch == 0 else None
         while self.state.epoch < cfg.epochs and not self.state.stopped_early:
             epoch = self.state.epoch + 1
             start = time.perf_counter()
-            metrics = self.train_epoch(train_loader, epoch)
-            metrics |= self.evaluate(val_loader, "val")
+            try:
+                metrics = self.train_epoch(train_loader, epoch)
+            except _Rebatch as again:
+                self._restore(start_state)
+                train_loader = self._use_batch(train_loader, again.plan)
+                continue
+            try:
+                metrics |= self.evaluate(val_loader, "val")
+            except Exception as err:
+                if not is_out_of_memory(err):
+                    raise
+                oom = self._out_of_memory(err, f"validation after epoch {epoch}", train_loader)
+                raise oom from None
             metrics["lr"] = self.optimizer.param_groups[0]["lr"]
             score = metrics[cfg.monitor]
             self.scheduler.step(score)
@@ -412,6 +565,162 @@ class Trainer:
         for cb in self.callbacks:
             cb.on_fit_end(self.state)
         return self.state
+
+
+    # --- memory --------------------------------------------------------------------------------
+    def check_memory(self, loader):
+        """The memory check before the first epoch: the loader to train with (rebatched when
+        ``--batch-size auto`` had to halve it); ``OutOfMemory`` when the run will not fit."""
+        plan = BatchPlan(loader.batch_size, self.accumulate)
+        if getattr(self.cfg, "memory_check", True):
+            checkpointed = None if getattr(self.cfg, "grad_checkpointing", False) else self._checkpointed_probe(loader)
+            size = getattr(getattr(loader, "dataset", None), "image_size", None)
+            plan = plan_batch(lambda b: self.measure_step(loader, b), loader.batch_size, self.accumulate,
+                              self.device, self.auto_batch, what=self.name, image_size=size, checkpointed=checkpointed)
+        return self._use_batch(loader, plan)
+
+    def _checkpointed_probe(self, loader):
+        """For the message of a run that does not fit: the same probe steps with gradient
+        checkpointing on (None when the model cannot checkpoint)."""
+        def probe(plain: Probe) -> Probe | None:
+            if not hasattr(self.model, "set_grad_checkpointing") or not plain._finite():
+                return None
+            found = Probe(lambda b: self.measure_step(loader, b), self.device)
+            set_grad_checkpointing(self.model, True)
+            try:
+                found.measure(min(plain._finite()[0][0], loader.batch_size))  # one step, anchored on the plain line
+            except Exception as err:  # noqa: BLE001
+                if not is_out_of_memory(err):
+                    raise
+                return None
+            finally:
+                set_grad_checkpointing(self.model, False)
+            return found.anchored(plain)
+        return probe
+
+    def measure_step(self, loader, frames: int) -> None:
+        """One training step on ``frames`` frames of the loader's data, leaving no trace: the
+        optimizer's state is stood in for by zeros of its size, and the model's statistics, the
+        gradients and every RNG are put back. What the memory check measures."""
+        batch = probe_batch(loader, frames, self.device, self.channels_last)
+        modules = [self.model, *self.task.modules()]
+        buffers = [b.detach().clone() for m in modules for b in m.buffers()]
+        rng = _rng_state()
+        was_training = [m.training for m in modules]
+        for m in modules:
+            m.train()
+        # AdamW's two tensors per parameter live through every step after the first, and the gradients
+        # through every micro-batch of an accumulated step: both held from the start, so the peak is
+        # theirs plus the activations (which grow with the batch; the rest does not). Without
+        # accumulation this counts the gradients in full where a step may peak before all exist.
+        stand_in = [torch.zeros_like(p) for p in self.params if p not in self.optimizer.state for _ in range(2)]
+        for p in self.params:
+            p.grad = torch.zeros_like(p)
+        try:
+            with self._autocast():
+                out = self.task(self.net, batch)
+            out["loss"].float().backward()
+            del out
+        finally:
+            del stand_in
+            for p in self.params:
+                p.grad = None
+            with torch.no_grad():
+                for b, saved in zip([b for m in modules for b in m.buffers()], buffers):
+                    b.copy_(saved)
+            _set_rng_state(rng)
+            for m, mode in zip(modules, was_training):
+                m.train(mode)
+
+    def _use_batch(self, loader, plan: BatchPlan):
+        """Train with ``plan``'s micro-batch and accumulation from now on (said once when it changed)."""
+        if plan.note:
+            print(f"flame-kd: {plan.note}", file=sys.stderr, flush=True)
+            said()
+        if plan.micro != loader.batch_size:
+            loader = rebatched(loader, plan.micro)
+        self.accumulate = plan.accumulate
+        self.state.micro_batch, self.state.accumulate = plan.micro, plan.accumulate
+        for cb in self.callbacks:
+            cb.on_batch_plan(plan)
+        return loader
+
+    def _out_of_memory(self, err: BaseException, where: str, loader) -> Exception:
+        """What an out-of-memory error becomes: with --batch-size auto before the first optimizer
+        step, a halved micro-batch (``_Rebatch``); else one line (``OutOfMemory``)."""
+        from flame_kd.errors import OutOfMemory
+
+        micro, k = loader.batch_size, self.accumulate
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        first = " ".join(str(err).split())[:160]
+        if self.auto_batch and self.state.epoch == 0 and self.optimizer_steps == 0 and micro > 1 and micro % 2 == 0:
+            note = (f"batch size auto: out of memory at micro-batch {micro} ({where}); now micro-batch {micro // 2} "
+                    f"x accumulate {k * 2} (effective {micro * k})")
+            return _Rebatch(BatchPlan(micro // 2, k * 2, note=note))
+        advice = (f"try --batch-size {micro // 2} --accumulate {k * 2}, " if micro > 1 and micro % 2 == 0 else "try ")
+        return OutOfMemory(f"out of memory in {where} of {self.name} at --batch-size {micro} --accumulate {k} "
+                           f"on {self.device.type} ({first}); {advice}--grad-checkpointing true or --batch-size auto; "
+                           "`--resume true` continues from the last finished epoch")
+
+    def _snapshot(self) -> dict:
+        """What a rebatch before the first optimizer step puts back: statistics and RNG states."""
+        modules = [self.model, *self.task.modules()]
+        return {"buffers": [b.detach().clone() for m in modules for b in m.buffers()], "rng": _rng_state()}
+
+    def _restore(self, snap: dict | None) -> None:
+        if snap is None:
+            return
+        modules = [self.model, *self.task.modules()]
+        with torch.no_grad():
+            for b, saved in zip([b for m in modules for b in m.buffers()], snap["buffers"]):
+                b.copy_(saved)
+        _set_rng_state(snap["rng"])
+
+
+class _Rebatch(Exception):
+    """--batch-size auto: an out-of-memory error before the first optimizer step; train with ``plan``."""
+
+    def __init__(self, plan: BatchPlan):
+        super().__init__(plan.note)
+        self.plan = plan
+
+
+def set_grad_checkpointing(model: nn.Module, enable: bool) -> None:
+    """timm's ``set_grad_checkpointing`` on a teacher or student (every flame-kd model has it)."""
+    from flame_kd.errors import ConfigError
+
+    setter = getattr(model, "set_grad_checkpointing", None)
+    if setter is None:
+        raise ConfigError(f"--grad-checkpointing: {type(model).__name__} cannot checkpoint its activations")
+    try:
+        setter(enable)
+    except (AssertionError, NotImplementedError, AttributeError) as err:
+        raise ConfigError(f"--grad-checkpointing: {type(model).__name__} does not support it ({err})") from None
+
+
+def rebatched(loader, batch_size: int):
+    """The same training loader (data, shuffle generator, workers) with another batch size; the last
+    short batch dropped as ``load_data`` drops it (a batch of one frame breaks BatchNorm)."""
+    from torch.utils.data import DataLoader
+
+    return DataLoader(loader.dataset, batch_size=batch_size, sampler=loader.sampler, num_workers=loader.num_workers,
+                      collate_fn=loader.collate_fn, pin_memory=loader.pin_memory,
+                      drop_last=len(loader.dataset) > batch_size, worker_init_fn=loader.worker_init_fn,
+                      generator=loader.generator, persistent_workers=loader.persistent_workers)
+
+
+def probe_batch(loader, frames: int, device: torch.device, channels_last: bool) -> Batch:
+    """``frames`` frames of the loader's data set (its first ones, repeated when it holds fewer) as a
+    training batch on ``device``: what the memory check steps on."""
+    ds = loader.dataset
+    rows = [i % len(ds) for i in range(frames)]
+    items = ds.__getitems__(rows) if hasattr(ds, "__getitems__") else [ds[i] for i in rows]
+    batch = to_device(loader.collate_fn(items), device, False)
+    finish = getattr(ds, "on_device", None)
+    if finish is not None:
+        batch = finish(batch)
+    return to_device(batch, device, True) if channels_last else batch
 
 
 class LambdaCallback(Callback):

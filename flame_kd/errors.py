@@ -28,6 +28,15 @@ class RunFailed(FlameKDError):
     exit_code = 1
 
 
+class ServerLost(RunFailed):
+    """The tracking server went away during run ``run_id``: its checkpoint is kept, and the run is
+    marked FAILED there by the next flame-kd run on the same store (``experiment.mark_lost_runs``)."""
+
+    def __init__(self, message: str, run_id: str):
+        self.run_id = run_id
+        super().__init__(message)
+
+
 class Preempted(KeyboardInterrupt):
     """The process was told to stop (SIGTERM from Kaggle, Slurm, Kubernetes or ``timeout``; SIGINT).
 
@@ -45,3 +54,12 @@ class Preempted(KeyboardInterrupt):
 
 class ConfigError(FlameKDError):
     """An option value that cannot work (unknown teacher, negative weight, ...)."""
+
+
+class OutOfMemory(FlameKDError):
+    """A training step does not fit in the device's memory (found before the first epoch, or an
+    out-of-memory error later): one line with what would fit, exit status 1, and the run ends
+    FAILED with ``flame_kd.end_reason`` "out of memory"."""
+
+    exit_code = 1
+    end_reason = "out of memory"

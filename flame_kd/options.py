@@ -62,6 +62,27 @@ class OrNone(click.ParamType):
         return self.inner.convert(value, param, ctx)
 
 
+class IntOrWords(click.ParamType):
+    """An integer or one of a few words: ``--batch-size 32`` or ``--batch-size auto``."""
+
+    name = "integer"
+
+    def __init__(self, words: tuple[str, ...]):
+        self.words = tuple(words)
+        self.name = "|".join(("integer", *self.words))
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        text = str(value).strip()
+        if text in self.words:
+            return text
+        try:
+            return int(text)
+        except ValueError:
+            self.fail(f"{value!r} is not an integer or {' or '.join(self.words)}", param, ctx)
+
+
 class FloatList(click.ParamType):
     """Comma-separated floats: ``0.7,0.15,0.15``."""
 
@@ -87,7 +108,7 @@ def _base_type(hint: Any) -> tuple[type, bool]:
     args = typing.get_args(hint)
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         inner = [a for a in args if a is not type(None)]
-        return _base_type(inner[0])[0], True
+        return _base_type(inner[0])[0], type(None) in args
     return (typing.get_origin(hint) or hint), False
 
 
@@ -177,6 +198,8 @@ def _param_type(x: _Field) -> click.ParamType:
         ptype: click.ParamType = click.BOOL
     elif x.kind is tuple:
         ptype = FloatList()
+    elif meta.get("words"):
+        ptype = IntOrWords(meta["words"])
     elif meta.get("choices"):
         ptype = click.Choice(meta["choices"])
     else:
@@ -232,7 +255,15 @@ def apply_options(cfg: Any, sections: tuple[Section, ...], values: dict[str, Any
             continue
         for path in (x.section.path, *x.section.also):
             setattr(_resolve(cfg, path), x.field.name, value)
+    from flame_kd.config import check_ranges  # config builds its sections from this module
+
+    check_ranges(cfg, names=option_flags(cfg, sections))  # a number out of range is named by the flag typed
     return cfg
+
+
+def option_flags(cfg: Any, sections: tuple[Section, ...]) -> dict[str, str]:
+    """``{dotted config path: "--flag"}``: how the command line spells each exposed field."""
+    return {path: "--" + ident.replace("_", "-") for ident, (path, _) in option_values(cfg, sections).items()}
 
 
 def option_names(config_cls: type, sections: tuple[Section, ...]) -> list[str]:

@@ -28,7 +28,7 @@ from torch import nn
 from flame_kd import tracking
 from flame_kd.data import augment as aug
 from flame_kd.data.dataset import PairedFrames, make_loader
-from flame_kd.engine import amp_dtype, device_batches
+from flame_kd.engine import amp_dtype, device_batches, load_checkpoint, seal
 from flame_kd.errors import ConfigError
 from flame_kd.losses import OUTPUTS, model_outputs
 from flame_kd.progress import track
@@ -241,6 +241,30 @@ def compute(teacher: nn.Module, data, device: torch.device, teacher_run_id: str 
     return out
 
 
+KEYS = ("format", "known", "ids", "outputs", "teacher_run_id", "data_digest", "split_digest")
+
+
+def check_structure(outputs: dict, n: int, label: str) -> None:
+    """Keys, shapes and dtypes of stored outputs for ``n`` frames, else one ConfigError naming them."""
+    problems = []
+    for key, shape in (("known", (n,)), ("ids", (n,))):
+        value = outputs.get(key)
+        if not isinstance(value, torch.Tensor) or tuple(value.shape) != shape:
+            problems.append(f"{key} is not a tensor of {n} values")
+    stored = outputs.get("outputs")
+    if not isinstance(stored, dict) or "logits" not in stored:
+        problems.append("it holds no named outputs")
+    else:
+        for key, value in stored.items():
+            if not isinstance(value, torch.Tensor) or value.ndim < 2 or value.shape[0] != n or not value.is_floating_point():
+                problems.append(f"{key} is not a float tensor of {n} rows")
+        logits = stored["logits"]
+        if isinstance(logits, torch.Tensor) and logits.ndim == 2 and logits.shape[1] != 2:
+            problems.append("logits do not have 2 columns (fire, smoke)")
+    if problems:
+        raise ConfigError(f"cannot use {label}: {'; '.join(problems)}")
+
+
 def _same_views(outputs: dict, augment: str, views: int, view_seed: int) -> bool:
     return (outputs.get("format") == FORMAT and outputs.get("augment") == augment
             and outputs.get("views") == effective_views(augment, views) and outputs.get("view_seed") == view_seed)
@@ -266,11 +290,17 @@ def load_or_compute(teacher_run_id: str, teacher: nn.Module, data, device: torch
             file = path.rsplit("/", 1)[-1]
             if not (file.startswith(prefix) and _names_in(file) >= set(names)):
                 continue  # another data set, split or view set, or it lacks an output these terms need
-            stored = torch.load(tracking.download(teacher_run_id, path, tmp), map_location="cpu", weights_only=True)
+            try:
+                stored = load_checkpoint(tracking.download(teacher_run_id, path, tmp), what="teacher outputs",
+                                         run_id=teacher_run_id, keys=KEYS)
+                check_structure(stored, len(data.frames), f"teacher outputs {path} (run {teacher_run_id})")
+            except ConfigError as err:  # corrupted or foreign: computed again from the teacher, and replaced
+                log.warning("%s; computing them again", err.message)
+                continue
             if matches(stored, teacher_run_id, data) and _same_views(stored, augment, views, view_seed):
                 return stored
         outputs = compute(teacher, data, device, teacher_run_id, augment, views, view_seed, names)
         path = Path(tmp) / name
-        torch.save(outputs, path)
+        torch.save(seal(outputs), path)
         tracking.log_file(path, ARTIFACT_DIR, run_id=teacher_run_id)
         return outputs

@@ -7,18 +7,18 @@ with the reason in the ``flame_kd.error`` tag, so nothing logged before is lost.
 
 from __future__ import annotations
 
-import base64
+import calendar
 import contextlib
 import functools
 import logging
 import os
 import re
+import socket
 import sys
 import tempfile
+import threading
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 import warnings
 from pathlib import Path
 from typing import Any, Iterator
@@ -28,7 +28,8 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from flame_kd.engine import Callback, FitState
-from flame_kd.errors import FlameKDError, Preempted
+from flame_kd.errors import FlameKDError, Preempted, ServerLost
+from flame_kd.redaction import redact, redact_all, redact_logging, remember_secrets  # noqa: F401 (tracking.redact is the API)
 
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"  # else MLflow 3.17's UI opens the experiment as GenAI
@@ -36,65 +37,93 @@ TAG = "flame_kd."
 log = logging.getLogger("flame_kd")
 
 
-# userinfo up to the LAST @ of the token (a password may hold / or @), and secret query parameters
-_USERINFO = re.compile(r"(?<=://)[^\s]*@(?=[^@\s]*$)|(?<=://)[^\s]*@(?=[^@\s]*\s)")
-_SECRET_QUERY = re.compile(r"(?i)([?&;](?:[a-z_]*password|passwd|pwd|[a-z_]*token|[a-z_]*secret|[a-z_]*key)=)[^&;\s]*")
-
-
-def redact(uri: str | None) -> str:
-    """Drop credentials from a URL or a message holding one: ``postgresql://user:pw@host`` ->
-    ``postgresql://***@host``, ``...?password=pw`` -> ``...?password=***``."""
-    if uri is None:
-        return ""
-    text = " ".join(_USERINFO.sub("***@", word) if "://" in word else word for word in str(uri).split(" "))
-    return _SECRET_QUERY.sub(r"\1***", text)
-
-
-def redact_all(obj: Any) -> Any:
-    """``redact`` every string in a nested config, so no credential reaches a param or artifact."""
-    if isinstance(obj, dict):
-        return {k: redact_all(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(redact_all(v) for v in obj)
-    return redact(obj) if isinstance(obj, str) else obj
-
-
 def configure(tracking_uri: str | None = None) -> str:
     """Point MLflow at ``tracking_uri`` (else MLFLOW_TRACKING_URI, else MLflow's default store).
 
-    An HTTP server is probed once so an unreachable one is one clear error, not minutes of retries.
-    MLflow's artifact download bars show on a terminal only (in a log they run together on one line).
+    An HTTP server is probed once so an unreachable one is one clear error, not minutes of retries;
+    any other store MLflow cannot open is one line too. MLflow's "View run" line is flame-kd's own,
+    redacted (``_end``). MLflow's artifact download bars show on a terminal only (in a log they run
+    together on one line).
     """
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", str(sys.stderr.isatty()).lower())
+    os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"  # it prints user:password@ as given
+    remember_secrets(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"))
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
     uri = mlflow.get_tracking_uri()
+    remember_secrets(uri)
+    redact_logging()
     if uri.startswith(("http://", "https://")):
         _probe(uri)
     elif uri.startswith("sqlite:///"):
         _create_sqlite_store(uri)
+    else:
+        _open_store(uri)
+    _reap_quietly()
     return uri
 
 
-def _probe(uri: str) -> None:
-    """One GET of the server's /health, with any ``user:password@`` sent as basic auth, so a wrong
-    URL is one clear line instead of minutes of retries; the password is never printed."""
-    parts = urllib.parse.urlsplit(uri)
-    netloc = parts.hostname or ""
-    if parts.port:
-        netloc += f":{parts.port}"
-    request = urllib.request.Request(urllib.parse.urlunsplit(parts._replace(netloc=netloc)).rstrip("/") + "/health")
-    if parts.username is not None:
-        token = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
-        request.add_header("Authorization", "Basic " + base64.b64encode(token.encode()).decode())
+def _reap_quietly() -> None:
+    """``reap_lost_runs`` on opening the store; a store it cannot read yet is no reason to fail."""
     try:
-        urllib.request.urlopen(request, timeout=10).read()
-    except urllib.error.HTTPError as err:
-        raise FlameKDError(f"{redact(uri)} answered HTTP {err.code} ({err.reason}) on /health: "
-                           "is it an MLflow tracking server, and are the credentials right?") from None
-    except (urllib.error.URLError, OSError, ValueError) as err:
-        reason = getattr(err, "reason", err)
-        raise FlameKDError(f"MLflow tracking server {redact(uri)} is unreachable: {redact(str(reason))}") from None
+        reap_lost_runs()
+    except Exception as err:  # noqa: BLE001
+        log.debug("could not check for lost runs: %s", err)
+
+
+def _open_store(uri: str) -> None:
+    """Any other store (PostgreSQL, MySQL, a typo) opened once: what MLflow says, in one line."""
+    from mlflow.tracking._tracking_service.utils import _get_store
+
+    try:
+        _get_store(uri)
+    except Exception as err:  # an unknown scheme, a file store (MLflow 3 refuses), a driver missing
+        raise FlameKDError(f"--tracking-uri {redact(uri)}: MLflow cannot use it as a tracking store "
+                           f"({_first_sentence(err)}); try http://host:port or sqlite:///mlflow.db") from None
+
+
+def _first_sentence(err: BaseException) -> str:
+    text = str(getattr(err, "message", None) or err).strip() or type(err).__name__
+    return redact(text.splitlines()[0].split(". ")[0])[:300]
+
+
+_REASONS = re.compile(r"\[Errno [^\]]+\][^'\")]*|CERTIFICATE_VERIFY_FAILED[^'\")]*|[Rr]ead timed out|"
+                      r"Name or service not known|Connection refused|Connection reset by peer|"
+                      r"Remote end closed connection without response|timed out")
+
+
+def short_reason(err: BaseException | str) -> str:
+    """The cause inside a urllib3/requests/MLflow error ("[Errno 111] Connection refused"), redacted."""
+    text = str(getattr(err, "message", None) or err)
+    found = _REASONS.search(text)
+    return redact(found.group().strip() if found else (text.splitlines() or [type(err).__name__])[0])[:300]
+
+
+PROBE_RETRIES = 2  # a server just starting gets a second look; a wrong URL still fails in seconds
+
+
+def _probe(uri: str) -> None:
+    """One GET of the server's /health through MLflow's own HTTP layer and settings (basic auth from
+    the URL or MLFLOW_TRACKING_USERNAME/PASSWORD, a token, MLFLOW_TRACKING_INSECURE_TLS,
+    MLFLOW_TRACKING_SERVER_CERT_PATH, client certificates), so whatever setup MLflow accepts passes,
+    and a wrong one is one clear line instead of minutes of retries; no credential is printed."""
+    from mlflow.utils.credentials import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request
+
+    try:
+        parts = urllib.parse.urlsplit(uri)
+        _ = parts.port  # a port out of range raises here
+        if not parts.hostname:
+            raise ValueError("no host name")
+        response = http_request(get_default_host_creds(uri.rstrip("/")), "/health", "GET", max_retries=PROBE_RETRIES,
+                                backoff_factor=0.5, timeout=10, raise_on_status=False)
+    except ValueError as err:
+        raise FlameKDError(f"--tracking-uri {redact(uri)} is not a usable URL: {redact(str(err))}") from None
+    except Exception as err:  # MLflow wraps requests' connection, TLS and timeout errors
+        raise FlameKDError(f"MLflow tracking server {redact(uri)} is unreachable: {short_reason(err)}") from None
+    if response.status_code != 200:
+        raise FlameKDError(f"{redact(uri)} answered HTTP {response.status_code} ({response.reason}) on /health: "
+                           "is it an MLflow tracking server, and are the credentials right?")
 
 
 def _create_sqlite_store(uri: str) -> None:
@@ -127,12 +156,17 @@ def ensure_experiment(name: str | None) -> str:
     if exp is None:
         try:
             exp_id = client.create_experiment(name)
-        except mlflow.exceptions.MlflowException:  # created by a concurrent worker meanwhile
-            exp_id = client.get_experiment_by_name(name).experiment_id
+        except mlflow.exceptions.MlflowException as err:  # created by a concurrent worker meanwhile, or refused
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                shown = name if len(name) <= 80 else name[:77] + "..."
+                raise FlameKDError(f"--experiment {shown!r}: MLflow cannot create it ({_first_sentence(err)})") from None
+            exp_id = exp.experiment_id
     else:
         exp_id = exp.experiment_id
-        if exp.lifecycle_stage == "deleted":
-            client.restore_experiment(exp_id)
+        if exp.lifecycle_stage == "deleted":  # restoring it silently would undo the user's delete
+            raise FlameKDError(f"--experiment {name!r} was deleted (experiment {exp_id}, in MLflow's trash): restore "
+                               f"it with `mlflow experiments restore --experiment-id {exp_id}`, or choose another name")
     tag_experiment(exp_id)
     return exp_id
 
@@ -221,24 +255,34 @@ def run(
     run_id = active.info.run_id
     if tags:
         mlflow.set_tags({k: str(v) for k, v in tags.items()})
+    claim_run(run_id)
     try:
         yield active
     except KeyboardInterrupt as err:  # Ctrl-C, or a Preempted (SIGTERM): resumable with --resume
+        _set_end_reason(run_id, "stopped")
         _end(run_id, "KILLED", str(err) if isinstance(err, Preempted) else "interrupted (Ctrl-C)")
         raise
     except BaseException as err:
+        _set_end_reason(run_id, getattr(err, "end_reason", "error"))
         _end(run_id, "FAILED", _error_text(err))
+        if isinstance(err, Exception) and server_lost(err):
+            raise ServerLost(f"lost the MLflow tracking server {redact(mlflow.get_tracking_uri())} during run {run_id} "
+                            f"({short_reason(err)}); its last finished epoch is kept on this machine: "
+                            "`--resume true` continues it once the server is back", run_id) from None
         raise
     else:
+        _set_end_reason(run_id, None)
         _end(run_id, "FINISHED", None)
     finally:
+        release_run(run_id)
         if outer and outer != run_id:  # a teacher trained on the way: `mlflow run`'s own run comes next
             os.environ["MLFLOW_RUN_ID"] = outer
 
 
 def _end(run_id: str, status: str, error: str | None) -> None:
     """End the run with ``status``; its ``flame_kd.error`` says why, and a resumed run that then
-    finishes loses the reason it was stopped before."""
+    finishes loses the reason it was stopped before. Never raises: a server that is gone leaves the
+    run as it was there (``--resume true`` finds it), with one warning line."""
     with contextlib.suppress(Exception):
         client = MlflowClient()
         if error:
@@ -246,11 +290,59 @@ def _end(run_id: str, status: str, error: str | None) -> None:
         elif TAG + "error" in client.get_run(run_id).data.tags:
             client.delete_tag(run_id, TAG + "error")
         mlflow.flush_async_logging()
-    active = mlflow.active_run()
-    if active and active.info.run_id == run_id:
-        mlflow.end_run(status)
-    else:
-        MlflowClient().set_terminated(run_id, status)
+    try:
+        active = mlflow.active_run()
+        if active and active.info.run_id == run_id:
+            mlflow.end_run(status)
+        else:
+            MlflowClient().set_terminated(run_id, status)
+    except Exception as err:
+        log.warning("could not mark run %s %s on %s: %s", run_id, status, redact(mlflow.get_tracking_uri()),
+                    short_reason(err))
+        return
+    _print_run_link(run_id)
+
+
+def _print_run_link(run_id: str) -> None:
+    """MLflow's "View run" line for a server, from a redacted URL (MLflow's own prints the password)."""
+    uri = mlflow.get_tracking_uri()
+    if not uri.startswith(("http://", "https://")):
+        return
+    with contextlib.suppress(Exception):
+        run = MlflowClient().get_run(run_id)
+        url = f"{redact(uri).rstrip('/')}/#/experiments/{run.info.experiment_id}"
+        sys.stdout.write(f"🏃 View run {run.info.run_name} at: {url}/runs/{run_id}\n🧪 View experiment at: {url}\n")
+
+
+def store_key() -> str:
+    """A hash of the tracking URI (credentials included, never stored): which store a file is about."""
+    import hashlib
+
+    return hashlib.sha256(mlflow.get_tracking_uri().encode()).hexdigest()[:16]
+
+
+def mark_failed(run_id: str, reason: str) -> bool:
+    """End a run still RUNNING as FAILED with ``reason`` in ``flame_kd.error``; whether it was."""
+    client = MlflowClient()
+    if client.get_run(run_id).info.status != "RUNNING":
+        return False
+    client.set_tag(run_id, TAG + "error", redact(reason)[:4000])
+    client.set_terminated(run_id, "FAILED")
+    return True
+
+
+def server_lost(err: BaseException) -> bool:
+    """Whether ``err`` is MLflow failing to reach an HTTP tracking server (it went away mid-run)."""
+    import requests
+
+    if not mlflow.get_tracking_uri().startswith(("http://", "https://")):
+        return False
+    if isinstance(err, (requests.exceptions.ConnectionError, requests.exceptions.Timeout)):
+        return True
+    text = str(getattr(err, "message", None) or err)
+    return isinstance(err, mlflow.exceptions.MlflowException) and (
+        "API request to" in text and ("failed with exception" in text or "failed with timeout" in text)
+        or "Max retries exceeded" in text)
 
 
 # --- logging into the active run ------------------------------------------------------------------
@@ -377,30 +469,48 @@ def log_dataset(frames, csv_path: str, digest: str, context: str = "training") -
 
 @_artifact_write
 def log_model(model, example, registered_name: str | None = None, description: str = "") -> str | None:
-    """``model`` (a models.Deployable) through mlflow.pytorch in the pt2 format: torch.export's graph,
-    no pickle, so loading it runs no code from the artifact store. ``example`` (uint8 frames, a batch
-    of 2 or more) traces it; MLflow marks the batch axis dynamic, so any batch size is served.
+    """``model`` (a models.Deployable) as an MLflow pyfunc model: torch.export's pt2 graph
+    (``model/data/model.pt2``, no pickle) loaded by ``flame_kd.serving`` (installed code, never code
+    from the artifact store), which checks every request before the graph runs. ``example`` (uint8
+    frames, a batch of 2 or more) traces it with a dynamic batch axis.
+
+    No MLflow signature is logged on purpose: MLflow casts a request to the signature's dtype first,
+    so under a uint8 signature a float image (0.5) silently became 0 and was answered 200. The
+    schema is in the model's metadata instead, and ``serving`` refuses anything else with MLflow's
+    400 INVALID_PARAMETER_VALUE naming it.
 
     With ``registered_name`` the model becomes a new version of it, carrying ``description``;
     returns that version (None when not registered)."""
-    import torch
+    from flame_kd import serving
 
     if len(example) < 2:
         raise ValueError("log_model needs an example batch of 2 or more (a batch of 1 is exported static)")
-    info = mlflow.pytorch.log_model(
-        model.eval(),
-        name="model",
-        serialization_format="pt2",
-        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
-        registered_model_name=registered_name,
-        input_example=example,
-    )
+    with tempfile.TemporaryDirectory() as tmp:
+        data = serving.export(model.eval(), example, Path(tmp) / serving.MODEL_FILE)
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            loader_module="flame_kd.serving",
+            data_path=str(data),
+            pip_requirements=serving.requirements(),
+            registered_model_name=registered_name,
+            input_example=example,
+            metadata={"input_schema": serving.schema_text(example.shape[1:])},
+        )
     version = getattr(info, "registered_model_version", None)
     if registered_name and version is not None:
         if description:
             MlflowClient().update_model_version(registered_name, str(version), description=description)
         log.info("registered the model as %s version %s", registered_name, version)
     return None if version is None else str(version)
+
+
+def invalid_input(message: str) -> Exception:
+    """The error a served model raises for a bad request: MLflow's scoring server answers it with
+    400 INVALID_PARAMETER_VALUE and ``message`` (any other exception is a generic error with a
+    traceback)."""
+    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+    return mlflow.exceptions.MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
 
 
 def register_run_model(run_id: str, name: str, alias: str | None = None, tags: dict | None = None) -> str:
@@ -420,6 +530,25 @@ def register_run_model(run_id: str, name: str, alias: str | None = None, tags: d
     return str(version)
 
 
+def set_model_alias(name: str, alias: str, version: str) -> None:
+    """Point ``alias`` of registered model ``name`` at ``version`` (moved from wherever it was)."""
+    MlflowClient().set_registered_model_alias(name, alias, str(version))
+
+
+def model_problem(model_uri: str) -> str | None:
+    """Why ``model_uri`` names no logged model MLflow can load (one line), or None when it does."""
+    try:
+        mlflow.models.get_model_info(model_uri)
+    except (mlflow.exceptions.MlflowException, OSError, ValueError) as err:
+        return redact(str(getattr(err, "message", err)).splitlines()[0] if str(err) else type(err).__name__)
+    return None
+
+
+def metric_history(run_id: str, key: str) -> list[float]:
+    """Every value a run logged under ``key``, in logging order (empty when none)."""
+    return [m.value for m in MlflowClient().get_metric_history(run_id, key)]
+
+
 def model_version_by_alias(name: str, alias: str):
     """The registered model version an alias points at, or None (no such model or alias)."""
     try:
@@ -433,13 +562,50 @@ def active_run_id() -> str:
 
 
 class MlflowCallback(Callback):
-    """Per-epoch metrics with ``step=epoch``; resumed runs re-log nothing already logged."""
+    """Per-epoch metrics with ``step=epoch``; a resumed run logs what its checkpoint's history holds
+    and the store lacks (a stop between ``last.pt`` and the epoch's logging, a server that went away),
+    and re-logs nothing already logged."""
 
     def __init__(self, run_id: str | None = None):
         self.run_id = run_id
 
+    def on_fit_start(self, state: FitState) -> None:
+        if not state.epoch or not state.history:
+            return
+        run_id = self.run_id or active_run_id()
+        client = MlflowClient()
+        missing = []
+        for key, values in state.history.items():
+            name = key.replace("@", "_")
+            have = {m.step for m in client.get_metric_history(run_id, name)}
+            missing += [mlflow.entities.Metric(name, float(v), _now_ms(), int(step))
+                        for step, v in values if int(step) not in have]
+        for i in range(0, len(missing), 1000):  # MLflow's log_batch takes at most 1000 metrics
+            client.log_batch(run_id, metrics=missing[i:i + 1000])
+        if missing:
+            log.info("logged %d metric value(s) of earlier epochs the store lacked", len(missing))
+
     def on_epoch_end(self, epoch: int, metrics: dict[str, float], state: FitState) -> None:
         log_metrics(metrics, step=epoch, run_id=self.run_id)
+
+    def on_batch_plan(self, plan) -> None:
+        log_batch_plan(plan, self.run_id)
+
+
+def log_batch_plan(plan, run_id: str | None = None) -> None:
+    """The batch a run trains with: param ``effective_batch_size``, tags ``flame_kd.micro_batch`` and
+    ``flame_kd.accumulate`` (updated when --batch-size auto halves it, with ``flame_kd.batch_auto``
+    saying why), and the memory check's ``memory_step_gib`` / ``memory_available_gib``."""
+    run_id = run_id or active_run_id()
+    client = MlflowClient()
+    if "effective_batch_size" not in client.get_run(run_id).data.params:
+        client.log_param(run_id, "effective_batch_size", str(plan.effective))
+    tags = {TAG + "micro_batch": plan.micro, TAG + "accumulate": plan.accumulate}
+    if plan.note:
+        tags[TAG + "batch_auto"] = plan.note
+    set_tags(tags, run_id=run_id)
+    if plan.need:
+        log_metrics({"memory_step_gib": plan.need / 2**30, "memory_available_gib": plan.have / 2**30}, run_id=run_id)
 
 
 # --- lookups ------------------------------------------------------------------------------------
@@ -486,5 +652,167 @@ def list_artifacts(run_id: str, path: str | None = None) -> list[str]:
 
 
 def load_config(run_id: str, dst: str | Path) -> dict:
-    return yaml.safe_load(download(run_id, "config.yaml", dst).read_text())
+    """A run's logged ``config.yaml`` (plain YAML only: a python tag is refused, never run)."""
+    try:
+        cfg = yaml.safe_load(download(run_id, "config.yaml", dst).read_text())
+    except yaml.YAMLError as err:
+        reason = str(err).strip().splitlines()[0][:200]
+        raise FlameKDError(f"config.yaml of run {run_id} is not a flame-kd config (not plain YAML: {reason})") from None
+    except (OSError, mlflow.exceptions.MlflowException) as err:
+        raise FlameKDError(f"run {run_id} has no readable config.yaml ({_first_sentence(err)})") from None
+    if not isinstance(cfg, dict):
+        raise FlameKDError(f"config.yaml of run {run_id} is not a flame-kd config (it holds a {type(cfg).__name__})")
+    return cfg
 
+
+
+# --- liveness: every run records its host, pid and a heartbeat; later commands fail the lost ones ---
+
+HOST_TAG, PID_TAG, STARTED_TAG, HEARTBEAT_TAG = (TAG + "host", TAG + "pid", TAG + "process_started",
+                                                 TAG + "heartbeat")
+END_REASON_TAG = TAG + "end_reason"
+HEARTBEAT_EVERY = 60.0  # seconds between heartbeats of a run (at most one write a minute)
+HEARTBEAT_TIMEOUT_ENV = "FLAME_KD_HEARTBEAT_TIMEOUT"
+HEARTBEAT_TIMEOUT = 600.0  # a run on another host with no heartbeat for this long is lost
+_owned: dict[str, str] = {}  # run id -> tracking URI: the runs this process keeps alive
+_beat_lock = threading.Lock()
+_beat_thread = None
+
+
+def _utc(seconds: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
+
+
+def _process_started(pid: int) -> float | None:
+    import psutil
+
+    try:
+        return psutil.Process(pid).create_time()
+    except (psutil.NoSuchProcess, psutil.ZombieProcess):
+        return None
+    except psutil.AccessDenied:
+        return -1.0  # alive, and not ours to read
+
+
+def claim_run(run_id: str) -> None:
+    """Record this host, pid (with the process's start time, against pid reuse) and a heartbeat on
+    the run, and keep the heartbeat fresh (a thread, once a minute) until ``release_run``."""
+    global _beat_thread
+    now = time.time()
+    with contextlib.suppress(Exception):
+        set_tags({HOST_TAG: socket.gethostname(), PID_TAG: os.getpid(),
+                  STARTED_TAG: f"{_process_started(os.getpid()):.2f}", HEARTBEAT_TAG: _utc(now)}, run_id=run_id)
+    with _beat_lock:
+        _owned[run_id] = mlflow.get_tracking_uri()
+        if _beat_thread is None or not _beat_thread.is_alive():
+            _beat_thread = threading.Thread(target=_beat, name="flame-kd heartbeat", daemon=True)
+            _beat_thread.start()
+
+
+def release_run(run_id: str) -> None:
+    """Stop the heartbeat of a run that has ended."""
+    with _beat_lock:
+        _owned.pop(run_id, None)
+
+
+def _beat() -> None:
+    while True:
+        time.sleep(HEARTBEAT_EVERY)
+        with _beat_lock:
+            owned = dict(_owned)
+        for run_id, uri in owned.items():
+            with contextlib.suppress(Exception):  # a store that hiccups misses one beat, not the run
+                MlflowClient(uri).set_tag(run_id, HEARTBEAT_TAG, _utc(time.time()))
+
+
+def heartbeat_timeout() -> float:
+    """Seconds without a heartbeat after which a run on another host counts as lost
+    ($FLAME_KD_HEARTBEAT_TIMEOUT, default 600)."""
+    try:
+        return float(os.environ.get(HEARTBEAT_TIMEOUT_ENV) or HEARTBEAT_TIMEOUT)
+    except ValueError:
+        return HEARTBEAT_TIMEOUT
+
+
+def lost_reason(tags: dict[str, str], host: str, now: float, timeout: float) -> str | None:
+    """Why a RUNNING run is lost, or None while its process may still be at work: ``process gone``
+    (this host, and its pid is dead or now another process), ``heartbeat lost`` (another host, and no
+    heartbeat for ``timeout`` seconds). Runs without flame-kd's host and pid tags are left alone."""
+    if HOST_TAG not in tags or PID_TAG not in tags:
+        return None
+    if tags[HOST_TAG] == host:
+        try:
+            pid, started = int(tags[PID_TAG]), float(tags.get(STARTED_TAG, "-1"))
+        except ValueError:
+            return None
+        seen = _process_started(pid)
+        if seen is None or (seen >= 0 and started >= 0 and abs(seen - started) > 1.0):
+            return "process gone"
+        return None
+    try:
+        beat = calendar.timegm(time.strptime(tags.get(HEARTBEAT_TAG, ""), "%Y-%m-%dT%H:%M:%SZ"))
+    except ValueError:
+        return None
+    return "heartbeat lost" if now - beat > timeout else None
+
+
+def reap_lost_runs() -> list[tuple[str, str]]:
+    """Mark every RUNNING run whose process is gone (this host) or whose heartbeat is stale (another
+    host) FAILED, with ``flame_kd.end_reason`` and a one-line ``flame_kd.error``; ``--resume true``
+    still continues them. Returns (run id, reason) of each. Every command that opens the store runs it."""
+    client, host, now, timeout = MlflowClient(), socket.gethostname(), time.time(), heartbeat_timeout()
+    ids = all_experiment_ids()
+    if not ids:
+        return []
+    reaped = []
+    for r in client.search_runs(ids, "attributes.status = 'RUNNING'", max_results=1000):
+        tags = r.data.tags
+        reason = lost_reason(tags, host, now, timeout)
+        if reason is None or r.info.run_id in _owned:
+            continue
+        if reason == "process gone":
+            why = f"process {tags[PID_TAG]} on {tags[HOST_TAG]} is gone (killed, or out of memory)"
+        else:
+            why = f"no heartbeat from {tags[HOST_TAG]} since {tags.get(HEARTBEAT_TAG)}"
+        client.set_tag(r.info.run_id, END_REASON_TAG, reason)
+        client.set_tag(r.info.run_id, TAG + "error", f"{why}; `--resume true` continues it from its last finished epoch")
+        client.set_terminated(r.info.run_id, "FAILED")
+        log.warning("run %s (%s) marked FAILED: %s", r.info.run_id, r.info.run_name, why)
+        reaped.append((r.info.run_id, reason))
+    return reaped
+
+
+def _set_end_reason(run_id: str, reason: str | None) -> None:
+    """``flame_kd.end_reason``: why a run ended other than FINISHED (removed when it finishes)."""
+    with contextlib.suppress(Exception):
+        client = MlflowClient()
+        if reason:
+            client.set_tag(run_id, END_REASON_TAG, reason)
+        elif END_REASON_TAG in client.get_run(run_id).data.tags:
+            client.delete_tag(run_id, END_REASON_TAG)
+
+
+def name_env_run(name: str) -> None:
+    """Give ``mlflow run``'s run (MLFLOW_RUN_ID) flame-kd's run name and claim it (host, pid,
+    heartbeat) at the start of a command, so a command that fails early leaves no nameless run."""
+    run_id = os.environ.get("MLFLOW_RUN_ID")
+    if not run_id:
+        return
+    with contextlib.suppress(Exception):
+        MlflowClient().set_tag(run_id, "mlflow.runName", name)
+        claim_run(run_id)
+
+
+def fail_env_run(err: BaseException) -> None:
+    """A command ended with ``err`` before its ``mlflow run`` run was ended: end that run FAILED
+    with the message and reason (the CLI calls this on any flame-kd error)."""
+    run_id = os.environ.get("MLFLOW_RUN_ID")
+    if not run_id:
+        return
+    with contextlib.suppress(Exception):
+        run = MlflowClient().get_run(run_id)
+        if run.info.status != "RUNNING":
+            return
+        _set_end_reason(run_id, getattr(err, "end_reason", "error"))
+        _end(run_id, "FAILED", _error_text(err))
+        release_run(run_id)

@@ -65,3 +65,25 @@ def synth_csv(synth_dir) -> Path:
 def synth_copy(synth_dir, tmp_path) -> Path:
     """A private copy of the synthetic data set folder, free to break; returns its folder."""
     return Path(shutil.copytree(synth_dir, tmp_path / "synth"))
+
+
+@pytest.fixture(scope="session")
+def auth_front(tmp_path_factory):
+    """A real `mlflow server` on loopback behind a basic-auth front (``auth_front.AuthFront``), shared
+    by the session's credential and server-loss tests; reset to up after each use."""
+    from auth_front import AuthFront
+
+    front = AuthFront(tmp_path_factory.mktemp("mlflow-server"))
+    yield front
+    front.close()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` on loopback, artifacts served over HTTP, on PostgreSQL where
+    FLAME_KD_TEST_POSTGRES is set, else SQLite (``mlflow_server.MlflowServer``); one per session."""
+    from mlflow_server import MlflowServer
+
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
+    yield server
+    server.close()

@@ -74,7 +74,7 @@ def test_thumbnails_are_centred_unit_vectors(synth_csv, tmp_path):
     assert th.shape == (len(frames), 32 * 32)
     np.testing.assert_allclose(np.linalg.norm(th, axis=1), 1.0, atol=1e-4)
     np.testing.assert_allclose(th.mean(1), 0.0, atol=1e-5)
-    assert (tmp_path / "thumbs-k-32px.npy").is_file()
+    assert (tmp_path / "thumbs-k-32px.npz").is_file()
     np.testing.assert_array_equal(frame_thumbnails(frames, cache_dir=tmp_path, key="k"), th)
 
 

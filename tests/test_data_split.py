@@ -154,3 +154,46 @@ def test_split_command_fails_when_a_split_would_be_empty(synth_csv, tmp_path):
     result = CliRunner().invoke(main, ["data", "split", str(tmp_path / "two.csv"), "--out", str(out)])
     assert result.exit_code == 2 and "split is empty" in result.output, result.output
     assert not out.exists()
+
+
+def _alternating(n: int) -> pd.DataFrame:
+    i = np.arange(n)
+    return pd.DataFrame({"id": i + 1, "fire": i % 2, "smoke": (i // 2) % 2})
+
+
+def test_labels_that_change_on_every_row_split_into_one_group_per_row():
+    """The worst case for label runs (bench/split_scaling.py times it): every frame lands somewhere,
+    runs are single frames, and a shuffled CSV gives the same split."""
+    from flame_kd.data.split import infer_groups, make_split
+
+    frames = _alternating(3000)
+    groups, _ = infer_groups(frames)
+    assert groups.nunique() == 3000 and groups.iloc[5] == "run 6-6 YN"
+    split = make_split(frames, seed=3)
+    counts = split.counts
+    assert sum(counts.values()) == 3000 and min(counts[s] for s in ("train", "val", "test")) > 0
+    shuffled = frames.sample(frac=1.0, random_state=1).reset_index(drop=True)
+    assert make_split(shuffled, seed=3).digest == split.digest
+
+
+def test_a_move_scored_from_the_blocks_it_touches_costs_what_the_whole_assignment_does():
+    """The local search's incremental score (``_Problem.contribution``) against the full ``cost``."""
+    from flame_kd.data.split import _Problem, _units
+
+    rng = np.random.default_rng(0)
+    frames = _alternating(400)
+    frames["fire"] = rng.integers(0, 2, 400)
+    states = label_states(frames).to_numpy()
+    order = np.arange(400)
+    unit = _units(order, np.zeros(400, dtype=object), states, np.zeros(400, dtype=object), 10, 3, True)
+    p = _Problem(unit, states, np.zeros(400, dtype=object), (0.7, 0.15, 0.15), 4)
+    assign = rng.integers(0, 3, p.n_units)
+    counts = p.split_counts(assign)
+    for _ in range(200):
+        u, s = int(rng.integers(p.n_units)), int(rng.integers(3))
+        near = p.touched(u)
+        before = np.array(p.contribution(assign, near))
+        assign[u] = s
+        counts = counts - before + np.array(p.contribution(assign, near))
+        assert np.allclose(counts, p.split_counts(assign))
+        assert abs(p.cost_of(counts) - p.cost(assign)) < 1e-9

@@ -66,3 +66,31 @@ def test_an_intact_cache_is_reused_silently(disk_cache, tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="flame_kd"):
         again = _reopen(frames, digest, tmp_path)
     assert not caplog.records and (again.path / "rgb.u8").stat().st_mtime_ns == mtime
+
+
+@pytest.mark.parametrize("meta", ['["a", "list"]', '{"shape": "32", "checksums": 5}', '{"shape": [1], "checksums": {}}'])
+def test_a_meta_json_of_the_wrong_form_is_rebuilt(disk_cache, tmp_path, caplog, meta):
+    frames, digest, cache, rgb, _ = disk_cache
+    (cache.path / "meta.json").write_text(meta)
+    with caplog.at_level(logging.WARNING, logger="flame_kd"):
+        again = _reopen(frames, digest, tmp_path)
+    assert "rebuilding it" in caplog.text
+    np.testing.assert_array_equal(np.asarray(again.rgb), rgb)
+
+
+def test_a_file_where_the_cache_belongs(disk_cache, tmp_path, caplog):
+    """The cache folder replaced by a file is a cache to rebuild; --cache-dir naming a file is one line."""
+    import shutil
+
+    from flame_kd.errors import ConfigError
+
+    frames, digest, cache, rgb, _ = disk_cache
+    shutil.rmtree(cache.path)
+    cache.path.write_text("not a folder")
+    with caplog.at_level(logging.WARNING, logger="flame_kd"):
+        again = _reopen(frames, digest, tmp_path)
+    np.testing.assert_array_equal(np.asarray(again.rgb), rgb)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    with pytest.raises(ConfigError, match=f"--cache-dir {blocker}: cannot hold the frame cache"):
+        FrameCache(frames, 32, mode="disk", cache_dir=blocker, data_digest=digest)

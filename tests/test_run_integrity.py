@@ -23,14 +23,14 @@ from pipeline_helpers import distill_cfg, teacher_cfg, use_store
 
 
 @pytest.mark.parametrize("args, message", [  # each error names the flag the user typed
-    (["teacher", "--lr", "-1"], "--lr must be > 0, got -1"),
-    (["teacher", "--lr", "0"], "--lr must be > 0"),
-    (["teacher", "--epochs", "0"], "--epochs must be >= 1"),
-    (["teacher", "--batch-size", "0"], "--batch-size must be >= 1"),
-    (["teacher", "--image-size", "8"], "--image-size must be >= 16"),
-    (["distill", "--student-lr", "-1"], "--student-lr must be > 0, got -1"),
-    (["distill", "--teacher-epochs", "0"], "--teacher-epochs must be >= 1"),
-    (["distill", "--at-weight", "-1"], "--at-weight must be >= 0"),
+    (["teacher", "--lr", "-1"], "--lr (train.lr) must be > 0, got -1"),
+    (["teacher", "--lr", "0"], "--lr (train.lr) must be > 0"),
+    (["teacher", "--epochs", "0"], "--epochs (train.epochs) must be >= 1"),
+    (["teacher", "--batch-size", "0"], "--batch-size (data.batch_size) must be >= 1"),
+    (["teacher", "--image-size", "8"], "--image-size (data.image_size) must be >= 16"),
+    (["distill", "--student-lr", "-1"], "--student-lr (train.lr) must be > 0, got -1"),
+    (["distill", "--teacher-epochs", "0"], "--teacher-epochs (teacher_train.epochs) must be >= 1"),
+    (["distill", "--at-weight", "-1"], "--at-weight (loss.at_weight) must be >= 0"),
 ])
 def test_options_that_cannot_work_are_refused_before_the_data_is_read(tmp_path, monkeypatch, args, message):
     use_store(tmp_path, monkeypatch)
@@ -75,7 +75,8 @@ def test_a_sweep_whose_trials_all_fail_ends_failed(tmp_path, monkeypatch, synth_
 
 
 @pytest.mark.slow
-def test_resume_skips_a_run_that_another_process_trains(tmp_path, monkeypatch, synth_csv, caplog):
+def test_resume_refuses_a_run_that_another_process_trains(tmp_path, monkeypatch, synth_csv):
+    """A second `--resume true` of a run in training refuses (a copy from scratch is not what was asked)."""
     use_store(tmp_path, monkeypatch)
     cfg = teacher_cfg(str(synth_csv), epochs=3)
     cfg.tracking.log_model = False
@@ -95,10 +96,9 @@ def test_resume_skips_a_run_that_another_process_trains(tmp_path, monkeypatch, s
     try:
         assert holder.stdout.readline().strip() == "held"
         cfg.resume = True
-        with caplog.at_level(logging.WARNING, logger="flame_kd"):
-            second = run_teacher(cfg)
-        assert second != first
-        assert f"run {first} is being trained by another process" in caplog.text
+        with pytest.raises(ConfigError, match=f"run {first} with these settings is being trained by another process"):
+            run_teacher(cfg)
+        assert len(client.search_runs([client.get_experiment_by_name("t").experiment_id])) == 1  # no new run
     finally:
         holder.kill()
         holder.wait()
@@ -107,3 +107,76 @@ def test_resume_skips_a_run_that_another_process_trains(tmp_path, monkeypatch, s
     assert client.get_run(first).info.status == "FINISHED"
     steps = [m.step for m in client.get_metric_history(first, "val/f1_macro")]
     assert steps == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_a_sweep_that_ran_no_trial_exits_1_with_its_parent_failed(tmp_path, monkeypatch, synth_csv):
+    """``--timeout 0`` leaves no time for a trial: not a success (it was exit 0, parent RUNNING)."""
+    use_store(tmp_path, monkeypatch)
+    d = distill_cfg(str(synth_csv), loss="kl_bce", epochs=1, teacher_epochs=1)
+    with pytest.raises(RunFailed, match="no trial completed \\(0 ran in this worker: check --n-trials and --timeout\\)"):
+        run_sweep(SweepConfig(distill=d, n_trials=2, timeout=0, study_name="idle", pruner="none"))
+    client = MlflowClient()
+    parent = client.search_runs([client.get_experiment_by_name("t").experiment_id],
+                                "tags.`flame_kd.stage` = 'sweep'")[0]
+    assert parent.info.status == "FAILED" and "no trial completed" in parent.data.tags["flame_kd.error"]
+
+
+@pytest.mark.slow
+def test_distill_stopped_while_training_its_teacher_resumes_that_teacher(tmp_path, monkeypatch, synth_csv):
+    from flame_kd.runs import distill as distill_mod
+    from flame_kd.runs.distill import run_distill
+
+    use_store(tmp_path, monkeypatch)
+    cfg = distill_cfg(str(synth_csv), loss="kl_bce", epochs=1, teacher_epochs=3)
+    cfg.tracking.log_model = False
+    real = distill_mod.run_teacher
+
+    def stopped(*args, **kwargs):  # SIGTERM (a Preempted, a KeyboardInterrupt) after the teacher's epoch 2
+        def stop(epoch, metrics, state):
+            if epoch == 2:
+                raise KeyboardInterrupt
+        return real(*args, **kwargs, callbacks=[LambdaCallback(stop)])
+
+    monkeypatch.setattr(distill_mod, "run_teacher", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        run_distill(cfg)
+    client = MlflowClient()
+    exp = client.get_experiment_by_name("t").experiment_id
+    killed = client.search_runs([exp], "tags.`flame_kd.stage` = 'teacher'")[0]
+    assert killed.info.status == "KILLED"
+    monkeypatch.setattr(distill_mod, "run_teacher", real)
+    cfg.resume = True
+    run_distill(cfg)
+    teachers = client.search_runs([exp], "tags.`flame_kd.stage` = 'teacher'")
+    assert [t.info.run_id for t in teachers] == [killed.info.run_id]  # resumed, not trained anew
+    assert client.get_run(killed.info.run_id).info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(killed.info.run_id, "val/f1_macro")]
+    assert steps == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_corrupted_teacher_outputs_are_named_and_computed_again(tmp_path, monkeypatch, synth_csv, caplog):
+    """1,000 bytes overwritten in the stored outputs gave a run with other numbers and exit 0."""
+    from pathlib import Path
+    from urllib.parse import urlparse
+
+    from flame_kd.runs.distill import run_distill
+    from flame_kd.teacher_cache import ARTIFACT_DIR
+
+    use_store(tmp_path, monkeypatch)
+    cfg = distill_cfg(str(synth_csv), loss="kl_bce", epochs=1, teacher_epochs=1)
+    cfg.tracking.log_model = False
+    first = run_distill(cfg)
+    client = MlflowClient()
+    teacher = client.get_run(first).data.tags["flame_kd.teacher_run_id"]
+    folder = Path(urlparse(client.get_run(teacher).info.artifact_uri).path) / ARTIFACT_DIR
+    stored = next(folder.iterdir())
+    data = bytearray(stored.read_bytes())
+    data[len(data) // 2: len(data) // 2 + 1000] = bytes(1000)
+    stored.write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING, logger="flame_kd"):
+        second = run_distill(cfg)
+    assert "teacher outputs" in caplog.text and "computing them again" in caplog.text
+    a, b = client.get_run(first).data.metrics, client.get_run(second).data.metrics
+    assert a["test_f1_macro"] == b["test_f1_macro"] and a["val/loss"] == b["val/loss"]  # the clean run's numbers

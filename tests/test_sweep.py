@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import mlflow
 import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
 from flame_kd.runs import sweep as sweep_mod
 from flame_kd.data.synth import synthesize
-from flame_kd.errors import ConfigError
-from flame_kd.runs.sweep import PARENT_ATTR, SweepConfig, run_sweep
+from flame_kd.errors import ConfigError, RunFailed
+from flame_kd.runs.sweep import PARENT_ATTR, SweepConfig, resolve_storage, run_sweep
 
 from pipeline_helpers import SIZE, artifacts, distill_cfg, use_store
 
@@ -86,8 +87,11 @@ def test_pruned_trials_are_marked(store, data_csv, monkeypatch):
             return True
 
     monkeypatch.setattr(sweep_mod, "make_pruner", lambda name: AlwaysPrune())
-    study = run_sweep(sweep_cfg(data_csv, n_trials=2, study="pruned"))
+    with pytest.raises(RunFailed, match=r"no trial completed \(2 ran in this worker, all pruned\)"):
+        run_sweep(sweep_cfg(data_csv, n_trials=2, study="pruned"))  # no completed trial: exit 1 (issue 26)
+    study = optuna.load_study(study_name="pruned", storage=resolve_storage(None, mlflow.get_tracking_uri()))
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.PRUNED] * 2
+    assert MlflowClient().get_run(study.user_attrs[PARENT_ATTR]).info.status == "FAILED"
     runs = trial_runs(study.user_attrs[PARENT_ATTR])
     assert {r.data.tags["flame_kd.trial_state"] for r in runs} == {"PRUNED"}
     assert {r.info.status for r in runs} == {"KILLED"}

@@ -142,3 +142,17 @@ def test_download_bars_only_on_a_terminal(monkeypatch, tmp_path, tty, shown):
     import os
 
     assert os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] == shown
+
+
+def test_log_lines_of_mlflow_and_others_are_redacted(tmp_path, capsys):
+    import logging
+
+    handler = logging.StreamHandler(sys.stderr)
+    logging.getLogger("mlflow").addHandler(handler)
+    try:
+        tracking.configure(f"sqlite:///{tmp_path / 'mlflow.db'}")
+        logging.getLogger("mlflow.store").warning("retrying %s", "http://admin:Hunter2pw@host:5000/api")
+    finally:
+        logging.getLogger("mlflow").removeHandler(handler)
+    err = capsys.readouterr().err
+    assert "Hunter2pw" not in err and "retrying http://***@host:5000/api" in err

@@ -28,6 +28,8 @@ from flame_kd.config import DataConfig
 from flame_kd.data import augment, schema
 from flame_kd.data.augment import AUGMENTS
 from flame_kd.errors import ConfigError, DataError
+from flame_kd.data.decode import to_rgb8
+from flame_kd.files import check_regular
 from flame_kd.progress import track
 
 log = logging.getLogger("flame_kd")
@@ -43,8 +45,9 @@ HOST_CACHE_SHARE = 0.5  # at most this share of the host's available memory hold
 def decode_image(path: str, size: int) -> np.ndarray:
     """One image as uint8 [size, size, 3] (3-channel even for thermal frames; antialiased resize)."""
     try:
+        check_regular(path)
         with Image.open(path) as im:
-            im = im.convert("RGB")
+            im = to_rgb8(im)
             if im.size != (size, size):
                 im = im.resize((size, size), Image.BILINEAR)  # Pillow's bilinear antialiases when shrinking
             return np.asarray(im)
@@ -82,11 +85,18 @@ class FrameCache:
             digest = data_digest or schema.data_digest(frames)
             self.path = Path(cache_dir or default_cache_dir()) / f"{digest}-{self.image_size}"
             problem = self._check(self.path)
-            if problem:
-                if (self.path / "meta.json").exists():
-                    log.warning("frame cache %s %s; rebuilding it", self.path, problem)
-                self._build(self.path)
-            self._open()
+            try:
+                if problem:
+                    if self.path.exists():
+                        log.warning("frame cache %s %s; rebuilding it", self.path, problem)
+                    if self.path.exists() and not self.path.is_dir():
+                        self.path.unlink()  # a file where the cache folder belongs: a cache, rebuilt
+                    self._build(self.path)
+                self._open()
+            except OSError as err:  # --cache-dir a file, a folder that cannot be written, a full disk
+                raise ConfigError(f"--cache-dir {self.path.parent}: cannot hold the frame cache "
+                                  f"({err.strerror or type(err).__name__}: {err.filename or self.path}); "
+                                  "give a writable folder, or --cache memory") from None
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -165,7 +175,9 @@ class FrameCache:
         try:
             meta = json.loads((path / "meta.json").read_text())
         except (OSError, ValueError):
-            return "is missing"
+            return "is missing" if not path.exists() else "has no readable meta.json"
+        if not isinstance(meta, dict) or not isinstance(meta.get("checksums"), dict):
+            return "has a meta.json of the wrong form"
         if meta.get("shape") != list(self._shape()):
             return "was built for another shape"
         size = int(np.prod(self._shape()))

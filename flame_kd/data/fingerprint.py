@@ -1,5 +1,6 @@
-"""Content fingerprints of image files: a fast hash of the bytes, remembered by (path, size, mtime)
-so a re-run costs a ``stat`` per file. The data digest includes them, so two folders with the same
+"""Content fingerprints of image files: a fast hash of the bytes, remembered by (path, size, mtime,
+inode, ctime) so a re-run costs a ``stat`` per file. The inode and ctime catch an edit whose size and
+mtime were put back (``cp -p``, ``rsync -t``, tar): writing a file or renaming over it changes them. The data digest includes them, so two folders with the same
 file names and other pixels (FLAME2 circulates in preprocessed variants) are two data sets."""
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterable
 
+from flame_kd.files import check_regular
+
 CHUNK = 1 << 20
 PROGRESS_EVERY = 5000  # files between progress lines on large sets
 
@@ -19,10 +22,16 @@ PROGRESS_EVERY = 5000  # files between progress lines on large sets
 def file_hash(path: str) -> str:
     """blake2b (16 bytes) of a file's bytes: fast, in the standard library."""
     h = hashlib.blake2b(digest_size=16)
+    check_regular(path)
     with open(path, "rb") as f:
         while block := f.read(CHUNK):
             h.update(block)
     return h.hexdigest()
+
+
+def _stamp(st: os.stat_result) -> tuple[int, int, int, int]:
+    """What must not change for a remembered hash to hold: size, mtime, inode, ctime."""
+    return st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns
 
 
 def _open_db(cache_dir: str | Path | None) -> sqlite3.Connection | None:
@@ -31,7 +40,8 @@ def _open_db(cache_dir: str | Path | None) -> sqlite3.Connection | None:
     try:
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
         db = sqlite3.connect(str(Path(cache_dir) / "fingerprints.sqlite"), timeout=30)
-        db.execute("CREATE TABLE IF NOT EXISTS fp (path TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER, hash TEXT)")
+        db.execute("CREATE TABLE IF NOT EXISTS fp2 (path TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER, "
+                   "inode INTEGER, ctime_ns INTEGER, hash TEXT)")
         return db
     except (OSError, sqlite3.Error):
         return None  # a read-only cache home only costs speed
@@ -43,18 +53,19 @@ def fingerprints(paths: Iterable[str], cache_dir: str | Path | None = None, work
     paths = [os.path.abspath(p) for p in paths]
     stats = [os.stat(p) for p in paths]
     db = _open_db(cache_dir)
-    known: dict[str, tuple[int, int, str]] = {}
+    known: dict[str, tuple[tuple[int, int, int, int], str]] = {}
     if db is not None:
         try:
-            known = {p: (s, m, h) for p, s, m, h in db.execute("SELECT path, size, mtime_ns, hash FROM fp")}
+            known = {p: ((s, m, i, c), h) for p, s, m, i, c, h
+                     in db.execute("SELECT path, size, mtime_ns, inode, ctime_ns, hash FROM fp2")}
         except sqlite3.Error:
             known = {}
     out: list[str | None] = []
     todo = []
     for i, (p, st) in enumerate(zip(paths, stats)):
         hit = known.get(p)
-        if hit and hit[0] == st.st_size and hit[1] == st.st_mtime_ns:
-            out.append(hit[2])
+        if hit and hit[0] == _stamp(st):
+            out.append(hit[1])
         else:
             out.append(None)
             todo.append(i)
@@ -62,7 +73,8 @@ def fingerprints(paths: Iterable[str], cache_dir: str | Path | None = None, work
         say = progress if progress is not None else (lambda m: print(m, file=sys.stderr))
         big = len(todo) >= PROGRESS_EVERY
         if big:
-            say(f"flame-kd: fingerprinting {len(todo):,} image files (once; remembered by path, size and mtime)")
+            say(f"flame-kd: fingerprinting {len(todo):,} image files "
+                "(once; remembered by path, size, mtime, inode and ctime)")
         with ThreadPoolExecutor(max_workers=workers) as pool:  # hashlib releases the GIL on large reads
             for n, (i, h) in enumerate(zip(todo, pool.map(lambda i: file_hash(paths[i]), todo)), 1):
                 out[i] = h
@@ -71,8 +83,8 @@ def fingerprints(paths: Iterable[str], cache_dir: str | Path | None = None, work
         if db is not None:
             try:
                 with db:
-                    db.executemany("INSERT OR REPLACE INTO fp VALUES (?, ?, ?, ?)",
-                                   [(paths[i], stats[i].st_size, stats[i].st_mtime_ns, out[i]) for i in todo])
+                    db.executemany("INSERT OR REPLACE INTO fp2 VALUES (?, ?, ?, ?, ?, ?)",
+                                   [(paths[i], *_stamp(stats[i]), out[i]) for i in todo])
             except sqlite3.Error:
                 pass
     if db is not None:

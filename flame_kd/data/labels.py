@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from flame_kd.files import check_regular
 from flame_kd.data.paths import IMAGE_SUFFIXES, frame_id
 from flame_kd.errors import DataError
 
@@ -43,6 +44,7 @@ def read_label_ranges(path: str | os.PathLike) -> pd.DataFrame:
     """
     path = Path(path)
     try:
+        check_regular(path)
         lines = path.read_text(encoding="utf-8-sig").splitlines()
     except OSError as e:
         raise DataError(f"cannot read label ranges {path}: {e.strerror or e}") from None

@@ -96,6 +96,16 @@ def candidates(raw: str, root: Path, kind: str) -> list[Path]:
     return list(dict.fromkeys(out))
 
 
+def first_candidate(raw: str, root: Path, kind: str) -> Path:
+    """``candidates(raw, root, kind)[0]`` without building the others (a names-only index of
+    100,000 rows is resolved without looking anything up)."""
+    raw = str(raw).strip()
+    if os.path.isabs(raw):
+        return Path(raw)
+    parts = path_parts(raw)
+    return root.joinpath(*parts) if parts else candidates(raw, root, kind)[0]
+
+
 def resolve(raw: str, root: Path, kind: str, index: DirIndex | None = None) -> Path | None:
     """The existing file a CSV path points to, or None. ``kind`` is "rgb" or "ir"."""
     index = index or DirIndex()

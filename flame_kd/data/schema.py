@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,9 +19,11 @@ import pandas as pd
 from PIL import Image
 
 from flame_kd.data import paths as fr
+from flame_kd.data.decode import DEEP, EIGHT_BIT, describe
 from flame_kd.data.labels import find_label_ranges
 from flame_kd.data.split import STATES, infer_groups, label_states
 from flame_kd.errors import DataError
+from flame_kd.files import not_regular
 
 log = logging.getLogger("flame_kd")
 
@@ -51,7 +54,10 @@ def _row(i: int) -> str:
 
 def _read_csv(csv: Path) -> tuple[pd.DataFrame | None, list[str]]:
     """The CSV as text columns (blank cells stay ""), or None and why not."""
-    if not csv.is_file():
+    why = not_regular(csv)
+    if why is not None and why != "no such file":
+        return None, [f"{csv}: {why}: give the frames CSV"]
+    if why is not None:
         return None, [f"{csv}: no such file (make one with `make demo`, which writes data/demo/flame2.csv, "
                       "`flame-kd data synth DIR`, or `flame-kd data prepare` from the FLAME2 download)"]
     try:
@@ -148,35 +154,54 @@ def _resolve_paths(raw: pd.DataFrame, root: Path, check_files: bool) -> tuple[pd
             if found is None and check_files:
                 problems.append(f"{_row(i)}: {col} file not found: {value!r} (looked under {root})")
                 out.at[i, "found"] = False
-            paths.append(str(found or fr.candidates(value, root, kind)[0]))
+            paths.append(str(found or fr.first_candidate(value, root, kind)))
         out[f"{kind}_path"] = paths
     return out, problems
 
 
-def _open_image(path: str) -> tuple[tuple[int, int] | None, str | None]:
-    """(width, height) after fully decoding the image, or an error text.
+MIN_SIDE = 8  # pixels: a smaller image holds no frame (a 1x1 pair would train on flat colour)
+
+
+def _open_image(path: str) -> tuple[tuple[int, int] | None, str | None, str | None]:
+    """(width, height), Pillow's mode, and an error text (None when the image is usable).
 
     JPEGs decode at 1/8 scale (``draft``): every byte is still read, so truncated or garbage files
-    fail, at a fraction of the cost of a full decode.
+    fail, at a fraction of the cost of a full decode. A FIFO or device is refused before opening.
     """
+    why = not_regular(path)
+    if why is not None:
+        return None, None, why
     try:
         with Image.open(path) as im:
-            size = im.size
+            size, mode = im.size, im.mode
             im.draft("RGB", (max(1, size[0] // 8), max(1, size[1] // 8)))
             im.load()
-        return size, None
     except Exception as e:  # PIL raises many types for bad files; all mean "unreadable"
-        return None, f"{type(e).__name__}: {e}"
+        return None, None, f"{type(e).__name__}: {e}"
+    if mode not in EIGHT_BIT and mode not in DEEP:
+        return size, mode, describe(mode)
+    if min(size) < MIN_SIDE:
+        return size, mode, f"{size[0]}x{size[1]} px, smaller than {MIN_SIDE}x{MIN_SIDE}: no frame to learn from"
+    return size, mode, None
+
+
+def _modes(results) -> str:
+    """``8-bit RGB`` or ``16-bit grey (I;16), scaled ... (120), 8-bit grey (3)``: how a modality decodes."""
+    counts = Counter(mode for _, mode, _ in results if mode)
+    if len(counts) == 1:
+        return describe(next(iter(counts)))
+    return ", ".join(f"{describe(m)} ({n:,})" for m, n in counts.most_common()) or "none readable"
 
 
 def _verify_images(rgb: list[str], ir: list[str], rows: pd.Index) -> tuple[list[str], str]:
-    """Decode every image; a problem per unreadable file and per pair of different sizes."""
+    """Decode every image; a problem per unreadable file and per pair of different sizes; the summary
+    says how each modality was decoded."""
     workers = min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(workers) as pool:
         rgb_res = list(pool.map(_open_image, rgb))
         ir_res = list(pool.map(_open_image, ir))
     problems, sizes = [], set()
-    for i, path_r, path_i, (size_r, err_r), (size_i, err_i) in zip(rows, rgb, ir, rgb_res, ir_res):
+    for i, path_r, path_i, (size_r, _, err_r), (size_i, _, err_i) in zip(rows, rgb, ir, rgb_res, ir_res):
         if err_r:
             problems.append(f"{_row(i)}: unreadable RGB image {path_r} ({err_r})")
         if err_i:
@@ -188,8 +213,9 @@ def _verify_images(rgb: list[str], ir: list[str], rows: pd.Index) -> tuple[list[
             )
         sizes.update(s for s in (size_r, size_i) if s)
     shown = ", ".join(f"{w}x{h}" for w, h in sorted(sizes)[:4])
-    bad = sum(1 for _, err in rgb_res + ir_res if err)
-    return problems, f"{2 * len(rows) - bad:,} decoded ({shown or 'none readable'}), {bad:,} unreadable"
+    bad = sum(1 for _, _, err in rgb_res + ir_res if err)
+    return problems, (f"{2 * len(rows) - bad:,} decoded ({shown or 'none readable'}), {bad:,} unreadable; "
+                      f"RGB: {_modes(rgb_res)}; IR: {_modes(ir_res)}")
 
 
 @dataclass

@@ -55,13 +55,14 @@ def infer_groups(frames: pd.DataFrame, ranges=None) -> tuple[pd.Series, str]:
         if pos.isna().any():
             how += f"; {int(pos.isna().sum())} frame(s) outside every range grouped by label runs"
     rest = groups == ""
-    if rest.any():
+    if rest.any():  # one pass over the rows: a label that changes on every row is 100,000 runs
         sub = frames[rest].sort_values("id", kind="stable")
-        state = label_states(sub)
-        run = (state != state.shift()).cumsum()
-        for _, members in sub.groupby(run.to_numpy()).groups.items():
-            ids = frames.loc[members, "id"]
-            groups[members] = f"run {ids.min()}-{ids.max()} {state[members[0]]}"
+        state = label_states(sub).to_numpy()
+        run = np.cumsum(np.r_[True, state[1:] != state[:-1]]) - 1
+        ids = sub["id"].to_numpy()
+        low = pd.Series(ids).groupby(run).transform("min").to_numpy()
+        high = pd.Series(ids).groupby(run).transform("max").to_numpy()
+        groups.loc[sub.index] = [f"run {a}-{b} {st}" for a, b, st in zip(low, high, state)]
     return groups, how
 
 
@@ -159,19 +160,16 @@ def _units(order, groups, states, chains, block_size, min_blocks, cut) -> np.nda
     new = np.r_[True, (g[1:] != g[:-1]) | (ch[1:] != ch[:-1]) | ((st[1:] != st[:-1]) & cut)]
     starts = np.flatnonzero(new)
     lengths = np.diff(np.r_[starts, len(order)])
-    state_total = pd.Series(st).value_counts()
-    unit = np.empty(len(order), dtype=np.int64)
-    next_unit = 0
-    for start, length in zip(starts, lengths):
-        if cut:
-            b = max(1, min(block_size, state_total[st[start]] // min_blocks))
-            pieces = int(np.ceil(length / b))
-        else:
-            pieces = 1
-        local = (np.arange(length) * pieces) // length  # near-equal contiguous pieces
-        unit[start : start + length] = next_unit + local
-        next_unit += pieces
-    return unit
+    if cut:
+        state_total = pd.Series(st).value_counts()
+        per_state = state_total.reindex(st[starts]).to_numpy()
+        b = np.maximum(1, np.minimum(block_size, per_state // min_blocks))
+        pieces = -(-lengths // b)  # ceil
+    else:
+        pieces = np.ones(len(starts), dtype=np.int64)
+    run = np.repeat(np.arange(len(starts)), lengths)
+    local = ((np.arange(len(order)) - starts[run]) * pieces[run]) // lengths[run]  # near-equal contiguous pieces
+    return (np.r_[0, np.cumsum(pieces)[:-1]][run] + local).astype(np.int64)
 
 
 class _Problem:
@@ -192,6 +190,13 @@ class _Problem:
         self.ratios = np.asarray(ratios)
         self.active = self.ratios > 0
         self.left, self.right = gap // 2, gap - gap // 2  # frames dropped before / after a boundary
+        total = self.counts.sum(0)  # plain-python copies for the local search's inner loop
+        self._present = [int(k) for k in np.flatnonzero(total > 0)]
+        self._share = (total[total > 0] / total.sum()).tolist()
+        self._active = [int(s) for s in np.flatnonzero(self.active)]
+        self._ratios = self.ratios.tolist()
+        self._counts, self._size = self.counts.tolist(), self.size.tolist()
+        self._prev, self._next = self.prev.tolist(), self.next.tolist()
 
     def effective(self, assign: np.ndarray) -> np.ndarray:
         """Kept frames per unit after the gaps at cross-split boundaries."""
@@ -211,15 +216,47 @@ class _Problem:
         """Squared error of the frame fractions, plus 10 per label state missing from a split, plus
         a small term (weight ``STATE_WEIGHT``) for each state's own fractions, so ties go to the
         better stratified split."""
-        c = self.split_counts(assign)
-        total = self.counts.sum(0)
-        present = total > 0
-        missing = int(np.sum(c[self.active][:, present] <= 0))
-        frac = c.sum(1) / max(c.sum(), 1)
-        state_frac = c[:, present] / np.maximum(c[:, present].sum(0), 1)
-        share = total[present] / total.sum()
-        strat = float(np.sum(((state_frac - self.ratios[:, None]) ** 2) * share))
-        return 10.0 * missing + float(np.sum((frac - self.ratios) ** 2)) + STATE_WEIGHT * strat
+        return self.cost_of(self.split_counts(assign))
+
+    def contribution(self, assign: np.ndarray, units) -> list[list[float]]:
+        """[3][4] kept frames of ``units`` alone (their gaps depend on their neighbours only), so a
+        move is evaluated from the few units it touches, not the whole assignment (plain floats:
+        numpy's per-call cost would dominate these 12 numbers)."""
+        out = [[0.0] * 4 for _ in range(3)]
+        for u in units:
+            s = assign[u]
+            lost = 0
+            if self._prev[u] >= 0 and assign[self._prev[u]] != s:
+                lost += self.right
+            if self._next[u] >= 0 and assign[self._next[u]] != s:
+                lost += self.left
+            size = self._size[u]
+            keep = max(size - lost, 0) / max(size, 1)
+            row = out[s]
+            for k, n in enumerate(self._counts[u]):
+                row[k] += n * keep
+        return out
+
+    def touched(self, *units: int) -> set[int]:
+        """The units whose kept frames change when ``units`` change split: them and their neighbours."""
+        out = set()
+        for u in units:
+            out |= {w for w in (u, self._prev[u], self._next[u]) if w >= 0}
+        return out
+
+    def cost_of(self, c) -> float:
+        """``cost`` from the [3][4] kept-frame counts (numpy or nested lists)."""
+        rows = c.tolist() if isinstance(c, np.ndarray) else c
+        ratios = self._ratios
+        missing = sum(1 for s in self._active for k in self._present if rows[s][k] <= 0)
+        totals = [sum(r) for r in rows]
+        whole = max(sum(totals), 1)
+        err = sum((totals[s] / whole - ratios[s]) ** 2 for s in range(3))
+        strat = 0.0
+        for share, k in zip(self._share, self._present):
+            col = max(rows[0][k] + rows[1][k] + rows[2][k], 1)
+            strat += share * sum((rows[s][k] / col - ratios[s]) ** 2 for s in range(3))
+        return 10.0 * missing + err + STATE_WEIGHT * strat
 
 
 def _greedy(p: _Problem, rng: np.random.Generator) -> np.ndarray:
@@ -245,45 +282,74 @@ def _repair(p: _Problem, assign: np.ndarray, warnings: list[str]) -> np.ndarray:
             have = np.array([p.counts[assign == t, k].sum() for t in range(3)])
             if have.sum() == 0 or have[s] > 0:
                 continue
-            movable = [u for u in np.flatnonzero(p.counts[:, k] > 0) if have[assign[u]] - p.counts[u, k] > 0]
-            if not movable:
+            holders = np.flatnonzero(p.counts[:, k] > 0)
+            movable = holders[have[assign[holders]] - p.counts[holders, k] > 0]
+            if not len(movable):
                 warnings.append(f"label state {state} has too few frames or blocks to reach the {SPLITS[s]} split")
                 continue
-            u = min(movable, key=lambda u: (p.size[u], u))
+            u = movable[np.lexsort((movable, p.size[movable]))[0]]  # the smallest, then the first
             assign[u] = s
     return assign
+
+
+MOVE_BUDGET = 120_000  # single-block moves tried at most: 100,000 one-frame runs still split in seconds
 
 
 def _improve(p: _Problem, assign: np.ndarray, max_rounds: int = 50, max_swap_units: int = 300) -> np.ndarray:
     """Local search: single-block moves and pairwise swaps while they bring the fractions closer.
 
-    Swaps are tried only up to ``max_swap_units`` blocks (they cost O(blocks^2) per round).
+    A move is scored from the few blocks it touches (``_Problem.contribution``), so a round costs
+    O(blocks); rounds stop after ``MOVE_BUDGET`` moves in all. Swaps are tried only up to
+    ``max_swap_units`` blocks (O(blocks^2) per round).
     """
-    best = p.cost(assign)
+    assign = assign.tolist()
+    counts = p.split_counts(np.asarray(assign)).tolist()
+    best = p.cost_of(counts)
     swaps = p.n_units <= max_swap_units
+    budget = MOVE_BUDGET
+
+    def tried(near) -> bool:  # assign already holds the candidate: keep it if it lowers the cost
+        nonlocal counts, best
+        after = p.contribution(assign, near)
+        trial = [[c - b + a for c, b, a in zip(*rows)] for rows in zip(counts, before, after)]
+        cost = p.cost_of(trial)
+        if cost < best - 1e-12:
+            counts, best = trial, cost
+            return True
+        return False
+
     for _ in range(max_rounds):
         improved = False
         for u in range(p.n_units):
-            for s in np.flatnonzero(p.active):
+            for s in p._active:
                 if s == assign[u]:
                     continue
-                trial = assign.copy()
-                trial[u] = s
-                c = p.cost(trial)
-                if c < best - 1e-12:
-                    assign, best, improved = trial, c, True
+                near = p.touched(u)
+                before, old = p.contribution(assign, near), assign[u]
+                assign[u] = s
+                if tried(near):
+                    improved = True
+                else:
+                    assign[u] = old
+            budget -= len(p._active) - 1
+            if budget <= 0:
+                return np.asarray(assign, dtype=np.int64)
         for u in range(p.n_units if swaps else 0):
             for v in range(u + 1, p.n_units):
                 if assign[u] == assign[v]:
                     continue
-                trial = assign.copy()
-                trial[u], trial[v] = assign[v], assign[u]
-                c = p.cost(trial)
-                if c < best - 1e-12:
-                    assign, best, improved = trial, c, True
+                near = p.touched(u, v)
+                before = p.contribution(assign, near)
+                assign[u], assign[v] = assign[v], assign[u]
+                if tried(near):
+                    improved = True
+                else:
+                    assign[u], assign[v] = assign[v], assign[u]
         if not improved:
             break
-    return assign
+        counts = p.split_counts(np.asarray(assign)).tolist()  # no drift from the running sums
+        best = p.cost_of(counts)
+    return np.asarray(assign, dtype=np.int64)
 
 
 def make_split(

@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
+import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -12,16 +15,20 @@ import pandas as pd
 from PIL import Image
 
 from flame_kd.errors import DataError
+from flame_kd.data.decode import EIGHT_BIT, to_rgb8
+from flame_kd.files import check_regular
 from flame_kd.progress import track
 
+log = logging.getLogger("flame_kd")
 THUMB = 32  # pixels per side: enough for scene layout, blind to JPEG noise and small shifts
 
 
 def _thumb(path: str, size: int) -> np.ndarray:
     try:
+        check_regular(path)
         with Image.open(path) as im:
             im.draft("L", (size * 2, size * 2))  # JPEG: decode at reduced scale, much faster
-            im = im.convert("L").resize((size, size), Image.BILINEAR)
+            im = (im if im.mode in EIGHT_BIT else to_rgb8(im)).convert("L").resize((size, size), Image.BILINEAR)
             return np.asarray(im, dtype=np.float32).ravel()
     except Exception as e:  # PIL raises many types for bad files; all mean "unreadable"
         raise DataError(f"unreadable image {path} ({type(e).__name__}: {e})", [f"unreadable image {path}"]) from None
@@ -36,11 +43,12 @@ def thumbnails(paths, size: int = THUMB, workers: int = 8, cache_dir: str | Path
     With ``cache_dir`` and ``key`` (e.g. the content data digest) the array is kept as ``.npy``.
     """
     paths = [str(p) for p in paths]
-    cached = Path(cache_dir) / f"thumbs-{key}-{size}px.npy" if cache_dir and key else None
-    if cached is not None and cached.is_file():
-        arr = np.load(cached)
-        if arr.shape == (len(paths), size * size):
+    cached = Path(cache_dir) / f"thumbs-{key}-{size}px.npz" if cache_dir and key else None
+    if cached is not None and cached.exists():
+        arr, why = _read_cache(cached, (len(paths), size * size))
+        if arr is not None:
             return arr
+        log.warning("thumbnail cache %s %s; building it again", cached, why)
     with ThreadPoolExecutor(max_workers=workers) as pool:  # PIL releases the GIL while decoding
         thumbs = track(pool.map(lambda p: _thumb(p, size), paths), "thumbnails (split gap and leakage)",
                        total=len(paths), unit="frames")
@@ -49,11 +57,31 @@ def thumbnails(paths, size: int = THUMB, workers: int = 8, cache_dir: str | Path
     norm = np.linalg.norm(x, axis=1, keepdims=True)
     x /= np.where(norm > 0, norm, 1.0)  # a flat frame stays the zero vector: similar to nothing
     if cached is not None:
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cached.with_suffix(f".{hashlib.sha1(str(cached).encode()).hexdigest()[:6]}.tmp.npy")
-        np.save(tmp, x)
-        tmp.replace(cached)
+        with contextlib.suppress(OSError):  # a cache that cannot be written only costs time
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cached.with_name(f".{cached.name}.{os.getpid()}.tmp.npz")
+            np.savez(tmp, thumbs=x, checksum=np.array(_checksum(x)))
+            tmp.replace(cached)
     return x
+
+
+def _checksum(x: np.ndarray) -> str:
+    return hashlib.blake2b(np.ascontiguousarray(x).tobytes(), digest_size=16).hexdigest()
+
+
+def _read_cache(path: Path, shape: tuple[int, int]) -> tuple[np.ndarray | None, str]:
+    """The cached thumbnails if whole (shape, dtype, finite unit rows, the checksum written with
+    them), else None and what is wrong: truncated, corrupted, an object array, another shape."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            x, stored = z["thumbs"], str(z["checksum"])
+    except Exception as err:  # noqa: BLE001 (a truncated zip, pickled objects, a folder, missing keys)
+        return None, f"cannot be read ({type(err).__name__})"
+    if x.dtype != np.float32 or x.shape != shape:
+        return None, f"holds {x.dtype} {x.shape}, not float32 {shape}"
+    if _checksum(x) != stored:
+        return None, "is corrupted (it does not match the checksum written with it)"
+    return x, ""
 
 
 def frame_thumbnails(frames: pd.DataFrame, **kw) -> np.ndarray:

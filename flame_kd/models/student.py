@@ -13,6 +13,7 @@ from typing import Callable
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from flame_kd.errors import ConfigError
 from flame_kd.models.inputs import RGB_MEAN, RGB_STD, Normalize
@@ -47,11 +48,20 @@ class LightweightCNN(nn.Module):
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.embed = nn.Sequential(nn.Linear(512, self.feature_dim), nn.ReLU(inplace=True))
         self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(self.feature_dim, NUM_LABELS))
+        self.grad_checkpointing = False
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """timm's interface: recompute each conv block's activations in the backward pass
+        (``torch.utils.checkpoint``) instead of keeping them."""
+        self.grad_checkpointing = bool(enable)
 
     def forward(self, rgb: torch.Tensor, maps: bool = False) -> dict[str, torch.Tensor | list[torch.Tensor]]:
         x, stages = self.norm(rgb), []
         for block in self.features:
-            x = block(x)
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
             stages.append(x)
         features = self.embed(self.pool(x).flatten(1))
         out = {"logits": self.head(features), "features": features}
@@ -70,6 +80,10 @@ class TimmStudent(nn.Module):
         self.norm = Normalize(RGB_MEAN, RGB_STD)
         self.feature_dim = feature_dim(backbone)
         self.head = nn.Linear(self.feature_dim, NUM_LABELS)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """timm's own gradient checkpointing of the backbone."""
+        self.backbone.set_grad_checkpointing(enable)
 
     def forward(self, rgb: torch.Tensor, maps: bool = False) -> dict[str, torch.Tensor | list[torch.Tensor]]:
         features, stages = features_and_maps(self.backbone, self.norm(rgb), maps)

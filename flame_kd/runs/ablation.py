@@ -26,6 +26,7 @@ from flame_kd.config import ABLATION_OPTIONS, ABLATION_SPEC_OPTIONS, AblationSpe
 from flame_kd.errors import ConfigError
 from flame_kd.evaluate import SUMMARY_METRICS
 from flame_kd.options import apply_options, set_options
+from flame_kd.files import not_regular
 
 log = logging.getLogger("flame_kd")
 
@@ -61,12 +62,15 @@ def load_spec(path: str, overrides: dict | None = None) -> AblationSpec:
     """The spec in YAML file ``path``, with the command line's options (click's values; None: the
     spec's) over it."""
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"ablation spec {path} not found")
+    why = not_regular(p)
+    if why is not None:
+        raise ConfigError(f"ablation spec {path} not found" if why == "no such file" else f"ablation spec {path} {why}")
     try:
         raw = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"ablation spec {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"ablation spec {path} cannot be read: {err}") from None
     spec = spec_from_dict(raw, f"ablation spec {path}")
     apply_options(spec, ABLATION_OPTIONS, overrides or {})
     data = raw.get("data")
@@ -125,28 +129,50 @@ def finished_cells(parent_id: str) -> set[str]:
     return {r.data.tags["flame_kd.cell"] for r in runs if "flame_kd.cell" in r.data.tags}
 
 
-def run_ablation(spec: AblationSpec) -> str:
-    """Run every unfinished cell, then log the summary tables and chart into the parent."""
-    from flame_kd.runs.distill import prepare, run_distill, validate
+def run_ablation(spec: AblationSpec, tracking_uri: str | None = None) -> str:
+    """Run every unfinished cell, then log the summary tables and chart into the parent.
 
-    tracking.configure(spec.distill.tracking.tracking_uri)
+    With ``spec.storage`` the grid is shared with any other worker on the same storage
+    (``runs/grid.py``); without it this process runs the grid alone."""
+    from flame_kd.runs.distill import validate
+
+    tracking_uri = tracking_uri or spec.distill.tracking.tracking_uri
     for teacher, loss, seed in cells(spec):  # every option error before the first cell runs
         validate(cell_config(spec, teacher if teacher != "none" else spec.teachers[0], loss, seed))
+    if spec.storage or spec.workers > 1:
+        from flame_kd.runs.grid import run_worker
+
+        return run_worker(spec, tracking_uri)
+    tracking.configure(tracking_uri)
     parent_id = find_or_create_parent(spec)
     done = finished_cells(parent_id)
     todo = [c for c in cells(spec) if "|".join(map(str, c)) not in done]
     log.info("ablation %s: %d cells finished, %d to run (parent run %s)", spec.name, len(done), len(todo),
              parent_id)
     for teacher, loss, seed in todo:
-        cfg = cell_config(spec, teacher if teacher != "none" else spec.teachers[0], loss, seed)
-        key = f"{teacher}|{loss}|{seed}"
-        prep = prepare(cfg, parent_run_id=parent_id)
-        run_distill(cfg, attach_env=False, parent_run_id=parent_id, prep=prep,
-                    extra_tags={"flame_kd.cell": key, "flame_kd.ablation": spec.name})
+        run_cell(spec, parent_id, teacher, loss, seed)
+    write_summary(parent_id)
+    return parent_id
+
+
+def run_cell(spec: AblationSpec, parent_id: str, teacher: str, loss: str, seed: int, resume: bool = False,
+             extra_tags: dict | None = None, callbacks=()) -> str:
+    """One cell's distill run under the parent (its teacher found, else trained there); its run id."""
+    from flame_kd.runs.distill import prepare, run_distill
+
+    cfg = cell_config(spec, teacher if teacher != "none" else spec.teachers[0], loss, seed)
+    cfg.resume = resume
+    prep = prepare(cfg, parent_run_id=parent_id)
+    tags = {"flame_kd.cell": f"{teacher}|{loss}|{seed}", "flame_kd.ablation": spec.name, **(extra_tags or {})}
+    return run_distill(cfg, attach_env=False, parent_run_id=parent_id, prep=prep, extra_tags=tags,
+                       callbacks=callbacks)
+
+
+def write_summary(parent_id: str) -> None:
+    """The summary tables and chart from the parent's finished runs; the parent then ends FINISHED."""
     runs = collect_runs(f"tags.`mlflow.parentRunId` = '{parent_id}'")
     log_summary(parent_id, summary_table(runs), control_comparisons(runs))
     tracking.client().set_terminated(parent_id, "FINISHED")
-    return parent_id
 
 
 def collect_runs(filter_string: str, experiment: str | None = None) -> pd.DataFrame:

@@ -18,6 +18,7 @@ import torch
 from flame_kd import plots, tracking
 
 from flame_kd import teacher_cache
+from flame_kd.runs import champion
 from flame_kd.config import (DISTILL_OPTIONS, RUNTIME_FIELDS, TEACHER_OPTIONS, DistillRunConfig, TeacherRunConfig,
                              TrackingConfig, best_name, check_ranges, to_dict)
 from flame_kd.engine import resolve_device, seed_everything
@@ -41,7 +42,7 @@ from flame_kd.export import export_onnx
 from flame_kd.losses import DistillLoss, active_terms, check_temperature, needed_outputs, resolve_weights
 from flame_kd.models import build_student
 from flame_kd.models.deploy import Deployable
-from flame_kd.options import option_values
+from flame_kd.options import option_values, option_flags
 from flame_kd.progress import stage
 from flame_kd.tasks import DistillTask, output_shapes, student_forward, teacher_forward
 from flame_kd.teacher_cache import TeacherOutputs
@@ -59,6 +60,8 @@ def teacher_config(cfg: DistillRunConfig) -> TeacherRunConfig:
         pos_weight=cfg.loss.pos_weight,  # one BCE: --pos-weight weighs the teacher trained on the way too
         tracking=TrackingConfig(experiment=cfg.tracking.experiment, tracking_uri=cfg.tracking.tracking_uri,
                                 log_model=False),  # its checkpoint is what distillation loads: weights once
+        resume=cfg.resume,  # a distill stopped while training its teacher resumes that teacher run
+        checkpoint_dir=cfg.checkpoint_dir,
     )
 
 
@@ -179,12 +182,17 @@ def build_loss(cfg: DistillRunConfig, shapes: dict[str, tuple] | None = None,
                        convention=lc.loss_convention, pos_weight=pos_weight, shapes=shapes)
 
 
+def uses_teacher(cfg: DistillRunConfig) -> bool:
+    """Whether the loss has a term that needs the teacher (``bce`` alone does not)."""
+    return any(t.needs_teacher for t in loss_terms(cfg))
+
+
 def validate(cfg: DistillRunConfig) -> None:
     """Option errors (ranges, variant, weights, temperature, mode, gap, a pinned teacher that does not
     exist) before any data is read or run is started."""
     from flame_kd.data.split import parse_gap
 
-    check_ranges(cfg, DISTILL_OPTIONS)
+    check_ranges(cfg, names=option_flags(cfg, DISTILL_OPTIONS))
     loss_terms(cfg)
     parse_gap(cfg.data.gap)
     if cfg.teacher_mode not in ("cached", "live"):
@@ -202,13 +210,16 @@ class Prepared:
     outputs: TeacherOutputs | None = None
 
 
-def prepare(cfg: DistillRunConfig, parent_run_id: str | None = None) -> Prepared:
+def prepare(cfg: DistillRunConfig, parent_run_id: str | None = None, env_name: str | None = None) -> Prepared:
     """Validate options, load and split the data, resolve the teacher and its outputs once.
 
     A teacher trained here nests under ``parent_run_id`` (an ablation's parent) when given.
+    ``env_name`` names `mlflow run`'s run now, so it is named even if what follows fails.
     """
     tracking.configure(cfg.tracking.tracking_uri)
     validate(cfg)
+    if env_name:
+        tracking.name_env_run(env_name)
     if cfg.teacher_run_id:
         tracking.get_run(cfg.teacher_run_id)  # "not found" now, not after the data is read
     device = resolve_device(cfg.train.device)
@@ -241,7 +252,10 @@ def run_distill(cfg: DistillRunConfig, attach_env: bool = True, extra_tags: dict
     A sweep passes its ``prep`` (data and teacher outputs built once) and ``report=False``: a trial
     logs its epochs and best checkpoint but never looks at the test split.
     """
-    prep = prep or prepare(cfg)
+    if prep is None:
+        named = (cfg.tracking.run_name or run_name(cfg, cfg.teacher.name if uses_teacher(cfg) else "none")
+                 if attach_env and not parent_run_id else None)
+        prep = prepare(cfg, env_name=named)
     lc = cfg.loss  # every weight resolved, so runs compare on loss.alpha..delta in the MLflow UI
     weights = resolve_weights(lc.variant, **lc.weight_overrides())
     cfg = dataclasses.replace(cfg, loss=dataclasses.replace(lc, **{k: weights[k] for k in lc.weight_overrides()}))
@@ -296,7 +310,11 @@ def run_distill(cfg: DistillRunConfig, attach_env: bool = True, extra_tags: dict
             log_teacher_comparison(prep.teacher_run_id, rep, teacher, data, seed)
         if cfg.tracking.log_model:
             registered = cfg.tracking.register_as if cfg.tracking.register else None
-            log_student(trainer.model, ex["rgb"], registered, version_description(cfg, rep.metrics, prep.teacher_run_id))
+            version = log_student(trainer.model, ex["rgb"], registered,
+                                  version_description(cfg, rep.metrics, prep.teacher_run_id))
+            if version is not None:
+                champion.crown(registered, version, fitted.run_id, cfg.train.monitor,
+                               rep.metrics[best_name(cfg.train.monitor)], data.digest, data.split.digest)
         elif cfg.tracking.register:
             log.warning("--no-log-model: nothing to register")
     return fitted.run_id
@@ -329,9 +347,9 @@ def log_teacher_comparison(teacher_run_id: str, rep: TestReport, teacher, data: 
 
 
 def log_student(model: torch.nn.Module, example: torch.Tensor, registered_name: str | None,
-                description: str = "") -> None:
-    """The student through mlflow.pytorch (registered under ``registered_name`` with ``description``,
-    when given) and as ONNX checked with onnxruntime."""
+                description: str = "") -> str | None:
+    """The student as a served MLflow model (registered under ``registered_name`` with
+    ``description``, when given: returns the version) and as ONNX checked with onnxruntime."""
     model = model.cpu().eval()
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "student.onnx"
@@ -341,5 +359,5 @@ def log_student(model: torch.nn.Module, example: torch.Tensor, registered_name: 
         tracking.set_tags({"flame_kd.onnx_check": "passed" if check["ok"] else "FAILED"})
         tracking.log_file(path, "onnx")
     with stage("logging the student model (pt2)"):
-        tracking.log_model(Deployable(model), example.numpy(), registered_name=registered_name,
-                           description=description)
+        return tracking.log_model(Deployable(model), example.numpy(), registered_name=registered_name,
+                                  description=description)

@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 
 from flame_kd import plots, tracking
-from flame_kd.config import DataConfig, EmbedConfig
-from flame_kd.engine import load_checkpoint, resolve_device, seed_everything
+from flame_kd.config import DataConfig, EmbedConfig, check_ranges
+from flame_kd.engine import load_checkpoint, load_weights, resolve_device, seed_everything
 from flame_kd.errors import ConfigError
 from flame_kd.evaluate import predict
 from flame_kd.runs.skeleton import load_data, load_run_model
@@ -29,22 +29,20 @@ def _from_checkpoint(cfg: EmbedConfig) -> tuple[torch.nn.Module, str, DataConfig
     if cfg.model_type not in ("teacher", "student") or not cfg.architecture:
         raise ConfigError("--checkpoint needs --model-type teacher|student and --architecture NAME")
     path = Path(cfg.checkpoint)
-    if not path.is_file():
+    if not path.exists():
         raise ConfigError(f"checkpoint {path} not found")
     if cfg.model_type == "teacher":
         model = build_teacher(cfg.architecture, fusion=cfg.fusion, pretrained=False, image_size=cfg.image_size)
     else:
         model = build_student(cfg.architecture, image_size=cfg.image_size)
-    state = load_checkpoint(path)
-    try:
-        model.load_state_dict(state.get("model", state))
-    except Exception as err:  # a wrong architecture
-        raise ConfigError(f"cannot load {path} into {cfg.architecture}: {str(err).splitlines()[0]}") from None
+    state = load_checkpoint(path, what="--checkpoint")
+    load_weights(model, state.get("model", state), f"--checkpoint {path} as {cfg.architecture}")
     return model, cfg.model_type, DataConfig(csv=cfg.csv, image_size=cfg.image_size), cfg.seed
 
 
 def run_embed(cfg: EmbedConfig) -> Path | str:
     """Embed the features of one split and log the figure to the run or write it to a folder."""
+    check_ranges(cfg)
     if cfg.method not in ("tsne", "umap"):
         raise ConfigError(f"--method {cfg.method}: expected tsne or umap")
     if bool(cfg.run_id) == bool(cfg.checkpoint):

@@ -23,7 +23,7 @@ import pandas as pd
 import yaml
 
 from flame_kd import quantize, tracking
-from flame_kd.config import DistillRunConfig, ParetoConfig, to_dict
+from flame_kd.config import DistillRunConfig, ParetoConfig, micro_batch, to_dict
 from flame_kd.errors import ConfigError, DataError
 from flame_kd.progress import stage
 
@@ -225,7 +225,7 @@ def deploy_student(run_id: str, cfg: ParetoConfig, data) -> dict[str, float]:
             export_onnx(model, example, fp32)
             metrics |= score_onnx(fp32, "fp32", data, cfg, frame)
             rows, batches = calibration_batches(data, cfg.calibration_frames, cfg.distill.train.seed,
-                                                cfg.distill.data.batch_size)
+                                                micro_batch(cfg.distill.data.batch_size))
             int8 = quantize.quantize_onnx(fp32, Path(tmp) / "student_int8.onnx", batches)
             metrics |= score_onnx(int8, "int8", data, cfg, frame)
             metrics["int8_calibration_frames"] = float(len(rows))

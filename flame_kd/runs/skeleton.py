@@ -24,13 +24,13 @@ import torch
 from filelock import FileLock, Timeout
 
 from flame_kd import plots, tracking
-from flame_kd.config import VOLATILE, DataConfig, TrackingConfig, TrainConfig, best_name, flatten
+from flame_kd.config import VOLATILE, DataConfig, TrackingConfig, TrainConfig, best_name, flatten, micro_batch
 from flame_kd.data.dataset import FrameCache, PairedFrames, build_cache, make_loader
 from flame_kd.data.labels import find_label_ranges
 from flame_kd.data.schema import data_digest, load_frames
 from flame_kd.data.split import Split, split_frames
 from flame_kd.data.thumbs import frame_thumbnails
-from flame_kd.engine import ConsoleCallback, FitState, Trainer, load_checkpoint
+from flame_kd.engine import ConsoleCallback, FitState, Trainer, load_checkpoint, load_weights
 from flame_kd.evaluate import (
     LABELS,
     Predictions,
@@ -39,7 +39,7 @@ from flame_kd.evaluate import (
     predictions_table,
     profile_model,
 )
-from flame_kd.errors import ConfigError, DataError
+from flame_kd.errors import ConfigError, DataError, ServerLost
 from flame_kd.options import Section, option_text, option_values
 
 log = logging.getLogger("flame_kd")
@@ -83,13 +83,14 @@ def load_data(cfg: DataConfig, seed: int, device: torch.device, augment: str | N
     cache_dir = cfg.cache_dir or str(cache_home() / "frames")
     cache = build_cache(frames, cfg.image_size, cfg.cache, device, cache_dir=cache_dir, data_digest=digest)
     loaders = {}
+    batch = micro_batch(cfg.batch_size)  # `auto` starts at 64; the trainer halves it when a step does not fit
     for name in ("train", "val", "test"):
         aug = (augment or cfg.augment) if name == "train" else "none"
         ds = PairedFrames(frames, split.indices(name), cfg.image_size, augment=aug, cache=cache, seed=seed,
                           augment_on=augment_place(cfg.augment_on, device))
         train = name == "train"  # a last training batch of one frame would break BatchNorm: dropped
-        loaders[name] = make_loader(ds, cfg.batch_size, shuffle=train, cfg=cfg, device=str(device), seed=seed,
-                                    drop_last=train and len(ds) > cfg.batch_size)
+        loaders[name] = make_loader(ds, batch, shuffle=train, cfg=cfg, device=str(device), seed=seed,
+                                    drop_last=train and len(ds) > batch)
     return Data(frames, split, digest, cache, loaders, cfg)
 
 
@@ -153,6 +154,7 @@ def find_resumable(cfg_digest: str, base: str | None = None) -> tuple[str, FileL
     runs = tracking.search_runs(
         f"tags.`flame_kd.config_digest` = '{cfg_digest}' and attributes.status != 'FINISHED'"
     )
+    busy = []
     for r in runs:
         folder = checkpoint_dir(r.info.run_id, base)
         if not (folder / "last.pt").exists():
@@ -161,9 +163,13 @@ def find_resumable(cfg_digest: str, base: str | None = None) -> tuple[str, FileL
         try:
             lock.acquire(timeout=0)
         except Timeout:
-            log.warning("run %s is being trained by another process: not resuming it", r.info.run_id)
+            busy.append(r.info.run_id)
             continue
         return r.info.run_id, lock
+    if busy:  # a second `--resume` of a run in training: a fresh copy from scratch is not what was asked
+        raise ConfigError(f"--resume true: run {busy[0]} with these settings is being trained by another process "
+                          f"(its checkpoint folder {checkpoint_dir(busy[0], base)} is locked); not starting a second "
+                          "copy. Wait for it, or stop it and resume again")
     return None
 
 
@@ -282,6 +288,7 @@ def tracked_fit(plan: FitPlan, attach_env: bool = True, parent_run_id: str | Non
     """The skeleton every tracked run shares: resume lookup, open the run (or continue it), log the
     config and data, fit; the caller reports inside the ``with``; then the best checkpoint is kept
     and the run ends FINISHED (or FAILED / KILLED with the reason, by ``tracking.run``)."""
+    mark_lost_runs(plan.checkpoint_dir)
     digest = config_digest(plan.cfg)
     found = find_resumable(digest, plan.checkpoint_dir) if plan.resume else None
     resume_id, lock = found or (None, None)
@@ -290,8 +297,9 @@ def tracked_fit(plan: FitPlan, attach_env: bool = True, parent_run_id: str | Non
     tags = identity_tags(plan.stage, plan.teacher, plan.loss, plan.train.seed, plan.data, digest)
     tags |= plan.tags | (extra_tags or {})
     sysm = tracking.system_metrics_setting(plan.tracking.system_metrics, torch.device(plan.device).type)
-    with tracking.run(plan.tracking.experiment, plan.run_name, tags, run_id=resume_id, attach_env=attach_env,
-                      parent_run_id=parent_run_id, system_metrics=sysm) as active:
+    with _note_lost_server(plan.checkpoint_dir), \
+            tracking.run(plan.tracking.experiment, plan.run_name, tags, run_id=resume_id, attach_env=attach_env,
+                         parent_run_id=parent_run_id, system_metrics=sysm) as active:
         run_id = active.info.run_id
         if resume_id is None:
             start_logging(plan.cfg, plan.params, plan.data, full=plan.full_log)
@@ -303,12 +311,52 @@ def tracked_fit(plan: FitPlan, attach_env: bool = True, parent_run_id: str | Non
             lock.acquire()
         try:
             hooks = [tracking.MlflowCallback(), ConsoleCallback(plan.label, plan.train.epochs), *callbacks]
-            trainer = Trainer(plan.model, plan.task, plan.train, ckpt, hooks, plan.device)
-            state = trainer.fit(plan.data.loaders["train"], plan.data.loaders["val"], resume=resume_id is not None)
+            trainer = Trainer(plan.model, plan.task, plan.train, ckpt, hooks, plan.device, name=plan.label)
+            state = trainer.fit(plan.data.loaders["train"], plan.data.loaders["val"], resume=resume_id is not None,
+                                auto_batch=plan.data.config.batch_size == "auto")
             yield Fitted(run_id, trainer, state)
             keep_best_checkpoint(state, ckpt)
         finally:
             lock.release(force=True)
+
+
+LOST = "lost.json"  # in a run's checkpoint folder: the server went away before it could be marked FAILED
+
+
+@contextlib.contextmanager
+def _note_lost_server(base: str | None) -> Iterator[None]:
+    """A run whose server went away leaves a note beside its checkpoint (store hash, reason)."""
+    try:
+        yield
+    except ServerLost as err:
+        with contextlib.suppress(OSError):
+            note = {"run_id": err.run_id, "store": tracking.store_key(), "reason": err.message}
+            folder = checkpoint_dir(err.run_id, base)
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / LOST).write_text(json.dumps(note))
+        raise
+
+
+def mark_lost_runs(base: str | None = None) -> list[str]:
+    """Runs this machine lost their server during, now that the server answers: ended FAILED with
+    the reason, their checkpoints kept for ``--resume`` (which finds FAILED runs too). Never fails
+    the run that calls it."""
+    marked = []
+    folder = Path(base or cache_home() / "checkpoints")
+    for note_path in folder.glob(f"*/{LOST}") if folder.is_dir() else ():
+        try:
+            note = json.loads(note_path.read_text())
+            if note.get("store") != tracking.store_key():
+                continue
+            if tracking.mark_failed(note["run_id"], note["reason"]):
+                marked.append(note["run_id"])
+                log.info("marked run %s FAILED: %s", note["run_id"], note["reason"])
+            note_path.unlink()
+            with contextlib.suppress(OSError):
+                note_path.parent.rmdir()  # nothing else there: the run had no checkpoint yet
+        except Exception as err:  # noqa: BLE001 (a note of another form, a server still away)
+            log.debug("could not settle %s: %s", note_path, err)
+    return marked
 
 
 def load_run_model(run_id: str, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, str, dict]:
@@ -322,14 +370,19 @@ def load_run_model(run_id: str, device: torch.device | str = "cpu") -> tuple[tor
         raise ConfigError(f"run {run_id} is not a flame-kd teacher or distill run (stage {stage!r})")
     with tempfile.TemporaryDirectory() as tmp:
         rc = tracking.load_config(run_id, tmp)
-        state = load_checkpoint(tracking.download(run_id, "checkpoints/best.pt", tmp))
-    size = rc["data"]["image_size"]
-    if stage == "teacher":
-        t = rc["teacher"]
-        model, kind = build_teacher(t["name"], fusion=t["fusion"], pretrained=False, image_size=size), "teacher"
-    else:
-        model, kind = build_student(rc["student"], image_size=size), "student"
-    model.load_state_dict(state["model"])
+        state = load_checkpoint(tracking.download(run_id, "checkpoints/best.pt", tmp), what="best checkpoint",
+                                run_id=run_id, keys=("model",))
+    try:
+        size = int(rc["data"]["image_size"])
+        if stage == "teacher":
+            t = rc["teacher"]
+            model, kind = build_teacher(t["name"], fusion=t["fusion"], pretrained=False, image_size=size), "teacher"
+        else:
+            model, kind = build_student(rc["student"], image_size=size), "student"
+    except (KeyError, TypeError, ValueError) as err:
+        raise ConfigError(f"config.yaml of run {run_id} lacks what rebuilds its model "
+                          f"({type(err).__name__}: {err})") from None
+    load_weights(model, state["model"], f"best checkpoint checkpoints/best.pt of run {run_id}")
     return model.to(device).eval(), kind, rc
 
 

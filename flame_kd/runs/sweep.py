@@ -24,6 +24,7 @@ from collections import Counter
 import optuna
 
 from flame_kd import tracking
+from flame_kd.options import option_flags
 from flame_kd.config import SWEEP_OPTIONS, SweepConfig, check_ranges, monitor_mode
 from flame_kd.runs.distill import Prepared, prepare, run_distill
 from flame_kd.engine import LambdaCallback, Trainer
@@ -71,9 +72,10 @@ def make_pruner(name: str) -> optuna.pruners.BasePruner:
     raise ConfigError(f"--pruner {name}: expected median, hyperband or none")
 
 
-def make_storage(url: str, cfg: SweepConfig, attempts: int = 4) -> optuna.storages.RDBStorage:
+def make_storage(url: str, cfg: SweepConfig, attempts: int = 4, on_stale=None) -> optuna.storages.RDBStorage:
     """The study's RDB storage. Workers started together on a fresh database race to create
-    Optuna's tables; the loser of that race tries again and finds them made."""
+    Optuna's tables; the loser of that race tries again and finds them made. ``on_stale`` replaces
+    the sweep's callback for a trial whose worker stopped beating (the ablation grid's own)."""
     lock = contextlib.nullcontext()
     if url.startswith("sqlite:///"):  # table creation on a new file is not safe for processes starting together
         from filelock import FileLock
@@ -87,7 +89,7 @@ def make_storage(url: str, cfg: SweepConfig, attempts: int = 4) -> optuna.storag
                     url,
                     heartbeat_interval=cfg.heartbeat_interval,
                     grace_period=2 * cfg.heartbeat_interval,
-                    heartbeat_stale_trial_callback=_StaleTrial(cfg.max_retry),
+                    heartbeat_stale_trial_callback=on_stale or _StaleTrial(cfg.max_retry),
                     engine_kwargs={"pool_pre_ping": True},
                 )
             except Exception as err:  # bad URL, unreachable server, missing driver, creation race
@@ -230,7 +232,7 @@ def _tag_last_trial(parent_id: str, number: int, state: str, error: str | None =
 def run_sweep(cfg: SweepConfig) -> optuna.Study:
     """Run this worker's trials, then summarise the study in its parent run."""
     d = cfg.distill
-    check_ranges(cfg, SWEEP_OPTIONS)
+    check_ranges(cfg, names=option_flags(cfg, SWEEP_OPTIONS))
     if d.loss.variant not in VARIANTS or d.loss.variant == "bce":
         raise ConfigError(f"--loss {d.loss.variant}: a sweep needs a distillation variant "
                           f"({', '.join(v for v in VARIANTS if v != 'bce')})")
@@ -239,7 +241,7 @@ def run_sweep(cfg: SweepConfig) -> optuna.Study:
     uri = tracking.configure(d.tracking.tracking_uri)
     cfg.storage = resolve_storage(cfg.storage, uri)
     storage = make_storage(cfg.storage, cfg)
-    prep = prepare(d)  # data + teacher + cached outputs, once for every trial
+    prep = prepare(d, env_name=f"sweep {cfg.study_name} worker")  # data + teacher + cached outputs, once for every trial
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # a failed trial is one line of ours, no traceback
     study, created = open_study(cfg, storage, d.train.seed)
     parent_id = parent_run(study, created, cfg, prep)
@@ -251,15 +253,27 @@ def run_sweep(cfg: SweepConfig) -> optuna.Study:
     study.optimize(objective_for(cfg, prep, parent_id), n_trials=cfg.n_trials, timeout=cfg.timeout,
                    catch=(Exception,), gc_after_trial=True)
     mine = [t for t in study.trials if t.number not in before]
-    failed = [t for t in mine if t.state == optuna.trial.TrialState.FAIL]
-    if mine and len(failed) == len(mine) and not any(t.state.name == "COMPLETE" for t in study.trials):
-        common, count = Counter(t.user_attrs.get("error", "unknown error") for t in failed).most_common(1)[0]
-        message = f"study {cfg.study_name}: no trial completed; {len(failed)} failed, {count} with: {common}"
-        tracking.set_tags({"flame_kd.error": message}, run_id=parent_id)
-        tracking.client().set_terminated(parent_id, "FAILED")
-        raise RunFailed(message)
+    if not any(t.state.name == "COMPLETE" for t in study.trials):
+        fail_without_trials(study, cfg.study_name, mine, parent_id)
     summarise_and_finish(study, cfg, prep, parent_id)
     return study
+
+
+def fail_without_trials(study: optuna.Study, name: str, mine: list, parent_id: str) -> None:
+    """No trial of the study completed (all failed or pruned, or none ran: ``--timeout`` spent):
+    exit 1, and the parent ends FAILED with the reason unless another worker's trial still runs."""
+    failed = [t for t in mine if t.state == optuna.trial.TrialState.FAIL]
+    if failed:
+        common, count = Counter(t.user_attrs.get("error", "unknown error") for t in failed).most_common(1)[0]
+        message = f"study {name}: no trial completed; {len(failed)} failed, {count} with: {common}"
+    else:
+        message = (f"study {name}: no trial completed ({len(mine)} ran in this worker"
+                   f"{', all pruned' if mine else ': check --n-trials and --timeout'})")
+    others = [t for t in study.trials if t.state.name == "RUNNING" and t.number not in {m.number for m in mine}]
+    if not others:
+        tracking.set_tags({"flame_kd.error": message}, run_id=parent_id)
+        tracking.client().set_terminated(parent_id, "FAILED")
+    raise RunFailed(message)
 
 
 def summarise_and_finish(study: optuna.Study, cfg: SweepConfig, prep: Prepared, parent_id: str) -> None:

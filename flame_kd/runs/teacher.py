@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from flame_kd import tracking
+from flame_kd.options import option_flags
 from flame_kd.config import TEACHER_OPTIONS, TeacherRunConfig, check_ranges, to_dict
 from flame_kd.engine import resolve_device, seed_everything
 from flame_kd.runs.skeleton import (FitPlan, example_batch, load_data, log_profile, log_test_report, run_params,
@@ -14,6 +15,10 @@ from flame_kd.models.deploy import Deployable
 from flame_kd.tasks import SupervisedTask, teacher_forward
 
 
+def run_name(cfg: TeacherRunConfig) -> str:
+    return cfg.tracking.run_name or f"teacher {cfg.teacher.name} s{cfg.train.seed}"
+
+
 def run_teacher(cfg: TeacherRunConfig, attach_env: bool = True, extra_tags: dict | None = None,
                 parent_run_id: str | None = None, callbacks=()) -> str:
     """Fit, evaluate and log a teacher; returns its MLflow run id.
@@ -21,8 +26,10 @@ def run_teacher(cfg: TeacherRunConfig, attach_env: bool = True, extra_tags: dict
     Everything that can be wrong with the input (data, teacher name, weights, tracking server) is
     found before the run starts, so a bad option never leaves an empty run behind.
     """
-    check_ranges(cfg, TEACHER_OPTIONS)
+    check_ranges(cfg, names=option_flags(cfg, TEACHER_OPTIONS))
     tracking.configure(cfg.tracking.tracking_uri)
+    if attach_env and not parent_run_id:  # `mlflow run`'s run carries this name even if the run fails early
+        tracking.name_env_run(run_name(cfg))
     device = resolve_device(cfg.train.device)
     seed = cfg.train.seed
     seed_everything(seed)
@@ -31,7 +38,7 @@ def run_teacher(cfg: TeacherRunConfig, attach_env: bool = True, extra_tags: dict
     pos_weight = train_pos_weight(data) if cfg.pos_weight == "auto" else None
     model = build_teacher(t.name, fusion=t.fusion, pretrained=t.pretrained, weights=t.weights,
                           image_size=cfg.data.image_size, freeze=t.freeze)
-    plan = FitPlan(stage="teacher", teacher=t.name, loss="bce", run_name=cfg.tracking.run_name or f"teacher {t.name} s{seed}",
+    plan = FitPlan(stage="teacher", teacher=t.name, loss="bce", run_name=run_name(cfg),
                    label=f"teacher {t.name}", cfg=to_dict(cfg), params=run_params(cfg, TEACHER_OPTIONS, device),
                    data=data, model=model,
                    task=SupervisedTask(teacher_forward, pos_weight), train=cfg.train, tracking=cfg.tracking, device=device,
