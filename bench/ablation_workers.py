@@ -43,7 +43,7 @@ def spec(args, csv: Path) -> dict:
     return {"name": "bench", "data": {"csv": str(csv), "image_size": args.image_size, "batch_size": 16},
             "teachers": args.teachers, "losses": args.losses, "seeds": args.seeds, "control": True,
             "student": args.student, "pretrained": False, "teacher_epochs": args.epochs,
-            "student_epochs": args.epochs, "device": "cpu", "experiment": "bench", "log_models": False}
+            "student_epochs": args.epochs, "device": "cpu", "experiment": "bench", "log_model": False}
 
 
 def run_grid(folder: Path, spec_path: Path, workers: int, heartbeat: int) -> float:

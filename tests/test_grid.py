@@ -22,10 +22,12 @@ from pipeline_helpers import TINY_TEACHER, use_store
 
 
 def spec(**kw) -> AblationSpec:
+    from flame_kd.runs.ablation import spec_from_dict
+
     base = dict(name="unit", data={"csv": "x.csv"}, teachers=[TINY_TEACHER, "timm:test_vit"],
                 losses=["kl_bce", "bce"], seeds=[1, 2], control=True, pretrained=False, device="cpu",
-                experiment="grid-unit", log_models=False, heartbeat=1)
-    return AblationSpec(**(base | kw))
+                experiment="grid-unit", log_model=False, heartbeat=1)
+    return spec_from_dict(base | kw)
 
 
 def test_tasks_wait_only_for_what_they_need():

@@ -34,7 +34,7 @@ def write_spec(folder: Path, csv: Path) -> Path:
     spec = {"name": "shared", "data": {"csv": str(csv), "image_size": SIZE, "batch_size": 16},
             "teachers": TEACHERS, "losses": LOSSES, "seeds": SEEDS, "control": True,
             "student": "timm:test_efficientnet", "pretrained": False, "teacher_epochs": 1, "student_epochs": 1,
-            "device": "cpu", "experiment": "shared-grid", "log_models": False}
+            "device": "cpu", "experiment": "shared-grid", "log_model": False}
     path = folder / "spec.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path
@@ -155,7 +155,7 @@ def test_a_server_going_away_mid_cell_is_one_line_and_the_same_command_resumes_i
         spec = {"name": "lost", "data": {"csv": str(synth_csv), "image_size": SIZE, "batch_size": 16},
                 "teachers": [TINY_TEACHER], "losses": ["bce"], "seeds": [1], "control": False,
                 "student": "timm:test_efficientnet", "pretrained": False, "student_epochs": 30, "device": "cpu",
-                "experiment": "lost-server", "log_models": False}
+                "experiment": "lost-server", "log_model": False}
         (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
         command = [FLAME_KD, "ablation", "--spec", str(tmp_path / "spec.yaml"), "--storage",
                    f"sqlite:///{tmp_path / 'optuna.db'}", "--heartbeat", "2", "--tracking-uri", server.url]
