@@ -26,7 +26,7 @@ class Plain(nn.Module):
 
     def forward(self, rgb, ir):
         f = self.body(torch.cat([rgb, ir], 1))
-        return self.head(f), f
+        return {"logits": self.head(f), "features": f}
 
 
 class WithNorm(Plain):

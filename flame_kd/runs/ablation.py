@@ -43,7 +43,7 @@ def spec_from_dict(raw: dict, where: str = "ablation spec") -> AblationSpec:
     be a mapping of DataConfig fields (``{csv: ..., image_size: 224}``). An unknown key is refused with
     the nearest known name."""
     if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: expected a mapping of keys to values, got {type(raw).__name__}")
+        raise ConfigError(f"{where} holds a {type(raw).__name__}, not a mapping of settings")
     spec, options = AblationSpec(), {}
     data_flags = {f.name: (f.metadata.get("cli") or f.name) for f in dataclasses.fields(DataConfig)}
     for key, value in raw.items():
