@@ -227,6 +227,8 @@ class SweepConfig:
     heartbeat_interval: int = opt(30, "Seconds between trial heartbeats; a killed worker's trial is failed "
                                       "and retried.", cli="heartbeat", ge=1)
     max_retry: int = opt(1, "Times a failed-by-heartbeat trial is retried.")
+    workers: int = opt(1, "Start this many local worker processes on the study (each runs --n-trials), each pinned "
+                          "to one GPU when there are GPUs.", ge=1)
 
 
 DEFAULT_STUDENTS = ("lightweight-cnn,timm:mobilenetv3_small_100,timm:mobilenetv3_large_100,"
@@ -303,11 +305,20 @@ class AblationSpec:
     device: str = opt("auto", "auto | cpu | cuda | mps.")
     experiment: str | None = opt(None, "MLflow experiment; default: mlflow run's, else flame-kd.")
     log_models: bool = opt(True, "Each cell's student as a servable MLflow model (not registered).", expose=False)
+    # Where and how many workers run the grid (runs/grid.py): not part of what the grid is (its digest).
+    storage: str | None = opt(None, "Optuna RDB URL (or env:NAME) shared by any number of workers, on one machine "
+                                    "or many: each teacher and cell runs once; none: this process runs the grid alone.")
+    heartbeat: int = opt(30, "With --storage: seconds between a worker's heartbeats; a task whose worker stopped "
+                             "beating is failed and run again by another.", ge=1)
+    workers: int = opt(1, "Start this many local worker processes, each pinned to one GPU when there are GPUs; "
+                          "more than one shares the grid through --storage (default: optuna.db beside the store).",
+                       ge=1)
 
     def digest(self) -> str:
         import hashlib
 
-        keep = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("device", "experiment", "log_models")}
+        keep = {k: v for k, v in dataclasses.asdict(self).items()
+                if k not in ("device", "experiment", "log_models", "storage", "heartbeat", "workers")}
         return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 

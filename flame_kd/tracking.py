@@ -775,7 +775,7 @@ def reap_lost_runs() -> list[tuple[str, str]]:
         else:
             why = f"no heartbeat from {tags[HOST_TAG]} since {tags.get(HEARTBEAT_TAG)}"
         client.set_tag(r.info.run_id, END_REASON_TAG, reason)
-        client.set_tag(r.info.run_id, TAG + "error", f"{why}; `--resume true` continues it from its last checkpoint")
+        client.set_tag(r.info.run_id, TAG + "error", f"{why}; `--resume true` continues it from its last finished epoch")
         client.set_terminated(r.info.run_id, "FAILED")
         log.warning("run %s (%s) marked FAILED: %s", r.info.run_id, r.info.run_name, why)
         reaped.append((r.info.run_id, reason))
