@@ -8,7 +8,7 @@ DEMO_DIR ?= data/demo
 DEMO_FRAMES ?= 900
 DEMO_SIZE ?= 48
 
-.PHONY: install test test-fast demo bench clean
+.PHONY: install test test-fast demo serve bench clean
 
 install: $(VENV)/.installed
 
@@ -29,6 +29,11 @@ test-fast: install
 
 demo: install
 	HF_HUB_OFFLINE=1 MPLBACKEND=Agg PATH="$(abspath $(BIN)):$$PATH" bash experiments/demo.sh "$(DEMO_DIR)" "$(DEMO_FRAMES)" "$(DEMO_SIZE)"
+
+# The newest flame-kd-student aliased champion (make demo's KD student) or pareto-best, on loopback;
+# SERVE_ARGS="--model-uri models:/flame-kd-student/3 --port 5002" picks another model or port.
+serve: install
+	HF_HUB_OFFLINE=1 $(BIN)/flame-kd serve $(SERVE_ARGS)
 
 bench: install
 	HF_HUB_OFFLINE=1 $(PY) bench/data_loading.py

@@ -52,7 +52,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--teacher-epochs", type=int, default=2)
     parser.add_argument("--student-epochs", type=int, default=2)
     parser.add_argument("--log-model", action="store_true",
-                        help="log models (mlflow.pytorch + the student's ONNX export) on both sides")
+                        help="log models (the servable MLflow model + the student's ONNX export) on both sides")
     parser.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up grid")
     add_threads_option(parser)
     return parser.parse_args()

@@ -14,7 +14,7 @@ teacher=${DEMO_TEACHER:-timm:resnet18}
 export MLFLOW_TRACKING_URI=${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db}
 # The teacher starts from random weights here, so it trains at lr 1e-3 (the default 1e-4 is for
 # fine-tuning pretrained weights: with it the demo's teacher reached only fire F1 0.70 in 4 epochs).
-common=(-P data="$out/flame2.csv" -P image_size="$size" -P batch_size=32 -P pretrained=false -P device=cpu -P register=true
+common=(-P data="$out/flame2.csv" -P image_size="$size" -P batch_size=32 -P pretrained=false -P device=cpu
         -P teacher="$teacher" -P student_epochs=${DEMO_STUDENT_EPOCHS:-6} -P teacher_epochs=${DEMO_TEACHER_EPOCHS:-5}
         -P teacher_lr=0.001 -P monitor=val/f1_macro)
 
@@ -28,7 +28,8 @@ flame-kd data split "$out/flame2.csv" --seed 42 --out "$out/split_manifest.csv"
 [ "$teacher" = resnet-152 ] || echo "== note: teacher $teacher instead of resnet-152: ResNet-152 from random weights cannot learn in this CPU budget"
 echo "== 2/4 mlflow run . -e distill -P teacher=$teacher (teacher trained first, then the KD student)"
 log=$(mktemp)
-mlflow run . -e distill --env-manager local --experiment-name flame-kd "${common[@]}" -P loss=kl_bce 2>&1 | tee "$log"
+# Only the KD student is registered: it becomes flame-kd-student@champion (what `make serve` serves)
+mlflow run . -e distill --env-manager local --experiment-name flame-kd "${common[@]}" -P loss=kl_bce -P register=true 2>&1 | tee "$log"
 kd=$(run_id "$log")
 
 echo "== 3/4 the no-teacher control: the same student trained with BCE alone"
@@ -42,3 +43,5 @@ echo "Browse every run, metric, plot and model with:"
 echo "   .venv/bin/mlflow ui --backend-store-uri $MLFLOW_TRACKING_URI"
 echo "and open the runs (not MLflow's GenAI overview, which a fresh browser shows first):"
 echo "   $(flame-kd ui-url --experiment flame-kd)"
+echo "Serve the distilled student (models:/flame-kd-student@champion) over REST on loopback with:"
+echo "   make serve"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 
@@ -105,7 +106,9 @@ def _fail_env_run(err: BaseException) -> None:
 @click.version_option(__version__, prog_name="flame-kd")
 def main() -> None:
     """Knowledge distillation on FLAME2 (RGB+IR wildfire frames), tracked in MLflow."""
-    logging.basicConfig(format="flame-kd: %(message)s", level=logging.INFO, stream=sys.stderr)
+    worker = os.environ.get("FLAME_KD_WORKER")  # one of `--workers N` (flame_kd/workers.py)
+    logging.basicConfig(format=f"flame-kd[{worker}]: %(message)s" if worker else "flame-kd: %(message)s",
+                        level=logging.INFO, stream=sys.stderr)
     logging.getLogger("flame_kd").setLevel(logging.INFO)
 
 
@@ -265,12 +268,30 @@ def sweep(**o) -> None:
     """Optuna search of the loss weights and temperature, one nested MLflow run per trial."""
     from flame_kd.runs.sweep import run_sweep
 
-    study = run_sweep(build_config(SweepConfig, SWEEP, o))
+    cfg = build_config(SweepConfig, SWEEP, o)
+    if cfg.workers > 1:
+        _launch_sweep(cfg)
+    study = run_sweep(cfg)
     done = [t for t in study.trials if t.state.name == "COMPLETE"]
     if done:
         click.echo(f"study {study.study_name}: best val macro F1 {study.best_value:.4f} with {study.best_params}")
     else:
         click.echo(f"study {study.study_name}: no trial completed")
+
+
+def _launch_sweep(cfg: SweepConfig) -> None:
+    """``--workers N``: the teacher and its outputs once, here, then N workers on one study."""
+    from flame_kd import tracking
+    from flame_kd.runs.distill import prepare
+    from flame_kd.runs.sweep import resolve_storage
+    from flame_kd.workers import launch
+
+    uri = tracking.configure(cfg.distill.tracking.tracking_uri)
+    extra = {}
+    if not cfg.storage:  # every worker on the same storage (the default file, or FLAME_KD_STORAGE)
+        extra["FLAME_KD_STORAGE"] = resolve_storage(None, uri)
+    prepare(cfg.distill)  # so no worker trains the teacher another is training
+    sys.exit(launch(cfg.workers, sys.argv[1:], extra))
 
 
 @main.command()
@@ -305,8 +326,40 @@ def ablation(spec: str, tracking_uri: str | None, **o) -> None:
     overrides = {x.field.name: o[x.ident] for x in given if o[x.ident] is not None}
     if o.get("no_pretrained"):
         overrides["pretrained"] = False
-    parent = run_ablation(load_spec(spec, overrides), tracking_uri)
+    grid = load_spec(spec, overrides)
+    if grid.workers > 1:
+        from flame_kd import tracking
+        from flame_kd.runs.sweep import resolve_storage
+        from flame_kd.workers import launch
+
+        uri = tracking.configure(tracking_uri)  # a server that is down: one line here, not one per worker
+        extra = {} if grid.storage else {"FLAME_KD_GRID_STORAGE": resolve_storage(None, uri)}
+        args = sys.argv[1:] + ([] if grid.storage else ["--storage", "env:FLAME_KD_GRID_STORAGE"])
+        sys.exit(launch(grid.workers, args, extra))
+    parent = run_ablation(grid, tracking_uri)
     click.echo(f"ablation run {parent}")
+
+
+@main.command()
+@click.option("--model-uri", type=str, default=None, callback=_none_if_empty,
+              help="Serve this model (models:/..., runs:/<id>/model). Default: the newest version of --name "
+                   "aliased champion or pareto-best.")
+@click.option("--name", type=str, default="flame-kd-student", show_default=True, help="Registered model name.")
+@click.option("--host", type=str, default="127.0.0.1", show_default=True, help="Address to listen on (loopback).")
+@click.option("--port", type=click.IntRange(1, 65535), default=5001, show_default=True)
+@click.option("--tracking-uri", type=str, default=None, callback=_none_if_empty,
+              help="Default: MLFLOW_TRACKING_URI, else MLflow's sqlite:///mlflow.db.")
+@click.option("--dry-run", is_flag=True, help="Print the model and the command, start nothing.")
+def serve(model_uri: str | None, name: str, host: str, port: int, tracking_uri: str | None, dry_run: bool) -> None:
+    """Serve the registered student over REST (`mlflow models serve` on this environment, the venv's
+    bin on PATH): POST uint8 frames as JSON to http://HOST:PORT/invocations."""
+    import os
+
+    from flame_kd import serving
+
+    argv, env = serving.plan(model_uri, name, host, port, tracking_uri)
+    if not dry_run:
+        os.execve(argv[0], argv, env)  # the server replaces this process: Ctrl-C stops it directly
 
 
 @main.command("ui-url")

@@ -174,9 +174,10 @@ class TrackingConfig:
     experiment: str | None = opt(None, "MLflow experiment; default: mlflow run's, else flame-kd.")
     run_name: str | None = opt(None, "Run name; default: built from the run's settings.")
     tracking_uri: str | None = opt(None, "Default: MLFLOW_TRACKING_URI, else MLflow's sqlite:///mlflow.db.")
-    log_model: bool = opt(True, "Log the model with mlflow.pytorch at the end of the run.")
+    log_model: bool = opt(True, "Log the model (a servable MLflow model, pt2) at the end of the run.")
     register: bool = opt(False, "Register the logged model as a new version of --register-as, described by "
-                                "its test F1, teacher and loss.")
+                                "its test F1, teacher and loss; a distilled student also takes the alias champion "
+                                "when its best val score beats the champion's on the same data and split.")
     register_as: str = opt("flame-kd-student", "Registered model name (with --register).")
     system_metrics: bool | None = opt(None, "MLflow system metrics (CPU, memory; GPU utilisation and memory "
                                             "through nvidia-ml-py); default: on when training on CUDA.")
@@ -226,6 +227,8 @@ class SweepConfig:
     heartbeat_interval: int = opt(30, "Seconds between trial heartbeats; a killed worker's trial is failed "
                                       "and retried.", cli="heartbeat", ge=1)
     max_retry: int = opt(1, "Times a failed-by-heartbeat trial is retried.")
+    workers: int = opt(1, "Start this many local worker processes on the study (each runs --n-trials), each pinned "
+                          "to one GPU when there are GPUs.", ge=1)
 
 
 DEFAULT_STUDENTS = ("lightweight-cnn,timm:mobilenetv3_small_100,timm:mobilenetv3_large_100,"
@@ -301,12 +304,21 @@ class AblationSpec:
     student_epochs: int | None = opt(None, "Student epochs (None: 30, the original pipeline's).")
     device: str = opt("auto", "auto | cpu | cuda | mps.")
     experiment: str | None = opt(None, "MLflow experiment; default: mlflow run's, else flame-kd.")
-    log_models: bool = opt(True, "Each cell's student through mlflow.pytorch (not registered).", expose=False)
+    log_models: bool = opt(True, "Each cell's student as a servable MLflow model (not registered).", expose=False)
+    # Where and how many workers run the grid (runs/grid.py): not part of what the grid is (its digest).
+    storage: str | None = opt(None, "Optuna RDB URL (or env:NAME) shared by any number of workers, on one machine "
+                                    "or many: each teacher and cell runs once; none: this process runs the grid alone.")
+    heartbeat: int = opt(30, "With --storage: seconds between a worker's heartbeats; a task whose worker stopped "
+                             "beating is failed and run again by another.", ge=1)
+    workers: int = opt(1, "Start this many local worker processes, each pinned to one GPU when there are GPUs; "
+                          "more than one shares the grid through --storage (default: optuna.db beside the store).",
+                       ge=1)
 
     def digest(self) -> str:
         import hashlib
 
-        keep = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("device", "experiment", "log_models")}
+        keep = {k: v for k, v in dataclasses.asdict(self).items()
+                if k not in ("device", "experiment", "log_models", "storage", "heartbeat", "workers")}
         return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 

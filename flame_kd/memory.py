@@ -284,22 +284,21 @@ def too_big(probe: Probe, micro: int, accumulate: int, have: int, device: torch.
     how = f"steps measured: {how} frames" if how else "the smallest step did not fit"
     shown = "~" + gib(need) if math.isfinite(need) else "more than is there"
     fits = []
-    if math.isfinite(need):
-        smaller = [m for m in _halvings(micro) if probe.predict(m) <= budget]
-        if smaller:
-            m = smaller[0]
-            fits.append(f"--batch-size {m} --accumulate {accumulate * micro // m} (~{gib(probe.predict(m))})")
-        if checkpointed is not None and checkpointed.measured:
-            m = next((m for m in (micro, *_halvings(micro)) if checkpointed.predict(m) <= budget), None)
-            if m is not None:
-                fits.append(f"--grad-checkpointing true" + (f" --batch-size {m} --accumulate {accumulate * micro // m}"
-                                                            if m != micro else "")
-                            + f" (~{gib(checkpointed.predict(m))})")
-        if image_size:
-            size = next((s for s in IMAGE_SIZES if s < image_size
-                         and probe.predict(micro, (s / image_size) ** 2) <= budget), None)
-            if size:
-                fits.append(f"--image-size {size} (~{gib(probe.predict(micro, (size / image_size) ** 2))}, estimated)")
+    smaller = [m for m in _halvings(micro) if probe.predict(m) <= budget]  # (a batch that ran out is infinite)
+    if smaller:
+        m = smaller[0]
+        fits.append(f"--batch-size {m} --accumulate {accumulate * micro // m} (~{gib(probe.predict(m))})")
+    if checkpointed is not None and checkpointed.measured:
+        m = next((m for m in (micro, *_halvings(micro)) if checkpointed.predict(m) <= budget), None)
+        if m is not None:
+            fits.append("--grad-checkpointing true" + (f" --batch-size {m} --accumulate {accumulate * micro // m}"
+                                                       if m != micro else "")
+                        + f" (~{gib(checkpointed.predict(m))})")
+    if math.isfinite(need) and image_size:
+        size = next((s for s in IMAGE_SIZES if s < image_size
+                     and probe.predict(micro, (s / image_size) ** 2) <= budget), None)
+        if size:
+            fits.append(f"--image-size {size} (~{gib(probe.predict(micro, (size / image_size) ** 2))}, estimated)")
     where = "GPU memory free" if device.type == "cuda" else "memory available"
     options = "; these fit: " + ", ".join(fits) if fits else "; nothing smaller fits either"
     return (f"out of memory: one training step of {what} at --batch-size {micro} needs {shown} ({how}), "

@@ -469,30 +469,48 @@ def log_dataset(frames, csv_path: str, digest: str, context: str = "training") -
 
 @_artifact_write
 def log_model(model, example, registered_name: str | None = None, description: str = "") -> str | None:
-    """``model`` (a models.Deployable) through mlflow.pytorch in the pt2 format: torch.export's graph,
-    no pickle, so loading it runs no code from the artifact store. ``example`` (uint8 frames, a batch
-    of 2 or more) traces it; MLflow marks the batch axis dynamic, so any batch size is served.
+    """``model`` (a models.Deployable) as an MLflow pyfunc model: torch.export's pt2 graph
+    (``model/data/model.pt2``, no pickle) loaded by ``flame_kd.serving`` (installed code, never code
+    from the artifact store), which checks every request before the graph runs. ``example`` (uint8
+    frames, a batch of 2 or more) traces it with a dynamic batch axis.
+
+    No MLflow signature is logged on purpose: MLflow casts a request to the signature's dtype first,
+    so under a uint8 signature a float image (0.5) silently became 0 and was answered 200. The
+    schema is in the model's metadata instead, and ``serving`` refuses anything else with MLflow's
+    400 INVALID_PARAMETER_VALUE naming it.
 
     With ``registered_name`` the model becomes a new version of it, carrying ``description``;
     returns that version (None when not registered)."""
-    import torch
+    from flame_kd import serving
 
     if len(example) < 2:
         raise ValueError("log_model needs an example batch of 2 or more (a batch of 1 is exported static)")
-    info = mlflow.pytorch.log_model(
-        model.eval(),
-        name="model",
-        serialization_format="pt2",
-        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
-        registered_model_name=registered_name,
-        input_example=example,
-    )
+    with tempfile.TemporaryDirectory() as tmp:
+        data = serving.export(model.eval(), example, Path(tmp) / serving.MODEL_FILE)
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            loader_module="flame_kd.serving",
+            data_path=str(data),
+            pip_requirements=serving.requirements(),
+            registered_model_name=registered_name,
+            input_example=example,
+            metadata={"input_schema": serving.schema_text(example.shape[1:])},
+        )
     version = getattr(info, "registered_model_version", None)
     if registered_name and version is not None:
         if description:
             MlflowClient().update_model_version(registered_name, str(version), description=description)
         log.info("registered the model as %s version %s", registered_name, version)
     return None if version is None else str(version)
+
+
+def invalid_input(message: str) -> Exception:
+    """The error a served model raises for a bad request: MLflow's scoring server answers it with
+    400 INVALID_PARAMETER_VALUE and ``message`` (any other exception is a generic error with a
+    traceback)."""
+    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+    return mlflow.exceptions.MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
 
 
 def register_run_model(run_id: str, name: str, alias: str | None = None, tags: dict | None = None) -> str:
@@ -510,6 +528,25 @@ def register_run_model(run_id: str, name: str, alias: str | None = None, tags: d
     if alias:
         client.set_registered_model_alias(name, alias, version)
     return str(version)
+
+
+def set_model_alias(name: str, alias: str, version: str) -> None:
+    """Point ``alias`` of registered model ``name`` at ``version`` (moved from wherever it was)."""
+    MlflowClient().set_registered_model_alias(name, alias, str(version))
+
+
+def model_problem(model_uri: str) -> str | None:
+    """Why ``model_uri`` names no logged model MLflow can load (one line), or None when it does."""
+    try:
+        mlflow.models.get_model_info(model_uri)
+    except (mlflow.exceptions.MlflowException, OSError, ValueError) as err:
+        return redact(str(getattr(err, "message", err)).splitlines()[0] if str(err) else type(err).__name__)
+    return None
+
+
+def metric_history(run_id: str, key: str) -> list[float]:
+    """Every value a run logged under ``key``, in logging order (empty when none)."""
+    return [m.value for m in MlflowClient().get_metric_history(run_id, key)]
 
 
 def model_version_by_alias(name: str, alias: str):
@@ -738,7 +775,7 @@ def reap_lost_runs() -> list[tuple[str, str]]:
         else:
             why = f"no heartbeat from {tags[HOST_TAG]} since {tags.get(HEARTBEAT_TAG)}"
         client.set_tag(r.info.run_id, END_REASON_TAG, reason)
-        client.set_tag(r.info.run_id, TAG + "error", f"{why}; `--resume true` continues it from its last checkpoint")
+        client.set_tag(r.info.run_id, TAG + "error", f"{why}; `--resume true` continues it from its last finished epoch")
         client.set_terminated(r.info.run_id, "FAILED")
         log.warning("run %s (%s) marked FAILED: %s", r.info.run_id, r.info.run_name, why)
         reaped.append((r.info.run_id, reason))

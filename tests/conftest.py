@@ -76,3 +76,14 @@ def auth_front(tmp_path_factory):
     front = AuthFront(tmp_path_factory.mktemp("mlflow-server"))
     yield front
     front.close()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` on loopback, artifacts served over HTTP, on PostgreSQL where
+    FLAME_KD_TEST_POSTGRES is set, else SQLite (``mlflow_server.MlflowServer``); one per session."""
+    from mlflow_server import MlflowServer
+
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
+    yield server
+    server.close()

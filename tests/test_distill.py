@@ -340,3 +340,93 @@ def test_bad_loss_options_are_clear_errors(data_csv, tmp_path, monkeypatch, bad,
     with pytest.raises(ConfigError, match="kl_bce"):
         run_distill(cfg)
     assert MlflowClient().search_experiments(filter_string="name = 't'") == []
+
+
+# --- the registered student: champion, served over REST -------------------------------------------
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _http(url: str, body: dict | None = None) -> tuple[int, dict]:
+    import json
+    import urllib.error
+    import urllib.request
+
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            text = resp.read().decode()
+            return resp.status, json.loads(text) if body is not None else {}
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read().decode() or "{}")
+
+
+def test_the_registered_student_is_the_champion_and_serves_its_test_predictions(first_distill, data_csv, tmp_path):
+    """`flame-kd serve` (venv bin NOT on PATH) serves models:/flame-kd-student@champion on a free loopback
+    port; test frames posted as JSON get the probabilities of the run's predictions/test.csv, bad
+    requests a 400 naming the schema, never a 500."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import numpy as np
+    import pandas as pd
+
+    from flame_kd.data.dataset import decode_image
+    from flame_kd.data.schema import load_frames
+
+    run_id = first_distill.info.run_id
+    champion = MlflowClient().get_model_version_by_alias("flame-kd-student", "champion")
+    assert champion.run_id == run_id  # the one distill run registered on request
+    preds = pd.read_csv(MlflowClient().download_artifacts(run_id, "predictions/test.csv", str(tmp_path)))
+    rows = preds.head(6)
+    paths = load_frames(data_csv).set_index("id")["rgb_path"]
+    frames = np.stack([decode_image(paths[i], SIZE).transpose(2, 0, 1) for i in rows["id"]])
+    port = _free_port()
+    log_path = tmp_path / "serve.log"
+    bindir = Path(sys.executable).parent
+    env = {**os.environ, "PATH": "/usr/bin:/bin"}  # as a user who did not activate the venv
+    with open(log_path, "w") as log_file:
+        server = subprocess.Popen([str(bindir / "flame-kd"), "serve", "--port", str(port)], env=env,
+                                  stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            assert server.poll() is None, f"the server exited {server.returncode}:\n{log_path.read_text()[-3000:]}"
+            try:
+                if _http(f"{url}/ping")[0] == 200:
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, f"no answer on {url}/ping:\n{log_path.read_text()[-3000:]}"
+            time.sleep(1)
+        status, answer = _http(f"{url}/invocations", {"inputs": frames.tolist()})
+        assert status == 200, answer
+        np.testing.assert_allclose(np.array(answer["predictions"]), rows[["prob_fire", "prob_smoke"]].to_numpy(),
+                                   atol=1e-4)
+        assert "serving flame-kd-student version" in log_path.read_text()
+        for bad, problem in [({"inputs": frames[:, :, :16].tolist()}, "frames shaped [6, 3, 16, 32]"),
+                             ({"inputs": (frames / 255.0).tolist()}, "a float image"),
+                             ({"inputs": []}, "an empty batch")]:
+            status, answer = _http(f"{url}/invocations", bad)
+            assert status == 400, (status, answer)
+            assert answer["error_code"] == "INVALID_PARAMETER_VALUE" and problem in answer["message"]
+            assert f"uint8 RGB frames shaped [batch, 3, {SIZE}, {SIZE}]" in answer["message"]
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()

@@ -262,3 +262,13 @@ def test_peak_of_sees_an_allocation_on_this_cpu():
     base = memory.peak_of(lambda: None, torch.device("cpu"))
     assert memory.peak_of(grow, torch.device("cpu")) - base > 48 * 2**20
     assert memory.available(torch.device("cpu")) > 0
+
+
+def test_a_step_that_ran_out_of_memory_still_gets_the_smaller_batches_that_fit():
+    """CUDA: the climb's step at 16 frames raised out-of-memory; 8 was measured and fits."""
+    probe = memory.Probe(lambda b: None, torch.device("cpu"))
+    probe.measured = {1: 2 * memory.GiB, 2: 2.5 * memory.GiB, 4: 3.5 * memory.GiB, 8: 5.5 * memory.GiB,
+                      16: float("inf")}
+    assert probe.predict(32) == float("inf") and probe.predict(8) == 5.5 * memory.GiB
+    text = memory.too_big(probe, 32, 1, 10 * memory.GiB, torch.device("cpu"), "the model", 224, None)
+    assert "needs more than is there" in text and "--batch-size 8 --accumulate 4 (~5.5 GiB)" in text

@@ -6,11 +6,11 @@ CI starts PostgreSQL on loopback (.ci/postgres.sh) and sets FLAME_KD_TEST_POSTGR
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import optuna
@@ -19,6 +19,7 @@ from mlflow.tracking import MlflowClient
 
 from flame_kd.data.synth import synthesize
 
+from mlflow_server import PASSWORD, fresh_database
 from pipeline_helpers import SIZE, TINY_TEACHER, cli
 
 SERVER = os.environ.get("FLAME_KD_TEST_POSTGRES")
@@ -27,26 +28,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(
     reason="PostgreSQL is not running: set FLAME_KD_TEST_POSTGRES=postgresql+psycopg2://user@host:port/db "
            "(bash .ci/postgres.sh starts one on loopback and prints it; CI does this)",
 )]
-
-
-PASSWORD = "s3cret-pw"
-
-
-def fresh_database(prefix: str) -> str:
-    """CREATE DATABASE <prefix>_<random> on the test server; returns its SQLAlchemy URL."""
-    import psycopg2
-    from sqlalchemy.engine import make_url
-
-    url = make_url(SERVER)
-    if url.password is None:  # CI's server trusts loopback and ignores it: a password to keep out of logs
-        url = url.set(password=PASSWORD)
-    name = f"{prefix}_{uuid.uuid4().hex[:8]}"
-    conn = psycopg2.connect(host=url.host, port=url.port, user=url.username, password=url.password,
-                            dbname=url.database)
-    conn.autocommit = True
-    conn.cursor().execute(f"CREATE DATABASE {name}")
-    conn.close()
-    return url.set(database=name).render_as_string(hide_password=False)
 
 
 @pytest.fixture(scope="module")
@@ -66,10 +47,10 @@ def common(csv):
             "--teacher-epochs", "1", "--no-pretrained", "--device", "cpu", "--experiment", "pg"]
 
 
-def worker(setup, storage, n_trials, epochs, study="pg-study"):
+def worker(setup, storage, n_trials, epochs, study="pg-study", workers=1):
     args = ["flame-kd", "sweep", *common(setup["csv"]), "--loss", "kl_l2_bce", "--student", "lightweight-cnn",
             "--student-epochs", str(epochs), "--n-trials", str(n_trials), "--study-name", study,
-            "--storage", storage, "--pruner", "none", "--heartbeat", "3"]
+            "--storage", storage, "--pruner", "none", "--heartbeat", "3", "--workers", str(workers)]
     bindir = Path(sys.executable).parent
     env = {**os.environ, **setup["env"], "HF_HUB_OFFLINE": "1", "MPLBACKEND": "Agg",
            "PATH": f"{bindir}{os.pathsep}{os.environ['PATH']}"}
@@ -79,10 +60,10 @@ def worker(setup, storage, n_trials, epochs, study="pg-study"):
 
 def test_two_workers_share_one_study(setup):
     storage = fresh_database("optuna")
-    a, b = worker(setup, storage, 2, 1), worker(setup, storage, 2, 1)
-    for p in (a, b):
-        out, err = p.communicate(timeout=900)
-        assert p.returncode == 0, err[-3000:]
+    launcher = worker(setup, storage, 2, 1, workers=2)  # two local worker processes, 2 trials each
+    out, err = launcher.communicate(timeout=900)
+    assert launcher.returncode == 0, err[-3000:]
+    assert len(set(re.findall(r"worker \d: pid (\d+) on CPU", err))) == 2
     study = optuna.load_study(study_name="pg-study", storage=storage)
     assert len(study.trials) == 4  # the sum of both workers' trials
     assert sorted(t.number for t in study.trials) == [0, 1, 2, 3]  # none lost, none duplicated

@@ -118,7 +118,7 @@ def find_or_create_parent(spec: AblationSpec) -> str:
         run_id = env_run
     else:
         run_id = tracking.create_run(spec.experiment, f"ablation {spec.name}", tags)
-    tracking.log_text_to(run_id, yaml.safe_dump(dataclasses.asdict(spec), sort_keys=False), "spec.yaml")
+    tracking.log_text_to(run_id, yaml.safe_dump(tracking.redact_all(dataclasses.asdict(spec)), sort_keys=False), "spec.yaml")
     return run_id
 
 
@@ -130,9 +130,14 @@ def finished_cells(parent_id: str) -> set[str]:
 
 
 def run_ablation(spec: AblationSpec, tracking_uri: str | None = None) -> str:
-    """Run every unfinished cell, then log the summary tables and chart into the parent."""
-    from flame_kd.runs.distill import prepare, run_distill
+    """Run every unfinished cell, then log the summary tables and chart into the parent.
 
+    With ``spec.storage`` the grid is shared with any other worker on the same storage
+    (``runs/grid.py``); without it this process runs the grid alone."""
+    if spec.storage or spec.workers > 1:
+        from flame_kd.runs.grid import run_worker
+
+        return run_worker(spec, tracking_uri)
     tracking.configure(tracking_uri)
     parent_id = find_or_create_parent(spec)
     done = finished_cells(parent_id)
@@ -140,15 +145,29 @@ def run_ablation(spec: AblationSpec, tracking_uri: str | None = None) -> str:
     log.info("ablation %s: %d cells finished, %d to run (parent run %s)", spec.name, len(done), len(todo),
              parent_id)
     for teacher, loss, seed in todo:
-        cfg = cell_config(spec, teacher if teacher != "none" else spec.teachers[0], loss, seed)
-        key = f"{teacher}|{loss}|{seed}"
-        prep = prepare(cfg, parent_run_id=parent_id)
-        run_distill(cfg, attach_env=False, parent_run_id=parent_id, prep=prep,
-                    extra_tags={"flame_kd.cell": key, "flame_kd.ablation": spec.name})
+        run_cell(spec, parent_id, teacher, loss, seed)
+    write_summary(parent_id)
+    return parent_id
+
+
+def run_cell(spec: AblationSpec, parent_id: str, teacher: str, loss: str, seed: int, resume: bool = False,
+             extra_tags: dict | None = None, callbacks=()) -> str:
+    """One cell's distill run under the parent (its teacher found, else trained there); its run id."""
+    from flame_kd.runs.distill import prepare, run_distill
+
+    cfg = cell_config(spec, teacher if teacher != "none" else spec.teachers[0], loss, seed)
+    cfg.resume = resume
+    prep = prepare(cfg, parent_run_id=parent_id)
+    tags = {"flame_kd.cell": f"{teacher}|{loss}|{seed}", "flame_kd.ablation": spec.name, **(extra_tags or {})}
+    return run_distill(cfg, attach_env=False, parent_run_id=parent_id, prep=prep, extra_tags=tags,
+                       callbacks=callbacks)
+
+
+def write_summary(parent_id: str) -> None:
+    """The summary tables and chart from the parent's finished runs; the parent then ends FINISHED."""
     runs = collect_runs(f"tags.`mlflow.parentRunId` = '{parent_id}'")
     log_summary(parent_id, summary_table(runs), control_comparisons(runs))
     tracking.client().set_terminated(parent_id, "FINISHED")
-    return parent_id
 
 
 def collect_runs(filter_string: str, experiment: str | None = None) -> pd.DataFrame:

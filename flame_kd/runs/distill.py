@@ -17,7 +17,7 @@ import torch
 
 from flame_kd import plots, tracking
 
-from flame_kd.runs import teacher_outputs
+from flame_kd.runs import champion, teacher_outputs
 from flame_kd.config import (DISTILL_OPTIONS, RUNTIME_FIELDS, TEACHER_OPTIONS, DistillRunConfig, TeacherRunConfig,
                              TrackingConfig, best_name, check_ranges, to_dict)
 from flame_kd.engine import resolve_device, seed_everything
@@ -298,7 +298,11 @@ def run_distill(cfg: DistillRunConfig, attach_env: bool = True, extra_tags: dict
             log_teacher_comparison(prep.teacher_run_id, rep, teacher, data, seed)
         if cfg.tracking.log_model:
             registered = cfg.tracking.register_as if cfg.tracking.register else None
-            log_student(trainer.model, ex["rgb"], registered, version_description(cfg, rep.metrics, prep.teacher_run_id))
+            version = log_student(trainer.model, ex["rgb"], registered,
+                                  version_description(cfg, rep.metrics, prep.teacher_run_id))
+            if version is not None:
+                champion.crown(registered, version, fitted.run_id, cfg.train.monitor,
+                               rep.metrics[best_name(cfg.train.monitor)], data.digest, data.split.digest)
         elif cfg.tracking.register:
             log.warning("--no-log-model: nothing to register")
     return fitted.run_id
@@ -331,9 +335,9 @@ def log_teacher_comparison(teacher_run_id: str, rep: TestReport, teacher, data: 
 
 
 def log_student(model: torch.nn.Module, example: torch.Tensor, registered_name: str | None,
-                description: str = "") -> None:
-    """The student through mlflow.pytorch (registered under ``registered_name`` with ``description``,
-    when given) and as ONNX checked with onnxruntime."""
+                description: str = "") -> str | None:
+    """The student as a served MLflow model (registered under ``registered_name`` with
+    ``description``, when given: returns the version) and as ONNX checked with onnxruntime."""
     model = model.cpu().eval()
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "student.onnx"
@@ -343,5 +347,5 @@ def log_student(model: torch.nn.Module, example: torch.Tensor, registered_name: 
         tracking.set_tags({"flame_kd.onnx_check": "passed" if check["ok"] else "FAILED"})
         tracking.log_file(path, "onnx")
     with stage("logging the student model (pt2)"):
-        tracking.log_model(Deployable(model), example.numpy(), registered_name=registered_name,
-                           description=description)
+        return tracking.log_model(Deployable(model), example.numpy(), registered_name=registered_name,
+                                  description=description)

@@ -72,9 +72,10 @@ def make_pruner(name: str) -> optuna.pruners.BasePruner:
     raise ConfigError(f"--pruner {name}: expected median, hyperband or none")
 
 
-def make_storage(url: str, cfg: SweepConfig, attempts: int = 4) -> optuna.storages.RDBStorage:
+def make_storage(url: str, cfg: SweepConfig, attempts: int = 4, on_stale=None) -> optuna.storages.RDBStorage:
     """The study's RDB storage. Workers started together on a fresh database race to create
-    Optuna's tables; the loser of that race tries again and finds them made."""
+    Optuna's tables; the loser of that race tries again and finds them made. ``on_stale`` replaces
+    the sweep's callback for a trial whose worker stopped beating (the ablation grid's own)."""
     lock = contextlib.nullcontext()
     if url.startswith("sqlite:///"):  # table creation on a new file is not safe for processes starting together
         from filelock import FileLock
@@ -88,7 +89,7 @@ def make_storage(url: str, cfg: SweepConfig, attempts: int = 4) -> optuna.storag
                     url,
                     heartbeat_interval=cfg.heartbeat_interval,
                     grace_period=2 * cfg.heartbeat_interval,
-                    heartbeat_stale_trial_callback=_StaleTrial(cfg.max_retry),
+                    heartbeat_stale_trial_callback=on_stale or _StaleTrial(cfg.max_retry),
                     engine_kwargs={"pool_pre_ping": True},
                 )
             except Exception as err:  # bad URL, unreachable server, missing driver, creation race

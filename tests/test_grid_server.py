@@ -1,0 +1,189 @@
+"""Three ablation workers share one grid against a real `mlflow server` (artifacts over HTTP), one of
+them SIGKILLed mid-cell: still exactly one finished teacher run per (teacher, seed), one finished run
+per cell, no run left RUNNING, and the summary written once. The Optuna storage is PostgreSQL where
+FLAME_KD_TEST_POSTGRES is set (CI), else SQLite."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from mlflow_server import POSTGRES, fresh_database, free_port
+from pipeline_helpers import SIZE, TINY_TEACHER
+
+pytestmark = pytest.mark.slow  # a real server and three worker processes
+
+TEACHERS = [TINY_TEACHER, "timm:test_efficientnet"]
+LOSSES = ["kl_bce", "kl_l2_bce"]
+SEEDS = [1, 2]
+FLAME_KD = str(Path(sys.executable).parent / "flame-kd")
+
+
+def write_spec(folder: Path, csv: Path) -> Path:
+    spec = {"name": "shared", "data": {"csv": str(csv), "image_size": SIZE, "batch_size": 16},
+            "teachers": TEACHERS, "losses": LOSSES, "seeds": SEEDS, "control": True,
+            "student": "timm:test_efficientnet", "pretrained": False, "teacher_epochs": 1, "student_epochs": 1,
+            "device": "cpu", "experiment": "shared-grid", "log_models": False}
+    path = folder / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def worker_env(folder: Path) -> dict:
+    bindir = Path(sys.executable).parent
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MPLBACKEND": "Agg", "FLAME_KD_CACHE": str(folder / "cache"),
+           "PATH": f"{bindir}{os.pathsep}{os.environ['PATH']}"}
+    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
+        env.pop(var, None)
+    return env
+
+
+@pytest.fixture(scope="module")
+def grid(mlflow_server, synth_csv, tmp_path_factory):
+    """`--workers 3` on the 2 x 2 x 2 grid with the control; the worker running the first cell seen
+    RUNNING on the server is SIGKILLed."""
+    tmp = tmp_path_factory.mktemp("grid")
+    storage = fresh_database("optuna") if POSTGRES else f"sqlite:///{tmp / 'optuna.db'}"
+    spec = write_spec(tmp, synth_csv)
+    log = open(tmp / "workers.log", "w")  # a file, not a pipe: three chatty workers would fill a pipe
+    launcher = subprocess.Popen([FLAME_KD, "ablation", "--spec", str(spec), "--storage", storage, "--heartbeat", "2",
+                                 "--workers", "3", "--tracking-uri", mlflow_server.url],
+                                cwd=tmp, env=worker_env(tmp), stdout=log, stderr=subprocess.STDOUT)
+    client = MlflowClient(mlflow_server.url)
+    killed = None
+    deadline = time.time() + 600
+    while killed is None and time.time() < deadline and launcher.poll() is None:
+        time.sleep(1)
+        exp = client.get_experiment_by_name("shared-grid")
+        running = exp and client.search_runs([exp.experiment_id], "attributes.status = 'RUNNING' and "
+                                             "tags.`flame_kd.stage` = 'distill'")
+        if not running:
+            continue
+        cell = running[0].data.tags["flame_kd.cell"]
+        study = optuna.load_study(study_name=optuna.get_all_study_names(storage)[0], storage=storage)
+        trial = next((t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING
+                      and t.user_attrs.get("task") == f"cell|{cell}"), None)
+        if trial is not None:
+            pid = int(trial.user_attrs["worker"].rsplit(":", 1)[1])
+            os.kill(pid, signal.SIGKILL)  # a worker process this test's launcher started
+            killed = {"cell": cell, "trial": trial.number, "run_id": running[0].info.run_id, "pid": pid}
+    launcher.wait(timeout=1500)
+    log.close()
+    err = out = (tmp / "workers.log").read_text()
+    study = optuna.load_study(study_name=optuna.get_all_study_names(storage)[0], storage=storage)
+    exp = client.get_experiment_by_name("shared-grid")
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    return {"code": launcher.returncode, "err": err, "out": out, "killed": killed, "study": study, "runs": runs,
+            "client": client, "url": mlflow_server.url}
+
+
+def test_a_killed_worker_changes_nothing_but_its_own_exit_status(grid):
+    assert grid["killed"] is not None, grid["err"][-3000:]
+    assert grid["code"] == 128 + signal.SIGKILL, grid["err"][-3000:]  # the launcher reports the killed worker
+    assert len(re.findall(r"worker \d: pid \d+ on CPU", grid["err"])) == 3
+    assert "Traceback" not in grid["err"]
+
+
+def test_one_finished_teacher_per_teacher_and_seed_and_one_finished_run_per_cell(grid):
+    finished = [r for r in grid["runs"] if r.info.status == "FINISHED"]
+    teachers = Counter((r.data.tags["flame_kd.teacher"], int(r.data.tags["flame_kd.seed"]))
+                       for r in finished if r.data.tags.get("flame_kd.stage") == "teacher")
+    assert teachers == Counter({(t, s): 1 for t in TEACHERS for s in SEEDS})
+    cells = Counter(r.data.tags["flame_kd.cell"] for r in finished if r.data.tags.get("flame_kd.stage") == "distill")
+    want = [f"{t}|{loss}|{s}" for t in TEACHERS for loss in LOSSES for s in SEEDS] + [f"none|bce|{s}" for s in SEEDS]
+    assert cells == Counter({c: 1 for c in want})
+
+
+def test_no_run_is_left_running_and_the_dead_attempt_is_failed_or_resumed(grid):
+    assert [r.info.run_name for r in grid["runs"] if r.info.status == "RUNNING"] == []
+    dead = grid["client"].get_run(grid["killed"]["run_id"])
+    if dead.info.status == "FINISHED":  # a retry on this machine continued it from its last epoch
+        steps = [m.step for m in grid["client"].get_metric_history(dead.info.run_id, "val/f1_macro")]
+        assert steps == [1]
+    else:
+        assert dead.info.status == "FAILED"  # by the grid's heartbeat, or by the store's lost-run check
+        assert re.search(r"no heartbeat|is gone", dead.data.tags["flame_kd.error"])
+        assert dead.data.tags["flame_kd.end_reason"] in ("heartbeat lost", "process gone")
+    trials = grid["study"].trials
+    assert trials[grid["killed"]["trial"]].state == optuna.trial.TrialState.FAIL
+    retried = [t for t in trials if t.system_attrs.get("failed_trial") == grid["killed"]["trial"]]
+    assert [t.state for t in retried] == [optuna.trial.TrialState.COMPLETE]
+
+
+def test_the_summary_is_written_once_over_http(grid):
+    summary = [t for t in grid["study"].trials if t.user_attrs["task"] == "summary"]
+    assert [t.state for t in summary] == [optuna.trial.TrialState.COMPLETE]
+    parents = [r for r in grid["runs"] if r.data.tags.get("flame_kd.stage") == "ablation"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert parents[0].info.artifact_uri.startswith("mlflow-artifacts:")  # served by the server, over HTTP
+    table = grid["client"].download_artifacts(parents[0].info.run_id, "tables/ablation.md")
+    body = Path(table).read_text()
+    assert all(f"| {t} | {loss} | 2 |" in body for t in TEACHERS for loss in LOSSES)
+    assert "| none | bce | 2 |" in body
+
+
+def test_a_server_down_at_start_is_one_line(synth_csv, tmp_path):
+    spec = write_spec(tmp_path, synth_csv)
+    for workers in ("1", "3"):
+        done = subprocess.run([FLAME_KD, "ablation", "--spec", str(spec), "--storage", f"sqlite:///{tmp_path}/o.db",
+                               "--workers", workers, "--tracking-uri", f"http://127.0.0.1:{free_port()}"],
+                              cwd=tmp_path, env=worker_env(tmp_path), capture_output=True, text=True, timeout=300)
+        assert done.returncode == 2
+        errors = [line for line in done.stderr.splitlines() if line.startswith("Error:")]
+        assert len(errors) == 1 and "unreachable" in errors[0], done.stderr
+        assert "Traceback" not in done.stderr and "worker 1" not in done.stderr
+
+
+def test_a_server_going_away_mid_cell_is_one_line_and_the_same_command_resumes_it(synth_csv, tmp_path):
+    """A server of its own (the session's is shared): stopped while a cell trains, started again."""
+    from mlflow_server import MlflowServer
+
+    (tmp_path / "server").mkdir()
+    server = MlflowServer(tmp_path / "server")
+    try:
+        spec = {"name": "lost", "data": {"csv": str(synth_csv), "image_size": SIZE, "batch_size": 16},
+                "teachers": [TINY_TEACHER], "losses": ["bce"], "seeds": [1], "control": False,
+                "student": "timm:test_efficientnet", "pretrained": False, "student_epochs": 30, "device": "cpu",
+                "experiment": "lost-server", "log_models": False}
+        (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+        command = [FLAME_KD, "ablation", "--spec", str(tmp_path / "spec.yaml"), "--storage",
+                   f"sqlite:///{tmp_path / 'optuna.db'}", "--heartbeat", "2", "--tracking-uri", server.url]
+        env = worker_env(tmp_path) | {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+        log = open(tmp_path / "worker.log", "w")
+        worker = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
+        client, run_id = MlflowClient(server.url), None
+        deadline = time.time() + 600
+        while run_id is None and time.time() < deadline and worker.poll() is None:
+            time.sleep(0.5)
+            exp = client.get_experiment_by_name("lost-server")
+            runs = exp and client.search_runs([exp.experiment_id], "tags.`flame_kd.stage` = 'distill'")
+            if runs and client.get_metric_history(runs[0].info.run_id, "val/f1_macro"):
+                run_id = runs[0].info.run_id
+                server.stop()  # gone after the cell's first epoch
+        assert run_id is not None, (tmp_path / "worker.log").read_text()[-3000:]
+        assert worker.wait(timeout=600) == 1
+        log.close()
+        text = (tmp_path / "worker.log").read_text()
+        errors = [line for line in text.splitlines() if line.startswith("Error:")]
+        assert len(errors) == 1 and "queued again" in errors[0] and "Traceback" not in text, text[-3000:]
+        assert (tmp_path / "cache" / "checkpoints" / run_id / "last.pt").exists()  # the resumable checkpoint
+
+        server.start()
+        again = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+        assert again.returncode == 0, again.stderr[-3000:]
+        exp = client.get_experiment_by_name("lost-server")
+        cells = client.search_runs([exp.experiment_id], "tags.`flame_kd.stage` = 'distill'")
+        assert [(r.info.run_id, r.info.status) for r in cells] == [(run_id, "FINISHED")]  # the same run, continued
+    finally:
+        server.close()
