@@ -27,9 +27,9 @@ def _redact_word(word: str) -> str:
     slashes = head.find("//")
     if slashes >= 0:  # scheme://userinfo@host: any userinfo goes, a bare user name too
         start = slashes + 2
-    else:  # user:password@host with no "//": the userinfo holds a colon
+    else:  # user:password@host with no "//": the userinfo holds a colon (not ":/", as models:/name@alias)
         start = _SEGMENT.search(head).start()
-        if ":" not in head[start:] or _MLFLOW_URI.match(head, start):
+        if not re.search(r":(?!/)", head[start:]) or _MLFLOW_URI.match(head, start):
             return word
     return word if start >= at else word[:start] + "***" + word[at:]
 

@@ -22,6 +22,9 @@ from flame_kd.errors import FlameKDError
     ("https://host/api?token=abc123", "abc123", "token=***"),
     ("s3://bucket/x?AWS_SECRET=zzz&api_key=kkk", "zzz", "api_key=***"),
     ("cannot reach http://u:pw@host:5000 (timeout)", "u:pw", "http://***@host:5000 (timeout)"),
+    ("string 'postgresql+psycopg2//user:PW@db/x'", "PW", "postgresql+psycopg2//***@db/x'"),  # no ':' before //
+    ("server admin:s3cret@host:5000 refused", "s3cret", "server ***@host:5000 refused"),  # no scheme at all
+    ("serve -m models:/flame-kd-student@champion", "\x00", "models:/flame-kd-student@champion"),  # no secret
 ])
 def test_redact_hides_every_credential(url, secret, kept):
     out = tracking.redact(url)
