@@ -695,6 +695,8 @@ def set_grad_checkpointing(model: nn.Module, enable: bool) -> None:
         raise ConfigError(f"--grad-checkpointing: {type(model).__name__} cannot checkpoint its activations")
     try:
         setter(enable)
+    # timm's models without checkpointing say so with `assert not enable, "gradient checkpointing not
+    # supported"` (an AssertionError), others raise NotImplementedError: both are the user's option here
     except (AssertionError, NotImplementedError, AttributeError) as err:
         raise ConfigError(f"--grad-checkpointing: {type(model).__name__} does not support it ({err})") from None
 

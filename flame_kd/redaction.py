@@ -16,6 +16,7 @@ _SECRET_QUERY = re.compile(r"(?i)([?&;](?:[a-z_]*password|passwd|pwd|[a-z_]*toke
 _TOKEN = re.compile(r"\S+")
 _SEGMENT = re.compile(r"[^'\"=(<\[{,;`]*$")  # a token's last part after an opening quote, bracket or =
 _SECRETS: set[str] = set()  # passwords and tokens configure() saw: never printed, wherever they appear
+_MLFLOW_URI = re.compile(r"(?:models|runs):/(?!/)")  # models:/name@alias is MLflow's alias, not userinfo
 
 
 def _redact_word(word: str) -> str:
@@ -26,9 +27,9 @@ def _redact_word(word: str) -> str:
     slashes = head.find("//")
     if slashes >= 0:  # scheme://userinfo@host: any userinfo goes, a bare user name too
         start = slashes + 2
-    else:  # user:password@host with no "//": the userinfo holds a colon
+    else:  # user:password@host with no "//": the userinfo holds a colon (not ":/", as models:/name@alias)
         start = _SEGMENT.search(head).start()
-        if ":" not in head[start:]:
+        if not re.search(r":(?!/)", head[start:]) or _MLFLOW_URI.match(head, start):
             return word
     return word if start >= at else word[:start] + "***" + word[at:]
 

@@ -464,7 +464,28 @@ def log_dataset(frames, csv_path: str, digest: str, context: str = "training") -
     with warnings.catch_warnings():  # MLflow's hints on source kinds and integer schemas: not actionable here
         warnings.simplefilter("ignore", UserWarning)
         ds = mlflow.data.from_pandas(table, source=str(csv_path), name=Path(csv_path).name, digest=digest)
-        mlflow.log_input(ds, context=context)
+        for attempt in range(_DATASET_ATTEMPTS):
+            try:
+                mlflow.log_input(ds, context=context)
+                return
+            except mlflow.exceptions.MlflowException as e:
+                if attempt == _DATASET_ATTEMPTS - 1 or not _lost_insert_race(e):
+                    raise
+                time.sleep(0.2 * (attempt + 1))
+
+
+# MLflow's SQL store looks a data set up by (experiment, name, digest) and inserts it when absent, in
+# one transaction without a lock: two runs that log the same data at once (ablation workers against
+# one server) both miss it, and the second insert fails with the primary key's unique violation
+# (PostgreSQL `dataset_pk`, SQLite "UNIQUE constraint failed", MySQL "Duplicate entry"). The
+# transaction is rolled back whole, so a retry finds the winner's row and links it.
+_DATASET_ATTEMPTS = 4
+_UNIQUE_VIOLATION = ("UniqueViolation", "duplicate key", "UNIQUE constraint failed", "Duplicate entry",
+                     "IntegrityError")
+
+
+def _lost_insert_race(error: Exception) -> bool:
+    return any(s in str(error) for s in _UNIQUE_VIOLATION)
 
 
 @_artifact_write

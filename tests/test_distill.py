@@ -421,6 +421,10 @@ def test_the_registered_student_is_the_champion_and_serves_its_test_predictions(
     from flame_kd.data.dataset import decode_image
     from flame_kd.data.schema import load_frames
 
+    import mlflow
+
+    # the module's store: an earlier test's own store (function-scoped) leaves mlflow's global URI behind
+    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
     run_id = first_distill.info.run_id
     champion = MlflowClient().get_model_version_by_alias("flame-kd-student", "champion")
     assert champion.run_id == run_id  # the one distill run registered on request

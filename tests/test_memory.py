@@ -272,3 +272,22 @@ def test_a_step_that_ran_out_of_memory_still_gets_the_smaller_batches_that_fit()
     assert probe.predict(32) == float("inf") and probe.predict(8) == 5.5 * memory.GiB
     text = memory.too_big(probe, 32, 1, 10 * memory.GiB, torch.device("cpu"), "the model", 224, None)
     assert "needs more than is there" in text and "--batch-size 8 --accumulate 4 (~5.5 GiB)" in text
+
+
+def test_grad_checkpointing_refused_in_one_line_where_a_model_lacks_it():
+    """timm's models without checkpointing assert it away; flame-kd names the option instead."""
+    import pytest
+    from torch import nn
+
+    from flame_kd.engine import set_grad_checkpointing
+    from flame_kd.errors import ConfigError
+
+    class Asserts(nn.Module):
+        def set_grad_checkpointing(self, enable=True):
+            assert not enable, "gradient checkpointing not supported"
+
+    with pytest.raises(ConfigError, match="--grad-checkpointing: Asserts does not support it"):
+        set_grad_checkpointing(Asserts(), True)
+    with pytest.raises(ConfigError, match="cannot checkpoint"):
+        set_grad_checkpointing(nn.Linear(2, 2), True)
+    set_grad_checkpointing(Asserts(), False)  # turning it off is always fine

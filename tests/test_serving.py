@@ -158,6 +158,15 @@ def test_serve_picks_the_newest_of_champion_and_pareto_best_on_loopback(tmp_path
         assert "Traceback" not in said and "models serve" not in said
 
 
+def test_model_uris_with_an_alias_are_not_taken_for_credentials():
+    from flame_kd.redaction import redact
+
+    for uri in ("models:/flame-kd-student@champion", "-m models:/flame-kd-student@pareto-best now"):
+        assert redact(uri) == uri  # an alias, shown as it is (serve's log line says which model)
+    assert redact("postgresql+psycopg2://user:pw@db/optuna") == "postgresql+psycopg2://***@db/optuna"
+    assert redact("user:pw@host") == "***@host"
+
+
 def test_serve_command_puts_the_venv_bin_first_on_path(monkeypatch):
     import sys
     from pathlib import Path

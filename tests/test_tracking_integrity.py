@@ -22,6 +22,9 @@ from flame_kd.errors import FlameKDError
     ("https://host/api?token=abc123", "abc123", "token=***"),
     ("s3://bucket/x?AWS_SECRET=zzz&api_key=kkk", "zzz", "api_key=***"),
     ("cannot reach http://u:pw@host:5000 (timeout)", "u:pw", "http://***@host:5000 (timeout)"),
+    ("string 'postgresql+psycopg2//user:PW@db/x'", "PW", "postgresql+psycopg2//***@db/x'"),  # no ':' before //
+    ("server admin:s3cret@host:5000 refused", "s3cret", "server ***@host:5000 refused"),  # no scheme at all
+    ("serve -m models:/flame-kd-student@champion", "\x00", "models:/flame-kd-student@champion"),  # no secret
 ])
 def test_redact_hides_every_credential(url, secret, kept):
     out = tracking.redact(url)
@@ -156,3 +159,49 @@ def test_log_lines_of_mlflow_and_others_are_redacted(tmp_path, capsys):
         logging.getLogger("mlflow").removeHandler(handler)
     err = capsys.readouterr().err
     assert "Hunter2pw" not in err and "retrying http://***@host:5000/api" in err
+
+
+def _two_runs_one_dataset(tmp_path, monkeypatch, error: str):
+    """log_dataset in a run whose first insert loses the race to another run logging the same data."""
+    import mlflow
+    import pandas as pd
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    tracking.configure()
+    frames = pd.DataFrame({"frame_id": [1, 2], "fire": [0, 1], "rgb_path": ["a", "b"]})
+    real, calls = mlflow.log_input, []
+
+    def racing(ds, context=None):
+        calls.append(context)
+        if len(calls) == 1:  # the winner commits the row; this insert then fails as the server's did
+            active = mlflow.active_run().info.run_id
+            winner = mlflow.MlflowClient().create_run(mlflow.active_run().info.experiment_id).info.run_id
+            mlflow.MlflowClient().log_inputs(winner, [mlflow.entities.DatasetInput(ds._to_mlflow_entity())])
+            assert mlflow.active_run().info.run_id == active
+            raise mlflow.exceptions.MlflowException(error)
+        return real(ds, context=context)
+
+    monkeypatch.setattr(mlflow, "log_input", racing)
+    with mlflow.start_run() as run:
+        try:
+            tracking.log_dataset(frames, str(tmp_path / "flame2.csv"), "d" * 16)
+        finally:
+            monkeypatch.setattr(mlflow, "log_input", real)
+    return calls, mlflow.get_run(run.info.run_id)
+
+
+def test_two_runs_logging_one_dataset_at_once_both_record_it(tmp_path, monkeypatch):
+    # the CI failure of three ablation workers on one PostgreSQL-backed server, replayed
+    race = ('BAD_REQUEST: (psycopg2.errors.UniqueViolation) duplicate key value violates unique '
+            'constraint "dataset_pk"')
+    calls, run = _two_runs_one_dataset(tmp_path, monkeypatch, race)
+    assert len(calls) == 2
+    assert [d.dataset.digest for d in run.inputs.dataset_inputs] == ["d" * 16]
+    assert [d.dataset.name for d in run.inputs.dataset_inputs] == ["flame2.csv"]
+
+
+def test_other_dataset_errors_are_not_retried(tmp_path, monkeypatch):
+    import mlflow
+
+    with pytest.raises(mlflow.exceptions.MlflowException, match="schema too large"):
+        _two_runs_one_dataset(tmp_path, monkeypatch, "schema too large")
