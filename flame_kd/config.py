@@ -157,6 +157,38 @@ def _variants_help() -> str:
     return variant_help() + "."
 
 
+def _term_weights_help() -> str:
+    from flame_kd.losses import REGISTRY
+
+    own = {f.name for f in dataclasses.fields(LossConfig) if f.metadata.get("weight")}
+    more = [f"{k} ({t.summary})" for k, t in REGISTRY.items() if k not in own]
+    return ("Weights of registered loss terms that have no option of their own, as name=value[,name=value]: "
+            + ("; ".join(more) if more else "none registered") + ".")
+
+
+def parse_term_weights(text: str | None, own: set[str] | tuple[str, ...] = ()) -> dict[str, float]:
+    """``--term-weights`` (``name=value[,name=value]``) as a dict; a ``ConfigError`` names a malformed
+    pair, a name that has its own option (``own``), or a value that is not a finite number >= 0. Names
+    are checked against the registry where the weights are resolved (``losses.resolve_weights``)."""
+    from flame_kd.errors import ConfigError
+
+    out: dict[str, float] = {}
+    for pair in filter(None, (p.strip() for p in (text or "").split(","))):
+        name, eq, value = (s.strip() for s in pair.partition("="))
+        if not eq or not name:
+            raise ConfigError(f"--term-weights {text}: expected name=value[,name=value], got {pair!r}")
+        if name in own:
+            raise ConfigError(f"--term-weights {text}: {name} has its own option, --{name.replace('_', '-')}")
+        try:
+            w = float(value)
+        except ValueError:
+            raise ConfigError(f"--term-weights {text}: {name}'s weight {value!r} is not a number") from None
+        if not (w >= 0 and w != float("inf")):
+            raise ConfigError(f"--term-weights {text}: {name}'s weight must be a finite number >= 0, got {value}")
+        out[name] = w
+    return out
+
+
 @dataclass
 class TeacherConfig:
     name: str = opt("resnet-152", _teachers_help, cli="teacher")
@@ -170,8 +202,8 @@ class TeacherConfig:
 @dataclass
 class LossConfig:
     """loss = alpha*KL + beta*relational + gamma*L2 + delta*BCE + at_weight*AT + hint_weight*hint; None
-    takes the variant's weight. Each weight here is a registered term's (losses.REGISTRY; the drift test
-    fails on a term without its field)."""
+    takes the variant's weight. Each weight here is a registered term's (losses.REGISTRY); a term registered
+    without a field here is weighed through ``--term-weights name=value``, so a new term is one file."""
 
     variant: str = opt("kl_bce", _variants_help, cli="loss")
     alpha: float | None = opt(None, "Weight of the KL term; default: the variant's.", weight=True, ge=0)
@@ -191,9 +223,25 @@ class LossConfig:
     pos_weight: str = opt("none", "BCE positive-class weight: none, or auto (negatives/positives per label in the "
                           "training split).", choices=("none", "auto"))
 
+    term_weights: str | None = opt(None, _term_weights_help)
+
+    def _own_weights(self) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(self) if f.metadata.get("weight"))
+
     def weight_overrides(self) -> dict[str, float | None]:
-        """The weight letters this config declares (see losses.REGISTRY) and their values."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata.get("weight")}
+        """The weights this config sets, by weight name (losses.REGISTRY): its weight fields, and
+        ``--term-weights`` for a registered term with no field here. None takes the variant's."""
+        own = self._own_weights()
+        return {k: getattr(self, k) for k in own} | parse_term_weights(self.term_weights, own)
+
+    def with_weights(self, values: dict[str, float]) -> LossConfig:
+        """This config with ``values`` set (a sweep's trial, a run's resolved weights): a field each where
+        there is one (a weight, the temperature), the other weights in ``term_weights``."""
+        fields = {f.name for f in dataclasses.fields(self)}
+        more = parse_term_weights(self.term_weights, self._own_weights())
+        more |= {k: v for k, v in values.items() if k not in fields}
+        text = ",".join(f"{k}={v:g}" for k, v in more.items()) or None
+        return dataclasses.replace(self, term_weights=text, **{k: v for k, v in values.items() if k in fields})
 
 
 @dataclass

@@ -18,6 +18,8 @@ import yaml
 from flame_kd import cli
 from flame_kd.config import (AblationSpec, DistillRunConfig, EmbedConfig, ParetoConfig, SweepConfig, TeacherRunConfig,
                              to_dict)
+from flame_kd import losses
+from flame_kd.errors import ConfigError
 from flame_kd.losses import REGISTRY
 from flame_kd.mlproject import CLI_ONLY, ENTRY_POINTS, command, extra_parameters, mlproject_default, parameters, render
 from flame_kd.options import build_config
@@ -140,8 +142,45 @@ def test_an_extra_parameter_reaches_the_config_through_mlflow():
     assert (cfg.teacher_run_id, cfg.checkpoint_dir, cfg.loss.alpha) == ("abc123", "/tmp/my ckpts", 0.7)
 
 
-@pytest.mark.parametrize("name", ["distill", "sweep", "pareto"])
-def test_every_registered_loss_weight_has_an_option(name):
+LOSS_COMMANDS = [(n, c, s) for n, c, s in RUN_COMMANDS if n in ("distill", "sweep", "pareto")]
+
+
+def _loss_config(cfg):
+    return cfg.loss if hasattr(cfg, "loss") else cfg.distill.loss
+
+
+@pytest.fixture
+def logit_mse():
+    """One more term on logits, registered as a contributor would: one function, no config field."""
+    letter = "x" * (max(map(len, REGISTRY)) + 1)
+    losses.register_term("logit_mse", letter, ("student_logits", "teacher_logits"))(
+        lambda student_logits, teacher_logits: ((student_logits - teacher_logits) ** 2).mean())
+    yield letter
+    losses.unregister_term(letter)
+
+
+@pytest.mark.parametrize("name,config_cls,sections", LOSS_COMMANDS)
+def test_every_registered_loss_weight_can_be_set_on_the_command_line(name, config_cls, sections, logit_mse):
     options = {p.name for p in command((name,)).params}
-    missing = [letter for letter in REGISTRY if letter not in options]
-    assert not missing, f"{name}: loss weights with no option: {missing} (add them to config.LossConfig)"
+    for letter in REGISTRY:  # its own option (a LossConfig field), else --term-weights
+        args = [f"--{letter.replace('_', '-')}", "0.25"] if letter in options else ["--term-weights", f"{letter}=0.25"]
+        cfg = build_config(config_cls, sections, command((name,)).make_context(name, args).params)
+        assert _loss_config(cfg).weight_overrides()[letter] == 0.25, (name, letter)
+    assert logit_mse not in options and "term_weights" in options
+
+
+def test_term_weights_name_a_bad_pair_a_weight_with_its_own_option_and_an_unknown_term(logit_mse):
+    cmd = command(("distill",))
+
+    def loss(text):
+        return build_config(DistillRunConfig, cli.DISTILL, cmd.make_context("distill", ["--term-weights", text]).params).loss
+
+    assert losses.resolve_weights("kl_bce", **loss(f"{logit_mse}=0.5").weight_overrides())[logit_mse] == 0.5
+    for text, said in [(f"{logit_mse}:0.5", "expected name=value"), ("alpha=0.5", "its own option, --alpha"),
+                       (f"{logit_mse}=-1", "finite number >= 0"), (f"{logit_mse}=much", "is not a number")]:
+        with pytest.raises(ConfigError, match=said):
+            loss(text).weight_overrides()
+    with pytest.raises(ConfigError, match="unknown loss weight"):
+        losses.resolve_weights("kl_bce", **loss("nosuchterm=1").weight_overrides())
+    resolved = loss("").with_weights({"alpha": 0.1, logit_mse: 0.3, "temperature": 4.0})
+    assert (resolved.alpha, resolved.temperature, resolved.term_weights) == (0.1, 4.0, f"{logit_mse}=0.3")

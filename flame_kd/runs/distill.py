@@ -258,7 +258,7 @@ def run_distill(cfg: DistillRunConfig, attach_env: bool = True, extra_tags: dict
         prep = prepare(cfg, env_name=named)
     lc = cfg.loss  # every weight resolved, so runs compare on loss.alpha..delta in the MLflow UI
     weights = resolve_weights(lc.variant, **lc.weight_overrides())
-    cfg = dataclasses.replace(cfg, loss=dataclasses.replace(lc, **{k: weights[k] for k in lc.weight_overrides()}))
+    cfg = dataclasses.replace(cfg, loss=lc.with_weights(weights))
     data, device = prep.data, prep.device
     seed = cfg.train.seed
     seed_everything(seed)

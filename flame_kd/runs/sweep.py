@@ -177,7 +177,7 @@ def objective_for(cfg: SweepConfig, prep: Prepared, parent_id: str):
     def objective(trial: optuna.Trial) -> float:
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         params = suggest(trial, base.loss.variant)
-        loss = dataclasses.replace(base.loss, **params)
+        loss = base.loss.with_weights(params)
         dcfg = dataclasses.replace(base, loss=loss, tracking=dataclasses.replace(
             base.tracking, run_name=f"trial {trial.number}", log_model=False, register=False))
         best = {"score": float("-inf")}
