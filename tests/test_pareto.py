@@ -248,7 +248,8 @@ def test_mlflow_run_pareto_end_to_end(tmp_path, synth_csv):
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "FLAME_KD_CACHE": str(tmp_path / "cache")}
     params = [f"data={synth_csv}", f"image_size={SIZE}", "batch_size=16", f"teacher={TINY_TEACHER}",
               "pretrained=false", "teacher_epochs=1", "student_epochs=1", "device=cpu", "progress=false",
-              f"students={','.join(STUDENTS)}", "calibration_frames=16", "latency_runs=3", "latency_budget_ms=1000"]
+              f"students={','.join(STUDENTS)}", "calibration_frames=16", "latency_runs=3", "latency_budget_ms=1000",
+              "loss=kl_at_bce"]  # a term on intermediate maps, from the cached teacher, for every student
     args = ["mlflow", "run", str(REPO), "-e", "pareto", "--env-manager", "local", "--experiment-name", "e2e"]
     done = cli(*args, *[x for p in params for x in ("-P", p)], env=env, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -262,5 +263,6 @@ def test_mlflow_run_pareto_end_to_end(tmp_path, synth_csv):
                                                    "tags.`flame_kd.stage` = 'distill'")
     assert sorted(r.data.tags["flame_kd.pareto_student"] for r in kids) == sorted(STUDENTS)
     assert {r.data.tags["flame_kd.int8"] for r in kids} == {"passed"}
+    assert all("train/at" in r.data.metrics and r.data.tags["flame_kd.teacher_mode"] == "cached" for r in kids)
     table = pd.read_csv(client.download_artifacts(parent.info.run_id, "pareto.csv", str(tmp_path)))
     assert len(table) == 6 and table["best"].sum() == 1

@@ -81,6 +81,16 @@ def test_same_name_and_storage_continue_the_study(study, data_csv):
     assert len(sweeps) == 1
 
 
+def test_a_map_term_sweeps_with_the_cached_teacher(study, data_csv):
+    """kl_hint_bce (a FitNets hint on a cached intermediate map): its weight is searched and its curve logged."""
+    hint = run_sweep(sweep_cfg(data_csv, n_trials=1, study="hint", loss="kl_hint_bce"))
+    (trial,) = trial_runs(hint.user_attrs[PARENT_ATTR])
+    assert trial.data.tags["flame_kd.trial_state"] == "COMPLETE" and trial.data.tags["flame_kd.teacher_mode"] == "cached"
+    assert 0 <= float(trial.data.params["hint_weight"]) <= 1 and {"alpha", "delta"} <= set(trial.data.params)
+    assert [m.step for m in MlflowClient().get_metric_history(trial.info.run_id, "train/hint")] == [1, 2]
+    assert hint.best_params.keys() == {"alpha", "hint_weight", "delta", "temperature"}
+
+
 def test_pruned_trials_are_marked(store, data_csv, monkeypatch):
     class AlwaysPrune(optuna.pruners.BasePruner):
         def prune(self, study, trial):
