@@ -20,12 +20,15 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q -e '.[test]'
 	touch $@
 
-test: install
-	HF_HUB_OFFLINE=1 MPLBACKEND=Agg $(PY) -m pytest -q
+# One pytest-xdist worker per core, a test file per worker at a time (a file's module fixtures are built once).
+PYTEST := HF_HUB_OFFLINE=1 MPLBACKEND=Agg $(PY) -m pytest -q -n auto --dist loadfile
 
-# Everything but the pipeline tests (marked slow): about 2 minutes on 2 cores.
+test: install
+	$(PYTEST)
+
+# Everything but the pipeline tests (marked slow).
 test-fast: install
-	HF_HUB_OFFLINE=1 MPLBACKEND=Agg $(PY) -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 demo: install
 	HF_HUB_OFFLINE=1 MPLBACKEND=Agg PATH="$(abspath $(BIN)):$$PATH" bash experiments/demo.sh "$(DEMO_DIR)" "$(DEMO_FRAMES)" "$(DEMO_SIZE)"

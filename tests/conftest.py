@@ -24,8 +24,25 @@ def checkout_files() -> set[str] | None:
     return {p for p in paths if not any(t in p or p.endswith(t.rstrip("/")) for t in TOOL_LITTER)}
 
 
+def _controller(config) -> bool:
+    """The process that runs the session (not a pytest-xdist worker)."""
+    return not hasattr(config, "workerinput")
+
+
 def pytest_sessionstart(session) -> None:
-    session.config.stash[CHECKOUT_BEFORE] = checkout_files()
+    if _controller(session.config):
+        session.config.stash[CHECKOUT_BEFORE] = checkout_files()
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    """After every test (on every worker): the suite left no file in the checkout, else the run fails."""
+    before = session.config.stash.get(CHECKOUT_BEFORE, None) if _controller(session.config) else None
+    after = checkout_files() if before is not None else None
+    left = sorted(after - before) if after is not None else []
+    if left:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        reporter.write_line(f"FAILED: the tests wrote into the checkout: {left[:20]}", red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 CHECKOUT_BEFORE = pytest.StashKey[set]()
@@ -37,10 +54,24 @@ def _outside_the_checkout(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
 
 
-@pytest.fixture
-def checkout_before(request) -> set[str] | None:
-    """The checkout's untracked and ignored paths when the test session started."""
-    return request.config.stash.get(CHECKOUT_BEFORE, None)
+@pytest.fixture(autouse=True)
+def _tracking_uri_restored():
+    """MLflow's global tracking URI (and the MLFLOW_TRACKING_URI it exports) as before the test: a test
+    that configures a store (``flame_kd.tracking.configure``) leaves it behind, and a later test's
+    ``MlflowClient()`` went there (an unreachable test server: four minutes of MLflow's retries)."""
+    import os
+
+    from mlflow.tracking._tracking_service import utils
+
+    uri, env = utils._tracking_uri, os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    utils._tracking_uri = uri
+    if env is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = env
+
+
 
 SYNTH_FRAMES, SYNTH_SIZE, SYNTH_SEED = 120, 32, 7
 
