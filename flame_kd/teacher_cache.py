@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -225,7 +226,10 @@ def compute(teacher: nn.Module, data, device: torch.device, teacher_run_id: str 
     what = f"teacher outputs ({len(rows)} frames" + (f", {views} views of each train frame)" if views else ")")
     for batch in track(device_batches(loader, device, False), what, total=len(loader), unit="batches"):
         idx = batch["index"]
-        store(forward(batch["rgb"], batch["ir"]), idx)
+        got = forward(batch["rgb"], batch["ir"])
+        if not out["outputs"]:  # the first batch says what a frame costs: refuse before filling memory
+            check_room(got, len(idx), len(rows) + views * int(is_train.sum()), names)
+        store(got, idx)
         train = torch.from_numpy(is_train[idx.numpy()])
         if views and train.any():
             sel = train.nonzero().view(-1)
@@ -239,6 +243,26 @@ def compute(teacher: nn.Module, data, device: torch.device, teacher_run_id: str 
     log.info("teacher outputs (%s): %.1f MB, %.1f KB per frame and view", ", ".join(names), size / 2**20,
              size / 2**10 / max(1, len(rows) + views * int(out["view_known"].sum())))
     return out
+
+
+def check_room(got: dict[str, torch.Tensor], batch: int, stored_rows: int, names, room: int | None = None,
+               disk: int | None = None) -> None:
+    """Refuse, in one line, a cache that would not fit: it is built in host memory (then written to a
+    temporary file and logged), ``stored_rows`` rows (frames and views) at the first batch's bytes per
+    row. A hint map of a deep teacher is ~0.8 MB per row: 265 GiB on FLAME2 with 8 views."""
+    from flame_kd.data.dataset import host_available_bytes
+    from flame_kd.memory import gib
+
+    need = sum(t.numel() * t.element_size() for t in got.values()) * stored_rows // max(1, batch)
+    room = host_available_bytes() if room is None else room
+    disk = shutil.disk_usage(tempfile.gettempdir()).free if disk is None else disk
+    short = [f"{gib(have)} {where} available" for have, where in ((room, "memory"), (disk, "temporary disk"))
+             if have is not None and need > 0.8 * have]
+    if short:
+        raise ConfigError(
+            f"the cached teacher outputs ({', '.join(names)}) of {stored_rows:,} frames and views need ~{gib(need)}, "
+            f"and this machine has {' and '.join(short)}; use --teacher-mode live (no cache), fewer views "
+            "(--teacher-views 1), or a smaller --image-size")
 
 
 KEYS = ("format", "known", "ids", "outputs", "teacher_run_id", "data_digest", "split_digest")

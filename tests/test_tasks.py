@@ -39,3 +39,18 @@ def test_attach_shows_the_cached_views():
     ds = _Dataset("full")
     TeacherOutputs(cache=_cache("full", 3), frame_ids=list(range(4))).attach(ds)
     assert (ds.views, ds.view_seed) == (3, 7)
+
+
+def test_a_teacher_cache_that_would_not_fit_is_refused_in_one_line():
+    from flame_kd.teacher_cache import check_room
+
+    hint = {"logits": torch.zeros(4, 2, dtype=torch.float16), "hint": torch.zeros(4, 1024, 14, 14, dtype=torch.float16)}
+    per_row = (2 + 1024 * 14 * 14) * 2  # bytes of one frame's float16 outputs
+    rows = 53_000 * 9  # FLAME2-sized: every frame, and 8 views of the training frames
+    with pytest.raises(ConfigError, match=r"need ~178.3 GiB, and this machine has 21.0 GiB memory available; "
+                                          r"use --teacher-mode live") as err:
+        check_room(hint, 4, rows, ("logits", "hint"), room=21 * 2**30, disk=10**15)
+    assert "\n" not in err.value.message
+    with pytest.raises(ConfigError, match="1.0 GiB temporary disk available"):
+        check_room(hint, 4, rows, ("logits", "hint"), room=10**15, disk=2**30)
+    check_room(hint, 4, int(0.8 * 2**30 // per_row) - 1, ("logits", "hint"), room=2**30, disk=2**30)  # fits: silent
