@@ -20,8 +20,11 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q -e '.[test]'
 	touch $@
 
-# One pytest-xdist worker per core, a test file per worker at a time (a file's module fixtures are built once).
-PYTEST := HF_HUB_OFFLINE=1 MPLBACKEND=Agg $(PY) -m pytest -q -n auto --dist loadfile
+# One pytest-xdist worker per core and one thread each (tiny models: two threads per worker on two cores
+# only spin), a test file per worker at a time (its module fixtures are built once), the longest files
+# first (tests/conftest.py's HEAVY_FIRST), and the slowest tests listed at the end.
+PYTEST := HF_HUB_OFFLINE=1 MPLBACKEND=Agg OMP_NUM_THREADS=1 $(PY) -m pytest -q -n auto --dist loadfile \
+	--no-loadscope-reorder --durations=20
 
 test: install
 	$(PYTEST)

@@ -24,6 +24,19 @@ def checkout_files() -> set[str] | None:
     return {p for p in paths if not any(t in p or p.endswith(t.rstrip("/")) for t in TOOL_LITTER)}
 
 
+# Test files of a minute or more (`make test` prints the slowest tests), started first: pytest-xdist
+# hands out whole files in collection order (`--no-loadscope-reorder`), so the long ones do not end the
+# run on one worker while the other idles. A file not listed keeps its place after them.
+HEAVY_FIRST = ("test_grid_server.py", "test_cli_runs.py", "test_sweep_postgres.py", "test_gpu_check.py",
+               "test_ablation.py", "test_pareto.py", "test_notebook.py", "test_credentials.py", "test_distill.py",
+               "test_sweep.py", "test_preemption.py", "test_liveness.py", "test_run_integrity.py")
+
+
+def pytest_collection_modifyitems(session, config, items) -> None:
+    rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's own order stays
+
+
 def _controller(config) -> bool:
     """The process that runs the session (not a pytest-xdist worker)."""
     return not hasattr(config, "workerinput")
