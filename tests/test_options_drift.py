@@ -152,8 +152,8 @@ def _loss_config(cfg):
 @pytest.fixture
 def logit_mse():
     """One more term on logits, registered as a contributor would: one function, no config field."""
-    letter = "x" * (max(map(len, REGISTRY)) + 1)
-    losses.register_term("logit_mse", letter, ("student_logits", "teacher_logits"))(
+    letter = "x" * (max(len(n) for t in REGISTRY.values() for n in (t.letter, t.name)) + 1)  # free as name and weight
+    losses.register_term(letter + "_term", letter, ("student_logits", "teacher_logits"))(
         lambda student_logits, teacher_logits: ((student_logits - teacher_logits) ** 2).mean())
     yield letter
     losses.unregister_term(letter)
