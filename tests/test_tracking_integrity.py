@@ -161,12 +161,18 @@ def test_log_lines_of_mlflow_and_others_are_redacted(tmp_path, capsys):
     assert "Hunter2pw" not in err and "retrying http://***@host:5000/api" in err
 
 
-def _two_runs_one_dataset(tmp_path, monkeypatch, error: str):
+@pytest.fixture(scope="module")
+def sqlite_store(tmp_path_factory):
+    """One SQLite store for the module's tests (a new store migrates its schema: seconds)."""
+    return f"sqlite:///{tmp_path_factory.mktemp('store') / 'mlflow.db'}"
+
+
+def _two_runs_one_dataset(tmp_path, monkeypatch, error: str, store: str):
     """log_dataset in a run whose first insert loses the race to another run logging the same data."""
     import mlflow
     import pandas as pd
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
     tracking.configure()
     frames = pd.DataFrame({"frame_id": [1, 2], "fire": [0, 1], "rgb_path": ["a", "b"]})
     real, calls = mlflow.log_input, []
@@ -190,18 +196,18 @@ def _two_runs_one_dataset(tmp_path, monkeypatch, error: str):
     return calls, mlflow.get_run(run.info.run_id)
 
 
-def test_two_runs_logging_one_dataset_at_once_both_record_it(tmp_path, monkeypatch):
+def test_two_runs_logging_one_dataset_at_once_both_record_it(tmp_path, monkeypatch, sqlite_store):
     # the CI failure of three ablation workers on one PostgreSQL-backed server, replayed
     race = ('BAD_REQUEST: (psycopg2.errors.UniqueViolation) duplicate key value violates unique '
             'constraint "dataset_pk"')
-    calls, run = _two_runs_one_dataset(tmp_path, monkeypatch, race)
+    calls, run = _two_runs_one_dataset(tmp_path, monkeypatch, race, sqlite_store)
     assert len(calls) == 2
     assert [d.dataset.digest for d in run.inputs.dataset_inputs] == ["d" * 16]
     assert [d.dataset.name for d in run.inputs.dataset_inputs] == ["flame2.csv"]
 
 
-def test_other_dataset_errors_are_not_retried(tmp_path, monkeypatch):
+def test_other_dataset_errors_are_not_retried(tmp_path, monkeypatch, sqlite_store):
     import mlflow
 
     with pytest.raises(mlflow.exceptions.MlflowException, match="schema too large"):
-        _two_runs_one_dataset(tmp_path, monkeypatch, "schema too large")
+        _two_runs_one_dataset(tmp_path, monkeypatch, "schema too large", sqlite_store)
