@@ -160,7 +160,7 @@ def _variants_help() -> str:
 def _term_weights_help() -> str:
     from flame_kd.losses import REGISTRY
 
-    own = {f.name for f in dataclasses.fields(LossConfig) if f.metadata.get("weight")}
+    own = LossConfig()._own_weights()
     more = [f"{k} ({t.summary})" for k, t in REGISTRY.items() if k not in own]
     return ("Weights of registered loss terms that have no option of their own, as name=value[,name=value]: "
             + ("; ".join(more) if more else "none registered") + ".")

@@ -28,10 +28,11 @@ from torch import nn
 
 from flame_kd import tracking
 from flame_kd.data import augment as aug
-from flame_kd.data.dataset import PairedFrames, make_loader
+from flame_kd.data.dataset import PairedFrames, host_available_bytes, make_loader
 from flame_kd.engine import amp_dtype, device_batches, load_checkpoint, seal
 from flame_kd.errors import ConfigError
 from flame_kd.losses import OUTPUTS, model_outputs
+from flame_kd.memory import gib
 from flame_kd.progress import track
 from flame_kd.tasks import Batch, teacher_forward
 
@@ -250,9 +251,6 @@ def check_room(got: dict[str, torch.Tensor], batch: int, stored_rows: int, names
     """Refuse, in one line, a cache that would not fit: it is built in host memory (then written to a
     temporary file and logged), ``stored_rows`` rows (frames and views) at the first batch's bytes per
     row. A hint map of a deep teacher is ~0.8 MB per row: 265 GiB on FLAME2 with 8 views."""
-    from flame_kd.data.dataset import host_available_bytes
-    from flame_kd.memory import gib
-
     need = sum(t.numel() * t.element_size() for t in got.values()) * stored_rows // max(1, batch)
     room = host_available_bytes() if room is None else room
     disk = shutil.disk_usage(tempfile.gettempdir()).free if disk is None else disk

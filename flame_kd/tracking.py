@@ -469,22 +469,24 @@ def log_dataset(frames, csv_path: str, digest: str, context: str = "training") -
                 mlflow.log_input(ds, context=context)
                 return
             except mlflow.exceptions.MlflowException as e:
-                if attempt == _DATASET_ATTEMPTS - 1 or not _lost_insert_race(e):
+                if attempt == _DATASET_ATTEMPTS - 1 or not lost_insert_race(e):
                     raise
                 time.sleep(0.2 * (attempt + 1))
 
 
 # MLflow's SQL store looks a data set up by (experiment, name, digest) and inserts it when absent, in
 # one transaction without a lock: two runs that log the same data at once (ablation workers against
-# one server) both miss it, and the second insert fails with the primary key's unique violation
-# (PostgreSQL `dataset_pk`, SQLite "UNIQUE constraint failed", MySQL "Duplicate entry"). The
+# one server) both miss it, and the second insert fails with the primary key's unique violation. The
 # transaction is rolled back whole, so a retry finds the winner's row and links it.
 _DATASET_ATTEMPTS = 4
 _UNIQUE_VIOLATION = ("UniqueViolation", "duplicate key", "UNIQUE constraint failed", "Duplicate entry",
-                     "IntegrityError")
+                     "IntegrityError", "already exists")
 
 
-def _lost_insert_race(error: Exception) -> bool:
+def lost_insert_race(error: BaseException) -> bool:
+    """Whether a database said another process inserted the same row or table first (PostgreSQL
+    `duplicate key` / UniqueViolation, SQLite "UNIQUE constraint failed", MySQL "Duplicate entry",
+    a table that "already exists"): the one worth a retry, which then finds the winner's."""
     return any(s in str(error) for s in _UNIQUE_VIOLATION)
 
 

@@ -94,8 +94,7 @@ def make_storage(url: str, cfg: SweepConfig, attempts: int = 4, on_stale=None) -
                 )
             except Exception as err:  # bad URL, unreachable server, missing driver, creation race
                 text = str(err)
-                racing = any(s in text for s in ("already exists", "duplicate key", "UniqueViolation"))
-                if racing and attempt < attempts - 1:
+                if tracking.lost_insert_race(err) and attempt < attempts - 1:
                     time.sleep(0.5 + random.random() * (attempt + 1))
                     continue
                 first = text.splitlines()[0] if text else type(err).__name__
