@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import stat
+from pathlib import Path
 
 _KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
           (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
@@ -37,3 +38,9 @@ def check_regular(path: str | os.PathLike) -> None:
     why = not_regular(path)
     if why is not None:
         raise NotRegularFile(f"{os.fspath(path)}: {why}")
+
+
+def cache_home() -> Path:
+    """Where decoded frames, in-flight checkpoints and compiled UMAP code live: $FLAME_KD_CACHE or
+    ~/.cache/flame-kd."""
+    return Path(os.environ.get("FLAME_KD_CACHE") or Path.home() / ".cache" / "flame-kd")

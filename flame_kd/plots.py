@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import functools
 import logging
-
+import os
 import warnings
-from typing import Any, NamedTuple, Sequence
+from pathlib import Path
+from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 from matplotlib.axes import Axes
@@ -18,6 +19,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from flame_kd.evaluate import LABELS, METRIC_NAMES
+from flame_kd.files import cache_home
 from flame_kd.progress import stage
 
 # --- training curves -----------------------------------------------------------------------------
@@ -134,6 +136,50 @@ def _say_no_umap() -> None:
                                           "(pip install umap-learn)")
 
 
+def numba_cache_dir() -> Path:
+    """Where numba keeps UMAP's compiled code: $NUMBA_CACHE_DIR when set, else under flame-kd's cache."""
+    return Path(os.environ.get("NUMBA_CACHE_DIR") or cache_home() / "numba")
+
+
+def import_umap() -> Any:
+    """umap-learn, with every numba function it and pynndescent define cached on disk.
+
+    Most of them are ``@njit`` without ``cache=True``, so each new process compiled them again (~50 s
+    on a 2-core CPU, every run); numba has no global switch, so ``cache=True`` is made the default of
+    ``numba.njit``/``numba.jit`` while the two packages are first imported, then restored. A later
+    process loads the compiled code (bench/umap_cache.py: cold against warm)."""
+    import sys
+
+    if "umap" in sys.modules:
+        return sys.modules["umap"]
+    import numba
+
+    folder = numba_cache_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    # numba re-reads its NUMBA_* variables whenever they change (config.reload_config), so the folder
+    # goes into the environment (child processes share it) rather than into numba.config alone
+    os.environ["NUMBA_CACHE_DIR"] = str(folder)
+    numba.core.config.reload_config()
+    originals = numba.njit, numba.jit
+
+    def caching(decorator: Callable) -> Callable:
+        @functools.wraps(decorator)
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            kwargs.setdefault("cache", True)
+            return decorator(*args, **kwargs)
+        return wrapped
+
+    numba.njit, numba.jit = caching(originals[0]), caching(originals[1])
+    try:
+        with warnings.catch_warnings():  # imported here: it takes seconds (numba)
+            warnings.simplefilter("ignore", ImportWarning)  # "Tensorflow not installed"
+            warnings.simplefilter("ignore", numba.NumbaWarning)  # a function numba cannot cache compiles as before
+            import umap
+    finally:
+        numba.njit, numba.jit = originals
+    return umap
+
+
 EXACT_TSNE_MAX = 300  # points; above this Barnes-Hut t-SNE wins
 
 
@@ -178,10 +224,7 @@ def embed_features(
         opts.setdefault("method", "exact" if n <= EXACT_TSNE_MAX else "barnes_hut")
         reducer = TSNE(n_components=2, random_state=seed, **opts)
     else:
-        with warnings.catch_warnings():  # imported here: it takes seconds (numba)
-            warnings.simplefilter("ignore", ImportWarning)  # "Tensorflow not installed"
-            import umap
-
+        umap = import_umap()
         opts["n_neighbors"] = int(min(opts["n_neighbors"], max(2, n - 1)))
         # random_state makes UMAP repeatable but single-threaded; n_jobs=1 avoids its warning
         reducer = umap.UMAP(n_components=2, random_state=seed, n_jobs=1, **opts)

@@ -42,6 +42,16 @@ def _controller(config) -> bool:
     return not hasattr(config, "workerinput")
 
 
+def pytest_configure(config) -> None:
+    """UMAP's numba code compiled once for every test process and every later suite: one cache folder
+    (``plots.import_umap``) shared by the xdist workers and the subprocesses they start, outside the
+    per-test ``$FLAME_KD_CACHE`` (a cold compile costs ~50 s a process)."""
+    import os
+    import tempfile
+
+    os.environ.setdefault("NUMBA_CACHE_DIR", str(Path(tempfile.gettempdir()) / f"flame-kd-tests-numba-{os.getuid()}"))
+
+
 def pytest_sessionstart(session) -> None:
     if _controller(session.config):
         session.config.stash[CHECKOUT_BEFORE] = checkout_files()

@@ -174,3 +174,25 @@ def test_ablation_bars_without_ci_and_bad_table():
     assert len(_renders(plots.ablation_bars(table)).axes) == 1
     with pytest.raises(ValueError, match="recall_macro_mean"):
         plots.ablation_bars(table, metric="recall_macro")
+
+
+def test_numba_cache_folder(tmp_path, monkeypatch):
+    """UMAP's compiled code goes to $NUMBA_CACHE_DIR when set, else under flame-kd's cache."""
+    monkeypatch.delenv("NUMBA_CACHE_DIR", raising=False)
+    monkeypatch.setenv("FLAME_KD_CACHE", str(tmp_path))
+    assert plots.numba_cache_dir() == tmp_path / "numba"
+    monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path / "elsewhere"))
+    assert plots.numba_cache_dir() == tmp_path / "elsewhere"
+
+
+def test_umap_code_is_cached_on_disk():
+    """umap-learn's and pynndescent's numba functions compile into numba's on-disk cache (the suite's
+    is tests/conftest.py's), so a new process does not compile them again; numba itself is left as it was."""
+    umap = plots.import_umap()  # first: pynndescent is imported through it
+    import numba
+    import pynndescent.distances
+    from numba.core.caching import FunctionCache
+
+    assert isinstance(umap.layouts.clip._cache, FunctionCache)
+    assert isinstance(pynndescent.distances.euclidean._cache, FunctionCache)
+    assert not isinstance(numba.njit(lambda x: x)._cache, FunctionCache)

@@ -40,6 +40,7 @@ from flame_kd.evaluate import (
     profile_model,
 )
 from flame_kd.errors import ConfigError, DataError, ServerLost
+from flame_kd.files import cache_home
 from flame_kd.options import Section, option_text, option_values
 
 log = logging.getLogger("flame_kd")
@@ -47,11 +48,6 @@ log = logging.getLogger("flame_kd")
 
 PREDICTIONS_FILE = "predictions/test.csv"
 MANIFEST_FILE = "split/manifest.csv"  # the split's manifest (id, split, group, block), logged with every run
-
-
-def cache_home() -> Path:
-    """Where decoded frames and in-flight checkpoints live: $FLAME_KD_CACHE or ~/.cache/flame-kd."""
-    return Path(os.environ.get("FLAME_KD_CACHE") or Path.home() / ".cache" / "flame-kd")
 
 
 @dataclass
