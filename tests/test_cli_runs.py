@@ -11,7 +11,7 @@ from mlflow.tracking import MlflowClient
 from flame_kd.cli import main
 from flame_kd.data.synth import synthesize
 
-from pipeline_helpers import REPO, SIZE, TINY_TEACHER, artifacts, cli, use_store
+from pipeline_helpers import REPO, SIZE, TINY_TEACHER, artifacts, cli, migrated_store, use_store
 
 pytestmark = pytest.mark.slow  # a real pipeline: `make test-fast` leaves it out
 
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow  # a real pipeline: `make test-fast` leaves it out
 def env(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("e2e")
     csv = str(synthesize(tmp / "data", frames=160, image_size=SIZE, seed=21))
-    return {"tmp": tmp, "csv": csv, "vars": {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}",
+    return {"tmp": tmp, "csv": csv, "vars": {"MLFLOW_TRACKING_URI": migrated_store(tmp / "mlflow.db"),
                                              "FLAME_KD_CACHE": str(tmp / "cache")}}
 
 

@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 
 from flame_kd import memory, tracking
 from flame_kd.cli import main
-from pipeline_helpers import SIZE, TINY_TEACHER, use_store
+from pipeline_helpers import SIZE, TINY_TEACHER, migrated_store, use_store
 
 
 def dead_pid() -> int:
@@ -114,7 +114,7 @@ def test_a_run_that_does_not_fit_ends_failed_with_one_line(synth_csv, tmp_path, 
 
 @pytest.mark.slow
 def test_kill_9_is_marked_failed_by_the_next_command_and_resumes(synth_csv, tmp_path):
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "HF_HUB_OFFLINE": "1",
+    env = {**os.environ, "MLFLOW_TRACKING_URI": migrated_store(tmp_path / "mlflow.db"), "HF_HUB_OFFLINE": "1",
            "FLAME_KD_CACHE": str(tmp_path / "cache"), "MPLBACKEND": "Agg"}
     env.pop("MLFLOW_RUN_ID", None)
     flame_kd = str(Path(sys.executable).parent / "flame-kd")

@@ -21,7 +21,7 @@ from flame_kd.engine import LambdaCallback
 from flame_kd.export import export_onnx
 from flame_kd.models import build_student
 
-from pipeline_helpers import REPO, SIZE, TINY_TEACHER, artifacts, cli, distill_cfg, use_store
+from pipeline_helpers import REPO, SIZE, TINY_TEACHER, artifacts, cli, distill_cfg, migrated_store, use_store
 
 STUDENTS = ["lightweight-cnn", "timm:test_efficientnet", "timm:test_resnet"]
 
@@ -245,7 +245,7 @@ def test_front_logged_best_registered_and_report_rebuilds_it(study, tmp_path):
 
 @pytest.mark.slow
 def test_mlflow_run_pareto_end_to_end(tmp_path, synth_csv):
-    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "FLAME_KD_CACHE": str(tmp_path / "cache")}
+    env = {"MLFLOW_TRACKING_URI": migrated_store(tmp_path / "mlflow.db"), "FLAME_KD_CACHE": str(tmp_path / "cache")}
     params = [f"data={synth_csv}", f"image_size={SIZE}", "batch_size=16", f"teacher={TINY_TEACHER}",
               "pretrained=false", "teacher_epochs=1", "student_epochs=1", "device=cpu", "progress=false",
               f"students={','.join(STUDENTS)}", "calibration_frames=16", "latency_runs=3", "latency_budget_ms=1000",

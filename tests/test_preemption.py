@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipeline_helpers import SIZE, TINY_TEACHER
+from pipeline_helpers import SIZE, TINY_TEACHER, migrated_store
 
 pytestmark = pytest.mark.slow  # a real pipeline: `make test-fast` leaves it out
 
@@ -25,7 +25,7 @@ def teacher_command(csv: Path, resume: bool) -> list[str]:
 
 
 def test_sigterm_ends_the_run_killed_and_resume_finishes_it(synth_csv, tmp_path):
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "HF_HUB_OFFLINE": "1",
+    env = {**os.environ, "MLFLOW_TRACKING_URI": migrated_store(tmp_path / "mlflow.db"), "HF_HUB_OFFLINE": "1",
            "FLAME_KD_CACHE": str(tmp_path / "cache"), "MPLBACKEND": "Agg"}
     env.pop("MLFLOW_RUN_ID", None)
     proc = subprocess.Popen(teacher_command(synth_csv, False), cwd=tmp_path, env=env, stderr=subprocess.PIPE,

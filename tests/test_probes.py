@@ -20,6 +20,7 @@ from PIL import Image
 from flame_kd.cli import main
 from flame_kd.engine import atomic_save
 from flame_kd.models import build_student
+from pipeline_helpers import migrated_store
 
 SECRET = "S3cr3t-Pw-42"
 TINY = "timm:test_resnet"
@@ -97,7 +98,7 @@ class _Evil:
 def world(tmp_path_factory, synth_dir) -> World:
     root = tmp_path_factory.mktemp("probes")
     data = Path(shutil.copytree(synth_dir, root / "data"))
-    uri = f"sqlite:///{root / 'mlflow.db'}"
+    uri = migrated_store(root / "mlflow.db")
     client = MlflowClient(uri)
     exp = client.create_experiment("probes", artifact_location=str(root / "artifacts"))
     files = _files(root)
