@@ -8,7 +8,7 @@ DEMO_DIR ?= data/demo
 DEMO_FRAMES ?= 900
 DEMO_SIZE ?= 48
 
-.PHONY: install test test-fast demo serve bench clean
+.PHONY: install test test-fast durations demo serve bench clean
 
 install: $(VENV)/.installed
 
@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml
 
 # One pytest-xdist worker per core and one thread each (tiny models: two threads per worker on two cores
 # only spin), a test file per worker at a time (its module fixtures are built once), the longest files
-# first (tests/conftest.py's HEAVY_FIRST), and the slowest tests listed at the end.
+# first (by their recorded durations: tests/conftest.py), and the slowest tests listed at the end.
 PYTEST := HF_HUB_OFFLINE=1 MPLBACKEND=Agg OMP_NUM_THREADS=1 $(PY) -m pytest -q -n auto --dist loadfile \
 	--no-loadscope-reorder --durations=20
 
@@ -32,6 +32,13 @@ test: install
 # Everything but the pipeline tests (marked slow).
 test-fast: install
 	$(PYTEST) -m "not slow"
+
+# The seconds per test file that the last full `make test` here measured, into the committed
+# tests/durations.json (the order a fresh clone runs the files in).
+durations:
+	$(PY) -c "import json, pathlib; c = pathlib.Path('.pytest_cache/v/flame_kd/file_seconds'); \
+	d = pathlib.Path('tests/durations.json'); s = json.loads(d.read_text()); s.update(json.loads(c.read_text())); \
+	d.write_text(json.dumps(dict(sorted(s.items(), key=lambda kv: -kv[1])), indent=1) + '\n')"
 
 demo: install
 	HF_HUB_OFFLINE=1 MPLBACKEND=Agg PATH="$(abspath $(BIN)):$$PATH" bash experiments/demo.sh "$(DEMO_DIR)" "$(DEMO_FRAMES)" "$(DEMO_SIZE)"

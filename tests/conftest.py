@@ -24,17 +24,49 @@ def checkout_files() -> set[str] | None:
     return {p for p in paths if not any(t in p or p.endswith(t.rstrip("/")) for t in TOOL_LITTER)}
 
 
-# Test files of a minute or more (`make test` prints the slowest tests), started first: pytest-xdist
-# hands out whole files in collection order (`--no-loadscope-reorder`), so the long ones do not end the
-# run on one worker while the other idles. A file not listed keeps its place after them.
-HEAVY_FIRST = ("test_grid_server.py", "test_cli_runs.py", "test_sweep_postgres.py", "test_gpu_check.py",
-               "test_ablation.py", "test_pareto.py", "test_notebook.py", "test_credentials.py", "test_distill.py",
-               "test_sweep.py", "test_preemption.py", "test_liveness.py", "test_run_integrity.py")
+# Whole test files are handed to the xdist workers in collection order (`--dist loadfile
+# --no-loadscope-reorder`), so the longest start first and do not end the run on one worker while the
+# other idles. Their lengths: what this checkout's last runs measured (pytest's cache, written by the
+# session's controller at the end), else tests/durations.json (committed; `make durations` refreshes it
+# from the cache). A file measured nowhere keeps its place after them.
+DURATIONS_FILE = Path(__file__).with_name("durations.json")
+DURATIONS_KEY = "flame_kd/file_seconds"
+
+
+def recorded_durations(config) -> dict[str, float]:
+    """Seconds per test file (``tests/test_x.py``): the committed figures, updated by this checkout's."""
+    import json
+
+    seconds = json.loads(DURATIONS_FILE.read_text()) if DURATIONS_FILE.exists() else {}
+    cache = getattr(config, "cache", None)  # None under -p no:cacheprovider
+    if cache is not None:
+        seconds.update(cache.get(DURATIONS_KEY, {}))
+    return seconds
 
 
 def pytest_collection_modifyitems(session, config, items) -> None:
-    rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's own order stays
+    seconds = recorded_durations(config)
+    # stable: a file's own order stays
+    items.sort(key=lambda item: -seconds.get(item.nodeid.split("::")[0], 0.0))
+
+
+_SESSION_SECONDS: dict[str, float] = {}  # this session's seconds per test file
+
+
+def pytest_runtest_logreport(report) -> None:
+    """Adds up each test file's setup, call and teardown seconds (on the controller, from every worker)."""
+    path = report.nodeid.split("::")[0]
+    _SESSION_SECONDS[path] = _SESSION_SECONDS.get(path, 0.0) + report.duration
+
+
+def save_durations(config) -> None:
+    """This session's seconds per file into pytest's cache, when whole files ran (no -k or -m)."""
+    cache = getattr(config, "cache", None)
+    if cache is None or not _SESSION_SECONDS or config.option.keyword or config.option.markexpr:
+        return
+    seconds = cache.get(DURATIONS_KEY, {})
+    seconds.update({path: round(s, 1) for path, s in _SESSION_SECONDS.items()})
+    cache.set(DURATIONS_KEY, seconds)
 
 
 def _controller(config) -> bool:
@@ -59,6 +91,8 @@ def pytest_sessionstart(session) -> None:
 
 def pytest_sessionfinish(session, exitstatus) -> None:
     """After every test (on every worker): the suite left no file in the checkout, else the run fails."""
+    if _controller(session.config):
+        save_durations(session.config)
     before = session.config.stash.get(CHECKOUT_BEFORE, None) if _controller(session.config) else None
     after = checkout_files() if before is not None else None
     left = sorted(after - before) if after is not None else []
