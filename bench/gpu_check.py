@@ -90,6 +90,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dry-run", action="store_true", help="everything on the CPU at tiny sizes (CI)")
     p.add_argument("--out", default=None, help="folder of gpu_check.md/.json/.log (default: $OUT, else gpu_check/)")
     p.add_argument("--steps", default=",".join(STEPS), help=f"comma-separated subset of {','.join(STEPS)}")
+    p.add_argument("--tests-select", default=None, metavar="EXPR",
+                   help="only the CUDA tests matching this pytest -k expression (the suite's dry-run test: the "
+                        "rest are its [cpu] twins there)")
     p.add_argument("--wheels", default=str(REPO / ".whl" / "gpu"), help="wheel folder (bench/gpu_wheels.sh)")
     p.add_argument("--site", default=None, help="where the wheels get installed (default: a temporary folder)")
     return p.parse_args(argv)
@@ -115,7 +118,7 @@ def main(argv=None) -> int:
     device = "CPU (dry run)" if args.dry_run else f"CUDA ({torch.cuda.get_device_name(0)})"
     report = Report("dry run" if args.dry_run else "gpu", device, environment(torch))
     print(f"gpu_check: {device}; steps {', '.join(steps)}; writing to {out}", flush=True)
-    sizes = SIZES[args.dry_run]
+    sizes = {**SIZES[args.dry_run], "select": args.tests_select}
     with tempfile.TemporaryDirectory(prefix="flame-kd-gpu-check-") as tmp:
         for step in steps:
             start = time.perf_counter()
@@ -221,8 +224,11 @@ def step_tests(tmp: Path, env: dict, sizes: dict, log_path: Path, dry_run: bool)
     junit = tmp / "junit.xml"
     cmd = [sys.executable, "-m", "pytest", "tests/test_accelerator.py", "-m", "cuda", "-q", "-rA",
            "-p", "no:cacheprovider", f"--junitxml={junit}", f"--basetemp={tmp / 'pytest'}"]
-    if dry_run:  # inductor's C++ build takes minutes on 2 cores; test_engine compiles on the CPU (slow suite)
-        cmd += ["-k", "not test_compile"]
+    select = "not test_compile" if dry_run else ""  # inductor's C++ build takes minutes on 2 cores;
+    if sizes.get("select"):  # test_engine compiles on the CPU (slow suite)
+        select = f"({sizes['select']})" + (f" and {select}" if select else "")
+    if select:
+        cmd += ["-k", select]
     try:
         done = run(cmd, env, log_path, sizes["timeouts"]["tests"])
     except subprocess.TimeoutExpired:
