@@ -178,7 +178,7 @@ def test_labels_that_change_on_every_row_split_into_one_group_per_row():
 
 def test_a_move_scored_from_the_blocks_it_touches_costs_what_the_whole_assignment_does():
     """The local search's incremental score (``_Problem.contribution``) against the full ``cost``."""
-    from flame_kd.data.split import _Problem, _units
+    from flame_kd.data.blocks import Problem as _Problem, units as _units
 
     rng = np.random.default_rng(0)
     frames = _alternating(400)
