@@ -152,7 +152,7 @@ def test_split_command_fails_when_a_split_would_be_empty(synth_csv, tmp_path):
     pd.read_csv(synth_csv, dtype=str).iloc[:2].to_csv(tmp_path / "two.csv", index=False)
     out = tmp_path / "manifest.csv"
     result = CliRunner().invoke(main, ["data", "split", str(tmp_path / "two.csv"), "--out", str(out)])
-    assert result.exit_code == 2 and "split is empty" in result.output, result.output
+    assert result.exit_code == 2 and "2 frames are too few" in result.output, result.output
     assert not out.exists()
 
 

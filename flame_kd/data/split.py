@@ -231,19 +231,22 @@ def part_problems(split: Split) -> list[str]:
     gapped = [x for x in short if split.assigned.get(x[0], 0) >= x[2]]
     if gapped:
         names = " and ".join(name for name, _, _ in gapped)
-        out.append(f"--gap {split.gap} leaves the {names} split {' and '.join(str(counts[x[0]]) for x in gapped)} "
-                   f"frame(s), fewer than the {MIN_PART_FRAMES} the reports need: keeping them more than "
-                   f"{split.gap} ids from every frame of another split drops {counts['gap']:,} of {n:,} frames; "
-                   "give a smaller --gap")
+        out.append(f"a gap of {split.gap:,} frame(s) leaves the {names} split{'s' if len(gapped) > 1 else ''} "
+                   f"{' and '.join(str(counts[x[0]]) for x in gapped)} frame(s) ({_needs()}): keeping every frame "
+                   f"more than {split.gap:,} ids from the frames of other splits drops {counts['gap']:,} of {n:,} "
+                   "frames; give a smaller --gap, or more frames")
     few = [x for x in short if x not in gapped]
     if few:
         names = " and ".join(name for name, _, _ in few)
         least = max(int(np.ceil(need / ratio)) for _, ratio, need in few)
         out.append(f"{n:,} frames are too few: the {names} split{'s get' if len(few) > 1 else ' gets'} "
-                   f"{' and '.join(str(counts[x[0]]) for x in few)} frame(s) at ratios {r}; training needs 1 "
-                   f"frame, the reports {MIN_PART_FRAMES} val and {MIN_PART_FRAMES} test frames (a set of at "
-                   f"least {least:,} frames, more with the gaps between blocks)")
+                   f"{' and '.join(str(counts[x[0]]) for x in few)} frame(s) at ratios {r} ({_needs()}; a set "
+                   f"of at least {least:,} frames, more with the gaps between blocks)")
     return out
+
+
+def _needs() -> str:
+    return f"training needs 1 frame, the reports {MIN_PART_FRAMES} val and {MIN_PART_FRAMES} test frames"
 
 
 def _kept_mask(ids: np.ndarray, part: np.ndarray, chains: np.ndarray, gap: int) -> np.ndarray:
