@@ -34,6 +34,29 @@ def units(order, groups, states, chains, block_size, min_blocks, cut) -> np.ndar
     return (np.r_[0, np.cumsum(pieces)[:-1]][run] + local).astype(np.int64)
 
 
+def join_short(unit: np.ndarray, chains: np.ndarray, min_len: int) -> np.ndarray:
+    """``unit`` renumbered so consecutive blocks of one chain are joined until each holds at least
+    ``min_len`` frames (a chain's short last block joins the one before it). Label runs one frame
+    long would otherwise each face a gap at every boundary and lose all their frames."""
+    starts = np.r_[0, np.flatnonzero(np.diff(unit)) + 1]
+    sizes = np.diff(np.r_[starts, len(unit)])
+    new_chain = np.r_[True, chains[starts[1:]] != chains[starts[1:] - 1]]
+    merged = np.empty(len(starts), dtype=np.int64)
+    current, filled = -1, min_len
+    for k in range(len(starts)):
+        if new_chain[k] or filled >= min_len:
+            current, filled = current + 1, 0
+        merged[k] = current
+        filled += int(sizes[k])
+    last_of_chain = np.r_[new_chain[1:], True]
+    for k in np.flatnonzero(last_of_chain):  # a short tail joins the block before it, in its chain
+        tail = merged == merged[k]
+        if sizes[tail].sum() < min_len and merged[k] > 0 and not new_chain[np.flatnonzero(tail)[0]]:
+            merged[tail] = merged[k] - 1
+    merged = np.unique(merged, return_inverse=True)[1]
+    return merged[np.repeat(np.arange(len(starts)), sizes)]
+
+
 class Problem:
     """Unit-level view of the assignment: sizes, state counts, neighbours; evaluates a candidate fast."""
 

@@ -18,10 +18,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from flame_kd.data.blocks import SPLITS, STATES, Problem, greedy, improve, repair, units
+from flame_kd.data.blocks import SPLITS, STATES, Problem, greedy, improve, join_short, repair, units
 from flame_kd.errors import ConfigError
 
 __all__ = ["SPLITS", "STATES", "Split", "make_split", "split_frames", "part_problems"]
+
+GAP_BLOCKS = 10  # blocks are at least this many gaps long (N/40 frames if less, never a gap or less)
 
 
 
@@ -184,6 +186,8 @@ def make_split(
     order = np.lexsort((frames["id"].to_numpy(), pd.factorize(chains, sort=True)[0]))
     states = label_states(frames).to_numpy()
     unit = units(order, groups.to_numpy(), states, chains, block_size, min_blocks, cut)
+    if cut and gap > 0:  # a block shorter than the gap would lose every frame at a boundary
+        unit = join_short(unit, chains[order], min(GAP_BLOCKS * gap, max(gap + 1, n // 40)))
 
     p = Problem(unit, states[order], chains[order], ratios, gap if cut else 0)
     warnings: list[str] = []
@@ -228,20 +232,23 @@ def part_problems(split: Split) -> list[str]:
         videos = "one video" if groups == 1 else f"{groups} videos"
         return out + [f"{videos}: the split keeps each video whole, so it needs at least {active} videos (groups), "
                       "one per part; add videos, or leave out the video column so label ranges are cut into blocks"]
-    gapped = [x for x in short if split.assigned.get(x[0], 0) >= x[2]]
-    if gapped:
-        names = " and ".join(name for name, _, _ in gapped)
-        out.append(f"a gap of {split.gap:,} frame(s) leaves the {names} split{'s' if len(gapped) > 1 else ''} "
-                   f"{' and '.join(str(counts[x[0]]) for x in gapped)} frame(s) ({_needs()}): keeping every frame "
-                   f"more than {split.gap:,} ids from the frames of other splits drops {counts['gap']:,} of {n:,} "
-                   "frames; give a smaller --gap, or more frames")
-    few = [x for x in short if x not in gapped]
-    if few:
-        names = " and ".join(name for name, _, _ in few)
-        least = max(int(np.ceil(need / ratio)) for _, ratio, need in few)
-        out.append(f"{n:,} frames are too few: the {names} split{'s get' if len(few) > 1 else ' gets'} "
-                   f"{' and '.join(str(counts[x[0]]) for x in few)} frame(s) at ratios {r} ({_needs()}; a set "
-                   f"of at least {least:,} frames, more with the gaps between blocks)")
+    if not short:
+        return out
+    names = " and ".join(name for name, _, _ in short)
+    got = " and ".join(str(counts[name]) for name, _, _ in short)
+    plural = "s" if len(short) > 1 else ""
+    least = max(int(np.ceil(need / ratio)) for _, ratio, need in short)
+    dropped = f"drops {counts['gap']:,} of {n:,} frames" if counts["gap"] else f"joins the {n:,} frames into longer blocks"
+    if split.gap and (all(split.assigned.get(name, 0) >= need for name, _, need in short)
+                      or n - 2 * split.gap < least <= n):  # the frames would do; the gap is what is missing
+        out.append(f"a gap of {split.gap:,} frame(s) leaves the {names} split{plural} {got} frame(s) ({_needs()}): "
+                   f"keeping every frame more than {split.gap:,} ids from the frames of other splits {dropped}; "
+                   "give a smaller --gap, or more frames")
+    else:
+        with_gap = f" with a gap of {split.gap:,}" if split.gap else ""
+        out.append(f"{n:,} frames are too few: the {names} split{plural} get{'' if plural else 's'} {got} frame(s) "
+                   f"at ratios {r}{with_gap} ({_needs()}; a set of at least {least:,} frames, more with the gaps "
+                   "between blocks)")
     return out
 
 
@@ -277,9 +284,6 @@ def _kept_mask(ids: np.ndarray, part: np.ndarray, chains: np.ndarray, gap: int) 
                 continue
         last[s] = int(ids[b - 1])
     return kept
-
-
-GAP_BLOCKS = 10  # with a measured gap, blocks are at least this many gaps long: few boundaries, few dropped
 
 
 def chain_order(frames: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
