@@ -110,7 +110,7 @@ def verify_images(rgb: list[str], ir: list[str], rows: pd.Index) -> tuple[list[s
         if r.size and t.size and r.size != t.size:
             problems.append(f"{row(i)}: RGB/IR pair does not match: RGB image is {r.size[0]}x{r.size[1]} "
                             f"but IR image is {t.size[0]}x{t.size[1]}")
-        if r.nbytes == t.nbytes >= 0 and path_r != path_i and filecmp.cmp(path_r, path_i, shallow=False):
+        if not (r.error or t.error) and r.nbytes == t.nbytes and filecmp.cmp(path_r, path_i, shallow=False):
             twins.append(i)
         sizes.update(s for s in (r.size, t.size) if s and not (r.error or t.error))
     if twins:

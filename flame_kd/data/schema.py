@@ -131,16 +131,15 @@ def _parse_ids(raw: pd.DataFrame) -> tuple[pd.Series, list[str], str]:
     """
     problems = []
     if "id" in raw.columns:
-        values = raw["id"].map(_whole)
+        values = pd.Series([_whole(t) for t in raw["id"]], index=raw.index, dtype=object)  # exact, any size
         for i in raw.index[values.isna()]:
             problems.append(f"{_row(i)}: id {raw.at[i, 'id']!r} is not a whole number")
         source = "id column"
     else:
-        values = raw["rgb_frame"].map(fr.frame_id)
+        values = pd.Series([fr.frame_id(t) for t in raw["rgb_frame"]], index=raw.index, dtype=object)
         for i in raw.index[values.isna()]:
             problems.append(f"{_row(i)}: no id column and no (number) in the RGB file name {raw.at[i, 'rgb_frame']!r}")
         source = "number in the RGB file name"
-    values = values.astype(object).where(values.notna(), None)
     negative = raw.index[values.map(lambda v: v is not None and v < 0)]
     over = raw.index[values.map(lambda v: v is not None and v > MAX_ID)]
     if len(negative):
