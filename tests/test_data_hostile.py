@@ -321,3 +321,22 @@ def test_the_cli_gap_is_kept_in_the_written_manifest(synth_copy):
     frames = load_frames(csv, check_files=False)
     assert manifest["id"].tolist() == frames["id"].tolist()
     assert min_cross_distance(frames, type("S", (), {"manifest": manifest})()) > 3
+
+
+def test_data_split_refuses_a_big_image_naming_it_without_pillows_warning(synth_copy):
+    _png_header(synth_copy / RGB / "big.png", 12000, 12000)
+    csv = rewrite(synth_copy, lambda df: df.assign(rgb_frame=df.rgb_frame.where(df.index != 2, f"{RGB}/big.png")))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        result = CliRunner().invoke(main, ["data", "split", csv])  # names only: the thumbnails open the images
+    assert result.exit_code == 2 and "big.png is 12000x12000 px, over the bound of 4096x4096" in result.output
+    assert "Traceback" not in result.output and "DecompressionBomb" not in result.output
+    assert not [w for w in seen if issubclass(w.category, Image.DecompressionBombWarning)]
+
+
+def test_a_label_range_beyond_int64_is_a_bad_line(tmp_path):
+    (tmp_path / "r.tsv").write_text("1\t10\tNN\n11\t99999999999999999999\tYY\n")
+    with pytest.raises(DataError) as err:
+        read_label_ranges(tmp_path / "r.tsv")
+    assert err.value.problems == ["r.tsv line 2: frame 99999999999999999999 is beyond the 64-bit id limit "
+                                  "9223372036854775807"]
