@@ -130,6 +130,8 @@ def _parse_ids(raw: pd.DataFrame) -> tuple[pd.Series, list[str], str]:
     row, never wrapped or dropped. Invalid ids are -1 in the returned series.
     """
     problems = []
+    if "id" in raw.columns and raw["id"].str.fullmatch(r"\d{1,18}").all():  # the usual case, vectorised
+        return _duplicates(raw["id"].astype("int64"), problems), problems, "id column"
     if "id" in raw.columns:
         values = pd.Series([_whole(t) for t in raw["id"]], index=raw.index, dtype=object)  # exact, any size
         for i in raw.index[values.isna()]:
@@ -151,10 +153,15 @@ def _parse_ids(raw: pd.DataFrame) -> tuple[pd.Series, list[str], str]:
     ok = values.map(lambda v: v is not None and 0 <= v <= MAX_ID)
     ids = pd.Series(-1, index=raw.index, dtype="int64")
     ids[ok] = values[ok].astype("int64")
+    return _duplicates(ids, problems), problems, source
+
+
+def _duplicates(ids: pd.Series, problems: list[str]) -> pd.Series:
+    """``ids``, with a problem added per id (>= 0) that more than one row holds."""
     dup = ids[(ids >= 0) & ids.duplicated(keep=False)]
     for fid, rows in dup.groupby(dup).groups.items():
         problems.append(f"duplicate id {fid} in {', '.join(_row(i) for i in rows)}")
-    return ids, problems, source
+    return ids
 
 
 def _check_pairs(raw: pd.DataFrame) -> list[str]:
