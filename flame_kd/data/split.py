@@ -91,7 +91,7 @@ class Split:
         out = {f"split_{k}_fraction": v for k, v in self.fractions.items()}
         counts = self.counts
         out |= {f"split_{k}_frames": float(counts[k]) for k in SPLITS}
-        out["split_gap_frames"] = float(self.gap)  # frames dropped at each cross-split boundary
+        out["split_gap_frames"] = float(self.gap)  # kept frames of two splits are more than this many ids apart
         out["split_dropped_frames"] = float(counts["gap"])  # all of them together
         if self.decorrelation_frames is not None:
             out["split_decorrelation_frames"] = float(self.decorrelation_frames)
@@ -327,7 +327,7 @@ def split_frames(frames: pd.DataFrame, seed: int = 42, ratios=(0.7, 0.15, 0.15),
     if isinstance(gap, int):
         kwargs["gap"] = gap
         kwargs["block_size"] = max(round(len(frames) / 40), GAP_BLOCKS * gap, 1)
-        notes.append(f"gap: {gap} frames, as given (val/test frames more than {gap} ids from train frames)"
+        notes.append(f"gap: {gap} frames, as given (kept frames of two splits are more than {gap} ids apart)"
                      if "video" not in frames.columns else
                      f"gap: {gap} frames, as given; unused: each video stays whole in one split")
     elif gap == "auto" and th is not None:
