@@ -197,3 +197,19 @@ def test_a_move_scored_from_the_blocks_it_touches_costs_what_the_whole_assignmen
         counts = counts - before + np.array(p.contribution(assign, near))
         assert np.allclose(counts, p.split_counts(assign))
         assert abs(p.cost_of(counts) - p.cost(assign)) < 1e-9
+
+
+def test_short_blocks_are_joined_within_their_chain_only():
+    """``join_short``: one-frame blocks joined into blocks of at least ``min_len`` frames, in order;
+    a chain's short tail joins the block before it; no block spans two chains (videos)."""
+    from flame_kd.data.blocks import join_short
+
+    unit = np.arange(23)  # 23 one-frame blocks: 13 in chain a, 10 in chain b
+    chains = np.array(["a"] * 13 + ["b"] * 10, dtype=object)
+    joined = join_short(unit, chains, 5)
+    assert np.all(np.diff(joined) >= 0) and joined[0] == 0  # renumbered in order
+    sizes = np.bincount(joined)
+    assert sizes.min() >= 5 and sizes.sum() == 23
+    for u in np.unique(joined):
+        assert len(set(chains[joined == u])) == 1  # never across chains
+    assert sizes.tolist() == [5, 8, 5, 5]  # a: 5 + (5 + a 3-frame tail); b: 5 + 5
