@@ -340,3 +340,10 @@ def test_a_label_range_beyond_int64_is_a_bad_line(tmp_path):
         read_label_ranges(tmp_path / "r.tsv")
     assert err.value.problems == ["r.tsv line 2: frame 99999999999999999999 is beyond the 64-bit id limit "
                                   "9223372036854775807"]
+
+
+def test_a_negative_label_range_is_a_bad_line_not_read_as_positive(tmp_path):
+    (tmp_path / "r.tsv").write_text("-5\t10\tNN\n11\t20\tYY\n")
+    with pytest.raises(DataError) as err:
+        read_label_ranges(tmp_path / "r.tsv")
+    assert err.value.problems == ["r.tsv line 1: a negative frame: frame ids are 0 or more: '-5\\t10\\tNN'"]

@@ -60,6 +60,9 @@ def read_label_ranges(path: str | os.PathLike) -> pd.DataFrame:
         if not m:
             problems.append(f"{path.name} line {n}: not a range 'first last fire_smoke': {line.strip()!r}")
             continue
+        if text[: m.start()].rstrip().endswith("-"):  # "-5 10 NN" would otherwise read as 5-10
+            problems.append(f"{path.name} line {n}: a negative frame: frame ids are 0 or more: {line.strip()!r}")
+            continue
         first, last, state = int(m[1]), int(m[2]), m[3].upper()
         if last > MAX_ID:
             problems.append(f"{path.name} line {n}: frame {last} is beyond the 64-bit id limit {MAX_ID}")
