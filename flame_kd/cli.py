@@ -182,20 +182,19 @@ def data_split(csv: str, seed: int, ratios: str, labels: str | None, out: str | 
     gap and the test frames' similarity to train (else names suffice)."""
     from flame_kd.data.labels import find_label_ranges
     from flame_kd.data.schema import load_frames
-    from flame_kd.data.split import parse_gap, parse_ratios, split_frames
+    from flame_kd.data.split import parse_gap, parse_ratios, part_problems, split_frames
     from flame_kd.errors import DataError
     from flame_kd.data.thumbs import frame_thumbnails, images_available
 
     parse_gap(gap)
-    frames = load_frames(csv, check_files=False)
+    frames = load_frames(csv, check_files=False, ranges=labels)
     thumbs = frame_thumbnails(frames) if images_available(frames) else None
     split = split_frames(frames, seed=seed, ratios=parse_ratios(ratios), ranges=labels or find_label_ranges(csv),
                          gap=gap, thumbs=thumbs)
     click.echo(split.summary())
-    empty = [name for name in ("train", "val", "test") if len(split.indices(name)) == 0]
-    if empty:
-        raise DataError(f"{csv}: the {' and '.join(empty)} split is empty at ratios {ratios} "
-                        f"({len(frames)} frames): nothing written")
+    problems = part_problems(split)
+    if problems:
+        raise DataError(f"{csv}: {'; '.join(problems)}: nothing written", problems)
     if out:
         split.manifest.to_csv(out, index=False)
         click.echo(f"wrote the manifest to {out}")

@@ -54,8 +54,9 @@ class DataConfig:
     ratios: tuple[float, float, float] = opt((0.7, 0.15, 0.15), "Train,val,test FRAME fractions.")
     split_seed: int | None = opt(42, "Seed of the train/val/test split, fixed so seeds vary training only and "
                                      "runs pair up; none: the run's seed.")
-    gap: str = opt("auto", "Frames dropped at each cross-split boundary: auto (the images' measured decorrelation "
-                           "distance; the rule when there are no images), rule (block/20) or a number.")
+    gap: str = opt("auto", "Ids kept between frames of two splits (frames are dropped until every one is more than "
+                           "the gap from the other splits' frames of its sequence): auto (the images' measured "
+                           "decorrelation distance; the rule when there are no images), rule (block/20) or a number.")
     cache: str = opt("auto", "Decoded-frame cache: memory, disk (a memory-mapped file reused across runs), none, "
                              "or device (frames resident on the training device, a batch is an index gather there; "
                              "falls back to the host's choice when they do not fit); auto: device on CUDA when the "

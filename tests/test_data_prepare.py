@@ -21,7 +21,7 @@ def make_raw_flame2(tmp_path, rgb_ids, ir_ids):
     for i in rgb_ids:
         Image.new("RGB", (8, 8), (i % 255, 0, 0)).save(rgb_dir / f"254p RGB Frame ({i}).jpg")
     for i in ir_ids:
-        Image.new("RGB", (8, 8), (0, 0, i % 255)).save(ir_dir / f"254p Thermal Frame ({i}).jpg")
+        Image.new("RGB", (8, 8), (0, 90, 255 - i % 100)).save(ir_dir / f"254p Thermal Frame ({i}).jpg")
     (rgb_dir / "notes.txt").write_text("not an image")
     return rgb_dir, ir_dir
 
@@ -65,7 +65,7 @@ def test_prepare_command(tmp_path):
     assert result.exit_code == 0, result.output
     assert "2 frame pairs" in result.output and "without a thermal frame" in result.output
     check = CliRunner().invoke(main, ["data", "check", str(out)])  # valid rows, but 2 frames cannot be split:
-    assert check.exit_code == 2 and "split would be empty" in check.output, check.output  # as training says
+    assert check.exit_code == 2 and "2 frames are too few" in check.output, check.output  # as training says
 
 
 def test_prepare_with_nothing_in_common_is_a_clean_error(tmp_path):

@@ -152,7 +152,7 @@ def test_split_command_fails_when_a_split_would_be_empty(synth_csv, tmp_path):
     pd.read_csv(synth_csv, dtype=str).iloc[:2].to_csv(tmp_path / "two.csv", index=False)
     out = tmp_path / "manifest.csv"
     result = CliRunner().invoke(main, ["data", "split", str(tmp_path / "two.csv"), "--out", str(out)])
-    assert result.exit_code == 2 and "split is empty" in result.output, result.output
+    assert result.exit_code == 2 and "2 frames are too few" in result.output, result.output
     assert not out.exists()
 
 
@@ -178,7 +178,7 @@ def test_labels_that_change_on_every_row_split_into_one_group_per_row():
 
 def test_a_move_scored_from_the_blocks_it_touches_costs_what_the_whole_assignment_does():
     """The local search's incremental score (``_Problem.contribution``) against the full ``cost``."""
-    from flame_kd.data.split import _Problem, _units
+    from flame_kd.data.blocks import Problem as _Problem, units as _units
 
     rng = np.random.default_rng(0)
     frames = _alternating(400)
@@ -197,3 +197,19 @@ def test_a_move_scored_from_the_blocks_it_touches_costs_what_the_whole_assignmen
         counts = counts - before + np.array(p.contribution(assign, near))
         assert np.allclose(counts, p.split_counts(assign))
         assert abs(p.cost_of(counts) - p.cost(assign)) < 1e-9
+
+
+def test_short_blocks_are_joined_within_their_chain_only():
+    """``join_short``: one-frame blocks joined into blocks of at least ``min_len`` frames, in order;
+    a chain's short tail joins the block before it; no block spans two chains (videos)."""
+    from flame_kd.data.blocks import join_short
+
+    unit = np.arange(23)  # 23 one-frame blocks: 13 in chain a, 10 in chain b
+    chains = np.array(["a"] * 13 + ["b"] * 10, dtype=object)
+    joined = join_short(unit, chains, 5)
+    assert np.all(np.diff(joined) >= 0) and joined[0] == 0  # renumbered in order
+    sizes = np.bincount(joined)
+    assert sizes.min() >= 5 and sizes.sum() == 23
+    for u in np.unique(joined):
+        assert len(set(chains[joined == u])) == 1  # never across chains
+    assert sizes.tolist() == [5, 8, 5, 5]  # a: 5 + (5 + a 3-frame tail); b: 5 + 5

@@ -9,18 +9,15 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
-from PIL import Image
 
 from flame_kd.data import paths as fr
-from flame_kd.data.decode import DEEP, EIGHT_BIT, describe
-from flame_kd.data.labels import find_label_ranges
+from flame_kd.data.checks import range_problems, rows_text, same_file_rows, verify_images
+from flame_kd.data.checks import row as _row
+from flame_kd.data.labels import MAX_ID, find_label_ranges, read_label_ranges
 from flame_kd.data.split import STATES, infer_groups, label_states
 from flame_kd.errors import DataError
 from flame_kd.files import not_regular
@@ -48,10 +45,6 @@ def format_problems(problems: list[str], limit: int = MAX_LISTED) -> str:
     return "\n".join(lines)
 
 
-def _row(i: int) -> str:
-    return f"row {i + 2}"  # header is row 1
-
-
 def _read_csv(csv: Path) -> tuple[pd.DataFrame | None, list[str]]:
     """The CSV as text columns (blank cells stay ""), or None and why not."""
     why = not_regular(csv)
@@ -60,13 +53,18 @@ def _read_csv(csv: Path) -> tuple[pd.DataFrame | None, list[str]]:
     if why is not None:
         return None, [f"{csv}: no such file (make one with `make demo`, which writes data/demo/flame2.csv, "
                       "`flame-kd data synth DIR`, or `flame-kd data prepare` from the FLAME2 download)"]
-    try:
-        raw = pd.read_csv(csv, dtype=str, keep_default_na=False, skipinitialspace=True)
+    try:  # the header read as a row: pandas would rename a second `fire` to `fire.1` unseen
+        raw = pd.read_csv(csv, dtype=str, header=None, keep_default_na=False, skipinitialspace=True)
     except pd.errors.EmptyDataError:
         return None, [f"{csv}: the file is empty (no header, no frames)"]
     except (pd.errors.ParserError, UnicodeDecodeError, OSError) as e:
         return None, [f"{csv}: cannot be read as CSV ({str(e).strip().splitlines()[0]})"]
-    raw.columns = [str(c).strip().lower() for c in raw.columns]
+    names = [str(c) for c in raw.iloc[0]]
+    raw = raw.iloc[1:].reset_index(drop=True)
+    raw.columns = [c.strip().lower() for c in names]
+    clashes = _column_clashes(names)
+    if clashes:
+        return None, [f"{csv}: {c}" for c in clashes]
     missing = [c for c in REQUIRED if c not in raw.columns]
     if missing:
         have = ", ".join(raw.columns)
@@ -74,6 +72,15 @@ def _read_csv(csv: Path) -> tuple[pd.DataFrame | None, list[str]]:
     if raw.empty:
         return None, [f"{csv}: no frames (the CSV has a header but no rows)"]
     return raw.apply(lambda col: col.str.strip()), []
+
+
+def _column_clashes(names: list[str]) -> list[str]:
+    """A problem per column flame-kd reads that the header names twice, in any case or spacing."""
+    seen: dict[str, list[int]] = {}
+    for k, name in enumerate(names):
+        seen.setdefault(name.strip().lower(), []).append(k)
+    return [f"{len(at)} columns are read as {key!r} ({', '.join(f'{names[k]!r} in column {k + 1}' for k in at)}): "
+            "keep one" for key, at in seen.items() if len(at) > 1 and key in (*REQUIRED, "id", "video")]
 
 
 # Label spellings of hand-made CSVs, in any case: spelling -> (word for 0, word for 1).
@@ -103,24 +110,58 @@ def _parse_labels(raw: pd.DataFrame) -> tuple[pd.DataFrame, list[str], str]:
     return out, problems, ", ".join(found)
 
 
+def _whole(text: str) -> int | None:
+    """``"12"``, ``"12.0"`` or ``"1e3"`` as an exact int (any size); None if not a whole number."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return int(value) if value == value and abs(value) != float("inf") and value % 1 == 0 else None
+
+
 def _parse_ids(raw: pd.DataFrame) -> tuple[pd.Series, list[str], str]:
-    """Frame ids (the ``id`` column, else the RGB file name's number), problems, and where from."""
+    """Frame ids (the ``id`` column, else the RGB file name's number), problems, and where from.
+
+    Ids are whole numbers in 0..2**63-1 (int64, as every table keeps them): others are refused by
+    row, never wrapped or dropped. Invalid ids are -1 in the returned series.
+    """
     problems = []
+    if "id" in raw.columns and raw["id"].str.fullmatch(r"\d{1,18}").all():  # the usual case, vectorised
+        return _duplicates(raw["id"].astype("int64"), problems), problems, "id column"
     if "id" in raw.columns:
-        ids = pd.to_numeric(raw["id"], errors="coerce")
-        for i in raw.index[ids.isna() | (ids % 1 != 0)]:
+        values = pd.Series([_whole(t) for t in raw["id"]], index=raw.index, dtype=object)  # exact, any size
+        for i in raw.index[values.isna()]:
             problems.append(f"{_row(i)}: id {raw.at[i, 'id']!r} is not a whole number")
         source = "id column"
     else:
-        ids = raw["rgb_frame"].map(fr.frame_id).astype("Float64")
-        for i in raw.index[ids.isna()]:
+        values = pd.Series([fr.frame_id(t) for t in raw["rgb_frame"]], index=raw.index, dtype=object)
+        for i in raw.index[values.isna()]:
             problems.append(f"{_row(i)}: no id column and no (number) in the RGB file name {raw.at[i, 'rgb_frame']!r}")
         source = "number in the RGB file name"
-    ids = ids.fillna(-1).astype("int64")
+    negative = raw.index[values.map(lambda v: v is not None and v < 0)]
+    over = raw.index[values.map(lambda v: v is not None and v > MAX_ID)]
+    if len(negative):
+        problems.append(f"{rows_text(negative)}: negative id ({', '.join(str(values[i]) for i in negative[:3])}"
+                        f"{', ...' if len(negative) > 3 else ''}): frame ids must be 0 or more")
+    if len(over):
+        problems.append(f"{rows_text(over)}: id {values[over[0]]}{', ...' if len(over) > 1 else ''} is beyond "
+                        f"the 64-bit limit {MAX_ID}: frame ids are int64 and would wrap")
+    ok = values.map(lambda v: v is not None and 0 <= v <= MAX_ID)
+    ids = pd.Series(-1, index=raw.index, dtype="int64")
+    ids[ok] = values[ok].astype("int64")
+    return _duplicates(ids, problems), problems, source
+
+
+def _duplicates(ids: pd.Series, problems: list[str]) -> pd.Series:
+    """``ids``, with a problem added per id (>= 0) that more than one row holds."""
     dup = ids[(ids >= 0) & ids.duplicated(keep=False)]
     for fid, rows in dup.groupby(dup).groups.items():
         problems.append(f"duplicate id {fid} in {', '.join(_row(i) for i in rows)}")
-    return ids, problems, source
+    return ids
 
 
 def _check_pairs(raw: pd.DataFrame) -> list[str]:
@@ -159,65 +200,6 @@ def _resolve_paths(raw: pd.DataFrame, root: Path, check_files: bool) -> tuple[pd
     return out, problems
 
 
-MIN_SIDE = 8  # pixels: a smaller image holds no frame (a 1x1 pair would train on flat colour)
-
-
-def _open_image(path: str) -> tuple[tuple[int, int] | None, str | None, str | None]:
-    """(width, height), Pillow's mode, and an error text (None when the image is usable).
-
-    JPEGs decode at 1/8 scale (``draft``): every byte is still read, so truncated or garbage files
-    fail, at a fraction of the cost of a full decode. A FIFO or device is refused before opening.
-    """
-    why = not_regular(path)
-    if why is not None:
-        return None, None, why
-    try:
-        with Image.open(path) as im:
-            size, mode = im.size, im.mode
-            im.draft("RGB", (max(1, size[0] // 8), max(1, size[1] // 8)))
-            im.load()
-    except Exception as e:  # PIL raises many types for bad files; all mean "unreadable"
-        return None, None, f"{type(e).__name__}: {e}"
-    if mode not in EIGHT_BIT and mode not in DEEP:
-        return size, mode, describe(mode)
-    if min(size) < MIN_SIDE:
-        return size, mode, f"{size[0]}x{size[1]} px, smaller than {MIN_SIDE}x{MIN_SIDE}: no frame to learn from"
-    return size, mode, None
-
-
-def _modes(results) -> str:
-    """``8-bit RGB`` or ``16-bit grey (I;16), scaled ... (120), 8-bit grey (3)``: how a modality decodes."""
-    counts = Counter(mode for _, mode, _ in results if mode)
-    if len(counts) == 1:
-        return describe(next(iter(counts)))
-    return ", ".join(f"{describe(m)} ({n:,})" for m, n in counts.most_common()) or "none readable"
-
-
-def _verify_images(rgb: list[str], ir: list[str], rows: pd.Index) -> tuple[list[str], str]:
-    """Decode every image; a problem per unreadable file and per pair of different sizes; the summary
-    says how each modality was decoded."""
-    workers = min(8, os.cpu_count() or 1)
-    with ThreadPoolExecutor(workers) as pool:
-        rgb_res = list(pool.map(_open_image, rgb))
-        ir_res = list(pool.map(_open_image, ir))
-    problems, sizes = [], set()
-    for i, path_r, path_i, (size_r, _, err_r), (size_i, _, err_i) in zip(rows, rgb, ir, rgb_res, ir_res):
-        if err_r:
-            problems.append(f"{_row(i)}: unreadable RGB image {path_r} ({err_r})")
-        if err_i:
-            problems.append(f"{_row(i)}: unreadable IR image {path_i} ({err_i})")
-        if size_r and size_i and size_r != size_i:
-            problems.append(
-                f"{_row(i)}: RGB/IR pair does not match: RGB image is {size_r[0]}x{size_r[1]} "
-                f"but IR image is {size_i[0]}x{size_i[1]}"
-            )
-        sizes.update(s for s in (size_r, size_i) if s)
-    shown = ", ".join(f"{w}x{h}" for w, h in sorted(sizes)[:4])
-    bad = sum(1 for _, _, err in rgb_res + ir_res if err)
-    return problems, (f"{2 * len(rows) - bad:,} decoded ({shown or 'none readable'}), {bad:,} unreadable; "
-                      f"RGB: {_modes(rgb_res)}; IR: {_modes(ir_res)}")
-
-
 @dataclass
 class _Inspection:
     """What `_inspect` found: the raw CSV, the frame table, every problem, and summary facts."""
@@ -253,8 +235,9 @@ class _Inspection:
         return "\n".join(lines)
 
 
-def _inspect(csv, root, verify_images: bool, check_files: bool, split_check: bool = False) -> _Inspection:
-    """Read, resolve and validate; shared by `check_frames` and `load_frames`."""
+def _inspect(csv, root, verify: bool, check_files: bool, split_check: bool = False, ranges=None) -> _Inspection:
+    """Read, resolve and validate; shared by `check_frames` and `load_frames`. ``ranges``: the label-range
+    file the split groups by (default ``label_ranges.tsv`` next to the CSV), checked against the labels."""
     csv = Path(csv)
     root = (Path(root) if root else csv.parent).resolve()
     raw, problems = _read_csv(csv)
@@ -269,24 +252,37 @@ def _inspect(csv, root, verify_images: bool, check_files: bool, split_check: boo
         problems += [f"{_row(i)}: video is blank" for i in raw.index[raw["video"] == ""]]
     paths, path_problems = _resolve_paths(raw, root, check_files)
     table["rgb_path"], table["ir_path"] = paths.rgb_path, paths.ir_path
-    problems += path_problems
+    problems += path_problems + same_file_rows(table)
+    problems += _ranges_problems(table, ranges if ranges is not None else find_label_ranges(csv))
     found = _Inspection(csv, root, raw, table, problems, ids_from, label_spelling=spelling)
-    if verify_images and check_files:
-        rows = table.index[paths.found]
-        image_problems, found.images = _verify_images(list(table.rgb_path[rows]), list(table.ir_path[rows]), rows)
+    if verify and check_files:
+        rows = table.index[paths.found & (table.rgb_path != table.ir_path)]
+        image_problems, found.images = verify_images(list(table.rgb_path[rows]), list(table.ir_path[rows]), rows)
         problems += image_problems
     if not problems:  # what would stop training later: said now, by check and training alike
-        contract_problems, found.warnings = _training_contract(table, csv, split_check)
+        contract_problems, found.warnings = _training_contract(table, csv, split_check, ranges)
         problems += contract_problems
     return found
 
 
-def _training_contract(table: pd.DataFrame, csv: Path, split_check: bool) -> tuple[list[str], list[str]]:
+def _ranges_problems(table: pd.DataFrame, ranges) -> list[str]:
+    """A broken or overlapping label-range file, and ranges that contradict the CSV's labels."""
+    if ranges is None:
+        return []
+    try:
+        parsed = ranges if isinstance(ranges, pd.DataFrame) else read_label_ranges(ranges)
+    except DataError as e:
+        return e.problems or [e.message]
+    return range_problems(table, parsed, "label ranges" if isinstance(ranges, pd.DataFrame) else Path(ranges).name)
+
+
+def _training_contract(table: pd.DataFrame, csv: Path, split_check: bool, ranges=None) -> tuple[list[str], list[str]]:
     """(problems, warnings) a valid table still has for training: a label with a single class (a
     warning), one image file under several rows (a problem when their labels disagree, else a warning: such rows
-    can land in train and test), and (``split_check``: `data check`) an empty part of the default
-    split (70/15/15, seed 42); training checks its own split, at its own ratios and seed."""
-    from flame_kd.data.split import make_split
+    can land in train and test), and (``split_check``: `data check`) a part of the default split
+    (70/15/15, seed 42) too small to train or report on; training checks its own split, at its own
+    ratios, seed and gap."""
+    from flame_kd.data.split import make_split, part_problems
 
     problems, warnings = [], []
     for col in ("fire", "smoke"):
@@ -305,11 +301,9 @@ def _training_contract(table: pd.DataFrame, csv: Path, split_check: bool) -> tup
                 warnings.append(f"{name} is used by {len(rows)} rows ({where}); they can land in train and test")
     if not split_check:
         return problems, warnings
-    split = make_split(table.reset_index(drop=True), seed=42, ranges=find_label_ranges(csv))
-    empty = [name for name in ("train", "val", "test") if len(split.indices(name)) == 0]
-    if empty:
-        problems.append(f"the {' and '.join(empty)} split would be empty at ratios 0.70/0.15/0.15 "
-                        f"({len(table)} frames are too few to split by video)")
+    split = make_split(table.reset_index(drop=True), seed=42, ranges=ranges if ranges is not None else
+                       find_label_ranges(csv))
+    problems += [f"default split (seed 42): {p}" for p in part_problems(split)]
     return problems, warnings
 
 
@@ -320,23 +314,24 @@ def check_frames(csv, root=None, *, verify_images: bool = True, check_files: boo
     ``ranges`` (a label-range file; default ``label_ranges.tsv`` next to the CSV) only changes how
     the summary counts groups.
     """
-    found = _inspect(csv, root, verify_images, check_files, split_check=True)
+    ranges = ranges if ranges is not None else find_label_ranges(csv)
+    found = _inspect(csv, root, verify_images, check_files, split_check=True, ranges=ranges)
     try:
-        summary = found.summary(ranges if ranges is not None else find_label_ranges(csv))
-    except DataError as e:  # a broken label_ranges.tsv is one more problem, not a crash
-        found.problems += e.problems or [e.message]
+        summary = found.summary(ranges)
+    except DataError:  # a broken label_ranges.tsv is already one of the problems
         summary = found.summary(None)
     frames = None if found.problems or found.table is None else found.table.reset_index(drop=True)
     return CheckReport(found.problems, summary, frames)
 
 
-def load_frames(csv, root=None, verify_images: bool = False, *, check_files: bool = True) -> pd.DataFrame:
+def load_frames(csv, root=None, verify_images: bool = False, *, check_files: bool = True, ranges=None) -> pd.DataFrame:
     """The frame table (``id, rgb_path, ir_path, fire, smoke[, video]``, CSV order) or `DataError`.
 
     ``verify_images=False`` only checks that files exist (the frame cache decodes them later and
     fails on a corrupt one); ``check_files=False`` needs no image at all (for `data split`).
+    ``ranges``: the label-range file to check the labels against (default: the one next to the CSV).
     """
-    found = _inspect(csv, root, verify_images, check_files)
+    found = _inspect(csv, root, verify_images, check_files, ranges=ranges)
     if found.problems:
         n = len(found.problems)
         raise DataError(f"{n} problem(s) in {csv}:\n{format_problems(found.problems)}", found.problems)

@@ -1,10 +1,12 @@
 """Video-aware train/val/test split: neighbouring (near-identical) frames never straddle two splits.
 
 Groups come from a ``video`` column, else the FLAME2 label ranges, else runs of one label state in
-id order. Inferred groups (ranges, runs) are long stretches of one flight, so they are cut into
-contiguous blocks; where two neighbouring blocks land in different splits, ``gap`` frames at the
-boundary are dropped (split ``gap``). Blocks are assigned so the FRAME fractions come close to the
-ratios with every label state present in every split. A pure function of (frames, seed, ratios).
+id order. A video stays whole (its frames share one split, so it needs no gap). Inferred groups
+(ranges, runs) are long stretches of one flight, so they are cut into contiguous blocks; frames are
+then dropped (split ``gap``) until every kept frame is more than ``gap`` ids from every kept frame of
+another split in the same sequence (``_kept_mask``: exact, however small the blocks). Blocks are
+assigned so the FRAME fractions come close to the ratios with every label state present in every
+split. A pure function of (frames, seed, ratios).
 """
 
 from __future__ import annotations
@@ -16,11 +18,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from flame_kd.data.blocks import SPLITS, STATES, Problem, greedy, improve, join_short, repair, units
 from flame_kd.errors import ConfigError
 
-SPLITS = ("train", "val", "test")
-STATES = ("NN", "NY", "YN", "YY")
-STATE_WEIGHT = 0.02  # per-state balance vs frame fractions: frame fractions come first
+__all__ = ["SPLITS", "STATES", "Split", "make_split", "split_frames", "part_problems"]
+
+GAP_BLOCKS = 10  # blocks are at least this many gaps long (N/40 frames if less, never a gap or less)
+
 
 
 def label_states(frames: pd.DataFrame) -> pd.Series:
@@ -42,11 +46,10 @@ def infer_groups(frames: pd.DataFrame, ranges=None) -> tuple[pd.Series, str]:
     how = "runs of one label state in id order"
     groups = pd.Series("", index=frames.index, dtype=object)
     if ranges is not None:
-        from flame_kd.data.labels import expand_ranges, read_label_ranges
+        from flame_kd.data.labels import range_owner, read_label_ranges
 
         table = ranges if isinstance(ranges, pd.DataFrame) else read_label_ranges(ranges)
-        owner = expand_ranges(table).set_index("id")["range"]
-        pos = frames["id"].map(owner)
+        pos = pd.Series(range_owner(table, frames["id"].to_numpy()), index=frames.index).where(lambda x: x >= 0)
         spans = table[["first", "last", "fire_smoke"]].itertuples(index=False)
         names = [f"range {p + 1} ({first}-{last} {state})" for p, (first, last, state) in enumerate(spans)]
         groups[pos.notna()] = [names[int(p)] for p in pos[pos.notna()]]
@@ -80,13 +83,15 @@ class Split:
     notes: list[str] = field(default_factory=list)  # how the gap was chosen, the measured leakage
     decorrelation_frames: int | None = None  # the data's measured decorrelation distance (gap auto)
     leakage: object | None = None  # leakage.Leakage when measured on the images
+    assigned: dict[str, int] = field(default_factory=dict)  # frames per split before the gap dropped any
+    whole_groups: bool = False  # groups (videos) kept whole, never cut into blocks
 
     def metrics(self) -> dict[str, float]:
         """``split_*`` metrics every training run logs: fractions, frames, gap, measured leakage."""
         out = {f"split_{k}_fraction": v for k, v in self.fractions.items()}
         counts = self.counts
         out |= {f"split_{k}_frames": float(counts[k]) for k in SPLITS}
-        out["split_gap_frames"] = float(self.gap)  # frames dropped at each cross-split boundary
+        out["split_gap_frames"] = float(self.gap)  # kept frames of two splits are more than this many ids apart
         out["split_dropped_frames"] = float(counts["gap"])  # all of them together
         if self.decorrelation_frames is not None:
             out["split_decorrelation_frames"] = float(self.decorrelation_frames)
@@ -150,208 +155,6 @@ def parse_ratios(ratios) -> tuple[float, float, float]:
     return tuple(values)  # type: ignore[return-value]
 
 
-def _units(order, groups, states, chains, block_size, min_blocks, cut) -> np.ndarray:
-    """Unit (block) number per frame in ``order``: contiguous runs of one group and state, cut into blocks.
-
-    A state's block size shrinks until it has at least ``min_blocks`` blocks, so each label state
-    can reach every split in the right proportion.
-    """
-    g, st, ch = groups[order], states[order], chains[order]
-    new = np.r_[True, (g[1:] != g[:-1]) | (ch[1:] != ch[:-1]) | ((st[1:] != st[:-1]) & cut)]
-    starts = np.flatnonzero(new)
-    lengths = np.diff(np.r_[starts, len(order)])
-    if cut:
-        state_total = pd.Series(st).value_counts()
-        per_state = state_total.reindex(st[starts]).to_numpy()
-        b = np.maximum(1, np.minimum(block_size, per_state // min_blocks))
-        pieces = -(-lengths // b)  # ceil
-    else:
-        pieces = np.ones(len(starts), dtype=np.int64)
-    run = np.repeat(np.arange(len(starts)), lengths)
-    local = ((np.arange(len(order)) - starts[run]) * pieces[run]) // lengths[run]  # near-equal contiguous pieces
-    return (np.r_[0, np.cumsum(pieces)[:-1]][run] + local).astype(np.int64)
-
-
-class _Problem:
-    """Unit-level view of the assignment: sizes, state counts, neighbours; evaluates a candidate fast."""
-
-    def __init__(self, unit, states_ord, chains_ord, ratios, gap):
-        self.n_units = int(unit.max()) + 1
-        self.size = np.bincount(unit, minlength=self.n_units)
-        codes = pd.Categorical(states_ord, categories=STATES).codes
-        self.counts = np.zeros((self.n_units, 4))
-        np.add.at(self.counts, (unit, codes), 1)
-        # units are numbered along the chain order, so a unit's neighbours are u-1 and u+1
-        first = np.r_[0, np.flatnonzero(np.diff(unit)) + 1]
-        joined = np.r_[False, chains_ord[first[1:]] == chains_ord[first[1:] - 1]]  # same chain as u-1
-        u = np.arange(self.n_units)
-        self.prev = np.where(joined, u - 1, -1)
-        self.next = np.where(np.r_[joined[1:], False], u + 1, -1)
-        self.ratios = np.asarray(ratios)
-        self.active = self.ratios > 0
-        self.left, self.right = gap // 2, gap - gap // 2  # frames dropped before / after a boundary
-        total = self.counts.sum(0)  # plain-python copies for the local search's inner loop
-        self._present = [int(k) for k in np.flatnonzero(total > 0)]
-        self._share = (total[total > 0] / total.sum()).tolist()
-        self._active = [int(s) for s in np.flatnonzero(self.active)]
-        self._ratios = self.ratios.tolist()
-        self._counts, self._size = self.counts.tolist(), self.size.tolist()
-        self._prev, self._next = self.prev.tolist(), self.next.tolist()
-
-    def effective(self, assign: np.ndarray) -> np.ndarray:
-        """Kept frames per unit after the gaps at cross-split boundaries."""
-        cut_before = (self.prev >= 0) & (assign[np.maximum(self.prev, 0)] != assign)
-        cut_after = (self.next >= 0) & (assign[np.maximum(self.next, 0)] != assign)
-        lost = self.right * cut_before + self.left * cut_after
-        return np.maximum(self.size - lost, 0)
-
-    def split_counts(self, assign: np.ndarray) -> np.ndarray:
-        """[3, 4] kept frames per split and state (state counts scaled by each unit's kept share)."""
-        keep = self.effective(assign) / np.maximum(self.size, 1)
-        out = np.zeros((3, 4))
-        np.add.at(out, assign, self.counts * keep[:, None])
-        return out
-
-    def cost(self, assign: np.ndarray) -> float:
-        """Squared error of the frame fractions, plus 10 per label state missing from a split, plus
-        a small term (weight ``STATE_WEIGHT``) for each state's own fractions, so ties go to the
-        better stratified split."""
-        return self.cost_of(self.split_counts(assign))
-
-    def contribution(self, assign: np.ndarray, units) -> list[list[float]]:
-        """[3][4] kept frames of ``units`` alone (their gaps depend on their neighbours only), so a
-        move is evaluated from the few units it touches, not the whole assignment (plain floats:
-        numpy's per-call cost would dominate these 12 numbers)."""
-        out = [[0.0] * 4 for _ in range(3)]
-        for u in units:
-            s = assign[u]
-            lost = 0
-            if self._prev[u] >= 0 and assign[self._prev[u]] != s:
-                lost += self.right
-            if self._next[u] >= 0 and assign[self._next[u]] != s:
-                lost += self.left
-            size = self._size[u]
-            keep = max(size - lost, 0) / max(size, 1)
-            row = out[s]
-            for k, n in enumerate(self._counts[u]):
-                row[k] += n * keep
-        return out
-
-    def touched(self, *units: int) -> set[int]:
-        """The units whose kept frames change when ``units`` change split: them and their neighbours."""
-        out = set()
-        for u in units:
-            out |= {w for w in (u, self._prev[u], self._next[u]) if w >= 0}
-        return out
-
-    def cost_of(self, c) -> float:
-        """``cost`` from the [3][4] kept-frame counts (numpy or nested lists)."""
-        rows = c.tolist() if isinstance(c, np.ndarray) else c
-        ratios = self._ratios
-        missing = sum(1 for s in self._active for k in self._present if rows[s][k] <= 0)
-        totals = [sum(r) for r in rows]
-        whole = max(sum(totals), 1)
-        err = sum((totals[s] / whole - ratios[s]) ** 2 for s in range(3))
-        strat = 0.0
-        for share, k in zip(self._share, self._present):
-            col = max(rows[0][k] + rows[1][k] + rows[2][k], 1)
-            strat += share * sum((rows[s][k] / col - ratios[s]) ** 2 for s in range(3))
-        return 10.0 * missing + err + STATE_WEIGHT * strat
-
-
-def _greedy(p: _Problem, rng: np.random.Generator) -> np.ndarray:
-    """Largest block first, to the split whose per-state deficit it fills best (seeded tie-breaks)."""
-    target = p.ratios[:, None] * p.counts.sum(0)[None, :]
-    filled = np.zeros((3, 4))
-    jitter = rng.uniform(0.8, 1.25, p.n_units)  # the seed reorders blocks of similar size
-    assign = np.zeros(p.n_units, dtype=np.int64)
-    for u in np.argsort(-p.size * jitter, kind="stable"):
-        c = p.counts[u]
-        delta = 2 * (filled - target) @ c + rng.uniform(0, 1e-6, 3)
-        delta[~p.active] = np.inf
-        s = int(np.argmin(delta))
-        assign[u] = s
-        filled[s] += c
-    return assign
-
-
-def _repair(p: _Problem, assign: np.ndarray, warnings: list[str]) -> np.ndarray:
-    """Move the smallest fitting block into any split that lacks a label state, where one can move."""
-    for k, state in enumerate(STATES):
-        for s in np.flatnonzero(p.active):
-            have = np.array([p.counts[assign == t, k].sum() for t in range(3)])
-            if have.sum() == 0 or have[s] > 0:
-                continue
-            holders = np.flatnonzero(p.counts[:, k] > 0)
-            movable = holders[have[assign[holders]] - p.counts[holders, k] > 0]
-            if not len(movable):
-                warnings.append(f"label state {state} has too few frames or blocks to reach the {SPLITS[s]} split")
-                continue
-            u = movable[np.lexsort((movable, p.size[movable]))[0]]  # the smallest, then the first
-            assign[u] = s
-    return assign
-
-
-MOVE_BUDGET = 120_000  # single-block moves tried at most: 100,000 one-frame runs still split in seconds
-
-
-def _improve(p: _Problem, assign: np.ndarray, max_rounds: int = 50, max_swap_units: int = 300) -> np.ndarray:
-    """Local search: single-block moves and pairwise swaps while they bring the fractions closer.
-
-    A move is scored from the few blocks it touches (``_Problem.contribution``), so a round costs
-    O(blocks); rounds stop after ``MOVE_BUDGET`` moves in all. Swaps are tried only up to
-    ``max_swap_units`` blocks (O(blocks^2) per round).
-    """
-    assign = assign.tolist()
-    counts = p.split_counts(np.asarray(assign)).tolist()
-    best = p.cost_of(counts)
-    swaps = p.n_units <= max_swap_units
-    budget = MOVE_BUDGET
-
-    def tried(near) -> bool:  # assign already holds the candidate: keep it if it lowers the cost
-        nonlocal counts, best
-        after = p.contribution(assign, near)
-        trial = [[c - b + a for c, b, a in zip(*rows)] for rows in zip(counts, before, after)]
-        cost = p.cost_of(trial)
-        if cost < best - 1e-12:
-            counts, best = trial, cost
-            return True
-        return False
-
-    for _ in range(max_rounds):
-        improved = False
-        for u in range(p.n_units):
-            for s in p._active:
-                if s == assign[u]:
-                    continue
-                near = p.touched(u)
-                before, old = p.contribution(assign, near), assign[u]
-                assign[u] = s
-                if tried(near):
-                    improved = True
-                else:
-                    assign[u] = old
-            budget -= len(p._active) - 1
-            if budget <= 0:
-                return np.asarray(assign, dtype=np.int64)
-        for u in range(p.n_units if swaps else 0):
-            for v in range(u + 1, p.n_units):
-                if assign[u] == assign[v]:
-                    continue
-                near = p.touched(u, v)
-                before = p.contribution(assign, near)
-                assign[u], assign[v] = assign[v], assign[u]
-                if tried(near):
-                    improved = True
-                else:
-                    assign[u], assign[v] = assign[v], assign[u]
-        if not improved:
-            break
-        counts = p.split_counts(np.asarray(assign)).tolist()  # no drift from the running sums
-        best = p.cost_of(counts)
-    return np.asarray(assign, dtype=np.int64)
-
-
 def make_split(
     frames: pd.DataFrame,
     seed: int = 42,
@@ -382,15 +185,17 @@ def make_split(
     # frames in chain order: a video's frames (or the whole set) by id; neighbours are adjacent here
     order = np.lexsort((frames["id"].to_numpy(), pd.factorize(chains, sort=True)[0]))
     states = label_states(frames).to_numpy()
-    unit = _units(order, groups.to_numpy(), states, chains, block_size, min_blocks, cut)
+    unit = units(order, groups.to_numpy(), states, chains, block_size, min_blocks, cut)
+    if cut and gap > 0:  # a block shorter than the gap would lose every frame at a boundary
+        unit = join_short(unit, chains[order], min(GAP_BLOCKS * gap, max(gap + 1, n // 40)))
 
-    p = _Problem(unit, states[order], chains[order], ratios, gap if cut else 0)
+    p = Problem(unit, states[order], chains[order], ratios, gap if cut else 0)
     warnings: list[str] = []
     rng = np.random.default_rng(seed)
-    assign = _improve(p, _repair(p, _greedy(p, rng), warnings))
+    assign = improve(p, repair(p, greedy(p, rng), warnings))
 
     split_of = np.array(SPLITS, dtype=object)[assign[unit]]
-    kept = _kept_mask(unit, assign, p)
+    kept = _kept_mask(frames["id"].to_numpy()[order], assign[unit], chains[order], gap if cut else 0)
     split_of[~kept] = "gap"
     manifest = pd.DataFrame(index=frames.index, columns=["id", "split", "group", "block", "state"])
     manifest["id"] = frames["id"].to_numpy()
@@ -399,23 +204,86 @@ def make_split(
     manifest.iloc[order, manifest.columns.get_loc("split")] = split_of
     manifest.iloc[order, manifest.columns.get_loc("block")] = unit
     manifest = manifest.reset_index(drop=True).astype({"block": int})
-    return Split(manifest, ratios, seed, how, block_size, gap if cut else 0, warnings)
+    assigned = pd.Series(split_of).where(kept, np.array(SPLITS, dtype=object)[assign[unit]]).value_counts()
+    return Split(manifest, ratios, seed, how, block_size, gap if cut else 0, warnings,
+                 assigned={s: int(assigned.get(s, 0)) for s in SPLITS}, whole_groups=not cut)
 
 
-def _kept_mask(unit: np.ndarray, assign: np.ndarray, p: _Problem) -> np.ndarray:
-    """Per frame in chain order: False for the ``gap`` frames at cross-split block boundaries."""
-    kept = np.ones(len(unit), dtype=bool)
-    first = np.r_[0, np.flatnonzero(np.diff(unit)) + 1]
-    last = np.r_[first[1:], len(unit)]
-    for u in range(p.n_units):
-        if p.prev[u] >= 0 and assign[p.prev[u]] != assign[u]:
-            kept[first[u] : min(first[u] + p.right, last[u])] = False
-        if p.next[u] >= 0 and assign[p.next[u]] != assign[u]:
-            kept[max(last[u] - p.left, first[u]) : last[u]] = False
+# Val and test frames at least: the test report embeds its features in 2-D, and UMAP's spectral start
+# fails below 4 points (t-SNE below 2); val, which picks the best epoch, is held to the same floor.
+MIN_PART_FRAMES = 4
+
+
+def part_problems(split: Split) -> list[str]:
+    """What leaves a split part too small to train on (train: 1 frame) or report on (val, test:
+    ``MIN_PART_FRAMES``), one line per cause: its ratio, too few videos, the gap, or too few frames."""
+    counts, n = split.counts, len(split.manifest)
+    r = "/".join(f"{x:.2f}" for x in split.ratios)
+    active = sum(1 for x in split.ratios if x > 0)
+    groups = int(split.manifest["group"].nunique())
+    short = [(name, ratio, 1 if name == "train" else MIN_PART_FRAMES) for name, ratio in zip(SPLITS, split.ratios)]
+    short = [(name, ratio, need) for name, ratio, need in short if counts[name] < need]
+    out: list[str] = []
+    zero = [name for name, ratio, _ in short if ratio == 0]
+    if zero:
+        out.append(f"the {' and '.join(zero)} split{'s are' if len(zero) > 1 else ' is'} empty: ratio 0 (ratios {r})")
+    short = [x for x in short if x[1] > 0]
+    if short and split.whole_groups and groups < active:
+        videos = "one video" if groups == 1 else f"{groups} videos"
+        return out + [f"{videos}: the split keeps each video whole, so it needs at least {active} videos (groups), "
+                      "one per part; add videos, or leave out the video column so label ranges are cut into blocks"]
+    if not short:
+        return out
+    names = " and ".join(name for name, _, _ in short)
+    got = " and ".join(str(counts[name]) for name, _, _ in short)
+    plural = "s" if len(short) > 1 else ""
+    least = max(int(np.ceil(need / ratio)) for _, ratio, need in short)
+    dropped = f"drops {counts['gap']:,} of {n:,} frames" if counts["gap"] else f"joins the {n:,} frames into longer blocks"
+    if split.gap and (all(split.assigned.get(name, 0) >= need for name, _, need in short)
+                      or n - 2 * split.gap < least <= n):  # the frames would do; the gap is what is missing
+        out.append(f"a gap of {split.gap:,} frame(s) leaves the {names} split{plural} {got} frame(s) ({_needs()}): "
+                   f"keeping every frame more than {split.gap:,} ids from the frames of other splits {dropped}; "
+                   "give a smaller --gap, or more frames")
+    else:
+        with_gap = f" with a gap of {split.gap:,}" if split.gap else ""
+        out.append(f"{n:,} frames are too few: the {names} split{plural} get{'' if plural else 's'} {got} frame(s) "
+                   f"at ratios {r}{with_gap} ({_needs()}; a set of at least {least:,} frames, more with the gaps "
+                   "between blocks)")
+    return out
+
+
+def _needs() -> str:
+    return f"training needs 1 frame, the reports {MIN_PART_FRAMES} val and {MIN_PART_FRAMES} test frames"
+
+
+def _kept_mask(ids: np.ndarray, part: np.ndarray, chains: np.ndarray, gap: int) -> np.ndarray:
+    """Per frame in chain order (``ids`` sorted within each chain, ``part`` its split 0/1/2): False for
+    the frames dropped so that kept frames of two splits in one chain lie more than ``gap`` ids apart.
+
+    One sweep per chain in id order over runs of one split: a run keeps the frames more than ``gap``
+    ids after the last kept frame of every other split (so a block shorter than the gap is dropped
+    whole and the next one is still measured from the last kept frame, not from the block between).
+    """
+    kept = np.ones(len(ids), dtype=bool)
+    if gap <= 0 or len(ids) == 0:
+        return kept
+    new = np.r_[True, (part[1:] != part[:-1]) | (chains[1:] != chains[:-1])]
+    starts = np.flatnonzero(new)
+    ends = np.r_[starts[1:], len(ids)]
+    last: dict[int, int] = {}
+    for a, b in zip(starts.tolist(), ends.tolist()):
+        if a == 0 or chains[a] != chains[a - 1]:
+            last = {}  # a new chain: nothing kept before it is its neighbour
+        s = int(part[a])
+        others = [v for t, v in last.items() if t != s]
+        if others:
+            threshold = max(others) + gap  # keep ids > threshold
+            first_kept = a + int(np.searchsorted(ids[a:b], threshold, side="right"))
+            kept[a:first_kept] = False
+            if first_kept == b:
+                continue
+        last[s] = int(ids[b - 1])
     return kept
-
-
-GAP_BLOCKS = 10  # with a measured gap, blocks are at least this many gaps long: few boundaries, few dropped
 
 
 def chain_order(frames: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
@@ -458,7 +326,10 @@ def split_frames(frames: pd.DataFrame, seed: int = 42, ratios=(0.7, 0.15, 0.15),
     th = thumbs[order] if thumbs is not None else None  # chain order: row order of the CSV changes nothing
     if isinstance(gap, int):
         kwargs["gap"] = gap
-        notes.append(f"gap: {gap} frames, as given")
+        kwargs["block_size"] = max(round(len(frames) / 40), GAP_BLOCKS * gap, 1)
+        notes.append(f"gap: {gap} frames, as given (kept frames of two splits are more than {gap} ids apart)"
+                     if "video" not in frames.columns else
+                     f"gap: {gap} frames, as given; unused: each video stays whole in one split")
     elif gap == "auto" and th is not None:
         decor = lk.decorrelation(th, np.arange(len(frames)), chains, seed=seed)
         kwargs["gap"] = decor.distance

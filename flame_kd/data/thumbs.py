@@ -7,6 +7,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import pandas as pd
 from PIL import Image
 
 from flame_kd.errors import DataError
+from flame_kd.data.checks import MAX_PIXELS, MAX_SIDE
 from flame_kd.data.decode import EIGHT_BIT, to_rgb8
 from flame_kd.files import check_regular
 from flame_kd.progress import track
@@ -27,9 +29,14 @@ def _thumb(path: str, size: int) -> np.ndarray:
     try:
         check_regular(path)
         with Image.open(path) as im:
+            if im.size[0] * im.size[1] > MAX_PIXELS:  # refused by `data check` too; never decoded
+                raise DataError(f"image {path} is {im.size[0]}x{im.size[1]} px, over the bound of "
+                                f"{MAX_SIDE}x{MAX_SIDE}", [f"image over the pixel bound: {path}"])
             im.draft("L", (size * 2, size * 2))  # JPEG: decode at reduced scale, much faster
             im = (im if im.mode in EIGHT_BIT else to_rgb8(im)).convert("L").resize((size, size), Image.BILINEAR)
             return np.asarray(im, dtype=np.float32).ravel()
+    except DataError:
+        raise
     except Exception as e:  # PIL raises many types for bad files; all mean "unreadable"
         raise DataError(f"unreadable image {path} ({type(e).__name__}: {e})", [f"unreadable image {path}"]) from None
 
@@ -49,7 +56,8 @@ def thumbnails(paths, size: int = THUMB, workers: int = 8, cache_dir: str | Path
         if arr is not None:
             return arr
         log.warning("thumbnail cache %s %s; building it again", cached, why)
-    with ThreadPoolExecutor(max_workers=workers) as pool:  # PIL releases the GIL while decoding
+    with warnings.catch_warnings(), ThreadPoolExecutor(max_workers=workers) as pool:  # PIL releases the GIL
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # names no file: _thumb refuses instead
         thumbs = track(pool.map(lambda p: _thumb(p, size), paths), "thumbnails (split gap and leakage)",
                        total=len(paths), unit="frames")
         x = np.stack(list(thumbs)) if paths else np.zeros((0, size * size), np.float32)

@@ -28,7 +28,7 @@ from flame_kd.config import VOLATILE, DataConfig, TrackingConfig, TrainConfig, b
 from flame_kd.data.dataset import FrameCache, PairedFrames, build_cache, make_loader
 from flame_kd.data.labels import find_label_ranges
 from flame_kd.data.schema import data_digest, load_frames
-from flame_kd.data.split import Split, split_frames
+from flame_kd.data.split import Split, part_problems, split_frames
 from flame_kd.data.thumbs import frame_thumbnails
 from flame_kd.engine import ConsoleCallback, FitState, Trainer, load_checkpoint, load_weights
 from flame_kd.evaluate import (
@@ -73,9 +73,9 @@ def load_data(cfg: DataConfig, seed: int, device: torch.device, augment: str | N
     frames = load_frames(cfg.csv, root=cfg.root, verify_images=True)  # exactly `data check`'s checks
     digest = data_digest(frames, cache_dir=cache_home())  # names, labels and every image's bytes
     split = make_data_split(frames, cfg, seed, digest)
-    for name in ("train", "val", "test"):
-        if len(split.indices(name)) == 0:
-            raise DataError(f"{cfg.csv}: the {name} split is empty ({len(frames)} frames are too few to split)")
+    too_small = part_problems(split)  # before any run exists: a one-frame test split breaks the reports
+    if too_small:
+        raise DataError(f"{cfg.csv}: {'; '.join(too_small)}", too_small)
     cache_dir = cfg.cache_dir or str(cache_home() / "frames")
     cache = build_cache(frames, cfg.image_size, cfg.cache, device, cache_dir=cache_dir, data_digest=digest)
     loaders = {}
