@@ -174,3 +174,12 @@ def test_ablation_bars_without_ci_and_bad_table():
     assert len(_renders(plots.ablation_bars(table)).axes) == 1
     with pytest.raises(ValueError, match="recall_macro_mean"):
         plots.ablation_bars(table, metric="recall_macro")
+
+
+def test_ablation_bars_clip_to_the_metric_range():
+    """A wide interval (2 seeds' t-interval: 0.7590 +- 1.0256) never stretches the axis past [0, 1]."""
+    table = _ablation_table().assign(f1_macro_ci95=1.0256)
+    (ax,) = _renders(plots.ablation_bars(table)).axes
+    assert ax.get_ylim() == (0.0, 1.0)
+    (ax,) = _renders(plots.ablation_bars(table.assign(f1_macro_ci95=float("nan")))).axes
+    assert ax.get_ylim() == (0.0, 1.0) and "CI" not in ax.get_ylabel()
