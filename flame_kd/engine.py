@@ -693,13 +693,13 @@ def set_grad_checkpointing(model: nn.Module, enable: bool) -> None:
 
     setter = getattr(model, "set_grad_checkpointing", None)
     if setter is None:
-        raise ConfigError(f"--grad-checkpointing: {type(model).__name__} cannot checkpoint its activations")
+        raise ConfigError(f"{spell('grad_checkpointing')}: {type(model).__name__} cannot checkpoint its activations")
     try:
         setter(enable)
     # timm's models without checkpointing say so with `assert not enable, "gradient checkpointing not
     # supported"` (an AssertionError), others raise NotImplementedError: both are the user's option here
     except (AssertionError, NotImplementedError, AttributeError) as err:
-        raise ConfigError(f"--grad-checkpointing: {type(model).__name__} does not support it ({err})") from None
+        raise ConfigError(f"{spell('grad_checkpointing')}: {type(model).__name__} does not support it ({err})") from None
 
 
 def rebatched(loader, batch_size: int):

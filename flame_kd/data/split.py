@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from flame_kd.errors import ConfigError
+from flame_kd.options import spell
 
 SPLITS = ("train", "val", "test")
 STATES = ("NN", "NY", "YN", "YY")
@@ -434,9 +435,9 @@ def parse_gap(gap) -> int | str:
     try:
         value = int(text)
     except ValueError:
-        raise ConfigError(f"--gap must be auto, rule or a number of frames, not {gap!r}") from None
+        raise ConfigError(f"{spell('gap')} must be auto, rule or a number of frames, not {gap!r}") from None
     if value < 0:
-        raise ConfigError(f"--gap must be >= 0 frames, not {value}")
+        raise ConfigError(f"{spell('gap')} must be >= 0 frames, not {value}")
     return value
 
 

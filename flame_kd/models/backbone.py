@@ -141,7 +141,7 @@ def freeze_stages(backbone: nn.Module, stages: int) -> list[nn.Module]:
         return []
     name = type(backbone).__name__
     if not hasattr(backbone, "group_matcher"):
-        raise ConfigError(f"--freeze is not supported for {name} (timm gives it no stage groups)")
+        raise ConfigError(f"{spell('freeze')} is not supported for {name} (timm gives it no stage groups)")
     matcher = backbone.group_matcher(coarse=True)
     param_groups = timm.models.group_parameters(backbone, matcher)
     if stages >= len(param_groups):  # group 0 is the stem
