@@ -15,7 +15,7 @@ from flame_kd.errors import ConfigError
 from flame_kd.models import build_student, build_teacher
 from flame_kd.options import FORM_ENV, option_form, spell, spelled_as
 
-from pipeline_helpers import TINY_TEACHER, use_store
+from pipeline_helpers import REPO, TINY_TEACHER, cli, use_store
 
 
 @pytest.fixture
@@ -103,3 +103,16 @@ def test_a_spec_key_is_named_from_an_ablation_cell(typed, tmp_path, monkeypatch,
     result = CliRunner().invoke(main, ["ablation", "--spec", str(spec)])
     assert result.exit_code != 0 and "device: cuda:7:" in result.output, result.output
     assert "try device: auto" in result.output and "--device" not in result.output
+
+
+@pytest.mark.slow  # a real `mlflow run` (its run ends FAILED)
+def test_a_real_mlflow_run_is_answered_in_p_parameters(tmp_path, synth_csv):
+    """`mlflow run . -e teacher -P weights=<missing>`: the refusal names -P weights=FILE and -P pretrained=false."""
+    done = cli("mlflow", "run", str(REPO), "-e", "teacher", "--env-manager", "local", "--experiment-name", "hints",
+               "-P", f"teacher={TINY_TEACHER}", "-P", f"data={synth_csv}", "-P", "image_size=32", "-P", "device=cpu",
+               "-P", f"weights={tmp_path / 'nope.pth'}",
+               env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "FLAME_KD_CACHE": str(tmp_path / "c")},
+               cwd=tmp_path)
+    out = done.stdout + done.stderr
+    assert done.returncode != 0 and "pass -P weights=FILE (a local timm state dict) or -P pretrained=false" in out, out[-3000:]
+    assert "--no-pretrained" not in out
