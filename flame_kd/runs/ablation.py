@@ -225,7 +225,8 @@ def spread_text(mean: float, ci: float, lo: float, hi: float, n: int, sign: str 
         return "-"
     if not pd.isna(ci):
         return f"{mean:{sign}.4f} ± {ci:.4f}"
-    return f"{mean:{sign}.4f}" + (f" ({lo:{sign}.4f} / {hi:{sign}.4f})" if n == 2 else "")
+    both = n == 2 and not (pd.isna(lo) or pd.isna(hi))  # (a table written before _min/_max: the mean alone)
+    return f"{mean:{sign}.4f}" + (f" ({lo:{sign}.4f} / {hi:{sign}.4f})" if both else "")
 
 
 def summary_table(runs: pd.DataFrame) -> pd.DataFrame:
