@@ -427,7 +427,7 @@ def resolve_cache_mode(mode: str, device: torch.device, need_bytes: int, free_by
         reasons.append(f"the host has {host / 2**30:.1f} GiB available (a memory cache may use "
                        f"{HOST_CACHE_SHARE:.0%})")
     if reasons:
-        log.warning("--cache %s: the frames need %.1f GiB and %s; caching them %s", mode, need_bytes / 2**30,
+        log.warning("%s: the frames need %.1f GiB and %s; caching them %s", spell(cache=mode), need_bytes / 2**30,
                     " and ".join(reasons), where)
     return chosen
 
