@@ -28,7 +28,7 @@ from flame_kd.config import (
     TeacherRunConfig,
     TrackingConfig,
 )
-from flame_kd.options import NONE_WORDS, OrNone, build_config, config_options
+from flame_kd.options import NONE_WORDS, OrNone, build_config, config_options, spell, spelled_as
 
 
 class _StoppableGroup(click.Group):
@@ -57,7 +57,7 @@ class _StoppableGroup(click.Group):
                 sys.exit(1)
             signum = cause.signum if isinstance(cause, Preempted) else signal.SIGINT
             click.echo(f"flame-kd: stopped by {signal.Signals(signum).name}; "
-                       "`--resume true` continues the run", err=True)
+                       f"`{spell(resume=True)}` continues the run", err=True)
             sys.exit(128 + signum)
         except click.ClickException as err:
             _fail_env_run(err)
@@ -330,7 +330,8 @@ def ablation(spec: str, **o) -> None:
         extra = {} if grid.storage else {"FLAME_KD_GRID_STORAGE": resolve_storage(None, uri)}
         args = sys.argv[1:] + ([] if grid.storage else ["--storage", "env:FLAME_KD_GRID_STORAGE"])
         sys.exit(launch(grid.workers, args, extra))
-    parent = run_ablation(grid)
+    with spelled_as("spec"):  # a hint in a cell names the spec's key (batch_size: 32), not a flag
+        parent = run_ablation(grid)
     click.echo(f"ablation run {parent}")
 
 

@@ -14,7 +14,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from flame_kd.options import Section, nested
+from flame_kd.options import Section, nested, spell
 
 
 def opt(default: Any = dataclasses.MISSING, help: str | Callable[[], str] = "", *, factory=None, cli: str | None = None,
@@ -177,15 +177,15 @@ def parse_term_weights(text: str | None, own: set[str] | tuple[str, ...] = ()) -
     for pair in filter(None, (p.strip() for p in (text or "").split(","))):
         name, eq, value = (s.strip() for s in pair.partition("="))
         if not eq or not name:
-            raise ConfigError(f"--term-weights {text}: expected name=value[,name=value], got {pair!r}")
+            raise ConfigError(f"{spell(term_weights=text)}: expected name=value[,name=value], got {pair!r}")
         if name in own:
-            raise ConfigError(f"--term-weights {text}: {name} has its own option, --{name.replace('_', '-')}")
+            raise ConfigError(f"{spell(term_weights=text)}: {name} has its own option, {spell(name)}")
         try:
             w = float(value)
         except ValueError:
-            raise ConfigError(f"--term-weights {text}: {name}'s weight {value!r} is not a number") from None
+            raise ConfigError(f"{spell(term_weights=text)}: {name}'s weight {value!r} is not a number") from None
         if not (w >= 0 and w != float("inf")):
-            raise ConfigError(f"--term-weights {text}: {name}'s weight must be a finite number >= 0, got {value}")
+            raise ConfigError(f"{spell(term_weights=text)}: {name}'s weight must be a finite number >= 0, got {value}")
         out[name] = w
     return out
 

@@ -28,6 +28,7 @@ from torch import nn
 from flame_kd.config import TrainConfig, monitor_mode
 from flame_kd.evaluate import Predictions, compute_metrics
 from flame_kd.memory import BatchPlan, Probe, is_out_of_memory, plan_batch
+from flame_kd.options import spell
 from flame_kd.progress import said, track
 
 Batch = dict[str, Any]
@@ -86,11 +87,11 @@ def resolve_device(name: str) -> torch.device:
             return torch.device("mps")
         return torch.device("cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name}: CUDA is not available on this machine (try --device auto)")
+        raise ConfigError(f"{spell(device=name)}: CUDA is not available on this machine (try {spell(device='auto')})")
     if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise ConfigError("--device mps: MPS is not available on this machine (try --device auto)")
+        raise ConfigError(f"{spell(device='mps')}: MPS is not available on this machine (try {spell(device='auto')})")
     if name.split(":")[0] not in {"cpu", "cuda", "mps"}:
-        raise ConfigError(f"--device {name}: expected auto, cpu, cuda or mps")
+        raise ConfigError(f"{spell(device=name)}: expected auto, cpu, cuda or mps")
     return torch.device(name)
 
 
@@ -658,10 +659,10 @@ class Trainer:
             note = (f"batch size auto: out of memory at micro-batch {micro} ({where}); now micro-batch {micro // 2} "
                     f"x accumulate {k * 2} (effective {micro * k})")
             return _Rebatch(BatchPlan(micro // 2, k * 2, note=note))
-        advice = (f"try --batch-size {micro // 2} --accumulate {k * 2}, " if micro > 1 and micro % 2 == 0 else "try ")
-        return OutOfMemory(f"out of memory in {where} of {self.name} at --batch-size {micro} --accumulate {k} "
-                           f"on {self.device.type} ({first}); {advice}--grad-checkpointing true or --batch-size auto; "
-                           "`--resume true` continues from the last finished epoch")
+        advice = (f"try {spell(batch_size=micro // 2, accumulate=k * 2)}, " if micro > 1 and micro % 2 == 0 else "try ")
+        return OutOfMemory(f"out of memory in {where} of {self.name} at {spell(batch_size=micro, accumulate=k)} "
+                           f"on {self.device.type} ({first}); {advice}{spell(grad_checkpointing=True)} or "
+                           f"{spell(batch_size='auto')}; `{spell(resume=True)}` continues from the last finished epoch")
 
     def _snapshot(self) -> dict:
         """What a rebatch before the first optimizer step puts back: statistics and RNG states."""
@@ -692,13 +693,13 @@ def set_grad_checkpointing(model: nn.Module, enable: bool) -> None:
 
     setter = getattr(model, "set_grad_checkpointing", None)
     if setter is None:
-        raise ConfigError(f"--grad-checkpointing: {type(model).__name__} cannot checkpoint its activations")
+        raise ConfigError(f"{spell('grad_checkpointing')}: {type(model).__name__} cannot checkpoint its activations")
     try:
         setter(enable)
     # timm's models without checkpointing say so with `assert not enable, "gradient checkpointing not
     # supported"` (an AssertionError), others raise NotImplementedError: both are the user's option here
     except (AssertionError, NotImplementedError, AttributeError) as err:
-        raise ConfigError(f"--grad-checkpointing: {type(model).__name__} does not support it ({err})") from None
+        raise ConfigError(f"{spell('grad_checkpointing')}: {type(model).__name__} does not support it ({err})") from None
 
 
 def rebatched(loader, batch_size: int):

@@ -46,6 +46,12 @@ SUMMARY_METRICS = ("f1_macro", "f1_fire", "f1_smoke", "precision_macro", "recall
                    "accuracy")
 
 
+def metric_range(name: str) -> tuple[float, float] | None:
+    """The values metric ``name`` (of METRIC_NAMES) can take, for an axis or a check: every one is a rate,
+    an F1, an AP or an AUC, in [0, 1]; None for another figure (a loss). The one place a range is looked up."""
+    return (0.0, 1.0) if name in METRIC_NAMES else None
+
+
 def binarize(probs: np.ndarray, threshold: float = 0.5) -> np.ndarray:
     """0/1 predictions per label: a label is on when its probability exceeds ``threshold``."""
     return (np.asarray(probs) > threshold).astype(int)

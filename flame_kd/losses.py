@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flame_kd.errors import ConfigError
+from flame_kd.options import spell
 
 
 def kl(
@@ -370,7 +371,7 @@ def variant_help() -> str:
 def check_temperature(t: float) -> float:
     """The distillation temperature, which must be a positive number."""
     if not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
-        raise ConfigError(f"--temperature must be > 0, got {t}")
+        raise ConfigError(f"{spell('temperature')} must be > 0, got {t}")
     return float(t)
 
 

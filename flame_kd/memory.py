@@ -24,6 +24,8 @@ from typing import Callable
 import psutil
 import torch
 
+from flame_kd.options import spell
+
 GiB = 2**30
 HEADROOM = 0.9  # a run may plan on this share of what is available: other processes grow too
 PROBES = (1, 2)  # frames of the two cheap probe steps
@@ -287,21 +289,21 @@ def too_big(probe: Probe, micro: int, accumulate: int, have: int, device: torch.
     smaller = [m for m in _halvings(micro) if probe.predict(m) <= budget]  # (a batch that ran out is infinite)
     if smaller:
         m = smaller[0]
-        fits.append(f"--batch-size {m} --accumulate {accumulate * micro // m} (~{gib(probe.predict(m))})")
+        fits.append(f"{spell(batch_size=m, accumulate=accumulate * micro // m)} (~{gib(probe.predict(m))})")
     if checkpointed is not None and checkpointed.measured:
         m = next((m for m in (micro, *_halvings(micro)) if checkpointed.predict(m) <= budget), None)
         if m is not None:
-            fits.append("--grad-checkpointing true" + (f" --batch-size {m} --accumulate {accumulate * micro // m}"
-                                                       if m != micro else "")
+            fits.append(spell(grad_checkpointing=True, **({"batch_size": m, "accumulate": accumulate * micro // m}
+                                                          if m != micro else {}))
                         + f" (~{gib(checkpointed.predict(m))})")
     if math.isfinite(need) and image_size:
         size = next((s for s in IMAGE_SIZES if s < image_size
                      and probe.predict(micro, (s / image_size) ** 2) <= budget), None)
         if size:
-            fits.append(f"--image-size {size} (~{gib(probe.predict(micro, (size / image_size) ** 2))}, estimated)")
+            fits.append(f"{spell(image_size=size)} (~{gib(probe.predict(micro, (size / image_size) ** 2))}, estimated)")
     where = "GPU memory free" if device.type == "cuda" else "memory available"
     options = "; these fit: " + ", ".join(fits) if fits else "; nothing smaller fits either"
-    return (f"out of memory: one training step of {what} at --batch-size {micro} needs {shown} ({how}), "
+    return (f"out of memory: one training step of {what} at {spell(batch_size=micro)} needs {shown} ({how}), "
             f"this machine has {gib(have)} {where} ({device.type}){options}")
 
 

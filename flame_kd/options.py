@@ -9,7 +9,10 @@ back into the run config. MLproject's parameters are generated from the resultin
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
+import os
 import types
 import typing
 from dataclasses import dataclass
@@ -18,6 +21,11 @@ from typing import Any, Callable, Iterator
 import click
 
 NONE_WORDS = ("", "none", "None")  # MLproject passes '' for an unset optional parameter
+# How this invocation spells an option in a hint: "cli" (--batch-size 32), "mlflow" (`mlflow run`'s
+# -P batch_size=32) or "spec" (an ablation spec's key, batch_size: 32). FORM_ENV carries it to workers.
+FORM_ENV = "FLAME_KD_OPTION_FORM"
+FORMS = ("cli", "mlflow", "spec")
+_FORM: contextvars.ContextVar[str | None] = contextvars.ContextVar("flame_kd_option_form", default=None)
 
 
 @dataclass(frozen=True)
@@ -262,8 +270,9 @@ def apply_options(cfg: Any, sections: tuple[Section, ...], values: dict[str, Any
 
 
 def option_flags(cfg: Any, sections: tuple[Section, ...]) -> dict[str, str]:
-    """``{dotted config path: "--flag"}``: how the command line spells each exposed field."""
-    return {path: "--" + ident.replace("_", "-") for ident, (path, _) in option_values(cfg, sections).items()}
+    """``{dotted config path: "--flag"}``: how the user spells each exposed field (``spell``: ``-P name``
+    under ``mlflow run``)."""
+    return {path: spell(ident) for ident, (path, _) in option_values(cfg, sections).items()}
 
 
 def option_names(config_cls: type, sections: tuple[Section, ...]) -> list[str]:
@@ -296,3 +305,44 @@ def set_options(cfg: Any, sections: tuple[Section, ...], raw: dict[str, Any], wh
         except click.BadParameter as err:
             raise ConfigError(f"{where}: {key}: {err.format_message()}") from None
     return apply_options(cfg, tuple(dataclasses.replace(s, overrides=False) for s in sections), values)
+
+
+def option_form() -> str:
+    """How the user gave this command's options: ``spec`` inside ``spelled_as("spec")`` (an ablation),
+    ``mlflow`` under ``mlflow run`` (its MLFLOW_RUN_ID, as ``tracking.name_env_run`` finds its run; or
+    $FLAME_KD_OPTION_FORM, which a worker inherits), else ``cli``."""
+    form = _FORM.get() or os.environ.get(FORM_ENV)
+    if form in FORMS:
+        return form
+    return "mlflow" if os.environ.get("MLFLOW_RUN_ID") else "cli"
+
+
+@contextlib.contextmanager
+def spelled_as(form: str) -> Iterator[None]:
+    """Hints inside the block spell options as ``form`` (the ablation command: spec keys)."""
+    token = _FORM.set(form)
+    try:
+        yield
+    finally:
+        _FORM.reset(token)
+
+
+def spell(*names: str, **values: Any) -> str:
+    """Options as the user gives them in this invocation (``option_form``), for a hint: ``spell(batch_size=32,
+    accumulate=2)`` is ``--batch-size 32 --accumulate 2`` typed, ``-P batch_size=32 -P accumulate=2`` under
+    ``mlflow run``, ``batch_size: 32, accumulate: 2`` in an ablation spec; a name alone (``spell("cache_dir")``)
+    is the option without a value; ``False`` typed is ``--no-name``."""
+    form = option_form()
+    items = [(n.replace("-", "_"), None) for n in names] + [(k, v) for k, v in values.items()]
+    out = []
+    for ident, value in items:
+        text = None if value is None else option_text(value)
+        if form == "mlflow":
+            out.append(f"-P {ident}" + ("" if text is None else f"={text}"))
+        elif form == "spec":
+            out.append(ident + ("" if text is None else f": {text}"))
+        elif value is False:
+            out.append("--no-" + ident.replace("_", "-"))
+        else:
+            out.append("--" + ident.replace("_", "-") + ("" if text is None else f" {text}"))
+    return (", " if form == "spec" else " ").join(out)

@@ -18,7 +18,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from flame_kd.evaluate import LABELS, METRIC_NAMES
+from flame_kd.evaluate import LABELS, METRIC_NAMES, metric_range
 from flame_kd.files import cache_home
 from flame_kd.progress import stage
 
@@ -353,8 +353,11 @@ def ablation_bars(table: Any, metric: str = "f1_macro") -> Figure:
     ax.set_xticks(range(len(teachers)))
     ax.set_xticklabels([f"{t} (control)" if t == CONTROL_TEACHER else t for t in teachers])
     ax.set_xlabel("teacher")
-    ax.set_ylabel(f"{metric} (mean" + (", 95% CI)" if ci_col in table.columns else ")"))
+    has_ci = ci_col in table.columns and bool(table[ci_col].notna().any())  # none from fewer than 3 seeds
+    ax.set_ylabel(f"{metric} (mean" + (", 95% CI)" if has_ci else ")"))
     ax.margins(y=0.12)  # headroom for the value labels; bars start at 0 (sticky edge)
+    if metric_range(metric):  # an interval's error bar never stretches the axis past what the metric can be
+        ax.set_ylim(*metric_range(metric))
     ax.grid(axis="y", alpha=0.3)
     ax.legend(title="loss", fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return fig

@@ -33,6 +33,7 @@ from flame_kd.engine import amp_dtype, device_batches, load_checkpoint, seal
 from flame_kd.errors import ConfigError
 from flame_kd.losses import OUTPUTS, model_outputs
 from flame_kd.memory import gib
+from flame_kd.options import spell
 from flame_kd.progress import track
 from flame_kd.tasks import Batch, teacher_forward
 
@@ -98,7 +99,7 @@ class TeacherOutputs:
         if cached != asked:
             raise ConfigError(f"cached teacher outputs were computed for augment={cached!r}, but the student's "
                              f"training set augments with {asked!r}: recompute them for {asked!r} "
-                             "(--teacher-views) or use --teacher-mode live")
+                             f"({spell('teacher_views')}) or use {spell(teacher_mode='live')}")
         if self.views:
             dataset.use_views(self.views, int(self.cache.get("view_seed", 0)))
 
@@ -259,8 +260,8 @@ def check_room(got: dict[str, torch.Tensor], batch: int, stored_rows: int, names
     if short:
         raise ConfigError(
             f"the cached teacher outputs ({', '.join(names)}) of {stored_rows:,} frames and views need ~{gib(need)}, "
-            f"and this machine has {' and '.join(short)}; use --teacher-mode live (no cache), fewer views "
-            "(--teacher-views 1), or a smaller --image-size")
+            f"and this machine has {' and '.join(short)}; use {spell(teacher_mode='live')} (no cache), fewer views "
+            f"({spell(teacher_views=1)}), or a smaller {spell('image_size')}")
 
 
 KEYS = ("format", "known", "ids", "outputs", "teacher_run_id", "data_digest", "split_digest")

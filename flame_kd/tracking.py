@@ -29,6 +29,7 @@ from mlflow.tracking import MlflowClient
 
 from flame_kd.engine import Callback, FitState
 from flame_kd.errors import FlameKDError, Preempted, ServerLost
+from flame_kd.options import spell
 from flame_kd.redaction import redact, redact_all, redact_logging, remember_secrets  # noqa: F401 (tracking.redact is the API)
 
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
@@ -268,7 +269,7 @@ def run(
         if isinstance(err, Exception) and server_lost(err):
             raise ServerLost(f"lost the MLflow tracking server {redact(mlflow.get_tracking_uri())} during run {run_id} "
                             f"({short_reason(err)}); its last finished epoch is kept on this machine: "
-                            "`--resume true` continues it once the server is back", run_id) from None
+                            f"`{spell(resume=True)}` continues it once the server is back", run_id) from None
         raise
     else:
         _set_end_reason(run_id, None)

@@ -12,6 +12,8 @@ import signal
 import subprocess
 import sys
 
+from flame_kd.options import FORM_ENV, option_form
+
 log = logging.getLogger("flame_kd")
 
 WORKER_ENV = "FLAME_KD_WORKER"  # the worker's number (1..N): its log lines say which worker wrote them
@@ -47,6 +49,7 @@ def launch(n: int, args: list[str], extra_env: dict[str, str] | None = None) -> 
     procs = []
     for i, place in enumerate(placements(n, gpus, cpus), start=1):
         env = {**os.environ, **(extra_env or {}), WORKER_ENV: str(i)}
+        env.setdefault(FORM_ENV, option_form())  # hints spell options as the user did (-P under `mlflow run`)
         env.pop("MLFLOW_RUN_ID", None)  # `mlflow run`'s own run is this process's, not each worker's
         if "OMP_NUM_THREADS" in place and "OMP_NUM_THREADS" in os.environ:
             place = {}  # the user's thread count wins

@@ -236,3 +236,16 @@ def test_latency_restores_mode():
     ms = latency_ms(model, (torch.randn(1, 4),), runs=3, warmup=1)
     assert isinstance(ms, float) and ms > 0
     assert model.training
+
+
+def test_every_metric_lies_in_its_range():
+    """evaluate.metric_range (what a chart's axis is clipped to) holds every metric's value."""
+    from flame_kd.evaluate import metric_range
+
+    rng = np.random.default_rng(0)
+    targets = rng.integers(0, 2, (50, 2))
+    for probs in (rng.random((50, 2)), targets.astype(float), 1 - targets.astype(float)):
+        for name, value in compute_metrics(targets, probs).items():
+            lo, hi = metric_range(name)
+            assert lo <= value <= hi, (name, value)
+    assert metric_range("loss") is None

@@ -158,7 +158,7 @@ def test_pretrained_without_hub_is_one_line_config_error(monkeypatch, tmp_path):
     assert "\n" not in message
     assert message.startswith("cannot load pretrained weights for test_resnet: the model hub is")
     assert "--weights FILE" in message and "--no-pretrained" in message
-    with pytest.raises(ConfigError, match="--no-pretrained"):
+    with pytest.raises(ConfigError, match="--no-student-pretrained"):
         build_student("timm:test_resnet", pretrained=True)
 
 

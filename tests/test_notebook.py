@@ -9,13 +9,13 @@ import shutil
 import sys
 from pathlib import Path
 
+import mlflow
 import nbformat
+import pandas as pd
 import pytest
 from nbclient import NotebookClient
 
 from pipeline_helpers import REPO, TINY_TEACHER
-
-pytestmark = pytest.mark.slow  # trains a teacher and two students: `make test-fast` leaves it out
 
 NOTEBOOK = REPO / "experiments" / "kaggle_flame2.ipynb"
 IMAGE_DIRS = ("254p RGB Images", "254p Thermal Images")
@@ -37,6 +37,7 @@ def fake_kaggle(root: Path, synth_dir: Path) -> tuple[Path, Path]:
     return root / "input", root / "working"
 
 
+@pytest.mark.slow  # trains a teacher and two students: `make test-fast` leaves it out
 def test_kaggle_notebook_runs_on_a_fake_kaggle_layout(synth_dir, tmp_path, monkeypatch):
     inp, work = fake_kaggle(tmp_path / "kaggle", synth_dir)
     settings = {"INPUT": inp, "WORKING": work, "TEACHER": TINY_TEACHER, "IMAGE_SIZE": 32, "BATCH_SIZE": 16,
@@ -63,3 +64,20 @@ def test_kaggle_notebook_runs_on_a_fake_kaggle_layout(synth_dir, tmp_path, monke
     table_cell = next(c for c in nb.cells if "mlflow.search_runs" in c.source)
     results = table_cell["outputs"][-1]["data"]["text/plain"]  # the table the notebook shows
     assert "test_f1_macro" in results and "teacher" in results and "distill" in results
+
+
+def test_results_cell_survives_the_optional_sweep(monkeypatch):
+    """The results cell, run on what the store holds after the optional sweep cell too (a sweep parent
+    and its trials, also carrying a loss tag) and a re-run control: it picks the newest KD and control."""
+    rows = [("teacher", "bce", "t"), ("distill", "kl_bce", "kd"), ("distill", "bce", "old-control"),
+            ("distill", "bce", "control"), ("sweep", "kl_bce", "parent"), ("trial", "kl_bce", "trial-0"),
+            ("trial", "kl_bce", "trial-1")]
+    runs = pd.DataFrame({"run_id": [r[2] for r in rows], "tags.flame_kd.stage": [r[0] for r in rows],
+                         "tags.flame_kd.loss": [r[1] for r in rows], "start_time": pd.date_range("2026-01-01", periods=7),
+                         "metrics.test_f1_macro": 0.9, "metrics.test_ap_macro": 0.95, "tags.mlflow.runName": "r"})
+    monkeypatch.setattr(mlflow, "search_runs", lambda **kw: runs.copy())
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    cell = next(c.source for c in nb.cells if "mlflow.search_runs" in c.source)
+    namespace = {"LOSS": "kl_bce"}
+    exec(compile(cell, str(NOTEBOOK), "exec"), namespace)
+    assert (namespace["KD"], namespace["CONTROL"]) == ("kd", "control")

@@ -196,3 +196,12 @@ def test_umap_code_is_cached_on_disk():
     assert isinstance(umap.layouts.clip._cache, FunctionCache)
     assert isinstance(pynndescent.distances.euclidean._cache, FunctionCache)
     assert not isinstance(numba.njit(lambda x: x)._cache, FunctionCache)
+
+
+def test_ablation_bars_clip_to_the_metric_range():
+    """A wide interval (2 seeds' t-interval: 0.7590 +- 1.0256) never stretches the axis past [0, 1]."""
+    table = _ablation_table().assign(f1_macro_ci95=1.0256)
+    (ax,) = _renders(plots.ablation_bars(table)).axes
+    assert ax.get_ylim() == (0.0, 1.0)
+    (ax,) = _renders(plots.ablation_bars(table.assign(f1_macro_ci95=float("nan")))).axes
+    assert ax.get_ylim() == (0.0, 1.0) and "CI" not in ax.get_ylabel()

@@ -30,6 +30,7 @@ from flame_kd.data.augment import AUGMENTS
 from flame_kd.errors import ConfigError, DataError
 from flame_kd.data.decode import to_rgb8
 from flame_kd.files import check_regular
+from flame_kd.options import spell
 from flame_kd.progress import track
 
 log = logging.getLogger("flame_kd")
@@ -94,9 +95,9 @@ class FrameCache:
                     self._build(self.path)
                 self._open()
             except OSError as err:  # --cache-dir a file, a folder that cannot be written, a full disk
-                raise ConfigError(f"--cache-dir {self.path.parent}: cannot hold the frame cache "
+                raise ConfigError(f"{spell(cache_dir=self.path.parent)}: cannot hold the frame cache "
                                   f"({err.strerror or type(err).__name__}: {err.filename or self.path}); "
-                                  "give a writable folder, or --cache memory") from None
+                                  f"give a writable folder, or {spell(cache='memory')}") from None
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -426,7 +427,7 @@ def resolve_cache_mode(mode: str, device: torch.device, need_bytes: int, free_by
         reasons.append(f"the host has {host / 2**30:.1f} GiB available (a memory cache may use "
                        f"{HOST_CACHE_SHARE:.0%})")
     if reasons:
-        log.warning("--cache %s: the frames need %.1f GiB and %s; caching them %s", mode, need_bytes / 2**30,
+        log.warning("%s: the frames need %.1f GiB and %s; caching them %s", spell(cache=mode), need_bytes / 2**30,
                     " and ".join(reasons), where)
     return chosen
 

@@ -20,6 +20,7 @@ import pandas as pd
 
 from flame_kd.data.blocks import SPLITS, STATES, Problem, greedy, improve, join_short, repair, units
 from flame_kd.errors import ConfigError
+from flame_kd.options import spell
 
 __all__ = ["SPLITS", "STATES", "Split", "make_split", "split_frames", "part_problems"]
 
@@ -302,9 +303,9 @@ def parse_gap(gap) -> int | str:
     try:
         value = int(text)
     except ValueError:
-        raise ConfigError(f"--gap must be auto, rule or a number of frames, not {gap!r}") from None
+        raise ConfigError(f"{spell('gap')} must be auto, rule or a number of frames, not {gap!r}") from None
     if value < 0:
-        raise ConfigError(f"--gap must be >= 0 frames, not {value}")
+        raise ConfigError(f"{spell('gap')} must be >= 0 frames, not {value}")
     return value
 
 

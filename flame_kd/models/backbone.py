@@ -14,11 +14,16 @@ import torch
 from torch import nn
 
 from flame_kd.errors import ConfigError
+from flame_kd.options import spell
 
 TIMM_PREFIX = "timm:"
 NUM_LABELS = 2  # fire, smoke: two sigmoid outputs, for teachers and students alike
 MAP_STAGES = 3  # intermediate maps a model returns on request: the outputs of its last three stages
-WEIGHTS_HINT = "pass --weights FILE (a local timm state dict) or --no-pretrained"
+
+
+def weights_hint(prefix: str = "") -> str:
+    """What to pass instead of weights that cannot load, as the user spells options (``student_`` for a student)."""
+    return f"pass {spell(**{prefix + 'weights': 'FILE'})} (a local timm state dict) or {spell(**{prefix + 'pretrained': False})}"
 
 
 def resolve_name(name: str, registry: dict[str, object], kind: str) -> str | None:
@@ -76,8 +81,10 @@ def create_backbone(
     image_size: int = 224,
     pretrained: bool = False,
     weights: str | Path | None = None,
+    option_prefix: str = "",
 ) -> nn.Module:
-    """A headless timm model; weights from ``weights`` (a local file) or the hub (``pretrained``).
+    """A headless timm model; weights from ``weights`` (a local file) or the hub (``pretrained``);
+    ``option_prefix`` names the options a refusal points at (``student_``: --student-weights).
 
     Any user-caused failure (hub unreachable, missing or mismatched file, impossible image size)
     is a one-line ConfigError. timm adapts the first conv when ``in_chans`` differs from the
@@ -92,7 +99,7 @@ def create_backbone(
         # so every size works (ViT needs at least one 16-px patch).
         kwargs["img_size"] = image_size
     if weights is not None:
-        kwargs.update(pretrained=True, pretrained_cfg_overlay=_file_overlay(timm_name, weights))
+        kwargs.update(pretrained=True, pretrained_cfg_overlay=_file_overlay(timm_name, weights, option_prefix))
         source = f"{weights}"
     elif pretrained:
         kwargs["pretrained"] = True
@@ -115,7 +122,7 @@ def create_backbone(
         else:
             reason = _first_line(exc)
         raise ConfigError(
-            f"cannot load pretrained weights for {timm_name}: {reason}; {WEIGHTS_HINT}"
+            f"cannot load pretrained weights for {timm_name}: {reason}; {weights_hint(option_prefix)}"
         ) from exc
     grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
     if grid is not None and min(grid) < 1:
@@ -134,7 +141,7 @@ def freeze_stages(backbone: nn.Module, stages: int) -> list[nn.Module]:
         return []
     name = type(backbone).__name__
     if not hasattr(backbone, "group_matcher"):
-        raise ConfigError(f"--freeze is not supported for {name} (timm gives it no stage groups)")
+        raise ConfigError(f"{spell('freeze')} is not supported for {name} (timm gives it no stage groups)")
     matcher = backbone.group_matcher(coarse=True)
     param_groups = timm.models.group_parameters(backbone, matcher)
     if stages >= len(param_groups):  # group 0 is the stem
@@ -155,7 +162,7 @@ def _takes_img_size(timm_name: str) -> bool:
     return bool(getattr(cfg, "fixed_input_size", False))
 
 
-def _file_overlay(timm_name: str, weights: str | Path) -> dict:
+def _file_overlay(timm_name: str, weights: str | Path, option_prefix: str = "") -> dict:
     """timm ``pretrained_cfg_overlay`` that loads ``weights`` strictly, minus its classifier.
 
     timm loads a file non-strictly whenever the class count changes (here always: num_classes=0),
@@ -167,14 +174,14 @@ def _file_overlay(timm_name: str, weights: str | Path) -> dict:
     if not path.is_file():
         raise ConfigError(
             f"cannot load pretrained weights for {timm_name}: no such file {str(path)!r}; "
-            f"{WEIGHTS_HINT}"
+            f"{weights_hint(option_prefix)}"
         )
     try:
         state = timm.models.load_state_dict(str(path))
     except Exception as exc:
         raise ConfigError(
             f"cannot load pretrained weights for {timm_name}: {str(path)!r} is not a readable "
-            f"state dict ({_first_line(exc)}); {WEIGHTS_HINT}"
+            f"state dict ({_first_line(exc)}); {weights_hint(option_prefix)}"
         ) from exc
     cfg = timm.models.get_pretrained_cfg(timm_name)
     heads = getattr(cfg, "classifier", None) or ()

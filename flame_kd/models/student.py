@@ -117,6 +117,6 @@ def build_student(
     if timm_name is None:
         return STUDENTS[name](image_size, pretrained, weights)
     backbone = create_backbone(
-        timm_name, image_size=image_size, pretrained=pretrained, weights=weights
+        timm_name, image_size=image_size, pretrained=pretrained, weights=weights, option_prefix="student_"
     )
     return TimmStudent(name, timm_name, backbone)

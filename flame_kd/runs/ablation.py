@@ -32,6 +32,7 @@ log = logging.getLogger("flame_kd")
 
 METRICS = SUMMARY_METRICS  # one list with the other summaries (evaluate.SUMMARY_METRICS)
 CONTROL_LOSS = "bce"
+MIN_CI_SEEDS = 3  # a t-interval from 2 seeds is +-12.7 standard errors: wider than a metric's range
 
 
 GRID_KEYS = tuple(f.name for f in dataclasses.fields(AblationSpec) if f.name != "distill")
@@ -200,13 +201,32 @@ def collect_runs(filter_string: str, experiment: str | None = None) -> pd.DataFr
 
 
 def _t_ci(vals: np.ndarray) -> tuple[float, float, float]:
-    """(mean, std, 95% CI half-width, Student's t) of a sample; NaN where undefined."""
+    """(mean, std, 95% CI half-width, Student's t) of a sample; the CI is NaN below MIN_CI_SEEDS values
+    (``to_markdown`` shows the values instead), the std below 2."""
     from scipy import stats
 
     n = len(vals)
     std = float(vals.std(ddof=1)) if n > 1 else float("nan")
-    ci = float(stats.t.ppf(0.975, n - 1) * std / np.sqrt(n)) if n > 1 else float("nan")
+    ci = float(stats.t.ppf(0.975, n - 1) * std / np.sqrt(n)) if n >= MIN_CI_SEEDS else float("nan")
     return (float(vals.mean()) if n else float("nan")), std, ci
+
+
+def _spread(vals: np.ndarray, prefix: str) -> dict[str, float]:
+    """``<prefix>_mean/_std/_ci95`` (``_t_ci``) and ``_min/_max`` (what a table shows without an interval)."""
+    mean, std, ci = _t_ci(vals)
+    lo, hi = (float(vals.min()), float(vals.max())) if len(vals) else (float("nan"), float("nan"))
+    return {f"{prefix}_mean": mean, f"{prefix}_std": std, f"{prefix}_ci95": ci, f"{prefix}_min": lo, f"{prefix}_max": hi}
+
+
+def spread_text(mean: float, ci: float, lo: float, hi: float, n: int, sign: str = "") -> str:
+    """A table cell: ``mean ± CI`` from MIN_CI_SEEDS values on; below, the mean and the values (2 seeds:
+    ``0.7590 (0.7012 / 0.8168)``; 1: the value); ``-`` when there is none."""
+    if n == 0 or pd.isna(mean):
+        return "-"
+    if not pd.isna(ci):
+        return f"{mean:{sign}.4f} ± {ci:.4f}"
+    both = n == 2 and not (pd.isna(lo) or pd.isna(hi))  # (a table written before _min/_max: the mean alone)
+    return f"{mean:{sign}.4f}" + (f" ({lo:{sign}.4f} / {hi:{sign}.4f})" if both else "")
 
 
 def summary_table(runs: pd.DataFrame) -> pd.DataFrame:
@@ -222,8 +242,7 @@ def summary_table(runs: pd.DataFrame) -> pd.DataFrame:
         row = {"teacher": teacher, "loss": loss, "n_seeds": len(g),
                "n_splits": int(g["split_digest"].nunique(dropna=True))}
         for m in METRICS:
-            row[f"{m}_mean"], row[f"{m}_std"], row[f"{m}_ci95"] = _t_ci(
-                g.get(m, pd.Series(dtype=float)).dropna().to_numpy(float))
+            row |= _spread(g.get(m, pd.Series(dtype=float)).dropna().to_numpy(float), m)
         ctrl = control[control["teacher"] == teacher]
         if ctrl.empty:
             ctrl = control[control["teacher"] == "none"]
@@ -237,31 +256,31 @@ def summary_table(runs: pd.DataFrame) -> pd.DataFrame:
                 row[f"{m}_vs_control_mean"] = row[f"{m}_vs_control_ci95"] = float("nan")
                 continue
             diff = (paired[m] - paired[f"{m}_ctrl"]).dropna().to_numpy(float)
-            mean, _, ci = _t_ci(diff)
-            row[f"{m}_vs_control_mean"], row[f"{m}_vs_control_ci95"] = mean, ci
+            s = _spread(diff, f"{m}_vs_control")
+            row |= {k: s[k] for k in (f"{m}_vs_control_{x}" for x in ("mean", "ci95", "min", "max"))}
         rows.append(row)
     return pd.DataFrame(rows)
 
 
 def to_markdown(table: pd.DataFrame) -> str:
-    """The table as markdown: mean ± 95% CI half-width over seeds, and the paired difference in
-    macro F1 against the no-teacher control."""
+    """The table as markdown: mean ± 95% CI half-width over seeds (from MIN_CI_SEEDS on; fewer: the
+    values), and the paired difference in macro F1 against the no-teacher control."""
     head = "| teacher | loss | seeds | " + " | ".join(METRICS) + " | Δ f1_macro vs control (paired) |"
     lines = [head, "|" + "---|" * (4 + len(METRICS))]
-
-    def fmt(mean, ci):
-        if pd.isna(mean):
-            return "-"
-        return f"{mean:+.4f} ± {ci:.4f}" if not pd.isna(ci) else f"{mean:+.4f}"
-
+    few = False
     for _, r in table.iterrows():
-        cells_ = [f"{r[f'{m}_mean']:.4f} ± {r[f'{m}_ci95']:.4f}" if not np.isnan(r[f"{m}_ci95"])
-                  else f"{r[f'{m}_mean']:.4f}" for m in METRICS]
-        delta = fmt(r.get("f1_macro_vs_control_mean"), r.get("f1_macro_vs_control_ci95"))
-        lines.append(f"| {r['teacher']} | {r['loss']} | {r['n_seeds']} | " + " | ".join(cells_) + f" | {delta} |")
-    return "\n".join(lines) + ("\n\nmean ± 95% confidence interval (Student's t) over seeds; test split. Δ: "
-                               "mean ± t-CI of the per-seed difference to the no-teacher control (same seed, "
-                               "same split).\n")
+        n, paired = int(r["n_seeds"]), int(r.get("n_paired", 0) or 0)
+        few |= 1 < n < MIN_CI_SEEDS or 1 < paired < MIN_CI_SEEDS
+        cells_ = [spread_text(r[f"{m}_mean"], r[f"{m}_ci95"], r.get(f"{m}_min"), r.get(f"{m}_max"), n) for m in METRICS]
+        d = "f1_macro_vs_control"
+        delta = spread_text(r.get(f"{d}_mean"), r.get(f"{d}_ci95"), r.get(f"{d}_min"), r.get(f"{d}_max"), paired, "+")
+        lines.append(f"| {r['teacher']} | {r['loss']} | {n} | " + " | ".join(cells_) + f" | {delta} |")
+    return "\n".join(lines) + (
+        "\n\nmean ± 95% confidence interval (Student's t) over seeds; test split. Δ: mean ± t-CI of the per-seed "
+        "difference to the no-teacher control (same seed, same split)." + (
+            f" No interval is given from fewer than {MIN_CI_SEEDS} seeds (from 2 a t-interval is ±12.7 standard "
+            "errors, wider than the metric's range): such a cell shows the mean and (the two seeds' values)."
+            if few else "") + "\n")
 
 
 def control_comparisons(runs: pd.DataFrame) -> pd.DataFrame:

@@ -42,7 +42,7 @@ from flame_kd.export import export_onnx
 from flame_kd.losses import DistillLoss, active_terms, check_temperature, needed_outputs, resolve_weights
 from flame_kd.models import build_student
 from flame_kd.models.deploy import Deployable
-from flame_kd.options import option_values, option_flags
+from flame_kd.options import option_values, option_flags, spell
 from flame_kd.progress import stage
 from flame_kd.tasks import DistillTask, output_shapes, student_forward, teacher_forward
 from flame_kd.teacher_cache import TeacherOutputs
@@ -129,12 +129,12 @@ def check_pinned_teacher(run_id: str, data: Data) -> None:
     run = tracking.get_run(run_id)
     tags = run.data.tags
     if tags.get("flame_kd.stage") != "teacher":
-        raise ConfigError(f"--teacher-run-id {run_id} is not a flame-kd teacher run")
+        raise ConfigError(f"{spell(teacher_run_id=run_id)} is not a flame-kd teacher run")
     if run.info.status != "FINISHED":
-        raise ConfigError(f"--teacher-run-id {run_id} is {run.info.status}, not FINISHED")
+        raise ConfigError(f"{spell(teacher_run_id=run_id)} is {run.info.status}, not FINISHED")
     if tags.get("flame_kd.split_digest") != data.split.digest:
         raise ConfigError(
-            f"--teacher-run-id {run_id} was trained on split {tags.get('flame_kd.split_digest')}, "
+            f"{spell(teacher_run_id=run_id)} was trained on split {tags.get('flame_kd.split_digest')}, "
             f"this run uses split {data.split.digest}: its targets would leak other frames"
         )
 
@@ -169,7 +169,7 @@ def loss_terms(cfg: DistillRunConfig) -> list:
     terms = active_terms(resolve_weights(lc.variant, **lc.weight_overrides()), lc.loss_convention)
     check_temperature(lc.temperature)
     if lc.pos_weight not in ("none", "auto"):
-        raise ConfigError(f"--pos-weight {lc.pos_weight}: expected none or auto")
+        raise ConfigError(f"{spell(pos_weight=lc.pos_weight)}: expected none or auto")
     return terms
 
 
@@ -196,7 +196,7 @@ def validate(cfg: DistillRunConfig) -> None:
     loss_terms(cfg)
     parse_gap(cfg.data.gap)
     if cfg.teacher_mode not in ("cached", "live"):
-        raise ConfigError(f"--teacher-mode {cfg.teacher_mode}: expected cached or live")
+        raise ConfigError(f"{spell(teacher_mode=cfg.teacher_mode)}: expected cached or live")
 
 
 @dataclass

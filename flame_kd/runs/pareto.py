@@ -25,6 +25,7 @@ import yaml
 from flame_kd import quantize, tracking
 from flame_kd.config import DistillRunConfig, ParetoConfig, micro_batch, to_dict
 from flame_kd.errors import ConfigError, DataError
+from flame_kd.options import spell
 from flame_kd.progress import stage
 
 log = logging.getLogger("flame_kd")
@@ -135,7 +136,7 @@ def run_pareto(cfg: ParetoConfig) -> tuple[str, pd.DataFrame, list[str]]:
     check_students(students, cfg.distill.data.image_size)
     tracking.configure(cfg.distill.tracking.tracking_uri)
     if not cfg.distill.data.csv:
-        raise DataError("no data set given: pass --data CSV (make one with `flame-kd data synth`)")
+        raise DataError(f"no data set given: pass {spell(data='CSV')} (make one with `flame-kd data synth`)")
     digest = study_digest(cfg, data_digest(load_frames(cfg.distill.data.csv, root=cfg.distill.data.root)))
     parent_id = find_or_create_parent(cfg, digest)
     base = cell_config(cfg, students[0])

@@ -41,7 +41,7 @@ from flame_kd.evaluate import (
 )
 from flame_kd.errors import ConfigError, DataError, ServerLost
 from flame_kd.files import cache_home
-from flame_kd.options import Section, option_text, option_values
+from flame_kd.options import Section, option_text, option_values, spell
 
 log = logging.getLogger("flame_kd")
 
@@ -69,7 +69,7 @@ class Data:
 def load_data(cfg: DataConfig, seed: int, device: torch.device, augment: str | None = None) -> Data:
     """Validate the CSV (every problem listed, before the first step), split it, build loaders."""
     if not cfg.csv:
-        raise DataError("no data set given: pass --data CSV (make one with `flame-kd data synth`)")
+        raise DataError(f"no data set given: pass {spell(data='CSV')} (make one with `flame-kd data synth`)")
     frames = load_frames(cfg.csv, root=cfg.root, verify_images=True)  # exactly `data check`'s checks
     digest = data_digest(frames, cache_dir=cache_home())  # names, labels and every image's bytes
     split = make_data_split(frames, cfg, seed, digest)

@@ -24,7 +24,7 @@ from collections import Counter
 import optuna
 
 from flame_kd import tracking
-from flame_kd.options import option_flags
+from flame_kd.options import option_flags, spell
 from flame_kd.config import SWEEP_OPTIONS, SweepConfig, check_ranges, monitor_mode
 from flame_kd.runs.distill import Prepared, prepare, run_distill
 from flame_kd.engine import LambdaCallback, Trainer
@@ -49,7 +49,7 @@ def resolve_storage(value: str | None, tracking_uri: str) -> str:
     if value and value.startswith("env:"):
         name = value[len("env:"):]
         if not os.environ.get(name):
-            raise ConfigError(f"--storage {value}: the environment variable {name} is not set")
+            raise ConfigError(f"{spell(storage=value)}: the environment variable {name} is not set")
         return os.environ[name]
     return value or os.environ.get(STORAGE_ENV) or default_storage(tracking_uri)
 
@@ -69,7 +69,7 @@ def make_pruner(name: str) -> optuna.pruners.BasePruner:
         return optuna.pruners.HyperbandPruner()
     if name == "none":
         return optuna.pruners.NopPruner()
-    raise ConfigError(f"--pruner {name}: expected median, hyperband or none")
+    raise ConfigError(f"{spell(pruner=name)}: expected median, hyperband or none")
 
 
 def make_storage(url: str, cfg: SweepConfig, attempts: int = 4, on_stale=None) -> optuna.storages.RDBStorage:
@@ -233,7 +233,7 @@ def run_sweep(cfg: SweepConfig) -> optuna.Study:
     d = cfg.distill
     check_ranges(cfg, names=option_flags(cfg, SWEEP_OPTIONS))
     if d.loss.variant not in VARIANTS or d.loss.variant == "bce":
-        raise ConfigError(f"--loss {d.loss.variant}: a sweep needs a distillation variant "
+        raise ConfigError(f"{spell(loss=d.loss.variant)}: a sweep needs a distillation variant "
                           f"({', '.join(v for v in VARIANTS if v != 'bce')})")
     make_pruner(cfg.pruner)
     cfg.study_name = cfg.study_name or f"{d.teacher.name}-{d.loss.variant}-s{d.train.seed}"
