@@ -44,8 +44,12 @@ def printed(mlflow_server, tmp_path_factory):
     from flame_kd.models import build_student
     from flame_kd.models.deploy import Deployable
 
+    from mlflow.tracking._tracking_service import utils
+
     mp = pytest.MonkeyPatch()
     mp.chdir(tmp_path_factory.mktemp("browser"))
+    mp.setattr(utils, "_tracking_uri", utils._tracking_uri)  # the next module's tests start where they would
+    mp.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
     tracking.configure(mlflow_server.url)
     metrics = {f"split_{k}": 0.5 for k in ("frac_train", "frac_val", "frac_test", "gap", "frames")}
     metrics |= {f"split_nn_similarity_{k}": 0.9 for k in range(15)}  # the 20 figures the table starts with
@@ -61,9 +65,9 @@ def printed(mlflow_server, tmp_path_factory):
             tracking.describe_headline(metrics)
             tracking.log_model(Deployable(build_student("timm:test_efficientnet", image_size=32)), example,
                                name=pages.model_name("student", "timm:test_efficientnet"))
-    mp.undo()
     urls = dict(re.findall(r"View (run|experiment|model)\b.*? at: (\S+)", out.getvalue()))
-    return urls, run.info.run_id
+    yield urls, run.info.run_id
+    mp.undo()
 
 
 def _open(browser, url: str, wait_for: str):

@@ -59,7 +59,9 @@ def test_parent_holds_nested_trials_and_the_best(study):
         assert {"alpha", "gamma", "delta", "temperature"} <= set(r.data.params)
         steps = [m.step for m in MlflowClient().get_metric_history(r.info.run_id, "val/f1_macro")]
         assert steps == [1, 2]
-        assert not any(k.startswith("test_") for k in r.data.metrics), "trials never look at test"
+        tested = r.info.run_id == parent.data.tags["flame_kd.best_run_id"]  # once, after the study
+        assert any(k.startswith("test_") for k in r.data.metrics) == tested, "only the best trial is tested"
+        assert ("predictions/test.csv" in artifacts(r.info.run_id)) == tested
     m = parent.data.metrics
     assert m["best/val_f1_macro"] == pytest.approx(study.best_value)
     for k in ("alpha", "gamma", "delta", "temperature"):
