@@ -177,6 +177,7 @@ def test_a_sweeps_best_trial_compares_with_a_control(tmp_path, monkeypatch, capl
     assert tracking.get_run(best).data.tags["mlflow.note.content"].startswith("Headline: `test_f1_macro`")
 
     control = run_distill(distill_cfg(csv, loss="bce", epochs=1))
+    assert tracking.get_run(control).data.tags["mlflow.note.content"].startswith("Headline: `test_f1_macro`")
     res = CliRunner().invoke(main, ["compare", control, parent])
     assert res.exit_code == 0, res.output
     assert f"({best})" in res.output and "blocks of the test split" in res.output
