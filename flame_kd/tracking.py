@@ -530,8 +530,8 @@ def log_model(model, example, registered_name: str | None = None, description: s
     400 INVALID_PARAMETER_VALUE naming it.
 
     ``name`` is the logged model's name (``pages.model_name``: ``student-<name>``), and its
-    ``runs:/<run id>/<name>`` path. With ``registered_name`` the model becomes a new version of it, carrying ``description``;
-    returns that version (None when not registered)."""
+    ``runs:/<run id>/<name>`` path. With ``registered_name`` the model becomes a new version of it,
+    carrying ``description``; returns that version (None when not registered)."""
     from flame_kd import serving
 
     if len(example) < 2:

@@ -161,7 +161,8 @@ def why_no_predictions(run) -> str:
         return f"it is an {stage} run, which holds no model of its own: compare one of its child runs"
     if stage in ("teacher", "distill"):
         return "it finished without a test report (made by a flame-kd from before runs logged predictions)"
-    return "it was not made by `flame-kd teacher`/`distill` (no flame_kd.stage tag), or by one from before runs logged predictions"
+    return ("it was not made by `flame-kd teacher`/`distill` (no flame_kd.stage tag), or by one from before runs "
+            "logged predictions")
 
 
 def load_split_blocks(*run_ids: str) -> pd.Series | None:
