@@ -27,7 +27,7 @@ def browser():
     (`.ci/run` installs Chromium with apt-get, the test extras install Playwright)."""
     sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright is not installed (pip install -e '.[test]')")
     if not shutil.which(CHROMIUM):
-        pytest.skip(f"no Chromium at {CHROMIUM} (Debian: apt-get install -y chromium; .ci/run does it)")
+        pytest.skip("Debian's chromium is not installed (apt-get install -y chromium; .ci/run does it)")
     with sync_api.sync_playwright() as p:
         chromium = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
         yield chromium
