@@ -337,7 +337,7 @@ def ablation(spec: str, **o) -> None:
 
 @main.command()
 @click.option("--model-uri", type=str, default=None, callback=_none_if_empty,
-              help="Serve this model (models:/..., runs:/<id>/model). Default: the newest version of --name "
+              help="Serve this model (models:/..., runs:/<id>/student-<student>). Default: the newest version of --name "
                    "aliased champion or pareto-best.")
 @click.option("--name", type=str, default="flame-kd-student", show_default=True, help="Registered model name.")
 @click.option("--host", type=str, default="127.0.0.1", show_default=True, help="Address to listen on (loopback).")

@@ -30,6 +30,7 @@ from flame_kd.evaluate import Predictions, compute_metrics
 from flame_kd.memory import BatchPlan, Probe, is_out_of_memory, plan_batch
 from flame_kd.options import spell
 from flame_kd.progress import said, track
+from flame_kd.workers import WORKER_ENV
 
 Batch = dict[str, Any]
 
@@ -741,7 +742,8 @@ class ConsoleCallback(Callback):
     """One line per epoch on stderr, so a log file (or a notebook) shows progress without a bar."""
 
     def __init__(self, label: str, epochs: int):
-        self.label, self.epochs = label, epochs
+        worker = os.environ.get(WORKER_ENV)  # one of `--workers N`: its lines say which, as its log lines do
+        self.label, self.epochs = (f"flame-kd[{worker}]: {label}" if worker else label), epochs
 
     def on_epoch_end(self, epoch: int, metrics: dict[str, float], state: FitState) -> None:
         best = " *" if state.best_epoch == epoch else ""

@@ -27,6 +27,7 @@ import mlflow
 import yaml
 from mlflow.tracking import MlflowClient
 
+from flame_kd import pages
 from flame_kd.engine import Callback, FitState
 from flame_kd.errors import FlameKDError, Preempted, ServerLost
 from flame_kd.options import spell
@@ -188,7 +189,7 @@ def ui_url(experiment: str | None = None, host: str = "http://127.0.0.1:5000") -
     exp = MlflowClient().get_experiment_by_name(experiment or DEFAULT_EXPERIMENT)
     if exp is None:
         raise FlameKDError(f"no MLflow experiment named {experiment or DEFAULT_EXPERIMENT!r} in {redact(mlflow.get_tracking_uri())}")
-    return f"{host.rstrip('/')}/#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning"
+    return pages.url(host, pages.runs_route(exp.experiment_id))
 
 
 def tag_experiment(experiment_id: str) -> None:
@@ -196,6 +197,17 @@ def tag_experiment(experiment_id: str) -> None:
     exp = client.get_experiment(experiment_id)
     if exp.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
         client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    if exp.tags.get(pages.SHARED_VIEW_TAG) != pages.headline_view_state():  # the runs list's columns
+        client.set_experiment_tag(experiment_id, pages.SHARED_VIEW_TAG, pages.headline_view_state())
+
+
+def describe_headline(metrics: dict[str, float], run_id: str | None = None) -> None:
+    """Lead the run's description (shown above its metric table) with its test and best-val figures."""
+    client = MlflowClient()
+    run = client.get_run(run_id or active_run_id())
+    note = pages.with_headline(run.data.tags.get("mlflow.note.content"),
+                               pages.headline_note(metrics, pages.runs_route(run.info.experiment_id)))
+    client.set_tag(run.info.run_id, "mlflow.note.content", note)
 
 
 def _error_text(err: BaseException) -> str:
@@ -311,8 +323,13 @@ def _print_run_link(run_id: str) -> None:
         return
     with contextlib.suppress(Exception):
         run = MlflowClient().get_run(run_id)
-        url = f"{redact(uri).rstrip('/')}/#/experiments/{run.info.experiment_id}"
-        sys.stdout.write(f"🏃 View run {run.info.run_name} at: {url}/runs/{run_id}\n🧪 View experiment at: {url}\n")
+        host, exp = redact(uri), run.info.experiment_id
+        lines = [f"🏃 View run {run.info.run_name} at: {pages.url(host, pages.run_route(exp, run_id))}",
+                 f"🧪 View experiment at: {pages.url(host, pages.runs_route(exp))}"]
+        for out in (run.outputs.model_outputs if run.outputs else []):
+            model = MlflowClient().get_logged_model(out.model_id)
+            lines.append(f"📦 View model {model.name} at: {pages.url(host, pages.model_route(exp, out.model_id))}")
+        sys.stdout.write("\n".join(lines) + "\n")
 
 
 def store_key() -> str:
@@ -459,6 +476,15 @@ def set_tags(tags: dict[str, Any], run_id: str | None = None) -> None:
         mlflow.set_tags({k: str(v) for k, v in tags.items()})
 
 
+def delete_tags(run_id: str, keys) -> None:
+    """Remove those of ``keys`` the run has."""
+    client = MlflowClient()
+    have = client.get_run(run_id).data.tags
+    for k in keys:
+        if k in have:
+            client.delete_tag(run_id, k)
+
+
 def log_dataset(frames, csv_path: str, digest: str, context: str = "training") -> None:
     """Record the data set as the run's input (MLflow's Datasets panel)."""
     table = frames.drop(columns=[c for c in ("rgb_path", "ir_path") if c in frames.columns])
@@ -492,7 +518,8 @@ def lost_insert_race(error: BaseException) -> bool:
 
 
 @_artifact_write
-def log_model(model, example, registered_name: str | None = None, description: str = "") -> str | None:
+def log_model(model, example, registered_name: str | None = None, description: str = "",
+              name: str = "model") -> str | None:
     """``model`` (a models.Deployable) as an MLflow pyfunc model: torch.export's pt2 graph
     (``model/data/model.pt2``, no pickle) loaded by ``flame_kd.serving`` (installed code, never code
     from the artifact store), which checks every request before the graph runs. ``example`` (uint8
@@ -503,8 +530,9 @@ def log_model(model, example, registered_name: str | None = None, description: s
     schema is in the model's metadata instead, and ``serving`` refuses anything else with MLflow's
     400 INVALID_PARAMETER_VALUE naming it.
 
-    With ``registered_name`` the model becomes a new version of it, carrying ``description``;
-    returns that version (None when not registered)."""
+    ``name`` is the logged model's name (``pages.model_name``: ``student-<name>``), and its
+    ``runs:/<run id>/<name>`` path. With ``registered_name`` the model becomes a new version of it,
+    carrying ``description``; returns that version (None when not registered)."""
     from flame_kd import serving
 
     if len(example) < 2:
@@ -512,7 +540,7 @@ def log_model(model, example, registered_name: str | None = None, description: s
     with tempfile.TemporaryDirectory() as tmp:
         data = serving.export(model.eval(), example, Path(tmp) / serving.MODEL_FILE)
         info = mlflow.pyfunc.log_model(
-            name="model",
+            name=name,
             loader_module="flame_kd.serving",
             data_path=str(data),
             pip_requirements=serving.requirements(),

@@ -108,7 +108,8 @@ def test_ui_url_opens_the_runs_in_model_training_mode(tmp_path, monkeypatch):
     exp_id = tracking.ensure_experiment("flame-kd")
     result = CliRunner().invoke(main, ["ui-url"])
     assert result.exit_code == 0, result.output
-    assert result.output.strip() == f"http://127.0.0.1:5000/#/experiments/{exp_id}/runs?workflowType=machine_learning"
+    assert result.output.strip() == (f"http://127.0.0.1:5000/#/experiments/{exp_id}/runs?workflowType=machine_learning"
+                                     "&viewStateShareKey=flame-kd-headline")
     result = CliRunner().invoke(main, ["ui-url", "--experiment", "nope"])
     assert result.exit_code == 2 and "no MLflow experiment named 'nope'" in result.output
 

@@ -172,8 +172,21 @@ def run_cell(spec: AblationSpec, parent_id: str, teacher: str, loss: str, seed: 
 def write_summary(parent_id: str) -> None:
     """The summary tables and chart from the parent's finished runs; the parent then ends FINISHED."""
     runs = collect_runs(f"tags.`mlflow.parentRunId` = '{parent_id}'")
-    log_summary(parent_id, summary_table(runs), control_comparisons(runs))
+    table = summary_table(runs)
+    log_summary(parent_id, table, control_comparisons(runs))
     tracking.client().set_terminated(parent_id, "FINISHED")
+    log.info("ablation summary (test split, mean over seeds; run %s):\n%s", parent_id, summary_text(table))
+
+
+def summary_text(table: pd.DataFrame) -> str:
+    """The summary as a short plain-text table for the console: means over seeds and the paired
+    macro-F1 difference against the control (the tables in the parent run give the intervals)."""
+    if not len(table):
+        return "(no finished cell)"
+    cols = {"teacher": "teacher", "loss": "loss", "n_seeds": "seeds"}
+    cols |= {f"{m}_mean": m for m in ("f1_macro", "ap_macro")} | {"f1_macro_vs_control_mean": "Δ f1_macro vs control"}
+    shown = table[[c for c in cols if c in table.columns]].rename(columns=cols)
+    return shown.to_string(index=False, float_format=lambda v: f"{v:.4f}", na_rep="-")
 
 
 def collect_runs(filter_string: str, experiment: str | None = None) -> pd.DataFrame:

@@ -9,6 +9,8 @@ and how well each test holds its level is in ``flame_kd/stats.py`` and ``bench/c
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import tempfile
 from dataclasses import dataclass
 
@@ -19,6 +21,8 @@ from flame_kd import stats, tracking
 from flame_kd.errors import DataError
 from flame_kd.evaluate import LABELS, binarize, compute_metrics
 from flame_kd.runs.skeleton import MANIFEST_FILE, PREDICTIONS_FILE
+
+log = logging.getLogger("flame_kd")
 
 SPLIT_TAG = "flame_kd.split_digest"
 MCNEMAR_NOTE = "counts frames, optimistic"
@@ -111,12 +115,65 @@ def _read_csv_artifact(run_id: str, path: str) -> pd.DataFrame | None:
 
 
 def load_predictions(run_id: str) -> pd.DataFrame:
-    """A run's per-frame test predictions, or a DataError when the run has none."""
+    """A run's per-frame test predictions, or a DataError saying why the run has none."""
     table = _read_csv_artifact(run_id, PREDICTIONS_FILE)
     if table is None:
-        raise DataError(f"run {run_id} has no {PREDICTIONS_FILE} (runs from before flame-kd logged "
-                        "predictions cannot be compared)")
+        raise DataError(f"run {run_id} has no {PREDICTIONS_FILE}: {why_no_predictions(tracking.get_run(run_id))}")
     return table
+
+
+def resolve_run(run_id: str):
+    """The run to compare for ``run_id``: a sweep's parent stands for its best trial (the one run of
+    the sweep that was tested), said in one line; any other run is itself."""
+    run = tracking.get_run(run_id)
+    tags = run.data.tags
+    best = tags.get("flame_kd.best_run_id")
+    if tags.get("flame_kd.stage") == "sweep" and best:
+        log.info("run %s is the parent of sweep %s: comparing its best trial %s (run %s)", run_id,
+                 tags.get("flame_kd.study_name", "?"), tags.get("flame_kd.best_trial", "?"), best)
+        return tracking.get_run(best)
+    return run
+
+
+def why_no_predictions(run) -> str:
+    """Why a run logged no test predictions, from its status and tags."""
+    tags, status = run.data.tags, run.info.status
+    stage = tags.get("flame_kd.stage")
+    if status == "RUNNING":
+        return "it is still running (a run logs its predictions after its last epoch)"
+    if stage == "trial":
+        parent = tags.get("mlflow.parentRunId", "?")
+        best = None
+        with contextlib.suppress(Exception):  # a parent deleted since
+            best = tracking.get_run(parent).data.tags.get("flame_kd.best_run_id")
+        where = (f"its best trial is run {best}; or pass the sweep's run {parent}" if best
+                 else f"no trial of the sweep (run {parent}) has been tested yet")
+        how = (f"was pruned ({tags['flame_kd.pruned']})" if tags.get("flame_kd.pruned")
+               else f"ended {status}" if status != "FINISHED" else "was not the sweep's best")
+        return (f"it is trial {tags.get('flame_kd.trial_number', '?')} of sweep {tags.get('flame_kd.study_name', '?')}, "
+                f"which {how}; a sweep tests only its best trial ({where})")
+    if status != "FINISHED":
+        error = tags.get("flame_kd.error", "").splitlines()
+        return f"it ended {status} before its test report" + (f" ({error[0][:200]})" if error else "")
+    if stage == "sweep":
+        return "it is a sweep's parent run and no trial of the sweep completed, so nothing was tested"
+    if stage and stage.endswith("-worker") or stage in ("ablation", "pareto"):
+        return f"it is an {stage} run, which holds no model of its own: compare one of its child runs"
+    if stage in ("teacher", "distill"):
+        return "it finished without a test report (made by a flame-kd from before runs logged predictions)"
+    return ("it was not made by `flame-kd teacher`/`distill` (no flame_kd.stage tag), or by one from before runs "
+            "logged predictions")
+
+
+def load_split_blocks(*run_ids: str) -> pd.Series | None:
+    """The split blocks from the first of the runs (then their parents: a sweep trial's manifest is in
+    its parent) that logged a manifest; the caller has checked that they share one split."""
+    parents = [tracking.get_run(r).data.tags.get("mlflow.parentRunId") for r in run_ids]
+    for run_id in dict.fromkeys([*run_ids, *filter(None, parents)]):
+        blocks = load_blocks(run_id)
+        if blocks is not None:
+            return blocks
+    return None
 
 
 def load_blocks(run_id: str) -> pd.Series | None:
@@ -159,7 +216,8 @@ def _label(run) -> str:
 
 def compare_runs(run_a: str, run_b: str, seed: int = 0, log: bool = True) -> tuple[Comparison, str]:
     """`flame-kd compare`: refuse runs on different splits, compare, log the markdown table to run B."""
-    ra, rb = tracking.get_run(run_a), tracking.get_run(run_b)
+    ra, rb = resolve_run(run_a), resolve_run(run_b)
+    run_a, run_b = ra.info.run_id, rb.info.run_id
     sa, sb = ra.data.tags.get(SPLIT_TAG), rb.data.tags.get(SPLIT_TAG)
     if not sa or sa != sb:
         raise DataError(f"runs {run_a} and {run_b} were not tested on the same split "
@@ -167,7 +225,7 @@ def compare_runs(run_a: str, run_b: str, seed: int = 0, log: bool = True) -> tup
     params = rb.data.params  # a distill run's --student-threshold, a teacher run's --threshold
     threshold = float(params.get("student_threshold", params.get("threshold", 0.5)))
     result = compare_predictions(load_predictions(run_a), load_predictions(run_b), threshold, seed, run_a, run_b,
-                                 load_blocks(run_b))  # one split (same digest), so one manifest
+                                 load_split_blocks(run_b, run_a))  # one split (same digest), so one manifest
     text = result.markdown(_label(ra), _label(rb))
     if log:
         tracking.log_text_to(run_b, text, f"compare/vs_{run_a}.md")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from flame_kd import plots, tracking
+from flame_kd import pages, plots, tracking
 
 from flame_kd import teacher_cache
 from flame_kd.runs import champion
@@ -281,7 +281,7 @@ def run_distill(cfg: DistillRunConfig, attach_env: bool = True, extra_tags: dict
         tags["flame_kd.teacher_run_id"] = prep.teacher_run_id
     plan = FitPlan(stage=stage, teacher=teacher_name, loss=cfg.loss.variant,
                    run_name=cfg.tracking.run_name or run_name(cfg, teacher_name),
-                   label=f"student {cfg.loss.variant}",
+                   label=(f"{cfg.tracking.run_name} " if stage == "trial" else "") + f"student {cfg.loss.variant}",
                    cfg=to_dict(cfg) | {"resolved_teacher_run_id": prep.teacher_run_id},
                    params=run_params(cfg, DISTILL_OPTIONS, device), data=data, model=student,
                    task=DistillTask(loss, prep.outputs if loss.uses_teacher else None), train=cfg.train,
@@ -311,7 +311,8 @@ def run_distill(cfg: DistillRunConfig, attach_env: bool = True, extra_tags: dict
         if cfg.tracking.log_model:
             registered = cfg.tracking.register_as if cfg.tracking.register else None
             version = log_student(trainer.model, ex["rgb"], registered,
-                                  version_description(cfg, rep.metrics, prep.teacher_run_id))
+                                  version_description(cfg, rep.metrics, prep.teacher_run_id),
+                                  name=pages.model_name("student", cfg.student))
             if version is not None:
                 champion.crown(registered, version, fitted.run_id, cfg.train.monitor,
                                rep.metrics[best_name(cfg.train.monitor)], data.digest, data.split.digest)
@@ -347,7 +348,7 @@ def log_teacher_comparison(teacher_run_id: str, rep: TestReport, teacher, data: 
 
 
 def log_student(model: torch.nn.Module, example: torch.Tensor, registered_name: str | None,
-                description: str = "") -> str | None:
+                description: str = "", name: str = "student") -> str | None:
     """The student as a served MLflow model (registered under ``registered_name`` with
     ``description``, when given: returns the version) and as ONNX checked with onnxruntime."""
     model = model.cpu().eval()
@@ -360,4 +361,4 @@ def log_student(model: torch.nn.Module, example: torch.Tensor, registered_name: 
         tracking.log_file(path, "onnx")
     with stage("logging the student model (pt2)"):
         return tracking.log_model(Deployable(model), example.numpy(), registered_name=registered_name,
-                                  description=description)
+                                  description=description, name=name)

@@ -234,6 +234,7 @@ def log_test_report(trainer: Trainer, state: FitState, data: Data, tag: str, see
     train_targets = data.frames.iloc[data.split.indices("train")][list(LABELS)].to_numpy()
     metrics["test_f1_macro_constant"] = constant_f1_macro(train_targets, preds.targets)
     tracking.log_metrics(metrics)
+    tracking.describe_headline(metrics)  # the run page's first figures (its metric table starts with split_*)
     tracking.log_dataframe(predictions_table(data.frames, preds), PREDICTIONS_FILE)
     cms = confusion_matrices(preds.targets, preds.probs, trainer.cfg.threshold)
     tracking.log_figure(plots.confusion(cms), "plots/confusion.png")

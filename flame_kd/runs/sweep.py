@@ -29,7 +29,8 @@ from flame_kd.config import SWEEP_OPTIONS, SweepConfig, check_ranges, monitor_mo
 from flame_kd.runs.distill import Prepared, prepare, run_distill
 from flame_kd.engine import LambdaCallback, Trainer
 from flame_kd.errors import ConfigError, Preempted, RunFailed
-from flame_kd.runs.skeleton import checkpoint_dir, load_run_model
+from flame_kd.evaluate import LABELS, constant_f1_macro, predictions_table
+from flame_kd.runs.skeleton import PREDICTIONS_FILE, checkpoint_dir, load_run_model
 from flame_kd.losses import REGISTRY, VARIANTS
 from flame_kd.tasks import SupervisedTask, student_forward
 
@@ -37,6 +38,7 @@ log = logging.getLogger("flame_kd")
 
 TEMPERATURE_RANGE = (1.0, 10.0)  # log scale
 PARENT_ATTR = "mlflow_parent_run_id"
+BEST_TRIAL_TAG = "flame_kd.sweep_best"  # "true" on the trial run the sweep tested (its parent: flame_kd.best_run_id)
 
 
 STORAGE_ENV = "FLAME_KD_STORAGE"
@@ -185,14 +187,17 @@ def objective_for(cfg: SweepConfig, prep: Prepared, parent_id: str):
             best["score"] = state.best_score
             trial.report(metrics[base.train.monitor], epoch)
             if trial.should_prune():
-                raise optuna.TrialPruned(f"pruned at epoch {epoch}")
+                why = (f"{base.train.monitor} {metrics[base.train.monitor]:.4f} is behind the earlier trials "
+                       f"at this epoch ({cfg.pruner} pruner)")
+                log.info("trial %d pruned at epoch %d: %s", trial.number, epoch, why)
+                raise optuna.TrialPruned(f"epoch {epoch}: {why}")
 
         tags = {"flame_kd.trial_number": trial.number, "flame_kd.study_name": cfg.study_name}
         try:
             run_id = run_distill(dcfg, attach_env=False, extra_tags=tags, callbacks=[LambdaCallback(report)],
                                  parent_run_id=parent_id, prep=prep, stage="trial", report=False)
-        except optuna.TrialPruned:
-            _tag_last_trial(parent_id, trial.number, "PRUNED")
+        except optuna.TrialPruned as pruned:
+            _tag_last_trial(parent_id, trial.number, "PRUNED", pruned=str(pruned))
             raise
         except Preempted as stop:  # Optuna fails the trial; a copy waits for the next worker, as after
             trial.study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})  # a lost heartbeat
@@ -211,8 +216,9 @@ def objective_for(cfg: SweepConfig, prep: Prepared, parent_id: str):
     return objective
 
 
-def _tag_last_trial(parent_id: str, number: int, state: str, error: str | None = None) -> None:
-    """Mark the trial's MLflow run with its Optuna state (pruned runs end KILLED, failed FAILED)."""
+def _tag_last_trial(parent_id: str, number: int, state: str, error: str | None = None, pruned: str = "") -> None:
+    """Mark the trial's MLflow run with its Optuna state: a pruned run ends FINISHED with its reason in
+    ``flame_kd.pruned`` (MLflow has no pruned state; KILLED would read as stopped), a failed one FAILED."""
     runs = tracking.search_runs(
         f"tags.`mlflow.parentRunId` = '{parent_id}' and tags.`flame_kd.trial_number` = '{number}'",
         max_results=1,
@@ -220,8 +226,10 @@ def _tag_last_trial(parent_id: str, number: int, state: str, error: str | None =
     if runs:
         run_id = runs[0].info.run_id
         tracking.set_tags({"flame_kd.trial_state": state}, run_id=run_id)
-        if state == "PRUNED":
-            tracking.client().set_terminated(run_id, "KILLED")
+        if state == "PRUNED":  # tracking.run ended it FAILED on the TrialPruned it raised
+            tracking.set_tags({"flame_kd.pruned": pruned or "pruned"}, run_id=run_id)
+            tracking.delete_tags(run_id, ("flame_kd.error", "flame_kd.end_reason"))
+            tracking.client().set_terminated(run_id, "FINISHED")
         if error:
             tracking.set_tags({"flame_kd.error": error}, run_id=run_id)
             tracking.client().set_terminated(run_id, "FAILED")
@@ -296,7 +304,12 @@ def summarise_and_finish(study: optuna.Study, cfg: SweepConfig, prep: Prepared, 
     metrics = {"best/" + cfg.distill.train.monitor.replace("/", "_"): best.value} | {f"best/{k}": v for k, v in best.params.items()}
     run_id = best.user_attrs.get("mlflow_run_id")
     if run_id:
-        metrics |= {f"best/{k}": v for k, v in evaluate_trial(run_id, cfg, prep).items()}
+        test = evaluate_trial(run_id, cfg, prep)
+        metrics |= {f"best/{k}": v for k, v in test.items()}
+        log.info("best trial %d (run %s): %s %.4f on val; test macro F1 %.4f, macro AP %.4f (its run has "
+                 "%s: `flame-kd compare` takes it, or this sweep's run %s)", best.number, run_id,
+                 cfg.distill.train.monitor, best.value, test["test_f1_macro"], test["test_ap_macro"],
+                 PREDICTIONS_FILE, parent_id)
     tracking.log_metrics(metrics, run_id=parent_id)
     for name, fig in plots.optuna_figures(study).items():
         tracking.log_figure_to(parent_id, fig, f"plots/{name}.png")
@@ -304,9 +317,18 @@ def summarise_and_finish(study: optuna.Study, cfg: SweepConfig, prep: Prepared, 
 
 
 def evaluate_trial(run_id: str, cfg: SweepConfig, prep: Prepared) -> dict[str, float]:
-    """Test metrics of one trial's best checkpoint: the only time a sweep touches the test split."""
-    d = cfg.distill
+    """Test metrics of one trial's best checkpoint: the only time a sweep touches the test split.
+    Logged into the trial's run as a distill run logs them (``test_*``, ``predictions/test.csv``,
+    the description's headline), so `flame-kd compare` takes the best trial like any run."""
+    d, data = cfg.distill, prep.data
     model, _, _ = load_run_model(run_id)
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(model, SupervisedTask(student_forward), d.train, tmp, device=prep.device)
-        return trainer.evaluate(prep.data.loaders["test"], "test")
+        metrics, preds = trainer.evaluate(data.loaders["test"], "test", predictions=True)
+    train_targets = data.frames.iloc[data.split.indices("train")][list(LABELS)].to_numpy()
+    metrics["test_f1_macro_constant"] = constant_f1_macro(train_targets, preds.targets)
+    tracking.log_metrics(metrics, run_id=run_id)
+    tracking.log_text_to(run_id, predictions_table(data.frames, preds).to_csv(index=False), PREDICTIONS_FILE)
+    tracking.set_tags({BEST_TRIAL_TAG: "true"}, run_id=run_id)
+    tracking.describe_headline(metrics | tracking.get_run(run_id).data.metrics, run_id=run_id)
+    return metrics

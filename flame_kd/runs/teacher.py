@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from flame_kd import tracking
+from flame_kd import pages, tracking
 from flame_kd.options import option_flags
 from flame_kd.config import TEACHER_OPTIONS, TeacherRunConfig, check_ranges, to_dict
 from flame_kd.engine import resolve_device, seed_everything
@@ -54,5 +54,5 @@ def run_teacher(cfg: TeacherRunConfig, attach_env: bool = True, extra_tags: dict
                      f"macro AP {m['test_ap_macro']:.3f}; seed {seed}, {cfg.data.image_size} px.")
             tracking.log_model(Deployable(fitted.trainer.model.cpu().eval(), modalities=2), frames,
                                registered_name=cfg.tracking.register_as if cfg.tracking.register else None,
-                               description=about)
+                               description=about, name=pages.model_name("teacher", t.name))
     return fitted.run_id
