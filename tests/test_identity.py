@@ -277,7 +277,7 @@ def test_the_champion_never_compares_across_data(store, ids, monkeypatch):
 
 # --- the guard: a new reuse path that forgets the data fails here ----------------------------------
 
-LOOKUPS = {"search_runs", "create_study", "load_study", "list_artifacts"}
+LOOKUPS = {"search_runs", "create_study", "load_study", "list_artifacts", "model_version_by_alias"}
 
 # Lookups that decide no reuse, each with the reason (module path, top-level function).
 NOT_REUSE = {
@@ -292,6 +292,8 @@ NOT_REUSE = {
     ("flame_kd/runs/sweep.py", "_tag_last_trial"): "tags a trial run under the study's parent",
     ("flame_kd/runs/distill.py", "nearest_teacher"): "a message naming what differs; reuses nothing",
     ("flame_kd/runs/compare.py", "_read_csv_artifact"): "reads the runs the user named to compare",
+    ("flame_kd/serving.py", "resolve_model_uri"): "serves the version an alias names; compares nothing",
+    ("flame_kd/runs/pareto.py", "register_best"): "the alias follows the newest study's best; compares nothing",
 }
 
 
@@ -347,7 +349,7 @@ def reuse_violations(source: str, path: str) -> tuple[list[str], list[tuple[str,
                 if not {"check_study", "study_record"} <= _names(fn):
                     problems.append(f"{where}: study opened without identity.study_record / identity.check_study")
             elif name not in aware:
-                problems.append(f"{where}: artifacts listed for reuse without the identity module")
+                problems.append(f"{where}: a stored result chosen without the identity module")
     return problems, seen
 
 
@@ -366,7 +368,7 @@ def test_every_reuse_lookup_goes_through_the_identity():
     must = {("flame_kd/runs/distill.py", "find_teacher_run"), ("flame_kd/runs/skeleton.py", "find_resumable"),
             ("flame_kd/runs/ablation.py", "find_or_create_parent"), ("flame_kd/runs/pareto.py", "find_or_create_parent"),
             ("flame_kd/runs/sweep.py", "open_study"), ("flame_kd/runs/grid.py", "open_grid"),
-            ("flame_kd/teacher_cache.py", "load_or_compute")}
+            ("flame_kd/teacher_cache.py", "load_or_compute"), ("flame_kd/runs/champion.py", "crown")}
     assert must <= set(seen), must - set(seen)  # the scan sees the known paths
     stale = set(NOT_REUSE) - set(seen)
     assert not stale, f"NOT_REUSE lists lookups that no longer exist: {stale}"
