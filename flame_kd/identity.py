@@ -15,12 +15,12 @@ import json
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from flame_kd.errors import ConfigError
+from flame_kd.errors import ConfigError, FlameKDError
 
 CONFIG_TAG = "flame_kd.config_digest"
 DATA_TAG = "flame_kd.data_digest"
 SPLIT_TAG = "flame_kd.split_digest"
-STUDY_ATTR = "flame_kd_identity"  # an Optuna study's user attr: {config, data, split, store}
+STUDY_ATTR = "flame_kd_identity"  # an Optuna study's user attr: {config, data, split}
 
 
 def digest_of(value: Any) -> str:
@@ -81,18 +81,27 @@ def study_name(prefix: str, ident: RunIdentity) -> str:
     return f"{prefix}-{ident.digest}"
 
 
-def study_record(ident: RunIdentity, store: str) -> dict[str, str]:
-    """What a study remembers of who made it: the identity and the MLflow store (``store_hash``)."""
-    return {"config": ident.config, "data": ident.data, "split": ident.split, "store": store}
+def study_record(ident: RunIdentity) -> dict[str, str]:
+    """What a study remembers of the runs it is for (a user attr, ``STUDY_ATTR``)."""
+    return {"config": ident.config, "data": ident.data, "split": ident.split}
 
 
-def check_study(name: str, record: Mapping | None, ident: RunIdentity, store: str) -> None:
-    """Refuse to join study ``name`` when its record says other data, another split or another MLflow
-    store (where its parent run is not). A study without a record (made before records) passes."""
-    if not record:
-        return
-    refuse_other_data(f"study {name}", record, ident, "; give another --study-name (or none: the default is "
-                      "derived from the data)", keys=("data", "split"))
-    if record.get("store") not in (None, store):
-        raise ConfigError(f"study {name} belongs to another MLflow store (store {record.get('store')}, this one "
-                          f"{store}): its parent run is not here; give another --study-name or --storage")
+def check_study(name: str, record: Mapping | None, ident: RunIdentity) -> None:
+    """Refuse to join study ``name`` when its record says other data or another split. A study
+    without a record (made before records, or being made right now) passes."""
+    if record:
+        refuse_other_data(f"study {name}", record, ident, "; give another --study-name (or none: the default "
+                          "is derived from the data)", keys=("data", "split"))
+
+
+def check_parent_here(name: str, parent_run_id: str) -> None:
+    """A study's parent run must be in this MLflow store (a run id lives in one store only), so a study
+    made against another store is refused in one line, whatever its URI is spelt like."""
+    from flame_kd import tracking
+
+    try:
+        tracking.get_run(parent_run_id)
+    except FlameKDError:
+        raise ConfigError(f"study {name}'s parent run {parent_run_id} is not in this MLflow store "
+                          f"({tracking.store_name()}): the study belongs to another store; give another "
+                          "--study-name or --storage") from None

@@ -215,13 +215,12 @@ def open_grid(spec: AblationSpec, url: str, ident: identity.RunIdentity,
     storage = make_storage(url, SweepConfig(heartbeat_interval=spec.heartbeat, max_retry=MAX_RETRY),
                            on_stale=_LostTask())
     name = study_name(spec, ident)
-    store = identity.store_hash(tracking.store_name())
     try:
         study = optuna.create_study(study_name=name, storage=storage, direction="maximize")
-        study.set_user_attr(identity.STUDY_ATTR, identity.study_record(ident, store))
+        study.set_user_attr(identity.STUDY_ATTR, identity.study_record(ident))
     except optuna.exceptions.DuplicatedStudyError:
         study = optuna.load_study(study_name=name, storage=storage)
-        identity.check_study(name, study.user_attrs.get(identity.STUDY_ATTR), ident, store)
+        identity.check_study(name, study.user_attrs.get(identity.STUDY_ATTR), ident)
         deadline = time.time() + timeout
         while READY_ATTR not in (attrs := storage.get_study_user_attrs(study._study_id)):
             if time.time() > deadline:
@@ -230,6 +229,7 @@ def open_grid(spec: AblationSpec, url: str, ident: identity.RunIdentity,
                                   f"(`optuna delete-study --study-name {name} --storage ...`) and start again")
             time.sleep(1)
         parent = attrs[PARENT_ATTR]
+        identity.check_parent_here(name, parent)  # a study shared with another MLflow store is refused
         env_run = os.environ.get("MLFLOW_RUN_ID")  # this worker's own `mlflow run` run points at the grid
         if env_run and env_run != parent:
             tracking.set_tags({"flame_kd.stage": "ablation-worker", "flame_kd.ablation_parent_run_id": parent},

@@ -28,7 +28,7 @@ from flame_kd.options import option_flags
 from flame_kd.config import SWEEP_OPTIONS, SweepConfig, check_ranges, monitor_mode
 from flame_kd.runs.distill import Prepared, prepare, run_distill
 from flame_kd.engine import LambdaCallback, Trainer
-from flame_kd.errors import ConfigError, FlameKDError, Preempted, RunFailed
+from flame_kd.errors import ConfigError, Preempted, RunFailed
 from flame_kd.runs.skeleton import checkpoint_dir, load_run_model
 from flame_kd.losses import REGISTRY, VARIANTS
 from flame_kd.tasks import SupervisedTask, student_forward
@@ -142,21 +142,17 @@ def sweep_identity(cfg: SweepConfig, data, teacher_run_id: str | None) -> identi
 
 def study_record(storage, name: str) -> dict | None:
     """What study ``name`` says of its data (``identity.study_record``; a study made before records:
-    its parent run's data and split tags); None when there is no such study yet."""
+    its parent run's data and split tags); None when there is no such study yet. A study whose parent
+    run is in another MLflow store is refused."""
     try:
         attrs = storage.get_study_user_attrs(storage.get_study_id_from_name(name))
     except KeyError:
         return None
-    if identity.STUDY_ATTR in attrs:
-        return attrs[identity.STUDY_ATTR]
-    if PARENT_ATTR not in attrs:
-        return None  # being created right now: checked again once loaded
-    try:
-        tags = tracking.get_run(attrs[PARENT_ATTR]).data.tags
-    except FlameKDError:
-        raise ConfigError(f"study {name}'s parent run {attrs[PARENT_ATTR]} is not in this MLflow store "
-                          f"({tracking.store_name()}): the study belongs to another store; give another "
-                          "--study-name or --storage") from None
+    if PARENT_ATTR in attrs:
+        identity.check_parent_here(name, attrs[PARENT_ATTR])
+    if identity.STUDY_ATTR in attrs or PARENT_ATTR not in attrs:  # no parent yet: being created right now
+        return attrs.get(identity.STUDY_ATTR)
+    tags = tracking.get_run(attrs[PARENT_ATTR]).data.tags
     return {"data": tags.get(identity.DATA_TAG), "split": tags.get(identity.SPLIT_TAG)}
 
 
@@ -165,35 +161,34 @@ def named_study_check(cfg: SweepConfig, storage):
     read, before any teacher is looked up or trained."""
     if not cfg.study_name:
         return None
-    store = identity.store_hash(tracking.store_name())
 
     def check(data) -> None:
         ident = identity.RunIdentity("", data.digest, data.split.digest)
-        identity.check_study(cfg.study_name, study_record(storage, cfg.study_name), ident, store)
+        identity.check_study(cfg.study_name, study_record(storage, cfg.study_name), ident)
 
     return check
 
 
 def open_study(cfg: SweepConfig, storage, sampler_seed: int,
                ident: identity.RunIdentity) -> tuple[optuna.Study, bool]:
-    """(study, created here?). Exactly one worker creates a study (recording its identity and MLflow
-    store); the others load it, and refuse one of other data or another store."""
+    """(study, created here?). Exactly one worker creates a study (recording its identity); the others
+    load it, and refuse one of other data or of another MLflow store."""
     sampler = optuna.samplers.TPESampler(seed=sampler_seed)
     pruner = make_pruner(cfg.pruner)
-    store = identity.store_hash(tracking.store_name())
     try:
         study = optuna.create_study(study_name=cfg.study_name, storage=storage, direction="minimize" if monitor_mode(cfg.distill.train.monitor) == "min" else "maximize",
                                     sampler=sampler, pruner=pruner)
-        study.set_user_attr(identity.STUDY_ATTR, identity.study_record(ident, store))
+        study.set_user_attr(identity.STUDY_ATTR, identity.study_record(ident))
         return study, True
     except optuna.exceptions.DuplicatedStudyError:
-        identity.check_study(cfg.study_name, study_record(storage, cfg.study_name), ident, store)
+        identity.check_study(cfg.study_name, study_record(storage, cfg.study_name), ident)
         return optuna.load_study(study_name=cfg.study_name, storage=storage, sampler=sampler, pruner=pruner), False
 
 
 def parent_run(study: optuna.Study, created: bool, cfg: SweepConfig, prep: Prepared, timeout: float = 120) -> str:
     """The study's one parent MLflow run: made by the worker that created the study, read by the rest."""
     if PARENT_ATTR in study.user_attrs:
+        identity.check_parent_here(cfg.study_name, study.user_attrs[PARENT_ATTR])
         return study.user_attrs[PARENT_ATTR]
     if not created:  # the creator is making it right now
         deadline = time.time() + timeout
@@ -201,6 +196,7 @@ def parent_run(study: optuna.Study, created: bool, cfg: SweepConfig, prep: Prepa
             time.sleep(1)
             attrs = study._storage.get_study_user_attrs(study._study_id)
             if PARENT_ATTR in attrs:
+                identity.check_parent_here(cfg.study_name, attrs[PARENT_ATTR])
                 return attrs[PARENT_ATTR]
         raise ConfigError(f"study {cfg.study_name} has no parent MLflow run after {timeout:.0f} s")
     d = cfg.distill
@@ -294,7 +290,7 @@ def run_sweep(cfg: SweepConfig) -> optuna.Study:
     # data + teacher + cached outputs, once for every trial; a named study of other data refused first
     prep = prepare(d, env_name=f"sweep {cfg.study_name or prefix} worker", check=named_study_check(cfg, storage))
     ident = sweep_identity(cfg, prep.data, prep.teacher_run_id)
-    cfg.study_name = cfg.study_name or identity.study_name(prefix, ident)  # never shared across data or stores
+    cfg.study_name = cfg.study_name or identity.study_name(prefix, ident)  # never shared across data
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # a failed trial is one line of ours, no traceback
     study, created = open_study(cfg, storage, d.train.seed, ident)
     parent_id = parent_run(study, created, cfg, prep)
