@@ -135,6 +135,33 @@ def test_resume_continues_only_a_run_of_the_same_data(store, ids, tmp_path):
     assert find_resumable(OTHER_SPLIT, base) is None
 
 
+@pytest.mark.slow
+def test_teacher_resume_on_other_data_is_refused_before_training(store, synth_copy):
+    """Review: `teacher --resume true` with another --data continued the run trained on the first data."""
+    from flame_kd.engine import LambdaCallback
+    from flame_kd.runs.teacher import run_teacher
+
+    from pipeline_helpers import teacher_cfg
+
+    def interrupt(epoch, metrics, state):
+        raise KeyboardInterrupt
+
+    cfg = teacher_cfg(str(synth_copy / "flame2.csv"), epochs=2, experiment="identity-resume")
+    cfg.tracking.log_model = False
+    with pytest.raises(KeyboardInterrupt):
+        run_teacher(cfg, callbacks=[LambdaCallback(interrupt)])
+    (killed,) = tracking.search_runs("attributes.status = 'KILLED'", experiment="identity-resume")
+    other = Path(shutil.copytree(synth_copy, synth_copy.parent / "other"))
+    other_pixels(other)
+    cfg.data.csv, cfg.resume = str(other / "flame2.csv"), True
+    with pytest.raises(ConfigError) as err:
+        run_teacher(cfg)
+    message = err.value.message
+    assert killed.info.run_id in message and killed.data.tags[identity.DATA_TAG] in message
+    assert "this run uses data" in message and "\n" not in message
+    assert len(tracking.search_runs("", experiment="identity-resume")) == 1  # nothing started, nothing trained
+
+
 def grid_spec(csv: str, **kw) -> AblationSpec:
     from flame_kd.runs.ablation import spec_from_dict
 
