@@ -268,7 +268,7 @@ class TeacherRunConfig:
     tracking: TrackingConfig = opt(factory=lambda: TrackingConfig(log_model=False, register_as="flame-kd-teacher"))
     pos_weight: str = opt("none", "BCE positive-class weight: none, or auto (negatives/positives per label in the "
                           "training split).", choices=("none", "auto"))
-    resume: bool = opt(False, "Continue the newest unfinished run with the same settings.")
+    resume: bool = opt(False, "Continue the newest unfinished run with the same settings, data and split.")
     checkpoint_dir: str | None = opt(None, "Where in-flight checkpoints live; default $FLAME_KD_CACHE/checkpoints.")
 
 
@@ -289,7 +289,7 @@ class DistillRunConfig:
     teacher_views: int = opt(8, "Cached mode: augmented views of each training frame whose teacher outputs are "
                                 "stored (float16) with the teacher run; each epoch a frame shows one of them, and the "
                                 "student sees exactly that view.", ge=1)
-    resume: bool = opt(False, "Continue the newest unfinished run with the same settings.")
+    resume: bool = opt(False, "Continue the newest unfinished run with the same settings, data and split.")
     checkpoint_dir: str | None = opt(None, "Where in-flight checkpoints live; default $FLAME_KD_CACHE/checkpoints.")
 
 

@@ -4,8 +4,9 @@ An identity is (config digest, data digest, split digest): the settings that cha
 (``skeleton.config_digest``, an ablation spec's or a pareto study's digest), the data's content digest
 (``schema.data_digest``) and the split's (``Split.digest``). Every reuse path -- teacher lookup, the
 teacher cache, ``--resume``, the ablation parent and grid, the sweep's study and parent, pareto's parent,
-the champion alias -- matches runs through ``where`` and studies through ``study_name`` / ``mark_study``
-/ ``check_study``; ``tests/test_identity.py`` fails when a lookup bypasses them.
+the champion alias -- matches runs through ``where`` (or compares with ``same_data``) and studies
+through ``study_name`` / ``study_record`` / ``check_study``; ``tests/test_identity.py`` fails when a
+lookup bypasses them.
 """
 
 from __future__ import annotations

@@ -105,7 +105,8 @@ def spec_identity(spec: AblationSpec) -> identity.RunIdentity:
     cell shares (the data is read and checked here, before any run or study exists)."""
     from flame_kd.runs.skeleton import read_split
 
-    cell_config(spec, spec.teachers[0] if spec.teachers else "none", CONTROL_LOSS, 0)  # split_seed is set
+    if spec.distill.data.split_seed is None:
+        raise ConfigError("ablation: split_seed (--split-seed) must be a number; every cell shares one split")
     _, data, split = read_split(spec.distill.data, spec.distill.data.split_seed)
     return identity.RunIdentity(spec.digest(), data, split.digest, config_tag="flame_kd.spec_digest")
 

@@ -9,7 +9,6 @@ logs everything.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -133,7 +132,7 @@ def identity_settings(cfg: dict) -> dict:
 
 def config_digest(cfg: dict) -> str:
     """Identity of a run's settings for --resume and teacher lookup: everything that changes its numbers."""
-    return hashlib.sha256(json.dumps(identity_settings(cfg), sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return identity.digest_of(identity_settings(cfg))
 
 
 def identity_tags(stage: str, teacher: str, loss: str, seed: int, ident: identity.RunIdentity) -> dict:
