@@ -283,14 +283,16 @@ def _launch_sweep(cfg: SweepConfig) -> None:
     """``--workers N``: the teacher and its outputs once, here, then N workers on one study."""
     from flame_kd import tracking
     from flame_kd.runs.distill import prepare
-    from flame_kd.runs.sweep import resolve_storage
+    from flame_kd.runs.sweep import make_storage, named_study_check, resolve_storage
     from flame_kd.workers import launch
 
     uri = tracking.configure(cfg.distill.tracking.tracking_uri)
     extra = {}
     if not cfg.storage:  # every worker on the same storage (the default file, or FLAME_KD_STORAGE)
         extra["FLAME_KD_STORAGE"] = resolve_storage(None, uri)
-    prepare(cfg.distill)  # so no worker trains the teacher another is training
+    # a named study of other data is refused before the teacher is trained
+    check = named_study_check(cfg, make_storage(resolve_storage(cfg.storage, uri), cfg)) if cfg.study_name else None
+    prepare(cfg.distill, check=check)  # so no worker trains the teacher another is training
     sys.exit(launch(cfg.workers, sys.argv[1:], extra))
 
 

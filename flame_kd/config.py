@@ -269,7 +269,7 @@ class TeacherRunConfig:
     tracking: TrackingConfig = opt(factory=lambda: TrackingConfig(log_model=False, register_as="flame-kd-teacher"))
     pos_weight: str = opt("none", "BCE positive-class weight: none, or auto (negatives/positives per label in the "
                           "training split).", choices=("none", "auto"))
-    resume: bool = opt(False, "Continue the newest unfinished run with the same settings.")
+    resume: bool = opt(False, "Continue the newest unfinished run with the same settings, data and split.")
     checkpoint_dir: str | None = opt(None, "Where in-flight checkpoints live; default $FLAME_KD_CACHE/checkpoints.")
 
 
@@ -290,7 +290,7 @@ class DistillRunConfig:
     teacher_views: int = opt(8, "Cached mode: augmented views of each training frame whose teacher outputs are "
                                 "stored (float16) with the teacher run; each epoch a frame shows one of them, and the "
                                 "student sees exactly that view.", ge=1)
-    resume: bool = opt(False, "Continue the newest unfinished run with the same settings.")
+    resume: bool = opt(False, "Continue the newest unfinished run with the same settings, data and split.")
     checkpoint_dir: str | None = opt(None, "Where in-flight checkpoints live; default $FLAME_KD_CACHE/checkpoints.")
 
 
@@ -300,8 +300,9 @@ class SweepConfig:
         loss=LossConfig(variant="kl_contrastive_l2_bce")))  # the variant with the most weights to search
     n_trials: int = opt(20, "Trials for this worker (two workers with 10 each make a 20-trial study).", ge=1)
     timeout: float | None = opt(None, "Seconds for this worker.")
-    study_name: str | None = opt(None, "Default <teacher>-<loss>-s<seed>; the same name and storage continue a study.")
-    storage: str | None = opt(None, "Optuna RDB URL; default optuna.db beside the MLflow store. "
+    study_name: str | None = opt(None, "Default <teacher>-<loss>-s<seed>-<digest of the settings, data and split>; "
+                                       "the same name and storage continue a study (on the same data only).")
+    storage: str | None = opt(None, "Optuna RDB URL; default optuna-<store hash>.db beside the MLflow store. "
                                     "postgresql+psycopg2://... lets many workers join one study.")
     pruner: str = opt("median", "Trial pruner.", choices=("median", "hyperband", "none"))
     heartbeat_interval: int = opt(30, "Seconds between trial heartbeats; a killed worker's trial is failed "
@@ -391,7 +392,7 @@ class AblationSpec:
     heartbeat: int = opt(30, "With --storage: seconds between a worker's heartbeats; a task whose worker stopped "
                              "beating is failed and run again by another.", ge=1)
     workers: int = opt(1, "Start this many local worker processes, each pinned to one GPU when there are GPUs; "
-                          "more than one shares the grid through --storage (default: optuna.db beside the store).",
+                          "more than one shares the grid through --storage (default: optuna-<store hash>.db beside the store).",
                        ge=1)
 
     def digest(self) -> str:

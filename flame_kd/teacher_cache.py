@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from flame_kd import tracking
+from flame_kd import identity, tracking
 from flame_kd.data import augment as aug
 from flame_kd.data.dataset import PairedFrames, host_available_bytes, make_loader
 from flame_kd.engine import amp_dtype, device_batches, load_checkpoint, seal
@@ -295,8 +295,8 @@ def _same_views(outputs: dict, augment: str, views: int, view_seed: int) -> bool
 
 def matches(outputs: dict, teacher_run_id: str, data) -> bool:
     """Whether stored outputs were computed by this teacher run for these frames and this split."""
-    return (outputs.get("teacher_run_id") == teacher_run_id and outputs.get("data_digest") == data.digest
-            and outputs.get("split_digest") == data.split.digest and "ids" in outputs)
+    return (outputs.get("teacher_run_id") == teacher_run_id and "ids" in outputs
+            and identity.same_data(outputs, data.digest, data.split.digest, keys=("data_digest", "split_digest")))
 
 
 def load_or_compute(teacher_run_id: str, teacher: nn.Module, data, device: torch.device, augment: str = "none",

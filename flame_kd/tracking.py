@@ -339,6 +339,11 @@ def store_key() -> str:
     return hashlib.sha256(mlflow.get_tracking_uri().encode()).hexdigest()[:16]
 
 
+def store_name() -> str:
+    """The tracking URI, redacted: which store this is, the same for every user of one server."""
+    return redact(mlflow.get_tracking_uri())
+
+
 def mark_failed(run_id: str, reason: str) -> bool:
     """End a run still RUNNING as FAILED with ``reason`` in ``flame_kd.error``; whether it was."""
     client = MlflowClient()

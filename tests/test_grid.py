@@ -15,6 +15,7 @@ from optuna.trial import FrozenTrial, TrialState
 from flame_kd import tracking
 from flame_kd.config import AblationSpec
 from flame_kd.errors import RunFailed, ServerLost
+from flame_kd.identity import RunIdentity
 from flame_kd.runs import grid
 from flame_kd.workers import placements
 
@@ -78,7 +79,8 @@ def opened(tmp_path, monkeypatch):
     use_store(tmp_path, monkeypatch)
     tracking.configure()
     s = spec(teachers=[TINY_TEACHER], losses=["kl_bce"], seeds=[1])
-    study, storage, parent = grid.open_grid(s, f"sqlite:///{tmp_path / 'optuna.db'}")
+    ident = RunIdentity(s.digest(), "data0", "split0", config_tag="flame_kd.spec_digest")  # no data read
+    study, storage, parent = grid.open_grid(s, f"sqlite:///{tmp_path / 'optuna.db'}", ident)
     return s, study, storage, parent
 
 

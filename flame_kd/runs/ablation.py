@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from flame_kd import tracking
+from flame_kd import identity, tracking
 from flame_kd.config import ABLATION_OPTIONS, ABLATION_SPEC_OPTIONS, AblationSpec, DataConfig, DistillRunConfig, to_dict
 from flame_kd.errors import ConfigError
 from flame_kd.evaluate import SUMMARY_METRICS
@@ -101,19 +101,27 @@ def cells(spec: AblationSpec) -> list[tuple[str, str, int]]:
     return out
 
 
-def find_or_create_parent(spec: AblationSpec) -> str:
-    """The parent run of this spec (re-runs continue it), created on first use."""
-    digest = spec.digest()
-    runs = tracking.search_runs(
-        f"tags.`flame_kd.stage` = 'ablation' and tags.`flame_kd.spec_digest` = '{digest}'", max_results=1
-    )
+def spec_identity(spec: AblationSpec) -> identity.RunIdentity:
+    """The grid's identity: the spec's digest, and the digests of its data and of the one split every
+    cell shares (the data is read and checked here, before any run or study exists)."""
+    from flame_kd.runs.skeleton import read_split
+
+    if spec.distill.data.split_seed is None:
+        raise ConfigError("ablation: split_seed (--split-seed) must be a number; every cell shares one split")
+    _, data, split = read_split(spec.distill.data, spec.distill.data.split_seed)
+    return identity.RunIdentity(spec.digest(), data, split.digest, config_tag="flame_kd.spec_digest")
+
+
+def find_or_create_parent(spec: AblationSpec, ident: identity.RunIdentity) -> str:
+    """The parent run of this spec on this data and split (re-runs continue it), created on first use."""
+    runs = tracking.search_runs(identity.where(ident, "tags.`flame_kd.stage` = 'ablation'"), max_results=1)
     env_run = os.environ.get("MLFLOW_RUN_ID")  # the run `mlflow run -e ablation` made
     if runs:
         if env_run and env_run != runs[0].info.run_id:
             tracking.set_tags({"flame_kd.stage": "ablation-worker",
                                "flame_kd.ablation_parent_run_id": runs[0].info.run_id}, run_id=env_run)
         return runs[0].info.run_id
-    tags = {"flame_kd.stage": "ablation", "flame_kd.spec_digest": digest}
+    tags = {"flame_kd.stage": "ablation", **ident.tags()}
     if env_run:
         tracking.set_tags(tags | {"mlflow.runName": f"ablation {spec.name}"}, run_id=env_run)
         run_id = env_run
@@ -144,8 +152,9 @@ def run_ablation(spec: AblationSpec, tracking_uri: str | None = None) -> str:
         from flame_kd.runs.grid import run_worker
 
         return run_worker(spec, tracking_uri)
+    ident = spec_identity(spec)
     tracking.configure(tracking_uri)
-    parent_id = find_or_create_parent(spec)
+    parent_id = find_or_create_parent(spec, ident)
     done = finished_cells(parent_id)
     todo = [c for c in cells(spec) if "|".join(map(str, c)) not in done]
     log.info("ablation %s: %d cells finished, %d to run (parent run %s)", spec.name, len(done), len(todo),

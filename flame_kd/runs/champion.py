@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 
-from flame_kd import tracking
+from flame_kd import identity, tracking
 from flame_kd.config import best_name, monitor_mode
 from flame_kd.errors import FlameKDError
 
@@ -52,7 +52,7 @@ def crown(name: str, version: str, run_id: str, monitor: str, score: float,
         log.info("%s version %s is the %s: the run of version %s is gone", name, version, ALIAS, current.version)
         return True
     tags = champ.data.tags
-    if (tags.get("flame_kd.data_digest"), tags.get("flame_kd.split_digest")) != (data_digest, split_digest):
+    if not identity.same_data(tags, data_digest, split_digest):
         log.info("%s stays version %s: it was chosen on other data or another split (data %s, split %s; this run: "
                  "data %s, split %s), so the scores do not compare; `mlflow` can move the alias by hand",
                  ALIAS, current.version, tags.get("flame_kd.data_digest"), tags.get("flame_kd.split_digest"),

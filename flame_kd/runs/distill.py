@@ -12,10 +12,11 @@ import logging
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
-from flame_kd import pages, plots, tracking
+from flame_kd import identity, pages, plots, tracking
 
 from flame_kd import teacher_cache
 from flame_kd.runs import champion
@@ -28,12 +29,12 @@ from flame_kd.runs.skeleton import (
     Data,
     FitPlan,
     TestReport,
-    config_digest,
     example_batch,
     load_data,
     load_run_model,
     log_profile,
     log_test_report,
+    run_identity,
     run_params,
     tracked_fit,
     train_pos_weight,
@@ -69,15 +70,9 @@ def find_teacher_run(cfg: DistillRunConfig, data: Data) -> str | None:
     """Newest FINISHED teacher run of the same teacher settings (architecture, fusion, weights,
     schedule, image size, seed), data and split. A teacher trained otherwise -- a quick
     no-pretrained smoke run, say -- is never picked up silently; pin one with teacher_run_id."""
-    digest = config_digest(to_dict(teacher_config(cfg)))
-    filt = " and ".join([
-        "tags.`flame_kd.stage` = 'teacher'",
-        f"tags.`flame_kd.config_digest` = '{digest}'",
-        f"tags.`flame_kd.data_digest` = '{data.digest}'",
-        f"tags.`flame_kd.split_digest` = '{data.split.digest}'",
-        "attributes.status = 'FINISHED'",
-    ])
-    runs = tracking.search_runs(filt, max_results=1)
+    ident = run_identity(to_dict(teacher_config(cfg)), data)
+    runs = tracking.search_runs(identity.where(ident, "tags.`flame_kd.stage` = 'teacher'",
+                                               "attributes.status = 'FINISHED'"), max_results=1)
     return runs[0].info.run_id if runs else None
 
 
@@ -132,11 +127,15 @@ def check_pinned_teacher(run_id: str, data: Data) -> None:
         raise ConfigError(f"{spell(teacher_run_id=run_id)} is not a flame-kd teacher run")
     if run.info.status != "FINISHED":
         raise ConfigError(f"{spell(teacher_run_id=run_id)} is {run.info.status}, not FINISHED")
-    if tags.get("flame_kd.split_digest") != data.split.digest:
+    if tags.get(identity.SPLIT_TAG) != data.split.digest:
         raise ConfigError(
-            f"{spell(teacher_run_id=run_id)} was trained on split {tags.get('flame_kd.split_digest')}, "
-            f"this run uses split {data.split.digest}: its targets would leak other frames"
+            f"{spell(teacher_run_id=run_id)} was trained on split {tags.get(identity.SPLIT_TAG)} (data "
+            f"{tags.get(identity.DATA_TAG)}), this run uses split {data.split.digest} (data {data.digest}): "
+            "its targets would leak other frames"
         )
+    if tags.get(identity.DATA_TAG) != data.digest:  # a model, not a result: its outputs are computed anew
+        log.warning("%s was trained on data %s, this run uses data %s (the same split): its "
+                    "outputs are computed for this data", spell(teacher_run_id=run_id), tags.get(identity.DATA_TAG), data.digest)
 
 
 def resolve_teacher(cfg: DistillRunConfig, data: Data, parent_run_id: str | None = None) -> tuple[str, bool]:
@@ -210,11 +209,14 @@ class Prepared:
     outputs: TeacherOutputs | None = None
 
 
-def prepare(cfg: DistillRunConfig, parent_run_id: str | None = None, env_name: str | None = None) -> Prepared:
+def prepare(cfg: DistillRunConfig, parent_run_id: str | None = None, env_name: str | None = None,
+            check: Callable[[Data], None] | None = None) -> Prepared:
     """Validate options, load and split the data, resolve the teacher and its outputs once.
 
     A teacher trained here nests under ``parent_run_id`` (an ablation's parent) when given.
     ``env_name`` names `mlflow run`'s run now, so it is named even if what follows fails.
+    ``check(data)`` runs once the data is read, before any teacher is looked up or trained (a sweep
+    refuses a named study of other data there).
     """
     tracking.configure(cfg.tracking.tracking_uri)
     validate(cfg)
@@ -225,6 +227,8 @@ def prepare(cfg: DistillRunConfig, parent_run_id: str | None = None, env_name: s
     device = resolve_device(cfg.train.device)
     seed_everything(cfg.train.seed)
     data = load_data(cfg.data, cfg.train.seed, device)
+    if check:
+        check(data)
     build_student(cfg.student, image_size=cfg.data.image_size)  # an unknown student fails here, not later
     prep = Prepared(data, device)
     teacher_needs = needed_outputs(loss_terms(cfg), "teacher")

@@ -26,7 +26,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.exc import SQLAlchemyError
 
-from flame_kd import tracking
+from flame_kd import identity, tracking
 from flame_kd.config import AblationSpec, SweepConfig
 from flame_kd.engine import Callback
 from flame_kd.errors import ConfigError, FlameKDError, RunFailed, ServerLost
@@ -94,8 +94,9 @@ def grid_tasks(spec: AblationSpec) -> dict[Task, list[str]]:
     return out
 
 
-def study_name(spec: AblationSpec) -> str:
-    return f"ablation-{spec.name}-{spec.digest()}"
+def study_name(spec: AblationSpec, ident: identity.RunIdentity) -> str:
+    """``ablation-<name>-<identity digest>``: one study per spec, data and split."""
+    return identity.study_name(f"ablation-{spec.name}", ident)
 
 
 class Board:
@@ -206,16 +207,20 @@ class StillMine(Callback):
             raise RunFailed(f"{self.key}: taken over by another worker (this one missed its heartbeats)")
 
 
-def open_grid(spec: AblationSpec, url: str, timeout: float = 300) -> tuple[optuna.Study, optuna.storages.RDBStorage, str]:
+def open_grid(spec: AblationSpec, url: str, ident: identity.RunIdentity,
+              timeout: float = 300) -> tuple[optuna.Study, optuna.storages.RDBStorage, str]:
     """(study, its storage, the parent run). The worker that creates the study makes (or finds) the
-    parent run and queues every task; the others wait until it has."""
+    parent run and queues every task; the others wait until it has. A study of the same name made on
+    other data or against another MLflow store is refused (``identity.check_study``)."""
     storage = make_storage(url, SweepConfig(heartbeat_interval=spec.heartbeat, max_retry=MAX_RETRY),
                            on_stale=_LostTask())
-    name = study_name(spec)
+    name = study_name(spec, ident)
     try:
         study = optuna.create_study(study_name=name, storage=storage, direction="maximize")
+        study.set_user_attr(identity.STUDY_ATTR, identity.study_record(ident))
     except optuna.exceptions.DuplicatedStudyError:
         study = optuna.load_study(study_name=name, storage=storage)
+        identity.check_study(name, study.user_attrs.get(identity.STUDY_ATTR), ident)
         deadline = time.time() + timeout
         while READY_ATTR not in (attrs := storage.get_study_user_attrs(study._study_id)):
             if time.time() > deadline:
@@ -224,12 +229,13 @@ def open_grid(spec: AblationSpec, url: str, timeout: float = 300) -> tuple[optun
                                   f"(`optuna delete-study --study-name {name} --storage ...`) and start again")
             time.sleep(1)
         parent = attrs[PARENT_ATTR]
+        identity.check_parent_here(name, parent)  # a study shared with another MLflow store is refused
         env_run = os.environ.get("MLFLOW_RUN_ID")  # this worker's own `mlflow run` run points at the grid
         if env_run and env_run != parent:
             tracking.set_tags({"flame_kd.stage": "ablation-worker", "flame_kd.ablation_parent_run_id": parent},
                               run_id=env_run)
         return study, storage, parent
-    parent = ablation.find_or_create_parent(spec)
+    parent = ablation.find_or_create_parent(spec, ident)
     tasks = grid_tasks(spec)
     study.set_user_attr(PARENT_ATTR, parent)
     tracking.set_tags({"flame_kd.study_name": name, "flame_kd.storage": tracking.redact(url)}, run_id=parent)
@@ -255,7 +261,7 @@ def run_worker(spec: AblationSpec, tracking_uri: str | None = None) -> str:
 
 
 def _work(spec: AblationSpec, url: str, uri: str) -> str:
-    study, storage, parent = open_grid(spec, url)
+    study, storage, parent = open_grid(spec, url, ablation.spec_identity(spec))
     needs = {t.key: deps for t, deps in grid_tasks(spec).items()}
     me = f"{socket.gethostname()}:{os.getpid()}"
     log.info("ablation %s: worker %s on study %s (%s), parent run %s", spec.name, me, study.study_name,

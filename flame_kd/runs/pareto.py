@@ -11,8 +11,6 @@ the others go on.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import logging
 import os
 import tempfile
@@ -22,10 +20,9 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from flame_kd import quantize, tracking
+from flame_kd import identity, quantize, tracking
 from flame_kd.config import DistillRunConfig, ParetoConfig, micro_batch, to_dict
-from flame_kd.errors import ConfigError, DataError
-from flame_kd.options import spell
+from flame_kd.errors import ConfigError
 from flame_kd.progress import stage
 
 log = logging.getLogger("flame_kd")
@@ -60,30 +57,30 @@ def cell_config(cfg: ParetoConfig, student: str) -> DistillRunConfig:
                                tracking=dataclasses.replace(d.tracking, register=False, run_name=name))
 
 
-def study_digest(cfg: ParetoConfig, data_digest: str) -> str:
-    """Identity of a study: data, teacher, loss, schedules, seed and what the int8 step measures --
-    not the students (adding one extends the study) nor the latency budget (a choice made after)."""
-    from flame_kd.runs.skeleton import config_digest
+def study_identity(cfg: ParetoConfig) -> identity.RunIdentity:
+    """Identity of a study: teacher, loss, schedules, seed and what the int8 step measures -- not the
+    students (adding one extends the study) nor the latency budget (a choice made after) -- and the
+    data and split (read and checked here, before any run exists)."""
+    from flame_kd.runs.skeleton import config_digest, read_split
 
     d = to_dict(dataclasses.replace(cfg.distill, student=""))
-    keep = {"distill": config_digest(d), "data": data_digest, "calibration_frames": cfg.calibration_frames,
-            "threads": cfg.threads}
-    return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:12]
+    keep = {"distill": config_digest(d), "calibration_frames": cfg.calibration_frames, "threads": cfg.threads}
+    _, data, split = read_split(cfg.distill.data, cfg.distill.train.seed)
+    return identity.RunIdentity(identity.digest_of(keep), data, split.digest, config_tag="flame_kd.pareto_digest")
 
 
-def find_or_create_parent(cfg: ParetoConfig, digest: str) -> str:
-    """The study's parent run (a re-run continues it), created on first use; inside ``mlflow run``
-    the run it made becomes the parent, or points at the existing one."""
+def find_or_create_parent(cfg: ParetoConfig, ident: identity.RunIdentity) -> str:
+    """The study's parent run on this data and split (a re-run continues it), created on first use;
+    inside ``mlflow run`` the run it made becomes the parent, or points at the existing one."""
     d = cfg.distill
-    runs = tracking.search_runs(f"tags.`flame_kd.stage` = '{STAGE}' and tags.`flame_kd.pareto_digest` = '{digest}'",
-                                max_results=1)
+    runs = tracking.search_runs(identity.where(ident, f"tags.`flame_kd.stage` = '{STAGE}'"), max_results=1)
     env_run = os.environ.get("MLFLOW_RUN_ID")
     if runs:
         if env_run and env_run != runs[0].info.run_id:
             tracking.set_tags({"flame_kd.stage": "pareto-worker", "flame_kd.pareto_parent_run_id": runs[0].info.run_id},
                               run_id=env_run)
         return runs[0].info.run_id
-    tags = {"flame_kd.stage": STAGE, "flame_kd.pareto_digest": digest, "flame_kd.teacher": d.teacher.name,
+    tags = {"flame_kd.stage": STAGE, **ident.tags(), "flame_kd.teacher": d.teacher.name,
             "flame_kd.loss": d.loss.variant, "flame_kd.seed": d.train.seed}
     name = d.tracking.run_name or f"pareto {d.teacher.name} {d.loss.variant} s{d.train.seed}"
     if env_run:
@@ -125,7 +122,6 @@ def check_students(students: list[str], image_size: int) -> None:
 
 def run_pareto(cfg: ParetoConfig) -> tuple[str, pd.DataFrame, list[str]]:
     """Run every unfinished student, deploy each to int8, log the front; (parent run, table, failed)."""
-    from flame_kd.data.schema import data_digest, load_frames
     from flame_kd.runs.distill import prepare, run_distill
 
     students = cfg.student_list()
@@ -135,10 +131,7 @@ def run_pareto(cfg: ParetoConfig) -> tuple[str, pd.DataFrame, list[str]]:
             raise ConfigError(f"--{name} must be at least 1, not {value}")
     check_students(students, cfg.distill.data.image_size)
     tracking.configure(cfg.distill.tracking.tracking_uri)
-    if not cfg.distill.data.csv:
-        raise DataError(f"no data set given: pass {spell(data='CSV')} (make one with `flame-kd data synth`)")
-    digest = study_digest(cfg, data_digest(load_frames(cfg.distill.data.csv, root=cfg.distill.data.root)))
-    parent_id = find_or_create_parent(cfg, digest)
+    parent_id = find_or_create_parent(cfg, study_identity(cfg))
     base = cell_config(cfg, students[0])
     prep = prepare(base, parent_run_id=parent_id)
     tags = {"flame_kd.data_digest": prep.data.digest, "flame_kd.split_digest": prep.data.split.digest,

@@ -9,7 +9,6 @@ logs everything.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -23,7 +22,7 @@ import pandas as pd
 import torch
 from filelock import FileLock, Timeout
 
-from flame_kd import plots, tracking
+from flame_kd import identity, plots, tracking
 from flame_kd.config import VOLATILE, DataConfig, TrackingConfig, TrainConfig, best_name, flatten, micro_batch
 from flame_kd.data.dataset import FrameCache, PairedFrames, build_cache, make_loader
 from flame_kd.data.labels import find_label_ranges
@@ -68,14 +67,7 @@ class Data:
 
 def load_data(cfg: DataConfig, seed: int, device: torch.device, augment: str | None = None) -> Data:
     """Validate the CSV (every problem listed, before the first step), split it, build loaders."""
-    if not cfg.csv:
-        raise DataError(f"no data set given: pass {spell(data='CSV')} (make one with `flame-kd data synth`)")
-    frames = load_frames(cfg.csv, root=cfg.root, verify_images=True)  # exactly `data check`'s checks
-    digest = data_digest(frames, cache_dir=cache_home())  # names, labels and every image's bytes
-    split = make_data_split(frames, cfg, seed, digest)
-    too_small = part_problems(split)  # before any run exists: a one-frame test split breaks the reports
-    if too_small:
-        raise DataError(f"{cfg.csv}: {'; '.join(too_small)}", too_small)
+    frames, digest, split = read_split(cfg, seed)
     cache_dir = cfg.cache_dir or str(cache_home() / "frames")
     cache = build_cache(frames, cfg.image_size, cfg.cache, device, cache_dir=cache_dir, data_digest=digest)
     loaders = {}
@@ -88,6 +80,19 @@ def load_data(cfg: DataConfig, seed: int, device: torch.device, augment: str | N
         loaders[name] = make_loader(ds, batch, shuffle=train, cfg=cfg, device=str(device), seed=seed,
                                     drop_last=train and len(ds) > batch)
     return Data(frames, split, digest, cache, loaders, cfg)
+
+
+def read_split(cfg: DataConfig, seed: int) -> tuple[pd.DataFrame, str, Split]:
+    """(frames, content digest, split) of a run's data: what its identity is made of, without loaders."""
+    if not cfg.csv:
+        raise DataError(f"no data set given: pass {spell(data='CSV')} (make one with `flame-kd data synth`)")
+    frames = load_frames(cfg.csv, root=cfg.root, verify_images=True)  # exactly `data check`'s checks
+    digest = data_digest(frames, cache_dir=cache_home())  # names, labels and every image's bytes
+    split = make_data_split(frames, cfg, seed, digest)
+    too_small = part_problems(split)  # before any run exists: a one-frame test split breaks the reports
+    if too_small:
+        raise DataError(f"{cfg.csv}: {'; '.join(too_small)}", too_small)
+    return frames, digest, split
 
 
 def train_pos_weight(data: Data) -> torch.Tensor:
@@ -116,26 +121,20 @@ def make_data_split(frames: pd.DataFrame, cfg: DataConfig, seed: int, digest: st
                         ranges=find_label_ranges(cfg.csv), gap=cfg.gap, thumbs=thumbs)
 
 
-def identity(cfg: dict) -> dict:
+def identity_settings(cfg: dict) -> dict:
     """The flattened settings that change a run's numbers (not where data or checkpoints lie)."""
     return {k: v for k, v in flatten(cfg).items() if not any(p in VOLATILE for p in k.split("."))}
 
 
 def config_digest(cfg: dict) -> str:
     """Identity of a run's settings for --resume and teacher lookup: everything that changes its numbers."""
-    return hashlib.sha256(json.dumps(identity(cfg), sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return identity.digest_of(identity_settings(cfg))
 
 
-def identity_tags(stage: str, teacher: str, loss: str, seed: int, data: Data, cfg_digest: str) -> dict:
-    return {
-        "flame_kd.stage": stage,
-        "flame_kd.teacher": teacher,
-        "flame_kd.loss": loss,
-        "flame_kd.seed": seed,
-        "flame_kd.data_digest": data.digest,
-        "flame_kd.split_digest": data.split.digest,
-        "flame_kd.config_digest": cfg_digest,
-    }
+def identity_tags(stage: str, teacher: str, loss: str, seed: int, ident: identity.RunIdentity) -> dict:
+    """What a run is tagged with: what it trains, and its identity (settings, data, split digests)."""
+    return {"flame_kd.stage": stage, "flame_kd.teacher": teacher, "flame_kd.loss": loss, "flame_kd.seed": seed,
+            **ident.tags()}
 
 
 def run_lock(folder: Path) -> FileLock:
@@ -144,12 +143,18 @@ def run_lock(folder: Path) -> FileLock:
     return FileLock(str(folder / "training.lock"))
 
 
-def find_resumable(cfg_digest: str, base: str | None = None) -> tuple[str, FileLock] | None:
-    """(run id, its lock, held) of the newest unfinished run with the same settings whose last
-    checkpoint still exists and that no other process is training; None if there is none."""
-    runs = tracking.search_runs(
-        f"tags.`flame_kd.config_digest` = '{cfg_digest}' and attributes.status != 'FINISHED'"
-    )
+def run_identity(cfg: dict, data: Data) -> identity.RunIdentity:
+    """A training run's identity: its settings' digest, the data's and the split's."""
+    return identity.RunIdentity(config_digest(cfg), data.digest, data.split.digest)
+
+
+def find_resumable(ident: identity.RunIdentity, base: str | None = None,
+                   asked: bool = False) -> tuple[str, FileLock] | None:
+    """(run id, its lock, held) of the newest unfinished run of this identity (settings, data, split)
+    whose last checkpoint still exists and that no other process is training; None if there is none.
+    ``asked`` (the user's own ``--resume``): an unfinished run with these settings on other data is
+    refused in one line rather than passed over."""
+    runs = tracking.search_runs(identity.where(ident, "attributes.status != 'FINISHED'"))
     busy = []
     for r in runs:
         folder = checkpoint_dir(r.info.run_id, base)
@@ -166,6 +171,12 @@ def find_resumable(cfg_digest: str, base: str | None = None) -> tuple[str, FileL
         raise ConfigError(f"--resume true: run {busy[0]} with these settings is being trained by another process "
                           f"(its checkpoint folder {checkpoint_dir(busy[0], base)} is locked); not starting a second "
                           "copy. Wait for it, or stop it and resume again")
+    if asked:
+        for r in tracking.search_runs(identity.where_config(ident, "attributes.status != 'FINISHED'")):
+            if (checkpoint_dir(r.info.run_id, base) / "last.pt").exists():
+                identity.refuse_other_data(f"--resume true: the unfinished run {r.info.run_id} with these settings",
+                                           r.data.tags, ident, "; resume it with its own --data, or leave out "
+                                           "--resume to start a new run")
     return None
 
 
@@ -286,12 +297,12 @@ def tracked_fit(plan: FitPlan, attach_env: bool = True, parent_run_id: str | Non
     config and data, fit; the caller reports inside the ``with``; then the best checkpoint is kept
     and the run ends FINISHED (or FAILED / KILLED with the reason, by ``tracking.run``)."""
     mark_lost_runs(plan.checkpoint_dir)
-    digest = config_digest(plan.cfg)
-    found = find_resumable(digest, plan.checkpoint_dir) if plan.resume else None
+    ident = run_identity(plan.cfg, plan.data)
+    found = find_resumable(ident, plan.checkpoint_dir, asked=parent_run_id is None) if plan.resume else None
     resume_id, lock = found or (None, None)
     if plan.resume and not resume_id:
         log.warning("nothing to resume for these settings; starting a new run")
-    tags = identity_tags(plan.stage, plan.teacher, plan.loss, plan.train.seed, plan.data, digest)
+    tags = identity_tags(plan.stage, plan.teacher, plan.loss, plan.train.seed, ident)
     tags |= plan.tags | (extra_tags or {})
     sysm = tracking.system_metrics_setting(plan.tracking.system_metrics, torch.device(plan.device).type)
     with _note_lost_server(plan.checkpoint_dir), \

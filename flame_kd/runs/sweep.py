@@ -23,7 +23,7 @@ from collections import Counter
 
 import optuna
 
-from flame_kd import tracking
+from flame_kd import identity, tracking
 from flame_kd.options import option_flags, spell
 from flame_kd.config import SWEEP_OPTIONS, SweepConfig, check_ranges, monitor_mode
 from flame_kd.runs.distill import Prepared, prepare, run_distill
@@ -57,11 +57,13 @@ def resolve_storage(value: str | None, tracking_uri: str) -> str:
 
 
 def default_storage(tracking_uri: str) -> str:
-    """An SQLite file beside the MLflow store (or in the working directory for a server)."""
+    """An SQLite file beside the MLflow store (or in the working directory for a server), named for
+    the store (``optuna-<hash of the redacted URI>.db``): two stores never share one by accident."""
+    name = f"optuna-{identity.store_hash(tracking.redact(tracking_uri))}.db"
     if tracking_uri.startswith("sqlite:///"):
         db = tracking_uri[len("sqlite:///"):]
-        return "sqlite:///" + os.path.join(os.path.dirname(db) or ".", "optuna.db")
-    return "sqlite:///optuna.db"
+        return "sqlite:///" + os.path.join(os.path.dirname(db) or ".", name)
+    return f"sqlite:///{name}"
 
 
 def make_pruner(name: str) -> optuna.pruners.BasePruner:
@@ -130,21 +132,65 @@ def suggest(trial: optuna.Trial, variant: str) -> dict[str, float]:
     return params
 
 
-def open_study(cfg: SweepConfig, storage, sampler_seed: int) -> tuple[optuna.Study, bool]:
-    """(study, created here?). Exactly one worker creates a study; the others load it."""
+def sweep_identity(cfg: SweepConfig, data, teacher_run_id: str | None) -> identity.RunIdentity:
+    """The study's identity: the base distill settings with the teacher they resolved to, the data and
+    the split (what a trial's numbers depend on; not the trial count, pruner or storage)."""
+    from flame_kd.config import to_dict
+    from flame_kd.runs.skeleton import config_digest
+
+    settings = to_dict(cfg.distill) | {"resolved_teacher_run_id": teacher_run_id}
+    return identity.RunIdentity(config_digest(settings), data.digest, data.split.digest)
+
+
+def study_record(storage, name: str) -> dict | None:
+    """What study ``name`` says of its data (``identity.study_record``; a study made before records:
+    its parent run's data and split tags); None when there is no such study yet. A study whose parent
+    run is in another MLflow store is refused."""
+    try:
+        attrs = storage.get_study_user_attrs(storage.get_study_id_from_name(name))
+    except KeyError:
+        return None
+    if PARENT_ATTR in attrs:
+        identity.check_parent_here(name, attrs[PARENT_ATTR])
+    if identity.STUDY_ATTR in attrs or PARENT_ATTR not in attrs:  # no parent yet: being created right now
+        return attrs.get(identity.STUDY_ATTR)
+    tags = tracking.get_run(attrs[PARENT_ATTR]).data.tags
+    return {"data": tags.get(identity.DATA_TAG), "split": tags.get(identity.SPLIT_TAG)}
+
+
+def named_study_check(cfg: SweepConfig, storage):
+    """``prepare``'s check for a study the user named: one of other data is refused once the data is
+    read, before any teacher is looked up or trained."""
+    if not cfg.study_name:
+        return None
+
+    def check(data) -> None:
+        ident = identity.RunIdentity("", data.digest, data.split.digest)
+        identity.check_study(cfg.study_name, study_record(storage, cfg.study_name), ident)
+
+    return check
+
+
+def open_study(cfg: SweepConfig, storage, sampler_seed: int,
+               ident: identity.RunIdentity) -> tuple[optuna.Study, bool]:
+    """(study, created here?). Exactly one worker creates a study (recording its identity); the others
+    load it, and refuse one of other data or of another MLflow store."""
     sampler = optuna.samplers.TPESampler(seed=sampler_seed)
     pruner = make_pruner(cfg.pruner)
     try:
         study = optuna.create_study(study_name=cfg.study_name, storage=storage, direction="minimize" if monitor_mode(cfg.distill.train.monitor) == "min" else "maximize",
                                     sampler=sampler, pruner=pruner)
+        study.set_user_attr(identity.STUDY_ATTR, identity.study_record(ident))
         return study, True
     except optuna.exceptions.DuplicatedStudyError:
+        identity.check_study(cfg.study_name, study_record(storage, cfg.study_name), ident)
         return optuna.load_study(study_name=cfg.study_name, storage=storage, sampler=sampler, pruner=pruner), False
 
 
 def parent_run(study: optuna.Study, created: bool, cfg: SweepConfig, prep: Prepared, timeout: float = 120) -> str:
     """The study's one parent MLflow run: made by the worker that created the study, read by the rest."""
     if PARENT_ATTR in study.user_attrs:
+        identity.check_parent_here(cfg.study_name, study.user_attrs[PARENT_ATTR])
         return study.user_attrs[PARENT_ATTR]
     if not created:  # the creator is making it right now
         deadline = time.time() + timeout
@@ -152,6 +198,7 @@ def parent_run(study: optuna.Study, created: bool, cfg: SweepConfig, prep: Prepa
             time.sleep(1)
             attrs = study._storage.get_study_user_attrs(study._study_id)
             if PARENT_ATTR in attrs:
+                identity.check_parent_here(cfg.study_name, attrs[PARENT_ATTR])
                 return attrs[PARENT_ATTR]
         raise ConfigError(f"study {cfg.study_name} has no parent MLflow run after {timeout:.0f} s")
     d = cfg.distill
@@ -244,13 +291,16 @@ def run_sweep(cfg: SweepConfig) -> optuna.Study:
         raise ConfigError(f"{spell(loss=d.loss.variant)}: a sweep needs a distillation variant "
                           f"({', '.join(v for v in VARIANTS if v != 'bce')})")
     make_pruner(cfg.pruner)
-    cfg.study_name = cfg.study_name or f"{d.teacher.name}-{d.loss.variant}-s{d.train.seed}"
     uri = tracking.configure(d.tracking.tracking_uri)
     cfg.storage = resolve_storage(cfg.storage, uri)
     storage = make_storage(cfg.storage, cfg)
-    prep = prepare(d, env_name=f"sweep {cfg.study_name} worker")  # data + teacher + cached outputs, once for every trial
+    prefix = f"{d.teacher.name}-{d.loss.variant}-s{d.train.seed}"
+    # data + teacher + cached outputs, once for every trial; a named study of other data refused first
+    prep = prepare(d, env_name=f"sweep {cfg.study_name or prefix} worker", check=named_study_check(cfg, storage))
+    ident = sweep_identity(cfg, prep.data, prep.teacher_run_id)
+    cfg.study_name = cfg.study_name or identity.study_name(prefix, ident)  # never shared across data
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # a failed trial is one line of ours, no traceback
-    study, created = open_study(cfg, storage, d.train.seed)
+    study, created = open_study(cfg, storage, d.train.seed, ident)
     parent_id = parent_run(study, created, cfg, prep)
     env_run = os.environ.get("MLFLOW_RUN_ID")
     if env_run and env_run != parent_id:  # this worker's own `mlflow run` run points at the study
