@@ -105,7 +105,14 @@ def simulate_counts(rng: np.random.Generator, pos: np.ndarray, neg: np.ndarray, 
     """Per-unit counts [*shape, k, L, 3] (TP, FP, FN) of models whose error rate per unit and label is
     ``sigmoid(logit_error + sd * z)``; errors binomial on the unit's positives (FN) and negatives (FP)."""
     z = rng.standard_normal((*shape, *pos.shape))
-    rate = 1.0 / (1.0 + np.exp(-(logit_error + sd * z)))
+    return simulate_counts_from_logits(rng, pos, neg, logit_error + sd * z)
+
+
+def simulate_counts_from_logits(rng: np.random.Generator, pos: np.ndarray, neg: np.ndarray,
+                                logits: np.ndarray) -> np.ndarray:
+    """Counts [..., k, L, 3] (TP, FP, FN) for error rates ``sigmoid(logits)`` [..., k, L]: binomial errors
+    on each unit's positives (false negatives) and negatives (false positives)."""
+    rate = 1.0 / (1.0 + np.exp(-logits))
     fn = rng.binomial(pos.astype(np.int64), rate)
     fp = rng.binomial(neg.astype(np.int64), rate)
     return np.stack([pos - fn, fp, fn], axis=-1).astype(float)
