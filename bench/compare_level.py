@@ -248,8 +248,9 @@ def design_rows(d: Design, scene_size: int, seeds: int, nulls: list[str], args) 
 
 
 def print_row(row: dict, as_json: bool) -> None:
-    if as_json:
-        print(json.dumps(row), flush=True)
+    if as_json:  # strict JSON: an MDE never reached (inf) is null
+        print(json.dumps({k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in row.items()}),
+              flush=True)
         return
     print(f"{row['test']:<34} {row.get('design', 'fixed'):<6} {row.get('null', 'scene'):<8} {row['blocks']:>6} "
           f"{row.get('units', row['blocks']):>5} {row.get('scene_size', 1):>5} {row.get('folds', 0):>5} "
