@@ -19,6 +19,16 @@ then wrong with that probability. Under the null both models have ``--error``; f
 
 It prints, per test and block count, the false-positive rate (equal models) and the power (B better
 by the margin), and the mean true macro-F1 gap of the better pair. No MLflow, no torch training.
+
+Designs (count level, the permutation verdict only, seeds pooled as the ablation pools them):
+``--scene-size N`` groups blocks into scenes that share a model-specific effect (``--scene-sd``);
+``--layout flame2`` takes FLAME2's 19 label ranges cut by flame-kd's split (``--design fixed``) or
+tested once each over ``--folds`` folds of whole scenes (``--design cv``, data/folds.py);
+``--seeds S`` pools S trainings per model; ``--null scene bunched`` (scene-shared effects; equal mean
+error, spread against bunched). Each row adds the MDE: the true macro-F1 gap detected with 80% power.
+
+    python bench/compare_level.py --layout flame2 --design fixed cv --folds 5 --seeds 1 3 \
+        --scene-sd 1.5 --sims 400 --null scene bunched --json
 """
 
 from __future__ import annotations

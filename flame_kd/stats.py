@@ -3,7 +3,8 @@ stratified block bootstrap (the effect size) and McNemar's exact test (frames; o
 
 Neighbouring video frames are near-duplicates, so a test split's frames are not independent draws.
 The split assigns whole blocks (contiguous runs of one video and label state) to a split, and every
-test here treats a block as the unit. ``bench/compare_level.py`` measures each test's false-positive
+test here treats a cluster as the unit: a block, or a whole scene where blocks share one (their
+model-specific errors are shared too; ``runs/compare.py`` chooses). ``bench/compare_level.py`` measures each test's false-positive
 rate and power by simulation (two models of equal skill whose errors are correlated within blocks,
 at FLAME2's label mix). With 10 blocks of 10 frames, the permutation test holds its 5% level; the
 percentile bootstrap CI excludes 0 about twice as often as it should, and McNemar's test, which
@@ -96,7 +97,7 @@ def _nanmean_rows(values: list[np.ndarray]) -> np.ndarray:
 # --- the block permutation test --------------------------------------------------------------------
 
 
-def _codes(clusters, n: int) -> np.ndarray:
+def cluster_codes(clusters, n: int) -> np.ndarray:
     """Cluster codes 0..k-1 per frame (each frame its own cluster when ``clusters`` is None)."""
     if clusters is None:
         return np.arange(n)
@@ -128,7 +129,7 @@ def block_permutation(targets, probs_a, probs_b, threshold: float = 0.5, cluster
     pa, pb = np.asarray(probs_a, float), np.asarray(probs_b, float)
     if pa.ndim == 2:
         pa, pb = pa[None], pb[None]
-    codes = _codes(clusters, len(y))
+    codes = cluster_codes(clusters, len(y))
     k = int(codes.max()) + 1
     swaps, exact = exchanges(k, n_perm, seed)
     out = {}
@@ -191,7 +192,7 @@ def _ap_exchanges(y, pa, pb, codes, swaps, chunk) -> np.ndarray:
 def block_strata(targets, clusters) -> np.ndarray:
     """Each frame's stratum: the most common label state (fire, smoke) of its block, as 0..3."""
     y = np.asarray(targets).astype(int)
-    codes = _codes(clusters, len(y))
+    codes = cluster_codes(clusters, len(y))
     state = y[:, 0] * 2 + y[:, 1]
     per_block = np.zeros((codes.max() + 1, 4))
     np.add.at(per_block, (codes, state), 1)
@@ -211,7 +212,7 @@ def paired_bootstrap(targets, probs_a, probs_b, threshold: float = 0.5, n_boot: 
     with fewer than ``RELIABLE_BLOCKS`` clusters the interval is too narrow to serve as a test."""
     y = np.asarray(targets).astype(bool)
     pa, pb = binarize(probs_a, threshold).astype(bool), binarize(probs_b, threshold).astype(bool)
-    codes = _codes(clusters, len(y))
+    codes = cluster_codes(clusters, len(y))
     k = int(codes.max()) + 1
     rng = np.random.default_rng(seed)
     counts = np.zeros((n_boot + 1, k))

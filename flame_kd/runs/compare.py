@@ -198,7 +198,7 @@ def design_mde(y: np.ndarray, probs: list[np.ndarray], codes: np.ndarray, thresh
     """``power.mde`` for this comparison's units: their sizes and label states, the error rate per label
     of the compared runs together, and the between-unit spread of their errors."""
     y = np.asarray(y).astype(bool)
-    codes = stats._codes(codes, len(y))
+    codes = stats.cluster_codes(codes, len(y))
     pos, neg = power.unit_margins(y, codes)
     k = len(pos)
     wrong = np.stack([binarize(p, threshold).astype(bool) != y for p in probs])  # [M, N, L]
@@ -243,7 +243,7 @@ def compare_predictions(a: pd.DataFrame, b: pd.DataFrame, threshold: float = 0.5
         raise DataError(f"runs {run_a} and {run_b} pool {folds} folds' predictions but log no scene per frame")
     n_blocks = None if block_of is None else int(block_of.nunique())
     strata = None if clusters is None else stats.block_strata(y, clusters)
-    codes = stats._codes(clusters, len(y))
+    codes = stats.cluster_codes(clusters, len(y))
     return Comparison(
         run_a, run_b, len(y), n_blocks,
         permutation=stats.block_permutation(y, probs["a"], probs["b"], threshold, clusters, seed=seed),
@@ -275,7 +275,7 @@ def pooled_verdict(pairs: list[tuple[pd.DataFrame, pd.DataFrame]], threshold: fl
         scene_of = pd.Series(ids).map(table["scene"]) if "scene" in table else None
     clusters, unit = exchange_units(block_of, scene_of, pooled="fold" in pairs[0][0])
     out = stats.block_permutation(y, np.stack(pa), np.stack(pb), threshold, clusters, seed=seed)
-    codes = stats._codes(clusters, len(y))
+    codes = stats.cluster_codes(clusters, len(y))
     for value in out.values():
         value["unit"] = unit
     out["f1_macro"]["mde"] = design_mde(y, pa + pb, codes, threshold, seeds=len(pairs))
