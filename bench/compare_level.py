@@ -294,6 +294,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--n-boot", type=int, default=stats.N_BOOT, help="bootstrap resamples")
     ap.add_argument("--json", action="store_true", help="one JSON object a line instead of the table")
     args = ap.parse_args(argv)
+    if args.layout == "blocks" and "cv" in args.design:
+        ap.error("--design cv needs --layout flame2 (the blocks layout is one given test split)")
     legacy = (args.layout == "blocks" and args.scene_size == [1] and args.seeds == [1] and args.null == ["scene"]
               and args.scene_sd == 0)
     rows = []

@@ -249,7 +249,8 @@ def compare_predictions(a: pd.DataFrame, b: pd.DataFrame, threshold: float = 0.5
         permutation=stats.block_permutation(y, probs["a"], probs["b"], threshold, clusters, seed=seed),
         bootstrap=stats.paired_bootstrap(y, probs["a"], probs["b"], threshold, stats.N_BOOT, seed, clusters, strata),
         mcnemar=stats.mcnemar_exact(correct["a"], correct["b"]), scores=scores, exchanged=unit,
-        mde=design_mde(y, [probs["a"], probs["b"]], codes, threshold) if with_mde else None, pooled_folds=folds)
+        mde=design_mde(y, [probs["a"], probs["b"]], codes, threshold) if with_mde and clusters is not None else None,
+        pooled_folds=folds)  # frames as units (no manifest): no design to simulate, p already optimistic
 
 
 def pooled_verdict(pairs: list[tuple[pd.DataFrame, pd.DataFrame]], threshold: float = 0.5,
