@@ -87,7 +87,7 @@ class Comparison:
             f"Paired comparison on {self.n_frames} test frames ({self.n_units} {self.unit}): "
             f"A = {name_a} ({self.run_a}), B = {name_b} ({self.run_b}).",
             "",
-            "| measure | A | B | B - A | p (block permutation) | 95% CI (block bootstrap) |",
+            f"| measure | A | B | B - A | p ({self.unit[:-1]} permutation) | 95% CI ({self.unit[:-1]} bootstrap) |",
             "|---|---|---|---|---|---|",
         ]
         for key in stats.METRICS:
