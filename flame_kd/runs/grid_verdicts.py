@@ -21,7 +21,7 @@ from flame_kd.stats import RELIABLE_BLOCKS
 
 log = logging.getLogger("flame_kd")
 
-CONTROL_LOSS = "bce"
+CONTROL_LOSS = "bce"  # ablation.CONTROL_LOSS: the no-teacher control (not imported: ablation imports this module)
 POOLED = "pooled"
 
 
