@@ -4,9 +4,9 @@ stratified block bootstrap (the effect size) and McNemar's exact test (frames; o
 Neighbouring video frames are near-duplicates, so a test split's frames are not independent draws.
 The split assigns whole blocks (contiguous runs of one video and label state) to a split, and every
 test here treats a cluster as the unit: a block, or a whole scene where blocks share one (their
-model-specific errors are shared too; ``runs/compare.py`` chooses). ``bench/compare_level.py`` measures each test's false-positive
-rate and power by simulation (two models of equal skill whose errors are correlated within blocks,
-at FLAME2's label mix). With 10 blocks of 10 frames, the permutation test holds its 5% level; the
+model-specific errors are shared too; ``runs/compare.py`` chooses). ``bench/compare_level.py``
+measures each test's false-positive rate and power by simulation (two models of equal skill whose
+errors are correlated within blocks, at FLAME2's label mix). With 10 blocks of 10 frames, the permutation test holds its 5% level; the
 percentile bootstrap CI excludes 0 about twice as often as it should, and McNemar's test, which
 counts frames, about ten times as often. Hence: p from the permutation, CI as an effect size only.
 

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from flame_kd.data.split import STATES, Split, chain_order, infer_groups, label_states, make_split, parse_ratios, scene_codes
+from flame_kd.data.split import (STATES, Split, chain_order, infer_groups, label_states, make_split, parse_ratios,
+                                 scene_codes)
 from flame_kd.errors import ConfigError
 
 
@@ -57,7 +58,8 @@ class Folds:
             m = s.manifest
             test = m[m["split"] == "test"]
             states = "/".join(sorted(set(test["state"])))
-            lines.append(f"fold {i} {s.digest}: test {len(test):,} frames, {test['scene'].nunique()} scenes ({states}); "
+            lines.append(f"fold {i} {s.digest}: test {len(test):,} frames, {test['scene'].nunique()} scenes "
+                         f"({states}); "
                          f"train {s.counts['train']:,}, val {s.counts['val']:,}, gap {s.counts['gap']:,}")
         return "\n".join(lines + [f"warning: {w}" for w in self.warnings])
 
@@ -109,8 +111,9 @@ def make_folds(frames: pd.DataFrame, k: int, seed: int = 42, ratios=(0.7, 0.15, 
     for j, st in enumerate(STATES):
         holders = np.unique(fold[counts[:, j] > 0])
         if 0 < len(holders) < k:
+            less = "none" if len(holders) == 1 else "less"
             warnings.append(f"label state {st} lies in {int((counts[:, j] > 0).sum())} scene(s): only {len(holders)} "
-                            f"of {k} folds test it, and those folds train on {'none' if len(holders) == 1 else 'less'} of it")
+                            f"of {k} folds test it, and those folds train on {less} of it")
     val_share = ratios[1] / (ratios[0] + ratios[1])
     splits = []
     for f in range(k):
