@@ -96,7 +96,7 @@ def test_each_variant_is_compared_with_the_control(grid):
     pooled = table[table["row"] == "pooled"]
     assert len(pooled) == 2 and pooled["f1_macro_p_holm"].notna().all() and pooled["f1_macro_verdict"].str.len().gt(0).all()
     assert (pooled["f1_macro_p_holm"] >= pooled["f1_macro_p"]).all() and (pooled["n_seeds"] == 2).all()
-    assert "| p | 95% CI |" in body and "McNemar p (counts frames, optimistic)" in body
+    assert "| p | p (Holm) | 95% CI |" in body and "McNemar p (counts frames, optimistic)" in body
     assert "paired permutation test exchanging the two runs' predictions within whole " in body
     # the verdict is the permutation p, also logged on the variant's run
     kd = [r for r in MlflowClient().search_runs([MlflowClient().get_run(grid["parent"]).info.experiment_id],
