@@ -8,7 +8,7 @@ import pytest
 
 from flame_kd.data.folds import deal_scenes, make_folds
 from flame_kd.data.labels import expand_ranges, official_ranges_path, read_label_ranges
-from flame_kd.data.split import STATES, chain_order, label_states
+from flame_kd.data.split import STATES, chain_order, label_states, make_split
 from flame_kd.errors import ConfigError
 
 SEEDS = range(5)
@@ -125,3 +125,12 @@ def test_too_many_folds_is_a_config_error():
         make_folds(frames, len(ranges) + 1, ranges=ranges)
     with pytest.raises(ConfigError, match="between 2"):
         make_folds(frames, 1, ranges=ranges)
+
+
+def test_split_manifest_records_each_frames_scene():
+    """The split's manifest numbers its groups (label ranges here) as scenes, in id order; the digest
+    reads only (id, split), so splits logged before the column keep their digest."""
+    frames, ranges = random_frames(3, "ranges")
+    m = make_split(frames, seed=1, ranges=ranges).manifest
+    assert m["scene"].tolist() == pd.factorize(m["group"])[0].tolist()
+    assert m["scene"].nunique() == len(ranges) and m.groupby("block")["scene"].nunique().max() == 1
