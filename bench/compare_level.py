@@ -257,15 +257,44 @@ def design_rows(d: Design, scene_size: int, seeds: int, nulls: list[str], args) 
     return rows
 
 
+def grid_rows(d: Design, seeds: int, variants: int, args) -> list[dict]:
+    """Family-wise error of an ablation grid under the null: ``variants`` KD variants and one control,
+    all of equal error (the scene null), ``seeds`` each, compared on macro F1 over the verdict's unit:
+    the share of grids where any per-seed p, any raw pooled p, or any Holm-adjusted pooled p is <= 0.05."""
+    unit = "scenes" if d.scenes < d.blocks else "blocks"
+    swaps = stats.exchanges(d.scenes if unit == "scenes" else d.blocks, args.n_perm, args.seed)[0]
+    rng = np.random.default_rng([args.seed, d.blocks, d.scenes, seeds, variants, 99])
+    control = simulate(rng, d, args.sims, seeds, args.error, args.scene_sd, args.block_sd)
+    member = d.member(unit)
+    to_unit = lambda c: np.einsum("ub,...blc->...ulc", member, c)  # noqa: E731
+    per_seed_any = np.zeros(args.sims, bool)
+    pooled = np.zeros((args.sims, variants))
+    for v in range(variants):
+        kd = simulate(rng, d, args.sims, seeds, args.error, args.scene_sd, args.block_sd)
+        pooled[:, v] = power.pvalues_from_counts(to_unit(control), to_unit(kd), swaps)[0]
+        for s in range(seeds):
+            p, _ = power.pvalues_from_counts(to_unit(control[:, s:s + 1]), to_unit(kd[:, s:s + 1]), swaps)
+            per_seed_any |= p <= 0.05
+    holm_any = np.array([(power.holm(row) <= 0.05).any() for row in pooled])
+    base = {"design": "cv" if d.folds else "fixed", "layout": d.layout, "null": "scene", "blocks": d.blocks,
+            "units": member.shape[0], "scene_sd": args.scene_sd, "folds": d.folds, "seeds": seeds,
+            "variants": variants, "sims": args.sims, "power": None, "mde": None}
+    return [base | {"test": f"grid FWER: {name}", "fpr": float(hit.mean())}
+            for name, hit in (("any per-seed p (before)", per_seed_any),
+                              ("any pooled p, unadjusted", (pooled <= 0.05).any(axis=1)),
+                              ("any pooled p, Holm (the verdict)", holm_any))]
+
+
 def print_row(row: dict, as_json: bool) -> None:
     if as_json:  # strict JSON: an MDE never reached (inf) is null
         print(json.dumps({k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in row.items()}),
               flush=True)
         return
+    row = {k: (float("nan") if v is None else v) for k, v in row.items()}  # grid rows: an FPR only
     print(f"{row['test']:<34} {row.get('design', 'fixed'):<6} {row.get('null', 'scene'):<8} {row['blocks']:>6} "
           f"{row.get('units', row['blocks']):>5} {row.get('scene_size', 1):>5} {row.get('folds', 0):>5} "
           f"{row.get('seeds', 1):>5} {row['fpr']:>6.3f} {row['power']:>6.3f} {row.get('mde', float('nan')):>6.3f} "
-          f"{row['mean_f1_gap']:>+7.3f}", flush=True)
+          f"{row.get('mean_f1_gap', float('nan')):>+7.3f}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -284,6 +313,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--null", nargs="+", choices=["scene", "bunched"], default=["scene"],
                     help="scene: equal error, scene- and block-shared effects; bunched: equal mean error, one model's "
                          "errors spread evenly, the other's bunched into few blocks")
+    ap.add_argument("--grid", type=int, default=0,
+                    help="also simulate an ablation grid of this many variants against one control (family-wise error)")
     ap.add_argument("--bunch-sd", type=float, default=2.0, help="logit sd of the bunched model's blocks")
     ap.add_argument("--sims", type=int, default=300, help="simulated pairs per row (each: null and better)")
     ap.add_argument("--n-perm", type=int, default=1000, help="random exchanges per test (all 2^k below that)")
@@ -323,7 +354,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         designs = [(d, round(d.blocks / d.scenes, 2)) for d in (flame2_design(x, args.folds) for x in args.design)]
     for d, scene_size in designs:
         for seeds in args.seeds:
-            for row in design_rows(d, scene_size, seeds, args.null, args):
+            for row in design_rows(d, scene_size, seeds, args.null, args) + (
+                    grid_rows(d, seeds, args.grid, args) if args.grid else []):
                 rows.append(row)
                 print_row(row, args.json)
     return rows
