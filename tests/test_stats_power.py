@@ -214,3 +214,20 @@ def test_scene_exchange_holds_its_level_where_block_exchange_does_not(monkeypatc
     assert by["permutation over scenes"]["fpr"] <= 0.07 and by["permutation over scenes"]["units"] == 6
     assert by["permutation over blocks"]["fpr"] > 0.09
     assert {"test", "design", "blocks", "scene_size", "folds", "seeds", "fpr", "power", "mde"} <= set(rows[0])
+
+
+def test_holm_over_pooled_verdicts_bounds_the_grids_family_wise_error(monkeypatch):
+    """bench/compare_level.py's grid under the null (5 variants and a control of equal skill, 3 seeds,
+    10 blocks, 200 seeded grids): some per-seed p falls below 5% in many grids, a Holm-adjusted pooled p
+    in about 5% of them at most."""
+    import argparse
+
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    compare_level = pytest.importorskip("compare_level")
+    args = argparse.Namespace(seed=0, sims=200, n_perm=500, error=0.12, scene_sd=0.0, block_sd=1.0)
+    assert (power.holm([0.011, 0.5, 0.3, 0.2, 0.9]) <= 0.05).any() == (0.011 * 5 <= 0.05)  # the bench's shortcut
+    rows = compare_level.grid_rows(compare_level.blocks_design(10, 10, 1, 0), 3, 5, args)
+    fwer = {r["test"].split(": ")[1]: r["fpr"] for r in rows}
+    assert fwer["any per-seed p (before)"] > 0.2
+    assert fwer["any pooled p, Holm (the verdict)"] <= 0.08
+    assert fwer["any pooled p, Holm (the verdict)"] <= fwer["any pooled p, unadjusted"] <= fwer["any per-seed p (before)"]
