@@ -109,7 +109,6 @@ def test_deal_scenes_stratifies_and_balances():
     assert frames.max() - frames.min() <= 30  # largest first to the lightest fold
 
 
-@pytest.mark.slow  # 53,451 frames, five splits: about 15 s on a shared core
 def test_flame2_five_folds_warn_about_the_single_no_fire_range():
     frames = expand_ranges(read_label_ranges(official_ranges_path()))[["id", "fire", "smoke"]]
     folds = make_folds(frames, 5, seed=42, ranges=official_ranges_path())
