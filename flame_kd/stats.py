@@ -3,9 +3,10 @@ stratified block bootstrap (the effect size) and McNemar's exact test (frames; o
 
 Neighbouring video frames are near-duplicates, so a test split's frames are not independent draws.
 The split assigns whole blocks (contiguous runs of one video and label state) to a split, and every
-test here treats a block as the unit. ``bench/compare_level.py`` measures each test's false-positive
-rate and power by simulation (two models of equal skill whose errors are correlated within blocks,
-at FLAME2's label mix). With 10 blocks of 10 frames, the permutation test holds its 5% level; the
+test here treats a cluster as the unit: a block, or a whole scene where blocks share one (their
+model-specific errors are shared too; ``runs/compare.py`` chooses). ``bench/compare_level.py``
+measures each test's false-positive rate and power by simulation (two models of equal skill whose
+errors are correlated within blocks, at FLAME2's label mix). With 10 blocks of 10 frames, the permutation test holds its 5% level; the
 percentile bootstrap CI excludes 0 about twice as often as it should, and McNemar's test, which
 counts frames, about ten times as often. Hence: p from the permutation, CI as an effect size only.
 
@@ -96,7 +97,7 @@ def _nanmean_rows(values: list[np.ndarray]) -> np.ndarray:
 # --- the block permutation test --------------------------------------------------------------------
 
 
-def _codes(clusters, n: int) -> np.ndarray:
+def cluster_codes(clusters, n: int) -> np.ndarray:
     """Cluster codes 0..k-1 per frame (each frame its own cluster when ``clusters`` is None)."""
     if clusters is None:
         return np.arange(n)
@@ -117,49 +118,72 @@ def exchanges(k: int, n_perm: int = N_PERM, seed: int = 0) -> tuple[np.ndarray, 
 def block_permutation(targets, probs_a, probs_b, threshold: float = 0.5, clusters=None, n_perm: int = N_PERM,
                       seed: int = 0, metrics: tuple[str, ...] = METRICS, chunk: int = 256) -> dict[str, dict]:
     """Paired permutation test of B - A in macro F1 and macro AP, exchanging A's and B's predictions
-    within whole clusters (blocks): under the null that the two models are exchangeable, every
-    exchange is as likely as the observed one. Two-sided p: the share of exchanges whose |B - A| is
-    at least the observed one (all 2^k when that is at most ``n_perm``, else ``n_perm`` random ones,
-    the observed included). Returns ``{metric: {"diff", "pvalue", "n_perm", "exact", "n_blocks"}}``.
-    """
+    within whole clusters (blocks or scenes): under the null that the two models are exchangeable,
+    every exchange is as likely as the observed one. Two-sided p: the share of exchanges whose |B - A|
+    is at least the observed one (all 2^k when that is at most ``n_perm``, else ``n_perm`` random ones,
+    the observed included). ``probs_a``/``probs_b`` of shape [S, N, L] pool S seeds (seed s of A paired
+    with seed s of B): the statistic is the mean difference over seeds, and an exchange swaps a cluster
+    for every seed at once. Returns ``{metric: {"diff", "pvalue", "n_perm", "exact", "n_blocks",
+    "n_seeds", "per_seed"}}``."""
     y = np.asarray(targets).astype(bool)
     pa, pb = np.asarray(probs_a, float), np.asarray(probs_b, float)
-    codes = _codes(clusters, len(y))
+    if pa.ndim == 2:
+        pa, pb = pa[None], pb[None]
+    codes = cluster_codes(clusters, len(y))
     k = int(codes.max()) + 1
     swaps, exact = exchanges(k, n_perm, seed)
     out = {}
-    if "f1_macro" in metrics:  # counts per block, then one matrix product: exchanges move whole blocks
-        da, db = binarize(pa, threshold).astype(bool), binarize(pb, threshold).astype(bool)
-        f1a, f1b = [], []
-        for i in range(y.shape[1]):
-            counts = []
-            for pred in (da[:, i], db[:, i]):
-                c = np.stack([y[:, i] & pred, ~y[:, i] & pred, y[:, i] & ~pred], axis=1).astype(float)
-                per_block = np.zeros((k, 3))
-                np.add.at(per_block, codes, c)
-                counts.append(per_block)
-            move = swaps.astype(float) @ (counts[1] - counts[0])  # [P, 3]: what exchanges move A <- B
-            a_side, b_side = counts[0].sum(0) + move, counts[1].sum(0) - move
-            f1a.append(_f1(*a_side.T))
-            f1b.append(_f1(*b_side.T))
-        out["f1_macro"] = np.mean(f1b, axis=0) - np.mean(f1a, axis=0)
-    if "ap_macro" in metrics:  # per exchange a new ranking: computed in chunks of exchanges
-        diffs = []
-        for start in range(0, len(swaps), chunk):
-            s = swaps[start:start + chunk][:, codes]  # [p, N] frame swapped?
-            side_a, side_b = np.where(s[..., None], pb, pa), np.where(s[..., None], pa, pb)
-            aps = [_ap_rows(y[:, i], side_b[..., i]) - _ap_rows(y[:, i], side_a[..., i]) for i in range(y.shape[1])]
-            diffs.append(_nanmean_rows(aps))
-        out["ap_macro"] = np.concatenate(diffs)
+    if "f1_macro" in metrics:
+        out["f1_macro"] = np.stack([_f1_exchanges(y, a, b, codes, k, swaps, threshold) for a, b in zip(pa, pb)])
+    if "ap_macro" in metrics:
+        out["ap_macro"] = np.stack([_ap_exchanges(y, a, b, codes, swaps, chunk) for a, b in zip(pa, pb)])
     result = {}
-    for name, diff in out.items():
+    for name, per_seed in out.items():
+        diff = per_seed.mean(axis=0)
         observed = float(diff[0])
         if np.isnan(observed):
             p = float("nan")
         else:
             p = float(np.mean(np.abs(diff) >= abs(observed) - 1e-12))
-        result[name] = {"diff": observed, "pvalue": p, "n_perm": len(swaps), "exact": exact, "n_blocks": k}
+        result[name] = {"diff": observed, "pvalue": p, "n_perm": len(swaps), "exact": exact, "n_blocks": k,
+                        "n_seeds": len(pa), "per_seed": [float(d) for d in per_seed[:, 0]]}
     return result
+
+
+def unit_counts(y: np.ndarray, pred: np.ndarray, codes: np.ndarray, k: int) -> np.ndarray:
+    """[k, L, 3] true positives, false positives and false negatives per cluster and label."""
+    c = np.stack([y & pred, ~y & pred, y & ~pred], axis=2).astype(float)  # [N, L, 3]
+    out = np.zeros((k, *c.shape[1:]))
+    np.add.at(out, codes, c)
+    return out
+
+
+def f1_exchanges_from_counts(counts_a: np.ndarray, counts_b: np.ndarray, swaps: np.ndarray) -> np.ndarray:
+    """Macro-F1 difference B - A for every exchange row of ``swaps`` [P, k], from per-cluster counts
+    [..., k, L, 3] (leading axes, e.g. simulations, broadcast): exchanges move whole clusters."""
+    delta = counts_b - counts_a
+    move = np.einsum("pk,...klc->...plc", swaps.astype(float), delta)  # what exchanges move A <- B
+    a_side = counts_a.sum(-3)[..., None, :, :] + move
+    b_side = counts_b.sum(-3)[..., None, :, :] - move
+    f1 = lambda c: _f1(c[..., 0], c[..., 1], c[..., 2]).mean(-1)  # noqa: E731
+    return f1(b_side) - f1(a_side)
+
+
+def _f1_exchanges(y, pa, pb, codes, k, swaps, threshold) -> np.ndarray:
+    """Macro-F1 B - A per exchange: counts per block, then one matrix product."""
+    da, db = binarize(pa, threshold).astype(bool), binarize(pb, threshold).astype(bool)
+    return f1_exchanges_from_counts(unit_counts(y, da, codes, k), unit_counts(y, db, codes, k), swaps)
+
+
+def _ap_exchanges(y, pa, pb, codes, swaps, chunk) -> np.ndarray:
+    """Macro-AP B - A per exchange: per exchange a new ranking, computed in chunks of exchanges."""
+    diffs = []
+    for start in range(0, len(swaps), chunk):
+        s = swaps[start:start + chunk][:, codes]  # [p, N] frame swapped?
+        side_a, side_b = np.where(s[..., None], pb, pa), np.where(s[..., None], pa, pb)
+        aps = [_ap_rows(y[:, i], side_b[..., i]) - _ap_rows(y[:, i], side_a[..., i]) for i in range(y.shape[1])]
+        diffs.append(_nanmean_rows(aps))
+    return np.concatenate(diffs)
 
 
 # --- the stratified block bootstrap ----------------------------------------------------------------
@@ -168,7 +192,7 @@ def block_permutation(targets, probs_a, probs_b, threshold: float = 0.5, cluster
 def block_strata(targets, clusters) -> np.ndarray:
     """Each frame's stratum: the most common label state (fire, smoke) of its block, as 0..3."""
     y = np.asarray(targets).astype(int)
-    codes = _codes(clusters, len(y))
+    codes = cluster_codes(clusters, len(y))
     state = y[:, 0] * 2 + y[:, 1]
     per_block = np.zeros((codes.max() + 1, 4))
     np.add.at(per_block, (codes, state), 1)
@@ -188,7 +212,7 @@ def paired_bootstrap(targets, probs_a, probs_b, threshold: float = 0.5, n_boot: 
     with fewer than ``RELIABLE_BLOCKS`` clusters the interval is too narrow to serve as a test."""
     y = np.asarray(targets).astype(bool)
     pa, pb = binarize(probs_a, threshold).astype(bool), binarize(probs_b, threshold).astype(bool)
-    codes = _codes(clusters, len(y))
+    codes = cluster_codes(clusters, len(y))
     k = int(codes.max()) + 1
     rng = np.random.default_rng(seed)
     counts = np.zeros((n_boot + 1, k))

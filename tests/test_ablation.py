@@ -89,10 +89,15 @@ def test_each_variant_is_compared_with_the_control(grid):
     assert "tables/comparisons.md" in artifacts(grid["parent"])
     text = MlflowClient().download_artifacts(grid["parent"], "tables/comparisons.md")
     lines = [line for line in open(text) if line.startswith(f"| {TINY_TEACHER} |")]
-    assert len(lines) == 4  # 2 KD losses x 2 seeds, each against the bce control of its seed
+    assert len(lines) == 6  # 2 KD losses x 2 seeds, each against the bce control of its seed, + 2 pooled verdicts
+    assert sum("| **pooled** |" in line for line in lines) == 2
     body = open(text).read()
-    assert "| p | 95% CI |" in body and "McNemar p (counts frames, optimistic)" in body
-    assert "paired permutation test exchanging the two runs' predictions within whole blocks" in body
+    table = pd.read_csv(MlflowClient().download_artifacts(grid["parent"], "tables/comparisons.csv"))
+    pooled = table[table["row"] == "pooled"]
+    assert len(pooled) == 2 and pooled["f1_macro_p_holm"].notna().all() and pooled["f1_macro_verdict"].str.len().gt(0).all()
+    assert (pooled["f1_macro_p_holm"] >= pooled["f1_macro_p"]).all() and (pooled["n_seeds"] == 2).all()
+    assert "| p | p (Holm) | 95% CI |" in body and "McNemar p (counts frames, optimistic)" in body
+    assert "paired permutation test exchanging the two runs' predictions within whole " in body
     # the verdict is the permutation p, also logged on the variant's run
     kd = [r for r in MlflowClient().search_runs([MlflowClient().get_run(grid["parent"]).info.experiment_id],
                                                 "tags.`flame_kd.loss` = 'kl_bce'")]

@@ -72,7 +72,8 @@ def infer_groups(frames: pd.DataFrame, ranges=None) -> tuple[pd.Series, str]:
 
 @dataclass
 class Split:
-    """A split of a frame table: ``manifest`` (``id, split, group, block``, frames order) and its stats."""
+    """A split of a frame table: ``manifest`` (``id, split, group, block, state, scene``, frames order)
+    and its stats. Manifests logged before ``scene`` existed lack it; ``group`` holds the same scenes."""
 
     manifest: pd.DataFrame
     ratios: tuple[float, float, float]
@@ -206,8 +207,17 @@ def make_split(
     manifest.iloc[order, manifest.columns.get_loc("block")] = unit
     manifest = manifest.reset_index(drop=True).astype({"block": int})
     assigned = pd.Series(split_of).where(kept, np.array(SPLITS, dtype=object)[assign[unit]]).value_counts()
+    manifest["scene"] = scene_codes(groups.to_numpy(), order)
     return Split(manifest, ratios, seed, how, block_size, gap if cut else 0, warnings,
                  assigned={s: int(assigned.get(s, 0)) for s in SPLITS}, whole_groups=not cut)
+
+
+def scene_codes(groups: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """Each frame's scene (its group: label range, video or run of one label) as 0..G-1, numbered in
+    chain order: the unit `flame-kd compare` exchanges when several test blocks share one scene."""
+    codes = np.empty(len(groups), dtype=np.int64)
+    codes[order] = pd.factorize(np.asarray(groups, dtype=object)[order])[0]
+    return codes
 
 
 # Val and test frames at least: the test report embeds its features in 2-D, and UMAP's spectral start

@@ -26,6 +26,7 @@ from flame_kd.config import ABLATION_OPTIONS, ABLATION_SPEC_OPTIONS, AblationSpe
 from flame_kd.errors import ConfigError
 from flame_kd.evaluate import SUMMARY_METRICS
 from flame_kd.options import apply_options, set_options
+from flame_kd.runs.grid_verdicts import comparisons_markdown, control_comparisons  # noqa: F401 (cli, report)
 from flame_kd.files import not_regular
 
 log = logging.getLogger("flame_kd")
@@ -287,7 +288,8 @@ def summary_table(runs: pd.DataFrame) -> pd.DataFrame:
 def to_markdown(table: pd.DataFrame) -> str:
     """The table as markdown: mean ± 95% CI half-width over seeds (from MIN_CI_SEEDS on; fewer: the
     values), and the paired difference in macro F1 against the no-teacher control."""
-    head = "| teacher | loss | seeds | " + " | ".join(METRICS) + " | Δ f1_macro vs control (paired) |"
+    head = ("| teacher | loss | seeds | " + " | ".join(METRICS) +
+            " | Δ f1_macro vs control (paired; ± covers training noise over seeds on fixed test frames) |")
     lines = [head, "|" + "---|" * (4 + len(METRICS))]
     few = False
     for _, r in table.iterrows():
@@ -299,59 +301,12 @@ def to_markdown(table: pd.DataFrame) -> str:
         lines.append(f"| {r['teacher']} | {r['loss']} | {n} | " + " | ".join(cells_) + f" | {delta} |")
     return "\n".join(lines) + (
         "\n\nmean ± 95% confidence interval (Student's t) over seeds; test split. Δ: mean ± t-CI of the per-seed "
-        "difference to the no-teacher control (same seed, same split)." + (
+        "difference to the no-teacher control (same seed, same split): it covers training noise over seeds on "
+        "one fixed set of test frames, not whether the variant would win on other scenes; the verdict is the pooled "
+        "row of the comparisons (a permutation test over scenes or blocks, Holm-adjusted)." + (
             f" No interval is given from fewer than {MIN_CI_SEEDS} seeds (from 2 a t-interval is ±12.7 standard "
             "errors, wider than the metric's range): such a cell shows the mean and (the two seeds' values)."
             if few else "") + "\n")
-
-
-def control_comparisons(runs: pd.DataFrame) -> pd.DataFrame:
-    """Each KD variant against the no-teacher control of the same seed (and split), paired on the
-    same test frames (`flame-kd compare`; each comparison is also logged to the variant's run)."""
-    from flame_kd.runs.compare import compare_runs
-    from flame_kd.errors import FlameKDError
-
-    runs = runs.drop_duplicates(subset=["teacher", "loss", "seed"])
-    rows = []
-    for _, r in runs.iterrows():
-        control = runs[(runs.seed == r.seed) & (runs.loss == CONTROL_LOSS)]  # its teacher tag is "none"
-        if r.loss in (CONTROL_LOSS, "teacher alone") or control.empty:
-            continue
-        try:
-            result, _ = compare_runs(control.run_id.iloc[0], r.run_id)
-        except FlameKDError as err:  # e.g. runs from before predictions were logged
-            log.warning("%s s%s not compared: %s", r.loss, r.seed, err.message)
-            continue
-        row = {"teacher": r.teacher, "loss": r.loss, "seed": r.seed, "n_blocks": result.n_blocks,
-               "mcnemar_p_frames_optimistic": result.mcnemar["pvalue"]}
-        for key, (d, lo, hi) in result.bootstrap.items():
-            row |= {f"{key}_diff": d, f"{key}_p": result.permutation[key]["pvalue"], f"{key}_lo": lo, f"{key}_hi": hi}
-        rows.append(row)
-    return pd.DataFrame(rows)
-
-
-def comparisons_markdown(comparisons: pd.DataFrame) -> str:
-    """The paired comparisons as markdown: KD minus control, the block permutation p (the verdict),
-    the block bootstrap CI (an effect size) and McNemar's p (counts frames, optimistic)."""
-    from flame_kd.stats import RELIABLE_BLOCKS
-
-    lines = ["| teacher | loss | seed | Δ f1_macro | p | 95% CI | Δ ap_macro | p | 95% CI | "
-             "McNemar p (counts frames, optimistic) |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for _, r in comparisons.iterrows():
-        cells = [f"{r[f'{k}_diff']:+.4f} | {r[f'{k}_p']:.4g} | [{r[f'{k}_lo']:+.4f}, {r[f'{k}_hi']:+.4f}]"
-                 for k in ("f1_macro", "ap_macro")]
-        lines.append(f"| {r['teacher']} | {r['loss']} | {r['seed']} | {cells[0]} | {cells[1]} | "
-                     f"{r['mcnemar_p_frames_optimistic']:.4g} |")
-    blocks = comparisons["n_blocks"].dropna() if "n_blocks" in comparisons else pd.Series(dtype=float)
-    few = len(blocks) and blocks.min() < RELIABLE_BLOCKS
-    return "\n".join(lines) + (
-        f"\n\nEach KD variant minus the no-teacher control ({CONTROL_LOSS}) of the same seed on the same test frames. "
-        "p: paired permutation test exchanging the two runs' predictions within whole blocks of the test split "
-        "(two-sided; `flame-kd compare`). 95% CI: stratified block bootstrap (2,000 resamples), an effect size, "
-        "not a test" + (f"; with {int(blocks.min())} blocks (fewer than about {RELIABLE_BLOCKS}) it is too narrow"
-                         if few else "") +
-        ". McNemar's exact test counts frames as independent, so its p is optimistic (13-34% false positives "
-        "at a nominal 5% in bench/compare_level.py's simulations): not a verdict.\n")
 
 
 def log_summary(parent_id: str, table: pd.DataFrame, comparisons: pd.DataFrame | None = None) -> None:
@@ -359,6 +314,10 @@ def log_summary(parent_id: str, table: pd.DataFrame, comparisons: pd.DataFrame |
 
     if comparisons is not None and len(comparisons):
         tracking.log_text_to(parent_id, comparisons_markdown(comparisons), "tables/comparisons.md")
+        with tempfile.TemporaryDirectory() as tmp:
+            csv = Path(tmp) / "comparisons.csv"
+            comparisons.to_csv(csv, index=False)
+            tracking.log_file(csv, "tables", run_id=parent_id)
 
     with tempfile.TemporaryDirectory() as tmp:
         csv = Path(tmp) / "ablation.csv"
@@ -380,6 +339,9 @@ def write_report(table: pd.DataFrame, out_dir: str | Path, comparisons: pd.DataF
     extra = "\n" + comparisons_markdown(comparisons) if comparisons is not None and len(comparisons) else ""
     paths[0].write_text(to_markdown(table) + extra)
     table.to_csv(paths[1], index=False)
+    if comparisons is not None and len(comparisons):
+        comparisons.to_csv(out / "comparisons.csv", index=False)
+        paths.append(out / "comparisons.csv")
     if len(table):
         fig = plots.ablation_bars(table)
         fig.savefig(out / "ablation.png", dpi=120, bbox_inches="tight")
