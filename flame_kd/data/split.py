@@ -207,16 +207,22 @@ def make_split(
     manifest.iloc[order, manifest.columns.get_loc("block")] = unit
     manifest = manifest.reset_index(drop=True).astype({"block": int})
     assigned = pd.Series(split_of).where(kept, np.array(SPLITS, dtype=object)[assign[unit]]).value_counts()
-    manifest["scene"] = scene_codes(groups.to_numpy(), order)
+    manifest["scene"] = scene_codes(groups.to_numpy(), order, unit)
     return Split(manifest, ratios, seed, how, block_size, gap if cut else 0, warnings,
                  assigned={s: int(assigned.get(s, 0)) for s in SPLITS}, whole_groups=not cut)
 
 
-def scene_codes(groups: np.ndarray, order: np.ndarray) -> np.ndarray:
-    """Each frame's scene (its group: label range, video or run of one label) as 0..G-1, numbered in
-    chain order: the unit `flame-kd compare` exchanges when several test blocks share one scene."""
+def scene_codes(groups: np.ndarray, order: np.ndarray, unit: np.ndarray | None = None) -> np.ndarray:
+    """Each frame's scene as 0..S-1 in chain order: its group (label range, video or run of one label),
+    with groups that share a block (``unit``, in chain order: short blocks joined across a range
+    boundary, ``blocks.join_short``) made one scene, so every block lies in one scene: the unit
+    `flame-kd compare` exchanges when several test blocks share one."""
+    g = pd.factorize(np.asarray(groups, dtype=object)[order])[0]
+    new = np.r_[True, g[1:] != g[:-1]]
+    if unit is not None:
+        new[1:] &= unit[1:] != unit[:-1]
     codes = np.empty(len(groups), dtype=np.int64)
-    codes[order] = pd.factorize(np.asarray(groups, dtype=object)[order])[0]
+    codes[order] = np.cumsum(new) - 1
     return codes
 
 

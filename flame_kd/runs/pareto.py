@@ -11,6 +11,7 @@ the others go on.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import tempfile
