@@ -227,7 +227,7 @@ CASES = [
     ("gap-word", split("--gap", "banana"), 2, "--gap must be auto, rule or a number"),
     ("labels-garbage", split("--labels", f("labels_bad")), 2, "labels.tsv"),
     ("labels-fifo", split("--labels", f("fifo")), 2, "FIFO"),
-    ("split-two-frames", lambda w: ["data", "split", str(w.csv.parent / "two.csv"), "--gap", "rule"], 2, "empty"),
+    ("split-two-frames", lambda w: ["data", "split", str(w.csv.parent / "two.csv"), "--gap", "rule"], 2, "too few"),
     ("synth-frames", lambda w: ["data", "synth", str(w.root / "s"), "--frames", "2"], 2, "--frames >= 3"),
     ("synth-size", lambda w: ["data", "synth", str(w.root / "s"), "--image-size", "4"], 2, "--image-size >= 8"),
     # run options, refused before any data is read or run started
