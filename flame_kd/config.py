@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from flame_kd.options import Section, nested
-from flame_kd.validation import MAX_SEED, MAX_TEMPERATURE, ratios_problem, registered_name_problem
+from flame_kd.validation import MAX_SEED, MAX_TEMPERATURE, MIN_EMBED_FRAMES, ratios_problem, registered_name_problem
 from flame_kd.validation import check_ranges  # noqa: F401 (the one validation of every value; imported from here)
 
 
@@ -364,8 +364,9 @@ class EmbedConfig:
     n_neighbors: int = opt(15, "UMAP neighbours.", ge=2)
     min_dist: float = opt(0.1, "UMAP minimum distance.", ge=0)
     metric: str = opt("euclidean", "UMAP metric.", choices=("euclidean", "manhattan", "cosine", "correlation"))
-    max_samples: int = opt(2000, "Frames embedded at most (a seeded sample); at least 4 (UMAP's spectral start "
-                                 "needs 4 points, and a split with fewer frames is refused).", ge=4)
+    max_samples: int = opt(2000, f"Frames embedded at most (a seeded sample); at least {MIN_EMBED_FRAMES} (UMAP's "
+                                 "spectral start needs that many; a split with fewer frames is refused).",
+                           ge=MIN_EMBED_FRAMES)
     seed: int = opt(42, f"Seed of the sample and the embedding, 0 to {MAX_SEED}.", ge=0, le=MAX_SEED)
     output_dir: str | None = opt(None, "Write the PNG here instead of logging it into the run.")
     device: str = opt("auto", "auto | cpu | cuda | mps.")

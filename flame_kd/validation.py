@@ -24,6 +24,7 @@ SOFT_TARGET_STEPS = 2 ** 10  # distinct float32 soft targets a logit of 1 must k
 MAX_TEMPERATURE = 1.0 / (4 * SOFT_TARGET_STEPS * FLOAT32_EPS / 2)
 MAX_SEED = 2 ** 32 - 1  # numpy's legacy seeding (np.random.seed) takes 0 .. 2**32 - 1
 MAX_INT = 2 ** 63 - 1  # every integer option fits a 64-bit signed integer (torch, MLflow params)
+MIN_EMBED_FRAMES = 4  # UMAP's spectral start needs n_components + 2 points (3 frames: scipy's "k >= N")
 REGISTERED_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 _OPS = {"gt": (">", lambda v, b: v > b), "ge": (">=", lambda v, b: v >= b),

@@ -84,6 +84,10 @@ def load_data(cfg: DataConfig, seed: int, device: torch.device, augment: str | N
     cache = build_cache(frames, cfg.image_size, cfg.cache, device, cache_dir=cache_dir, data_digest=digest)
     loaders = {}
     batch = micro_batch(cfg.batch_size)  # `auto` starts at 64; the trainer halves it when a step does not fit
+    n_train = len(split.indices("train"))
+    if cfg.batch_size != "auto" and batch > n_train:  # else the memory check sizes a step no epoch ever takes
+        raise ConfigError(f"--batch-size {batch} is larger than the training split ({n_train} frames of "
+                          f"{len(frames)}): pass --batch-size {n_train} or less")
     for name in ("train", "val", "test"):
         aug = (augment or cfg.augment) if name == "train" else "none"
         ds = PairedFrames(frames, split.indices(name), cfg.image_size, augment=aug, cache=cache, seed=seed,
