@@ -91,7 +91,7 @@ def value_problem(value: Any, hint: Any, meta: Any = None) -> str | None:
             for kind, bound in meta.get("bounds", {}).items():
                 word, ok = _OPS[kind]
                 if not ok(v, bound):
-                    return f"must be {word} {bound:g}, got {v:g}"
+                    return f"must be {word} {_num(bound)}, got {_num(v)}"
             if isinstance(v, int) and abs(v) > MAX_INT:
                 return f"must fit in 64 bits (at most {MAX_INT}), got {v}"
     check = meta.get("check")
@@ -111,6 +111,11 @@ def _hints(cls: type) -> dict[str, Any]:
 
 def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _num(v: float) -> str:
+    """An integer in full (a seed bound), any other number short (1e+09)."""
+    return str(int(v)) if isinstance(v, int) or (float(v).is_integer() and abs(v) < 1e16) else f"{v:g}"
 
 
 def _shown(value: Any) -> str:
