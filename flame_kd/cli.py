@@ -29,6 +29,10 @@ from flame_kd.config import (
     TrackingConfig,
 )
 from flame_kd.options import NONE_WORDS, OrNone, build_config, config_options, spell, spelled_as
+from flame_kd.validation import MAX_SEED
+
+SYNTH_MAX_FRAMES = 100_000  # about twice FLAME2's 53,451 pairs; ~2 MB of PNGs per 10 frames at 254 px
+SYNTH_MAX_IMAGE_SIZE = 1024  # FLAME2's frames are 254 px; models train at 224
 
 
 class _StoppableGroup(click.Group):
@@ -123,9 +127,11 @@ def data() -> None:
 
 @data.command("synth")
 @click.argument("out", type=click.Path(file_okay=False))
-@click.option("--frames", default=600, show_default=True, help="frame pairs to draw")
-@click.option("--image-size", default=254, show_default=True, help="frame width and height in pixels")
-@click.option("--seed", default=42, show_default=True, help="same seed, byte-identical files")
+@click.option("--frames", default=600, show_default=True, help=f"frame pairs to draw, 3 to {SYNTH_MAX_FRAMES}")
+@click.option("--image-size", default=254, show_default=True,
+              help=f"frame width and height in pixels, 8 to {SYNTH_MAX_IMAGE_SIZE}")
+@click.option("--seed", type=click.IntRange(0, MAX_SEED), default=42, show_default=True,
+              help="same seed, byte-identical files")
 @click.option("--difficulty", type=click.Choice(["realistic", "easy"]), default="realistic", show_default=True,
               help="realistic: RGB alone is ambiguous, as in FLAME2; easy: any model scores 1.0 (fast tests)")
 def data_synth(out: str, frames: int, image_size: int, seed: int, difficulty: str) -> None:
@@ -134,6 +140,9 @@ def data_synth(out: str, frames: int, image_size: int, seed: int, difficulty: st
 
     if frames < 3 or image_size < 8:
         raise click.BadParameter("need --frames >= 3 and --image-size >= 8")
+    if frames > SYNTH_MAX_FRAMES or image_size > SYNTH_MAX_IMAGE_SIZE:
+        raise click.BadParameter(f"need --frames <= {SYNTH_MAX_FRAMES} and --image-size <= {SYNTH_MAX_IMAGE_SIZE}, "
+                                 f"got {frames} and {image_size}")
     click.echo(synth.describe(synth.synthesize(out, frames=frames, image_size=image_size, seed=seed,
                                                     difficulty=difficulty)))
 
@@ -170,8 +179,9 @@ def data_check(csv: str, root: str | None) -> None:
 
 @data.command("split")
 @click.argument("csv", type=click.Path(dir_okay=False))
-@click.option("--seed", default=42, show_default=True, help="split seed")
-@click.option("--ratios", default="0.7,0.15,0.15", show_default=True, help="train,val,test frame fractions")
+@click.option("--seed", type=click.IntRange(0, MAX_SEED), default=42, show_default=True, help="split seed")
+@click.option("--ratios", default="0.7,0.15,0.15", show_default=True,
+              help="train,val,test frame fractions, each > 0, summing to 1")
 @click.option("--labels", type=OrNone(click.Path(dir_okay=False)), default=None,
               help="label-range file for the groups; default: label_ranges.tsv next to the CSV, if any")
 @click.option("--out", type=OrNone(click.Path(dir_okay=False)), default=None, help="write the manifest CSV here")
@@ -183,10 +193,14 @@ def data_split(csv: str, seed: int, ratios: str, labels: str | None, out: str | 
     from flame_kd.data.labels import find_label_ranges
     from flame_kd.data.schema import load_frames
     from flame_kd.data.split import parse_gap, parse_ratios, part_problems, split_frames
-    from flame_kd.errors import DataError
+    from flame_kd.errors import ConfigError, DataError
     from flame_kd.data.thumbs import frame_thumbnails, images_available
+    from flame_kd.validation import ratios_problem
 
     parse_gap(gap)
+    problem = ratios_problem(parse_ratios(ratios))
+    if problem:
+        raise ConfigError(f"--ratios {problem}")
     frames = load_frames(csv, check_files=False, ranges=labels)
     thumbs = frame_thumbnails(frames) if images_available(frames) else None
     split = split_frames(frames, seed=seed, ratios=parse_ratios(ratios), ranges=labels or find_label_ranges(csv),
@@ -196,7 +210,10 @@ def data_split(csv: str, seed: int, ratios: str, labels: str | None, out: str | 
     if problems:
         raise DataError(f"{csv}: {'; '.join(problems)}: nothing written", problems)
     if out:
-        split.manifest.to_csv(out, index=False)
+        try:
+            split.manifest.to_csv(out, index=False)
+        except OSError as err:
+            raise DataError(f"cannot write the manifest to --out {out}: {err.strerror or err}") from None
         click.echo(f"wrote the manifest to {out}")
 
 
@@ -291,7 +308,8 @@ def _launch_sweep(cfg: SweepConfig) -> None:
     if not cfg.storage:  # every worker on the same storage (the default file, or FLAME_KD_STORAGE)
         extra["FLAME_KD_STORAGE"] = resolve_storage(None, uri)
     # a named study of other data is refused before the teacher is trained
-    check = named_study_check(cfg, make_storage(resolve_storage(cfg.storage, uri), cfg)) if cfg.study_name else None
+    storage = make_storage(resolve_storage(cfg.storage, uri), cfg)  # unreachable: one line here, before the teacher
+    check = named_study_check(cfg, storage) if cfg.study_name else None
     prepare(cfg.distill, check=check)  # so no worker trains the teacher another is training
     sys.exit(launch(cfg.workers, sys.argv[1:], extra))
 

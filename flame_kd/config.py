@@ -15,21 +15,24 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from flame_kd.options import Section, nested, spell
+from flame_kd.validation import MAX_SEED, MAX_TEMPERATURE, MIN_EMBED_FRAMES, ratios_problem, registered_name_problem
+from flame_kd.validation import check_ranges  # noqa: F401 (the one validation of every value; imported from here)
 
 
 def opt(default: Any = dataclasses.MISSING, help: str | Callable[[], str] = "", *, factory=None, cli: str | None = None,
         choices: tuple[str, ...] | None = None, expose: bool = True, weight: bool = False,
         gt: float | None = None, ge: float | None = None, lt: float | None = None, le: float | None = None,
-        words: tuple[str, ...] = ()) -> Any:
+        words: tuple[str, ...] = (), check: Callable[[Any], str | None] | None = None) -> Any:
     """A config field with the metadata its CLI option is built from.
 
     ``help`` may be a function, called when the help is shown (names drawn from a registry, which the
     CLI need not import to start). ``cli`` renames the option (``--data`` for ``csv``); ``expose=False`` keeps a field off the
     command line (set from code only); ``weight`` marks a loss weight letter (losses.REGISTRY);
     ``gt``/``ge``/``lt``/``le`` bound a number (``check_ranges``, before any data is read); ``words``
-    are the strings a number field also takes (``--batch-size auto``).
+    are the strings a number field also takes (``--batch-size auto``); ``check`` returns what is wrong
+    with a value (None: nothing), a rule bounds cannot say (ratios that leave a split empty).
     """
-    meta = {"help": help, "cli": cli, "choices": choices, "expose": expose, "weight": weight, "words": words,
+    meta = {"help": help, "cli": cli, "choices": choices, "expose": expose, "weight": weight, "words": words, "check": check,
             "bounds": {k: v for k, v in (("gt", gt), ("ge", ge), ("lt", lt), ("le", le)) if v is not None}}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
@@ -45,15 +48,18 @@ class DataConfig:
                                     "what `make demo` makes; make one with `flame-kd data synth` or `data prepare`.",
                           cli="data")
     root: str | None = opt(None, "Data root the frame paths resolve against; default: the CSV's folder.")
-    image_size: int = opt(224, "Frame size fed to the models (224: what timm backbones were trained at).", ge=16)
+    image_size: int = opt(224, "Frame size fed to the models (224: what timm backbones were trained at); "
+                               "16 to 2048.", ge=16, le=2048)
     batch_size: int | str = opt(64, "Micro-batch: frames per forward pass (the original pipeline's 64); a step "
                                     "of the optimizer sees --accumulate of them. auto: start at 64 and halve it "
                                     "(doubling --accumulate, so the effective batch stays) while one training step "
                                     "does not fit in memory, measured before the first epoch and on out-of-memory "
                                     "in the first steps.", ge=1, words=("auto",))
-    ratios: tuple[float, float, float] = opt((0.7, 0.15, 0.15), "Train,val,test FRAME fractions.")
+    ratios: tuple[float, float, float] = opt((0.7, 0.15, 0.15), "Train,val,test FRAME fractions: each > 0 (every "
+                                                                "split gets frames), summing to 1.",
+                                             check=ratios_problem)
     split_seed: int | None = opt(42, "Seed of the train/val/test split, fixed so seeds vary training only and "
-                                     "runs pair up; none: the run's seed.")
+                                     f"runs pair up (0 to {MAX_SEED}); none: the run's seed.", ge=0, le=MAX_SEED)
     gap: str = opt("auto", "Ids kept between frames of two splits (frames are dropped until every one is more than "
                            "the gap from the other splits' frames of its sequence): auto (the images' measured "
                            "decorrelation distance; the rule when there are no images), rule (block/20) or a number.")
@@ -88,7 +94,8 @@ class TrainConfig:
                                  "on CUDA. Off the GPU it does not apply (and is not logged).")
     channels_last: bool | None = opt(None, "Channels-last memory format; default: on on CUDA (CUDA only).")
     compile: bool = opt(False, "torch.compile the model (opt-in: compiling takes minutes; steps on a GPU get faster).")
-    seed: int = opt(42, "Seed of the run (and of the split unless --split-seed is given).")
+    seed: int = opt(42, f"Seed of the run (and of the split unless --split-seed is given), 0 to {MAX_SEED}.",
+                    ge=0, le=MAX_SEED)
     progress: bool = opt(True, "Progress of each epoch: a bar on a terminal, else a line every 30 s.")
     accumulate: int = opt(1, "Gradient accumulation: micro-batches per optimizer step (effective batch = "
                              "--batch-size x --accumulate, logged as effective_batch_size).", ge=1)
@@ -215,8 +222,10 @@ class LossConfig:
                                         "beta/2 = 500).", weight=True, ge=0)
     hint_weight: float | None = opt(None, "Weight of the FitNets hint term on the middle stage map (through a "
                                           "learned 1x1-conv regressor).", weight=True, ge=0)
-    temperature: float = opt(2.0, "Temperature of the soft targets (Hinton); KL is scaled by T^2 "
-                                  "(not under kd-research).", gt=0)
+    temperature: float = opt(2.0, "Temperature of the soft targets (Hinton); KL is scaled by T^2 (not under "
+                                  f"kd-research). At most {MAX_TEMPERATURE:g}: above it a logit of 1 keeps fewer "
+                                  "than 1024 float32 steps between its soft target and 0.5 (at 1e9 every target "
+                                  "is exactly 0.5 and the KL term is 0).", gt=0, le=MAX_TEMPERATURE)
     loss_convention: str = opt("hinton-rkd", "hinton-rkd: KL x T^2 and the RKD distance loss (Huber on the "
                                "student's own distances); kd-research: the original pipeline's terms (KL without "
                                "T^2, MSE of squared distances of unit-normalised projected features).",
@@ -254,7 +263,9 @@ class TrackingConfig:
     register: bool = opt(False, "Register the logged model as a new version of --register-as, described by "
                                 "its test F1, teacher and loss; a distilled student also takes the alias champion "
                                 "when its best val score beats the champion's on the same data and split.")
-    register_as: str = opt("flame-kd-student", "Registered model name (with --register).")
+    register_as: str = opt("flame-kd-student", "Registered model name (with --register): letters, digits, '.', "
+                                               "'_' or '-', checked before the run starts.",
+                           check=registered_name_problem)
     system_metrics: bool | None = opt(None, "MLflow system metrics (CPU, memory; GPU utilisation and memory "
                                             "through nvidia-ml-py); default: on when training on CUDA.")
 
@@ -299,7 +310,7 @@ class SweepConfig:
     distill: DistillRunConfig = opt(factory=lambda: DistillRunConfig(
         loss=LossConfig(variant="kl_contrastive_l2_bce")))  # the variant with the most weights to search
     n_trials: int = opt(20, "Trials for this worker (two workers with 10 each make a 20-trial study).", ge=1)
-    timeout: float | None = opt(None, "Seconds for this worker.")
+    timeout: float | None = opt(None, "Seconds for this worker.", gt=0)
     study_name: str | None = opt(None, "Default <teacher>-<loss>-s<seed>-<digest of the settings, data and split>; "
                                        "the same name and storage continue a study (on the same data only).")
     storage: str | None = opt(None, "Optuna RDB URL; default optuna-<store hash>.db beside the MLflow store. "
@@ -307,7 +318,7 @@ class SweepConfig:
     pruner: str = opt("median", "Trial pruner.", choices=("median", "hyperband", "none"))
     heartbeat_interval: int = opt(30, "Seconds between trial heartbeats; a killed worker's trial is failed "
                                       "and retried.", cli="heartbeat", ge=1)
-    max_retry: int = opt(1, "Times a failed-by-heartbeat trial is retried.")
+    max_retry: int = opt(1, "Times a failed-by-heartbeat trial is retried.", ge=0)
     workers: int = opt(1, "Start this many local worker processes on the study (each runs --n-trials), each pinned "
                           "to one GPU when there are GPUs.", ge=1)
 
@@ -324,11 +335,13 @@ class ParetoConfig:
     distill: DistillRunConfig = opt(factory=lambda: DistillRunConfig(tracking=TrackingConfig(register=True)))
     students: str = opt(DEFAULT_STUDENTS, "Comma-separated students (lightweight-cnn | timm:<name>).")
     latency_budget_ms: float | None = opt(None, "Pick the best student on the front within this batch-1 CPU "
-                                                "latency (ms, either precision); default: the best test macro F1.")
-    calibration_frames: int = opt(128, "Train frames (a seeded sample) that calibrate the int8 activation ranges.")
-    latency_runs: int = opt(50, "Timed batch-1 onnxruntime passes per model (the median is logged).")
-    latency_warmup: int = opt(5, "Untimed passes before timing.")
-    threads: int = opt(1, "onnxruntime intra-op threads for latency and predictions (pinned, logged).")
+                                                "latency (ms, either precision); default: the best test macro F1.",
+                                       gt=0)
+    calibration_frames: int = opt(128, "Train frames (a seeded sample) that calibrate the int8 activation ranges.",
+                                  ge=1)
+    latency_runs: int = opt(50, "Timed batch-1 onnxruntime passes per model (the median is logged).", ge=1)
+    latency_warmup: int = opt(5, "Untimed passes before timing.", ge=0)
+    threads: int = opt(1, "onnxruntime intra-op threads for latency and predictions (pinned, logged).", ge=1)
 
     def student_list(self) -> list[str]:
         """The students, in order, without blanks or repeats."""
@@ -353,8 +366,10 @@ class EmbedConfig:
     n_neighbors: int = opt(15, "UMAP neighbours.", ge=2)
     min_dist: float = opt(0.1, "UMAP minimum distance.", ge=0)
     metric: str = opt("euclidean", "UMAP metric.", choices=("euclidean", "manhattan", "cosine", "correlation"))
-    max_samples: int = opt(2000, "Frames embedded at most (a seeded sample).", ge=2)
-    seed: int = opt(42, "Seed of the sample and the embedding.")
+    max_samples: int = opt(2000, f"Frames embedded at most (a seeded sample); at least {MIN_EMBED_FRAMES} (UMAP's "
+                                 "spectral start needs that many; a split with fewer frames is refused).",
+                           ge=MIN_EMBED_FRAMES)
+    seed: int = opt(42, f"Seed of the sample and the embedding, 0 to {MAX_SEED}.", ge=0, le=MAX_SEED)
     output_dir: str | None = opt(None, "Write the PNG here instead of logging it into the run.")
     device: str = opt("auto", "auto | cpu | cuda | mps.")
 
@@ -383,7 +398,8 @@ class AblationSpec:
                               help="Teachers of the grid.", expose=False)
     losses: list[str] = opt(factory=lambda: ["kl_bce", "kl_l2_bce", "kl_contrastive_l2_bce"],
                             help="Loss variants of the grid.", expose=False)
-    seeds: list[int] = opt(factory=lambda: [42, 123, 456, 789, 1024], help="Seeds of the grid.", expose=False)
+    seeds: list[int] = opt(factory=lambda: [42, 123, 456, 789, 1024], help="Seeds of the grid.", expose=False,
+                           ge=0, le=MAX_SEED)
     control: bool = opt(True, "Also train the same student with BCE alone, no teacher.", expose=False)
     distill: DistillRunConfig = opt(factory=ablation_distill_defaults)
     # Where and how many workers run the grid (runs/grid.py): not part of what the grid is (its digest).
@@ -402,29 +418,6 @@ class AblationSpec:
         keep = {k: v for k, v in flatten(to_dict(self)).items()
                 if not any(p in VOLATILE for p in k.split(".")) and k not in ("storage", "heartbeat", "workers")}
         return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
-def check_ranges(cfg: Any, path: str = "", names: dict[str, str] | None = None) -> None:
-    """Every number within its field's bounds (``opt(gt=...)``), before any data is read; a
-    ``ConfigError`` names the first that is not (``train.lr must be > 0, got -1.0``), by its
-    command-line flag when ``names`` maps the dotted path to one (``--lr must be > 0, got -1 (train.lr)``)."""
-    from flame_kd.errors import ConfigError
-
-    words = {"gt": (">", lambda v, b: v > b), "ge": (">=", lambda v, b: v >= b),
-             "lt": ("<", lambda v, b: v < b), "le": ("<=", lambda v, b: v <= b)}
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        if dataclasses.is_dataclass(value):
-            check_ranges(value, f"{path}{f.name}.", names)
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            dotted = f"{path}{f.name}"
-            name = f"{names[dotted]} ({dotted})" if names and dotted in names else dotted
-            if f.metadata.get("bounds") and (value != value or value in (float("inf"), float("-inf"))):
-                raise ConfigError(f"{name} must be a finite number, got {value:g}")
-            for kind, bound in f.metadata.get("bounds", {}).items():
-                word, ok = words[kind]
-                if not ok(value, bound):
-                    raise ConfigError(f"{name} must be {word} {bound:g}, got {value:g}")
 
 
 def to_dict(cfg: Any) -> dict:

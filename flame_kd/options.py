@@ -16,9 +16,11 @@ import os
 import types
 import typing
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import click
+
+from flame_kd.validation import check_ranges
 
 NONE_WORDS = ("", "none", "None")  # MLproject passes '' for an unset optional parameter
 # How this invocation spells an option in a hint: "cli" (--batch-size 32), "mlflow" (`mlflow run`'s
@@ -97,11 +99,13 @@ class FloatList(click.ParamType):
     name = "floats"
 
     def convert(self, value, param, ctx):
-        if isinstance(value, (tuple, list)):
-            return tuple(float(v) for v in value)
         try:
+            if isinstance(value, (tuple, list)):
+                if any(isinstance(v, bool) for v in value):
+                    raise ValueError(value)
+                return tuple(float(v) for v in value)
             return tuple(float(v) for v in str(value).split(","))
-        except ValueError:
+        except (TypeError, ValueError):
             self.fail(f"{value!r} is not a comma-separated list of numbers", param, ctx)
 
 
@@ -250,8 +254,10 @@ def build_config(config_cls: type, sections: tuple[Section, ...], values: dict[s
     return apply_options(config_cls(), sections, values)
 
 
-def apply_options(cfg: Any, sections: tuple[Section, ...], values: dict[str, Any]) -> Any:
-    """``cfg`` with every option in ``values`` (click's kwargs) written into its field; an
+def apply_options(cfg: Any, sections: tuple[Section, ...], values: dict[str, Any],
+                  names: dict[str, str] | None = None) -> Any:
+    """``cfg`` with every option in ``values`` (click's kwargs) written into its field, then every value
+    checked (``validation.check_ranges``, a bad one named as ``names`` or the command line spells it); an
     ``overrides`` section leaves a field whose value is None (not given) as it is."""
     for x in exposed_fields(type(cfg), sections):
         if x.ident not in values and f"no_{x.ident}" not in values:
@@ -263,16 +269,28 @@ def apply_options(cfg: Any, sections: tuple[Section, ...], values: dict[str, Any
             continue
         for path in (x.section.path, *x.section.also):
             setattr(_resolve(cfg, path), x.field.name, value)
-    from flame_kd.config import check_ranges  # config builds its sections from this module
-
-    check_ranges(cfg, names=option_flags(cfg, sections))  # a number out of range is named by the flag typed
+    check_ranges(cfg, names=names or option_flags(cfg, sections))  # a bad value is named by the flag typed
     return cfg
 
 
 def option_flags(cfg: Any, sections: tuple[Section, ...]) -> dict[str, str]:
-    """``{dotted config path: "--flag"}``: how the user spells each exposed field (``spell``: ``-P name``
-    under ``mlflow run``)."""
-    return {path: spell(ident) for ident, (path, _) in option_values(cfg, sections).items()}
+    """``{dotted config path: the option}``: how the user spells each exposed field in this invocation
+    (``spell``: ``--flag`` typed, ``-P name`` under ``mlflow run``, a spec key), each path that takes the
+    same value included (``cli_flags``)."""
+    return {path: spell(flag[2:].replace("-", "_")) for path, flag in cli_flags(cfg, sections).items()}
+
+
+def cli_flags(cfg: Any, sections: Sequence[Section]) -> dict[str, str]:
+    """``{dotted config path: "--flag"}``: how the command line spells each exposed field, and each path
+    that takes the same value (``also``: a distill run's ``teacher_train.accumulate`` is ``--accumulate``)."""
+    flags: dict[str, str] = {}
+    for sec in sections:
+        for f in _section_fields(_resolve(cfg, sec.path), sec):
+            flag = "--" + (sec.prefix + (f.metadata.get("cli") or f.name)).replace("_", "-")
+            flags[".".join(filter(None, (sec.path, f.name)))] = flag
+            for also in sec.also:
+                flags.setdefault(".".join(filter(None, (also, f.name))), flag)
+    return flags
 
 
 def option_names(config_cls: type, sections: tuple[Section, ...]) -> list[str]:
@@ -298,13 +316,36 @@ def set_options(cfg: Any, sections: tuple[Section, ...], raw: dict[str, Any], wh
             near = difflib.get_close_matches(ident, [*fields, *others], n=1)
             hint = f"; did you mean {near[0]}?" if near else ""
             raise ConfigError(f"{where}: unknown key {key!r}{hint}{' ' + note if note else ''}")
+        problem = _plain_problem(value, fields[ident])
+        if problem:
+            raise ConfigError(f"{where}: {key} {problem}")
         if isinstance(value, list) and fields[ident].kind is tuple:
             value = tuple(value)
         try:
             values[ident] = _param_type(fields[ident]).convert(value, None, None)
         except click.BadParameter as err:
             raise ConfigError(f"{where}: {key}: {err.format_message()}") from None
-    return apply_options(cfg, tuple(dataclasses.replace(s, overrides=False) for s in sections), values)
+    plain = tuple(dataclasses.replace(s, overrides=False) for s in sections)
+    names = {path: f"{where}: {flag[2:].replace('-', '_')}" for path, flag in cli_flags(cfg, plain).items()}
+    return apply_options(cfg, plain, values, names | {k: f"{where}: {k}" for k in others})
+
+
+_KINDS = {int: "an integer", float: "a number", str: "text", bool: "true or false", tuple: "a list of numbers"}
+
+
+def _plain_problem(value: Any, x: _Field) -> str | None:
+    """What makes a plain (YAML) value unfit for its option before click parses it (None: nothing):
+    click would read 1.5 as the integer 1, [1, 2] as the text '[1, 2]', and null as a crash."""
+    expected = _KINDS.get(x.kind, "a single value")
+    if value is None:
+        return None if x.optional else f"must be {expected}, got null"
+    if isinstance(value, dict) or (isinstance(value, list) and x.kind is not tuple):
+        return f"must be {expected}, got {value!r}"
+    if isinstance(value, bool) and x.kind is not bool:
+        return f"must be {expected}, got {str(value).lower()} (quote it in YAML for the text)"
+    if isinstance(value, float) and x.kind is int:
+        return f"must be {expected}, got {value!r}"
+    return None
 
 
 def option_form() -> str:

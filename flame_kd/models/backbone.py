@@ -180,9 +180,9 @@ def _file_overlay(timm_name: str, weights: str | Path, option_prefix: str = "") 
         state = timm.models.load_state_dict(str(path))
     except Exception as exc:
         raise ConfigError(
-            f"cannot load pretrained weights for {timm_name}: {str(path)!r} is not a readable "
-            f"state dict ({_first_line(exc)}); {weights_hint(option_prefix)}"
-        ) from exc
+            f"cannot load pretrained weights for {timm_name}: {str(path)!r} is not a PyTorch weights file "
+            f"(a state dict saved by torch.save, or .safetensors); {weights_hint(option_prefix)}"
+        ) from None
     cfg = timm.models.get_pretrained_cfg(timm_name)
     heads = getattr(cfg, "classifier", None) or ()
     heads = (heads,) if isinstance(heads, str) else tuple(heads)

@@ -60,6 +60,31 @@ def spec_from_dict(raw: dict, where: str = "ablation spec") -> AblationSpec:
                             "but --teacher, --loss and --seed)")
 
 
+MAX_YAML_NODES = 10_000  # a spec is a few dozen values; anchors and aliases may not expand past this
+
+
+class BoundedLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a document whose aliases expand to more than MAX_YAML_NODES nodes
+    (a "billion laughs": 438 bytes of nested aliases that build gigabytes when walked)."""
+
+    def compose_document(self):
+        node = super().compose_document()
+        sizes: dict[int, int] = {}
+
+        def size(n) -> int:  # nodes after expanding every alias, shared nodes counted once per use
+            if id(n) not in sizes:
+                kids = n.value if isinstance(n, yaml.SequenceNode) else (
+                    [x for kv in n.value for x in kv] if isinstance(n, yaml.MappingNode) else [])
+                sizes[id(n)] = 1 + sum(size(k) for k in kids)
+                if sizes[id(n)] > MAX_YAML_NODES:
+                    raise yaml.YAMLError(f"its aliases expand to more than {MAX_YAML_NODES} values")
+            return sizes[id(n)]
+
+        if node is not None:
+            size(node)
+        return node
+
+
 def load_spec(path: str, overrides: dict | None = None) -> AblationSpec:
     """The spec in YAML file ``path``, with the command line's options (click's values; None: the
     spec's) over it."""
@@ -68,7 +93,9 @@ def load_spec(path: str, overrides: dict | None = None) -> AblationSpec:
     if why is not None:
         raise ConfigError(f"ablation spec {path} not found" if why == "no such file" else f"ablation spec {path} {why}")
     try:
-        raw = yaml.safe_load(p.read_text()) or {}
+        raw = yaml.load(p.read_text(), Loader=BoundedLoader) or {}
+    except RecursionError:
+        raise ConfigError(f"ablation spec {path} is not valid YAML: nested too deep") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"ablation spec {path} is not valid YAML: {str(err).splitlines()[0]}") from None
     except (OSError, UnicodeDecodeError) as err:

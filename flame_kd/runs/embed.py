@@ -10,11 +10,12 @@ import torch
 from flame_kd import plots, tracking
 from flame_kd.config import DataConfig, EmbedConfig, check_ranges
 from flame_kd.engine import load_checkpoint, load_weights, resolve_device, seed_everything
-from flame_kd.errors import ConfigError
+from flame_kd.errors import ConfigError, DataError
 from flame_kd.evaluate import predict
 from flame_kd.runs.skeleton import load_data, load_run_model
 from flame_kd.models import build_student, build_teacher
 from flame_kd.tasks import student_forward, teacher_forward
+from flame_kd.validation import MIN_EMBED_FRAMES
 
 
 def _from_run(cfg: EmbedConfig) -> tuple[torch.nn.Module, str, DataConfig, int]:
@@ -55,6 +56,9 @@ def run_embed(cfg: EmbedConfig) -> Path | str:
     data = load_data(data_cfg, seed, device)
     forward = teacher_forward if kind == "teacher" else student_forward
     preds = predict(model.to(device), data.loaders[cfg.split], device, forward)
+    if len(preds.features) < MIN_EMBED_FRAMES:
+        raise DataError(f"the {cfg.split} split of {data_cfg.csv} has {len(preds.features)} frame(s): "
+                        f"{cfg.method.upper()} needs at least {MIN_EMBED_FRAMES} (--split)")
     pts, kept = plots.embed_features(preds.features, method=cfg.method, seed=cfg.seed,
                                      max_samples=cfg.max_samples, **cfg.params)
     detail = ", ".join(f"{k}={v}" for k, v in cfg.params.items())

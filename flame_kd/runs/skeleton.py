@@ -72,12 +72,16 @@ def load_data(cfg: DataConfig, seed: int, device: torch.device, augment: str | N
     cache = build_cache(frames, cfg.image_size, cfg.cache, device, cache_dir=cache_dir, data_digest=digest)
     loaders = {}
     batch = micro_batch(cfg.batch_size)  # `auto` starts at 64; the trainer halves it when a step does not fit
+    n_train = len(split.indices("train"))
+    if batch > n_train:  # a step holds at most the whole split: the memory check sizes that step, no larger one
+        log.info("--batch-size %s is larger than the training split (%d frames): a training step takes all %d",
+                 cfg.batch_size, n_train, n_train)
     for name in ("train", "val", "test"):
         aug = (augment or cfg.augment) if name == "train" else "none"
         ds = PairedFrames(frames, split.indices(name), cfg.image_size, augment=aug, cache=cache, seed=seed,
                           augment_on=augment_place(cfg.augment_on, device))
         train = name == "train"  # a last training batch of one frame would break BatchNorm: dropped
-        loaders[name] = make_loader(ds, batch, shuffle=train, cfg=cfg, device=str(device), seed=seed,
+        loaders[name] = make_loader(ds, min(batch, n_train) if train else batch, shuffle=train, cfg=cfg, device=str(device), seed=seed,
                                     drop_last=train and len(ds) > batch)
     return Data(frames, split, digest, cache, loaders, cfg)
 
