@@ -178,7 +178,7 @@ def _file_overlay(timm_name: str, weights: str | Path, option_prefix: str = "") 
         )
     try:
         state = timm.models.load_state_dict(str(path))
-    except Exception as exc:
+    except Exception:
         raise ConfigError(
             f"cannot load pretrained weights for {timm_name}: {str(path)!r} is not a PyTorch weights file "
             f"(a state dict saved by torch.save, or .safetensors); {weights_hint(option_prefix)}"
