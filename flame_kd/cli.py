@@ -344,15 +344,18 @@ def ablation(spec: str, **o) -> None:
 @click.option("--port", type=click.IntRange(1, 65535), default=5001, show_default=True)
 @click.option("--tracking-uri", type=str, default=None, callback=_none_if_empty,
               help="Default: MLFLOW_TRACKING_URI, else MLflow's sqlite:///mlflow.db.")
-@click.option("--dry-run", is_flag=True, help="Print the model and the command, start nothing.")
-def serve(model_uri: str | None, name: str, host: str, port: int, tracking_uri: str | None, dry_run: bool) -> None:
-    """Serve the registered student over REST (`mlflow models serve` on this environment, the venv's
-    bin on PATH): POST uint8 frames as JSON to http://HOST:PORT/invocations."""
+@click.option("--max-frames", type=click.IntRange(1, 100000), default=64, show_default=True,
+              help="Frames per request; a larger body is refused (413) before it is parsed.")
+@click.option("--dry-run", is_flag=True, help="Verify the model, print the command, start nothing.")
+def serve(model_uri: str | None, name: str, host: str, port: int, tracking_uri: str | None, max_frames: int,
+          dry_run: bool) -> None:
+    """Serve the registered student over REST (MLflow's scoring server, behind flame-kd's request guard,
+    on a copy verified against what flame-kd logged): POST uint8 frames as JSON to http://HOST:PORT/invocations."""
     import os
 
     from flame_kd import serving
 
-    argv, env = serving.plan(model_uri, name, host, port, tracking_uri)
+    argv, env = serving.plan(model_uri, name, host, port, tracking_uri, max_frames, keep=not dry_run)
     if not dry_run:
         os.execve(argv[0], argv, env)  # the server replaces this process: Ctrl-C stops it directly
 
@@ -365,7 +368,7 @@ def ui_url(experiment: str, host: str, tracking_uri: str | None) -> None:
     """The URL that opens an experiment's runs in the MLflow UI (not its GenAI overview)."""
     from flame_kd import tracking
 
-    tracking.configure(tracking_uri)
+    tracking.configure(tracking_uri, create=False)  # a reader: creates no store where none is
     click.echo(tracking.ui_url(experiment, host))
 
 
