@@ -287,6 +287,9 @@ def _launch_sweep(cfg: SweepConfig) -> None:
     from flame_kd.runs.sweep import resolve_storage
     from flame_kd.workers import launch
 
+    from flame_kd.workers import check_count
+
+    check_count(cfg.workers)  # before the store, the study or the teacher: one line, nothing started
     uri = tracking.configure(cfg.distill.tracking.tracking_uri)
     extra = {}
     if not cfg.storage:  # every worker on the same storage (the default file, or FLAME_KD_STORAGE)
@@ -327,10 +330,15 @@ def ablation(spec: str, **o) -> None:
         from flame_kd.runs.sweep import resolve_storage
         from flame_kd.workers import launch
 
+        from flame_kd.runs.grid import grid_done
+        from flame_kd.workers import check_count
+
+        check_count(grid.workers)  # before the store is opened: one line, nothing started
         uri = tracking.configure(grid.distill.tracking.tracking_uri)  # a server that is down: one line here
-        extra = {} if grid.storage else {"FLAME_KD_GRID_STORAGE": resolve_storage(None, uri)}
+        url = resolve_storage(grid.storage, uri)
+        extra = {} if grid.storage else {"FLAME_KD_GRID_STORAGE": url}
         args = sys.argv[1:] + ([] if grid.storage else ["--storage", "env:FLAME_KD_GRID_STORAGE"])
-        sys.exit(launch(grid.workers, args, extra))
+        sys.exit(launch(grid.workers, args, extra, completed=lambda: grid_done(grid, url)))
     parent = run_ablation(grid)
     click.echo(f"ablation run {parent}")
 
