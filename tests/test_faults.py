@@ -106,3 +106,118 @@ def test_workers_die_with_their_launcher(tmp_path):
 
 def _enospc(*args, **kwargs):
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def _frames(synth_csv: Path):
+    from flame_kd.data.schema import load_frames
+
+    return load_frames(str(synth_csv)).head(12)
+
+
+def test_a_full_disk_under_the_frame_cache_is_one_line_and_leaves_no_temporary_folder(
+        synth_csv, tmp_path, monkeypatch):
+    from flame_kd.data import dataset
+
+    monkeypatch.setattr(dataset.os, "posix_fallocate", _enospc)
+    folder = tmp_path / "frames"
+    with pytest.raises(ConfigError) as err:
+        dataset.FrameCache(_frames(synth_csv), 32, mode="disk", cache_dir=folder, data_digest="d")
+    assert err.value.message.startswith(f"--cache-dir {folder}: cannot hold the frame cache (No space left on device")
+    assert list(folder.iterdir()) == []  # the .tmp folder is gone
+
+
+def test_the_frame_cache_reserves_its_blocks_up_front(tmp_path):
+    from flame_kd.data.dataset import preallocated
+
+    arr = preallocated(tmp_path / "x.u8", (4, 8, 8, 3))
+    assert arr.shape == (4, 8, 8, 3) and os.stat(tmp_path / "x.u8").st_blocks * 512 >= arr.size  # not sparse
+
+
+def _torch_save_then_enospc(obj, f, *args, **kwargs):
+    f.write(b"PK\x03\x04 half a checkpoint")
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+@pytest.mark.parametrize("what", ["checkpoint", "teacher outputs"])
+def test_a_full_disk_under_a_checkpoint_or_teacher_outputs_is_one_line_naming_the_folder(tmp_path, monkeypatch, what):
+    from flame_kd import engine
+    from flame_kd.errors import RunFailed
+
+    monkeypatch.setattr(engine.torch, "save", _torch_save_then_enospc)
+    with pytest.raises(RunFailed) as err:
+        if what == "checkpoint":
+            engine.atomic_save({"model": {}}, tmp_path / "last.pt")
+        else:
+            engine.save_torch({"model": {}}, tmp_path / "outputs.pt", what="teacher outputs")
+    name = "last.pt.tmp" if what == "checkpoint" else "outputs.pt"
+    assert err.value.message == (f"{what} folder {tmp_path}: cannot write {name} (No space left on device); "
+                                 "free space there, or point the folder elsewhere")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_trainer_on_a_full_checkpoint_folder_fails_in_one_line(tmp_path, monkeypatch):
+    """The path the issue saw (`--checkpoint-dir` on a full disk): Trainer.save, not torch's "unexpected pos"."""
+    from flame_kd import engine
+    from flame_kd.config import TrainConfig
+    from flame_kd.errors import RunFailed
+    from flame_kd.models import build_student
+    from flame_kd.tasks import SupervisedTask, student_forward
+
+    trainer = engine.Trainer(build_student("timm:test_efficientnet", image_size=32), SupervisedTask(student_forward),
+                             TrainConfig(device="cpu", progress=False), tmp_path / "ckpt")
+    monkeypatch.setattr(engine.torch, "save", _torch_save_then_enospc)
+    with pytest.raises(RunFailed, match=f"checkpoint folder {tmp_path / 'ckpt'}: cannot write last.pt.tmp"):
+        trainer.save("last")
+    assert not any((tmp_path / "ckpt").iterdir())
+
+
+def test_a_full_disk_under_the_thumbnail_cache_costs_only_time(synth_csv, tmp_path, monkeypatch, caplog):
+    import logging
+
+    from flame_kd.data import thumbs
+
+    def savez_then_enospc(path, **arrays):
+        Path(path).write_bytes(b"half")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(thumbs.np, "savez", savez_then_enospc)
+    caplog.set_level(logging.WARNING, logger="flame_kd")
+    paths = list(_frames(synth_csv)["rgb_path"])
+    x = thumbs.thumbnails(paths, cache_dir=tmp_path / "t", key="k")
+    assert x.shape[0] == len(paths)
+    assert f"thumbnail cache folder {tmp_path / 't'}: cannot write" in caplog.text and "No space left" in caplog.text
+    assert list((tmp_path / "t").iterdir()) == []
+
+
+@pytest.fixture
+def tiny_tmpfs(tmp_path):
+    """A real 64 KiB tmpfs: needs root and a kernel that lets this process mount."""
+    mount = tmp_path / "full"
+    mount.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("a real full disk needs a tmpfs mount, which needs root (the ENOSPC tests above still run)")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"mount refused here ({done.stderr.decode().strip()[:100]}); the ENOSPC tests above still run")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_a_real_full_tmpfs_under_the_frame_cache(synth_csv, tiny_tmpfs):
+    from flame_kd.data.dataset import FrameCache
+
+    with pytest.raises(ConfigError, match=f"--cache-dir {tiny_tmpfs}: cannot hold the frame cache "
+                                          r"\(No space left on device"):
+        FrameCache(_frames(synth_csv), 64, mode="disk", cache_dir=tiny_tmpfs, data_digest="d")  # 12x64x64x3 x2
+    assert list(tiny_tmpfs.iterdir()) == []
+
+
+def test_a_real_full_tmpfs_under_a_checkpoint(tiny_tmpfs):
+    from flame_kd.engine import atomic_save
+    from flame_kd.errors import RunFailed
+
+    import torch
+
+    with pytest.raises(RunFailed, match=f"checkpoint folder {tiny_tmpfs}: cannot write best.pt.tmp"):
+        atomic_save({"model": {"w": torch.zeros(200_000)}}, tiny_tmpfs / "best.pt")
+    assert list(tiny_tmpfs.iterdir()) == []
