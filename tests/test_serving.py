@@ -75,10 +75,10 @@ def version(name: str, score: float, data: str = "d1", split: str = "s1", metric
     with mlflow.start_run() as run:
         mlflow.set_tags({"flame_kd.data_digest": data, "flame_kd.split_digest": split})
         mlflow.log_metric(metric, score)
-        if real:
-            tracking.log_model(_MeanModel(), np.zeros((2, *SHAPE), np.uint8))
-        else:
-            mlflow.log_text("flavors:\n  python_function:\n    loader_module: flame_kd.serving\n", "model/MLmodel")
+        if real:  # registered as flame-kd registers a logged model
+            return tracking.log_model(_MeanModel(), np.zeros((2, *SHAPE), np.uint8), registered_name=name), \
+                run.info.run_id
+        mlflow.log_text("flavors:\n  python_function:\n    loader_module: flame_kd.serving\n", "model/MLmodel")
     client = MlflowClient()
     if not client.search_registered_models(f"name = '{name}'"):
         client.create_registered_model(name)

@@ -260,7 +260,7 @@ def test_the_served_model_bounds_requests_and_leads_with_the_reason(logged, tmp_
             (json.dumps({"inputs": np.zeros((5, *SHAPE), int).tolist()}).encode(), 400,
              "bad request: 5 frames, over the limit of 4 per request"),
             (b"{" + b" " * (limit + 10) + b"}", 413, f"bad request: a body over the limit of {limit} bytes"),
-            (b'{"inputs": [[[[1, 2', 400, "Ensure that input is a valid JSON"),
+            (b'{"inputs": [[[[1, 2', 400, "Invalid input. Ensure that input is a valid JSON"),
         ]
         for body, code, starts in cases:
             status, answer, _ = _post(f"{url}/invocations", body)
@@ -291,3 +291,21 @@ def test_serve_dry_run_leaves_no_copy_behind(logged, tmp_path, monkeypatch):
     code, said = _serve_dry_run(f"models:/s/{version}")
     assert code == 0 and not any((tmp_path / "t").glob("flame-kd-serve-*")), said
     shutil.rmtree(tmp_path / "t")
+
+
+# --- ui-url: prints no password, creates no store ------------------------------------------------
+
+
+def test_ui_url_redacts_the_host_password_and_creates_no_store(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    mlflow.set_tracking_uri(None)  # MLflow's default: sqlite:///mlflow.db here
+    done = CliRunner().invoke(main, ["ui-url", "--host", "http://user:s3cretpw@host:5000"])
+    assert done.exit_code == 2 and "no MLflow store at sqlite:///mlflow.db" in done.output, done.output
+    assert list(tmp_path.iterdir()) == []  # no mlflow.db, no lock file
+    use_store(tmp_path, monkeypatch)
+    tracking.configure()
+    tracking.ensure_experiment("flame-kd")
+    done = CliRunner().invoke(main, ["ui-url", "--host", "http://user:s3cretpw@host:5000"])
+    assert done.exit_code == 0 and "s3cretpw" not in done.output, done.output
+    assert done.output.startswith("http://***@host:5000/#/experiments/")
