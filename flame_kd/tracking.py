@@ -770,7 +770,8 @@ def download(run_id: str, artifact_path: str, dst: str | Path) -> Path:
                        f"recorded {recorded[:12]}...)")
         if problem:
             local.unlink(missing_ok=True)
-            raise ConfigError(f"refused to use {artifact_path} of run {run_id}: {problem}")
+            what = "teacher outputs " if artifact_path.startswith("teacher_outputs/") else ""
+            raise ConfigError(f"refused to use {what}{artifact_path} of run {run_id}: {problem}")
     return local
 
 

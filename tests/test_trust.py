@@ -148,7 +148,7 @@ def test_a_downloaded_file_must_be_what_flame_kd_logged(tmp_path, monkeypatch):
     rid = run.info.run_id
     assert tracking.download(rid, "checkpoints/best.pt", tmp_path / "a").read_bytes() == best.read_bytes()
     assert tracking.download(rid, "predictions/test.csv", tmp_path / "b").exists()
-    with pytest.raises(ConfigError, match=f"refused to use teacher_outputs/best.pt of run {rid}: no digest"):
+    with pytest.raises(ConfigError, match=f"refused to use teacher outputs teacher_outputs/best.pt of run {rid}: no digest"):
         tracking.download(rid, "teacher_outputs/best.pt", tmp_path / "c")
     stored = Path(run.info.artifact_uri.removeprefix("file://")) / "checkpoints" / "best.pt"
     torch.save({"model": {"w": torch.ones(1)}}, stored)  # swapped weights in the artifact store
@@ -301,7 +301,7 @@ def test_ui_url_redacts_the_host_password_and_creates_no_store(tmp_path, monkeyp
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     mlflow.set_tracking_uri(None)  # MLflow's default: sqlite:///mlflow.db here
     done = CliRunner().invoke(main, ["ui-url", "--host", "http://user:s3cretpw@host:5000"])
-    assert done.exit_code == 2 and "no MLflow store at sqlite:///mlflow.db" in done.output, done.output
+    assert done.exit_code == 2 and "no MLflow store at sqlite:///" in done.output and "mlflow.db" in done.output
     assert list(tmp_path.iterdir()) == []  # no mlflow.db, no lock file
     use_store(tmp_path, monkeypatch)
     tracking.configure()
