@@ -440,9 +440,12 @@ STRICT_ARTIFACTS = ("checkpoints/", "teacher_outputs/")  # weights and targets: 
 
 
 def digest_tag(artifact_path: str) -> str:
-    """The run tag holding ``artifact_path``'s sha256 (a long path by its own hash: keys stop at 250)."""
+    """The run tag holding ``artifact_path``'s sha256; a path MLflow takes for no key (over 250
+    characters, or a character such as ``+``) by its own hash."""
     key = DIGEST_TAG + artifact_path
-    return key if len(key) <= 250 else DIGEST_TAG + integrity.hashlib.sha256(artifact_path.encode()).hexdigest()
+    if len(key) <= 250 and re.fullmatch(r"[\w\-. :/]+", key):
+        return key
+    return DIGEST_TAG + integrity.hashlib.sha256(artifact_path.encode()).hexdigest()
 
 
 @_artifact_write

@@ -157,6 +157,15 @@ def test_a_downloaded_file_must_be_what_flame_kd_logged(tmp_path, monkeypatch):
     assert not (tmp_path / "d" / "checkpoints" / "best.pt").exists()  # the changed file is not left behind
 
 
+def test_every_artifact_path_has_a_digest_tag_mlflow_accepts():
+    from mlflow.utils.validation import _validate_tag_name
+
+    for path in ("checkpoints/best.pt", "teacher_outputs/outputs-32px-4970-bb4b-flipx8-s42-logits+features.pt",
+                 "teacher_outputs/" + "x" * 300 + ".pt"):
+        _validate_tag_name(tracking.digest_tag(path))  # raises on a key MLflow refuses
+    assert tracking.digest_tag("checkpoints/best.pt") == "flame_kd.sha256.checkpoints/best.pt"
+
+
 def test_config_and_tables_carry_their_digests(tmp_path, monkeypatch):
     import pandas as pd
 
