@@ -70,6 +70,7 @@ def logged(tmp_path, monkeypatch):
     return version, run_id, _model_dir("s", version)
 
 
+@pytest.mark.slow  # makes MLflow runs
 def test_a_model_flame_kd_logged_is_served_from_a_verified_copy(logged, tmp_path):
     version, run_id, folder = logged
     record = integrity.decode(MlflowClient().get_run(run_id).data.tags[tracking.MODEL_FILES_TAG])
@@ -81,6 +82,7 @@ def test_a_model_flame_kd_logged_is_served_from_a_verified_copy(logged, tmp_path
     assert code == 0, said
 
 
+@pytest.mark.slow  # makes MLflow runs
 def test_an_edited_mlmodel_with_its_own_code_is_refused_and_never_runs(logged, tmp_path):
     """The case of issue 33: MLmodel edited to `code: code`, `loader_module: evilmod`, code/evilmod.py added."""
     version, _, folder = logged
@@ -102,6 +104,7 @@ def test_an_edited_mlmodel_with_its_own_code_is_refused_and_never_runs(logged, t
     assert not marker.exists()
 
 
+@pytest.mark.slow  # makes MLflow runs
 def test_a_changed_model_file_is_refused_naming_it(logged):
     version, _, folder = logged
     with open(folder / "data" / "model.pt2", "ab") as f:
@@ -110,6 +113,7 @@ def test_a_changed_model_file_is_refused_naming_it(logged):
     assert code == 2 and "files changed since logging: data/model.pt2" in said, said
 
 
+@pytest.mark.slow  # makes MLflow runs
 def test_a_model_without_a_record_is_refused(logged):
     version, run_id, _ = logged
     client = MlflowClient()
@@ -124,6 +128,7 @@ def test_a_model_without_a_record_is_refused(logged):
     assert code == 2 and "no record of its files" in said, said
 
 
+@pytest.mark.slow  # makes MLflow runs
 def test_the_server_refuses_a_local_copy_changed_after_verification(logged, tmp_path, monkeypatch):
     version, _, _ = logged
     local = tracking.fetch_verified_model(f"models:/s/{version}", tmp_path / "copy")
@@ -137,6 +142,7 @@ def test_the_server_refuses_a_local_copy_changed_after_verification(logged, tmp_
 # --- every other artifact read back: weights, teacher outputs, configs, predictions ---------------
 
 
+@pytest.mark.slow  # makes MLflow runs
 def test_a_downloaded_file_must_be_what_flame_kd_logged(tmp_path, monkeypatch):
     use_store(tmp_path, monkeypatch)
     best = tmp_path / "best.pt"
@@ -166,6 +172,7 @@ def test_every_artifact_path_has_a_digest_tag_mlflow_accepts():
     assert tracking.digest_tag("checkpoints/best.pt") == "flame_kd.sha256.checkpoints/best.pt"
 
 
+@pytest.mark.slow  # makes MLflow runs
 def test_config_and_tables_carry_their_digests(tmp_path, monkeypatch):
     import pandas as pd
 
@@ -290,6 +297,7 @@ def test_the_served_model_bounds_requests_and_leads_with_the_reason(logged, tmp_
             server.wait()
 
 
+@pytest.mark.slow  # makes MLflow runs
 def test_serve_dry_run_leaves_no_copy_behind(logged, tmp_path, monkeypatch):
     monkeypatch.setenv("TMPDIR", str(tmp_path / "t"))
     (tmp_path / "t").mkdir()
@@ -305,6 +313,7 @@ def test_serve_dry_run_leaves_no_copy_behind(logged, tmp_path, monkeypatch):
 # --- ui-url: prints no password, creates no store ------------------------------------------------
 
 
+@pytest.mark.slow  # makes MLflow runs
 def test_ui_url_redacts_the_host_password_and_creates_no_store(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
