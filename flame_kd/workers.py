@@ -24,7 +24,7 @@ from flame_kd.errors import ConfigError
 log = logging.getLogger("flame_kd")
 
 WORKER_ENV = "FLAME_KD_WORKER"  # the worker's number (1..N): its log lines say which worker wrote them
-WORKERS_PER_GPU = 4  # more than this on one GPU only queues them behind each other
+WORKERS_PER_DEVICE = 4  # per CPU core or GPU: more only queue behind each other (and --workers 1000 is a typo)
 TASKS_PER_WORKER = 16  # processes and threads one worker may use (torch threads, loader workers): RLIMIT_NPROC
 PR_SET_PDEATHSIG = 1
 STOP_GRACE = 30.0  # seconds a worker has to end its run after SIGTERM before it is killed
@@ -47,12 +47,12 @@ def _user_tasks() -> int:
 
 
 def worker_cap(gpus: list[str] | None = None) -> tuple[int, str]:
-    """The most workers this machine takes, and why: one per CPU core (or WORKERS_PER_GPU per GPU),
-    and no more than the processes RLIMIT_NPROC leaves (TASKS_PER_WORKER each)."""
+    """The most workers this machine takes, and why: WORKERS_PER_DEVICE per CPU core or per GPU
+    (whichever are more), and no more than the processes RLIMIT_NPROC leaves (TASKS_PER_WORKER each)."""
     gpus = visible_gpus() if gpus is None else gpus
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    cap, why = max(cores, WORKERS_PER_GPU * len(gpus)), (f"{cores} CPU core(s)" + (
-        f", {len(gpus)} GPU(s) x {WORKERS_PER_GPU}" if gpus else ""))
+    cap = WORKERS_PER_DEVICE * max(cores, len(gpus))
+    why = f"{WORKERS_PER_DEVICE} per {'GPU' if len(gpus) > cores else 'CPU core'}: {max(cores, len(gpus))} here"
     soft = resource.getrlimit(resource.RLIMIT_NPROC)[0]
     if soft != resource.RLIM_INFINITY:
         free = max(0, soft - _user_tasks())

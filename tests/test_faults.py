@@ -36,11 +36,12 @@ def test_workers_over_the_machine_cap_are_refused_before_anything_starts(monkeyp
                                       f"limit of 40 (ulimit -u) with 30 left, {workers.TASKS_PER_WORKER} per worker)")
     assert not (tmp_path / "started").exists()
     cap, why = workers.worker_cap(gpus=["0", "1"])
-    assert cap == 1  # the process limit wins over 2 GPUs x 4
+    assert cap == 1  # the process limit wins over the devices
     monkeypatch.setattr(workers.resource, "getrlimit", lambda what: (workers.resource.RLIM_INFINITY,) * 2)
-    cores = len(os.sched_getaffinity(0))
-    assert workers.worker_cap(gpus=[]) == (cores, f"{cores} CPU core(s)")
-    assert workers.worker_cap(gpus=["0"])[0] == max(cores, workers.WORKERS_PER_GPU)
+    cores, per = len(os.sched_getaffinity(0)), workers.WORKERS_PER_DEVICE
+    assert workers.worker_cap(gpus=[]) == (per * cores, f"{per} per CPU core: {cores} here")
+    many = [str(i) for i in range(cores + 3)]
+    assert workers.worker_cap(gpus=many) == (per * len(many), f"{per} per GPU: {len(many)} here")
 
 
 def test_ablation_with_too_many_workers_is_one_line_and_creates_nothing(tmp_path, monkeypatch):
