@@ -303,6 +303,9 @@ def _launch_sweep(cfg: SweepConfig) -> None:
     from flame_kd.runs.sweep import make_storage, named_study_check, resolve_storage
     from flame_kd.workers import launch
 
+    from flame_kd.workers import check_count
+
+    check_count(cfg.workers)  # before the store, the study or the teacher: one line, nothing started
     uri = tracking.configure(cfg.distill.tracking.tracking_uri)
     extra = {}
     if not cfg.storage:  # every worker on the same storage (the default file, or FLAME_KD_STORAGE)
@@ -346,10 +349,15 @@ def ablation(spec: str, **o) -> None:
         from flame_kd.runs.sweep import resolve_storage
         from flame_kd.workers import launch
 
+        from flame_kd.runs.grid import grid_done
+        from flame_kd.workers import check_count
+
+        check_count(grid.workers)  # before the store is opened: one line, nothing started
         uri = tracking.configure(grid.distill.tracking.tracking_uri)  # a server that is down: one line here
-        extra = {} if grid.storage else {"FLAME_KD_GRID_STORAGE": resolve_storage(None, uri)}
+        url = resolve_storage(grid.storage, uri)
+        extra = {} if grid.storage else {"FLAME_KD_GRID_STORAGE": url}
         args = sys.argv[1:] + ([] if grid.storage else ["--storage", "env:FLAME_KD_GRID_STORAGE"])
-        sys.exit(launch(grid.workers, args, extra))
+        sys.exit(launch(grid.workers, args, extra, completed=lambda: grid_done(grid, url)))
     with spelled_as("spec"):  # a hint in a cell names the spec's key (batch_size: 32), not a flag
         parent = run_ablation(grid)
     click.echo(f"ablation run {parent}")
@@ -364,15 +372,18 @@ def ablation(spec: str, **o) -> None:
 @click.option("--port", type=click.IntRange(1, 65535), default=5001, show_default=True)
 @click.option("--tracking-uri", type=str, default=None, callback=_none_if_empty,
               help="Default: MLFLOW_TRACKING_URI, else MLflow's sqlite:///mlflow.db.")
-@click.option("--dry-run", is_flag=True, help="Print the model and the command, start nothing.")
-def serve(model_uri: str | None, name: str, host: str, port: int, tracking_uri: str | None, dry_run: bool) -> None:
-    """Serve the registered student over REST (`mlflow models serve` on this environment, the venv's
-    bin on PATH): POST uint8 frames as JSON to http://HOST:PORT/invocations."""
+@click.option("--max-frames", type=click.IntRange(1, 100000), default=64, show_default=True,
+              help="Frames per request; a larger body is refused (413) before it is parsed.")
+@click.option("--dry-run", is_flag=True, help="Verify the model, print the command, start nothing.")
+def serve(model_uri: str | None, name: str, host: str, port: int, tracking_uri: str | None, max_frames: int,
+          dry_run: bool) -> None:
+    """Serve the registered student over REST (MLflow's scoring server, behind flame-kd's request guard,
+    on a copy verified against what flame-kd logged): POST uint8 frames as JSON to http://HOST:PORT/invocations."""
     import os
 
     from flame_kd import serving
 
-    argv, env = serving.plan(model_uri, name, host, port, tracking_uri)
+    argv, env = serving.plan(model_uri, name, host, port, tracking_uri, max_frames, keep=not dry_run)
     if not dry_run:
         os.execve(argv[0], argv, env)  # the server replaces this process: Ctrl-C stops it directly
 
@@ -385,7 +396,7 @@ def ui_url(experiment: str, host: str, tracking_uri: str | None) -> None:
     """The URL that opens an experiment's runs in the MLflow UI (not its GenAI overview)."""
     from flame_kd import tracking
 
-    tracking.configure(tracking_uri)
+    tracking.configure(tracking_uri, create=False)  # a reader: creates no store where none is
     click.echo(tracking.ui_url(experiment, host))
 
 

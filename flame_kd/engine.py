@@ -299,11 +299,31 @@ def load_weights(module: nn.Module, state: Any, label: str) -> None:
                           "was it saved for another architecture or image size?") from None
 
 
+def save_torch(obj: Any, path: str | Path, what: str = "checkpoint") -> None:
+    """torch.save through a Python file, so a full disk is an OSError (torch's own writer only says
+    "unexpected pos 64 vs 0"): then the partial file is removed and one line names the folder."""
+    from flame_kd.errors import RunFailed
+
+    path = Path(path)
+    try:
+        with open(path, "wb") as f:
+            torch.save(obj, f)
+    except (OSError, RuntimeError) as err:
+        cause: BaseException | None = err  # torch may re-raise the file's OSError as its own RuntimeError
+        while cause is not None and not isinstance(cause, OSError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None:
+            raise
+        path.unlink(missing_ok=True)
+        raise RunFailed(f"{what} folder {path.parent}: cannot write {path.name} ({cause.strerror or cause}); "
+                        "free space there, or point the folder elsewhere") from None
+
+
 def atomic_save(obj: Any, path: Path) -> None:
     """torch.save (with a checksum of its contents, when a dict) to a temp name, then rename: a crash
-    never leaves half a checkpoint, and a corrupted one is refused at load."""
+    never leaves half a checkpoint, and a corrupted one is refused at load; a full disk is one line."""
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(seal(obj) if isinstance(obj, dict) else obj, tmp)
+    save_torch(seal(obj) if isinstance(obj, dict) else obj, tmp)
     os.replace(tmp, path)
 
 

@@ -27,7 +27,7 @@ ENTRY_POINTS: dict[str, tuple[str, ...]] = {
 CLI_ONLY: dict[tuple[str, ...], str] = {
     ("data", "prepare"): "reads two local image folders; run it once where the download lies",
     ("ui-url",): "prints a URL for the browser; nothing to run or track",
-    ("serve",): "a long-running REST server (mlflow models serve), not a run to track",
+    ("serve",): "a long-running REST server (MLflow's scoring server), not a run to track",
 }
 
 HEADER = """\

@@ -29,7 +29,7 @@ from torch import nn
 from flame_kd import identity, tracking
 from flame_kd.data import augment as aug
 from flame_kd.data.dataset import PairedFrames, host_available_bytes, make_loader
-from flame_kd.engine import amp_dtype, device_batches, load_checkpoint, seal
+from flame_kd.engine import amp_dtype, device_batches, load_checkpoint, save_torch, seal
 from flame_kd.errors import ConfigError
 from flame_kd.losses import OUTPUTS, model_outputs
 from flame_kd.memory import gib
@@ -324,6 +324,6 @@ def load_or_compute(teacher_run_id: str, teacher: nn.Module, data, device: torch
                 return stored
         outputs = compute(teacher, data, device, teacher_run_id, augment, views, view_seed, names)
         path = Path(tmp) / name
-        torch.save(seal(outputs), path)
+        save_torch(seal(outputs), path, what="teacher outputs")  # a full disk: one line naming the folder
         tracking.log_file(path, ARTIFACT_DIR, run_id=teacher_run_id)
         return outputs

@@ -27,9 +27,9 @@ import mlflow
 import yaml
 from mlflow.tracking import MlflowClient
 
-from flame_kd import pages
+from flame_kd import integrity, pages
 from flame_kd.engine import Callback, FitState
-from flame_kd.errors import FlameKDError, Preempted, ServerLost
+from flame_kd.errors import ConfigError, FlameKDError, Preempted, ServerLost
 from flame_kd.options import spell
 from flame_kd.redaction import redact, redact_all, redact_logging, remember_secrets  # noqa: F401 (tracking.redact is the API)
 
@@ -39,7 +39,7 @@ TAG = "flame_kd."
 log = logging.getLogger("flame_kd")
 
 
-def configure(tracking_uri: str | None = None) -> str:
+def configure(tracking_uri: str | None = None, create: bool = True) -> str:
     """Point MLflow at ``tracking_uri`` (else MLFLOW_TRACKING_URI, else MLflow's default store).
 
     An HTTP server is probed once so an unreachable one is one clear error, not minutes of retries;
@@ -57,6 +57,9 @@ def configure(tracking_uri: str | None = None) -> str:
     redact_logging()
     if uri.startswith(("http://", "https://")):
         _probe(uri)
+    elif uri.startswith("sqlite:///") and not create:
+        if not Path(uri[len("sqlite:///"):]).is_file():  # a reader (ui-url) creates no store
+            raise FlameKDError(f"no MLflow store at {redact(uri)} (nothing has run here yet): pass --tracking-uri")
     elif uri.startswith("sqlite:///"):
         _create_sqlite_store(uri)
     else:
@@ -184,12 +187,12 @@ def ui_url(experiment: str | None = None, host: str = "http://127.0.0.1:5000") -
 
     MLflow 3.17 opens a fresh browser in its GenAI mode (an Overview of traces); the
     ``workflowType=machine_learning`` query inside the hash route opens the run list instead
-    (seen in headless Chromium on `mlflow ui`).
+    (seen in headless Chromium on `mlflow ui`). A password in ``host`` is never printed (redacted).
     """
     exp = MlflowClient().get_experiment_by_name(experiment or DEFAULT_EXPERIMENT)
     if exp is None:
         raise FlameKDError(f"no MLflow experiment named {experiment or DEFAULT_EXPERIMENT!r} in {redact(mlflow.get_tracking_uri())}")
-    return pages.url(host, pages.runs_route(exp.experiment_id))
+    return pages.url(redact(host), pages.runs_route(exp.experiment_id))
 
 
 def tag_experiment(experiment_id: str) -> None:
@@ -399,7 +402,11 @@ def log_params(params: dict[str, Any]) -> None:
 
 @_artifact_write
 def log_config(cfg: dict) -> None:
-    mlflow.log_dict(cfg, "config.yaml")
+    """``config.yaml`` (what mlflow.log_dict writes), its digest recorded like every logged file's."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "config.yaml"
+        path.write_text(yaml.dump(cfg, indent=2, default_flow_style=False), encoding="utf-8")
+        log_file(path)
 
 
 @_artifact_write
@@ -407,7 +414,7 @@ def log_dataframe(df, artifact_file: str) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / Path(artifact_file).name
         df.to_csv(path, index=False)
-        mlflow.log_artifact(str(path), str(Path(artifact_file).parent) if "/" in artifact_file else None)
+        log_file(path, str(Path(artifact_file).parent) if "/" in artifact_file else None)
 
 
 @_artifact_write
@@ -447,12 +454,33 @@ def log_figure_to(run_id: str, fig, artifact_file: str) -> None:
     MlflowClient().log_figure(run_id, fig, artifact_file)
 
 
+# --- what flame-kd logged, recognised when read back (flame_kd/integrity.py) ---
+
+DIGEST_TAG = TAG + "sha256."  # + artifact path: the file's sha256 when flame-kd logged it
+MODEL_FILES_TAG = TAG + "model_files"  # a logged model's files and their sha256 (JSON), on the model and its run
+STRICT_ARTIFACTS = ("checkpoints/", "teacher_outputs/")  # weights and targets: used only with a record
+
+
+def digest_tag(artifact_path: str) -> str:
+    """The run tag holding ``artifact_path``'s sha256; a path MLflow takes for no key (over 250
+    characters, or a character such as ``+``) by its own hash."""
+    key = DIGEST_TAG + artifact_path
+    if len(key) <= 250 and re.fullmatch(r"[\w\-. :/]+", key):
+        return key
+    return DIGEST_TAG + integrity.hashlib.sha256(artifact_path.encode()).hexdigest()
+
+
 @_artifact_write
 def log_file(path: str | Path, artifact_dir: str | None = None, run_id: str | None = None) -> None:
+    """Log a file and record its sha256 in the run's tags (the tracking store, which whoever can write
+    the artifact store cannot change), so ``download`` uses it only as it was logged."""
+    digest = integrity.sha256_file(path)
+    artifact = f"{artifact_dir.strip('/')}/{Path(path).name}" if artifact_dir else Path(path).name
     if run_id:
         MlflowClient().log_artifact(run_id, str(path), artifact_dir)
     else:
         mlflow.log_artifact(str(path), artifact_dir)
+    set_tags({digest_tag(artifact): digest}, run_id=run_id)
 
 
 def log_metrics(metrics: dict[str, float], step: int | None = None, run_id: str | None = None) -> None:
@@ -553,12 +581,76 @@ def log_model(model, example, registered_name: str | None = None, description: s
             input_example=example,
             metadata={"input_schema": serving.schema_text(example.shape[1:])},
         )
+        record = _record_model_files(info, integrity.sha256_file(data), Path(tmp) / "logged")
     version = getattr(info, "registered_model_version", None)
     if registered_name and version is not None:
+        MlflowClient().set_model_version_tag(registered_name, str(version), MODEL_FILES_TAG, record)
         if description:
             MlflowClient().update_model_version(registered_name, str(version), description=description)
         log.info("registered the model as %s version %s", registered_name, version)
     return None if version is None else str(version)
+
+
+def _record_model_files(info, pt2_digest: str, dst: Path) -> str:
+    """The files of a model just logged, recorded on it and its run (``MODEL_FILES_TAG``): read back
+    once, their graph checked against the one exported here, so the record is of flame-kd's model."""
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=info.model_uri, dst_path=str(dst)))
+    record = integrity.manifest(local)
+    problems = integrity.mlmodel_problems(local)
+    if record.get("data/model.pt2") != pt2_digest or problems:
+        raise FlameKDError(f"the model logged to {redact(info.model_uri)} is not the one exported "
+                           f"({'; '.join(problems) or 'its graph differs'})")
+    text = integrity.encode(record)
+    MlflowClient().set_logged_model_tags(info.model_id, {MODEL_FILES_TAG: text})
+    set_tags({MODEL_FILES_TAG: text}, run_id=info.run_id)
+    return text
+
+
+def _model_record(model_uri: str) -> dict[str, str] | None:
+    """The files recorded when flame-kd logged the model ``model_uri`` names, read from the tracking
+    store only (never from the model's own MLmodel, which the artifact store holds)."""
+    c = MlflowClient()
+    tags: dict[str, str] = {}
+    try:
+        if model_uri.startswith("runs:/"):
+            run_id, _, path = model_uri[len("runs:/"):].partition("/")
+            tags = c.get_run(run_id).data.tags if path.strip("/") == "model" else {}
+        elif model_uri.startswith("models:/"):
+            ref = model_uri[len("models:/"):].strip("/")
+            if ref.startswith("m-") and "/" not in ref and "@" not in ref:
+                tags = c.get_logged_model(ref).tags
+            else:
+                name, sep, alias = ref.partition("@")
+                mv = c.get_model_version_by_alias(name, alias) if sep else c.get_model_version(*ref.rsplit("/", 1))
+                source = str(mv.source or "")
+                model_id = mv.model_id or (source[len("models:/"):] if source.startswith("models:/m-") else None)
+                tags = c.get_logged_model(model_id).tags if model_id else c.get_run(mv.run_id).data.tags
+    except (mlflow.exceptions.MlflowException, TypeError, ValueError):
+        return None
+    return integrity.decode(tags.get(MODEL_FILES_TAG))
+
+
+def fetch_verified_model(model_uri: str, dst: str | Path) -> Path:
+    """``model_uri`` downloaded into ``dst`` and checked against the record kept when flame-kd logged it:
+    flame-kd's loader, no ``code`` path, the same files byte for byte; else one line naming what differs."""
+    record = _model_record(model_uri)
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst)))
+    except (mlflow.exceptions.MlflowException, OSError) as err:
+        raise ConfigError(f"cannot serve {model_uri}: {_first_sentence(err)}") from None
+    problems = integrity.model_problems(local, record)
+    if problems:
+        raise ConfigError(f"refused to serve {model_uri}: {'; '.join(problems)}")
+    return local
+
+
+def scoring_app(model_path: str):
+    """MLflow's scoring server app (FastAPI) for a local, verified model folder, and the flame-kd object
+    it serves (``serving.ServedFrames``)."""
+    from mlflow.pyfunc import scoring_server
+
+    model = mlflow.pyfunc.load_model(model_path)
+    return scoring_server.init(model), model.get_raw_model()
 
 
 def invalid_input(message: str) -> Exception:
@@ -701,7 +793,22 @@ def get_run(run_id: str):
 
 
 def download(run_id: str, artifact_path: str, dst: str | Path) -> Path:
-    return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path, dst_path=str(dst)))
+    """A run's artifact file, refused (``ConfigError``, one line) when it differs from what flame-kd
+    logged; weights and teacher outputs (``STRICT_ARTIFACTS``) also when no digest was recorded."""
+    local = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path, dst_path=str(dst)))
+    if local.is_file():
+        recorded = MlflowClient().get_run(run_id).data.tags.get(digest_tag(artifact_path))
+        problem = None
+        if recorded is None and artifact_path.startswith(STRICT_ARTIFACTS):
+            problem = "no digest of it was recorded when it was logged (not written by this flame-kd: make it again)"
+        elif recorded is not None and integrity.sha256_file(local) != recorded:
+            problem = (f"it changed after flame-kd logged it (sha256 {integrity.sha256_file(local)[:12]}..., "
+                       f"recorded {recorded[:12]}...)")
+        if problem:
+            local.unlink(missing_ok=True)
+            what = "teacher outputs " if artifact_path.startswith("teacher_outputs/") else ""
+            raise ConfigError(f"refused to use {what}{artifact_path} of run {run_id}: {problem}")
+    return local
 
 
 def list_artifacts(run_id: str, path: str | None = None) -> list[str]:

@@ -90,7 +90,9 @@ def grid(mlflow_server, synth_csv, tmp_path_factory):
 
 def test_a_killed_worker_changes_nothing_but_its_own_exit_status(grid):
     assert grid["killed"] is not None, grid["err"][-3000:]
-    assert grid["code"] == 128 + signal.SIGKILL, grid["err"][-3000:]  # the launcher reports the killed worker
+    # the grid completed without the killed worker (its cell was taken over): the launcher exits 0, saying so
+    assert grid["code"] == 0 and "the work is complete" in grid["err"], grid["err"][-3000:]
+    assert re.search(r"worker\(s\) done: exit status .*137", grid["err"]), grid["err"][-3000:]
     assert len(re.findall(r"worker \d: pid \d+ on CPU", grid["err"])) == 3
     assert "Traceback" not in grid["err"]
 

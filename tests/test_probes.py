@@ -38,11 +38,18 @@ class World:
     files: dict[str, Path]
 
 
-def _fake_run(client: MlflowClient, exp: str, stage: str, config_text: str, best: Path | None) -> str:
+def _fake_run(client: MlflowClient, exp: str, stage: str, config_text: str, best: Path | None,
+              record: bool = True) -> str:
+    """A run holding ``best`` as its best.pt, with the digest flame-kd records when it logs one
+    (``record=False``: a file put in the artifact store by someone else)."""
+    from flame_kd import integrity, tracking
+
     run = client.create_run(exp, tags={"flame_kd.stage": stage})
     client.log_text(run.info.run_id, config_text, "config.yaml")
     if best is not None:
         client.log_artifact(run.info.run_id, str(best), "checkpoints")
+        if record:
+            client.set_tag(run.info.run_id, tracking.digest_tag("checkpoints/best.pt"), integrity.sha256_file(best))
     client.set_terminated(run.info.run_id, "FINISHED")
     return run.info.run_id
 
@@ -109,8 +116,12 @@ def world(tmp_path_factory, synth_dir) -> World:
         "list_best": _fake_run(client, exp, "distill", student_config, files["list_best"]),
         "other_arch": _fake_run(client, exp, "distill", student_config, files["student"]),
         "no_best": _fake_run(client, exp, "distill", student_config, None),
+        "unrecorded_best": _fake_run(client, exp, "distill", student_config, files["student"], record=False),
+        "swapped_best": _fake_run(client, exp, "distill", student_config, files["student"]),
         "not_flame": _fake_run(client, exp, "something", student_config, None),
     }
+    swapped = client.get_run(runs["swapped_best"]).info.artifact_uri.removeprefix("file://")
+    shutil.copyfile(files["list_best"], Path(swapped) / "checkpoints" / "best.pt")  # weights swapped in the store
     gone = client.create_experiment("deleted-one", artifact_location=str(root / "artifacts-deleted"))
     client.delete_experiment(gone)
     _break_data(data)
@@ -281,6 +292,10 @@ CASES = [
     ("run-best-a-list", lambda w: ["embed", "--run-id", w.runs["list_best"]], 2, "it holds a list"),
     ("run-best-other-arch", lambda w: ["embed", "--run-id", w.runs["other_arch"]], 2, "do not fit"),
     ("run-without-best", lambda w: ["embed", "--run-id", w.runs["no_best"]], 1, "best.pt"),
+    ("run-best-unrecorded", lambda w: ["embed", "--run-id", w.runs["unrecorded_best"]], 2,
+     "refused to use checkpoints/best.pt of run"),
+    ("run-best-swapped", lambda w: ["embed", "--run-id", w.runs["swapped_best"]], 2,
+     "changed after flame-kd logged it"),
     ("run-absent", lambda w: ["embed", "--run-id", "0123456789abcdef0123456789abcdef"], 2, "not found"),
     # studies and reports
     ("spec-missing", lambda w: ["ablation", "--spec", str(w.root / "absent.yaml")], 2, "not found"),
@@ -289,6 +304,8 @@ CASES = [
     ("spec-a-list", lambda w: ["ablation", "--spec", str(w.files["spec_list"])], 2, "not a mapping"),
     ("compare-absent", lambda w: ["compare", "0123456789abcdef0123456789abcdef", "fedcba9876543210fedcba9876543210"],
      2, "not found"),
+    ("ui-url-no-store", lambda w: ["ui-url", "--tracking-uri", f"sqlite:///{w.root / 'none.db'}",
+                                   "--host", f"http://u:{SECRET}@h:5000"], 2, "no MLflow store at sqlite:///"),
     ("report-no-experiment", lambda w: ["report", "--experiment", "nope", "--out", str(w.root / "r")], 2, "nope"),
 ]
 
@@ -323,7 +340,7 @@ def test_a_hostile_input_is_one_named_line(case, world, monkeypatch, tmp_path, c
 
 
 def test_there_are_at_least_sixty_probes():
-    assert len(CASES) >= 60
+    assert len(CASES) >= 63
 
 
 @pytest.mark.parametrize("error, code, shown", [

@@ -72,7 +72,8 @@ def test_a_run_with_a_malicious_best_checkpoint_is_refused(tmp_path, monkeypatch
         mlflow.set_tag("flame_kd.stage", "teacher")
         mlflow.log_dict({"teacher": {"name": "timm:test_resnet", "fusion": "late"}, "data": {"image_size": 32}},
                         "config.yaml")
-        mlflow.log_artifact(str(evil_checkpoint(tmp_path / "best.pt", marker)), "checkpoints")
+        # through flame-kd's own logging (its digest recorded), so the load itself must refuse it
+        tracking.log_file(evil_checkpoint(tmp_path / "best.pt", marker), "checkpoints")
     with pytest.raises(ConfigError, match="refused to load .*best.pt"):
         load_run_model(run.info.run_id)
     assert not marker.exists()

@@ -63,14 +63,21 @@ def test_good_frames_are_answered(dtype):
 # --- the champion alias -----------------------------------------------------------------------------
 
 
-def version(name: str, score: float, data: str = "d1", split: str = "s1", metric: str = "val_best_f1_macro"):
+def version(name: str, score: float, data: str = "d1", split: str = "s1", metric: str = "val_best_f1_macro",
+            real: bool = False):
     """A finished run with the digests, a best val score and a model's MLmodel (no weights: nothing
-    here loads it), and a version of ``name`` from it."""
+    here loads it; ``real``: a tiny model logged as flame-kd logs one, which serve verifies), and a
+    version of ``name`` from it."""
     import mlflow
+
+    from flame_kd import tracking
 
     with mlflow.start_run() as run:
         mlflow.set_tags({"flame_kd.data_digest": data, "flame_kd.split_digest": split})
         mlflow.log_metric(metric, score)
+        if real:  # registered as flame-kd registers a logged model
+            return tracking.log_model(_MeanModel(), np.zeros((2, *SHAPE), np.uint8), registered_name=name), \
+                run.info.run_id
         mlflow.log_text("flavors:\n  python_function:\n    loader_module: flame_kd.serving\n", "model/MLmodel")
     client = MlflowClient()
     if not client.search_registered_models(f"name = '{name}'"):
@@ -141,21 +148,22 @@ def test_serve_picks_the_newest_of_champion_and_pareto_best_on_loopback(tmp_path
     done, said = dry_run()
     assert done.exit_code == 2 and "no version of 'flame-kd-student' has the alias champion or pareto-best" \
         in said and "Traceback" not in said
-    v1, r1 = version("flame-kd-student", 0.7)
+    v1, r1 = version("flame-kd-student", 0.7, real=True)
     crown("flame-kd-student", v1, r1, 0.7)
     done, said = dry_run("--port", "5123")
     assert done.exit_code == 0, said
     assert f"serving flame-kd-student version {v1} (alias champion, run {r1})" in said
-    assert "models serve -m models:/flame-kd-student@champion --env-manager local -h 127.0.0.1 -p 5123" in said
-    v2, _ = version("flame-kd-student", 0.5)  # registered later: the newest
+    assert "serving models:/flame-kd-student@champion, verified, from " in said
+    assert "--host 127.0.0.1 --port 5123 flame_kd.serving:app" in said
+    v2, _ = version("flame-kd-student", 0.5, real=True)  # registered later: the newest
     MlflowClient().set_registered_model_alias("flame-kd-student", "pareto-best", v2)
     done, said = dry_run()
-    assert "-m models:/flame-kd-student@pareto-best" in said and f"version {v2} (alias pareto-best" in said
+    assert "serving models:/flame-kd-student@pareto-best, verified" in said and f"version {v2} (alias pareto-best" in said
     # a URI that names no model: one line, exit 2, before any server starts
     for bad in ("models:/flame-kd-student/99", "models:/nope@champion", f"runs:/{r1}/no-model"):
         done, said = dry_run("--model-uri", bad)
         assert done.exit_code == 2 and f"cannot serve {bad}: " in said, said
-        assert "Traceback" not in said and "models serve" not in said
+        assert "Traceback" not in said and "flame_kd.serving:app" not in said
 
 
 def test_model_uris_with_an_alias_are_not_taken_for_credentials():
@@ -171,11 +179,12 @@ def test_serve_command_puts_the_venv_bin_first_on_path(monkeypatch):
     import sys
     from pathlib import Path
 
-    from flame_kd.serving import serve_command
+    from flame_kd.serving import MAX_FRAMES_ENV, MODEL_ENV, serve_command
 
     monkeypatch.setenv("PATH", "/usr/bin:/bin")
-    argv, env = serve_command("models:/x@champion", "127.0.0.1", 5005, "sqlite:///m.db")
+    argv, env = serve_command("/tmp/copy/model", "127.0.0.1", 5005, "sqlite:///m.db", max_frames=8)
     bindir = str(Path(sys.executable).parent)
-    assert env["PATH"].split(":")[0] == bindir  # MLflow starts uvicorn by name: exit 127 without it
-    assert argv[0] == f"{bindir}/mlflow" and env["MLFLOW_TRACKING_URI"] == "sqlite:///m.db"
-    assert argv[argv.index("-h") + 1] == "127.0.0.1"
+    assert env["PATH"].split(":")[0] == bindir
+    assert argv[0] == f"{bindir}/uvicorn" and env["MLFLOW_TRACKING_URI"] == "sqlite:///m.db"
+    assert argv[argv.index("--host") + 1] == "127.0.0.1" and argv[-1] == "flame_kd.serving:app"
+    assert env[MODEL_ENV] == "/tmp/copy/model" and env[MAX_FRAMES_ENV] == "8"

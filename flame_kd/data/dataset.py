@@ -197,8 +197,8 @@ class FrameCache:
         tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
         try:
-            rgb = np.memmap(tmp / "rgb.u8", np.uint8, "w+", shape=self._shape())
-            ir = np.memmap(tmp / "ir.u8", np.uint8, "w+", shape=self._shape())
+            rgb = preallocated(tmp / "rgb.u8", self._shape())
+            ir = preallocated(tmp / "ir.u8", self._shape())
             self._fill(rgb, ir)
             rgb.flush(), ir.flush()
             del rgb, ir
@@ -229,6 +229,16 @@ class FrameCache:
         if self.mode == "disk":
             state["rgb"] = state["ir"] = None
         return state
+
+
+def preallocated(path: Path, shape: tuple[int, ...]) -> np.memmap:
+    """A writable memmap whose blocks are reserved first (``posix_fallocate``): a full disk is ENOSPC
+    here, not a SIGBUS (exit 135) while filling a sparse file."""
+    size = int(np.prod(shape))
+    with open(path, "wb") as f:
+        if size:  # (glibc writes zeros itself where the file system has no fallocate)
+            os.posix_fallocate(f.fileno(), 0, size)
+    return np.memmap(path, np.uint8, "r+", shape=shape)
 
 
 def copy_in_chunks(host: np.ndarray, device: torch.device, chunk: int = 2048) -> torch.Tensor:

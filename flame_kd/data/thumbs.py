@@ -65,11 +65,16 @@ def thumbnails(paths, size: int = THUMB, workers: int = 8, cache_dir: str | Path
     norm = np.linalg.norm(x, axis=1, keepdims=True)
     x /= np.where(norm > 0, norm, 1.0)  # a flat frame stays the zero vector: similar to nothing
     if cached is not None:
-        with contextlib.suppress(OSError):  # a cache that cannot be written only costs time
+        tmp = cached.with_name(f".{cached.name}.{os.getpid()}.tmp.npz")
+        try:
             cached.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cached.with_name(f".{cached.name}.{os.getpid()}.tmp.npz")
             np.savez(tmp, thumbs=x, checksum=np.array(_checksum(x)))
             tmp.replace(cached)
+        except OSError as err:  # a cache that cannot be written (a full disk) only costs time: one line
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            log.warning("thumbnail cache folder %s: cannot write %s (%s); going on without it", cached.parent,
+                        cached.name, err.strerror or err)
     return x
 
 

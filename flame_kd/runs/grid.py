@@ -245,6 +245,18 @@ def open_grid(spec: AblationSpec, url: str, ident: identity.RunIdentity,
     return study, storage, parent
 
 
+def grid_done(spec: AblationSpec, url: str) -> bool:
+    """Whether every task of the grid in ``url`` is done (what `--workers` asks when a worker failed:
+    one taken over or killed while the others finished the grid changes nothing)."""
+    try:
+        study = optuna.load_study(study_name=study_name(spec), storage=url)
+        board = Board(study.get_trials(deepcopy=False))
+    except Exception as err:  # noqa: BLE001 (no study, a storage gone: not known to be done)
+        log.debug("could not read the grid: %s", err)
+        return False
+    return all(board.state(t.key) == "done" for t in grid_tasks(spec))
+
+
 def run_worker(spec: AblationSpec, tracking_uri: str | None = None) -> str:
     """Take and run ready tasks of the shared grid until every task is settled; the parent run id.
 
