@@ -66,6 +66,9 @@ def main() -> None:
     p.add_argument("--difficulty", default="realistic", choices=("realistic", "easy"))
     p.add_argument("--baselines-only", action="store_true", help="only the constant and colour rows (no training)")
     p.add_argument("--json", action="store_true", help="also print one JSON line per seed and for the mean")
+    p.add_argument("--no-teacher", action="store_true",
+                   help="no teacher and no KD variant: the baselines and the control only (its gates only)")
+    p.add_argument("--jobs", type=int, default=1, help="seeds trained at once (one process each)")
     p.add_argument("--store", type=Path, default=None, help="keep data and runs in this folder")
     add_threads_option(p)
     args = p.parse_args()
@@ -78,64 +81,80 @@ def main() -> None:
 
 
 def calibrate(args, folder: Path):
-    """Train and score every model on every seed: ({model: [row per seed]}, {model: [epochs]}, preds)."""
+    """Train and score every model on every seed (``--jobs`` seeds at once, each in its own process and
+    MLflow store): ({model: [row per seed]}, {model: [epochs per seed]}, {model: [predictions per seed]})."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    from flame_kd.data.synth import synthesize
+
+    csv = str(synthesize(folder / "data", frames=args.frames, image_size=args.image_size, seed=args.data_seed,
+                         difficulty=args.difficulty))
+    results: dict[str, list[dict]] = {}
+    epochs: dict[str, list[str]] = {}
+    preds: dict[str, list] = {}
+    with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        for rows, used, tables in pool.map(one_seed, [(args, csv, folder, s) for s in args.seeds]):
+            for into, part in ((results, rows), (epochs, used), (preds, tables)):
+                for name, value in part.items():
+                    into.setdefault(name, []).append(value)
+    return results, epochs, preds
+
+
+def one_seed(job) -> tuple[dict, dict, dict]:
+    """One seed's split, baselines, teacher, students and tile-shuffled control: (rows, epochs, predictions)."""
+    args, csv, folder, seed = job
+    fix_threads(args.threads)
+    logging.getLogger("mlflow").setLevel(logging.ERROR)
     from flame_kd import tracking
     from flame_kd.config import (DataConfig, DistillRunConfig, LossConfig, TeacherConfig, TeacherRunConfig,
                                  TrackingConfig, TrainConfig)
     from flame_kd.data.schema import data_digest, load_frames
-    from flame_kd.data.synth import flame_shown, segments, synthesize
+    from flame_kd.data.synth import flame_shown, segments
     from flame_kd.runs.compare import load_predictions
     from flame_kd.runs.distill import run_distill
     from flame_kd.runs.skeleton import cache_home, make_data_split
     from flame_kd.runs.teacher import run_teacher
 
-    use_store(folder / "store")
-    csv = str(synthesize(folder / "data", frames=args.frames, image_size=args.image_size, seed=args.data_seed,
-                         difficulty=args.difficulty))
+    use_store(folder / f"store-{seed}")
     scenes = segments(args.frames, args.image_size, args.data_seed, args.difficulty)
     shows = {i: flame_shown(seg, i) for seg in scenes for i in range(seg.first, seg.last + 1)}
     frames = load_frames(csv)
     teacher = TeacherConfig(name=args.teacher, pretrained=False)
     tracking_cfg = TrackingConfig(experiment="signal", log_model=False)
-    t_train = lambda seed: TrainConfig(epochs=args.teacher_epochs, lr=args.lr, seed=seed, device="cpu",  # noqa: E731
-                                       progress=False, early_stop_patience=args.teacher_epochs, plateau_patience=2)
-    s_train = lambda seed: TrainConfig(epochs=args.epochs, lr=args.lr, seed=seed, device="cpu", progress=False,  # noqa: E731
-                                       early_stop_patience=args.patience, plateau_patience=2)
-    data = lambda augment: DataConfig(csv=csv, image_size=args.image_size, batch_size=args.batch_size,  # noqa: E731
-                                      augment=augment, split_seed=None)
-    results: dict[str, list[dict]] = {}
-    epochs: dict[str, list[str]] = {}
-    preds: dict[str, list] = {}
-    for seed in args.seeds:
-        split = make_data_split(frames, data("none"), seed, data_digest(frames, cache_dir=cache_home()))
-        rows = baselines(frames, split.manifest, args.image_size, shows)
-        for name, row in rows.items():
-            results.setdefault(name, []).append(row)
-        if args.baselines_only:
-            continue
-        t0 = time.perf_counter()
-        tid = run_teacher(TeacherRunConfig(data=data("full"), teacher=teacher, train=t_train(seed),
-                                           tracking=tracking_cfg))
-        runs = {TEACHER: tid}
+    t_train = TrainConfig(epochs=args.teacher_epochs, lr=args.lr, seed=seed, device="cpu", progress=False,
+                          early_stop_patience=args.teacher_epochs, plateau_patience=2)
+    s_train = TrainConfig(epochs=args.epochs, lr=args.lr, seed=seed, device="cpu", progress=False,
+                          early_stop_patience=args.patience, plateau_patience=2)
+
+    def data(augment: str) -> DataConfig:  # split_seed None: the run's seed draws the split
+        return DataConfig(csv=csv, image_size=args.image_size, batch_size=args.batch_size, augment=augment,
+                          split_seed=None)
+
+    split = make_data_split(frames, data("none"), seed, data_digest(frames, cache_dir=cache_home()))
+    rows, used, tables = baselines(frames, split.manifest, args.image_size, shows), {}, {}
+    if args.baselines_only:
+        return rows, used, tables
+    t0, runs, tid = time.perf_counter(), {}, None
+    if not args.no_teacher:
+        tid = runs[TEACHER] = run_teacher(TeacherRunConfig(data=data("full"), teacher=teacher, train=t_train,
+                                                           tracking=tracking_cfg))
         log(f"seed {seed}: teacher {time.perf_counter() - t0:.0f} s")
-        for v in ["bce", *args.variants]:
-            t0 = time.perf_counter()
-            runs[CONTROL if v == "bce" else f"student {v}"] = run_distill(DistillRunConfig(
-                data=data("flip"), teacher=teacher, teacher_train=t_train(seed), student=args.student,
-                train=s_train(seed), loss=LossConfig(variant=v), tracking=tracking_cfg, teacher_run_id=tid))
-            log(f"seed {seed}: {v} {time.perf_counter() - t0:.0f} s")
-        blocks = split.manifest.set_index("id")["block"]
-        for name, run_id in runs.items():
-            table = load_predictions(run_id)
-            results.setdefault(name, []).append(score(table, shows))
-            preds.setdefault(name, []).append(table.assign(block=table.id.map(blocks).astype(str) + f"@{seed}"))
-            m = tracking.get_run(run_id).data.metrics
-            if name != TEACHER and "best_epoch" in m:
-                patience_left = int(m["best_epoch"]) + args.patience
-                epochs.setdefault(name, []).append(f"{int(m['best_epoch'])}/{min(args.epochs, patience_left)}")
-        results.setdefault(SHUFFLED, []).append(shuffled_score(runs[CONTROL], frames, preds[CONTROL][-1],
-                                                               args.image_size, seed))
-    return results, epochs, preds
+    for v in ["bce", *([] if args.no_teacher else args.variants)]:
+        t0 = time.perf_counter()
+        runs[CONTROL if v == "bce" else f"student {v}"] = run_distill(DistillRunConfig(
+            data=data("flip"), teacher=teacher, teacher_train=t_train, student=args.student, train=s_train,
+            loss=LossConfig(variant=v), tracking=tracking_cfg, teacher_run_id=tid))
+        log(f"seed {seed}: {v} {time.perf_counter() - t0:.0f} s")
+    blocks = split.manifest.set_index("id")["block"]
+    for name, run_id in runs.items():
+        table = load_predictions(run_id)
+        rows[name] = score(table, shows)
+        tables[name] = table.assign(block=table.id.map(blocks).astype(str) + f"@{seed}")
+        m = tracking.get_run(run_id).data.metrics
+        if name != TEACHER and "best_epoch" in m:
+            used[name] = f"{int(m['best_epoch'])}/{min(args.epochs, int(m['best_epoch']) + args.patience)}"
+    rows[SHUFFLED] = shuffled_score(runs[CONTROL], frames, tables[CONTROL], args.image_size, seed)
+    return rows, used, tables
 
 
 def log(text: str) -> None:
@@ -247,9 +266,11 @@ def report(args, results: dict, epochs: dict, preds: dict, seconds: float) -> No
             return "-"
         return f"{statistics.mean(vals):.3f} ± {statistics.stdev(vals) if len(vals) > 1 else 0.0:.3f}"
 
-    print(f"\n{args.frames} {args.difficulty} frames (synth seed {args.data_seed}), {args.image_size} px, "
-          f"teacher {args.teacher} {args.teacher_epochs} epochs, student {args.student} up to {args.epochs} epochs "
-          f"(patience {args.patience}), lr {args.lr}, seeds {args.seeds}, {args.threads} thread(s), {seconds:.0f} s\n")
+    trained = "no training" if args.baselines_only else (
+        ("" if args.no_teacher else f"teacher {args.teacher} {args.teacher_epochs} epochs, ")
+        + f"student {args.student} up to {args.epochs} epochs (patience {args.patience}), lr {args.lr}")
+    print(f"\n{args.frames} {args.difficulty} frames (synth seed {args.data_seed}), {args.image_size} px, {trained}, "
+          f"seeds {args.seeds}, {args.threads} thread(s), {seconds:.0f} s\n")
     print("| model | test macro F1 | fire F1 | smoke F1 | macro AP | fire F1, hidden flames | epochs (best/run) |")
     print("|---|---|---|---|---|---|---|")
     for name, rows in results.items():
