@@ -175,6 +175,22 @@ def test_flame2_layout_has_flame2_ranges():
     assert result.exit_code != 0 and "53,451" in result.output
 
 
+def test_flame2_layout_writes_the_official_ranges(tmp_path, monkeypatch):
+    """synthesize(layout="flame2") labels every frame by the official ranges (a frame listed twice takes
+    the later range) and writes them back as label_ranges.tsv: here on a small stand-in ranges file."""
+    ranges = tmp_path / "ranges.tsv"
+    ranges.write_text("# stand-in\nfirst\tlast\tfire_smoke\n1\t50\tNN\n51\t120\tYY\n120\t150\tYN\n")
+    monkeypatch.setattr(synth, "official_ranges_path", lambda: ranges)
+    monkeypatch.setattr(synth, "FLAME2_FRAMES", 150)
+    csv = synthesize(tmp_path / "out", frames=None, image_size=16, seed=1, difficulty="realistic", layout="flame2")
+    table = pd.read_csv(csv)
+    assert table.id.tolist() == list(range(1, 151))
+    states = (table.fire.map({0: "N", 1: "Y"}) + table.smoke.map({0: "N", 1: "Y"})).tolist()
+    assert states == ["NN"] * 50 + ["YY"] * 69 + ["YN"] * 31
+    written = read_label_ranges(tmp_path / "out" / "label_ranges.tsv")
+    assert written[["first", "last", "fire_smoke"]].values.tolist() == [[1, 50, "NN"], [51, 119, "YY"], [120, 150, "YN"]]
+
+
 def test_realistic_label_noise_is_one_or_two_percent():
     layout = synth._layout(3000, np.random.default_rng([1, 1]), realistic=True)
     labelled = synth._slip_labels(layout, np.random.default_rng([1, 4]))
