@@ -3,21 +3,23 @@
 Like FLAME2, frames come as contiguous video segments in FLAME2's label proportions (NN / YY / YN,
 no NY), and neighbouring frames are near-duplicates: a drone camera pans slowly over a procedurally
 generated terrain. Fire is hot in the thermal frame (colour-mapped like FLAME2's); smoke is a veil
-over at least half the RGB frame. Same seed, same bytes.
+over the RGB frame. Same seed, same bytes.
 
 ``difficulty="easy"``: flames are flame-coloured hot spots and smoke a grey haze, so at 64 px any
 small CNN scores macro F1 1.0 in two epochs (for fast tests). ``difficulty="realistic"`` (the CLI's
-default, `flame_kd.data.synth_realistic`): the labels live in layout, not in global colour --
-label-independent auto-exposure and white balance, fire-free look-alikes in flame colours, small
-flames often under canopy and at times hidden in RGB while plain in IR, and smoke told from mist,
-haze, glare and dust (as common with smoke as without) by its texture and its plume. Realistic
-segments are short (~15 frames) and some range boundaries are labelled a frame or two off (~1.5%).
+default, `flame_kd.data.synth_classic`): RGB alone is ambiguous, as in FLAME2 -- flames hidden by
+smoke or canopy for a third of a fire segment's frames, faint or tiny fires, flame-coloured look-alikes
+cold in IR, thin smoke, IR-only hot spots; its bytes are pinned (`make demo` rests on them).
+``difficulty="layout"`` (experimental, issue #31, `flame_kd.data.synth_realistic`): the labels live
+in layout and IR, not in global colour -- label-independent auto-exposure and white balance, as many
+look-alikes with fire as without, flames under canopy, smoke told from weather by texture and plume;
+it does not yet pass its gates (docs/benchmarks.md). Realistic and layout segments are short (~15
+frames) and some range boundaries are labelled a frame or two off (~1.5%).
 
 ``layout="segments"`` cuts ``frames`` into alternating NN / YY / YN ranges; ``layout="flame2"`` draws
 FLAME2's own 53,451 frames in its 19 official label ranges (``flame2_label_ranges.tsv``), each range
 filmed as a run of scenes, so a split, its folds and the power bench see FLAME2's shape.
 """
-
 from __future__ import annotations
 
 import os
@@ -29,20 +31,26 @@ from PIL import Image
 
 from flame_kd.data.labels import RANGES_FILE, official_ranges_path, read_label_ranges, write_label_ranges
 from flame_kd.data.paths import FILE_NAMES, IMAGE_DIRS, frame_id
-from flame_kd.data.synth_realistic import RealisticRenderer, flame_visibility, realistic_segment
+from flame_kd.data import synth_classic as classic
+from flame_kd.data import synth_realistic as layout_scenes
+from flame_kd.data.synth_classic import hot_spot_in_view, smoke_density
 from flame_kd.data.synth_scene import WORLD, EasyRenderer, Segment, segment_path
 
-__all__ = ["synthesize", "segments", "flame_shown", "flame_visibility", "describe", "DIFFICULTIES", "LAYOUTS"]
+__all__ = ["synthesize", "segments", "flame_shown", "flame_visibility", "hot_spot_in_view", "smoke_density",
+           "describe", "DIFFICULTIES", "LAYOUTS"]
 
 CSV_NAME = "flame2.csv"
 # FLAME2's label proportions (13,700 NN / 25,435 YY / 14,316 YN of 53,451; no NY).
 SHARES = {"NN": 13700 / 53451, "YY": 25435 / 53451}
 FLAME2_FRAMES = 53451
 JPEG_QUALITY = 90
-DIFFICULTIES = ("realistic", "easy")
+DIFFICULTIES = ("realistic", "layout", "easy")  # realistic: the classic set; layout: issue #31, WIP
 LAYOUTS = ("segments", "flame2")
 FLAME2_SCENE = (60, 240)  # flame2 layout: each label range is filmed as scenes of this many frames
-LABEL_SLIP = 2  # realistic segments: a range boundary is labelled up to this many frames off ...
+SHORT = ("realistic", "layout")  # difficulties cut into ~15-frame segments with label noise
+RENDERERS = {"realistic": classic.ClassicRenderer, "layout": layout_scenes.RealisticRenderer, "easy": EasyRenderer}
+SCENES = {"realistic": classic.classic_segment, "layout": layout_scenes.realistic_segment, "easy": segment_path}
+LABEL_SLIP = 2  # realistic and layout segments: a range boundary is labelled up to this many frames off ...
 SLIP_SHARE = 0.15  # ... for this share of boundaries (with ~15-frame segments, ~1.5% of frames)
 
 
@@ -113,12 +121,21 @@ def _slip_labels(layout: list[tuple[int, int, str]], rng: np.random.Generator) -
     return [(f, l, st) for f, l, (_, _, st) in zip(firsts, lasts, layout)]
 
 
+def flame_visibility(seg: Segment, i: int) -> float:
+    """How much of the flames RGB shows in frame ``i`` (0 hidden .. 1 plain), for any difficulty's scene."""
+    if isinstance(seg, classic.ClassicSegment):
+        return classic.flame_visibility(seg, i)
+    return layout_scenes.flame_visibility(seg, i) if seg.occlusion else 1.0
+
+
 def flame_shown(seg: Segment, i: int) -> str:
-    """What RGB shows of frame ``i``'s fire: "in view" (at least half shown), "hidden" (nothing: under
-    canopy), "faint" (in between), or "" in a fire-free scene. For diagnostics: the bench, the tests."""
+    """What RGB shows of frame ``i``'s fire: "in view" (at least half shown), "hidden" (nothing), "faint"
+    (in between), or "" in a fire-free scene. For diagnostics: the bench, the tests."""
+    if isinstance(seg, classic.ClassicSegment):
+        return classic.flame_shown(seg, i)
     if seg.state[0] != "Y":
         return ""
-    shown = flame_visibility(seg, i) if seg.occlusion else 1.0
+    shown = flame_visibility(seg, i)
     return "hidden" if shown == 0 else "in view" if shown >= 0.5 else "faint"
 
 
@@ -136,7 +153,7 @@ def synthesize(out, frames: int | None = 600, image_size: int = 254, seed: int =
     """Write a FLAME2-like tree under ``out`` (image folders, ``flame2.csv``, ``label_ranges.tsv``).
 
     Returns the CSV path. Deterministic: the same arguments give byte-identical files. ``easy`` is
-    the Python default so tests stay fast and learnable; the CLI defaults to ``realistic``. With
+    the Python default so tests stay fast and learnable; the CLI defaults to ``realistic`` (the classic set). With
     ``layout="flame2"`` the frame count is FLAME2's (``frames`` None or 53,451).
     """
     if difficulty not in DIFFICULTIES:
@@ -148,7 +165,7 @@ def synthesize(out, frames: int | None = 600, image_size: int = 254, seed: int =
     frames = FLAME2_FRAMES if layout == "flame2" else frames
     if frames is None or frames < 3:
         raise ValueError("synthesize needs at least 3 frames (one per label state)")
-    realistic = difficulty == "realistic"
+    short = difficulty in SHORT
     out = Path(out)
     rgb_dir, ir_dir = out / IMAGE_DIRS["rgb"][0], out / IMAGE_DIRS["ir"][0]
     for d, kind in ((rgb_dir, "rgb"), (ir_dir, "ir")):
@@ -160,11 +177,11 @@ def synthesize(out, frames: int | None = 600, image_size: int = 254, seed: int =
     if layout == "flame2":  # the official ranges, scenes merged back
         labelled = [(int(r["first"]), int(r["last"]), r["fire_smoke"]) for _, r in _merge(scene_ranges).iterrows()]
     else:
-        labelled = _slip_labels(scene_ranges, np.random.default_rng([seed, 4])) if realistic else scene_ranges
+        labelled = _slip_labels(scene_ranges, np.random.default_rng([seed, 4])) if short else scene_ranges
     state_of = np.empty(frames + 1, dtype=object)
     for f, l, st in labelled:
         state_of[f : l + 1] = st
-    renderer = (RealisticRenderer if realistic else EasyRenderer)(image_size, seed)
+    renderer = RENDERERS[difficulty](image_size, seed)
     rows = []
     for seg in scenes:
         for i in range(seg.first, seg.last + 1):
@@ -186,7 +203,8 @@ def synthesize(out, frames: int | None = 600, image_size: int = 254, seed: int =
         out / RANGES_FILE,
         [
             f"Synthetic FLAME2-like frame-pair label ranges (inclusive), written by flame-kd data synth "
-            f"({frames} frames, {image_size} px, seed {seed}, {difficulty}, layout {layout}).",
+            f"({frames} frames, {image_size} px, seed {seed}, {difficulty}"
+            + (f", layout {layout})." if layout != "segments" else ")."),
             "fire_smoke: first letter fire Y/N, second smoke Y/N (the official FLAME2 format).",
             f"Totals: {frames:,} frames; "
             + ", ".join(f"{s} {counts.get(s, 0):,}" for s in ("NN", "YY", "YN"))
@@ -211,10 +229,9 @@ def segments(frames: int | None, image_size: int, seed: int, difficulty: str = "
              layout: str = "segments") -> list[Segment]:
     """The video segments (scenes) `synthesize` draws for these arguments (their labels may slip a frame
     or two), so a diagnostic can ask what each frame shows, e.g. ``flame_shown(seg, i)``."""
-    realistic = difficulty == "realistic"
-    make_segment = realistic_segment if realistic else segment_path
+    make_segment = SCENES[difficulty]
     rng = np.random.default_rng([seed, 1])
-    scenes = _flame2_layout(rng) if layout == "flame2" else _layout(frames, rng, realistic)
+    scenes = _flame2_layout(rng) if layout == "flame2" else _layout(frames, rng, difficulty in SHORT)
     return [make_segment(first, last, state, image_size, WORLD * image_size, np.random.default_rng([seed, 2, k]))
             for k, (first, last, state) in enumerate(scenes)]
 
