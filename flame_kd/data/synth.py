@@ -125,7 +125,7 @@ def flame_visibility(seg: Segment, i: int) -> float:
     """How much of the flames RGB shows in frame ``i`` (0 hidden .. 1 plain), for any difficulty's scene."""
     if isinstance(seg, classic.ClassicSegment):
         return classic.flame_visibility(seg, i)
-    return layout_scenes.flame_visibility(seg, i) if seg.occlusion else 1.0
+    return layout_scenes.flame_visibility(seg, i)  # 1.0 for easy scenes (no occlusion)
 
 
 def flame_shown(seg: Segment, i: int) -> str:
