@@ -1,25 +1,32 @@
-"""Calibration table of the realistic synthetic FLAME2: teacher, no-teacher control and each KD variant.
+"""Calibration of the synthetic FLAME2, with gates that fail loudly: by default the experimental
+``--difficulty layout`` set of issue #31 (the gates are its acceptance); ``realistic`` (the CLI's
+default, the classic set) and ``easy`` are accepted too.
 
-One realistic set (``flame-kd data synth --difficulty realistic``), then per seed: an RGB+IR teacher
-from random weights, and a student per loss variant distilled from that teacher (``bce`` is the
-control: no teacher). Prints mean ± std over seeds of test macro F1 and macro AP, beside two
-baselines a reviewer would ask for: the best constant predictor (per label "positive" everywhere,
-unless training has no positive: `evaluate.constant_f1_macro`) and a colour-statistics model (a
-scikit-learn logistic regression per label on the six per-channel RGB means and standard deviations of
-each frame, fitted on the same train split, scored on the same test frames); the fire ROC AUC among smoke-free test frames, for
-frames whose flame RGB shows and frames whose flame it hides (what RGB can teach a student of fire);
-then each seed's macro (fire / smoke) F1 and whether the issue's calibration target holds per seed
-and on the mean. CPU, small frames; everything lives in a temporary folder (``--store DIR`` keeps
-it for a closer look), never your MLflow store. The teacher is trained once per seed, so it can take
-more epochs than the four students at little cost.
+One synthetic set (``flame-kd data synth``), then per seed (each seed draws its own split,
+initialisation and data order): the best constant predictor, a colour-statistics model (a logistic
+regression per label on each RGB frame's per-channel means, spreads and percentiles), an RGB+IR teacher
+from random weights, the no-teacher RGB student (``bce``, the control) trained until val macro F1
+stops improving, that student on test frames whose 8x8 tiles are shuffled, and any KD variant asked
+for (``--variants``), each against the control with the block permutation test pooled over seeds.
 
-    HF_HUB_OFFLINE=1 MPLBACKEND=Agg .venv/bin/python bench/benchmark_signal.py \
-        --frames 1000 --image-size 64 --epochs 3 --teacher-epochs 8 --seeds 0 1 2 --threads 2
+Gates (per seed, and on the mean over seeds, where a failure makes the exit status 1):
+  colour     colour statistics <= best constant + 0.03 test macro F1 (global colour carries ~nothing)
+  student    the control >= colour statistics + 0.05
+  spatial    the control on tile-shuffled frames <= colour statistics + 0.02 (its skill is spatial)
+  teacher    the teacher >= the control + 0.03
+  hidden     fire F1 on smoke-free test frames whose flame RGB hides (and fire-free ones): teacher > control
+
+    OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 MPLBACKEND=Agg .venv/bin/python bench/benchmark_signal.py \\
+        --frames 1000 --image-size 64 --epochs 30 --patience 3 --teacher-epochs 8 --seeds 0 1 2
+
+``--json`` adds one JSON line per seed and one for the mean (gates with value, bound and verdict).
+Everything lives in a temporary folder (``--store DIR`` keeps it), never your MLflow store.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import statistics
 import sys
@@ -27,196 +34,158 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import add_threads_option, fix_threads, use_store  # noqa: E402
 
-NAMES = ("f1_macro", "ap_macro", "auc_macro", "f1_fire", "f1_smoke", "f1_macro_constant")
-# the issue's calibration target: teacher F1 in this range, control at least GAP below it, both at
-# least MARGIN above the constant predictor
-TEACHER_RANGE, GAP, MARGIN = (0.85, 0.97), 0.03, 0.05
+CONSTANT, COLOUR = "constant (best)", "colour statistics (logistic regression)"
+TEACHER, CONTROL, SHUFFLED = "teacher (RGB+IR)", "student bce (control)", "student bce, 8x8 tiles shuffled"
+PERCENTILES = (5, 25, 50, 75, 95)
+TILES = 8
+GATES = {  # name: (what, a, b, sign, bound): the gate holds when a - b <= bound (sign -1) or >= bound (+1)
+    "colour": ("colour - constant <= 0.03", COLOUR, CONSTANT, -1, 0.03),
+    "student": ("control - colour >= 0.05", CONTROL, COLOUR, 1, 0.05),
+    "spatial": ("shuffled control - colour <= 0.02", SHUFFLED, COLOUR, -1, 0.02),
+    "teacher": ("teacher - control >= 0.03", TEACHER, CONTROL, 1, 0.03),
+}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--frames", type=int, default=1000)
     p.add_argument("--image-size", type=int, default=64)
-    p.add_argument("--epochs", type=int, default=5, help="student epochs (and the teacher's unless --teacher-epochs)")
-    p.add_argument("--teacher-epochs", type=int, default=None, help="teacher epochs (default: --epochs)")
+    p.add_argument("--epochs", type=int, default=30, help="most student epochs (early stopping on val macro F1)")
+    p.add_argument("--patience", type=int, default=3, help="student epochs without a better val macro F1 before stopping")
+    p.add_argument("--teacher-epochs", type=int, default=8)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="run seeds (split and init)")
     p.add_argument("--data-seed", type=int, default=1, help="synth seed")
-    p.add_argument("--fixed-split", action="store_true",
-                   help="one split for every seed (split seed 42); default: each seed draws its own split")
     p.add_argument("--teacher", default="timm:resnet18")
     p.add_argument("--student", default="lightweight-cnn")
-    p.add_argument("--variants", nargs="+", default=None, help="loss variants; default: all, bce first")
+    p.add_argument("--variants", nargs="*", default=[], help="KD loss variants besides the control, e.g. kl_bce kl_at_bce")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--difficulty", default="realistic", choices=("realistic", "easy"))
-    p.add_argument("--baselines-only", action="store_true",
-                   help="only the constant and colour-statistics rows, on each seed's split (no training)")
-    p.add_argument("--store", type=Path, default=None,
-                   help="keep the data and MLflow runs in this folder (default: a temporary one, removed)")
+    p.add_argument("--difficulty", default="layout", choices=("layout", "realistic", "easy"),
+                   help="synth difficulty (default layout: issue #31's work in progress)")
+    p.add_argument("--baselines-only", action="store_true", help="only the constant and colour rows (no training)")
+    p.add_argument("--json", action="store_true", help="also print one JSON line per seed and for the mean")
+    p.add_argument("--no-teacher", action="store_true",
+                   help="no teacher and no KD variant: the baselines and the control only (its gates only)")
+    p.add_argument("--jobs", type=int, default=1, help="seeds trained at once (one process each)")
+    p.add_argument("--store", type=Path, default=None, help="keep data and runs in this folder")
     add_threads_option(p)
     args = p.parse_args()
     fix_threads(args.threads)
     logging.getLogger("mlflow").setLevel(logging.ERROR)
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        results, epochs, preds = calibrate(args, Path(args.store or tmp))
+    report(args, results, epochs, preds, time.perf_counter() - start)
 
+
+def calibrate(args, folder: Path):
+    """Train and score every model on every seed (``--jobs`` seeds at once, each in its own process and
+    MLflow store): ({model: [row per seed]}, {model: [epochs per seed]}, {model: [predictions per seed]})."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    from flame_kd.data.synth import synthesize
+
+    csv = str(synthesize(folder / "data", frames=args.frames, image_size=args.image_size, seed=args.data_seed,
+                         difficulty=args.difficulty))
+    results: dict[str, list[dict]] = {}
+    epochs: dict[str, list[str]] = {}
+    preds: dict[str, list] = {}
+    with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        for rows, used, tables in pool.map(one_seed, [(args, csv, folder, s) for s in args.seeds]):
+            for into, part in ((results, rows), (epochs, used), (preds, tables)):
+                for name, value in part.items():
+                    into.setdefault(name, []).append(value)
+    return results, epochs, preds
+
+
+def one_seed(job) -> tuple[dict, dict, dict]:
+    """One seed's split, baselines, teacher, students and tile-shuffled control: (rows, epochs, predictions)."""
+    args, csv, folder, seed = job
+    fix_threads(args.threads)
+    logging.getLogger("mlflow").setLevel(logging.ERROR)
     from flame_kd import tracking
     from flame_kd.config import (DataConfig, DistillRunConfig, LossConfig, TeacherConfig, TeacherRunConfig,
                                  TrackingConfig, TrainConfig)
-    from flame_kd.data.synth import flame_shown, segments, synthesize
-    from flame_kd.data.schema import load_frames
+    from flame_kd.data.schema import data_digest, load_frames
+    from flame_kd.data.synth import flame_shown, segments
     from flame_kd.runs.compare import load_predictions
     from flame_kd.runs.distill import run_distill
-    from flame_kd.losses import VARIANTS, DistillLoss, resolve_weights
-
-    def build_loss_weights(variant: str) -> bool:
-        return DistillLoss(resolve_weights(variant), 2.0, 8, 8).uses_teacher
+    from flame_kd.runs.skeleton import cache_home, make_data_split
     from flame_kd.runs.teacher import run_teacher
 
-    teacher_epochs = args.teacher_epochs or args.epochs
-    variants = args.variants or ["bce", *[v for v in VARIANTS if v != "bce"]]
-    results: dict[str, list[dict]] = {}
-    start = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = args.store or tmp
-        use_store(Path(tmp) / "store")
-        csv = str(synthesize(Path(tmp) / "data", frames=args.frames, image_size=args.image_size,
-                             seed=args.data_seed, difficulty=args.difficulty))
+    use_store(folder / f"store-{seed}")
+    scenes = segments(args.frames, args.image_size, args.data_seed, args.difficulty)
+    shows = {i: flame_shown(seg, i) for seg in scenes for i in range(seg.first, seg.last + 1)}
+    frames = load_frames(csv)
+    teacher = TeacherConfig(name=args.teacher, pretrained=False)
+    tracking_cfg = TrackingConfig(experiment="signal", log_model=False)
+    t_train = TrainConfig(epochs=args.teacher_epochs, lr=args.lr, seed=seed, device="cpu", progress=False,
+                          early_stop_patience=args.teacher_epochs, plateau_patience=2)
+    s_train = TrainConfig(epochs=args.epochs, lr=args.lr, seed=seed, device="cpu", progress=False,
+                          early_stop_patience=args.patience, plateau_patience=2)
 
-        # what RGB shows of each frame's fire ("in view" on easy sets), from the scenes synth drew
-        scenes = segments(args.frames, args.image_size, args.data_seed, args.difficulty)
-        shows = {i: flame_shown(seg, i) for seg in scenes for i in range(seg.first, seg.last + 1)}
+    def data(augment: str) -> DataConfig:  # split_seed None: the run's seed draws the split
+        return DataConfig(csv=csv, image_size=args.image_size, batch_size=args.batch_size, augment=augment,
+                          split_seed=None)
 
-        def train(seed: int, epochs: int = args.epochs) -> TrainConfig:
-            return TrainConfig(epochs=epochs, lr=args.lr, seed=seed, device="cpu", progress=False,
-                               early_stop_patience=epochs, plateau_patience=2)
-
-        def data(augment: str) -> DataConfig:  # split_seed None: the run's seed draws the split
-            split = {} if args.fixed_split else {"split_seed": None}
-            return DataConfig(csv=csv, image_size=args.image_size, batch_size=args.batch_size, augment=augment,
-                              **split)
-
-        teacher = TeacherConfig(name=args.teacher, pretrained=False)
-        tracking_cfg = TrackingConfig(experiment="signal", log_model=False)
-        if args.baselines_only:
-            from flame_kd.data.schema import data_digest, load_frames
-            from flame_kd.runs.skeleton import cache_home, make_data_split
-
-            frames = load_frames(csv)
-            for seed in args.seeds:
-                split = make_data_split(frames, data("none"), seed, data_digest(frames, cache_dir=cache_home()))
-                for name, row in baselines(frames, split.manifest, args.image_size, shows).items():
-                    results.setdefault(name, []).append(row)
-        for seed in [] if args.baselines_only else args.seeds:
-            t0 = time.perf_counter()
-            runs, tid = {}, None
-            if any(build_loss_weights(v) for v in variants):  # a teacher only when a variant distils
-                tid = run_teacher(TeacherRunConfig(data=data("full"), teacher=teacher,
-                                                   train=train(seed, teacher_epochs), tracking=tracking_cfg))
-                runs["teacher (RGB+IR)"] = tid
-                print(f"seed {seed}: teacher {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
-            for v in variants:
-                t0 = time.perf_counter()
-                runs[f"student {v}"] = run_distill(DistillRunConfig(
-                    data=data("flip"), teacher=teacher, teacher_train=train(seed, teacher_epochs), student=args.student,
-                    train=train(seed), loss=LossConfig(variant=v), tracking=tracking_cfg, teacher_run_id=tid))
-                print(f"seed {seed}: {v} {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
-            for name, run_id in runs.items():
-                m = tracking.get_run(run_id).data.metrics
-                results.setdefault(name, []).append({k: m.get(f"test_{k}", float("nan")) for k in NAMES}
-                                                    | fire_aucs(load_predictions(run_id), shows))
-            frames = load_frames(csv)
-            first = next(iter(runs.values()))
-            for name, row in baselines(frames, manifest_of(first), args.image_size, shows).items():
-                results.setdefault(name, []).append(row)
-                if name.startswith("constant"):  # the runs log the same figure: one definition
-                    assert abs(row["f1_macro"] - results[next(iter(runs))][-1]["f1_macro_constant"]) < 1e-9
-
-    def cell(vals: list[float]) -> str:
-        vals = [v for v in vals if v == v]
-        if not vals:
-            return "-"
-        sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
-        return f"{statistics.mean(vals):.3f} ± {sd:.3f}"
-
-    print(f"\n{args.frames} {args.difficulty} frames, {args.image_size} px, teacher {teacher_epochs} epochs, "
-          f"students {args.epochs} epochs, "
-          f"lr {args.lr}, teacher {args.teacher}, student {args.student}, seeds {args.seeds}, "
-          f"{args.threads} thread(s), {time.perf_counter() - start:.0f} s in all\n")
-    print("| model | seeds | test macro F1 | test macro AP | test macro AUC |")
-    print("|---|---|---|---|---|")
-    for name, rows in results.items():
-        print(f"| {name} | {len(rows)} | " + " | ".join(cell([r[k] for r in rows]) for k in NAMES[:3]) + " |")
-    print("\nmean ± std over seeds; " + ("the split is fixed, so the seeds vary initialisation and data order, "
-          "not the test frames.\n" if args.fixed_split else "each seed draws its own split (test frames), "
-          "initialisation and data order.\n"))
-    print("Fire among the smoke-free test frames (no smoke, so no smoke to give fire away): ROC AUC of the "
-          "fire probability, frames whose flame is in view (at least half shown, at least a pixel) or hidden "
-          "against fire-free frames. 0.5 is chance; RGB can only learn the flames in view.\n")
-    print("| model | fire AUC, flame in view | fire AUC, flame hidden |")
-    print("|---|---|---|")
-    for name, rows in results.items():
-        if any("auc_fire_in_view" not in r for r in rows):  # the constant ranks nothing
-            continue
-        aucs = (cell([r[k] for r in rows]) for k in ("auc_fire_in_view", "auc_fire_hidden"))
-        print(f"| {name} | " + " | ".join(aucs) + " |")
-    print()
-    print("| test F1 per seed: macro (fire / smoke) | " + " | ".join(f"seed {s}" for s in args.seeds) + " |")
-    print("|---|" + "---|" * len(args.seeds))
-    for name, rows in results.items():
-        print(f"| {name} | " + " | ".join(f"{r['f1_macro']:.3f}" + (
-            f" ({r['f1_fire']:.3f} / {r['f1_smoke']:.3f})" if r["f1_fire"] == r["f1_fire"] else "") for r in rows) + " |")
-    if "student bce" in results and "teacher (RGB+IR)" in results:
-        print()
-        f1 = {name: [r["f1_macro"] for r in rows] for name, rows in results.items()}
-        teach, control, const = f1["teacher (RGB+IR)"], f1["student bce"], f1[CONSTANT]
-        for label, t, c, k in [*(
-                (f"seed {s}", *v) for s, *v in zip(args.seeds, teach, control, const)),
-                ("mean", statistics.mean(teach), statistics.mean(control), statistics.mean(const))]:
-            print(f"{label}: teacher {t:.3f} in {TEACHER_RANGE[0]}-{TEACHER_RANGE[1]}: "
-                  f"{_yes(TEACHER_RANGE[0] <= t <= TEACHER_RANGE[1])}; "
-                  f"control {t - c:+.3f} below the teacher (>= {GAP}): {_yes(t - c >= GAP)}; "
-                  f"above the constant by {min(t, c) - k:+.3f} (>= {MARGIN}): {_yes(min(t, c) - k >= MARGIN)}")
+    split = make_data_split(frames, data("none"), seed, data_digest(frames, cache_dir=cache_home()))
+    rows, used, tables = baselines(frames, split.manifest, args.image_size, shows), {}, {}
+    if args.baselines_only:
+        return rows, used, tables
+    t0, runs, tid = time.perf_counter(), {}, None
+    if not args.no_teacher:
+        tid = runs[TEACHER] = run_teacher(TeacherRunConfig(data=data("full"), teacher=teacher, train=t_train,
+                                                           tracking=tracking_cfg))
+        log(f"seed {seed}: teacher {time.perf_counter() - t0:.0f} s")
+    for v in ["bce", *([] if args.no_teacher else args.variants)]:
+        t0 = time.perf_counter()
+        runs[CONTROL if v == "bce" else f"student {v}"] = run_distill(DistillRunConfig(
+            data=data("flip"), teacher=teacher, teacher_train=t_train, student=args.student, train=s_train,
+            loss=LossConfig(variant=v), tracking=tracking_cfg, teacher_run_id=tid))
+        log(f"seed {seed}: {v} {time.perf_counter() - t0:.0f} s")
+    blocks = split.manifest.set_index("id")["block"]
+    for name, run_id in runs.items():
+        table = load_predictions(run_id)
+        rows[name] = score(table, shows)
+        tables[name] = table.assign(block=table.id.map(blocks).astype(str) + f"@{seed}")
+        m = tracking.get_run(run_id).data.metrics
+        if name != TEACHER and "best_epoch" in m:
+            used[name] = f"{int(m['best_epoch'])}/{min(args.epochs, int(m['best_epoch']) + args.patience)}"
+    rows[SHUFFLED] = shuffled_score(runs[CONTROL], frames, tables[CONTROL], args.image_size, seed)
+    return rows, used, tables
 
 
-CONSTANT = "constant (positive wherever training has one)"
-COLOUR = "colour statistics (logistic regression on RGB mean and std)"
+def log(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
 
 
-def manifest_of(run_id: str):
-    """The split manifest a run logged (``id, split, group, block``)."""
-    from flame_kd.runs.compare import _read_csv_artifact
-    from flame_kd.runs.skeleton import MANIFEST_FILE
-
-    return _read_csv_artifact(run_id, MANIFEST_FILE)
-
-
-def colour_features(paths, image_size: int):
-    """Per-channel mean and standard deviation of each RGB frame at the runs' image size: [N, 6]."""
-    import numpy as np
-    from PIL import Image
+def colour_features(paths, image_size: int) -> np.ndarray:
+    """Per-channel mean, standard deviation and percentiles of each RGB frame at the runs' size: [N, 21]."""
+    from flame_kd.data.dataset import decode_image
 
     out = []
     for path in paths:
-        with Image.open(path) as im:
-            x = np.asarray(im.convert("RGB").resize((image_size, image_size), Image.BILINEAR), dtype=np.float64)
-        out.append(np.r_[x.mean(axis=(0, 1)), x.std(axis=(0, 1))])
+        x = decode_image(path, image_size).reshape(-1, 3).astype(np.float64)
+        out.append(np.r_[x.mean(axis=0), x.std(axis=0), np.percentile(x, PERCENTILES, axis=0).ravel()])
     return np.asarray(out)
 
 
-def baselines(frames, manifest, image_size: int, shows: dict | None = None) -> dict[str, dict]:
+def baselines(frames, manifest, image_size: int, shows: dict) -> dict[str, dict]:
     """The constant and colour-statistics rows on one split: fitted on its train frames, scored on its
-    test frames with the runs' own metric code (``evaluate``)."""
-    import numpy as np
+    test frames with the runs' own metric code."""
+    import pandas as pd
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from flame_kd.evaluate import LABELS, compute_metrics, constant_f1_macro
+    from flame_kd.evaluate import LABELS, constant_f1_macro
 
-    where = manifest.set_index("id")["split"]
-    part = frames["id"].map(where)
+    part = frames["id"].map(manifest.set_index("id")["split"])
     train, test = frames[part == "train"], frames[part == "test"]
     y_train, y_test = train[list(LABELS)].to_numpy(int), test[list(LABELS)].to_numpy(int)
     x_train, x_test = colour_features(train["rgb_path"], image_size), colour_features(test["rgb_path"], image_size)
@@ -225,37 +194,141 @@ def baselines(frames, manifest, image_size: int, shows: dict | None = None) -> d
         if len(np.unique(y_train[:, i])) < 2:  # one class in training: a constant is all it can learn
             probs[:, i] = float(y_train[0, i])
             continue
-        model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000))
+        model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
         probs[:, i] = model.fit(x_train, y_train[:, i]).predict_proba(x_test)[:, 1]
-    m = compute_metrics(y_test, probs)
-    colour = {k: m.get(k, float("nan")) for k in NAMES}
-    if shows is not None:
-        import pandas as pd
-
-        table = pd.DataFrame({"id": test["id"].to_numpy(), "fire": y_test[:, 0], "smoke": y_test[:, 1],
-                              "prob_fire": probs[:, 0], "prob_smoke": probs[:, 1]})
-        colour |= fire_aucs(table, shows)
-    constant = {k: float("nan") for k in NAMES} | {"f1_macro": constant_f1_macro(y_train, y_test)}
-    return {CONSTANT: constant, COLOUR: colour}
+    table = pd.DataFrame({"id": test["id"].to_numpy(), "fire": y_test[:, 0], "smoke": y_test[:, 1],
+                          "prob_fire": probs[:, 0], "prob_smoke": probs[:, 1]})
+    return {CONSTANT: {"f1_macro": constant_f1_macro(y_train, y_test)}, COLOUR: score(table, shows)}
 
 
-def fire_aucs(predictions, shows: dict[int, str]) -> dict[str, float]:
-    """ROC AUC of the fire probability among smoke-free frames: flames in view, or hidden, against
-    fire-free frames (``shows``: `synth.flame_shown` per frame id; NaN where a test split holds none
-    of one kind)."""
-    from sklearn.metrics import roc_auc_score
+def score(table, shows: dict) -> dict[str, float]:
+    """Test macro F1 (fire / smoke), macro AP, and fire F1 on the smoke-free frames whose flame RGB hides
+    together with the fire-free ones (``shows``: `synth.flame_shown` per frame id)."""
+    from sklearn.metrics import f1_score
 
-    p = predictions[predictions.smoke == 0]
-    shown = p.id.map(shows)
-    out = {}
-    for name, keep in (("auc_fire_in_view", shown == "in view"), ("auc_fire_hidden", shown == "hidden")):
-        sel = p[(p.fire == 0) | keep]
-        out[name] = roc_auc_score(sel.fire, sel.prob_fire) if sel.fire.nunique() == 2 else float("nan")
+    from flame_kd.evaluate import compute_metrics
+
+    y, p = table[["fire", "smoke"]].to_numpy(int), table[["prob_fire", "prob_smoke"]].to_numpy(float)
+    m = compute_metrics(y, p)
+    shown = table.id.map(shows)
+    keep = (table.smoke == 0) & ((table.fire == 0) | (shown == "hidden"))
+    hidden = f1_score(table.fire[keep], table.prob_fire[keep] >= 0.5, zero_division=0.0) if (
+        table.fire[keep].any()) else float("nan")
+    return {k: m.get(k, float("nan")) for k in ("f1_macro", "ap_macro", "f1_fire", "f1_smoke")} | {"f1_fire_hidden": hidden}
+
+
+def shuffle_tiles(images: np.ndarray, rng: np.random.Generator, tiles: int = TILES) -> np.ndarray:
+    """Each image [N, S, S, 3] cut into tiles x tiles tiles, put back in a random order (per image)."""
+    n, s = images.shape[:2]
+    t = s // tiles
+    cut = images[:, : t * tiles, : t * tiles].reshape(n, tiles, t, tiles, t, 3).transpose(0, 1, 3, 2, 4, 5)
+    cut = cut.reshape(n, tiles * tiles, t, t, 3)
+    order = np.argsort(rng.random((n, tiles * tiles)), axis=1)
+    cut = np.take_along_axis(cut, order[:, :, None, None, None], axis=1).reshape(n, tiles, tiles, t, t, 3)
+    out = images.copy()
+    out[:, : t * tiles, : t * tiles] = cut.transpose(0, 1, 3, 2, 4, 5).reshape(n, t * tiles, t * tiles, 3)
     return out
 
 
-def _yes(ok: bool) -> str:
-    return "yes" if ok else "NO"
+def shuffled_score(run_id: str, frames, table, image_size: int, seed: int) -> dict[str, float]:
+    """The run's model scored on its own test frames with their 8x8 tiles shuffled."""
+    import torch
+
+    from flame_kd.data.dataset import decode_image
+    from flame_kd.runs.skeleton import load_run_model
+
+    model, _, _ = load_run_model(run_id)
+    paths = frames.set_index("id").loc[table.id, "rgb_path"]
+    images = np.stack([decode_image(p, image_size) for p in paths])
+    images = shuffle_tiles(images, np.random.default_rng([seed, 8]))
+    with torch.no_grad():
+        logits = model(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous())["logits"]
+    probs = torch.sigmoid(logits).numpy()
+    out = table.assign(prob_fire=probs[:, 0], prob_smoke=probs[:, 1])
+    return score(out, {})
+
+
+def gates(row: dict[str, float], hidden: tuple[float, float]) -> dict[str, dict]:
+    """Every gate on one seed's (or the mean's) macro F1 per model: value, bound and whether it holds."""
+    out = {}
+    for name, (what, a, b, sign, bound) in GATES.items():
+        if a in row and b in row:
+            diff = row[a] - row[b]
+            out[name] = {"what": what, "value": round(diff, 4), "bound": bound, "ok": bool(sign * (diff - bound) >= -1e-12)}
+    if all(h == h for h in hidden):
+        out["hidden"] = {"what": "hidden-flame fire F1, teacher - control > 0", "value": round(hidden[0] - hidden[1], 4),
+                         "bound": 0.0, "ok": bool(hidden[0] > hidden[1])}
+    return out
+
+
+def report(args, results: dict, epochs: dict, preds: dict, seconds: float) -> None:
+    """Print the table, the gates per seed and on the mean, the KD verdicts; exit 1 when a mean gate fails."""
+    def cell(vals):
+        vals = [v for v in vals if v == v]
+        if not vals:
+            return "-"
+        return f"{statistics.mean(vals):.3f} ± {statistics.stdev(vals) if len(vals) > 1 else 0.0:.3f}"
+
+    trained = "no training" if args.baselines_only else (
+        ("" if args.no_teacher else f"teacher {args.teacher} {args.teacher_epochs} epochs, ")
+        + f"student {args.student} up to {args.epochs} epochs (patience {args.patience}), lr {args.lr}")
+    print(f"\n{args.frames} {args.difficulty} frames (synth seed {args.data_seed}), {args.image_size} px, {trained}, "
+          f"seeds {args.seeds}, {args.threads} thread(s), {seconds:.0f} s\n")
+    print("| model | test macro F1 | fire F1 | smoke F1 | macro AP | fire F1, hidden flames | epochs (best/run) |")
+    print("|---|---|---|---|---|---|---|")
+    for name, rows in results.items():
+        cells = [cell([r.get(k, float("nan")) for r in rows]) for k in ("f1_macro", "f1_fire", "f1_smoke",
+                                                                        "ap_macro", "f1_fire_hidden")]
+        print(f"| {name} | " + " | ".join(cells) + f" | {', '.join(epochs.get(name, [])) or '-'} |")
+    print("\nmean ± std over seeds; each seed draws its own split (test frames), initialisation and data order.")
+    print("\n| test macro F1 per seed | " + " | ".join(f"seed {s}" for s in args.seeds) + " |")
+    print("|---|" + "---|" * len(args.seeds))
+    for name, rows in results.items():
+        print(f"| {name} | " + " | ".join(f"{r['f1_macro']:.3f}" for r in rows) + " |")
+    print()
+    failed = []
+    labels = [f"seed {s}" for s in args.seeds] + ["mean"]
+    for k, label in enumerate(labels):
+        if label == "mean":
+            row = {n: statistics.mean(r["f1_macro"] for r in rows) for n, rows in results.items()}
+            hid = tuple(statistics.mean(r["f1_fire_hidden"] for r in results[n]) if n in results else float("nan")
+                        for n in (TEACHER, CONTROL))
+        else:
+            row = {n: rows[k]["f1_macro"] for n, rows in results.items()}
+            hid = tuple(results[n][k]["f1_fire_hidden"] if n in results else float("nan") for n in (TEACHER, CONTROL))
+        g = gates(row, hid)
+        print(f"{label}: " + "; ".join(f"{n} ({v['what']}): {v['value']:+.3f} {'holds' if v['ok'] else 'FAILS'}"
+                                        for n, v in g.items()))
+        if label == "mean":
+            failed = [n for n, v in g.items() if not v["ok"]]
+        if args.json:
+            print(json.dumps({"seed": label, "gates": g, "f1_macro": {n: round(v, 4) for n, v in row.items()}}))
+    verdicts(preds)
+    if failed:
+        print(f"\nGATES FAILED on the mean: {', '.join(failed)}")
+        sys.exit(1)
+
+
+def verdicts(preds: dict) -> None:
+    """Each KD variant against the control: the block permutation test on the test frames of every seed
+    pooled (blocks are the exchangeable units, one set per seed)."""
+    import pandas as pd
+
+    from flame_kd.stats import block_permutation
+
+    if CONTROL not in preds:
+        return
+    control = pd.concat(preds[CONTROL], ignore_index=True)
+    for name, tables in preds.items():
+        if name in (CONTROL, TEACHER):
+            continue
+        other = pd.concat(tables, ignore_index=True)
+        y = control[["fire", "smoke"]].to_numpy(int)
+        test = block_permutation(y, control[["prob_fire", "prob_smoke"]].to_numpy(float),
+                                 other[["prob_fire", "prob_smoke"]].to_numpy(float), clusters=control["block"])
+        f1 = test["f1_macro"]
+        print(f"{name} - control, pooled over seeds: macro F1 {f1['diff']:+.3f} (p = {f1['pvalue']:.3f}, "
+              f"{f1['n_blocks']} blocks), macro AP {test['ap_macro']['diff']:+.3f} (p = {test['ap_macro']['pvalue']:.3f})")
 
 
 if __name__ == "__main__":

@@ -127,24 +127,32 @@ def data() -> None:
 
 @data.command("synth")
 @click.argument("out", type=click.Path(file_okay=False))
-@click.option("--frames", default=600, show_default=True, help=f"frame pairs to draw, 3 to {SYNTH_MAX_FRAMES}")
+@click.option("--frames", type=int, default=None,
+              help=f"frame pairs to draw, 3 to {SYNTH_MAX_FRAMES}  [default: 600; layout flame2: 53,451]")
 @click.option("--image-size", default=254, show_default=True,
               help=f"frame width and height in pixels, 8 to {SYNTH_MAX_IMAGE_SIZE}")
 @click.option("--seed", type=click.IntRange(0, MAX_SEED), default=42, show_default=True,
               help="same seed, byte-identical files")
-@click.option("--difficulty", type=click.Choice(["realistic", "easy"]), default="realistic", show_default=True,
-              help="realistic: RGB alone is ambiguous, as in FLAME2; easy: any model scores 1.0 (fast tests)")
-def data_synth(out: str, frames: int, image_size: int, seed: int, difficulty: str) -> None:
+@click.option("--difficulty", type=click.Choice(["realistic", "layout", "easy"]), default="realistic", show_default=True,
+              help="realistic: RGB alone is ambiguous, as in FLAME2; layout: experimental (issue #31), labels in layout "
+                   "not global colour, does not yet pass its gates (docs/benchmarks.md); easy: any model scores 1.0 (fast tests)")
+@click.option("--layout", type=click.Choice(["segments", "flame2"]), default="segments", show_default=True,
+              help="segments: --frames cut into short NN/YY/YN scenes; flame2: FLAME2's 53,451 frames in its 19 label ranges")
+def data_synth(out: str, frames: int | None, image_size: int, seed: int, difficulty: str, layout: str) -> None:
     """Write a FLAME2-like data set to OUT (image folders, flame2.csv, label_ranges.tsv)."""
     from flame_kd.data import synth
 
-    if frames < 3 or image_size < 8:
+    if layout == "flame2" and frames not in (None, synth.FLAME2_FRAMES):
+        raise click.BadParameter(f"--layout flame2 draws FLAME2's {synth.FLAME2_FRAMES:,} frames; leave --frames out")
+    if layout == "segments" and frames is None:
+        frames = 600
+    if (frames is not None and frames < 3) or image_size < 8:
         raise click.BadParameter("need --frames >= 3 and --image-size >= 8")
-    if frames > SYNTH_MAX_FRAMES or image_size > SYNTH_MAX_IMAGE_SIZE:
+    if (frames or 0) > SYNTH_MAX_FRAMES or image_size > SYNTH_MAX_IMAGE_SIZE:
         raise click.BadParameter(f"need --frames <= {SYNTH_MAX_FRAMES} and --image-size <= {SYNTH_MAX_IMAGE_SIZE}, "
                                  f"got {frames} and {image_size}")
     click.echo(synth.describe(synth.synthesize(out, frames=frames, image_size=image_size, seed=seed,
-                                                    difficulty=difficulty)))
+                                                    difficulty=difficulty, layout=layout)))
 
 
 @data.command("prepare")
