@@ -141,7 +141,7 @@ def test_mlflow_run_ablation(env, tmp_path):
     cells = runs(env, f"tags.`mlflow.parentRunId` = '{parent[0].info.run_id}' and tags.`flame_kd.stage` = 'distill'")
     assert sorted(r.data.tags["flame_kd.cell"] for r in cells) == ["none|bce|42", f"{TINY_TEACHER}|kl_l2_bce|42"]
     tables = {a.path for a in client(env).list_artifacts(parent[0].info.run_id, "tables")}
-    assert tables == {"tables/ablation.md", "tables/ablation.csv", "tables/comparisons.md"}
+    assert tables == {"tables/ablation.md", "tables/ablation.csv", "tables/comparisons.md", "tables/comparisons.csv"}
     again = mlflow_run(env, "ablation", *params)  # everything finished: nothing runs again
     assert again.returncode == 0 and "2 cells finished, 0 to run" in again.stderr
 

@@ -374,7 +374,11 @@ def reuse_violations(source: str, path: str) -> tuple[list[str], list[tuple[str,
                     continue  # a search for a conflict, to refuse it
                 problems.append(f"{where}: filter not built by identity.where (the data would be left out)")
             elif call.func.attr in ("create_study", "load_study"):
-                if not {"check_study", "study_record"} <= _names(fn):
+                # a study made records its identity; one opened (or made if it exists) is checked against it
+                needs = {"create_study": {"study_record"}, "load_study": {"check_study"}}[call.func.attr]
+                if any(k.arg == "load_if_exists" for k in call.keywords):
+                    needs = needs | {"check_study"}
+                if not needs <= _names(fn):
                     problems.append(f"{where}: study opened without identity.study_record / identity.check_study")
             elif name not in aware:
                 problems.append(f"{where}: a stored result chosen without the identity module")

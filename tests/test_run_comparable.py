@@ -180,6 +180,7 @@ def test_a_sweeps_best_trial_compares_with_a_control(tmp_path, monkeypatch, capl
     assert tracking.get_run(control).data.tags["mlflow.note.content"].startswith("Headline: `test_f1_macro`")
     res = CliRunner().invoke(main, ["compare", control, parent])
     assert res.exit_code == 0, res.output
-    assert f"({best})" in res.output and "blocks of the test split" in res.output
+    # exchanged within the split's units (blocks, or scenes where blocks share one): the trial's parent's manifest
+    assert f"({best})" in res.output and ("whole scenes of" in res.output or "whole blocks of the" in res.output)
     res = CliRunner().invoke(main, ["compare", control, pruned.info.run_id])
     assert res.exit_code == 2 and "which was pruned (epoch 1: val/f1_macro" in res.output

@@ -111,11 +111,11 @@ def test_resume_refuses_a_run_that_another_process_trains(tmp_path, monkeypatch,
 
 @pytest.mark.slow
 def test_a_sweep_that_ran_no_trial_exits_1_with_its_parent_failed(tmp_path, monkeypatch, synth_csv):
-    """``--timeout 0`` leaves no time for a trial: not a success (it was exit 0, parent RUNNING)."""
+    """A ``--timeout`` (1 ns) that leaves no time for a trial: not a success (it was exit 0, parent RUNNING)."""
     use_store(tmp_path, monkeypatch)
     d = distill_cfg(str(synth_csv), loss="kl_bce", epochs=1, teacher_epochs=1)
     with pytest.raises(RunFailed, match="no trial completed \\(0 ran in this worker: check --n-trials and --timeout\\)"):
-        run_sweep(SweepConfig(distill=d, n_trials=2, timeout=0, study_name="idle", pruner="none"))
+        run_sweep(SweepConfig(distill=d, n_trials=2, timeout=1e-9, study_name="idle", pruner="none"))
     client = MlflowClient()
     parent = client.search_runs([client.get_experiment_by_name("t").experiment_id],
                                 "tags.`flame_kd.stage` = 'sweep'")[0]
@@ -173,7 +173,8 @@ def test_corrupted_teacher_outputs_are_named_and_computed_again(tmp_path, monkey
     folder = Path(urlparse(client.get_run(teacher).info.artifact_uri).path) / ARTIFACT_DIR
     stored = next(folder.iterdir())
     data = bytearray(stored.read_bytes())
-    data[len(data) // 2: len(data) // 2 + 1000] = bytes(1000)
+    mid = len(data) // 2
+    data[mid: mid + 1000] = bytes(b ^ 0xFF for b in data[mid: mid + 1000])  # changed for sure (zeros may be zeros)
     stored.write_bytes(bytes(data))
     with caplog.at_level(logging.WARNING, logger="flame_kd"):
         second = run_distill(cfg)

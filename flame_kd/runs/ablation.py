@@ -316,7 +316,7 @@ def to_markdown(table: pd.DataFrame) -> str:
     """The table as markdown: mean ± 95% CI half-width over seeds (from MIN_CI_SEEDS on; fewer: the
     values), and the paired difference in macro F1 against the no-teacher control."""
     head = ("| teacher | loss | seeds | " + " | ".join(METRICS) +
-            " | Δ f1_macro vs control (paired; ± covers training noise over seeds on fixed test frames) |")
+            " | Δ f1_macro vs control (paired; its interval covers training noise over seeds on fixed test frames) |")
     lines = [head, "|" + "---|" * (4 + len(METRICS))]
     few = False
     for _, r in table.iterrows():

@@ -249,7 +249,10 @@ def grid_done(spec: AblationSpec, url: str) -> bool:
     """Whether every task of the grid in ``url`` is done (what `--workers` asks when a worker failed:
     one taken over or killed while the others finished the grid changes nothing)."""
     try:
-        study = optuna.load_study(study_name=study_name(spec), storage=url)
+        ident = ablation.spec_identity(spec)
+        name = study_name(spec, ident)
+        study = optuna.load_study(study_name=name, storage=url)
+        identity.check_study(name, study.user_attrs.get(identity.STUDY_ATTR), ident)
         board = Board(study.get_trials(deepcopy=False))
     except Exception as err:  # noqa: BLE001 (no study, a storage gone: not known to be done)
         log.debug("could not read the grid: %s", err)
