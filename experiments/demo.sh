@@ -40,7 +40,7 @@ rm -f "$log"
 echo "== 4/4 flame-kd compare $control $kd (control vs KD student, same test frames)"
 flame-kd compare "$control" "$kd"
 
-echo "== each run's test figures (98 test frames at the defaults)"
+echo "== each run's test figures (the same test frames for all three)"
 python - "$kd" "$control" <<'PY'
 import sys
 from mlflow.tracking import MlflowClient
@@ -48,15 +48,15 @@ from mlflow.tracking import MlflowClient
 client = MlflowClient()
 kd, control = (client.get_run(r) for r in sys.argv[1:3])
 teacher = client.get_run(kd.data.tags["flame_kd.teacher_run_id"])
-print(f"{'run':<34} {'test macro F1':>13} {'test macro AP':>13}")
+print(f"{'run':<34} {'test macro F1':>13} {'test macro AP':>13}   ({int(kd.data.metrics.get('split_test_frames', 0))} test frames)")
 for name, run in ((f"teacher {teacher.data.tags.get('flame_kd.teacher', '')}", teacher),
                   ("KD student (kl_bce)", kd), ("no-teacher control (bce)", control)):
     m = run.data.metrics
     print(f"{name:<34} {m.get('test_f1_macro', float('nan')):>13.3f} {m.get('test_ap_macro', float('nan')):>13.3f}")
 PY
 echo "These figures move a little from one demo to the next: another machine or thread count sums floats in"
-echo "another order, and on 98 test frames one frame predicted otherwise moves macro F1 by about 0.01. So they"
-echo "need not match the README's table to the digit; block permutation p above says whether a gap is real."
+echo "another order, and on ~100 test frames one frame predicted otherwise moves macro F1 by about 0.01. So they"
+echo "need not match the README's table to the digit; the permutation test above says whether a gap is real."
 echo "Browse every run, metric, plot and model with:"
 echo "   .venv/bin/mlflow ui --backend-store-uri $MLFLOW_TRACKING_URI"
 echo "and open the runs (not MLflow's GenAI overview, which a fresh browser shows first):"
