@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from flame_kd.data.split import (STATES, Split, chain_order, infer_groups, label_states, make_split, parse_ratios,
-                                 scene_codes)
+                                 rule_sizes, scene_codes)
 from flame_kd.errors import ConfigError
 
 
@@ -94,8 +94,7 @@ def make_folds(frames: pd.DataFrame, k: int, seed: int = 42, ratios=(0.7, 0.15, 
     n = len(frames)
     if n == 0:
         raise ConfigError("cannot cut folds from an empty frame table")
-    block_size = int(block_size or max(1, round(n / 40)))
-    gap = int(gap if gap is not None else max(1, round(block_size / 20)))
+    block_size, gap = rule_sizes(n, block_size, gap)
     groups, how = infer_groups(frames, ranges)
     order, chains = chain_order(frames)
     scene = scene_codes(groups.to_numpy(), order)

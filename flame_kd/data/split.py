@@ -157,6 +157,12 @@ def parse_ratios(ratios) -> tuple[float, float, float]:
     return tuple(values)  # type: ignore[return-value]
 
 
+def rule_sizes(n: int, block_size: int | None, gap: int | None) -> tuple[int, int]:
+    """(block size, gap) where not given: N/40 frames a block, block/20 frames of gap (at least 1 each)."""
+    block_size = int(block_size or max(1, round(n / 40)))
+    return block_size, int(gap if gap is not None else max(1, round(block_size / 20)))
+
+
 def make_split(
     frames: pd.DataFrame,
     seed: int = 42,
@@ -178,8 +184,7 @@ def make_split(
     n = len(frames)
     if n == 0:
         raise ConfigError("cannot split an empty frame table")
-    block_size = int(block_size or max(1, round(n / 40)))
-    gap = int(gap if gap is not None else max(1, round(block_size / 20)))
+    block_size, gap = rule_sizes(n, block_size, gap)
     groups, how = infer_groups(frames, ranges)
     has_video = "video" in frames.columns
     cut = (not has_video) or cut_videos

@@ -178,12 +178,4 @@ class ClassicRenderer(EasyRenderer):
             alpha = seg.mist * (0.5 + self.haze[off[1] : off[1] + s, off[0] : off[0] + s])
         else:
             alpha = None
-        if alpha is not None:
-            smoke_colour = np.array([215, 215, 222], dtype=np.float32) * np.float32(rng.uniform(0.95, 1.05))
-            rgb += (smoke_colour - rgb) * alpha[..., None]
-            temp = temp * (1 - 0.1 * alpha)  # thermal sees through smoke, nearly unattenuated
-
-        ir = lookup(self.iron, temp)
-        rgb += 4.0 * self.sensor_noise(rng)
-        ir += 3.0 * self.sensor_noise(rng)
-        return np.clip(rgb, 0, 255).astype(np.uint8), np.clip(ir, 0, 255).astype(np.uint8)
+        return self.finish(rgb, temp, alpha, rng)

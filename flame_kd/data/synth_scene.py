@@ -175,6 +175,11 @@ class EasyRenderer(Terrain):
             alpha = 0.35 * np.clip(fire * 2, 0, 1)
         else:
             alpha = None
+        return self.finish(rgb, temp, alpha, rng)
+
+    def finish(self, rgb: np.ndarray, temp: np.ndarray, alpha: np.ndarray | None,
+               rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """Smoke of opacity ``alpha`` over RGB (IR sees through it), the IR palette, sensor noise, uint8."""
         if alpha is not None:
             smoke_colour = np.array([215, 215, 222], dtype=np.float32) * np.float32(rng.uniform(0.95, 1.05))
             rgb += (smoke_colour - rgb) * alpha[..., None]
