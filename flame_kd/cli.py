@@ -389,9 +389,9 @@ def serve(model_uri: str | None, name: str, host: str, port: int, tracking_uri: 
     on a copy verified against what flame-kd logged): POST uint8 frames as JSON to http://HOST:PORT/invocations."""
     import os
 
-    from flame_kd import serving
+    from flame_kd.runs.serve import plan
 
-    argv, env = serving.plan(model_uri, name, host, port, tracking_uri, max_frames, keep=not dry_run)
+    argv, env = plan(model_uri, name, host, port, tracking_uri, max_frames, keep=not dry_run)
     if not dry_run:
         os.execve(argv[0], argv, env)  # the server replaces this process: Ctrl-C stops it directly
 

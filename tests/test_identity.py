@@ -309,9 +309,9 @@ LOOKUPS = {"search_runs", "create_study", "load_study", "list_artifacts", "model
 
 # Lookups that decide no reuse, each with the reason (module path, top-level function).
 NOT_REUSE = {
-    ("flame_kd/tracking.py", "search_runs"): "the wrapper every search goes through",
-    ("flame_kd/tracking.py", "list_artifacts"): "the wrapper every listing goes through",
-    ("flame_kd/tracking.py", "reap_lost_runs"): "ends runs of dead processes; reuses nothing",
+    ("flame_kd/tracking/queries.py", "search_runs"): "the wrapper every search goes through",
+    ("flame_kd/tracking/queries.py", "list_artifacts"): "the wrapper every listing goes through",
+    ("flame_kd/tracking/liveness.py", "reap_lost_runs"): "ends runs of dead processes; reuses nothing",
     ("flame_kd/runs/ablation.py", "finished_cells"): "children of a parent found by identity",
     ("flame_kd/runs/ablation.py", "collect_runs"): "a report of runs the user filters",
     ("flame_kd/runs/grid.py", "end_lost_runs"): "ends a dead worker's runs under the parent",
@@ -320,7 +320,7 @@ NOT_REUSE = {
     ("flame_kd/runs/sweep.py", "_tag_last_trial"): "tags a trial run under the study's parent",
     ("flame_kd/runs/distill.py", "nearest_teacher"): "a message naming what differs; reuses nothing",
     ("flame_kd/runs/compare.py", "_read_csv_artifact"): "reads the runs the user named to compare",
-    ("flame_kd/serving.py", "resolve_model_uri"): "serves the version an alias names; compares nothing",
+    ("flame_kd/runs/serve.py", "resolve_model_uri"): "serves the version an alias names; compares nothing",
     ("flame_kd/runs/pareto.py", "register_best"): "the alias follows the newest study's best; compares nothing",
 }
 

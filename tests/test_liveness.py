@@ -17,6 +17,7 @@ from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
 from flame_kd import memory, tracking
+from flame_kd.tracking import liveness
 from flame_kd.cli import main
 from pipeline_helpers import SIZE, TINY_TEACHER, migrated_store, use_store
 
@@ -30,12 +31,12 @@ def dead_pid() -> int:
 
 def tags_of(host: str, pid: int, started: float, beat: float) -> dict[str, str]:
     return {tracking.HOST_TAG: host, tracking.PID_TAG: str(pid), tracking.STARTED_TAG: f"{started:.2f}",
-            tracking.HEARTBEAT_TAG: tracking._utc(beat)}
+            tracking.HEARTBEAT_TAG: liveness._utc(beat)}
 
 
 def test_lost_reason_reads_pid_on_this_host_and_heartbeat_elsewhere():
     host, now = socket.gethostname(), time.time()
-    me = tracking._process_started(os.getpid())
+    me = liveness._process_started(os.getpid())
     assert tracking.lost_reason(tags_of(host, os.getpid(), me, now - 9999), host, now, 600) is None  # alive
     assert tracking.lost_reason(tags_of(host, dead_pid(), me, now), host, now, 600) == "process gone"
     # the pid lives but belongs to a process started at another time: reused, the run's process is gone
@@ -54,7 +55,7 @@ def test_the_next_command_marks_lost_runs_failed(tmp_path, monkeypatch):
         "killed": tags_of(host, dead_pid(), now - 100, now - 100),
         "silent": tags_of("other-host", 4242, now - 4000, now - 3600),
         "busy": tags_of("other-host", 4242, now - 4000, now - 10),
-        "mine": tags_of(host, os.getpid(), tracking._process_started(os.getpid()), now),
+        "mine": tags_of(host, os.getpid(), liveness._process_started(os.getpid()), now),
         "foreign": {},
     }.items()}
     result = CliRunner().invoke(main, ["ui-url", "--experiment", "live"])  # any command that opens the store
@@ -73,11 +74,11 @@ def test_every_run_records_host_pid_and_heartbeat(tmp_path, monkeypatch):
     use_store(tmp_path, monkeypatch)
     with tracking.run("beats", "r") as active:
         tags = MlflowClient().get_run(active.info.run_id).data.tags
-        assert active.info.run_id in tracking._owned
+        assert active.info.run_id in liveness._owned
     assert tags[tracking.HOST_TAG] == socket.gethostname() and tags[tracking.PID_TAG] == str(os.getpid())
-    assert abs(time.time() - tracking.calendar.timegm(time.strptime(tags[tracking.HEARTBEAT_TAG],
+    assert abs(time.time() - liveness.calendar.timegm(time.strptime(tags[tracking.HEARTBEAT_TAG],
                                                                   "%Y-%m-%dT%H:%M:%SZ"))) < 120
-    assert active.info.run_id not in tracking._owned  # ended: no more heartbeats
+    assert active.info.run_id not in liveness._owned  # ended: no more heartbeats
 
 
 def test_mlflow_runs_run_is_named_even_when_the_command_fails_early(tmp_path, monkeypatch):

@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 
 from flame_kd.cli import main
 from flame_kd.runs import champion
-from flame_kd.serving import ServedFrames, schema_text
+from flame_kd.tracking.pyfunc import ServedFrames, schema_text
 
 from pipeline_helpers import use_store
 
@@ -154,7 +154,7 @@ def test_serve_picks_the_newest_of_champion_and_pareto_best_on_loopback(tmp_path
     assert done.exit_code == 0, said
     assert f"serving flame-kd-student version {v1} (alias champion, run {r1})" in said
     assert "serving models:/flame-kd-student@champion, verified, from " in said
-    assert "--host 127.0.0.1 --port 5123 flame_kd.serving:app" in said
+    assert "--host 127.0.0.1 --port 5123 flame_kd.runs.serve:app" in said
     v2, _ = version("flame-kd-student", 0.5, real=True)  # registered later: the newest
     MlflowClient().set_registered_model_alias("flame-kd-student", "pareto-best", v2)
     done, said = dry_run()
@@ -163,7 +163,7 @@ def test_serve_picks_the_newest_of_champion_and_pareto_best_on_loopback(tmp_path
     for bad in ("models:/flame-kd-student/99", "models:/nope@champion", f"runs:/{r1}/no-model"):
         done, said = dry_run("--model-uri", bad)
         assert done.exit_code == 2 and f"cannot serve {bad}: " in said, said
-        assert "Traceback" not in said and "flame_kd.serving:app" not in said
+        assert "Traceback" not in said and "flame_kd.runs.serve:app" not in said
 
 
 def test_model_uris_with_an_alias_are_not_taken_for_credentials():
@@ -179,12 +179,12 @@ def test_serve_command_puts_the_venv_bin_first_on_path(monkeypatch):
     import sys
     from pathlib import Path
 
-    from flame_kd.serving import MAX_FRAMES_ENV, MODEL_ENV, serve_command
+    from flame_kd.runs.serve import MAX_FRAMES_ENV, MODEL_ENV, serve_command
 
     monkeypatch.setenv("PATH", "/usr/bin:/bin")
     argv, env = serve_command("/tmp/copy/model", "127.0.0.1", 5005, "sqlite:///m.db", max_frames=8)
     bindir = str(Path(sys.executable).parent)
     assert env["PATH"].split(":")[0] == bindir
     assert argv[0] == f"{bindir}/uvicorn" and env["MLFLOW_TRACKING_URI"] == "sqlite:///m.db"
-    assert argv[argv.index("--host") + 1] == "127.0.0.1" and argv[-1] == "flame_kd.serving:app"
+    assert argv[argv.index("--host") + 1] == "127.0.0.1" and argv[-1] == "flame_kd.runs.serve:app"
     assert env[MODEL_ENV] == "/tmp/copy/model" and env[MAX_FRAMES_ENV] == "8"

@@ -24,9 +24,11 @@ import torch
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
-from flame_kd import integrity, serving, tracking
+from flame_kd import integrity, tracking
 from flame_kd.cli import main
 from flame_kd.errors import ConfigError
+from flame_kd.runs import serve
+from flame_kd.tracking import pyfunc
 
 from pipeline_helpers import use_store
 
@@ -132,11 +134,11 @@ def test_a_model_without_a_record_is_refused(logged):
 def test_the_server_refuses_a_local_copy_changed_after_verification(logged, tmp_path, monkeypatch):
     version, _, _ = logged
     local = tracking.fetch_verified_model(f"models:/s/{version}", tmp_path / "copy")
-    monkeypatch.setenv(serving.MODEL_ENV, str(local))
-    monkeypatch.setenv(serving.RECORD_ENV, integrity.encode(integrity.manifest(local)))
+    monkeypatch.setenv(serve.MODEL_ENV, str(local))
+    monkeypatch.setenv(serve.RECORD_ENV, integrity.encode(integrity.manifest(local)))
     (local / "extra.py").write_text("print('hi')\n")
     with pytest.raises(ConfigError, match="files flame-kd did not log: extra.py"):
-        serving.make_app()
+        serve.make_app()
 
 
 # --- every other artifact read back: weights, teacher outputs, configs, predictions ---------------
@@ -192,27 +194,27 @@ def test_config_and_tables_carry_their_digests(tmp_path, monkeypatch):
 # --- requests: bounded, typed, answered reason first ---------------------------------------------
 
 
-def _served(max_frames: int = serving.MAX_FRAMES) -> serving.ServedFrames:
-    return serving.ServedFrames(_MeanModel(), SHAPE, max_frames)
+def _served(max_frames: int = pyfunc.MAX_FRAMES) -> pyfunc.ServedFrames:
+    return pyfunc.ServedFrames(_MeanModel(), SHAPE, max_frames)
 
 
 def test_body_screen_refuses_deep_nesting_and_json_literals_without_parsing():
     deep = b'{"inputs": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
-    assert serving.body_problem(deep) == (f"JSON nested 100001 deep, more than {serving.MAX_DEPTH} "
+    assert serve.body_problem(deep) == (f"JSON nested 100001 deep, more than {serve.MAX_DEPTH} "
                                           "(frames are [batch][channel][row][column])")
     frame = np.zeros((1, *SHAPE), int).tolist()
-    assert serving.body_problem(json.dumps({"inputs": frame}).encode()) is None
+    assert serve.body_problem(json.dumps({"inputs": frame}).encode()) is None
     frame[0][0][0][0] = True
-    assert "a JSON true among the values" in serving.body_problem(json.dumps({"inputs": frame}).encode())
-    assert "a JSON null" in serving.body_problem(b'{"inputs": [[[[null]]]]}')
+    assert "a JSON true among the values" in serve.body_problem(json.dumps({"inputs": frame}).encode())
+    assert "a JSON null" in serve.body_problem(b'{"inputs": [[[[null]]]]}')
 
 
 def test_reason_first_drops_the_echoed_array():
     arr = np.zeros((3, 3, 8, 4), np.uint8)
     echoed = f"Failed to predict data '{arr}'. \nError: bad request: frames shaped [3, 3, 8, 4], not ..."
-    assert serving.reason_first(echoed) == "bad request: frames shaped [3, 3, 8, 4], not ..."
+    assert serve.reason_first(echoed) == "bad request: frames shaped [3, 3, 8, 4], not ..."
     bad_json = "Ensure that input is a valid JSON formatted string. Error: 'x'\nInput: \n{\"inputs\": [[[[1,"
-    assert serving.reason_first(bad_json) == "Ensure that input is a valid JSON formatted string. Error: 'x'"
+    assert serve.reason_first(bad_json) == "Ensure that input is a valid JSON formatted string. Error: 'x'"
 
 
 def test_a_batch_over_the_frame_limit_is_refused():
@@ -265,7 +267,7 @@ def test_the_served_model_bounds_requests_and_leads_with_the_reason(logged, tmp_
         assert status == 200 and np.array(answer["predictions"]).shape == (2, 2), answer
         true_pixel = frames.tolist()
         true_pixel[0][0][0][0] = True
-        limit = serving.max_bytes(SHAPE, 4)
+        limit = serve.max_bytes(SHAPE, 4)
         cases = [
             (b'{"inputs": ' + b"[" * 30_000 + b"]" * 30_000 + b"}", 400, "bad request: JSON nested 30001 deep"),
             (json.dumps({"inputs": true_pixel}).encode(), 400, "bad request: a JSON true among the values"),
