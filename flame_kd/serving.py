@@ -5,4 +5,6 @@ request check) is flame_kd/tracking/pyfunc.py; `flame-kd serve` is flame_kd/runs
 
 from __future__ import annotations
 
-from flame_kd.tracking.pyfunc import _load_pyfunc  # noqa: F401 (what MLflow calls: loader_module._load_pyfunc)
+from flame_kd.tracking.pyfunc import _load_pyfunc
+
+__all__ = ["_load_pyfunc"]  # what MLflow calls: <loader_module>._load_pyfunc(path)

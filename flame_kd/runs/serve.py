@@ -25,7 +25,6 @@ from flame_kd import integrity, tracking
 from flame_kd.errors import ConfigError
 from flame_kd.tracking.pyfunc import MAX_FRAMES, MAX_FRAMES_ENV
 
-
 MODEL_ENV, RECORD_ENV = "FLAME_KD_SERVE_MODEL", "FLAME_KD_SERVE_RECORD"  # the verified copy and its file digests
 MAX_DEPTH = 8  # {"inputs": [batch][channel][row][column]} is 5 deep; deeper JSON is refused unparsed
 BYTES_PER_VALUE = 5  # "255, " in JSON: a body's bound is max_frames frames at this much per value, plus slack
@@ -34,7 +33,6 @@ log = logging.getLogger("flame_kd")
 
 
 # --- the request guard: what uvicorn runs, MLflow's scoring app inside ------------------------------
-
 
 _LITERAL = re.compile(rb"\b(true|false|null)\b")
 

@@ -21,7 +21,6 @@ from flame_kd.tracking.log import TAG, set_tags
 
 log = logging.getLogger("flame_kd")
 
-
 HOST_TAG, PID_TAG, STARTED_TAG, HEARTBEAT_TAG = (TAG + "host", TAG + "pid", TAG + "process_started",
                                                  TAG + "heartbeat")
 END_REASON_TAG = TAG + "end_reason"

@@ -21,7 +21,6 @@ from flame_kd.tracking.store import _first_sentence
 
 log = logging.getLogger("flame_kd")
 
-
 MODEL_FILES_TAG = TAG + "model_files"  # a logged model's files and their sha256 (JSON), on the model and its run
 
 

@@ -16,7 +16,6 @@ import mlflow
 import numpy as np
 import torch
 
-
 MODEL_FILE = "model.pt2"
 MAX_FRAMES = 64  # frames per request by default (`flame-kd serve --max-frames`): bounds the body and the work
 MAX_FRAMES_ENV = "FLAME_KD_SERVE_MAX_FRAMES"

@@ -21,7 +21,6 @@ from flame_kd.tracking.liveness import reap_lost_runs
 
 log = logging.getLogger("flame_kd")
 
-
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"  # else MLflow 3.17's UI opens the experiment as GenAI
 
