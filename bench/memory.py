@@ -47,8 +47,7 @@ def measure_one(args: argparse.Namespace) -> dict:
     from torch.utils.data import DataLoader
 
     from flame_kd.config import TrainConfig
-    from flame_kd.engine import Trainer
-    from flame_kd.memory import GiB, Probe
+    from flame_kd.engine import GiB, Probe, Trainer
     from flame_kd.models import build_student, build_teacher
     from flame_kd.tasks import SupervisedTask, student_forward, teacher_forward
 

@@ -127,9 +127,9 @@ def test_device_resolution():
 
 def test_nan_is_found_by_the_periodic_check_without_a_sync_per_step(tmp_path, monkeypatch):
     """The loss is summed on the device; its finiteness is read every FINITE_CHECK_STEPS steps."""
-    from flame_kd import engine
+    from flame_kd.engine import loop
 
-    monkeypatch.setattr(engine, "FINITE_CHECK_STEPS", 2)
+    monkeypatch.setattr(loop, "FINITE_CHECK_STEPS", 2)  # read where the loop runs
     trainer = make(tmp_path, "nan2", epochs=1)
     with torch.no_grad():
         trainer.model.head.bias.fill_(float("inf"))
@@ -166,3 +166,43 @@ def test_compile_trains_a_tiny_model_on_cpu(tmp_path):
     assert state.history["train/loss"][0][1] == pytest.approx(eager_state.history["train/loss"][0][1], rel=1e-4)
     saved = torch.load(tmp_path / "compiled" / "best.pt", weights_only=True)["model"]
     assert set(saved) == set(eager.model.state_dict())  # no _orig_mod. prefixes
+
+
+def test_checkpointing_and_early_stopping_are_callbacks():
+    """best.pt on each improvement of the monitor (a loss: downwards), last.pt every epoch, and a stop
+    after ``patience`` epochs in a row that were not the best."""
+    import math
+    from pathlib import Path
+
+    from flame_kd.engine import Checkpointing, EarlyStopping, FitState
+
+    saved = []
+    ckpt = Checkpointing(lambda kind: saved.append(kind) or Path(f"{kind}.pt"), "val/loss", "min")
+    stop, state = EarlyStopping(patience=2), FitState(best_score=math.inf)
+    for epoch, loss in enumerate([1.0, 0.5, 0.7, 0.6], 1):
+        state.epoch = epoch
+        for cb in (ckpt, stop):
+            cb.on_validation_end(epoch, {"val/loss": loss}, state)
+        ckpt.on_epoch_end(epoch, {"val/loss": loss}, state)
+    assert saved == ["best", "last", "best", "last", "last", "last"]
+    assert (state.best_epoch, state.best_score, state.bad_epochs, state.stopped_early) == (2, 0.5, 2, True)
+    assert state.best_path == Path("best.pt") and state.last_path == Path("last.pt")
+
+
+def test_a_snapshot_puts_back_statistics_and_every_rng():
+    """What the memory check and a rebatch before the first optimizer step rely on."""
+    import random
+
+    import numpy as np
+
+    from flame_kd.engine import Snapshot
+
+    norm = nn.BatchNorm1d(3)
+    snap = Snapshot.take([norm])
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    norm(torch.randn(8, 3) + 5)  # training mode: the running statistics move
+    assert not torch.equal(norm.running_mean, torch.zeros(3))
+    snap.restore()
+    assert torch.equal(norm.running_mean, torch.zeros(3)) and torch.equal(norm.running_var, torch.ones(3))
+    again = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(again[0], expected[0]) and np.array_equal(again[1], expected[1]) and again[2] == expected[2]

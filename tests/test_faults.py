@@ -142,9 +142,10 @@ def _torch_save_then_enospc(obj, f, *args, **kwargs):
 @pytest.mark.parametrize("what", ["checkpoint", "teacher outputs"])
 def test_a_full_disk_under_a_checkpoint_or_teacher_outputs_is_one_line_naming_the_folder(tmp_path, monkeypatch, what):
     from flame_kd import engine
+    from flame_kd.engine import checkpoint
     from flame_kd.errors import RunFailed
 
-    monkeypatch.setattr(engine.torch, "save", _torch_save_then_enospc)
+    monkeypatch.setattr(checkpoint.torch, "save", _torch_save_then_enospc)
     with pytest.raises(RunFailed) as err:
         if what == "checkpoint":
             engine.atomic_save({"model": {}}, tmp_path / "last.pt")
@@ -166,7 +167,7 @@ def test_a_trainer_on_a_full_checkpoint_folder_fails_in_one_line(tmp_path, monke
 
     trainer = engine.Trainer(build_student("timm:test_efficientnet", image_size=32), SupervisedTask(student_forward),
                              TrainConfig(device="cpu", progress=False), tmp_path / "ckpt")
-    monkeypatch.setattr(engine.torch, "save", _torch_save_then_enospc)
+    monkeypatch.setattr(engine.checkpoint.torch, "save", _torch_save_then_enospc)
     with pytest.raises(RunFailed, match=f"checkpoint folder {tmp_path / 'ckpt'}: cannot write last.pt.tmp"):
         trainer.save("last")
     assert not any((tmp_path / "ckpt").iterdir())

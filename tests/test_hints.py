@@ -9,7 +9,8 @@ import torch
 import yaml
 from click.testing import CliRunner
 
-from flame_kd import memory
+from flame_kd.engine import autobatch
+from flame_kd.engine.measure import GiB
 from flame_kd.cli import main
 from flame_kd.errors import ConfigError
 from flame_kd.models import build_student, build_teacher
@@ -53,9 +54,9 @@ def test_each_form_spells_values_names_and_false(typed, monkeypatch):
 
 
 def _memory_refusal() -> str:
-    probe = memory.Probe(lambda b: None, torch.device("cpu"))
-    probe.measured = {1: 2 * memory.GiB, 2: 2.5 * memory.GiB}
-    return memory.too_big(probe, 64, 1, 24 * memory.GiB, torch.device("cpu"), "teacher resnet-152", 224, None)
+    probe = autobatch.Probe(lambda b: None, torch.device("cpu"))
+    probe.measured = {1: 2 * GiB, 2: 2.5 * GiB}
+    return autobatch.too_big(probe, 64, 1, 24 * GiB, torch.device("cpu"), "teacher resnet-152", 224, None)
 
 
 def test_memory_refusal_in_each_form(typed, monkeypatch):

@@ -16,7 +16,8 @@ import pytest
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
-from flame_kd import memory, tracking
+from flame_kd import tracking
+from flame_kd.engine import autobatch
 from flame_kd.tracking import liveness
 from flame_kd.cli import main
 from pipeline_helpers import SIZE, TINY_TEACHER, migrated_store, use_store
@@ -97,7 +98,7 @@ def test_mlflow_runs_run_is_named_even_when_the_command_fails_early(tmp_path, mo
 
 def test_a_run_that_does_not_fit_ends_failed_with_one_line(synth_csv, tmp_path, monkeypatch):
     use_store(tmp_path, monkeypatch)
-    monkeypatch.setattr(memory, "available", lambda device: 64 * 2**20)  # 64 MiB: no step fits
+    monkeypatch.setattr(autobatch, "available", lambda device: 64 * 2**20)  # 64 MiB: no step fits
     result = CliRunner().invoke(main, ["teacher", "--teacher", TINY_TEACHER, "--data", str(synth_csv),
                                        "--image-size", str(SIZE), "--batch-size", "16", "--epochs", "1",
                                        "--no-pretrained", "--device", "cpu", "--experiment", "oom",

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from flame_kd import memory
+from flame_kd.engine import autobatch
+from flame_kd.engine.measure import GiB
 from flame_kd.config import TrainConfig
 from flame_kd.engine import LambdaCallback, Trainer, rebatched
 from flame_kd.errors import OutOfMemory
@@ -107,7 +108,7 @@ def fake_peaks(monkeypatch, fixed_gib: float, per_frame_gib: float, have_gib: fl
 
     def peak_of(fn, device):
         fn()
-        return int((fixed_gib + per_frame_gib * seen[-1]) * memory.GiB)
+        return int((fixed_gib + per_frame_gib * seen[-1]) * GiB)
 
     real = Trainer.measure_step
 
@@ -115,8 +116,8 @@ def fake_peaks(monkeypatch, fixed_gib: float, per_frame_gib: float, have_gib: fl
         seen.append(frames)
         return real(self, loader, frames)
 
-    monkeypatch.setattr(memory, "peak_of", peak_of)
-    monkeypatch.setattr(memory, "available", lambda device: int(have_gib * memory.GiB))
+    monkeypatch.setattr(autobatch, "peak_of", peak_of)
+    monkeypatch.setattr(autobatch, "available", lambda device: int(have_gib * GiB))
     monkeypatch.setattr(Trainer, "measure_step", measure_step)
     return seen
 
@@ -149,13 +150,13 @@ class Checkpointable(WithNorm):
 def test_the_message_offers_gradient_checkpointing_from_one_measured_step(tmp_path, monkeypatch):
     measured = fake_peaks(monkeypatch, fixed_gib=2.0, per_frame_gib=0.5, have_gib=10.0)
     t = trainer(tmp_path, "ckpt", model=Checkpointable)
-    plain = memory.peak_of
+    plain = autobatch.peak_of
 
     def peak_of(fn, device):  # checkpointing keeps a fifth of the activations
         value = plain(fn, device)
-        return int(2.0 * memory.GiB + (value - 2.0 * memory.GiB) / 5) if t.model.checkpointing else value
+        return int(2.0 * GiB + (value - 2.0 * GiB) / 5) if t.model.checkpointing else value
 
-    monkeypatch.setattr(memory, "peak_of", peak_of)
+    monkeypatch.setattr(autobatch, "peak_of", peak_of)
     with pytest.raises(OutOfMemory) as err:
         t.fit(train_loader(32), val_loader())
     assert measured == [1, 2, 1]  # the two probes, then one step with checkpointing on
@@ -187,7 +188,7 @@ def test_a_run_that_fits_is_measured_at_its_micro_batch(tmp_path, monkeypatch):
     t.callbacks.append(type("C", (LambdaCallback,), {"on_batch_plan": lambda self, p: plans.append(p)})())
     t.fit(train_loader(16), val_loader())
     assert measured[:5] == [1, 2, 4, 8, 16]  # the probes, then doubling up to the run's own micro-batch
-    assert plans[0].micro == 16 and plans[0].need == pytest.approx(2.6 * memory.GiB) and not plans[0].note
+    assert plans[0].micro == 16 and plans[0].need == pytest.approx(2.6 * GiB) and not plans[0].note
 
 
 def test_batch_size_auto_halves_until_a_step_fits(tmp_path, monkeypatch):
@@ -246,12 +247,12 @@ def test_rebatched_keeps_the_shuffle_and_drops_a_last_single_frame():
 
 
 def test_the_probe_predicts_along_the_measured_line():
-    peaks = {2: 3 * memory.GiB, 4: 4 * memory.GiB}
-    probe = memory.Probe(lambda b: None, torch.device("cpu"))
+    peaks = {2: 3 * GiB, 4: 4 * GiB}
+    probe = autobatch.Probe(lambda b: None, torch.device("cpu"))
     probe.measured = dict(peaks)
-    assert probe.per_frame() == pytest.approx(0.5 * memory.GiB)
-    assert probe.predict(64) == pytest.approx(34 * memory.GiB)
-    assert probe.predict(64, image_scale=0.25) == pytest.approx(2 * memory.GiB + 8 * memory.GiB)
+    assert probe.per_frame() == pytest.approx(0.5 * GiB)
+    assert probe.predict(64) == pytest.approx(34 * GiB)
+    assert probe.predict(64, image_scale=0.25) == pytest.approx(2 * GiB + 8 * GiB)
 
 
 def test_peak_of_sees_an_allocation_on_this_cpu():
@@ -259,18 +260,18 @@ def test_peak_of_sees_an_allocation_on_this_cpu():
         x = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
         x += 1
 
-    base = memory.peak_of(lambda: None, torch.device("cpu"))
-    assert memory.peak_of(grow, torch.device("cpu")) - base > 48 * 2**20
-    assert memory.available(torch.device("cpu")) > 0
+    base = autobatch.peak_of(lambda: None, torch.device("cpu"))
+    assert autobatch.peak_of(grow, torch.device("cpu")) - base > 48 * 2**20
+    assert autobatch.available(torch.device("cpu")) > 0
 
 
 def test_a_step_that_ran_out_of_memory_still_gets_the_smaller_batches_that_fit():
     """CUDA: the climb's step at 16 frames raised out-of-memory; 8 was measured and fits."""
-    probe = memory.Probe(lambda b: None, torch.device("cpu"))
-    probe.measured = {1: 2 * memory.GiB, 2: 2.5 * memory.GiB, 4: 3.5 * memory.GiB, 8: 5.5 * memory.GiB,
+    probe = autobatch.Probe(lambda b: None, torch.device("cpu"))
+    probe.measured = {1: 2 * GiB, 2: 2.5 * GiB, 4: 3.5 * GiB, 8: 5.5 * GiB,
                       16: float("inf")}
-    assert probe.predict(32) == float("inf") and probe.predict(8) == 5.5 * memory.GiB
-    text = memory.too_big(probe, 32, 1, 10 * memory.GiB, torch.device("cpu"), "the model", 224, None)
+    assert probe.predict(32) == float("inf") and probe.predict(8) == 5.5 * GiB
+    text = autobatch.too_big(probe, 32, 1, 10 * GiB, torch.device("cpu"), "the model", 224, None)
     assert "needs more than is there" in text and "--batch-size 8 --accumulate 4 (~5.5 GiB)" in text
 
 

@@ -1,147 +1,35 @@
-"""How much memory one training step needs, how much the device has, and which batch sizes fit.
+"""Auto-batching: which micro-batch fits, found from measured training steps, and the Trainer's side
+of it (the check before the first epoch, out-of-memory errors, ``--batch-size auto``).
 
 The check before the first epoch (``Trainer.fit``) measures real steps, never guesses: the peak of
-one training step at 1 and 2 frames first (cheap, safe; 2 and 4 where a BatchNorm would see a 1x1 map); then, while the straight line through the
-two largest measured batches says the run's micro-batch fits, steps at twice the largest measured
-batch, up to the micro-batch itself (a run that fits is measured at its own batch). On CUDA the
-peak is ``torch.cuda.max_memory_allocated``; on a CPU it is the process's peak resident set
-(``VmHWM``, reset through ``/proc/self/clear_refs``; a sampling thread where that is missing).
-A run that will not fit stops with one line naming the need, what is there and what would fit,
-before it can grow into the kernel's out-of-memory killer.
+one training step at 1 and 2 frames first (cheap, safe; 2 and 4 where a BatchNorm would see a 1x1
+map); then, while the straight line through the two largest measured batches says the run's
+micro-batch fits, steps at twice the largest measured batch, up to the micro-batch itself (a run
+that fits is measured at its own batch). Peaks come from ``engine.measure``. A run that will not
+fit stops with one line naming the need, what is there and what would fit, before it can grow into
+the kernel's out-of-memory killer.
 """
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import math
-import re
-import threading
+import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
-import psutil
 import torch
+from torch import nn
 
+from flame_kd.engine.checkpoint import Snapshot
+from flame_kd.engine.device import Batch, to_device
+from flame_kd.engine.measure import available, gib, is_out_of_memory, peak_of
 from flame_kd.options import spell
+from flame_kd.progress import said
 
-GiB = 2**30
 HEADROOM = 0.9  # a run may plan on this share of what is available: other processes grow too
 PROBES = (1, 2)  # frames of the two cheap probe steps
 SMALL_MAP_PROBES = (2, 4)  # where a BatchNorm sees a 1x1 map, one frame gives it one value per channel: an error
 IMAGE_SIZES = (192, 160, 128, 112, 96, 64)  # smaller --image-size values a failing run is offered
-
-
-def is_out_of_memory(err: BaseException) -> bool:
-    """A CUDA (or MPS) out-of-memory error, or the CPU allocator refusing an allocation."""
-    if isinstance(err, getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)):
-        return True
-    text = str(err)
-    return isinstance(err, (RuntimeError, MemoryError)) and (
-        "can't allocate memory" in text or "out of memory" in text.lower() or isinstance(err, MemoryError))
-
-
-def gib(n: float) -> str:
-    return f"{n / GiB:.1f} GiB"
-
-
-# --- what the device has ---------------------------------------------------------------------------
-
-
-def _cgroup_room() -> int | None:
-    """Bytes left under this container's cgroup v2 (or v1) memory limit, None without a limit."""
-    for limit, usage in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-                         ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
-        try:
-            text = Path(limit).read_text().strip()
-            if text == "max" or int(text) >= 2**60:
-                return None
-            return int(text) - int(Path(usage).read_text().strip())
-        except (OSError, ValueError):
-            continue
-    return None
-
-
-def available(device: torch.device) -> int:
-    """What a run on ``device`` can reach: on CUDA the free memory plus what PyTorch already holds;
-    on a CPU this process's resident memory plus the machine's available memory (psutil; less under
-    a container's cgroup limit)."""
-    if device.type == "cuda":
-        free, _total = torch.cuda.mem_get_info(device)
-        return int(free + torch.cuda.memory_reserved(device))
-    room = psutil.virtual_memory().available
-    cgroup = _cgroup_room()
-    if cgroup is not None:
-        room = min(room, cgroup)
-    return int(psutil.Process().memory_info().rss + room)
-
-
-# --- the peak of one step ------------------------------------------------------------------------------
-
-
-def _trim_heap() -> None:
-    """Give freed heap memory back to the system (glibc ``malloc_trim``), so a peak starts from
-    what is in use, not from what the allocator kept."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
-def _vm_hwm() -> int | None:
-    """This process's peak resident set since the last reset (``VmHWM``), in bytes."""
-    try:
-        found = re.search(r"VmHWM:\s+(\d+)\s+kB", Path("/proc/self/status").read_text())
-    except OSError:
-        return None
-    return int(found.group(1)) * 1024 if found else None
-
-
-def _reset_hwm() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-@contextlib.contextmanager
-def _sampled_rss(every: float = 0.005):
-    """Fallback peak: the resident set sampled every ``every`` seconds in a thread."""
-    proc, peak, stop = psutil.Process(), [psutil.Process().memory_info().rss], threading.Event()
-
-    def sample() -> None:
-        while not stop.wait(every):
-            peak[0] = max(peak[0], proc.memory_info().rss)
-
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
-    try:
-        yield peak
-    finally:
-        stop.set()
-        thread.join()
-        peak[0] = max(peak[0], proc.memory_info().rss)
-
-
-def peak_of(fn: Callable[[], None], device: torch.device) -> int:
-    """Peak bytes while ``fn`` runs: CUDA ``max_memory_allocated``, else the process's peak RSS."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-        fn()
-        torch.cuda.synchronize(device)
-        return int(torch.cuda.max_memory_allocated(device))
-    _trim_heap()
-    if _reset_hwm() and _vm_hwm() is not None:
-        fn()
-        return int(_vm_hwm())
-    with _sampled_rss() as peak:
-        fn()
-    return int(peak[0])
-
-
-# --- what fits -------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -314,3 +202,150 @@ def _halvings(micro: int) -> list[int]:
         m //= 2
         out.append(m)
     return out
+
+
+# --- the Trainer's side ----------------------------------------------------------------------------
+
+
+class AutoBatch:
+    """The memory side of ``Trainer`` (a mixin): the check before the first epoch, the step it
+    measures, and what an out-of-memory error becomes. Uses the Trainer's model, task, optimizer,
+    device, state and callbacks."""
+
+    def check_memory(self, loader):
+        """The memory check before the first epoch: the loader to train with (rebatched when
+        ``--batch-size auto`` had to halve it); ``OutOfMemory`` when the run will not fit."""
+        plan = BatchPlan(loader.batch_size, self.accumulate)
+        if getattr(self.cfg, "memory_check", True):
+            checkpointed = None if getattr(self.cfg, "grad_checkpointing", False) else self._checkpointed_probe(loader)
+            size = getattr(getattr(loader, "dataset", None), "image_size", None)
+            plan = plan_batch(lambda b: self.measure_step(loader, b), loader.batch_size, self.accumulate,
+                              self.device, self.auto_batch, what=self.name, image_size=size, checkpointed=checkpointed)
+        return self._use_batch(loader, plan)
+
+    def _checkpointed_probe(self, loader):
+        """For the message of a run that does not fit: the same probe steps with gradient
+        checkpointing on (None when the model cannot checkpoint)."""
+        def probe(plain: Probe) -> Probe | None:
+            if not hasattr(self.model, "set_grad_checkpointing") or not plain._finite():
+                return None
+            found = Probe(lambda b: self.measure_step(loader, b), self.device)
+            set_grad_checkpointing(self.model, True)
+            try:
+                found.measure(min(plain._finite()[0][0], loader.batch_size))  # one step, anchored on the plain line
+            except Exception as err:  # noqa: BLE001
+                if not is_out_of_memory(err):
+                    raise
+                return None
+            finally:
+                set_grad_checkpointing(self.model, False)
+            return found.anchored(plain)
+        return probe
+
+    def measure_step(self, loader, frames: int) -> None:
+        """One training step on ``frames`` frames of the loader's data, leaving no trace: the
+        optimizer's state is stood in for by zeros of its size, and the model's statistics, the
+        gradients and every RNG are put back. What the memory check measures."""
+        batch = probe_batch(loader, frames, self.device, self.channels_last)
+        modules = [self.model, *self.task.modules()]
+        snapshot = Snapshot.take(modules)
+        was_training = [m.training for m in modules]
+        for m in modules:
+            m.train()
+        # AdamW's two tensors per parameter live through every step after the first, and the gradients
+        # through every micro-batch of an accumulated step: both held from the start, so the peak is
+        # theirs plus the activations (which grow with the batch; the rest does not). Without
+        # accumulation this counts the gradients in full where a step may peak before all exist.
+        stand_in = [torch.zeros_like(p) for p in self.params if p not in self.optimizer.state for _ in range(2)]
+        for p in self.params:
+            p.grad = torch.zeros_like(p)
+        try:
+            with self._autocast():
+                out = self.task(self.net, batch)
+            out["loss"].float().backward()
+            del out
+        finally:
+            del stand_in
+            for p in self.params:
+                p.grad = None
+            snapshot.restore()
+            for m, mode in zip(modules, was_training):
+                m.train(mode)
+
+    def _use_batch(self, loader, plan: BatchPlan):
+        """Train with ``plan``'s micro-batch and accumulation from now on (said once when it changed)."""
+        if plan.note:
+            print(f"flame-kd: {plan.note}", file=sys.stderr, flush=True)
+            said()
+        if plan.micro != loader.batch_size:
+            loader = rebatched(loader, plan.micro)
+        self.accumulate = plan.accumulate
+        self.state.micro_batch, self.state.accumulate = plan.micro, plan.accumulate
+        for cb in self.callbacks:
+            cb.on_batch_plan(plan)
+        return loader
+
+    def _out_of_memory(self, err: BaseException, where: str, loader) -> Exception:
+        """What an out-of-memory error becomes: with --batch-size auto before the first optimizer
+        step, a halved micro-batch (``Rebatch``); else one line (``OutOfMemory``)."""
+        from flame_kd.errors import OutOfMemory
+
+        micro, k = loader.batch_size, self.accumulate
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        first = " ".join(str(err).split())[:160]
+        if self.auto_batch and self.state.epoch == 0 and self.optimizer_steps == 0 and micro > 1 and micro % 2 == 0:
+            note = (f"batch size auto: out of memory at micro-batch {micro} ({where}); now micro-batch {micro // 2} "
+                    f"x accumulate {k * 2} (effective {micro * k})")
+            return Rebatch(BatchPlan(micro // 2, k * 2, note=note))
+        advice = (f"try {spell(batch_size=micro // 2, accumulate=k * 2)}, " if micro > 1 and micro % 2 == 0 else "try ")
+        return OutOfMemory(f"out of memory in {where} of {self.name} at {spell(batch_size=micro, accumulate=k)} "
+                           f"on {self.device.type} ({first}); {advice}{spell(grad_checkpointing=True)} or "
+                           f"{spell(batch_size='auto')}; `{spell(resume=True)}` continues from the last finished epoch")
+
+
+class Rebatch(Exception):
+    """--batch-size auto: an out-of-memory error before the first optimizer step; train with ``plan``."""
+
+    def __init__(self, plan: BatchPlan):
+        super().__init__(plan.note)
+        self.plan = plan
+
+
+def set_grad_checkpointing(model: nn.Module, enable: bool) -> None:
+    """timm's ``set_grad_checkpointing`` on a teacher or student (every flame-kd model has it)."""
+    from flame_kd.errors import ConfigError
+
+    setter = getattr(model, "set_grad_checkpointing", None)
+    if setter is None:
+        raise ConfigError(f"{spell('grad_checkpointing')}: {type(model).__name__} cannot checkpoint its activations")
+    try:
+        setter(enable)
+    # timm's models without checkpointing say so with `assert not enable, "gradient checkpointing not
+    # supported"` (an AssertionError), others raise NotImplementedError: both are the user's option here
+    except (AssertionError, NotImplementedError, AttributeError) as err:
+        raise ConfigError(f"{spell('grad_checkpointing')}: {type(model).__name__} does not support it ({err})") from None
+
+
+def rebatched(loader, batch_size: int):
+    """The same training loader (data, shuffle generator, workers) with another batch size; the last
+    short batch dropped as ``load_data`` drops it (a batch of one frame breaks BatchNorm)."""
+    from torch.utils.data import DataLoader
+
+    return DataLoader(loader.dataset, batch_size=batch_size, sampler=loader.sampler, num_workers=loader.num_workers,
+                      collate_fn=loader.collate_fn, pin_memory=loader.pin_memory,
+                      drop_last=len(loader.dataset) > batch_size, worker_init_fn=loader.worker_init_fn,
+                      generator=loader.generator, persistent_workers=loader.persistent_workers)
+
+
+def probe_batch(loader, frames: int, device: torch.device, channels_last: bool) -> Batch:
+    """``frames`` frames of the loader's data set (its first ones, repeated when it holds fewer) as a
+    training batch on ``device``: what the memory check steps on."""
+    ds = loader.dataset
+    rows = [i % len(ds) for i in range(frames)]
+    items = ds.__getitems__(rows) if hasattr(ds, "__getitems__") else [ds[i] for i in rows]
+    batch = to_device(loader.collate_fn(items), device, False)
+    finish = getattr(ds, "on_device", None)
+    if finish is not None:
+        batch = finish(batch)
+    return to_device(batch, device, True) if channels_last else batch
