@@ -312,8 +312,9 @@ def _work(spec: AblationSpec, url: str, uri: str) -> str:
     rerun_failed(study, storage, needs)
     board = Board(storage.get_all_trials(study._study_id, deepcopy=False))
     cells = [k for k in needs if k.startswith("cell|")]
-    log.info("ablation %s: %d of %d cells finished; worker %s on study %s (%s), parent run %s", spec.name,
-             sum(board.state(k) == "done" for k in cells), len(cells), me, study.study_name, tracking.redact(url), parent)
+    done = sum(board.state(k) == "done" for k in cells)
+    log.info("ablation %s: %d cells finished, %d to run (parent run %s); worker %s on study %s (%s)", spec.name,
+             done, len(cells) - done, parent, me, study.study_name, tracking.redact(url))
     waiting = False
     while True:
         with warnings.catch_warnings():
