@@ -1,6 +1,6 @@
 """Wall time of an ablation grid as flame-kd runs it vs the original pipeline's way, side by side.
 
-(a) ``flame_kd.runs.ablation.run_ablation(spec)``: each teacher trained once per seed and
+(a) ``flame_kd.runs.grid.run_ablation(spec)``: each teacher trained once per seed and
     reused by every loss of that seed, its outputs computed once and cached.
 (b) the original Kaggle pipeline's way: for every (teacher, loss) cell a teacher trained from
     scratch (``run_teacher``), then ``run_distill`` pinned to that fresh teacher with the teacher
@@ -94,7 +94,8 @@ class Stopwatch:
 def run_bench(args: argparse.Namespace, tmp: Path) -> None:
     from flame_kd import teacher_cache
     from flame_kd.runs import ablation, distill
-    from flame_kd.runs.ablation import run_ablation, spec_from_dict
+    from flame_kd.runs.ablation import spec_from_dict
+    from flame_kd.runs.grid import run_ablation
     from flame_kd.config import TeacherRunConfig
     from flame_kd.data.synth import synthesize
     from flame_kd.runs.distill import run_distill

@@ -308,7 +308,8 @@ def _launch_sweep(cfg: SweepConfig) -> None:
     """``--workers N``: the teacher and its outputs once, here, then N workers on one study."""
     from flame_kd import tracking
     from flame_kd.runs.distill import prepare
-    from flame_kd.runs.sweep import make_storage, named_study_check, resolve_storage
+    from flame_kd.runs.sweep import named_study_check, open_storage
+    from flame_kd.studies import resolve_storage
     from flame_kd.workers import launch
 
     from flame_kd.workers import check_count
@@ -319,7 +320,7 @@ def _launch_sweep(cfg: SweepConfig) -> None:
     if not cfg.storage:  # every worker on the same storage (the default file, or FLAME_KD_STORAGE)
         extra["FLAME_KD_STORAGE"] = resolve_storage(None, uri)
     # a named study of other data is refused before the teacher is trained
-    storage = make_storage(resolve_storage(cfg.storage, uri), cfg)  # unreachable: one line here, before the teacher
+    storage = open_storage(resolve_storage(cfg.storage, uri), cfg)  # unreachable: one line here, before the teacher
     check = named_study_check(cfg, storage) if cfg.study_name else None
     prepare(cfg.distill, check=check)  # so no worker trains the teacher another is training
     sys.exit(launch(cfg.workers, sys.argv[1:], extra))
@@ -349,12 +350,13 @@ def pareto(**o) -> None:
 def ablation(spec: str, **o) -> None:
     """Teachers x losses x seeds plus a no-teacher control; re-running skips finished cells. Every
     distill option but --teacher, --loss and --seed overrides the spec's value for every cell."""
-    from flame_kd.runs.ablation import load_spec, run_ablation
+    from flame_kd.runs.ablation import load_spec
+    from flame_kd.runs.grid import run_ablation
 
     grid = load_spec(spec, o)
     if grid.workers > 1:
         from flame_kd import tracking
-        from flame_kd.runs.sweep import resolve_storage
+        from flame_kd.studies import resolve_storage
         from flame_kd.workers import launch
 
         from flame_kd.runs.grid import grid_done

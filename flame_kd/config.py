@@ -404,8 +404,9 @@ class AblationSpec:
     distill: DistillRunConfig = opt(factory=ablation_distill_defaults)
     # Where and how many workers run the grid (runs/grid.py): not part of what the grid is (its digest).
     storage: str | None = opt(None, "Optuna RDB URL (or env:NAME) shared by any number of workers, on one machine "
-                                    "or many: each teacher and cell runs once; none: this process runs the grid alone.")
-    heartbeat: int = opt(30, "With --storage: seconds between a worker's heartbeats; a task whose worker stopped "
+                                    "or many: each teacher and cell runs once; none: $FLAME_KD_STORAGE, else "
+                                    "optuna-<store hash>.db beside the store.")
+    heartbeat: int = opt(30, "Seconds between a worker's heartbeats; a task whose worker stopped "
                              "beating is failed and run again by another.", ge=1)
     workers: int = opt(1, "Start this many local worker processes, each pinned to one GPU when there are GPUs; "
                           "more than one shares the grid through --storage (default: optuna-<store hash>.db beside the store).",

@@ -10,7 +10,8 @@ from mlflow.tracking import MlflowClient
 
 from flame_kd.runs import ablation as ablation_mod
 from flame_kd.runs import distill as distill_mod
-from flame_kd.runs.ablation import AblationSpec, load_spec, run_ablation, spec_from_dict, summary_table
+from flame_kd.runs.ablation import AblationSpec, load_spec, spec_from_dict, summary_table
+from flame_kd.runs.grid import run_ablation
 from flame_kd.cli import main
 from flame_kd.data.synth import synthesize
 from flame_kd.errors import ConfigError

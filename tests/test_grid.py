@@ -148,3 +148,55 @@ def test_storage_from_an_unset_variable_is_one_line(tmp_path, monkeypatch):
     assert result.exit_code == 2
     assert "the environment variable NO_SUCH_STORAGE_23 is not set" in result.output
     assert "Traceback" not in result.output
+
+
+def test_a_rerun_queues_what_failed_for_good_and_the_summary_again(opened):
+    """One grid executor for one worker or many: re-running the command retries a failed task (a new
+    round) once nothing is left to run; the tasks that finished stay finished."""
+    s, study, storage, parent = opened
+    needs = {t.key: deps for t, deps in grid.grid_tasks(s).items()}
+    teacher, cell, control = f"teacher|{TINY_TEACHER}|1", f"cell|{TINY_TEACHER}|kl_bce|1", "cell|none|bce|1"
+    for key, state, attrs in [(teacher, TrialState.COMPLETE, {}), (cell, TrialState.FAIL, {"ended": "error", "error": "x"}),
+                              (control, TrialState.COMPLETE, {})]:
+        grid._settle(storage, claim(study, storage, key), state, attrs)
+    assert grid.rerun_failed(study, storage, needs) == []  # the summary still waits: not settled yet
+    grid._settle(storage, claim(study, storage, "summary"), TrialState.COMPLETE, {})
+    assert grid.rerun_failed(study, storage, needs) == [cell, "summary"]
+    board = grid.Board(study.get_trials(deepcopy=False))
+    assert [board.state(k) for k in (teacher, cell, control, "summary")] == ["done", "pending", "done", "pending"]
+    assert [t.user_attrs["task"] for t in board.ready(needs)] == [cell]  # the summary waits for it again
+    assert grid.rerun_failed(study, storage, needs) == []  # queued once
+    # two workers re-running at once queue a task twice: it runs once
+    study.enqueue_trial({}, user_attrs={"task": cell, grid.ROUND_ATTR: 1})
+    board = grid.Board(study.get_trials(deepcopy=False))
+    assert len(board.ready(needs)) == 1
+    grid._settle(storage, claim(study, storage, cell), TrialState.COMPLETE, {})
+    assert grid.Board(study.get_trials(deepcopy=False)).ready(needs)[0].user_attrs["task"] == "summary"
+
+
+def test_an_unforeseen_exception_stops_the_worker_and_hands_the_task_back(opened, monkeypatch):
+    """As the one-process ablation always did: the crash is raised (a re-run continues), while one of
+    flame-kd's own errors fails the task for good and the worker goes on."""
+    from flame_kd.errors import OutOfMemory
+
+    s, study, storage, parent = opened
+    key = "cell|none|bce|1"
+
+    def crash(*_):
+        raise RuntimeError("CUDA error: an illegal memory access")
+
+    monkeypatch.setattr(grid, "do_task", crash)
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        grid.run_task(study, storage, claim(study, storage, key), grid.Task.parse(key), s, parent, "me:1", [])
+    trials = [t for t in study.trials if t.user_attrs["task"] == key]
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.WAITING]
+    assert trials[0].user_attrs["ended"] == "stopped" and "RuntimeError: CUDA error" in trials[0].user_attrs["error"]
+
+    def oom(*_):
+        raise OutOfMemory("batch 64 does not fit")
+
+    monkeypatch.setattr(grid, "do_task", oom)
+    grid.run_task(study, storage, claim(study, storage, key), grid.Task.parse(key), s, parent, "me:1", [])
+    trials = [t for t in study.trials if t.user_attrs["task"] == key]
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.FAIL]
+    assert grid.Board(study.trials).state(key) == "failed" and grid.Board(study.trials).error(key) == "batch 64 does not fit"

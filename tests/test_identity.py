@@ -173,7 +173,7 @@ def grid_spec(csv: str, **kw) -> AblationSpec:
 def test_an_ablation_rerun_on_other_data_gets_its_own_parent(store, synth_copy, monkeypatch):
     """Review: the same spec with --data other.csv said "1 cells finished, 0 to run" and reported the
     first data set's results."""
-    from flame_kd.runs import ablation
+    from flame_kd.runs import ablation, grid
 
     ran = []
 
@@ -184,11 +184,11 @@ def test_an_ablation_rerun_on_other_data_gets_its_own_parent(store, synth_copy, 
     monkeypatch.setattr(ablation, "run_cell", cell)
     monkeypatch.setattr(ablation, "write_summary", lambda parent: None)
     csv = str(synth_copy / "flame2.csv")
-    first = ablation.run_ablation(grid_spec(csv))
-    assert ablation.run_ablation(grid_spec(csv)) == first and ran == [first]  # same data: nothing to run
+    first = grid.run_ablation(grid_spec(csv))
+    assert grid.run_ablation(grid_spec(csv)) == first and ran == [first]  # same data: nothing to run
     other = Path(shutil.copytree(synth_copy, synth_copy.parent / "other"))
     other_pixels(other)
-    second = ablation.run_ablation(grid_spec(str(other / "flame2.csv")))
+    second = grid.run_ablation(grid_spec(str(other / "flame2.csv")))
     assert second != first and ran == [first, second]
     tags = MlflowClient().get_run(second).data.tags
     assert tags[identity.DATA_TAG] != MlflowClient().get_run(first).data.tags[identity.DATA_TAG]
@@ -214,7 +214,7 @@ def test_the_shared_grid_is_one_study_per_data_and_store(store, ids, tmp_path):
 
 def test_default_storages_differ_per_store():
     """Review: two MLflow stores in one folder shared optuna.db; the second failed "Run ... not found"."""
-    from flame_kd.runs.sweep import default_storage
+    from flame_kd.studies import default_storage
 
     a, b = default_storage("sqlite:///x/mlflow.db"), default_storage("sqlite:///x/other.db")
     assert a != b and a.startswith("sqlite:///x/optuna-") and b.startswith("sqlite:///x/optuna-")
@@ -312,7 +312,6 @@ NOT_REUSE = {
     ("flame_kd/tracking/queries.py", "search_runs"): "the wrapper every search goes through",
     ("flame_kd/tracking/queries.py", "list_artifacts"): "the wrapper every listing goes through",
     ("flame_kd/tracking/liveness.py", "reap_lost_runs"): "ends runs of dead processes; reuses nothing",
-    ("flame_kd/runs/ablation.py", "finished_cells"): "children of a parent found by identity",
     ("flame_kd/runs/ablation.py", "collect_runs"): "a report of runs the user filters",
     ("flame_kd/runs/grid.py", "end_lost_runs"): "ends a dead worker's runs under the parent",
     ("flame_kd/runs/grid.py", "do_task"): "a finished cell under the parent found by identity",

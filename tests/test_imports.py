@@ -1,6 +1,7 @@
 """The house rules on imports: no cycles between flame_kd's modules, MLflow only in the tracking
-package (flame_kd/tracking/), no building block importing a run module (flame_kd/runs/), and the run
-lifecycle called only by run modules and the CLI."""
+package (flame_kd/tracking/), no building block importing a run module (flame_kd/runs/) or the CLI, and
+the run lifecycle called only by run modules and the CLI. Every import counts, those inside functions
+too: a lazy import hides a circle from Python, not from the design."""
 
 from __future__ import annotations
 
@@ -31,22 +32,67 @@ def _imports(path: Path, top_level_only: bool) -> set[str]:
 MODULES = {_module(p): p for p in PKG.rglob("*.py")}
 
 
+# Circles allowed for now, each with why. Only one: serving.py <-> tracking.py, which the branch
+# `tracking-pkg` removes (the pyfunc flavour moves into the tracking package); the integrator empties
+# this set after merging it. Nothing else may be added here.
+KNOWN_CYCLES: set[frozenset[str]] = set()
+
+
+def _graph() -> dict[str, set[str]]:
+    """Module -> the flame_kd modules it imports anywhere in its file (``from flame_kd import x`` names
+    the module ``flame_kd.x``; a package's ``__init__`` is left out of its own modules' imports)."""
+    return {m: {i for i in _imports(p, top_level_only=False) if i in MODULES and i != m and not m.startswith(i + ".")}
+            for m, p in MODULES.items()}
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[frozenset[str]]:
+    """The modules of each circle: strongly connected components of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    out: list[frozenset[str]] = []
+
+    def visit(m: str) -> None:
+        index[m] = low[m] = len(index)
+        stack.append(m)
+        for n in sorted(graph[m]):
+            if n not in index:
+                visit(n)
+                low[m] = min(low[m], low[n])
+            elif n in stack:
+                low[m] = min(low[m], index[n])
+        if low[m] == index[m]:
+            part = set()
+            while True:
+                n = stack.pop()
+                part.add(n)
+                if n == m:
+                    break
+            if len(part) > 1:
+                out.append(frozenset(part))
+
+    for m in sorted(graph):
+        if m not in index:
+            visit(m)
+    return out
+
+
 def test_no_import_cycles_between_modules():
-    graph = {m: {i for i in _imports(p, top_level_only=True) if i in MODULES and i != m}
-             for m, p in MODULES.items()}
-    done: set[str] = set()
+    cycles = _cycles(_graph())
+    unknown = [sorted(c) for c in cycles if c not in KNOWN_CYCLES]
+    assert not unknown, f"import circles (imports inside functions count): {unknown}"
+    assert set(cycles) == KNOWN_CYCLES, f"KNOWN_CYCLES lists circles that are gone: {KNOWN_CYCLES - set(cycles)}"
 
-    def visit(m: str, path: list[str]) -> None:
-        if m in path:
-            raise AssertionError("import cycle: " + " -> ".join(path[path.index(m):] + [m]))
-        if m in done:
-            return
-        for n in graph[m]:
-            visit(n, path + [m])
-        done.add(m)
 
-    for m in graph:
-        visit(m, [])
+def test_the_cycle_check_sees_imports_inside_functions():
+    graph = {"a": {"b"}, "b": set(), "c": {"d"}, "d": {"c"}}
+    assert _cycles(graph) == [frozenset({"c", "d"})]
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "x": {"a"}}) == [frozenset({"a", "b", "c"})]
+    lazy = ast.parse("def f():\n    from flame_kd.runs import grid\n")
+    assert any(isinstance(n, ast.ImportFrom) for n in ast.walk(lazy)) and not any(
+        isinstance(n, ast.ImportFrom) for n in lazy.body)
+    here = _graph()
+    assert "flame_kd.runs.grid" in here["flame_kd.cli"]  # cli imports it only inside its commands
 
 
 def test_mlflow_is_imported_only_by_tracking():
@@ -56,11 +102,22 @@ def test_mlflow_is_imported_only_by_tracking():
     assert all(m == "flame_kd.tracking" or m.startswith("flame_kd.tracking.") for m in users), users
 
 
-def test_building_blocks_do_not_import_run_modules():
-    blocks = {m: p for m, p in MODULES.items() if not m.startswith("flame_kd.runs") and m != "flame_kd.cli"}
-    offenders = sorted(m for m, p in blocks.items()
-                       if any(i.startswith("flame_kd.runs") for i in _imports(p, top_level_only=False)))
-    assert not offenders, f"building blocks importing run modules: {offenders}"
+# Above the run modules: the command line and what is built from it (nothing imports these).
+ENTRY_POINTS = {"flame_kd.cli", "flame_kd.__main__",
+                "flame_kd.mlproject"}  # writes MLproject from the CLI's commands (`python -m flame_kd.mlproject`)
+
+
+def test_entry_points_are_imported_by_no_module():
+    graph = _graph()
+    users = sorted(f"{m} imports {e}" for m, deps in graph.items() for e in deps & ENTRY_POINTS if m not in ENTRY_POINTS)
+    assert not users, users
+
+
+def test_building_blocks_do_not_import_run_modules_or_the_cli():
+    blocks = {m: p for m, p in MODULES.items() if not m.startswith("flame_kd.runs") and m not in ENTRY_POINTS}
+    offenders = sorted(f"{m} imports {i}" for m, p in blocks.items() for i in sorted(_imports(p, top_level_only=False))
+                       if i.startswith("flame_kd.runs") or i == "flame_kd.cli" or i.startswith("flame_kd.cli."))
+    assert not offenders, f"building blocks importing run modules or the CLI: {offenders}"
 
 
 def _lifecycle_uses(source: str, lifecycle: set[str]) -> list[str]:

@@ -11,6 +11,7 @@ from flame_kd.runs import sweep as sweep_mod
 from flame_kd.data.synth import synthesize
 from flame_kd.errors import ConfigError, RunFailed
 from flame_kd.runs.sweep import PARENT_ATTR, SweepConfig, resolve_storage, run_sweep
+from flame_kd.studies import default_storage
 
 from pipeline_helpers import SIZE, artifacts, distill_cfg, use_store
 
@@ -159,7 +160,7 @@ def test_a_preempted_worker_fails_its_trial_and_requeues_it(store, data_csv, mon
     monkeypatch.setattr(sweep_mod, "run_distill", preempted)
     with pytest.raises(Preempted):
         run_sweep(sweep_cfg(data_csv, n_trials=1, study="preempted"))
-    study = optuna.load_study(study_name="preempted", storage=sweep_mod.default_storage(store))
+    study = optuna.load_study(study_name="preempted", storage=default_storage(store))
     failed, waiting = study.trials
     assert failed.state == optuna.trial.TrialState.FAIL
     assert waiting.state == optuna.trial.TrialState.WAITING

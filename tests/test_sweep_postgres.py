@@ -113,9 +113,9 @@ def test_killed_worker_trial_is_failed_by_heartbeat(setup):
 
 
 def _open(url):
-    from flame_kd.runs.sweep import SweepConfig, make_storage
+    from flame_kd.runs.sweep import SweepConfig, open_storage
 
-    make_storage(url, SweepConfig(heartbeat_interval=2))
+    open_storage(url, SweepConfig(heartbeat_interval=2))
     return True
 
 

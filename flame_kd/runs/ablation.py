@@ -1,8 +1,10 @@
 """The ablation grid (teachers x losses x seeds, plus a no-teacher control) and its summary table.
 
-Each teacher is trained once per seed and reused across losses (the distill run's teacher lookup
-finds it). Every cell nests under one parent run; re-running the same spec finds that parent and
-skips finished cells, so a crash or a 9-hour Kaggle session limit costs only the cell in flight.
+What the grid is: its spec, its cells, one cell's run and the summary. ``runs/grid.py`` runs it
+(``grid.run_ablation``), as one worker or many. Each teacher is trained once per seed and reused
+across losses (the distill run's teacher lookup finds it). Every cell nests under one parent run;
+re-running the same spec finds that parent and skips finished cells, so a crash or a 9-hour Kaggle
+session limit costs only the cell in flight.
 
 Seeds vary training only: every cell uses one split (``split_seed``, 42 unless the spec's data
 says otherwise), so the summary can pair each cell with the no-teacher control of the same seed.
@@ -157,40 +159,6 @@ def find_or_create_parent(spec: AblationSpec, ident: identity.RunIdentity) -> st
         run_id = tracking.create_run(spec.distill.tracking.experiment, f"ablation {spec.name}", tags)
     tracking.log_text_to(run_id, yaml.safe_dump(tracking.redact_all(to_dict(spec)), sort_keys=False), "spec.yaml")
     return run_id
-
-
-def finished_cells(parent_id: str) -> set[str]:
-    runs = tracking.search_runs(
-        f"tags.`mlflow.parentRunId` = '{parent_id}' and attributes.status = 'FINISHED'"
-    )
-    return {r.data.tags["flame_kd.cell"] for r in runs if "flame_kd.cell" in r.data.tags}
-
-
-def run_ablation(spec: AblationSpec, tracking_uri: str | None = None) -> str:
-    """Run every unfinished cell, then log the summary tables and chart into the parent.
-
-    With ``spec.storage`` the grid is shared with any other worker on the same storage
-    (``runs/grid.py``); without it this process runs the grid alone."""
-    from flame_kd.runs.distill import validate
-
-    tracking_uri = tracking_uri or spec.distill.tracking.tracking_uri
-    for teacher, loss, seed in cells(spec):  # every option error before the first cell runs
-        validate(cell_config(spec, teacher if teacher != "none" else spec.teachers[0], loss, seed))
-    if spec.storage or spec.workers > 1:
-        from flame_kd.runs.grid import run_worker
-
-        return run_worker(spec, tracking_uri)
-    ident = spec_identity(spec)
-    tracking.configure(tracking_uri)
-    parent_id = find_or_create_parent(spec, ident)
-    done = finished_cells(parent_id)
-    todo = [c for c in cells(spec) if "|".join(map(str, c)) not in done]
-    log.info("ablation %s: %d cells finished, %d to run (parent run %s)", spec.name, len(done), len(todo),
-             parent_id)
-    for teacher, loss, seed in todo:
-        run_cell(spec, parent_id, teacher, loss, seed)
-    write_summary(parent_id)
-    return parent_id
 
 
 def run_cell(spec: AblationSpec, parent_id: str, teacher: str, loss: str, seed: int, resume: bool = False,

@@ -1,6 +1,7 @@
-"""The ablation grid shared by any number of workers, on one machine or many (``--storage URL``).
+"""The one executor of the ablation grid: a single process is a one-worker grid, and any number of
+workers, on one machine or many (``--storage URL``), share it.
 
-One Optuna study per spec digest holds the grid's tasks as trials, queued once by the worker that
+One Optuna study per spec, data and split holds the grid's tasks as trials, queued once by the worker that
 creates the study: a teacher task per (teacher, seed), a cell task per (teacher, loss, seed) and one
 summary task. A worker takes a waiting task whose dependencies are done (a cell: its teacher's task;
 the summary: every cell) with Optuna's own WAITING -> RUNNING claim, so no two workers take one task;
@@ -8,6 +9,8 @@ it beats Optuna's heartbeat while it works, and waits when no task is ready. A w
 beating: the next worker to look fails its trial (``optuna.storages.fail_stale_trials``), ends the
 dead attempt's MLflow run FAILED, and Optuna's ``RetryHeartbeatStaleTrialCallback`` queues the task
 again. The database is the only lock. A task's trial value is 1 (done); its run id is a user attr.
+A task that failed for good is queued again, in a new ``round``, by the next worker that opens the
+grid once nothing is left to run: re-running the same command retries what failed.
 """
 
 from __future__ import annotations
@@ -27,11 +30,11 @@ from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.exc import SQLAlchemyError
 
 from flame_kd import identity, tracking
-from flame_kd.config import AblationSpec, SweepConfig
+from flame_kd.config import AblationSpec
 from flame_kd.engine import Callback
 from flame_kd.errors import ConfigError, FlameKDError, RunFailed, ServerLost
 from flame_kd.runs import ablation
-from flame_kd.runs.sweep import make_storage, resolve_storage
+from flame_kd.studies import make_storage, resolve_storage, retry_stale
 
 log = logging.getLogger("flame_kd")
 
@@ -39,6 +42,7 @@ MAX_RETRY = 2  # times a task whose worker stopped beating is queued again (then
 PARENT_ATTR = "mlflow_parent_run_id"
 READY_ATTR = "grid_tasks"  # set by the study's creator once every task is queued: how many
 ORDER = {"teacher": 0, "cell": 1, "summary": 2}  # teachers first: each unblocks its cells
+ROUND_ATTR = "round"  # a trial's round: 0 as queued, n for the n-th re-run of what failed for good
 
 
 @dataclass(frozen=True)
@@ -100,13 +104,17 @@ def study_name(spec: AblationSpec, ident: identity.RunIdentity) -> str:
 
 
 class Board:
-    """The study's trials by task: whether each task is done, pending or failed for good."""
+    """The study's trials by task (each task's latest round only): whether each task is done,
+    pending or failed for good."""
 
     def __init__(self, trials: list[FrozenTrial]):
         self.trials: dict[str, list[FrozenTrial]] = defaultdict(list)
         for t in trials:
             if "task" in t.user_attrs:
                 self.trials[t.user_attrs["task"]].append(t)
+        for key, ts in self.trials.items():
+            last = max(_round(t) for t in ts)
+            self.trials[key] = [t for t in ts if _round(t) == last]
 
     def state(self, key: str) -> str:
         ts = self.trials.get(key, [])
@@ -127,13 +135,26 @@ class Board:
         return "its worker stopped beating more than MAX_RETRY times"
 
     def ready(self, needs: dict[str, list[str]]) -> list[FrozenTrial]:
-        """Waiting trials whose dependencies are settled, teachers first, then in queue order."""
-        waiting = [t for ts in self.trials.values() for t in ts if t.state == TrialState.WAITING]
-        ok = [t for t in waiting if all(self.state(k) in ("done", "failed") for k in needs.get(t.user_attrs["task"], ()))]
-        return sorted(ok, key=lambda t: (ORDER[Task.parse(t.user_attrs["task"]).kind], t.number))
+        """Waiting trials whose dependencies are settled, teachers first, then in the grid's order (a
+        retry keeps its task's place); one per task, none of a task that is running or done (a trial
+        queued twice by two workers re-running the grid at once runs once)."""
+        ok = []
+        for key, ts in self.trials.items():
+            if any(t.state in (TrialState.RUNNING, TrialState.COMPLETE) for t in ts):
+                continue
+            waiting = [t for t in ts if t.state == TrialState.WAITING]
+            if waiting and all(self.state(k) in ("done", "failed") for k in needs.get(key, ())):
+                ok.append(waiting[0])
+        place = {k: i for i, k in enumerate(needs)}
+        return sorted(ok, key=lambda t: (ORDER[Task.parse(t.user_attrs["task"]).kind],
+                                         place.get(t.user_attrs["task"], len(place)), t.number))
 
     def running(self) -> int:
         return sum(t.state == TrialState.RUNNING for ts in self.trials.values() for t in ts)
+
+
+def _round(trial: FrozenTrial) -> int:
+    return int(trial.user_attrs.get(ROUND_ATTR, 0))
 
 
 class _LostTask:
@@ -141,9 +162,7 @@ class _LostTask:
     run ends FAILED with the reason (never left RUNNING)."""
 
     def __init__(self):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            self.retry = optuna.storages.RetryHeartbeatStaleTrialCallback(MAX_RETRY)
+        self.retry = retry_stale(MAX_RETRY)  # the copy keeps the trial's user attrs: task and round
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
         self.retry(study, trial)
@@ -212,8 +231,7 @@ def open_grid(spec: AblationSpec, url: str, ident: identity.RunIdentity,
     """(study, its storage, the parent run). The worker that creates the study makes (or finds) the
     parent run and queues every task; the others wait until it has. A study of the same name made on
     other data or against another MLflow store is refused (``identity.check_study``)."""
-    storage = make_storage(url, SweepConfig(heartbeat_interval=spec.heartbeat, max_retry=MAX_RETRY),
-                           on_stale=_LostTask())
+    storage = make_storage(url, spec.heartbeat, on_stale=_LostTask())
     name = study_name(spec, ident)
     try:
         study = optuna.create_study(study_name=name, storage=storage, direction="maximize")
@@ -260,8 +278,20 @@ def grid_done(spec: AblationSpec, url: str) -> bool:
     return all(board.state(t.key) == "done" for t in grid_tasks(spec))
 
 
+def run_ablation(spec: AblationSpec, tracking_uri: str | None = None) -> str:
+    """`flame-kd ablation` in one process: every cell's options checked, then this process works
+    through the grid as one of its workers (alone unless others share ``spec.storage``); the parent
+    run id, whose summary tables and chart the summary task logs."""
+    from flame_kd.runs.distill import validate
+
+    for teacher, loss, seed in ablation.cells(spec):  # every option error before the first cell runs
+        validate(ablation.cell_config(spec, teacher if teacher != "none" else spec.teachers[0], loss, seed))
+    return run_worker(spec, tracking_uri or spec.distill.tracking.tracking_uri)
+
+
 def run_worker(spec: AblationSpec, tracking_uri: str | None = None) -> str:
-    """Take and run ready tasks of the shared grid until every task is settled; the parent run id.
+    """Take and run ready tasks of the grid until every task is settled; the parent run id. The
+    study lives in ``spec.storage``, else the default storage beside the MLflow store.
 
     Raises ``RunFailed`` (exit 1) when a task failed for good (the summary still covers the rest)."""
     uri = tracking.configure(tracking_uri)
@@ -279,8 +309,12 @@ def _work(spec: AblationSpec, url: str, uri: str) -> str:
     study, storage, parent = open_grid(spec, url, ablation.spec_identity(spec))
     needs = {t.key: deps for t, deps in grid_tasks(spec).items()}
     me = f"{socket.gethostname()}:{os.getpid()}"
-    log.info("ablation %s: worker %s on study %s (%s), parent run %s", spec.name, me, study.study_name,
-             tracking.redact(url), parent)
+    rerun_failed(study, storage, needs)
+    board = Board(storage.get_all_trials(study._study_id, deepcopy=False))
+    cells = [k for k in needs if k.startswith("cell|")]
+    done = sum(board.state(k) == "done" for k in cells)
+    log.info("ablation %s: %d cells finished, %d to run (parent run %s); worker %s on study %s (%s)", spec.name,
+             done, len(cells) - done, parent, me, study.study_name, tracking.redact(url))
     waiting = False
     while True:
         with warnings.catch_warnings():
@@ -315,10 +349,35 @@ def _work(spec: AblationSpec, url: str, uri: str) -> str:
     return parent
 
 
+def rerun_failed(study: optuna.Study, storage, needs: dict[str, list[str]]) -> list[str]:
+    """A grid with nothing left to run but tasks that failed for good: queue them again, and the
+    summary, in a new round (re-running the command retries what failed); the keys queued."""
+    trials = storage.get_all_trials(study._study_id, deepcopy=False)
+    board = Board(trials)
+    states = {k: board.state(k) for k in needs}
+    failed = [k for k, state in states.items() if state == "failed"]
+    if not failed or any(state == "pending" for state in states.values()):
+        return []
+    again = failed + ([] if "summary" in failed else ["summary"])
+    new = 1 + max((_round(t) for t in trials), default=0)
+    for key in again:
+        study.enqueue_trial({}, user_attrs={"task": key, ROUND_ATTR: new})
+    log.info("ablation: %d task(s) failed last time, queued again (round %d): %s", len(failed), new, ", ".join(failed))
+    return again
+
+
+def _queue_again(study: optuna.Study, storage, trial_id: int, task: Task) -> None:
+    """The task handed back: queued again in the same round, after its trial ``trial_id``."""
+    trial = storage.get_trial(trial_id)
+    study.enqueue_trial({}, user_attrs={"task": task.key, "retry_of": trial.number, ROUND_ATTR: _round(trial)})
+
+
 def run_task(study: optuna.Study, storage, trial_id: int, task: Task, spec: AblationSpec, parent: str, me: str,
              blocked: list[str], uri: str = "") -> None:
-    """Run one claimed task under its heartbeat and settle its trial: COMPLETE, FAIL (an error: not
-    retried), or FAIL and queued again (this worker was stopped, or lost the tracking server)."""
+    """Run one claimed task under its heartbeat and settle its trial: COMPLETE; FAIL for good (one of
+    flame-kd's own errors: out of memory, bad data, ...; retried only by a re-run); or FAIL and queued
+    again, this worker stopping (a stop, a lost tracking server, or an exception flame-kd did not
+    foresee: a bug or a device fault, raised with its traceback as a one-process ablation always did)."""
     number = storage.get_trial(trial_id).number
     storage.set_trial_user_attr(trial_id, "worker", me)
     log.info("%s takes %s (trial %d)", me, task.key, number)
@@ -329,16 +388,21 @@ def run_task(study: optuna.Study, storage, trial_id: int, task: Task, spec: Abla
             run_id = do_task(task, spec, parent, StillMine(storage, trial_id, task.key))
     except KeyboardInterrupt as stop:  # SIGTERM or Ctrl-C: the run ended KILLED; another worker takes over
         _settle(storage, trial_id, TrialState.FAIL, {"ended": "stopped", "error": str(stop)})
-        study.enqueue_trial({}, user_attrs={"task": task.key, "retry_of": number})
+        _queue_again(study, storage, trial_id, task)
         raise
     except Exception as err:
-        text = tracking.redact(f"{getattr(err, 'message', None) or err}".splitlines()[0])[:300] or type(err).__name__
+        first = (f"{getattr(err, 'message', None) or err}".splitlines() or [""])[0]
+        text = tracking.redact(first)[:300] or type(err).__name__
         if tracking_lost(err):
             _settle(storage, trial_id, TrialState.FAIL, {"ended": "stopped", "error": text})
-            study.enqueue_trial({}, user_attrs={"task": task.key, "retry_of": number})
+            _queue_again(study, storage, trial_id, task)
             raise RunFailed(f"{task.key}: lost the MLflow tracking server {tracking.redact(uri)} "
                             f"({tracking.short_reason(err)}); the task is queued again: run the same command once "
                             "the server is back (a cell continues from its last epoch on this machine)") from None
+        if not isinstance(err, FlameKDError):  # unforeseen: stop here, the task handed back for the next try
+            _settle(storage, trial_id, TrialState.FAIL, {"ended": "stopped", "error": f"{type(err).__name__}: {text}"})
+            _queue_again(study, storage, trial_id, task)
+            raise
         _settle(storage, trial_id, TrialState.FAIL, {"ended": "error", "error": text})
         log.warning("%s failed: %s", task.key, text)
         return

@@ -9,16 +9,13 @@ retried.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import os
-import random
 import shutil
 import socket
 import tempfile
 import time
-import warnings
 from collections import Counter
 
 import optuna
@@ -31,6 +28,7 @@ from flame_kd.engine import LambdaCallback, Trainer
 from flame_kd.errors import ConfigError, Preempted, RunFailed
 from flame_kd.evaluate import LABELS, constant_f1_macro, predictions_table
 from flame_kd.runs.skeleton import PREDICTIONS_FILE, checkpoint_dir, load_run_model
+from flame_kd.studies import make_storage, resolve_storage, retry_stale
 from flame_kd.losses import REGISTRY, VARIANTS
 from flame_kd.tasks import SupervisedTask, student_forward
 
@@ -39,31 +37,6 @@ log = logging.getLogger("flame_kd")
 TEMPERATURE_RANGE = (1.0, 10.0)  # log scale
 PARENT_ATTR = "mlflow_parent_run_id"
 BEST_TRIAL_TAG = "flame_kd.sweep_best"  # "true" on the trial run the sweep tested (its parent: flame_kd.best_run_id)
-
-
-STORAGE_ENV = "FLAME_KD_STORAGE"
-
-
-def resolve_storage(value: str | None, tracking_uri: str) -> str:
-    """The storage URL: ``env:NAME`` reads it from that environment variable, an unset option from
-    $FLAME_KD_STORAGE, else an SQLite file beside the store. A password then never passes through
-    ``mlflow run -P`` (MLflow logs and prints every -P value)."""
-    if value and value.startswith("env:"):
-        name = value[len("env:"):]
-        if not os.environ.get(name):
-            raise ConfigError(f"{spell(storage=value)}: the environment variable {name} is not set")
-        return os.environ[name]
-    return value or os.environ.get(STORAGE_ENV) or default_storage(tracking_uri)
-
-
-def default_storage(tracking_uri: str) -> str:
-    """An SQLite file beside the MLflow store (or in the working directory for a server), named for
-    the store (``optuna-<hash of the redacted URI>.db``): two stores never share one by accident."""
-    name = f"optuna-{identity.store_hash(tracking.redact(tracking_uri))}.db"
-    if tracking_uri.startswith("sqlite:///"):
-        db = tracking_uri[len("sqlite:///"):]
-        return "sqlite:///" + os.path.join(os.path.dirname(db) or ".", name)
-    return f"sqlite:///{name}"
 
 
 def make_pruner(name: str) -> optuna.pruners.BasePruner:
@@ -76,43 +49,17 @@ def make_pruner(name: str) -> optuna.pruners.BasePruner:
     raise ConfigError(f"{spell(pruner=name)}: expected median, hyperband or none")
 
 
-def make_storage(url: str, cfg: SweepConfig, attempts: int = 4, on_stale=None) -> optuna.storages.RDBStorage:
-    """The study's RDB storage. Workers started together on a fresh database race to create
-    Optuna's tables; the loser of that race tries again and finds them made. ``on_stale`` replaces
-    the sweep's callback for a trial whose worker stopped beating (the ablation grid's own)."""
-    lock = contextlib.nullcontext()
-    if url.startswith("sqlite:///"):  # table creation on a new file is not safe for processes starting together
-        from filelock import FileLock
-
-        lock = FileLock(url[len("sqlite:///"):] + ".lock", timeout=600)
-    for attempt in range(attempts):
-        with warnings.catch_warnings(), lock:
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            try:
-                return optuna.storages.RDBStorage(
-                    url,
-                    heartbeat_interval=cfg.heartbeat_interval,
-                    grace_period=2 * cfg.heartbeat_interval,
-                    heartbeat_stale_trial_callback=on_stale or _StaleTrial(cfg.max_retry),
-                    engine_kwargs={"pool_pre_ping": True},
-                )
-            except Exception as err:  # bad URL, unreachable server, missing driver, creation race
-                text = str(err)
-                if tracking.lost_insert_race(err) and attempt < attempts - 1:
-                    time.sleep(0.5 + random.random() * (attempt + 1))
-                    continue
-                first = text.splitlines()[0] if text else type(err).__name__
-                raise ConfigError(f"cannot open Optuna storage {tracking.redact(url)}: {tracking.redact(first)}") from None
-    raise AssertionError("unreachable")
+def open_storage(url: str, cfg: SweepConfig) -> optuna.storages.RDBStorage:
+    """The sweep study's storage (``studies.make_storage``): a trial whose worker stopped beating is
+    failed, queued again and its MLflow run failed (``_StaleTrial``)."""
+    return make_storage(url, cfg.heartbeat_interval, on_stale=_StaleTrial(cfg.max_retry))
 
 
 class _StaleTrial:
     """A worker stopped beating mid-trial: Optuna fails and re-queues it; its MLflow run is failed too."""
 
     def __init__(self, max_retry: int):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            self.retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry)
+        self.retry = retry_stale(max_retry)
 
     def __call__(self, study: optuna.Study, trial) -> None:
         self.retry(study, trial)
@@ -293,7 +240,7 @@ def run_sweep(cfg: SweepConfig) -> optuna.Study:
     make_pruner(cfg.pruner)
     uri = tracking.configure(d.tracking.tracking_uri)
     cfg.storage = resolve_storage(cfg.storage, uri)
-    storage = make_storage(cfg.storage, cfg)
+    storage = open_storage(cfg.storage, cfg)
     prefix = f"{d.teacher.name}-{d.loss.variant}-s{d.train.seed}"
     # data + teacher + cached outputs, once for every trial; a named study of other data refused first
     prep = prepare(d, env_name=f"sweep {cfg.study_name or prefix} worker", check=named_study_check(cfg, storage))
