@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 from flame_kd import tracking
 from flame_kd.cli import main
 from flame_kd.config import DataConfig, to_dict
-from flame_kd.data.folds import make_folds
+from flame_kd.data.folds import FoldSplit, fold_split, make_folds
 from flame_kd.data.schema import load_frames
 from flame_kd.data.split import make_split
 from flame_kd.errors import ConfigError, DataError
@@ -117,12 +117,12 @@ def test_a_run_inside_fold_split_reads_the_folds_split_and_is_tagged(synth_csv, 
     folds = make_folds(frames, 2, seed=42, gap=1)
     _, digest, own = skeleton.read_split(cfg, 42)
     assert skeleton.fold_tags() == {}
-    with skeleton.fold_split(skeleton.FoldSplit(folds.splits[1], 1, 2, digest, "parent-id")):
+    with fold_split(FoldSplit(folds.splits[1], 1, 2, digest, "parent-id")):
         _, _, split = skeleton.read_split(cfg, 42)
         assert skeleton.fold_tags() == {"flame_kd.fold": "1", "flame_kd.folds": "2", "flame_kd.cv_parent_run_id": "parent-id"}
     assert split.digest == folds.digests[1] != own.digest
     assert skeleton.fold_tags() == {}
-    with skeleton.fold_split(skeleton.FoldSplit(folds.splits[0], 0, 2, "other-digest")):
+    with fold_split(FoldSplit(folds.splits[0], 0, 2, "other-digest")):
         with pytest.raises(DataError, match="changed during the cross-validation run"):
             skeleton.read_split(cfg, 42)
 

@@ -1,9 +1,9 @@
 """Cross-validation runs (``--folds K``): K folds of whole scenes (``data/folds.make_folds``), one nested
 teacher or distill run per fold under one parent that pools the out-of-fold test predictions.
 
-Each fold's run is an ordinary run on that fold's split (``skeleton.fold_split``): its identity, teacher
-lookup and teacher cache are keyed by the fold's split digest, so a fold's teacher is trained once and
-reused by every CV run on the same folds. The parent's split digest is the folds' combined digest, so
+Each fold's run is an ordinary run on that fold's split (``data.folds.fold_split``, which
+``skeleton.read_split`` reads): its identity, teacher lookup and teacher cache are keyed by the fold's
+split digest, so a fold's teacher is trained once and reused by every CV run on the same folds. The parent's split digest is the folds' combined digest, so
 two CV runs on the same folds compare (``flame-kd compare``: scenes of all folds exchanged at once) and
 a CV run never compares with a single-split run. Only fold 0 may log (and, when asked, register) a model.
 """
@@ -22,15 +22,14 @@ import pandas as pd
 from flame_kd import identity, plots, tracking
 from flame_kd.config import (DISTILL_OPTIONS, TEACHER_OPTIONS, DataConfig, DistillRunConfig, TeacherRunConfig,
                              best_name, to_dict)
-from flame_kd.data.folds import Folds, make_folds
+from flame_kd.data.folds import Folds, FoldSplit, fold_split, make_folds
 from flame_kd.data.labels import find_label_ranges
 from flame_kd.data.split import Split, part_problems
 from flame_kd.engine import resolve_device
 from flame_kd.errors import ConfigError, DataError
 from flame_kd.evaluate import LABELS, SUMMARY_METRICS, compute_metrics, confusion_matrices
 from flame_kd.options import spell
-from flame_kd.runs.skeleton import (MANIFEST_FILE, PREDICTIONS_FILE, FoldSplit, config_digest, fold_split,
-                                    read_split, run_params)
+from flame_kd.runs.skeleton import MANIFEST_FILE, PREDICTIONS_FILE, config_digest, read_split, run_params
 
 log = logging.getLogger("flame_kd")
 

@@ -9,7 +9,6 @@ logs everything.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import json
 import logging
 import os
@@ -27,6 +26,7 @@ from flame_kd import identity, plots, tracking
 from flame_kd.config import (VOLATILE, DataConfig, TrackingConfig, TrainConfig, best_name, flatten, micro_batch,
                              without_folds_off)
 from flame_kd.data.dataset import FrameCache, PairedFrames, build_cache, make_loader
+from flame_kd.data.folds import current_fold
 from flame_kd.data.labels import find_label_ranges
 from flame_kd.data.schema import data_digest, load_frames
 from flame_kd.data.split import Split, part_problems, split_frames
@@ -51,33 +51,9 @@ PREDICTIONS_FILE = "predictions/test.csv"
 MANIFEST_FILE = "split/manifest.csv"  # the split's manifest (id, split, group, block), logged with every run
 
 
-@dataclass(frozen=True)
-class FoldSplit:
-    """The split a run inside a cross-validation run uses instead of its own (``runs/cv.py``)."""
-
-    split: Split
-    fold: int
-    folds: int
-    data_digest: str
-    parent_run_id: str = ""
-
-
-FOLD: contextvars.ContextVar[FoldSplit | None] = contextvars.ContextVar("flame_kd_fold", default=None)
-
-
-@contextlib.contextmanager
-def fold_split(fold: FoldSplit) -> Iterator[None]:
-    """Every run made inside (a fold's teacher and its student) reads ``fold.split`` and is tagged with it."""
-    token = FOLD.set(fold)
-    try:
-        yield
-    finally:
-        FOLD.reset(token)
-
-
 def fold_tags() -> dict[str, str]:
-    """``flame_kd.fold``, ``flame_kd.folds`` and the CV parent of a run made inside ``fold_split``; else none."""
-    fold = FOLD.get()
+    """``flame_kd.fold``, ``flame_kd.folds`` and the CV parent of a run made inside ``folds.fold_split``."""
+    fold = current_fold()
     if fold is None:
         return {}
     return {"flame_kd.fold": str(fold.fold), "flame_kd.folds": str(fold.folds),
@@ -127,7 +103,7 @@ def read_split(cfg: DataConfig, seed: int) -> tuple[pd.DataFrame, str, Split]:
         raise DataError(f"no data set given: pass {spell(data='CSV')} (make one with `flame-kd data synth`)")
     frames = load_frames(cfg.csv, root=cfg.root, verify_images=True)  # exactly `data check`'s checks
     digest = data_digest(frames, cache_dir=cache_home())  # names, labels and every image's bytes
-    fold = FOLD.get()  # inside a cross-validation run (runs/cv.py): that fold's split
+    fold = current_fold()  # inside a cross-validation run (runs/cv.py): that fold's split
     if fold is not None and fold.data_digest != digest:
         raise DataError(f"{cfg.csv} changed during the cross-validation run (data {digest}, folds cut from "
                         f"{fold.data_digest})")
