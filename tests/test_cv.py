@@ -20,7 +20,7 @@ from flame_kd.data.schema import load_frames
 from flame_kd.data.split import make_split
 from flame_kd.errors import ConfigError, DataError
 from flame_kd.runs import cv, skeleton
-from flame_kd.runs.compare import compare_predictions, units_of
+from flame_kd.runs.compare import compare_predictions, resolve_run, units_of
 
 from pipeline_helpers import SIZE, TINY_TEACHER, distill_cfg, use_store
 
@@ -170,6 +170,9 @@ def test_reports_read_the_parent_not_its_folds(tmp_path, monkeypatch):
         ids[name] = run.info.run_id
     assert list(collect_runs("")["run_id"]) == [ids["parent"]]
     assert cv.is_parent(client.get_run(ids["parent"]).data.tags) and cv.in_fold(client.get_run(ids["fold"]).data.tags)
+    sweep = client.create_run(exp, tags={"flame_kd.stage": "sweep", "flame_kd.best_run_id": ids["fold"],
+                                         "flame_kd.best_cv_run_id": ids["parent"]}).info.run_id
+    assert resolve_run(sweep).info.run_id == ids["parent"]  # a sweep with --folds stands for its CV run
 
 
 CV_ARGS = ["--image-size", str(SIZE), "--batch-size", "16", "--teacher", TINY_TEACHER, "--pretrained", "false",
