@@ -240,9 +240,14 @@ def _none_if_empty(_ctx, _param, value):
 @config_options(TeacherRunConfig, TEACHER)
 def teacher(**o) -> None:
     """Train a multimodal RGB+IR teacher as one MLflow run."""
+    from flame_kd.runs import cv
     from flame_kd.runs.teacher import run_teacher
 
-    run_id = run_teacher(build_config(TeacherRunConfig, TEACHER, o))
+    cfg = build_config(TeacherRunConfig, TEACHER, o)
+    if cv.wanted(cfg.data.folds):
+        click.echo(f"teacher cross-validation run {cv.run_cv_teacher(cfg)}")
+        return
+    run_id = run_teacher(cfg)
     click.echo(f"teacher run {run_id}")
 
 
@@ -254,9 +259,14 @@ def distill(**o) -> None:
     The relational term (beta, in kl_contrastive_l2_bce) is the RKD distance loss of Park et al.
     2019, not a contrastive loss; the variant keeps the original pipeline's name.
     """
+    from flame_kd.runs import cv
     from flame_kd.runs.distill import run_distill
 
-    run_id = run_distill(build_config(DistillRunConfig, DISTILL, o))
+    cfg = build_config(DistillRunConfig, DISTILL, o)
+    if cv.wanted(cfg.data.folds):
+        click.echo(f"distill cross-validation run {cv.run_cv_distill(cfg)}")
+        return
+    run_id = run_distill(cfg)
     click.echo(f"distill run {run_id}")
 
 

@@ -63,6 +63,9 @@ class DataConfig:
     gap: str = opt("auto", "Ids kept between frames of two splits (frames are dropped until every one is more than "
                            "the gap from the other splits' frames of its sequence): auto (the images' measured "
                            "decorrelation distance; the rule when there are no images), rule (block/20) or a number.")
+    folds: int = opt(0, "Cross-validation over scenes: K >= 2 folds of whole scenes (label ranges or videos), each "
+                        "tested once by a model trained on the others, under one parent run with a nested run per "
+                        "fold (docs/statistics.md); 0 or 1: one train/val/test split.", ge=0, le=1000)
     cache: str = opt("auto", "Decoded-frame cache: memory, disk (a memory-mapped file reused across runs), none, "
                              "or device (frames resident on the training device, a batch is an index gather there; "
                              "falls back to the host's choice when they do not fit); auto: device on CUDA when the "
@@ -416,7 +419,7 @@ class AblationSpec:
         """Identity of the grid (a re-run finds its parent by it): every setting that changes numbers."""
         import hashlib
 
-        keep = {k: v for k, v in flatten(to_dict(self)).items()
+        keep = {k: v for k, v in without_folds_off(flatten(to_dict(self))).items()
                 if not any(p in VOLATILE for p in k.split(".")) and k not in ("storage", "heartbeat", "workers")}
         return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
@@ -424,6 +427,11 @@ class AblationSpec:
 def to_dict(cfg: Any) -> dict:
     """The resolved config as plain JSON/YAML-safe data (logged as config.yaml; tuples become lists)."""
     return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def without_folds_off(flat: dict[str, Any]) -> dict[str, Any]:
+    """A flattened config less ``data.folds`` when it is off (0 or 1): identities from before --folds stay."""
+    return {k: v for k, v in flat.items() if not (k.endswith("data.folds") and (v or 0) < 2)}
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -456,8 +464,9 @@ DISTILL_OPTIONS = (
 SWEEP_OPTIONS = (*nested(DISTILL_OPTIONS, "distill"), Section(""))
 # A pareto study's students come from --students, so the nested distill config's --student is left out
 # (and --student-weights: one file cannot fit every student).
-PARETO_OPTIONS = (*nested(tuple(dataclasses.replace(s, exclude=(*s.exclude, "student", "student_weights")) if s.path == "" else s
-                               for s in DISTILL_OPTIONS), "distill"), Section(""))
+PARETO_OPTIONS = (*nested(tuple(dataclasses.replace(s, exclude=(*s.exclude, "student", "student_weights")) if s.path == ""
+                               else dataclasses.replace(s, exclude=(*s.exclude, "folds")) if s.path == "data" else s
+                               for s in DISTILL_OPTIONS), "distill"), Section(""))  # pareto runs no CV (--folds)
 EMBED_OPTIONS = (Section(""),)
 # An ablation spec takes every distill option but the grid's axes (teacher, loss, seed), and so does
 # its command line, where each overrides the spec's value.

@@ -36,7 +36,7 @@ RUN_COMMANDS = [
 # Config fields a command sets from another option on purpose: pareto's students come from --students
 # (one weights file cannot fit them all),
 # an ablation's teacher, loss and seed from its grid.
-REPLACED = {"pareto": {"distill.student", "distill.student_weights"},
+REPLACED = {"pareto": {"distill.student", "distill.student_weights", "distill.data.folds"},  # folds: pareto runs no CV
             "ablation": {"distill.teacher.name", "distill.loss.variant", "distill.train.seed", "distill.teacher_train.seed"}}
 
 

@@ -12,8 +12,11 @@ the same folds for every training seed, teacher and loss.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import numpy as np
 import pandas as pd
@@ -148,3 +151,32 @@ def _near_test(test: np.ndarray, order: np.ndarray, chains: np.ndarray, gap: int
     out = np.zeros(len(order), dtype=bool)
     out[order] = near & ~t
     return out
+
+
+@dataclass(frozen=True)
+class FoldSplit:
+    """The split a run made inside a cross-validation run reads instead of its own (``runs/cv.py``)."""
+
+    split: Split
+    fold: int
+    folds: int
+    data_digest: str  # the frames the folds were cut from (``schema.data_digest``)
+    parent_run_id: str = ""
+
+
+_FOLD: contextvars.ContextVar[FoldSplit | None] = contextvars.ContextVar("flame_kd_fold", default=None)
+
+
+@contextlib.contextmanager
+def fold_split(fold: FoldSplit) -> Iterator[None]:
+    """Every run made inside (a fold's teacher and its student) reads ``fold.split`` (``skeleton.read_split``)."""
+    token = _FOLD.set(fold)
+    try:
+        yield
+    finally:
+        _FOLD.reset(token)
+
+
+def current_fold() -> FoldSplit | None:
+    """The fold ``fold_split`` set, or None outside a cross-validation run."""
+    return _FOLD.get()

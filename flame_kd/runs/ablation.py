@@ -104,6 +104,9 @@ def load_spec(path: str, overrides: dict | None = None) -> AblationSpec:
         raise ConfigError(f"ablation spec {path} cannot be read: {err}") from None
     spec = spec_from_dict(raw, f"ablation spec {path}")
     apply_options(spec, ABLATION_OPTIONS, overrides or {})
+    if (spec.distill.data.folds or 0) >= 2 and (spec.storage or spec.workers > 1):  # runs/cv.py: one process
+        raise ConfigError(f"ablation spec {path}: folds ({spec.distill.data.folds}) runs in one process; leave out "
+                          "storage and workers")
     data = raw.get("data")
     if not ((data.get("csv") if isinstance(data, dict) else data) or (overrides or {}).get("data")):
         raise ConfigError(f"ablation spec {path}: no data set (data, or --data)")
@@ -138,6 +141,11 @@ def spec_identity(spec: AblationSpec) -> identity.RunIdentity:
 
     if spec.distill.data.split_seed is None:
         raise ConfigError("ablation: split_seed (--split-seed) must be a number; every cell shares one split")
+    if (spec.distill.data.folds or 0) >= 2:  # cross-validation cells: the folds' combined digest
+        from flame_kd.runs.cv import read_folds
+
+        cv = read_folds(spec.distill.data, spec.distill.data.split_seed)
+        return identity.RunIdentity(spec.digest(), cv.digest, cv.folds.digest, config_tag="flame_kd.spec_digest")
     _, data, split = read_split(spec.distill.data, spec.distill.data.split_seed)
     return identity.RunIdentity(spec.digest(), data, split.digest, config_tag="flame_kd.spec_digest")
 
@@ -168,8 +176,13 @@ def run_cell(spec: AblationSpec, parent_id: str, teacher: str, loss: str, seed: 
 
     cfg = cell_config(spec, teacher if teacher != "none" else spec.teachers[0], loss, seed)
     cfg.resume = resume
-    prep = prepare(cfg, parent_run_id=parent_id)
     tags = {"flame_kd.cell": f"{teacher}|{loss}|{seed}", "flame_kd.ablation": spec.name, **(extra_tags or {})}
+    if (cfg.data.folds or 0) >= 2:  # a cross-validation cell: its parent nests under the grid's
+        from flame_kd.runs.cv import run_cv_distill
+
+        cfg.resume = False
+        return run_cv_distill(cfg, attach_env=False, parent_run_id=parent_id, extra_tags=tags)
+    prep = prepare(cfg, parent_run_id=parent_id)
     return run_distill(cfg, attach_env=False, parent_run_id=parent_id, prep=prep, extra_tags=tags,
                        callbacks=callbacks)
 
@@ -205,8 +218,8 @@ def collect_runs(filter_string: str, experiment: str | None = None) -> pd.DataFr
     for r in runs:
         tags, metrics = r.data.tags, r.data.metrics
         stage = tags.get("flame_kd.stage")
-        if stage not in ("teacher", "distill") or "test_f1_macro" not in metrics:
-            continue
+        if stage not in ("teacher", "distill") or "test_f1_macro" not in metrics or "flame_kd.fold" in tags:
+            continue  # a fold's run: its cross-validation parent stands for it
         rows.append({
             "teacher": tags.get("flame_kd.teacher", "?"),
             "loss": "teacher alone" if stage == "teacher" else tags.get("flame_kd.loss", "?"),

@@ -153,6 +153,11 @@ def resolve_run(run_id: str):
     run = tracking.get_run(run_id)
     tags = run.data.tags
     best = tags.get("flame_kd.best_run_id")
+    cv = tags.get("flame_kd.best_cv_run_id")  # --folds K: the best trial's cross-validation run
+    if tags.get("flame_kd.stage") == "sweep" and cv:
+        log.info("run %s is the parent of sweep %s: comparing its best trial's cross-validation run %s", run_id,
+                 tags.get("flame_kd.study_name", "?"), cv)
+        return tracking.get_run(cv)
     if tags.get("flame_kd.stage") == "sweep" and best:
         log.info("run %s is the parent of sweep %s: comparing its best trial %s (run %s)", run_id,
                  tags.get("flame_kd.study_name", "?"), tags.get("flame_kd.best_trial", "?"), best)

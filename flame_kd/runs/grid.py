@@ -85,7 +85,8 @@ def uses_teacher(spec: AblationSpec, loss: str) -> bool:
 
 def grid_tasks(spec: AblationSpec) -> dict[Task, list[str]]:
     """Every task of the grid and the keys of the tasks it waits for, in queue order."""
-    kd = {loss: uses_teacher(spec, loss) for loss in spec.losses}
+    cv = (spec.distill.data.folds or 0) >= 2  # a cross-validation cell trains (or finds) its folds' teachers
+    kd = {loss: uses_teacher(spec, loss) and not cv for loss in spec.losses}
     out: dict[Task, list[str]] = {}
     for seed in spec.seeds:
         for teacher in spec.teachers:

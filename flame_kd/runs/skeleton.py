@@ -23,8 +23,10 @@ import torch
 from filelock import FileLock, Timeout
 
 from flame_kd import identity, plots, tracking
-from flame_kd.config import VOLATILE, DataConfig, TrackingConfig, TrainConfig, best_name, flatten, micro_batch
+from flame_kd.config import (VOLATILE, DataConfig, TrackingConfig, TrainConfig, best_name, flatten, micro_batch,
+                             without_folds_off)
 from flame_kd.data.dataset import FrameCache, PairedFrames, build_cache, make_loader
+from flame_kd.data.folds import current_fold
 from flame_kd.data.labels import find_label_ranges
 from flame_kd.data.schema import data_digest, load_frames
 from flame_kd.data.split import Split, part_problems, split_frames
@@ -47,6 +49,15 @@ log = logging.getLogger("flame_kd")
 
 PREDICTIONS_FILE = "predictions/test.csv"
 MANIFEST_FILE = "split/manifest.csv"  # the split's manifest (id, split, group, block), logged with every run
+
+
+def fold_tags() -> dict[str, str]:
+    """``flame_kd.fold``, ``flame_kd.folds`` and the CV parent of a run made inside ``folds.fold_split``."""
+    fold = current_fold()
+    if fold is None:
+        return {}
+    return {"flame_kd.fold": str(fold.fold), "flame_kd.folds": str(fold.folds),
+            "flame_kd.cv_parent_run_id": fold.parent_run_id}
 
 
 @dataclass
@@ -92,7 +103,11 @@ def read_split(cfg: DataConfig, seed: int) -> tuple[pd.DataFrame, str, Split]:
         raise DataError(f"no data set given: pass {spell(data='CSV')} (make one with `flame-kd data synth`)")
     frames = load_frames(cfg.csv, root=cfg.root, verify_images=True)  # exactly `data check`'s checks
     digest = data_digest(frames, cache_dir=cache_home())  # names, labels and every image's bytes
-    split = make_data_split(frames, cfg, seed, digest)
+    fold = current_fold()  # inside a cross-validation run (runs/cv.py): that fold's split
+    if fold is not None and fold.data_digest != digest:
+        raise DataError(f"{cfg.csv} changed during the cross-validation run (data {digest}, folds cut from "
+                        f"{fold.data_digest})")
+    split = fold.split if fold is not None else make_data_split(frames, cfg, seed, digest)
     too_small = part_problems(split)  # before any run exists: a one-frame test split breaks the reports
     if too_small:
         raise DataError(f"{cfg.csv}: {'; '.join(too_small)}", too_small)
@@ -127,7 +142,7 @@ def make_data_split(frames: pd.DataFrame, cfg: DataConfig, seed: int, digest: st
 
 def identity_settings(cfg: dict) -> dict:
     """The flattened settings that change a run's numbers (not where data or checkpoints lie)."""
-    return {k: v for k, v in flatten(cfg).items() if not any(p in VOLATILE for p in k.split("."))}
+    return {k: v for k, v in without_folds_off(flatten(cfg)).items() if not any(p in VOLATILE for p in k.split("."))}
 
 
 def config_digest(cfg: dict) -> str:
@@ -307,7 +322,7 @@ def tracked_fit(plan: FitPlan, attach_env: bool = True, parent_run_id: str | Non
     if plan.resume and not resume_id:
         log.warning("nothing to resume for these settings; starting a new run")
     tags = identity_tags(plan.stage, plan.teacher, plan.loss, plan.train.seed, ident)
-    tags |= plan.tags | (extra_tags or {})
+    tags |= plan.tags | (extra_tags or {}) | fold_tags()
     sysm = tracking.system_metrics_setting(plan.tracking.system_metrics, torch.device(plan.device).type)
     with _note_lost_server(plan.checkpoint_dir), \
             tracking.run(plan.tracking.experiment, plan.run_name, tags, run_id=resume_id, attach_env=attach_env,

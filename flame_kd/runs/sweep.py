@@ -303,6 +303,10 @@ def summarise_and_finish(study: optuna.Study, cfg: SweepConfig, prep: Prepared, 
     if run_id:
         test = evaluate_trial(run_id, cfg, prep)
         metrics |= {f"best/{k}": v for k, v in test.items()}
+        if (cfg.distill.data.folds or 0) >= 2:  # --folds K: the best settings cross-validated (runs/cv.py)
+            from flame_kd.runs.cv import evaluate_best
+
+            metrics |= evaluate_best(cfg, best.params, best.number, parent_id)
         log.info("best trial %d (run %s): %s %.4f on val; test macro F1 %.4f, macro AP %.4f (its run has "
                  "%s: `flame-kd compare` takes it, or this sweep's run %s)", best.number, run_id,
                  cfg.distill.train.monitor, best.value, test["test_f1_macro"], test["test_ap_macro"],
