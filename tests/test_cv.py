@@ -154,6 +154,20 @@ def test_ablation_folds_refuse_a_shared_grid(tmp_path):
     assert load_spec(str(spec)).distill.data.folds == 3  # the spec key sets every cell's folds
 
 
+def test_a_cross_validation_grid_queues_no_single_split_teacher(tmp_path):
+    """The one grid executor runs every ablation: with folds, a cell trains (or finds) its folds' teachers,
+    so the grid queues no teacher task of the single split and no cell waits for one."""
+    from flame_kd.runs.ablation import load_spec
+    from flame_kd.runs.grid import grid_tasks
+
+    spec = tmp_path / "spec.yaml"
+    for folds, teacher_tasks in ((0, 1), (3, 0)):
+        spec.write_text(f"data: x.csv\nfolds: {folds}\nteachers: [resnet-152]\nlosses: [bce, kl_bce]\nseeds: [1]\n")
+        tasks = grid_tasks(load_spec(str(spec)))
+        assert sum(t.kind == "teacher" for t in tasks) == teacher_tasks
+        assert all(not deps for t, deps in tasks.items() if t.kind == "cell") == (folds == 3)
+
+
 def test_reports_read_the_parent_not_its_folds(tmp_path, monkeypatch):
     from flame_kd.runs.ablation import collect_runs
 
