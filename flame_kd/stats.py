@@ -85,10 +85,9 @@ def block_permutation(targets, probs_a, probs_b, threshold: float = 0.5, cluster
     out = {}
     for name in registry.compared() if metrics is None else metrics:
         metric = registry.get(name)
-        if metric.source == registry.COUNTS:
-            out[name] = np.stack([_count_exchanges(metric, y, a, b, codes, k, swaps, threshold) for a, b in zip(pa, pb)])
-        else:
-            out[name] = np.stack([_score_exchanges(metric, y, a, b, codes, swaps, chunk) for a, b in zip(pa, pb)])
+        counts = metric.source == registry.COUNTS
+        out[name] = np.stack([_count_exchanges(metric, y, a, b, codes, k, swaps, threshold) if counts
+                              else _score_exchanges(metric, y, a, b, codes, swaps, chunk) for a, b in zip(pa, pb)])
     result = {}
     for name, per_seed in out.items():
         diff = per_seed.mean(axis=0)
