@@ -102,10 +102,12 @@ def register_metric(name: str, source: str, *, higher_is_better: bool = True, ra
 
 
 def get(name: str) -> Metric:
+    """The record of metric ``name`` (KeyError for a name not registered)."""
     return REGISTRY[name]
 
 
 def names() -> tuple[str, ...]:
+    """Every registered metric, in registration order (the order ``compute_all`` reports them)."""
     return tuple(REGISTRY)
 
 
