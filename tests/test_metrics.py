@@ -144,3 +144,4 @@ def test_a_new_record_reaches_metrics_monitor_compare_and_the_ablation(miss_rate
     kd = table[table["loss"] == "kl_bce"].iloc[0]
     assert kd[f"{name}_mean"] == pytest.approx(0.15) and kd[f"{name}_vs_control_mean"] == pytest.approx(-0.2)
     assert f" | {name} | " in ablation.to_markdown(table).splitlines()[0] + " "
+    assert name in ablation.summary_text(table).splitlines()[0]

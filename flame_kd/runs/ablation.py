@@ -215,12 +215,14 @@ def write_summary(parent_id: str) -> None:
 
 
 def summary_text(table: pd.DataFrame) -> str:
-    """The summary as a short plain-text table for the console: means over seeds and the paired
-    macro-F1 difference against the control (the tables in the parent run give the intervals)."""
+    """The summary as a short plain-text table for the console: means over seeds of the compared metrics
+    that some run logged, and the paired macro-F1 difference against the control (the tables in the
+    parent run give the intervals)."""
     if not len(table):
         return "(no finished cell)"
-    cols = {"teacher": "teacher", "loss": "loss", "n_seeds": "seeds"}
-    cols |= {f"{m}_mean": m for m in registry.compared()} | {"f1_macro_vs_control_mean": "Δ f1_macro vs control"}
+    means = {f"{m}_mean": m for m in registry.compared() if f"{m}_mean" in table and table[f"{m}_mean"].notna().any()}
+    cols = {"teacher": "teacher", "loss": "loss", "n_seeds": "seeds"} | means
+    cols |= {"f1_macro_vs_control_mean": "Δ f1_macro vs control"}
     shown = table[[c for c in cols if c in table.columns]].rename(columns=cols)
     return shown.to_string(index=False, float_format=lambda v: f"{v:.4f}", na_rep="-")
 
