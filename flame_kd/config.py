@@ -14,6 +14,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from flame_kd import metrics
 from flame_kd.options import Section, nested, spell
 from flame_kd.validation import MAX_SEED, MAX_TEMPERATURE, MIN_EMBED_FRAMES, ratios_problem, registered_name_problem
 from flame_kd.validation import check_ranges  # noqa: F401 (the one validation of every value; imported from here)
@@ -91,7 +92,8 @@ class TrainConfig:
     early_stop_patience: int = opt(10, "Epochs without a better monitored metric before stopping.", cli="patience", ge=1)
     threshold: float = opt(0.5, "Decision threshold on each label's sigmoid.", gt=0, lt=1)
     monitor: str = opt("val/f1_macro", "What early stopping, the LR schedule, the best checkpoint and a sweep "
-                       "follow (val/loss: lower is better).", choices=("val/f1_macro", "val/ap_macro", "val/loss"))
+                       "follow: val/loss or any registered metric (its record says which way is better).",
+                       choices=metrics.monitor_choices())
     device: str = opt("auto", "auto (cuda, then mps, then cpu) | cpu | cuda[:N] | mps.")
     amp: bool | None = opt(None, "Mixed precision (bf16 where supported, else fp16 + GradScaler); default: on "
                                  "on CUDA. Off the GPU it does not apply (and is not logged).")
@@ -129,8 +131,8 @@ def micro_batch(batch_size: int | str) -> int:
 
 
 def monitor_mode(monitor: str) -> str:
-    """``min`` for a loss (lower is better), else ``max``."""
-    return "min" if monitor.endswith("loss") else "max"
+    """``min`` when lower is better (a loss; a metric whose record says so), else ``max``."""
+    return metrics.monitor_mode(monitor)
 
 
 def best_name(monitor: str) -> str:

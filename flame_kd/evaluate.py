@@ -1,9 +1,10 @@
 """Scores, predictions, confusion matrices and cost (parameters, GFLOPs, latency) of a model.
 
 Labels are multi-label: column 0 is ``fire``, column 1 is ``smoke``, each a sigmoid output
-thresholded on its own. Metrics come from scikit-learn with ``zero_division=0``, so a split that
-lacks positives of one label (FLAME2 has no smoke-only frames) scores 0 instead of warning.
-Average precision and ROC AUC are threshold-free; they are NaN for a label with only one class.
+thresholded on its own. The metrics are records of one registry (``flame_kd/metrics.py``), computed
+as scikit-learn does with ``zero_division=0``, so a split that lacks positives of one label (FLAME2 has
+no smoke-only frames) scores 0 instead of warning. Average precision and ROC AUC are threshold-free;
+they are NaN for a label with only one class.
 """
 
 from __future__ import annotations
@@ -19,42 +20,14 @@ import torch
 from sklearn import metrics as skm
 from torch import nn
 
-LABELS = ("fire", "smoke")
+from flame_kd import metrics
+from flame_kd.metrics import LABELS, binarize, metric_range  # noqa: F401 (re-exported: the names callers use)
 
-METRIC_NAMES = (
-    "f1_macro",
-    "f1_fire",
-    "f1_smoke",
-    "precision_macro",
-    "recall_macro",
-    "precision_fire",
-    "precision_smoke",
-    "recall_fire",
-    "recall_smoke",
-    "accuracy",
-    "hamming_loss",
-    "ap_macro",
-    "ap_fire",
-    "ap_smoke",
-    "auc_macro",
-    "auc_fire",
-    "auc_smoke",
-)
-LOWER_IS_BETTER = ("hamming_loss",)  # every other metric: higher is better, 1 at best
-# The figures a summary shows (the ablation table; a pareto study's): one list, drawn from METRIC_NAMES.
-SUMMARY_METRICS = ("f1_macro", "f1_fire", "f1_smoke", "precision_macro", "recall_macro", "ap_macro", "auc_macro",
-                   "accuracy")
-
-
-def metric_range(name: str) -> tuple[float, float] | None:
-    """The values metric ``name`` (of METRIC_NAMES) can take, for an axis or a check: every one is a rate,
-    an F1, an AP or an AUC, in [0, 1]; None for another figure (a loss). The one place a range is looked up."""
-    return (0.0, 1.0) if name in METRIC_NAMES else None
-
-
-def binarize(probs: np.ndarray, threshold: float = 0.5) -> np.ndarray:
-    """0/1 predictions per label: a label is on when its probability exceeds ``threshold``."""
-    return (np.asarray(probs) > threshold).astype(int)
+# The metrics themselves live in one registry (flame_kd/metrics.py); these names are read from it.
+METRIC_NAMES = metrics.names()  # at import: a metric registered later is in compute_metrics, not here
+LOWER_IS_BETTER = tuple(n for n in METRIC_NAMES if not metrics.get(n).higher_is_better)
+# The figures a summary shows (the ablation table; a pareto study's): the records marked ``summary``.
+SUMMARY_METRICS = metrics.summary()
 
 
 def _check_pair(targets: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -71,44 +44,20 @@ def _check_pair(targets: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.
 def compute_metrics(
     targets: np.ndarray, probs: np.ndarray, threshold: float = 0.5
 ) -> dict[str, float]:
-    """F1, precision and recall per label and macro-averaged, exact-match accuracy, Hamming loss.
+    """Every metric of the registry (``flame_kd/metrics.py``): F1, precision and recall per label and
+    macro-averaged, exact-match accuracy, Hamming loss, AP and ROC AUC, and any registered since.
 
-    Names are those of ``METRIC_NAMES``; the caller names them for MLflow (``engine.metric_key``:
-    ``val/f1_macro``, ``test_f1_macro``).
+    The caller names them for MLflow (``engine.metric_key``: ``val/f1_macro``, ``test_f1_macro``).
     """
     y_true, probs = _check_pair(targets, probs)
-    y_pred = binarize(probs, threshold)
-    precision, recall, f1, _ = skm.precision_recall_fscore_support(
-        y_true, y_pred, average=None, zero_division=0
-    )
-    out = {
-        "f1_macro": float(np.mean(f1)),
-        "precision_macro": float(np.mean(precision)),
-        "recall_macro": float(np.mean(recall)),
-    }
-    for i, label in enumerate(LABELS):
-        out[f"f1_{label}"] = float(f1[i])
-        out[f"precision_{label}"] = float(precision[i])
-        out[f"recall_{label}"] = float(recall[i])
-    out["accuracy"] = float(skm.accuracy_score(y_true, y_pred))  # multilabel: exact match
-    out["hamming_loss"] = float(skm.hamming_loss(y_true, y_pred))
-    out |= ranking_metrics(y_true, probs)
-    return {name: out[name] for name in METRIC_NAMES}
+    return metrics.compute_all(y_true, probs, threshold)
 
 
 def ranking_metrics(targets: np.ndarray, probs: np.ndarray) -> dict[str, float]:
-    """Average precision and ROC AUC per label and their macro mean (NaN where a label is one class)."""
+    """The threshold-free metrics (average precision, ROC AUC: NaN where a label is one class)."""
     y_true, probs = _check_pair(targets, probs)
-    out = {}
-    for kind, score in (("ap", skm.average_precision_score), ("auc", skm.roc_auc_score)):
-        values = []
-        for i, label in enumerate(LABELS):
-            both = len(np.unique(y_true[:, i])) == 2
-            values.append(float(score(y_true[:, i], probs[:, i])) if both else float("nan"))
-            out[f"{kind}_{label}"] = values[-1]
-        defined = [v for v in values if not np.isnan(v)]
-        out[f"{kind}_macro"] = float(np.mean(defined)) if defined else float("nan")
-    return out
+    got = metrics.compute_all(y_true, probs)
+    return {n: got[n] for n in metrics.names() if metrics.get(n).source == metrics.SCORES}
 
 
 def constant_f1_macro(train_targets: np.ndarray, targets: np.ndarray) -> float:

@@ -10,7 +10,10 @@ errors are correlated within blocks, at FLAME2's label mix). With 10 blocks of 1
 percentile bootstrap CI excludes 0 about twice as often as it should, and McNemar's test, which
 counts frames, about ten times as often. Hence: p from the permutation, CI as an effect size only.
 
-Pure numpy/scipy (no MLflow): ``runs/compare.py`` and the ablation call these on logged predictions.
+Every test here runs over the registry's compared metrics (``metrics.compared()``: macro F1 and macro AP
+unless more are marked): a metric computed from confusion counts exchanges or resamples per-unit
+counts, one computed from scores re-scores weighted frames. Pure numpy/scipy (no MLflow):
+``runs/compare.py`` and the ablation call these on logged predictions.
 """
 
 from __future__ import annotations
@@ -20,12 +23,13 @@ import itertools
 import numpy as np
 from scipy import stats as sps
 
-from flame_kd.evaluate import binarize
+from flame_kd import metrics as registry
+from flame_kd.metrics import binarize
 
 N_BOOT = 2000
 N_PERM = 10_000  # Monte Carlo exchanges when the blocks are too many to enumerate (2^k > N_PERM)
 RELIABLE_BLOCKS = 15  # below this the percentile bootstrap CI is too narrow (bench/compare_level.py)
-METRICS = ("f1_macro", "ap_macro")
+METRICS = registry.compared()  # at import; the tests' default reads the registry when called
 
 
 def mcnemar_exact(correct_a: np.ndarray, correct_b: np.ndarray) -> dict[str, float]:
@@ -37,61 +41,6 @@ def mcnemar_exact(correct_a: np.ndarray, correct_b: np.ndarray) -> dict[str, flo
     b, c = int(np.sum(a & ~b_)), int(np.sum(~a & b_))
     p = 1.0 if b + c == 0 else float(sps.binomtest(b, b + c, 0.5).pvalue)
     return {"a_only": b, "b_only": c, "pvalue": p}
-
-
-# --- macro F1 and macro AP for many reweightings or exchanges at once -----------------------------
-
-
-def _f1(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray) -> np.ndarray:
-    denom = 2 * tp + fp + fn
-    return np.where(denom > 0, 2 * tp / np.maximum(denom, 1e-300), 0.0)
-
-
-def _f1_macro_weighted(y: np.ndarray, pred: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """Macro F1 for each row of frame weights ``w`` [B, N] (0 where a label has no TP, FP, FN)."""
-    return np.mean([_f1(w @ (y[:, i] & pred[:, i]), w @ (~y[:, i] & pred[:, i]), w @ (y[:, i] & ~pred[:, i]))
-                    for i in range(y.shape[1])], axis=0)
-
-
-def _ap_weighted(y: np.ndarray, scores: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """Average precision of one label for each row of frame weights ``w`` [B, N], all rows at once:
-    scikit-learn's step-wise sum over distinct score thresholds (NaN where a row has no positive)."""
-    order = np.argsort(-scores, kind="mergesort")
-    s, yy, ww = scores[order], y[order].astype(float), w[:, order]
-    last = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]  # last frame of each distinct score
-    tps = np.cumsum(ww * yy, axis=1)[:, last]
-    fps = np.cumsum(ww * (1 - yy), axis=1)[:, last]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        precision = np.where(tps + fps > 0, tps / (tps + fps), 0.0)
-        recall = tps / tps[:, -1:]
-    steps = np.diff(np.concatenate([np.zeros((len(w), 1)), recall], axis=1), axis=1)
-    return np.sum(steps * precision, axis=1)
-
-
-def _ap_rows(y: np.ndarray, scores: np.ndarray) -> np.ndarray:
-    """Average precision of one label for each row of ``scores`` [P, N] (the same frames ``y``, each
-    row its own ranking), as scikit-learn computes it: ties share the precision at their threshold.
-    NaN when ``y`` has no positive."""
-    npos = y.sum()
-    if npos == 0:
-        return np.full(len(scores), np.nan)
-    order = np.argsort(-scores, axis=1, kind="mergesort")
-    s = np.take_along_axis(scores, order, axis=1)
-    yy = y[order].astype(float)
-    tps = np.cumsum(yy, axis=1)
-    precision = tps / np.arange(1, scores.shape[1] + 1)
-    n = scores.shape[1]
-    end = np.ones_like(s, dtype=bool)
-    end[:, :-1] = s[:, :-1] != s[:, 1:]  # the last frame of each run of tied scores
-    nxt = np.where(end, np.arange(n), n)  # each frame takes the precision at the end of its tie run
-    nxt = np.minimum.accumulate(nxt[:, ::-1], axis=1)[:, ::-1]
-    return np.sum(yy * np.take_along_axis(precision, nxt, axis=1), axis=1) / npos
-
-
-def _nanmean_rows(values: list[np.ndarray]) -> np.ndarray:
-    v = np.stack(values)
-    defined = (~np.isnan(v)).sum(axis=0)
-    return np.where(defined > 0, np.nansum(v, axis=0) / np.maximum(defined, 1), np.nan)
 
 
 # --- the block permutation test --------------------------------------------------------------------
@@ -116,8 +65,9 @@ def exchanges(k: int, n_perm: int = N_PERM, seed: int = 0) -> tuple[np.ndarray, 
 
 
 def block_permutation(targets, probs_a, probs_b, threshold: float = 0.5, clusters=None, n_perm: int = N_PERM,
-                      seed: int = 0, metrics: tuple[str, ...] = METRICS, chunk: int = 256) -> dict[str, dict]:
-    """Paired permutation test of B - A in macro F1 and macro AP, exchanging A's and B's predictions
+                      seed: int = 0, metrics: tuple[str, ...] | None = None, chunk: int = 256) -> dict[str, dict]:
+    """Paired permutation test of B - A in each of ``metrics`` (default: the registry's compared ones,
+    macro F1 and macro AP), exchanging A's and B's predictions
     within whole clusters (blocks or scenes): under the null that the two models are exchangeable,
     every exchange is as likely as the observed one. Two-sided p: the share of exchanges whose |B - A|
     is at least the observed one (all 2^k when that is at most ``n_perm``, else ``n_perm`` random ones,
@@ -133,10 +83,11 @@ def block_permutation(targets, probs_a, probs_b, threshold: float = 0.5, cluster
     k = int(codes.max()) + 1
     swaps, exact = exchanges(k, n_perm, seed)
     out = {}
-    if "f1_macro" in metrics:
-        out["f1_macro"] = np.stack([_f1_exchanges(y, a, b, codes, k, swaps, threshold) for a, b in zip(pa, pb)])
-    if "ap_macro" in metrics:
-        out["ap_macro"] = np.stack([_ap_exchanges(y, a, b, codes, swaps, chunk) for a, b in zip(pa, pb)])
+    for name in registry.compared() if metrics is None else metrics:
+        metric = registry.get(name)
+        counts = metric.source == registry.COUNTS
+        out[name] = np.stack([_count_exchanges(metric, y, a, b, codes, k, swaps, threshold) if counts
+                              else _score_exchanges(metric, y, a, b, codes, swaps, chunk) for a, b in zip(pa, pb)])
     result = {}
     for name, per_seed in out.items():
         diff = per_seed.mean(axis=0)
@@ -160,29 +111,37 @@ def unit_counts(y: np.ndarray, pred: np.ndarray, codes: np.ndarray, k: int) -> n
 
 def f1_exchanges_from_counts(counts_a: np.ndarray, counts_b: np.ndarray, swaps: np.ndarray) -> np.ndarray:
     """Macro-F1 difference B - A for every exchange row of ``swaps`` [P, k], from per-cluster counts
-    [..., k, L, 3] (leading axes, e.g. simulations, broadcast): exchanges move whole clusters."""
+    [..., k, L, 3] (leading axes, e.g. simulations, broadcast): exchanges move whole clusters. The
+    power simulation's form (``power.py`` simulates TP, FP, FN per label); the verdict's is ``_count_exchanges``."""
     delta = counts_b - counts_a
     move = np.einsum("pk,...klc->...plc", swaps.astype(float), delta)  # what exchanges move A <- B
     a_side = counts_a.sum(-3)[..., None, :, :] + move
     b_side = counts_b.sum(-3)[..., None, :, :] - move
-    f1 = lambda c: _f1(c[..., 0], c[..., 1], c[..., 2]).mean(-1)  # noqa: E731
+    f1 = lambda c: registry.f1(c[..., 0], c[..., 1], c[..., 2]).mean(-1)  # noqa: E731
     return f1(b_side) - f1(a_side)
 
 
-def _f1_exchanges(y, pa, pb, codes, k, swaps, threshold) -> np.ndarray:
-    """Macro-F1 B - A per exchange: counts per block, then one matrix product."""
-    da, db = binarize(pa, threshold).astype(bool), binarize(pb, threshold).astype(bool)
-    return f1_exchanges_from_counts(unit_counts(y, da, codes, k), unit_counts(y, db, codes, k), swaps)
+def _count_exchanges(metric, y, pa, pb, codes, k, swaps, threshold) -> np.ndarray:
+    """B - A per exchange of a metric from confusion counts: counts per unit, then one matrix product."""
+    per_unit = []
+    for p in (pa, pb):
+        c = np.zeros((k, 4 * y.shape[1] + 2))
+        np.add.at(c, codes, registry.frame_counts(y, binarize(p, threshold)))
+        per_unit.append(c)
+    ca, cb = per_unit
+    move = swaps.astype(float) @ (cb - ca)  # what each exchange moves from B's side to A's
+    return metric.from_counts(cb.sum(0) - move) - metric.from_counts(ca.sum(0) + move)
 
 
-def _ap_exchanges(y, pa, pb, codes, swaps, chunk) -> np.ndarray:
-    """Macro-AP B - A per exchange: per exchange a new ranking, computed in chunks of exchanges."""
+def _score_exchanges(metric, y, pa, pb, codes, swaps, chunk) -> np.ndarray:
+    """B - A per exchange of a metric from scores: A's and B's frames side by side, each exchange a row
+    of 0/1 weights picking one copy of each frame per side, in chunks of exchanges."""
+    both_y, both_p = np.concatenate([y, y]), np.concatenate([pa, pb])
     diffs = []
     for start in range(0, len(swaps), chunk):
-        s = swaps[start:start + chunk][:, codes]  # [p, N] frame swapped?
-        side_a, side_b = np.where(s[..., None], pb, pa), np.where(s[..., None], pa, pb)
-        aps = [_ap_rows(y[:, i], side_b[..., i]) - _ap_rows(y[:, i], side_a[..., i]) for i in range(y.shape[1])]
-        diffs.append(_nanmean_rows(aps))
+        s = swaps[start:start + chunk][:, codes].astype(float)  # [p, N] frame swapped?
+        side_a, side_b = np.concatenate([1 - s, s], axis=1), np.concatenate([s, 1 - s], axis=1)
+        diffs.append(metric.compute(both_y, both_p, side_b) - metric.compute(both_y, both_p, side_a))
     return np.concatenate(diffs)
 
 
@@ -201,9 +160,9 @@ def block_strata(targets, clusters) -> np.ndarray:
 
 def paired_bootstrap(targets, probs_a, probs_b, threshold: float = 0.5, n_boot: int = N_BOOT,
                      seed: int = 0, clusters=None, strata=None,
-                     metrics: tuple[str, ...] = METRICS) -> dict[str, tuple[float, float, float]]:
-    """Observed B - A difference in macro F1 and macro AP with a percentile 95% CI over ``n_boot``
-    paired resamples (the same frames for both runs in each resample).
+                     metrics: tuple[str, ...] | None = None) -> dict[str, tuple[float, float, float]]:
+    """Observed B - A difference in each of ``metrics`` (default: the registry's compared ones) with a
+    percentile 95% CI over ``n_boot`` paired resamples (the same frames for both runs in each resample).
 
     ``clusters`` (one id per frame, e.g. the split's block) resamples whole clusters with replacement,
     as many as there are, each drawn cluster bringing all its frames; ``None`` resamples frames.
@@ -211,7 +170,6 @@ def paired_bootstrap(targets, probs_a, probs_b, threshold: float = 0.5, n_boot: 
     each stratum, so every resample holds as many fire-free blocks as the test split. An effect size:
     with fewer than ``RELIABLE_BLOCKS`` clusters the interval is too narrow to serve as a test."""
     y = np.asarray(targets).astype(bool)
-    pa, pb = binarize(probs_a, threshold).astype(bool), binarize(probs_b, threshold).astype(bool)
     codes = cluster_codes(clusters, len(y))
     k = int(codes.max()) + 1
     rng = np.random.default_rng(seed)
@@ -228,12 +186,9 @@ def paired_bootstrap(targets, probs_a, probs_b, threshold: float = 0.5, n_boot: 
         np.add.at(counts, (np.repeat(np.arange(1, n_boot + 1), len(members)), draws.reshape(-1)), 1.0)
     w = counts[:, codes]  # a frame weighs as often as its cluster was drawn
     out = {}
-    for name in metrics:
-        if name == "f1_macro":
-            diff = _f1_macro_weighted(y, pb, w) - _f1_macro_weighted(y, pa, w)
-        else:
-            diff = (_nanmean_rows([_ap_weighted(y[:, i], np.asarray(probs_b)[:, i], w) for i in range(y.shape[1])])
-                    - _nanmean_rows([_ap_weighted(y[:, i], np.asarray(probs_a)[:, i], w) for i in range(y.shape[1])]))
+    for name in registry.compared() if metrics is None else metrics:
+        metric = registry.get(name)
+        diff = metric.weighted(y, probs_b, threshold, w) - metric.weighted(y, probs_a, threshold, w)
         boots = diff[1:][~np.isnan(diff[1:])]
         lo, hi = np.percentile(boots, [2.5, 97.5]) if len(boots) else (np.nan, np.nan)
         out[name] = (float(diff[0]), float(lo), float(hi))

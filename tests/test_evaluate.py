@@ -10,6 +10,7 @@ import torch
 from sklearn import metrics as skm
 from torch import nn
 
+from flame_kd import metrics
 from flame_kd.evaluate import (
     LOWER_IS_BETTER,
     METRIC_NAMES,
@@ -72,14 +73,16 @@ def test_metrics_match_hand_counts():
 
 @pytest.mark.parametrize("name", METRIC_NAMES)
 def test_every_metric_scores_perfect_predictions_best_and_stays_in_range(name):
-    """Run over every registered metric: perfect probabilities score the best value (0 for a loss,
-    else 1), and any prediction scores within [0, 1]."""
+    """Run over every registered metric: perfect probabilities score the best end of its range (the
+    bottom when lower is better, as for a loss), and any prediction scores within the range."""
+    record = metrics.get(name)
     perfect = compute_metrics(TARGETS, TARGETS.astype(float))[name]
-    assert perfect == (0.0 if name in LOWER_IS_BETTER else 1.0)
+    assert perfect == pytest.approx(record.best)
+    assert (name in LOWER_IS_BETTER) == (not record.higher_is_better)
     rng = np.random.default_rng(0)
     for _ in range(3):
         value = compute_metrics(TARGETS, rng.random(TARGETS.shape))[name]
-        assert 0.0 <= value <= 1.0
+        assert record.range[0] <= value <= record.range[1]
 
 
 def test_summary_metrics_are_registered_metrics():
@@ -121,8 +124,8 @@ def test_constant_baseline_cannot_flip_with_the_training_share(train_smoke_share
 
 def test_perfect_predictions_score_one():
     got = compute_metrics(TARGETS, TARGETS.astype(float))
-    assert got["hamming_loss"] == 0.0
-    assert all(v == 1.0 for k, v in got.items() if k != "hamming_loss")
+    assert got["hamming_loss"] == 0.0 and got["f1_macro"] == got["ap_macro"] == got["accuracy"] == 1.0
+    assert all(v == pytest.approx(metrics.get(k).best) for k, v in got.items())
 
 
 def test_threshold_is_strict_and_configurable():

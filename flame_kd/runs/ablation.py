@@ -24,16 +24,15 @@ import pandas as pd
 import yaml
 
 from flame_kd import identity, tracking
+from flame_kd import metrics as registry
 from flame_kd.config import ABLATION_OPTIONS, ABLATION_SPEC_OPTIONS, AblationSpec, DataConfig, DistillRunConfig, to_dict
 from flame_kd.errors import ConfigError
-from flame_kd.evaluate import SUMMARY_METRICS
 from flame_kd.options import apply_options, set_options
 from flame_kd.runs.grid_verdicts import comparisons_markdown, control_comparisons  # noqa: F401 (cli, report)
 from flame_kd.files import not_regular
 
 log = logging.getLogger("flame_kd")
 
-METRICS = SUMMARY_METRICS  # one list with the other summaries (evaluate.SUMMARY_METRICS)
 CONTROL_LOSS = "bce"
 MIN_CI_SEEDS = 3  # a t-interval from 2 seeds is +-12.7 standard errors: wider than a metric's range
 
@@ -197,12 +196,14 @@ def write_summary(parent_id: str) -> None:
 
 
 def summary_text(table: pd.DataFrame) -> str:
-    """The summary as a short plain-text table for the console: means over seeds and the paired
-    macro-F1 difference against the control (the tables in the parent run give the intervals)."""
+    """The summary as a short plain-text table for the console: means over seeds of the compared metrics
+    that some run logged, and the paired macro-F1 difference against the control (the tables in the
+    parent run give the intervals)."""
     if not len(table):
         return "(no finished cell)"
-    cols = {"teacher": "teacher", "loss": "loss", "n_seeds": "seeds"}
-    cols |= {f"{m}_mean": m for m in ("f1_macro", "ap_macro")} | {"f1_macro_vs_control_mean": "Δ f1_macro vs control"}
+    means = {f"{m}_mean": m for m in registry.compared() if f"{m}_mean" in table and table[f"{m}_mean"].notna().any()}
+    cols = {"teacher": "teacher", "loss": "loss", "n_seeds": "seeds"} | means
+    cols |= {"f1_macro_vs_control_mean": "Δ f1_macro vs control"}
     shown = table[[c for c in cols if c in table.columns]].rename(columns=cols)
     return shown.to_string(index=False, float_format=lambda v: f"{v:.4f}", na_rep="-")
 
@@ -226,9 +227,9 @@ def collect_runs(filter_string: str, experiment: str | None = None) -> pd.DataFr
             "seed": tags.get("flame_kd.seed"),
             "split_digest": tags.get("flame_kd.split_digest"),
             "run_id": r.info.run_id,
-            **{m: metrics.get(f"test_{m}", np.nan) for m in METRICS},
+            **{m: metrics.get(f"test_{m}", np.nan) for m in registry.summary()},
         })
-    return pd.DataFrame(rows, columns=["teacher", "loss", "seed", "split_digest", "run_id", *METRICS])
+    return pd.DataFrame(rows, columns=["teacher", "loss", "seed", "split_digest", "run_id", *registry.summary()])
 
 
 def _t_ci(vals: np.ndarray) -> tuple[float, float, float]:
@@ -272,7 +273,7 @@ def summary_table(runs: pd.DataFrame) -> pd.DataFrame:
     for (teacher, loss), g in runs.groupby(["teacher", "loss"], sort=True):
         row = {"teacher": teacher, "loss": loss, "n_seeds": len(g),
                "n_splits": int(g["split_digest"].nunique(dropna=True))}
-        for m in METRICS:
+        for m in registry.summary():
             row |= _spread(g.get(m, pd.Series(dtype=float)).dropna().to_numpy(float), m)
         ctrl = control[control["teacher"] == teacher]
         if ctrl.empty:
@@ -282,7 +283,7 @@ def summary_table(runs: pd.DataFrame) -> pd.DataFrame:
         if loss == CONTROL_LOSS:
             paired = paired.iloc[0:0]
         row["n_paired"] = len(paired)
-        for m in METRICS:
+        for m in registry.summary():
             if m not in paired or f"{m}_ctrl" not in paired:
                 row[f"{m}_vs_control_mean"] = row[f"{m}_vs_control_ci95"] = float("nan")
                 continue
@@ -296,14 +297,16 @@ def summary_table(runs: pd.DataFrame) -> pd.DataFrame:
 def to_markdown(table: pd.DataFrame) -> str:
     """The table as markdown: mean ± 95% CI half-width over seeds (from MIN_CI_SEEDS on; fewer: the
     values), and the paired difference in macro F1 against the no-teacher control."""
-    head = ("| teacher | loss | seeds | " + " | ".join(METRICS) +
+    shown = registry.summary()  # the registry's summary metrics
+    head = ("| teacher | loss | seeds | " + " | ".join(shown) +
             " | Δ f1_macro vs control (paired; its interval covers training noise over seeds on fixed test frames) |")
-    lines = [head, "|" + "---|" * (4 + len(METRICS))]
+    lines = [head, "|" + "---|" * (4 + len(shown))]
     few = False
     for _, r in table.iterrows():
         n, paired = int(r["n_seeds"]), int(r.get("n_paired", 0) or 0)
         few |= 1 < n < MIN_CI_SEEDS or 1 < paired < MIN_CI_SEEDS
-        cells_ = [spread_text(r[f"{m}_mean"], r[f"{m}_ci95"], r.get(f"{m}_min"), r.get(f"{m}_max"), n) for m in METRICS]
+        cells_ = [spread_text(r.get(f"{m}_mean"), r.get(f"{m}_ci95"), r.get(f"{m}_min"), r.get(f"{m}_max"), n)
+                  for m in shown]
         d = "f1_macro_vs_control"
         delta = spread_text(r.get(f"{d}_mean"), r.get(f"{d}_ci95"), r.get(f"{d}_min"), r.get(f"{d}_max"), paired, "+")
         lines.append(f"| {r['teacher']} | {r['loss']} | {n} | " + " | ".join(cells_) + f" | {delta} |")

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from flame_kd import metrics as registry
 from flame_kd import power, stats, tracking
 from flame_kd.errors import DataError
 from flame_kd.evaluate import LABELS, binarize, compute_metrics
@@ -37,7 +38,7 @@ class Comparison:
     permutation: dict[str, dict]  # per metric: diff, pvalue, n_perm, exact, n_blocks (stats.block_permutation)
     bootstrap: dict[str, tuple[float, float, float]]  # per metric: diff, CI low, CI high
     mcnemar: dict[str, float]
-    scores: dict[str, dict[str, float]]  # per run: f1_macro, ap_macro, accuracy
+    scores: dict[str, dict[str, float]]  # per run: the compared metrics (metrics.compared()) and accuracy
     exchanged: str = ""  # the tests' unit: "blocks", "scenes" or "frames" ("" reads from n_blocks)
     mde: power.Mde | None = None  # the design's smallest detectable macro-F1 difference
     pooled_folds: int = 0  # > 0: pooled out-of-fold predictions of this many folds
@@ -48,10 +49,10 @@ class Comparison:
 
     @property
     def n_units(self) -> int:
-        return int(self.permutation["f1_macro"]["n_blocks"])
+        return int(next(iter(self.permutation.values()))["n_blocks"])
 
     def permutation_line(self) -> str:
-        p = self.permutation["f1_macro"]
+        p = next(iter(self.permutation.values()))
         how = (f"all {p['n_perm']:,} exchanges (exact)" if p["exact"] else
                f"{p['n_perm']:,} random exchanges (the observed one included)")
         if self.unit == "scenes":
@@ -94,13 +95,13 @@ class Comparison:
             f"| measure | A | B | B - A | p ({self.unit[:-1]} permutation) | 95% CI ({self.unit[:-1]} bootstrap) |",
             "|---|---|---|---|---|---|",
         ]
-        for key in stats.METRICS:
+        for key in self.bootstrap:  # the compared metrics (metrics.compared())
             d, lo, hi = self.bootstrap[key]
             lines.append(f"| {key} | {self.scores['a'][key]:.4f} | {self.scores['b'][key]:.4f} | "
                          f"{d:+.4f} | {self.permutation[key]['pvalue']:.4g} | [{lo:+.4f}, {hi:+.4f}] |")
-        lines.append(f"| exact-match accuracy | {self.scores['a']['accuracy']:.4f} | "
-                     f"{self.scores['b']['accuracy']:.4f} | "
-                     f"{self.scores['b']['accuracy'] - self.scores['a']['accuracy']:+.4f} | | |")
+        if "accuracy" not in self.bootstrap:  # shown beside the tested metrics, untested
+            acc_a, acc_b = self.scores["a"]["accuracy"], self.scores["b"]["accuracy"]
+            lines.append(f"| exact-match accuracy | {acc_a:.4f} | {acc_b:.4f} | {acc_b - acc_a:+.4f} | | |")
         lines += [
             "",
             f"Verdict (macro F1): {self.verdict_line()}",
@@ -289,8 +290,8 @@ def compare_predictions(a: pd.DataFrame, b: pd.DataFrame, threshold: float = 0.5
         raise DataError(f"runs {run_a} and {run_b} disagree on the labels of the same frames")
     probs = {k: both[[f"prob_{label}_{k}" for label in LABELS]].to_numpy(float) for k in ("a", "b")}
     correct = {k: (binarize(p, threshold) == y).all(axis=1) for k, p in probs.items()}
-    scores = {k: {m: compute_metrics(y, p, threshold)[m] for m in ("f1_macro", "ap_macro", "accuracy")}
-              for k, p in probs.items()}
+    shown = dict.fromkeys((*registry.compared(), "accuracy"))
+    scores = {k: {m: v for m, v in compute_metrics(y, p, threshold).items() if m in shown} for k, p in probs.items()}
     folds = int(a["fold"].nunique()) if "fold" in a else 0
     block_of = scene_of = None
     if blocks is not None:

@@ -14,9 +14,9 @@ import logging
 import numpy as np
 import pandas as pd
 
+from flame_kd import metrics as registry
 from flame_kd import power
 from flame_kd.errors import FlameKDError
-from flame_kd.stats import METRICS as TEST_METRICS
 from flame_kd.stats import RELIABLE_BLOCKS
 
 log = logging.getLogger("flame_kd")
@@ -72,7 +72,7 @@ def pooled_row(teacher: str, loss: str, seeds: list[tuple[str, str, object]]) ->
     row = {"teacher": teacher, "loss": loss, "seed": POOLED, "row": POOLED, "unit": f1["unit"],
            "n_units": f1["n_blocks"], "n_seeds": f1["n_seeds"], "f1_macro_mde": f1["mde"].mde,
            "mde_note": f1["mde"].describe()}
-    for key in TEST_METRICS:
+    for key in (k for k in got if k in registry.compared()):
         row |= {f"{key}_diff": got[key]["diff"], f"{key}_p": got[key]["pvalue"],
                 f"{key}_per_seed": ", ".join(f"s{s} {d:+.4f}" for (_, _, s), d in zip(seeds, got[key]["per_seed"]))}
     return row
@@ -83,10 +83,11 @@ def adjust(table: pd.DataFrame) -> pd.DataFrame:
     verdict read from it (``<metric>_verdict``); per-seed rows get neither."""
     if table.empty:
         return table
+    tested = _tested(table)
     pooled = (table["row"] == POOLED).to_numpy()
-    raw = np.concatenate([table.loc[pooled, f"{m}_p"].to_numpy(float) for m in TEST_METRICS])
-    adjusted = power.holm(raw).reshape(len(TEST_METRICS), -1)
-    for i, m in enumerate(TEST_METRICS):
+    raw = np.concatenate([table.loc[pooled, f"{m}_p"].to_numpy(float) for m in tested])
+    adjusted = power.holm(raw).reshape(len(tested), -1)
+    for i, m in enumerate(tested):
         table[f"{m}_p_holm"] = np.nan
         table.loc[pooled, f"{m}_p_holm"] = adjusted[i]
         table[f"{m}_verdict"] = ""
@@ -95,6 +96,11 @@ def adjust(table: pd.DataFrame) -> pd.DataFrame:
             mde = table.at[idx, "f1_macro_mde"] if m == "f1_macro" else np.nan
             table.at[idx, f"{m}_verdict"] = verdict(d, p, mde, int(table.at[idx, "n_units"]))
     return table
+
+
+def _tested(table: pd.DataFrame) -> list[str]:
+    """The registry's compared metrics (``metrics.compared()``) that the table holds a p for."""
+    return [m for m in registry.compared() if f"{m}_p" in table]
 
 
 def verdict(diff: float, p_holm: float, mde: float, units: int) -> str:
@@ -118,21 +124,22 @@ def _fmt(value, spec: str, empty: str = "-") -> str:
 def comparisons_markdown(comparisons: pd.DataFrame) -> str:
     """The comparisons as markdown: per variant its pooled verdict (raw and Holm-adjusted p) and its
     per-seed rows (KD minus control, the permutation p, the block bootstrap CI, McNemar's p)."""
-    lines = ["| teacher | loss | seed | unit | Δ f1_macro | p | p (Holm) | 95% CI | Δ ap_macro | p | p (Holm) | "
-             "95% CI | McNemar p (counts frames, optimistic) | verdict (f1_macro, Holm) |",
-             "|" + "---|" * 14]
+    tested = _tested(comparisons)
+    lines = ["| teacher | loss | seed | unit | " + "".join(f"Δ {m} | p | p (Holm) | 95% CI | " for m in tested) +
+             "McNemar p (counts frames, optimistic) | verdict (f1_macro, Holm) |",
+             "|" + "---|" * (6 + 4 * len(tested))]
     order = comparisons.assign(_pooled=comparisons["row"] == POOLED).sort_values(["teacher", "loss", "_pooled"],
                                                                                  kind="stable")
     for _, r in order.iterrows():
         cells = []
-        for k in TEST_METRICS:
+        for k in tested:
             ci = (f"[{r[f'{k}_lo']:+.4f}, {r[f'{k}_hi']:+.4f}]" if r["row"] != POOLED else
                   f"per seed: {r.get(f'{k}_per_seed', '')}")
             cells.append(f"{r[f'{k}_diff']:+.4f} | {_fmt(r[f'{k}_p'], '.4g')} | {_fmt(r.get(f'{k}_p_holm'), '.4g')} "
                          f"| {ci}")
         seed = "**pooled**" if r["row"] == POOLED else r["seed"]
-        lines.append(f"| {r['teacher']} | {r['loss']} | {seed} | {int(r['n_units'])} {r['unit']} | {cells[0]} | "
-                     f"{cells[1]} | {_fmt(r.get('mcnemar_p_frames_optimistic'), '.4g')} | "
+        lines.append(f"| {r['teacher']} | {r['loss']} | {seed} | {int(r['n_units'])} {r['unit']} | " +
+                     "".join(f"{c} | " for c in cells) + f"{_fmt(r.get('mcnemar_p_frames_optimistic'), '.4g')} | "
                      f"{r.get('f1_macro_verdict') or '-'} |")
     units = comparisons["n_units"].dropna()
     kinds = sorted(set(comparisons["unit"].dropna()))
