@@ -10,7 +10,7 @@ import torch
 
 from flame_kd import tracking
 from flame_kd.progress import stage
-from flame_kd.reports import champion as champion_alias
+from flame_kd.reports.champion import crown
 from flame_kd.reports.base import ReportContext, reporter
 
 
@@ -72,5 +72,5 @@ def champion(ctx: ReportContext) -> None:
     from flame_kd.config import best_name
 
     monitor = ctx.trainer.cfg.monitor
-    champion_alias.crown(ctx.tracking.register_as, ctx.version, ctx.run_id, monitor, ctx.metrics[best_name(monitor)],
+    crown(ctx.tracking.register_as, ctx.version, ctx.run_id, monitor, ctx.metrics[best_name(monitor)],
                          ctx.data.digest, ctx.data.split.digest)
