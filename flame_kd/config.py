@@ -259,6 +259,19 @@ class LossConfig:
         return dataclasses.replace(self, term_weights=text, **{k: v for k, v in values.items() if k in fields})
 
 
+def _reports_help() -> str:
+    from flame_kd.reports import help_text
+
+    return help_text()
+
+
+def _reports_problem(value: str) -> str | None:
+    """What is wrong with a ``--reports`` value (flame_kd.reports.REGISTRY): an unknown reporter, a missing need."""
+    from flame_kd.reports import problem
+
+    return problem(value)
+
+
 @dataclass
 class TrackingConfig:
     experiment: str | None = opt(None, "MLflow experiment; default: mlflow run's, else flame-kd.")
@@ -273,6 +286,7 @@ class TrackingConfig:
                            check=registered_name_problem)
     system_metrics: bool | None = opt(None, "MLflow system metrics (CPU, memory; GPU utilisation and memory "
                                             "through nvidia-ml-py); default: on when training on CUDA.")
+    reports: str = opt("all", _reports_help, check=_reports_problem)
 
 
 @dataclass

@@ -27,6 +27,10 @@ from flame_kd.config import (
 REPO = Path(__file__).resolve().parents[1]
 TINY_TEACHER = "timm:test_resnet"
 SIZE = 32
+# What the pipeline tests' runs report unless a test asks for more (``--reports``): the test metrics and
+# predictions every run logs. t-SNE/UMAP, ONNX and the served model cost most of a tiny run; the tests
+# that check them choose them (tests/test_teacher_run.py, tests/test_distill.py's first run: all).
+TEST_REPORTS = "none"
 
 
 _TEMPLATE: list[Path] = []  # this process's migrated empty store
@@ -73,17 +77,19 @@ def train_cfg(epochs: int, lr: float, seed: int = 42, patience: int = 10) -> Tra
                        early_stop_patience=patience, plateau_patience=2)
 
 
-def teacher_cfg(csv: str, epochs: int = 2, seed: int = 42, experiment: str = "t") -> TeacherRunConfig:
+def teacher_cfg(csv: str, epochs: int = 2, seed: int = 42, experiment: str = "t",
+                reports: str = TEST_REPORTS) -> TeacherRunConfig:
     return TeacherRunConfig(
         data=DataConfig(csv=csv, image_size=SIZE, batch_size=16),
         teacher=TeacherConfig(name=TINY_TEACHER, pretrained=False),
         train=train_cfg(epochs, 3e-3, seed),
-        tracking=TrackingConfig(experiment=experiment),
+        tracking=TrackingConfig(experiment=experiment, reports=reports),
     )
 
 
 def distill_cfg(csv: str, loss: str = "kl_bce", epochs: int = 2, seed: int = 42, experiment: str = "t",
-                teacher_epochs: int = 2, mode: str = "cached", **weights) -> DistillRunConfig:
+                teacher_epochs: int = 2, mode: str = "cached", reports: str = TEST_REPORTS,
+                **weights) -> DistillRunConfig:
     return DistillRunConfig(
         data=DataConfig(csv=csv, image_size=SIZE, batch_size=16, augment="flip"),
         teacher=TeacherConfig(name=TINY_TEACHER, pretrained=False),
@@ -91,7 +97,7 @@ def distill_cfg(csv: str, loss: str = "kl_bce", epochs: int = 2, seed: int = 42,
         student="timm:test_efficientnet",
         train=train_cfg(epochs, 3e-3, seed),
         loss=LossConfig(variant=loss, **weights),
-        tracking=TrackingConfig(experiment=experiment, register_as="flame-kd-student"),
+        tracking=TrackingConfig(experiment=experiment, register_as="flame-kd-student", reports=reports),
         teacher_mode=mode,
     )
 

@@ -27,7 +27,7 @@ def tiny_spec(csv: str, **more) -> AblationSpec:
         "name": "tiny", "data": {"csv": csv, "image_size": SIZE, "batch_size": 16},
         "teachers": [TINY_TEACHER], "losses": ["kl_bce", "kl_l2_bce"], "seeds": [1, 2], "control": True,
         "student": "lightweight-cnn", "pretrained": False, "teacher_epochs": 1, "student_epochs": 1, "device": "cpu",
-        "experiment": "ablation", "log_model": False, **more})
+        "experiment": "ablation", "log_model": False, "reports": "none", **more})  # the summary reads what every run logs
 
 
 @pytest.fixture(scope="module")
@@ -133,6 +133,9 @@ def test_spec_errors(tmp_path):
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump({"teachers": ["a"], "colour": "red"}))
     with pytest.raises(ConfigError, match="colour"):
         load_spec(str(tmp_path / "bad.yaml"))
+    (tmp_path / "reports.yaml").write_text(yaml.safe_dump({"data": "x.csv", "reports": "confusion,embedings"}))
+    with pytest.raises(ConfigError, match="reports.*'embedings' \\(did you mean embeddings\\?\\)"):
+        load_spec(str(tmp_path / "reports.yaml"))  # the spec's key, checked as --reports is
     spec = load_spec(str(REPO / "experiments" / "ablation.yaml"))
     assert len(ablation_mod.cells(spec)) == 4 * 3 * 5 + 5  # the original grid plus a control per seed
 

@@ -37,7 +37,7 @@ def store(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def first_distill(store, data_csv):
-    cfg = distill_cfg(data_csv, loss="kl_contrastive_l2_bce")
+    cfg = distill_cfg(data_csv, loss="kl_contrastive_l2_bce", reports="all")  # the one run of every reporter
     cfg.tracking.register = True
     run_id = run_distill(cfg)
     return MlflowClient().get_run(run_id)
@@ -99,6 +99,11 @@ def test_second_distill_reuses_the_teacher(first_distill, data_csv, caplog):
     assert f"reusing teacher run {teacher}" in caplog.text  # the one line that says which
     # not asked to register (the default): no new version
     assert not [v for v in MlflowClient().search_model_versions("name = 'flame-kd-student'") if v.run_id == run_id]
+    # --reports none: the test metrics and predictions every run logs, and no other report
+    assert run.data.params["reports"] == "none" and "test_f1_macro" in run.data.metrics
+    assert not {"vs_teacher_f1_macro", "student_params", "onnx_max_abs_diff"} & set(run.data.metrics)
+    have = artifacts(run_id)
+    assert "predictions/test.csv" in have and not [p for p in have if p.startswith(("plots/", "onnx/", "model"))]
 
 
 def test_pinned_teacher_and_mismatched_split(first_distill, data_csv):

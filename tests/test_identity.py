@@ -291,7 +291,7 @@ def test_a_pareto_study_on_other_data_gets_its_own_parent(store, synth_copy):
 
 def test_the_champion_never_compares_across_data(store, ids, monkeypatch):
     A, OTHER_DATA = ids.A, ids.OTHER_DATA
-    from flame_kd.runs import champion
+    from flame_kd.reports import champion
 
     champ = make_run({**A.tags()})
     monkeypatch.setattr(tracking, "model_version_by_alias", lambda name, alias: SimpleNamespace(version="1", run_id=champ))
@@ -399,7 +399,7 @@ def test_every_reuse_lookup_goes_through_the_identity():
     must = {("flame_kd/runs/distill.py", "find_teacher_run"), ("flame_kd/runs/skeleton.py", "find_resumable"),
             ("flame_kd/runs/ablation.py", "find_or_create_parent"), ("flame_kd/runs/pareto.py", "find_or_create_parent"),
             ("flame_kd/runs/sweep.py", "open_study"), ("flame_kd/runs/grid.py", "open_grid"),
-            ("flame_kd/teacher_cache.py", "load_or_compute"), ("flame_kd/runs/champion.py", "crown")}
+            ("flame_kd/teacher_cache.py", "load_or_compute"), ("flame_kd/reports/champion.py", "crown")}
     assert must <= set(seen), must - set(seen)  # the scan sees the known paths
     stale = set(NOT_REUSE) - set(seen)
     assert not stale, f"NOT_REUSE lists lookups that no longer exist: {stale}"

@@ -123,7 +123,8 @@ def test_students_option_and_bad_names():
 
 
 def _cfg(csv: str, budget: float | None = None) -> ParetoConfig:
-    d = distill_cfg(str(csv), epochs=1, teacher_epochs=1, experiment="pareto")
+    # what the study reads (profile: params and GFLOPs; onnx) and registers (the served model)
+    d = distill_cfg(str(csv), epochs=1, teacher_epochs=1, experiment="pareto", reports="profile,onnx,model")
     d.tracking.register = ParetoConfig().distill.tracking.register  # a study registers its best by default
     return ParetoConfig(distill=d, students=",".join(STUDENTS), latency_budget_ms=budget, calibration_frames=24,
                         latency_runs=3, latency_warmup=1)
@@ -249,7 +250,8 @@ def test_mlflow_run_pareto_end_to_end(tmp_path, synth_csv):
     params = [f"data={synth_csv}", f"image_size={SIZE}", "batch_size=16", f"teacher={TINY_TEACHER}",
               "pretrained=false", "teacher_epochs=1", "student_epochs=1", "device=cpu", "progress=false",
               f"students={','.join(STUDENTS)}", "calibration_frames=16", "latency_runs=3", "latency_budget_ms=1000",
-              "loss=kl_at_bce"]  # a term on intermediate maps, from the cached teacher, for every student
+              "loss=kl_at_bce",  # a term on intermediate maps, from the cached teacher, for every student
+              "reports=profile,onnx,model"]  # -P reports: what the study reads and registers, no embeddings
     args = ["mlflow", "run", str(REPO), "-e", "pareto", "--env-manager", "local", "--experiment-name", "e2e"]
     done = cli(*args, *[x for p in params for x in ("-P", p)], env=env, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -264,5 +266,7 @@ def test_mlflow_run_pareto_end_to_end(tmp_path, synth_csv):
     assert sorted(r.data.tags["flame_kd.pareto_student"] for r in kids) == sorted(STUDENTS)
     assert {r.data.tags["flame_kd.int8"] for r in kids} == {"passed"}
     assert all("train/at" in r.data.metrics and r.data.tags["flame_kd.teacher_mode"] == "cached" for r in kids)
+    assert {r.data.params["reports"] for r in kids} == {"profile,onnx,model"}
+    assert not [a for r in kids for a in client.list_artifacts(r.info.run_id, "plots") if "tsne" in a.path]
     table = pd.read_csv(client.download_artifacts(parent.info.run_id, "pareto.csv", str(tmp_path)))
     assert len(table) == 6 and table["best"].sum() == 1

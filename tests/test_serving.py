@@ -12,7 +12,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from flame_kd.cli import main
-from flame_kd.runs import champion
+from flame_kd.reports import champion
 from flame_kd.tracking.pyfunc import ServedFrames, schema_text
 
 from pipeline_helpers import use_store

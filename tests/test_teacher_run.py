@@ -21,11 +21,16 @@ def data_csv(tmp_path_factory):
     return str(synthesize(tmp_path_factory.mktemp("synth"), frames=160, image_size=SIZE, seed=3))
 
 
+# Every reporter but the embeddings (checked on tests/test_distill.py's first run, a student's and its
+# teacher's): the teacher's own outputs, its served 6-channel model included.
+TEACHER_REPORTS = "confusion,curves,profile,model"
+
+
 @pytest.fixture(scope="module")
 def teacher_run(data_csv, tmp_path_factory):
     mp = pytest.MonkeyPatch()
     use_store(tmp_path_factory.mktemp("store"), mp)
-    run_id = run_teacher(teacher_cfg(data_csv, epochs=2))
+    run_id = run_teacher(teacher_cfg(data_csv, epochs=2, reports=TEACHER_REPORTS))
     yield MlflowClient().get_run(run_id)
     mp.undo()
 
@@ -72,9 +77,11 @@ def test_tags_identify_the_run(teacher_run):
 
 def test_artifacts(teacher_run):
     have = artifacts(teacher_run.info.run_id)
-    for path in ("config.yaml", "split/manifest.csv", "plots/training_curves.png", "plots/tsne.png",
-                 "plots/umap.png", "plots/confusion.png", "checkpoints/best.pt", "predictions/test.csv"):
+    for path in ("config.yaml", "split/manifest.csv", "plots/training_curves.png", "plots/confusion.png",
+                 "metrics/confusion.json", "checkpoints/best.pt", "predictions/test.csv"):
         assert path in have, path
+    assert not {"plots/tsne.png", "plots/umap.png"} & have  # --reports left the embeddings out
+    assert teacher_run.data.params["reports"] == TEACHER_REPORTS  # what the run was asked to report
     preds = pd.read_csv(MlflowClient().download_artifacts(teacher_run.info.run_id, "predictions/test.csv"))
     assert list(preds.columns) == ["id", "fire", "smoke", "prob_fire", "prob_smoke"]
     assert len(preds) == teacher_run.data.metrics["split_test_frames"] and preds.id.is_unique

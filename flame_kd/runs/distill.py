@@ -9,42 +9,31 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import torch
 
-from flame_kd import identity, pages, plots, tracking
-
-from flame_kd import teacher_cache
-from flame_kd.runs import champion
+from flame_kd import identity, pages, teacher_cache, tracking
 from flame_kd.config import (DISTILL_OPTIONS, RUNTIME_FIELDS, TEACHER_OPTIONS, DistillRunConfig, TeacherRunConfig,
                              TrackingConfig, best_name, check_ranges, to_dict)
 from flame_kd.engine import resolve_device, seed_everything
 from flame_kd.errors import ConfigError
-from flame_kd.evaluate import METRIC_NAMES, predict
 from flame_kd.runs.skeleton import (
     Data,
     FitPlan,
-    TestReport,
     example_batch,
     load_data,
     load_run_model,
-    log_profile,
-    log_test_report,
+    report_fit,
     run_identity,
     run_params,
     tracked_fit,
     train_pos_weight,
 )
-from flame_kd.export import export_onnx
 from flame_kd.losses import DistillLoss, active_terms, check_temperature, needed_outputs, resolve_weights
 from flame_kd.models import build_student
-from flame_kd.models.deploy import Deployable
 from flame_kd.options import option_values, option_flags, spell
-from flame_kd.progress import stage
 from flame_kd.tasks import DistillTask, output_shapes, student_forward, teacher_forward
 from flame_kd.teacher_cache import TeacherOutputs
 from flame_kd.runs.teacher import run_teacher
@@ -60,7 +49,8 @@ def teacher_config(cfg: DistillRunConfig) -> TeacherRunConfig:
         train=cfg.teacher_train,
         pos_weight=cfg.loss.pos_weight,  # one BCE: --pos-weight weighs the teacher trained on the way too
         tracking=TrackingConfig(experiment=cfg.tracking.experiment, tracking_uri=cfg.tracking.tracking_uri,
-                                log_model=False),  # its checkpoint is what distillation loads: weights once
+                                log_model=False,  # its checkpoint is what distillation loads: weights once
+                                reports=cfg.tracking.reports),  # what the distill run reports, the teacher too
         resume=cfg.resume,  # a distill stopped while training its teacher resumes that teacher run
         checkpoint_dir=cfg.checkpoint_dir,
     )
@@ -303,25 +293,14 @@ def run_distill(cfg: DistillRunConfig, attach_env: bool = True, extra_tags: dict
                                   "loss_pos_weight_smoke": float(pos_weight[1])})
 
     with tracked_fit(plan, attach_env, parent_run_id, extra_tags, callbacks, on_start=on_start) as fitted:
-        trainer, state = fitted.trainer, fitted.state
-        if not report:
+        if not report:  # a sweep trial: the test split is never looked at (the sweep scores its best trial)
+            state = fitted.state
             tracking.log_metrics({best_name(cfg.train.monitor): state.best_score, "best_epoch": float(state.best_epoch)})
             return fitted.run_id
-        rep = log_test_report(trainer, state, data, f"student ({cfg.loss.variant})", seed)
-        log_profile("student", trainer.model, (ex["rgb"],))
-        if loss.uses_teacher:
-            log_profile("teacher", teacher, (ex["rgb"], ex["ir"]))
-            log_teacher_comparison(prep.teacher_run_id, rep, teacher, data, seed)
-        if cfg.tracking.log_model:
-            registered = cfg.tracking.register_as if cfg.tracking.register else None
-            version = log_student(trainer.model, ex["rgb"], registered,
-                                  version_description(cfg, rep.metrics, prep.teacher_run_id),
-                                  name=pages.model_name("student", cfg.student))
-            if version is not None:
-                champion.crown(registered, version, fitted.run_id, cfg.train.monitor,
-                               rep.metrics[best_name(cfg.train.monitor)], data.digest, data.split.digest)
-        elif cfg.tracking.register:
-            log.warning("--no-log-model: nothing to register")
+        report_fit(fitted, plan, f"student ({cfg.loss.variant})", model_name=pages.model_name("student", cfg.student),
+               describe=lambda m: version_description(cfg, m, prep.teacher_run_id),
+               teacher=teacher if loss.uses_teacher else None,
+               teacher_run_id=prep.teacher_run_id if loss.uses_teacher else None)
     return fitted.run_id
 
 
@@ -332,37 +311,3 @@ def version_description(cfg: DistillRunConfig, metrics: dict, teacher_run_id: st
     return (f"{cfg.student}: test macro F1 {metrics['test_f1_macro']:.3f}, macro AP {metrics['test_ap_macro']:.3f} "
             f"(constant baseline {metrics['test_f1_macro_constant']:.3f}); {teacher}; loss {cfg.loss.variant}, "
             f"T {cfg.loss.temperature:g}, seed {cfg.train.seed}, {cfg.data.image_size} px.")
-
-
-def log_teacher_comparison(teacher_run_id: str, rep: TestReport, teacher, data: Data, seed: int) -> None:
-    """Student-teacher gap on each test metric; student embeddings (already computed) beside the
-    teacher's."""
-    metrics, preds = rep.metrics, rep.predictions
-    teacher_metrics = tracking.get_run(teacher_run_id).data.metrics
-    gaps = {f"vs_teacher_{m}": metrics[f"test_{m}"] - teacher_metrics[f"test_{m}"]
-            for m in METRIC_NAMES if f"test_{m}" in teacher_metrics and f"test_{m}" in metrics}
-    tracking.log_metrics(gaps)
-    t_feats = predict(teacher, data.loaders["test"], next(teacher.parameters()).device, teacher_forward).features
-    for method in rep.embeddings:  # t-SNE, and UMAP where umap-learn is installed
-        s_pts, s_kept = rep.embeddings[method]
-        t_pts, t_kept = plots.embed_features(t_feats, method=method, seed=seed)
-        fig = plots.embedding_pair(s_pts, preds.targets[s_kept], t_pts, preds.targets[t_kept],
-                                   (f"student ({method.upper()})", f"teacher ({method.upper()})"))
-        tracking.log_figure(fig, f"plots/{method}_student_vs_teacher.png")
-
-
-def log_student(model: torch.nn.Module, example: torch.Tensor, registered_name: str | None,
-                description: str = "", name: str = "student") -> str | None:
-    """The student as a served MLflow model (registered under ``registered_name`` with
-    ``description``, when given: returns the version) and as ONNX checked with onnxruntime."""
-    model = model.cpu().eval()
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "student.onnx"
-        with stage("ONNX export and onnxruntime check"):
-            check = export_onnx(model, example, path)
-        tracking.log_metrics({"onnx_max_abs_diff": check["max_abs_diff"]})
-        tracking.set_tags({"flame_kd.onnx_check": "passed" if check["ok"] else "FAILED"})
-        tracking.log_file(path, "onnx")
-    with stage("logging the student model (pt2)"):
-        return tracking.log_model(Deployable(model), example.numpy(), registered_name=registered_name,
-                                  description=description, name=name)

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from flame_kd import identity, quantize, tracking
+from flame_kd import identity, quantize, reports, tracking
 from flame_kd.config import DistillRunConfig, ParetoConfig, micro_batch, to_dict
 from flame_kd.errors import ConfigError
 from flame_kd.progress import stage
@@ -37,6 +37,7 @@ SCORES = ("val_f1_macro", "val_ap_macro", "test_f1_macro", "test_ap_macro")  # p
 COLUMNS = ["student", "precision", "run_id", "params", "gflops", "size_mb", "latency_ms", *SCORES,
            "status", "on_front", "on_front_gflops", "best"]
 METRIC_TAG = "flame_kd.pareto_metric"
+NEEDED_REPORTS = ("profile", "onnx")  # the table's params and GFLOPs; the registered version's fp32 ONNX link
 
 
 def selection_metric(monitor: str) -> str:
@@ -126,6 +127,7 @@ def run_pareto(cfg: ParetoConfig) -> tuple[str, pd.DataFrame, list[str]]:
     from flame_kd.runs.distill import prepare, run_distill
 
     students = cfg.student_list()
+    reports.require(cfg.distill.tracking.reports, NEEDED_REPORTS, "a pareto study")
     for name, value in (("calibration-frames", cfg.calibration_frames), ("latency-runs", cfg.latency_runs),
                         ("threads", cfg.threads)):
         if value < 1:
@@ -353,11 +355,13 @@ def log_front(parent_id: str, table: pd.DataFrame, cfg: ParetoConfig, metric: st
     for run_id in table["run_id"].unique():  # a re-run may move the choice: the old best is unmarked
         tracking.set_tags({"flame_kd.pareto_best": str(run_id == best["run_id"]).lower()}, run_id=run_id)
     name = cfg.distill.tracking.register_as if cfg.distill.tracking.register else None
-    if name and cfg.distill.tracking.log_model:
+    logged = cfg.distill.tracking.log_model and "model" in reports.chosen(cfg.distill.tracking.reports)
+    if name and logged:
         version = register_best(name, best, parent_id)
         tracking.set_tags({"flame_kd.pareto_best_version": version}, run_id=parent_id)
     elif name:
-        log.warning("--no-log-model: the best student has no logged model to register")
+        log.warning("%s: the best student has no logged model to register",
+                    "--no-log-model" if not cfg.distill.tracking.log_model else "--reports leaves out model")
 
 
 def register_best(name: str, best: pd.Series, parent_id: str) -> str:

@@ -1,9 +1,9 @@
-"""The run skeleton: what every training run shares -- data preparation, run identity, the tracked
-fit and the end-of-run report.
+"""The run skeleton: what every training run shares -- data preparation, run identity and the tracked
+fit.
 
 ``teacher.py`` and ``distill.py`` are thin on purpose: load data, build a model and a task, fit with
-the engine (``tracked_fit``), then ``log_test_report`` evaluates the best checkpoint on test once and
-logs everything.
+the engine (``tracked_fit``), then hand a ``reports.ReportContext`` to the reporters ``--reports`` chose
+(``flame_kd/reports/``), which evaluate the best checkpoint on test once and log what they are for.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ import pandas as pd
 import torch
 from filelock import FileLock, Timeout
 
-from flame_kd import identity, plots, tracking
-from flame_kd.config import (VOLATILE, DataConfig, TrackingConfig, TrainConfig, best_name, flatten, micro_batch,
+from flame_kd import identity, reports, tracking
+from flame_kd.config import (VOLATILE, DataConfig, TrackingConfig, TrainConfig, flatten, micro_batch,
                              without_folds_off)
 from flame_kd.data.dataset import FrameCache, PairedFrames, build_cache, make_loader
 from flame_kd.data.folds import current_fold
@@ -32,14 +32,6 @@ from flame_kd.data.schema import data_digest, load_frames
 from flame_kd.data.split import Split, part_problems, split_frames
 from flame_kd.data.thumbs import frame_thumbnails
 from flame_kd.engine import ConsoleCallback, FitState, Trainer, load_checkpoint, load_weights
-from flame_kd.evaluate import (
-    LABELS,
-    Predictions,
-    confusion_matrices,
-    constant_f1_macro,
-    predictions_table,
-    profile_model,
-)
 from flame_kd.errors import ConfigError, DataError, ServerLost
 from flame_kd.files import cache_home
 from flame_kd.options import Section, option_text, option_values, spell
@@ -47,7 +39,7 @@ from flame_kd.options import Section, option_text, option_values, spell
 log = logging.getLogger("flame_kd")
 
 
-PREDICTIONS_FILE = "predictions/test.csv"
+PREDICTIONS_FILE = reports.PREDICTIONS_FILE  # what the `predictions` reporter logs; compare and sweeps read it
 MANIFEST_FILE = "split/manifest.csv"  # the split's manifest (id, split, group, block), logged with every run
 
 
@@ -204,18 +196,21 @@ def checkpoint_dir(run_id: str, base: str | None = None) -> Path:
 
 
 CUDA_ONLY = ("amp", "channels_last")  # options that do not apply off CUDA: not logged there
+LOGGED_TRACKING = ("reports",)  # the tracking options logged as params: what the run logs, not where
 
 
 def run_params(cfg: Any, sections: tuple[Section, ...], device: torch.device,
                identity_only: bool = False) -> dict[str, str]:
     """A run's params as its command line spells them (``teacher_epochs``, ``alpha``: what ``mlflow
     run`` logs for ``-P``), so each is logged once under one name. Unset options, options that do not
-    apply on ``device`` and where-to-track settings are left out; config.yaml holds the whole config.
+    apply on ``device`` and where-to-track settings (all tracking options but ``reports``) are left out;
+    config.yaml holds the whole config.
     ``identity_only``: only the settings that change a run's numbers (not VOLATILE ones)."""
     out = {}
     for name, (path, value) in option_values(cfg, sections).items():
         parts = path.split(".")
-        if value is None or parts[0] == "tracking" or (parts[-1] in CUDA_ONLY and device.type != "cuda"):
+        if value is None or (parts[0] == "tracking" and parts[-1] not in LOGGED_TRACKING) or \
+                (parts[-1] in CUDA_ONLY and device.type != "cuda"):
             continue
         if identity_only and any(p in VOLATILE for p in parts):
             continue
@@ -236,46 +231,6 @@ def start_logging(cfg: dict, params: dict[str, str], data: Data, full: bool = Tr
         tracking.log_dataframe(data.split.manifest, MANIFEST_FILE)
         tracking.log_text(data.split.summary(), "split/summary.txt")
     tracking.log_metrics(data.split.metrics())  # fractions, frames, gap, nn-similarity leakage
-
-
-def log_profile(prefix: str, model: torch.nn.Module, example: tuple) -> dict:
-    """Parameters, size, GFLOPs per frame and CPU latency at batch 1, so accuracy meets cost."""
-    prof = profile_model(model, example)
-    tracking.log_metrics({f"{prefix}_{k}": float(v) for k, v in prof.items()})
-    return prof
-
-
-@dataclass
-class TestReport:
-    """What the end of a run computed on the test split, once: metrics, predictions, embeddings."""
-
-    metrics: dict[str, float]
-    predictions: Predictions
-    embeddings: dict[str, tuple]  # method -> (points2d, kept rows of predictions)
-
-
-def log_test_report(trainer: Trainer, state: FitState, data: Data, tag: str, seed: int) -> TestReport:
-    """Best checkpoint on the test split in one pass: metrics beside the constant baseline, per-frame
-    predictions (so `flame-kd compare` needs MLflow alone), confusion, curves, t-SNE and UMAP."""
-    trainer.load_best()
-    metrics, preds = trainer.evaluate(data.loaders["test"], "test", predictions=True)
-    metrics["best_epoch"] = float(state.best_epoch)
-    metrics[best_name(trainer.cfg.monitor)] = float(state.best_score)
-    train_targets = data.frames.iloc[data.split.indices("train")][list(LABELS)].to_numpy()
-    metrics["test_f1_macro_constant"] = constant_f1_macro(train_targets, preds.targets)
-    tracking.log_metrics(metrics)
-    tracking.describe_headline(metrics)  # the run page's first figures (its metric table starts with split_*)
-    tracking.log_dataframe(predictions_table(data.frames, preds), PREDICTIONS_FILE)
-    cms = confusion_matrices(preds.targets, preds.probs, trainer.cfg.threshold)
-    tracking.log_figure(plots.confusion(cms), "plots/confusion.png")
-    tracking.log_dict_json({k: v.tolist() for k, v in cms.items()}, "metrics/confusion.json")
-    tracking.log_figure(plots.training_curves(state.history), "plots/training_curves.png")
-    embeddings = {}
-    for method in plots.embedding_methods():
-        pts, kept = embeddings[method] = plots.embed_features(preds.features, method=method, seed=seed)
-        fig = plots.embedding(pts, preds.targets[kept], f"{tag} test features ({method.upper()})")
-        tracking.log_figure(fig, f"plots/{method}.png")
-    return TestReport(metrics, preds, embeddings)
 
 
 @dataclass
@@ -425,3 +380,12 @@ def example_batch(data: Data, n: int = 2) -> dict[str, torch.Tensor]:
     ds = data.loaders["test"].dataset
     items = [ds[i] for i in range(min(n, len(ds)))]
     return {k: torch.stack([torch.as_tensor(it[k]).cpu() for it in items]) for k in ("rgb", "ir")}
+
+
+def report_fit(fitted: Fitted, plan: FitPlan, title: str, **context) -> list[str]:
+    """Hand a finished fit to the reporters its ``--reports`` chose (``flame_kd/reports/``), inside its
+    run; ``context``: the rest of ``reports.ReportContext`` (teacher, describe, model_name). The names run."""
+    ctx = reports.ReportContext(run_id=fitted.run_id, kind="teacher" if plan.stage == "teacher" else "student",
+                                trainer=fitted.trainer, data=plan.data, seed=plan.train.seed, title=title,
+                                state=fitted.state, example=example_batch(plan.data), tracking=plan.tracking, **context)
+    return reports.run(ctx, plan.tracking.reports)

@@ -20,13 +20,12 @@ from collections import Counter
 
 import optuna
 
-from flame_kd import identity, tracking
+from flame_kd import identity, reports, tracking
 from flame_kd.options import option_flags, spell
 from flame_kd.config import SWEEP_OPTIONS, SweepConfig, check_ranges, monitor_mode
 from flame_kd.runs.distill import Prepared, prepare, run_distill
 from flame_kd.engine import LambdaCallback, Trainer
 from flame_kd.errors import ConfigError, Preempted, RunFailed
-from flame_kd.evaluate import LABELS, constant_f1_macro, predictions_table
 from flame_kd.runs.skeleton import PREDICTIONS_FILE, checkpoint_dir, load_run_model
 from flame_kd.studies import make_storage, resolve_storage, retry_stale
 from flame_kd.losses import REGISTRY, VARIANTS
@@ -319,17 +318,15 @@ def summarise_and_finish(study: optuna.Study, cfg: SweepConfig, prep: Prepared, 
 
 def evaluate_trial(run_id: str, cfg: SweepConfig, prep: Prepared) -> dict[str, float]:
     """Test metrics of one trial's best checkpoint: the only time a sweep touches the test split.
-    Logged into the trial's run as a distill run logs them (``test_*``, ``predictions/test.csv``,
-    the description's headline), so `flame-kd compare` takes the best trial like any run."""
-    d, data = cfg.distill, prep.data
+    Logged into the trial's run by the reporters every distill run runs (``metrics``, ``predictions``:
+    ``test_*``, ``predictions/test.csv``, the description's headline), so `flame-kd compare` takes the
+    best trial like any run."""
+    d = cfg.distill
     model, _, _ = load_run_model(run_id)
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(model, SupervisedTask(student_forward), d.train, tmp, device=prep.device)
-        metrics, preds = trainer.evaluate(data.loaders["test"], "test", predictions=True)
-    train_targets = data.frames.iloc[data.split.indices("train")][list(LABELS)].to_numpy()
-    metrics["test_f1_macro_constant"] = constant_f1_macro(train_targets, preds.targets)
-    tracking.log_metrics(metrics, run_id=run_id)
-    tracking.log_text_to(run_id, predictions_table(data.frames, preds).to_csv(index=False), PREDICTIONS_FILE)
+        ctx = reports.ReportContext(run_id=run_id, kind="student", trainer=trainer, data=prep.data, seed=d.train.seed,
+                                    title=f"trial student ({d.loss.variant})")
+        reports.run(ctx, reports.chosen(reports.NONE))  # the required ones: what compare and the summary read
     tracking.set_tags({BEST_TRIAL_TAG: "true"}, run_id=run_id)
-    tracking.describe_headline(metrics | tracking.get_run(run_id).data.metrics, run_id=run_id)
-    return metrics
+    return ctx.metrics

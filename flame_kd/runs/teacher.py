@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import torch
-
 from flame_kd import pages, tracking
 from flame_kd.options import option_flags
 from flame_kd.config import TEACHER_OPTIONS, TeacherRunConfig, check_ranges, to_dict
 from flame_kd.engine import resolve_device, seed_everything
-from flame_kd.runs.skeleton import (FitPlan, example_batch, load_data, log_profile, log_test_report, run_params,
-                                 tracked_fit, train_pos_weight)
+from flame_kd.runs.skeleton import FitPlan, load_data, report_fit, run_params, tracked_fit, train_pos_weight
 from flame_kd.models import build_teacher
-from flame_kd.models.deploy import Deployable
 from flame_kd.tasks import SupervisedTask, teacher_forward
 
 
@@ -44,15 +40,11 @@ def run_teacher(cfg: TeacherRunConfig, attach_env: bool = True, extra_tags: dict
                    task=SupervisedTask(teacher_forward, pos_weight), train=cfg.train, tracking=cfg.tracking, device=device,
                    tags={"flame_kd.fusion": t.fusion, "flame_kd.augment": cfg.data.augment}, resume=cfg.resume,
                    checkpoint_dir=cfg.checkpoint_dir)
+
+    def describe(m: dict) -> str:  # a registered version's description
+        return (f"{t.name} RGB+IR teacher ({t.fusion} fusion): test macro F1 {m['test_f1_macro']:.3f}, "
+                f"macro AP {m['test_ap_macro']:.3f}; seed {seed}, {cfg.data.image_size} px.")
+
     with tracked_fit(plan, attach_env, parent_run_id, extra_tags, callbacks) as fitted:
-        m = log_test_report(fitted.trainer, fitted.state, data, f"{t.name} teacher", seed).metrics
-        ex = example_batch(data)
-        log_profile("teacher", fitted.trainer.model, (ex["rgb"], ex["ir"]))
-        if cfg.tracking.log_model:  # served as 6 channels: RGB then IR, raw uint8
-            frames = torch.cat([ex["rgb"], ex["ir"]], dim=1).numpy()
-            about = (f"{t.name} RGB+IR teacher ({t.fusion} fusion): test macro F1 {m['test_f1_macro']:.3f}, "
-                     f"macro AP {m['test_ap_macro']:.3f}; seed {seed}, {cfg.data.image_size} px.")
-            tracking.log_model(Deployable(fitted.trainer.model.cpu().eval(), modalities=2), frames,
-                               registered_name=cfg.tracking.register_as if cfg.tracking.register else None,
-                               description=about, name=pages.model_name("teacher", t.name))
+        report_fit(fitted, plan, f"{t.name} teacher", describe=describe, model_name=pages.model_name("teacher", t.name))
     return fitted.run_id
