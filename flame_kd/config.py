@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from flame_kd import metrics
+from flame_kd.metrics import best_name  # noqa: F401 (re-exported: the name callers use)
 from flame_kd.options import Section, nested, spell
 from flame_kd.validation import MAX_SEED, MAX_TEMPERATURE, MIN_EMBED_FRAMES, ratios_problem, registered_name_problem
 from flame_kd.validation import check_ranges  # noqa: F401 (the one validation of every value; imported from here)
@@ -133,13 +134,6 @@ def micro_batch(batch_size: int | str) -> int:
 def monitor_mode(monitor: str) -> str:
     """``min`` when lower is better (a loss; a metric whose record says so), else ``max``."""
     return metrics.monitor_mode(monitor)
-
-
-def best_name(monitor: str) -> str:
-    """The metric that holds a run's best monitored value: val/f1_macro -> val_best_f1_macro (a
-    one-off figure, so no "/": see ``engine.metric_key``)."""
-    split, _, name = monitor.partition("/")
-    return f"{split}_best_{name}"
 
 
 def teacher_train_defaults() -> TrainConfig:

@@ -131,6 +131,13 @@ def monitor_choices() -> tuple[str, ...]:
     return ("val/loss", *(f"val/{n}" for n in REGISTRY))
 
 
+def best_name(monitor: str) -> str:
+    """The metric that holds a run's best monitored value: val/f1_macro -> val_best_f1_macro (a
+    one-off figure, so no "/": see ``engine.metric_key``)."""
+    split, _, name = monitor.partition("/")
+    return f"{split}_best_{name}"
+
+
 def monitor_mode(monitor: str) -> str:
     """``max`` when a higher ``monitor`` is better (its record says), ``min`` for a loss."""
     metric = REGISTRY.get(monitor.partition("/")[2] or monitor)

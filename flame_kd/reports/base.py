@@ -52,7 +52,7 @@ class ReportContext:
     @functools.cached_property
     def test(self) -> tuple[dict[str, float], Any]:
         """(metrics, predictions) of the best checkpoint on the test split, in one pass."""
-        from flame_kd.config import best_name
+        from flame_kd.metrics import best_name
         from flame_kd.evaluate import LABELS, constant_f1_macro
 
         if self.state is not None:

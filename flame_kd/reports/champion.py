@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 
 from flame_kd import identity, tracking
-from flame_kd.config import best_name, monitor_mode
+from flame_kd.metrics import best_name, monitor_mode
 from flame_kd.errors import FlameKDError
 
 ALIAS = "champion"

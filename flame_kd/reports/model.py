@@ -69,7 +69,7 @@ def served_model(ctx: ReportContext) -> None:
           applies=lambda ctx: ctx.kind == "student" and ctx.version is not None)
 def champion(ctx: ReportContext) -> None:
     """Move the ``champion`` alias to this version when it beats the champion on the same data and split."""
-    from flame_kd.config import best_name
+    from flame_kd.metrics import best_name
 
     monitor = ctx.trainer.cfg.monitor
     crown(ctx.tracking.register_as, ctx.version, ctx.run_id, monitor, ctx.metrics[best_name(monitor)],

@@ -7,7 +7,7 @@ import logging
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from flame_kd.engine import Callback, FitState
+from flame_kd.engine.callbacks import Callback, FitState
 from flame_kd.tracking.log import _now_ms, active_run_id, log_batch_plan, log_metrics
 
 log = logging.getLogger("flame_kd")
