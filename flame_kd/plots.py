@@ -1,7 +1,7 @@
 """Figures for a run and a study: training curves, t-SNE/UMAP embeddings, confusion, ablation bars.
 
 Every function returns a ``matplotlib.figure.Figure`` built with the object-oriented API (no
-pyplot, so no backend or global state is touched); saving and logging are ``tracking.py``'s job.
+pyplot, so no backend or global state is touched); saving and logging are the tracking package's job.
 """
 
 from __future__ import annotations

@@ -169,3 +169,11 @@ def test_no_source_file_is_hidden_by_gitignore():
     hidden = subprocess.run(["git", "check-ignore", "--no-index", *files], cwd=root, capture_output=True, text=True)
     assert hidden.returncode in (0, 1), hidden.stderr  # 1: none ignored
     assert hidden.stdout.split() == []
+
+
+MAX_LINES = 500  # the house rule says "about 450"; past 500 a module is split by job
+
+
+def test_no_module_is_over_500_lines():
+    long = {m: n for m, p in MODULES.items() if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    assert not long, f"modules over {MAX_LINES} lines (split them by job): {long}"
