@@ -4,13 +4,15 @@ errors a user gets for bad input. MLproject against the CLI, entry point by entr
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+
 import pytest
 import yaml
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
 from flame_kd.cli import main
-from flame_kd.data.synth import synthesize
 
 from pipeline_helpers import REPO, SIZE, TINY_TEACHER, artifacts, cli, migrated_store, use_store
 
@@ -18,9 +20,10 @@ pytestmark = pytest.mark.slow  # a real pipeline: `make test-fast` leaves it out
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
+def env(synth_csv, tmp_path_factory):
+    """The session's data set (read-only), and this module's MLflow store and cache."""
     tmp = tmp_path_factory.mktemp("e2e")
-    csv = str(synthesize(tmp / "data", frames=160, image_size=SIZE, seed=21))
+    csv = str(synth_csv)
     return {"tmp": tmp, "csv": csv, "vars": {"MLFLOW_TRACKING_URI": migrated_store(tmp / "mlflow.db"),
                                              "FLAME_KD_CACHE": str(tmp / "cache")}}
 
@@ -36,6 +39,7 @@ def flame_kd(env, monkeypatch, *args: str):
     """`flame-kd ARGS` in this process (click's CliRunner) on the module's store and cache."""
     import mlflow
 
+    monkeypatch.chdir(env["tmp"])  # as `mlflow run` runs (./mlruns: never the checkout)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", env["vars"]["MLFLOW_TRACKING_URI"])
     monkeypatch.setenv("FLAME_KD_CACHE", env["vars"]["FLAME_KD_CACHE"])
     for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
@@ -164,7 +168,7 @@ def test_gpu_checks_store_check_passes_on_these_runs(env, swept, monkeypatch):
         == "failed"  # a distill curve of 2 points where 3 were asked: said
 
 
-def test_mlflow_run_ablation(env, tmp_path, monkeypatch):
+def test_mlflow_run_ablation(env, tmp_path, monkeypatch, caplog):
     spec = tmp_path / "tiny.yaml"
     spec.write_text(yaml.safe_dump({
         "name": "e2e", "teachers": [TINY_TEACHER], "losses": ["kl_l2_bce"], "seeds": [42], "control": True,
@@ -182,9 +186,12 @@ def test_mlflow_run_ablation(env, tmp_path, monkeypatch):
     tables = {a.path for a in client(env).list_artifacts(parent[0].info.run_id, "tables")}
     assert tables == {"tables/ablation.md", "tables/ablation.csv", "tables/comparisons.md", "tables/comparisons.csv"}
     # everything finished: nothing runs again (the same grid from the CLI's own spelling, in-process)
-    again = flame_kd(env, monkeypatch, "ablation", "--spec", str(spec), "--data", env["csv"], "--image-size", str(SIZE),
-                     "--teacher-epochs", "2", "--student-epochs", "1", "--device", "cpu", "--experiment", "e2e-ablation")
-    assert again.exit_code == 0 and "2 cells finished, 0 to run" in again.output, again.output[-3000:]
+    with caplog.at_level(logging.INFO, logger="flame_kd"):
+        again = flame_kd(env, monkeypatch, "ablation", "--spec", str(spec), "--data", env["csv"], "--image-size",
+                         str(SIZE), "--teacher-epochs", "2", "--student-epochs", "1", "--device", "cpu",
+                         "--experiment", "e2e-ablation")
+    assert again.exit_code == 0, again.output[-3000:]
+    assert "ablation e2e: 2 cells finished, 0 to run" in caplog.text, caplog.text[-3000:]
 
 
 @pytest.mark.parametrize("args, needle", [
@@ -211,8 +218,9 @@ def test_bad_data_stops_before_the_first_step(env, tmp_path, monkeypatch):
     cells = first.split(",")
     cells[-1] = "2"  # smoke = 2
     bad.write_text("\n".join([header, ",".join(cells), *rest]) + "\n")
-    (tmp_path / "254p RGB Images").symlink_to(f"{env['tmp']}/data/254p RGB Images")
-    (tmp_path / "254p Thermal Images").symlink_to(f"{env['tmp']}/data/254p Thermal Images")
+    data = Path(env["csv"]).parent
+    (tmp_path / "254p RGB Images").symlink_to(data / "254p RGB Images")
+    (tmp_path / "254p Thermal Images").symlink_to(data / "254p Thermal Images")
     result = CliRunner().invoke(main, ["teacher", "--teacher", TINY_TEACHER, "--data", str(bad), "--image-size",
                                        str(SIZE), "--device", "cpu", "--no-pretrained", "--experiment", "bad"])
     assert result.exit_code == 2, result.output
