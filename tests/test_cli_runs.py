@@ -62,7 +62,9 @@ def distilled(env):
     """`mlflow run . -e distill` with no teacher yet: it trains one (its own run), then distils."""
     done = mlflow_run(env, "distill", f"teacher={TINY_TEACHER}", "student=lightweight-cnn", "loss=kl_l2_bce",
                       f"data={env['csv']}", f"image_size={SIZE}", "batch_size=16", "teacher_epochs=2",
-                      "student_epochs=2", "pretrained=false", "device=cpu", "alpha=0.6", "temperature=3")
+                      "student_epochs=2", "pretrained=false", "device=cpu", "alpha=0.6", "temperature=3",
+                      "log_model=false")  # the logged model (pt2, ~25 s): tests/test_distill.py, test_serving.py
+    # reports: test metrics, teacher gap and embeddings (what the tests below check), once --reports exists
     assert done.returncode == 0, done.stderr[-4000:]
     return done
 
