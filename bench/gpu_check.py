@@ -264,13 +264,8 @@ def junit_rows(path: Path) -> list[Row]:
 
 # --- 2. a tiny end to end --------------------------------------------------------------------------
 
-def step_e2e(tmp: Path, env: dict, sizes: dict, log_path: Path, dry_run: bool):
-    work = tmp / "e2e"
-    work.mkdir()
-    uri = f"sqlite:///{work / 'mlflow.db'}"
-    env = env | {"MLFLOW_TRACKING_URI": uri, "FLAME_KD_CACHE": str(work / "cache"),
-                 # MLflow samples system metrics every 10 s by default: a run of seconds would log none
-                 "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1", "MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING": "1"}
+def e2e_commands(work: Path, sizes: dict, dry_run: bool) -> dict[str, list[str]]:
+    """The end to end's commands, by name, in order: synthetic data, a teacher, a cached distill, a sweep."""
     flame = [sys.executable, "-m", "flame_kd"]
     device = "cpu" if dry_run else "cuda"
     size, epochs = sizes["image_size"], sizes["epochs"]
@@ -279,7 +274,7 @@ def step_e2e(tmp: Path, env: dict, sizes: dict, log_path: Path, dry_run: bool):
               "--experiment", "gpu-check", "--no-progress"]
     student = ["--student", sizes["student"], "--student-epochs", str(epochs), "--teacher-epochs", str(epochs),
                "--teacher-lr", "0.001"]
-    commands = {
+    return {
         "synthetic data": flame + ["data", "synth", str(work / "data"), "--frames", str(sizes["frames"]),
                                    "--image-size", str(size), "--seed", "0"],
         "teacher run": flame + ["teacher", *common, "--epochs", str(epochs), "--lr", "0.001"],
@@ -288,6 +283,17 @@ def step_e2e(tmp: Path, env: dict, sizes: dict, log_path: Path, dry_run: bool):
         "2-trial sweep": flame + ["sweep", *common, *student, "--loss", "kl_bce", "--n-trials", "2",
                                   "--storage", f"sqlite:///{work / 'optuna.db'}"],
     }
+
+
+def step_e2e(tmp: Path, env: dict, sizes: dict, log_path: Path, dry_run: bool):
+    work = tmp / "e2e"
+    work.mkdir()
+    uri = f"sqlite:///{work / 'mlflow.db'}"
+    env = env | {"MLFLOW_TRACKING_URI": uri, "FLAME_KD_CACHE": str(work / "cache"),
+                 # MLflow samples system metrics every 10 s by default: a run of seconds would log none
+                 "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1", "MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING": "1"}
+    epochs = sizes["epochs"]
+    commands = e2e_commands(work, sizes, dry_run)
     rows, raw = [], {}
     budget = sizes["timeouts"]["e2e"]
     start = time.perf_counter()
@@ -307,13 +313,13 @@ def step_e2e(tmp: Path, env: dict, sizes: dict, log_path: Path, dry_run: bool):
     return rows, raw
 
 
-def check_store(uri: str, epochs: int, dry_run: bool, raw: dict) -> list[Row]:
+def check_store(uri: str, epochs: int, dry_run: bool, raw: dict, experiment: str = "gpu-check") -> list[Row]:
     """The runs in the store: each with its per-epoch curves and its test metrics; on CUDA the
     teacher run has MLflow's GPU system metrics."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=uri)
-    exp = client.get_experiment_by_name("gpu-check")
+    exp = client.get_experiment_by_name(experiment)
     runs = client.search_runs([exp.experiment_id]) if exp else []
     by_stage: dict[str, list] = {}
     for r in runs:

@@ -457,7 +457,7 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 
 
 # --- what each command puts on its command line (and MLproject), in sections of its run config ---
-# flame_kd/options.py turns the exposed fields into click options; experiment.py logs a run's params
+# flame_kd/options.py turns the exposed fields into click options; runs/skeleton.py logs a run's params
 # under the same names, so a param is spelled as its -P parameter.
 
 TEACHER_OPTIONS = (Section("data"), Section("teacher"), Section("train"), Section("tracking"), Section(""))

@@ -1,7 +1,11 @@
-"""The real entry points end to end: `mlflow run . -e teacher|distill|sweep`, `flame-kd embed`, and the
-one-line errors a user gets for bad input."""
+"""The real entry points end to end: `mlflow run . -e distill|ablation` (the MLproject wiring, attached to
+the run `mlflow run` made), `flame-kd teacher|sweep|embed` in-process (click's CliRunner), and the one-line
+errors a user gets for bad input. MLproject against the CLI, entry point by entry point: test_options_drift."""
 
 from __future__ import annotations
+
+import logging
+from pathlib import Path
 
 import pytest
 import yaml
@@ -9,7 +13,6 @@ from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
 from flame_kd.cli import main
-from flame_kd.data.synth import synthesize
 
 from pipeline_helpers import REPO, SIZE, TINY_TEACHER, artifacts, cli, migrated_store, use_store
 
@@ -17,27 +20,41 @@ pytestmark = pytest.mark.slow  # a real pipeline: `make test-fast` leaves it out
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
+def env(synth_csv, tmp_path_factory):
+    """The session's data set (read-only), and this module's MLflow store and cache."""
     tmp = tmp_path_factory.mktemp("e2e")
-    csv = str(synthesize(tmp / "data", frames=160, image_size=SIZE, seed=21))
+    csv = str(synth_csv)
     return {"tmp": tmp, "csv": csv, "vars": {"MLFLOW_TRACKING_URI": migrated_store(tmp / "mlflow.db"),
                                              "FLAME_KD_CACHE": str(tmp / "cache")}}
 
 
-def mlflow_run(env, entry, *params):
-    args = ["mlflow", "run", str(REPO), "-e", entry, "--env-manager", "local", "--experiment-name", "e2e"]
+def mlflow_run(env, entry, *params, experiment="e2e"):
+    args = ["mlflow", "run", str(REPO), "-e", entry, "--env-manager", "local", "--experiment-name", experiment]
     for p in params:
         args += ["-P", p]
     return cli(*args, env=env["vars"], cwd=env["tmp"])
+
+
+def flame_kd(env, monkeypatch, *args: str):
+    """`flame-kd ARGS` in this process (click's CliRunner) on the module's store and cache."""
+    import mlflow
+
+    monkeypatch.chdir(env["tmp"])  # as `mlflow run` runs (./mlruns: never the checkout)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", env["vars"]["MLFLOW_TRACKING_URI"])
+    monkeypatch.setenv("FLAME_KD_CACHE", env["vars"]["FLAME_KD_CACHE"])
+    for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
+        monkeypatch.delenv(var, raising=False)
+    mlflow.set_tracking_uri(env["vars"]["MLFLOW_TRACKING_URI"])
+    return CliRunner().invoke(main, list(args))
 
 
 def client(env):
     return MlflowClient(tracking_uri=env["vars"]["MLFLOW_TRACKING_URI"])
 
 
-def runs(env, filter_string=""):
+def runs(env, filter_string="", experiment="e2e"):
     c = client(env)
-    return c.search_runs([c.get_experiment_by_name("e2e").experiment_id], filter_string)
+    return c.search_runs([c.get_experiment_by_name(experiment).experiment_id], filter_string)
 
 
 @pytest.fixture(scope="module")
@@ -45,19 +62,22 @@ def distilled(env):
     """`mlflow run . -e distill` with no teacher yet: it trains one (its own run), then distils."""
     done = mlflow_run(env, "distill", f"teacher={TINY_TEACHER}", "student=lightweight-cnn", "loss=kl_l2_bce",
                       f"data={env['csv']}", f"image_size={SIZE}", "batch_size=16", "teacher_epochs=2",
-                      "student_epochs=2", "pretrained=false", "device=cpu", "alpha=0.6", "temperature=3")
+                      "student_epochs=2", "pretrained=false", "device=cpu", "alpha=0.6", "temperature=3",
+                      "log_model=false")  # the logged model (pt2, ~25 s): tests/test_distill.py, test_serving.py
+    # reports: test metrics, teacher gap and embeddings (what the tests below check), once --reports exists
     assert done.returncode == 0, done.stderr[-4000:]
     return done
 
 
-def test_mlflow_run_teacher(env):
-    done = mlflow_run(env, "teacher", "teacher=timm:test_efficientnet", f"data={env['csv']}", f"image_size={SIZE}",
-                      "epochs=2", "batch_size=16", "pretrained=false", "device=cpu", "fusion=early")
-    assert done.returncode == 0, done.stderr[-4000:]
+def test_teacher_logs_one_spelling_and_its_curves(env, monkeypatch):
+    # reports: the test metrics only (curves and params are what it checks), once --reports exists
+    done = flame_kd(env, monkeypatch, "teacher", "--teacher", "timm:test_efficientnet", "--data", env["csv"],
+                    "--image-size", str(SIZE), "--epochs", "2", "--batch-size", "16", "--no-pretrained",
+                    "--device", "cpu", "--fusion", "early", "--experiment", "e2e")
+    assert done.exit_code == 0, done.output[-4000:]
     run = runs(env, "tags.`flame_kd.teacher` = 'timm:test_efficientnet'")[0]
     assert run.info.status == "FINISHED"
-    assert run.data.tags["mlflow.project.entryPoint"] == "teacher"  # attached to the run `mlflow run` made
-    assert run.data.params["teacher"] == "timm:test_efficientnet"  # logged by `mlflow run` itself
+    assert run.data.params["teacher"] == "timm:test_efficientnet"
     params = run.data.params  # one spelling (the -P names), no unset option, nothing that does not apply on CPU
     assert params["fusion"] == "early" and params["epochs"] == "2"
     assert not [k for k in params if "." in k] and "" not in params.values()
@@ -112,21 +132,45 @@ def test_embed_logs_into_the_run_or_writes_a_file(env, distilled, method, extra,
     assert len(list((tmp_path / "out").glob(f"{method}_*.png"))) == 1
 
 
-def test_mlflow_run_sweep(env, distilled):
-    done = mlflow_run(env, "sweep", f"teacher={TINY_TEACHER}", "student=lightweight-cnn", "loss=kl_bce",
-                      f"data={env['csv']}", f"image_size={SIZE}", "batch_size=16", "teacher_epochs=2",
-                      "student_epochs=1", "pretrained=false", "device=cpu", "n_trials=2", "pruner=none")
-    assert done.returncode == 0, done.stderr[-4000:]
+@pytest.fixture(scope="module")
+def swept(env, distilled):
+    """`flame-kd sweep` (2 trials) in-process, after the distill run, on the same store and cache."""
+    # reports: none are checked here (the trials' curves and the summary), once --reports exists
+    with pytest.MonkeyPatch.context() as mp:
+        done = flame_kd(env, mp, "sweep", "--teacher", TINY_TEACHER, "--student", "lightweight-cnn", "--loss",
+                        "kl_bce", "--data", env["csv"], "--image-size", str(SIZE), "--batch-size", "16",
+                        "--teacher-epochs", "2", "--student-epochs", "1", "--no-pretrained", "--device", "cpu",
+                        "--n-trials", "2", "--pruner", "none", "--experiment", "e2e")
+    assert done.exit_code == 0, done.output[-4000:]
+    return done
+
+
+def test_sweep_reuses_the_teacher_of_the_distill_run(env, swept):
     parent = runs(env, "tags.`flame_kd.stage` = 'sweep'")
     assert len(parent) == 1
     trials = runs(env, f"tags.`mlflow.parentRunId` = '{parent[0].info.run_id}'")
     assert len(trials) == 2
     # the teacher trained by the distill run above was reused, not trained again
     assert len(runs(env, f"tags.`flame_kd.stage` = 'teacher' and tags.`flame_kd.teacher` = '{TINY_TEACHER}'")) == 1
-    assert "best val/f1_macro" in done.stdout  # the summary names its monitor
+    assert "best val/f1_macro" in swept.stdout  # the summary names its monitor
 
 
-def test_mlflow_run_ablation(env, tmp_path):
+def test_gpu_checks_store_check_passes_on_these_runs(env, swept, monkeypatch):
+    """bench/gpu_check.py's end-to-end step runs these commands (a teacher, a distill, a 2-trial sweep) and
+    checks the store: that check, on this module's runs, so its dry run need not run them a second time."""
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    import gpu_check
+
+    raw = {}
+    rows = gpu_check.check_store(env["vars"]["MLFLOW_TRACKING_URI"], 2, True, raw, experiment="e2e")
+    assert [(r.check, r.status) for r in rows] == [(f"MLflow: {stage} run(s)", "passed")
+                                                   for stage in ("teacher", "distill", "sweep", "trial")], rows
+    assert "test_f1_macro" in rows[1].figure and {v["stage"] for v in raw.values()} == {"teacher", "distill", "trial"}
+    assert gpu_check.check_store(env["vars"]["MLFLOW_TRACKING_URI"], 3, True, {}, experiment="e2e")[1].status \
+        == "failed"  # a distill curve of 2 points where 3 were asked: said
+
+
+def test_mlflow_run_ablation(env, tmp_path, monkeypatch, caplog):
     spec = tmp_path / "tiny.yaml"
     spec.write_text(yaml.safe_dump({
         "name": "e2e", "teachers": [TINY_TEACHER], "losses": ["kl_l2_bce"], "seeds": [42], "control": True,
@@ -134,16 +178,22 @@ def test_mlflow_run_ablation(env, tmp_path):
     }))
     params = [f"spec={spec}", f"data={env['csv']}", f"image_size={SIZE}", "teacher_epochs=2",
               "student_epochs=1", "device=cpu"]
-    done = mlflow_run(env, "ablation", *params)
+    done = mlflow_run(env, "ablation", *params, experiment="e2e-ablation")
     assert done.returncode == 0, done.stderr[-4000:]
-    parent = runs(env, "tags.`flame_kd.stage` = 'ablation'")
+    parent = runs(env, "tags.`flame_kd.stage` = 'ablation'", "e2e-ablation")
     assert len(parent) == 1 and parent[0].data.tags["mlflow.project.entryPoint"] == "ablation"
-    cells = runs(env, f"tags.`mlflow.parentRunId` = '{parent[0].info.run_id}' and tags.`flame_kd.stage` = 'distill'")
+    cells = runs(env, f"tags.`mlflow.parentRunId` = '{parent[0].info.run_id}' and tags.`flame_kd.stage` = 'distill'",
+                 "e2e-ablation")
     assert sorted(r.data.tags["flame_kd.cell"] for r in cells) == ["none|bce|42", f"{TINY_TEACHER}|kl_l2_bce|42"]
     tables = {a.path for a in client(env).list_artifacts(parent[0].info.run_id, "tables")}
     assert tables == {"tables/ablation.md", "tables/ablation.csv", "tables/comparisons.md", "tables/comparisons.csv"}
-    again = mlflow_run(env, "ablation", *params)  # everything finished: nothing runs again
-    assert again.returncode == 0 and "2 cells finished, 0 to run" in again.stderr
+    # everything finished: nothing runs again (the same grid from the CLI's own spelling, in-process)
+    with caplog.at_level(logging.INFO, logger="flame_kd"):
+        again = flame_kd(env, monkeypatch, "ablation", "--spec", str(spec), "--data", env["csv"], "--image-size",
+                         str(SIZE), "--teacher-epochs", "2", "--student-epochs", "1", "--device", "cpu",
+                         "--experiment", "e2e-ablation")
+    assert again.exit_code == 0, again.output[-3000:]
+    assert "ablation e2e: 2 cells finished, 0 to run" in caplog.text, caplog.text[-3000:]
 
 
 @pytest.mark.parametrize("args, needle", [
@@ -170,8 +220,9 @@ def test_bad_data_stops_before_the_first_step(env, tmp_path, monkeypatch):
     cells = first.split(",")
     cells[-1] = "2"  # smoke = 2
     bad.write_text("\n".join([header, ",".join(cells), *rest]) + "\n")
-    (tmp_path / "254p RGB Images").symlink_to(f"{env['tmp']}/data/254p RGB Images")
-    (tmp_path / "254p Thermal Images").symlink_to(f"{env['tmp']}/data/254p Thermal Images")
+    data = Path(env["csv"]).parent
+    (tmp_path / "254p RGB Images").symlink_to(data / "254p RGB Images")
+    (tmp_path / "254p Thermal Images").symlink_to(data / "254p Thermal Images")
     result = CliRunner().invoke(main, ["teacher", "--teacher", TINY_TEACHER, "--data", str(bad), "--image-size",
                                        str(SIZE), "--device", "cpu", "--no-pretrained", "--experiment", "bad"])
     assert result.exit_code == 2, result.output

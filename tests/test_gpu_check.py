@@ -1,5 +1,7 @@
 """bench/gpu_check.py (the one prepared command for a lent GPU), its wheel list and the lent-machine
-rehearsal; the dry run itself on the CPU (slow)."""
+rehearsal; the dry run itself on the CPU (slow), each check of it tested once: one CUDA test on its CPU
+stand-in (the rest run as their [cpu] twins in tests/test_accelerator.py), the end-to-end step's commands
+parsed by the CLI here and its store check on tests/test_cli_runs.py's runs (the same commands, run there)."""
 
 from __future__ import annotations
 
@@ -124,25 +126,46 @@ def test_runs_without_umap_log_tsne_only(monkeypatch, caplog):
         "umap-learn is not installed: logging the t-SNE embedding only (pip install umap-learn)") == 1
 
 
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_the_end_to_end_commands_are_what_the_cli_takes(bench, tmp_path, dry_run):
+    """Every command of the e2e step, parsed and converted by the real CLI (an unknown option or a bad
+    value fails here, not on the lent GPU); they run in tests/test_cli_runs.py's pipeline."""
+    import click
+
+    from flame_kd.cli import main
+
+    gpu_check, _ = bench
+    commands = gpu_check.e2e_commands(tmp_path, gpu_check.SIZES[dry_run], dry_run)
+    assert list(commands) == ["synthetic data", "teacher run", "cached distill run", "2-trial sweep"]
+    for name, cmd in commands.items():
+        assert cmd[:3] == [sys.executable, "-m", "flame_kd"], name
+        group, args = main, cmd[3:]
+        while isinstance(group, click.Group):
+            group = group.commands[args.pop(0)]
+        params = group.make_context(name, list(args)).params
+        assert params["device"] == ("cpu" if dry_run else "cuda") if "device" in params else name == "synthetic data"
+
+
 @pytest.mark.slow
 def test_the_dry_run_passes_on_the_cpu(tmp_path):
-    """`python bench/gpu_check.py --dry-run`: CUDA tests on the CPU stand-ins (a few: the rest are the
-    [cpu] twins the suite runs anyway), the CLI end to end and the throughput table, every row run on the
-    CPU, the table and JSON in --out."""
+    """`python bench/gpu_check.py --dry-run` on what the suite does not run elsewhere: one CUDA test on
+    its CPU stand-in (the rest are the [cpu] twins the suite runs anyway) and the throughput table,
+    every row run on the CPU, the table and JSON in --out. The e2e step: tested above and in
+    tests/test_cli_runs.py."""
     env = {k: v for k, v in os.environ.items() if k not in ("OUT", "MLFLOW_TRACKING_URI")}
     env["PYTHONPATH"] = str(REPO)
-    # two of the CUDA tests (4 cases): the rest run as their [cpu] twins in tests/test_accelerator.py already
-    select = "losses_are_fp32 or fused_adamw"
+    select = "fused_adamw"  # one CUDA test (one case)
     done = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_check.py"), "--dry-run", "--out",
-                           str(tmp_path / "out"), "--tests-select", select], capture_output=True, text=True, env=env,
-                          timeout=1500)
+                           str(tmp_path / "out"), "--steps", "tests,throughput", "--tests-select", select],
+                          capture_output=True, text=True, env=env, timeout=1500)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     saved = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
     assert saved["passed"] and saved["device"] == "CPU (dry run)"
     steps = {r["step"] for r in saved["rows"]}
-    assert steps == {"tests", "e2e", "throughput"}
+    assert steps == {"tests", "throughput"}
     ran = [r["check"] for r in saved["rows"] if r["step"] == "tests" and r["status"] == "passed"]
-    assert len(ran) == 4 and all(any(k in name for k in select.split(" or ")) for name in ran), ran
+    assert ran == ["test_fused_adamw_against_foreach[cuda]"], ran
+    assert len([r for r in saved["rows"] if r["step"] == "throughput"]) >= 3
     table = [line for line in (tmp_path / "out" / "gpu_check.md").read_text().splitlines()
              if line.startswith("| ") and not line.startswith("| step")]
     assert table and all("| CPU (dry run) |" in line for line in table)

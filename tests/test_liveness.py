@@ -4,6 +4,7 @@ early, and a run that does not fit in memory ending FAILED with its reason."""
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import socket
@@ -20,7 +21,7 @@ from flame_kd import tracking
 from flame_kd.engine import autobatch
 from flame_kd.tracking import liveness
 from flame_kd.cli import main
-from pipeline_helpers import SIZE, TINY_TEACHER, migrated_store, use_store
+from pipeline_helpers import SIZE, TINY_TEACHER, use_store
 
 
 def dead_pid() -> int:
@@ -115,36 +116,38 @@ def test_a_run_that_does_not_fit_ends_failed_with_one_line(synth_csv, tmp_path, 
 
 
 @pytest.mark.slow
-def test_kill_9_is_marked_failed_by_the_next_command_and_resumes(synth_csv, tmp_path):
-    env = {**os.environ, "MLFLOW_TRACKING_URI": migrated_store(tmp_path / "mlflow.db"), "HF_HUB_OFFLINE": "1",
-           "FLAME_KD_CACHE": str(tmp_path / "cache"), "MPLBACKEND": "Agg"}
-    env.pop("MLFLOW_RUN_ID", None)
+def test_kill_9_is_marked_failed_by_the_next_command_and_resumes(synth_csv, tmp_path, monkeypatch, caplog):
+    """One real kill -9 of a real process; the next command and the resume run in-process (CliRunner)."""
+    uri = use_store(tmp_path, monkeypatch)  # this test's store and cache, also in the environment
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MPLBACKEND": "Agg"}
     flame_kd = str(Path(sys.executable).parent / "flame-kd")
 
     def teacher(resume: bool) -> list[str]:
-        return [flame_kd, "teacher", "--teacher", TINY_TEACHER, "--data", str(synth_csv), "--image-size", str(SIZE),
+        # reports: none are checked here (status, epochs), once --reports exists
+        return ["teacher", "--teacher", TINY_TEACHER, "--data", str(synth_csv), "--image-size", str(SIZE),
                 "--batch-size", "16", "--epochs", "4", "--no-pretrained", "--device", "cpu", "--experiment", "kill",
                 "--resume", str(resume).lower(), "--log-model", "false"]
 
-    proc = subprocess.Popen(teacher(False), cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([flame_kd, *teacher(False)], cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
     for line in proc.stderr:
         if " epoch 2/4" in line:
             proc.send_signal(signal.SIGKILL)
             break
     assert proc.wait(timeout=60) == -signal.SIGKILL
-    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    client = MlflowClient(uri)
     run = client.search_runs([client.get_experiment_by_name("kill").experiment_id])[0]
     assert run.info.status == "RUNNING"  # nobody could end it
 
-    listed = subprocess.run([flame_kd, "ui-url", "--experiment", "kill"], cwd=tmp_path, env=env, capture_output=True,
-                            text=True, timeout=300)
-    assert listed.returncode == 0, listed.stderr[-2000:]
-    assert f"run {run.info.run_id}" in listed.stderr and "marked FAILED" in listed.stderr
+    with caplog.at_level(logging.WARNING, logger="flame_kd"):
+        listed = CliRunner().invoke(main, ["ui-url", "--experiment", "kill"])
+    assert listed.exit_code == 0, listed.output[-2000:]
+    said = [r.getMessage() for r in caplog.records if f"run {run.info.run_id}" in r.getMessage()]
+    assert len(said) == 1 and "marked FAILED" in said[0], caplog.text[-2000:]
     lost = client.get_run(run.info.run_id)
     assert lost.info.status == "FAILED" and lost.data.tags["flame_kd.end_reason"] == "process gone"
 
-    done = subprocess.run(teacher(True), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = CliRunner().invoke(main, teacher(True))
+    assert done.exit_code == 0, done.output[-3000:]
     again = client.get_run(run.info.run_id)  # the same run, continued from its checkpoint
     assert again.info.status == "FINISHED"
     assert "flame_kd.end_reason" not in again.data.tags and "flame_kd.error" not in again.data.tags

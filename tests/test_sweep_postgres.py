@@ -15,12 +15,11 @@ from pathlib import Path
 
 import optuna
 import pytest
+from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
-from flame_kd.data.synth import synthesize
-
 from mlflow_server import PASSWORD, fresh_database
-from pipeline_helpers import SIZE, TINY_TEACHER, cli
+from pipeline_helpers import SIZE, TINY_TEACHER
 
 SERVER = os.environ.get("FLAME_KD_TEST_POSTGRES")
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(
@@ -31,14 +30,27 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    """A data set, a PostgreSQL MLflow store holding a finished teacher, and an Optuna database."""
+def setup(synth_csv, tmp_path_factory):
+    """The session's data set, a PostgreSQL MLflow store holding a finished teacher, and an Optuna database."""
+    import mlflow
+
+    from flame_kd.cli import main
+
     tmp = tmp_path_factory.mktemp("pg")
-    csv = str(synthesize(tmp / "data", frames=160, image_size=SIZE, seed=11))
+    csv = str(synth_csv)
     env = {"MLFLOW_TRACKING_URI": fresh_database("mlflow"), "FLAME_KD_CACHE": str(tmp / "cache")}
-    # The teacher is trained (and its outputs cached) once up front, so workers only run trials.
-    done = cli("flame-kd", "distill", *common(csv), "--loss", "kl_bce", "--student-epochs", "1", env=env, cwd=tmp)
-    assert done.returncode == 0, done.stderr[-3000:]
+    # The teacher is trained (and its outputs cached) once up front, in-process, so workers only run trials.
+    # reports: none are needed of this run (only its teacher and cached outputs), once --reports exists
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(tmp)  # MLflow's default artifact root is ./mlruns: never the checkout
+        for name, value in env.items():
+            mp.setenv(name, value)
+        for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
+            mp.delenv(var, raising=False)
+        mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+        done = CliRunner().invoke(main, ["distill", *common(csv), "--loss", "kl_bce", "--student-epochs", "1",
+                                         "--log-model", "false"])
+    assert done.exit_code == 0, done.output[-3000:]
     return {"tmp": tmp, "csv": csv, "env": env}
 
 
