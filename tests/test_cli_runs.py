@@ -63,17 +63,17 @@ def distilled(env):
     done = mlflow_run(env, "distill", f"teacher={TINY_TEACHER}", "student=lightweight-cnn", "loss=kl_l2_bce",
                       f"data={env['csv']}", f"image_size={SIZE}", "batch_size=16", "teacher_epochs=2",
                       "student_epochs=2", "pretrained=false", "device=cpu", "alpha=0.6", "temperature=3",
-                      "log_model=false")  # the logged model (pt2, ~25 s): tests/test_distill.py, test_serving.py
-    # reports: test metrics, teacher gap and embeddings (what the tests below check), once --reports exists
+                      "log_model=false",  # the logged model (pt2, ~25 s): tests/test_distill.py, test_serving.py
+                      "reports=teacher_gap,profile,embeddings")  # what the tests below check
     assert done.returncode == 0, done.stderr[-4000:]
     return done
 
 
 def test_teacher_logs_one_spelling_and_its_curves(env, monkeypatch):
-    # reports: the test metrics only (curves and params are what it checks), once --reports exists
     done = flame_kd(env, monkeypatch, "teacher", "--teacher", "timm:test_efficientnet", "--data", env["csv"],
                     "--image-size", str(SIZE), "--epochs", "2", "--batch-size", "16", "--no-pretrained",
-                    "--device", "cpu", "--fusion", "early", "--experiment", "e2e")
+                    "--device", "cpu", "--fusion", "early", "--experiment", "e2e",
+                    "--reports", "none")  # the test metrics (always logged), curves and params are what it checks
     assert done.exit_code == 0, done.output[-4000:]
     run = runs(env, "tags.`flame_kd.teacher` = 'timm:test_efficientnet'")[0]
     assert run.info.status == "FINISHED"
@@ -135,12 +135,12 @@ def test_embed_logs_into_the_run_or_writes_a_file(env, distilled, method, extra,
 @pytest.fixture(scope="module")
 def swept(env, distilled):
     """`flame-kd sweep` (2 trials) in-process, after the distill run, on the same store and cache."""
-    # reports: none are checked here (the trials' curves and the summary), once --reports exists
     with pytest.MonkeyPatch.context() as mp:
         done = flame_kd(env, mp, "sweep", "--teacher", TINY_TEACHER, "--student", "lightweight-cnn", "--loss",
                         "kl_bce", "--data", env["csv"], "--image-size", str(SIZE), "--batch-size", "16",
                         "--teacher-epochs", "2", "--student-epochs", "1", "--no-pretrained", "--device", "cpu",
-                        "--n-trials", "2", "--pruner", "none", "--experiment", "e2e")
+                        "--n-trials", "2", "--pruner", "none", "--experiment", "e2e",
+                        "--reports", "none")  # the trials' curves and the summary are what is checked
     assert done.exit_code == 0, done.output[-4000:]
     return done
 

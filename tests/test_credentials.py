@@ -63,11 +63,10 @@ def test_mlflows_tls_settings_are_the_probes(front, tmp_path, monkeypatch):
 
 
 def teacher(csv: Path, uri: str, epochs: int, resume: bool) -> list[str]:
-    # reports: none are checked here (status, epochs, what is printed), once --reports exists
     return [FLAME_KD, "teacher", "--teacher", TINY_TEACHER, "--data", str(csv), "--image-size", str(SIZE),
             "--batch-size", "16", "--epochs", str(epochs), "--patience", "10", "--no-pretrained", "--device", "cpu",
             "--experiment", "behind-auth", "--tracking-uri", uri, "--resume", str(resume).lower(),
-            "--log-model", "false"]
+            "--log-model", "false", "--reports", "none"]  # status, epochs and what is printed are checked
 
 
 def test_a_run_behind_basic_auth_never_prints_the_password_and_survives_the_server_going_away(

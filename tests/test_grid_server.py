@@ -33,11 +33,11 @@ FLAME_KD = str(Path(sys.executable).parent / "flame-kd")
 
 
 def write_spec(folder: Path, csv: Path) -> Path:
-    # reports: a cell's test metrics and the summary's tables only, once --reports exists
     spec = {"name": "shared", "data": {"csv": str(csv), "image_size": SIZE, "batch_size": 16},
             "teachers": TEACHERS, "losses": LOSSES, "seeds": SEEDS, "control": True,
             "student": "timm:test_efficientnet", "pretrained": False, "teacher_epochs": 1, "student_epochs": 1,
-            "device": "cpu", "experiment": "shared-grid", "log_model": False}
+            "device": "cpu", "experiment": "shared-grid", "log_model": False,
+            "reports": "none"}  # a cell's test metrics and predictions (always logged) and the summary's tables
     path = folder / "spec.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path
@@ -158,11 +158,11 @@ def test_a_server_going_away_mid_cell_is_one_line_and_the_same_command_resumes_i
 
     auth_front.reset()
     try:
-        # reports: none are checked here (the run's epochs and status), once --reports exists
         spec = {"name": "lost", "data": {"csv": str(synth_csv), "image_size": SIZE, "batch_size": 16},
                 "teachers": [TINY_TEACHER], "losses": ["bce"], "seeds": [1], "control": False,
                 "student": "timm:test_efficientnet", "pretrained": False, "teacher_epochs": 1, "student_epochs": 3,
-                "device": "cpu", "experiment": "lost-server", "log_model": False}
+                "device": "cpu", "experiment": "lost-server", "log_model": False,
+                "reports": "none"}  # the run's epochs and status are what is checked
         (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
         command = [FLAME_KD, "ablation", "--spec", str(tmp_path / "spec.yaml"), "--storage",
                    f"sqlite:///{tmp_path / 'optuna.db'}", "--heartbeat", "2", "--tracking-uri", auth_front.url]

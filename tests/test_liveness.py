@@ -123,10 +123,9 @@ def test_kill_9_is_marked_failed_by_the_next_command_and_resumes(synth_csv, tmp_
     flame_kd = str(Path(sys.executable).parent / "flame-kd")
 
     def teacher(resume: bool) -> list[str]:
-        # reports: none are checked here (status, epochs), once --reports exists
         return ["teacher", "--teacher", TINY_TEACHER, "--data", str(synth_csv), "--image-size", str(SIZE),
                 "--batch-size", "16", "--epochs", "4", "--no-pretrained", "--device", "cpu", "--experiment", "kill",
-                "--resume", str(resume).lower(), "--log-model", "false"]
+                "--resume", str(resume).lower(), "--log-model", "false", "--reports", "none"]
 
     proc = subprocess.Popen([flame_kd, *teacher(False)], cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
     for line in proc.stderr:

@@ -22,11 +22,10 @@ pytestmark = pytest.mark.slow  # a real pipeline: `make test-fast` leaves it out
 
 
 def teacher_args(csv: Path, resume: bool) -> list[str]:
-    # reports: none are checked here (status, checkpoint, epochs), once --reports exists
     return ["teacher", "--teacher", TINY_TEACHER, "--data", str(csv),
             "--image-size", str(SIZE), "--batch-size", "16", "--epochs", "4", "--patience", "10", "--lr", "0.003",
             "--no-pretrained", "--device", "cpu", "--experiment", "preempt", "--resume", str(resume).lower(),
-            "--log-model", "false"]
+            "--log-model", "false", "--reports", "none"]  # status, checkpoint and epochs are checked
 
 
 def test_sigterm_ends_the_run_killed_and_resume_finishes_it(synth_csv, tmp_path, monkeypatch):

@@ -40,7 +40,7 @@ def setup(synth_csv, tmp_path_factory):
     csv = str(synth_csv)
     env = {"MLFLOW_TRACKING_URI": fresh_database("mlflow"), "FLAME_KD_CACHE": str(tmp / "cache")}
     # The teacher is trained (and its outputs cached) once up front, in-process, so workers only run trials.
-    # reports: none are needed of this run (only its teacher and cached outputs), once --reports exists
+    # No reports: only its teacher and cached outputs are needed.
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(tmp)  # MLflow's default artifact root is ./mlruns: never the checkout
         for name, value in env.items():
@@ -49,7 +49,7 @@ def setup(synth_csv, tmp_path_factory):
             mp.delenv(var, raising=False)
         mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
         done = CliRunner().invoke(main, ["distill", *common(csv), "--loss", "kl_bce", "--student-epochs", "1",
-                                         "--log-model", "false"])
+                                         "--log-model", "false", "--reports", "none"])
     assert done.exit_code == 0, done.output[-3000:]
     return {"tmp": tmp, "csv": csv, "env": env}
 
