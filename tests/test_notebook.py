@@ -40,7 +40,7 @@ def fake_kaggle(root: Path, synth_dir: Path) -> tuple[Path, Path]:
 @pytest.mark.slow  # trains a teacher and two students: `make test-fast` leaves it out
 def test_kaggle_notebook_runs_on_a_fake_kaggle_layout(synth_dir, tmp_path, monkeypatch):
     inp, work = fake_kaggle(tmp_path / "kaggle", synth_dir)
-    # reports: the test metrics and the served (registered) model only, through EXTRA_ARGS, once --reports exists
+    # The notebook runs every reporter (a user's first run shows everything); EXTRA_ARGS could pass --reports.
     settings = {"INPUT": inp, "WORKING": work, "TEACHER": TINY_TEACHER, "IMAGE_SIZE": 32, "BATCH_SIZE": 16,
                 "TEACHER_EPOCHS": 1, "STUDENT_EPOCHS": 1, "PRETRAINED": "false", "NUM_WORKERS": 0,
                 "LABELS": inp / "flame2-wildfire" / "Frame Pair Labels.txt", "LOSS": "kl_bce",
