@@ -36,6 +36,7 @@ WEATHER = {"clear": 0.4, "glare": 0.3, "dust": 0.3}  # label-independent extras 
 VEIL_RGB = (214, 214, 220)  # smoke and mist share one colour (times a drawn tint)
 EXPOSURE_MEAN, EXPOSURE_CONTRAST = (85.0, 165.0), (32.0, 62.0)  # the auto-exposure's targets
 CAST = np.array([1.0, 1.02, 0.84], dtype=np.float32)  # daylight over vegetation: less blue
+TEXTURE = (np.float32(0.55), np.float32(0.45))  # smoke and mist: envelope times (a + b * streaky texture)
 STREAKS = 8  # orientations of the smoke texture (wind directions modulo 180 degrees)
 
 
@@ -177,18 +178,20 @@ class RealisticRenderer(Terrain):
         wx, wy = np.float32(seg.wind[0]), np.float32(seg.wind[1])
         along = (self.grid_x - source[0]) * wx + (self.grid_y - source[1]) * wy
         across = (self.grid_x - source[0]) * -wy + (self.grid_y - source[1]) * wx
-        width = np.float32(0.08 * s) + np.float32(0.55) * np.maximum(along, 0)
-        fan = np.exp(-(across**2) / (2 * width**2)) * np.clip(0.4 + along / np.float32(0.25 * s), 0, 1)
-        centre = (self.grid_x - s / 2) * wx + (self.grid_y - s / 2) * wy  # the spread veil: downwind half and more
-        fan = np.maximum(fan, np.float32(0.55) * np.clip(0.5 + centre / np.float32(0.5 * s), 0, 1))
-        tex = self._veil(self.smoke_tex[seg.streak], seg.wind * 0.6 * t)
-        return np.clip(np.float32(seg.smoke_max) * fan * tex * np.float32(1.6), 0, 0.95).astype(np.float32)
+        width = np.float32(0.05 * s) + np.float32(0.6) * np.maximum(along, 0)  # a wedge, apex at the fire
+        fan = np.exp(-(across**2) / (2 * width**2)) * np.clip(0.3 + along / np.float32(0.1 * s), 0, 1)
+        fan *= np.exp(-np.maximum(along, 0) / np.float32(1.5 * s))  # densest where it rises
+        centre = (self.grid_x - s / 2) * wx + (self.grid_y - s / 2) * wy  # a thin veil over the downwind half
+        fan = np.maximum(fan, np.float32(0.3) * np.clip(0.5 + centre / np.float32(0.5 * s), 0, 1))
+        tex = TEXTURE[0] + TEXTURE[1] * self._veil(self.smoke_tex[seg.streak], seg.wind * 0.6 * t)
+        return np.clip(np.float32(seg.smoke_max) * fan * tex * np.float32(1.4), 0, 0.95).astype(np.float32)
 
     def _mist(self, seg: Segment, plume: np.ndarray, t: int) -> np.ndarray:
         """A smoke-free frame's veil: the plume's opacities, value for value, laid out as mist banks
         (round, sourceless envelopes of the same streaky texture), so the histogram cannot tell them apart."""
         turn, offset = seg.decoy
-        layout = self._veil(self.smoke_tex[turn], offset + seg.wind * 0.3 * t) * self._veil(self.mist_tex, offset[::-1])
+        tex = TEXTURE[0] + TEXTURE[1] * self._veil(self.smoke_tex[turn], offset + seg.wind * 0.3 * t)
+        layout = tex * self._veil(self.mist_tex, offset[::-1])
         out = np.empty(plume.size, dtype=np.float32)
         out[np.argsort(layout, axis=None, kind="stable")] = np.sort(plume, axis=None)
         return out.reshape(plume.shape)
