@@ -12,9 +12,10 @@ smoke or canopy for a third of a fire segment's frames, faint or tiny fires, fla
 cold in IR, thin smoke, IR-only hot spots; its bytes are pinned (`make demo` rests on them).
 ``difficulty="layout"`` (experimental, issue #31, `flame_kd.data.synth_realistic`): the labels live
 in layout and IR, not in global colour -- label-independent auto-exposure and white balance, as many
-look-alikes with fire as without, flames under canopy, smoke told from weather by texture and plume;
-it does not yet pass its gates (docs/benchmarks.md). Realistic and layout segments are short (~15
-frames) and some range boundaries are labelled a frame or two off (~1.5%).
+look-alikes with fire as without, flames under canopy, one veil budget per frame (smoke a plume from a
+fire, mist the same opacities in banks); its student gate does not hold yet (docs/benchmarks.md).
+Realistic segments are ~15 frames, layout ~8, and some range boundaries are labelled a frame or two
+off (~1.5%).
 
 ``layout="segments"`` cuts ``frames`` into alternating NN / YY / YN ranges; ``layout="flame2"`` draws
 FLAME2's own 53,451 frames in its 19 official label ranges (``flame2_label_ranges.tsv``), each range

@@ -1,4 +1,5 @@
-"""The ``layout`` synthetic FLAME2 (issue #31): the labels live in layout, not in a frame's global colour.
+"""The ``layout`` synthetic FLAME2 (experimental, issue #31; its student gate does not hold yet, see
+docs/benchmarks.md): the labels live in layout, not in a frame's global colour.
 
 Every frame goes through a per-frame auto-exposure and white balance drawn independently of its
 labels (its per-channel mean and spread are set to drawn targets), so global colour statistics carry
