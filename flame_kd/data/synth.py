@@ -12,9 +12,10 @@ smoke or canopy for a third of a fire segment's frames, faint or tiny fires, fla
 cold in IR, thin smoke, IR-only hot spots; its bytes are pinned (`make demo` rests on them).
 ``difficulty="layout"`` (experimental, issue #31, `flame_kd.data.synth_realistic`): the labels live
 in layout and IR, not in global colour -- label-independent auto-exposure and white balance, as many
-look-alikes with fire as without, flames under canopy, smoke told from weather by texture and plume;
-it does not yet pass its gates (docs/benchmarks.md). Realistic and layout segments are short (~15
-frames) and some range boundaries are labelled a frame or two off (~1.5%).
+look-alikes with fire as without, flames under canopy, one veil budget per frame (smoke a plume from a
+fire, mist the same opacities in banks); its student gate does not hold yet (docs/benchmarks.md).
+Realistic segments are ~15 frames, layout ~8, and some range boundaries are labelled a frame or two
+off (~1.5%).
 
 ``layout="segments"`` cuts ``frames`` into alternating NN / YY / YN ranges; ``layout="flame2"`` draws
 FLAME2's own 53,451 frames in its 19 official label ranges (``flame2_label_ranges.tsv``), each range
@@ -52,17 +53,20 @@ RENDERERS = {"realistic": classic.ClassicRenderer, "layout": layout_scenes.Reali
 SCENES = {"realistic": classic.classic_segment, "layout": layout_scenes.realistic_segment, "easy": segment_path}
 LABEL_SLIP = 2  # realistic and layout segments: a range boundary is labelled up to this many frames off ...
 SLIP_SHARE = 0.15  # ... for this share of boundaries (with ~15-frame segments, ~1.5% of frames)
+# frames per NN/YY/YN trio of segments: the layout set's scenes are ~8 frames, twice as many scenes per
+# 1,000 frames for a model to generalise over; its boundaries slip half as often (still ~1.5% of frames)
+PER_PAIR, PAIR_SLIP = {"realistic": 45, "layout": 24}, {"realistic": SLIP_SHARE, "layout": SLIP_SHARE / 2}
 
 
-def _layout(n: int, rng: np.random.Generator, realistic: bool = False) -> list[tuple[int, int, str]]:
+def _layout(n: int, rng: np.random.Generator, realistic: bool = False, per_pair: int = 45) -> list[tuple[int, int, str]]:
     """Label ranges (first, last, state): an NN stretch, then alternating YY / YN ranges.
 
-    Realistic sets cut the frames into many short segments (about 15 frames each, under the split's
-    25-frame blocks), so a scene mostly stays in one split and a model must generalise, not recall.
+    Realistic sets cut the frames into many short segments (``per_pair`` / 3 frames each, under the
+    split's 25-frame blocks), so a scene mostly stays in one split and a model must generalise, not recall.
     """
     n_nn, n_yy = round(SHARES["NN"] * n), round(SHARES["YY"] * n)
     n_yn = n - n_nn - n_yy
-    pairs = int(np.clip(round(n / 45), 1, 400)) if realistic else int(np.clip(round(np.sqrt(n) / 8), 1, 9))
+    pairs = int(np.clip(round(n / per_pair), 1, 400)) if realistic else int(np.clip(round(np.sqrt(n) / 8), 1, 9))
     pairs = min(pairs, max(1, min(n_yy, n_yn)))
 
     def parts(total: int, k: int) -> list[int]:
@@ -105,13 +109,14 @@ def _flame2_layout(rng: np.random.Generator) -> list[tuple[int, int, str]]:
     return out
 
 
-def _slip_labels(layout: list[tuple[int, int, str]], rng: np.random.Generator) -> list[tuple[int, int, str]]:
-    """Human-like label noise: one inner range boundary in SLIP_SHARE moves by 1..LABEL_SLIP frames
+def _slip_labels(layout: list[tuple[int, int, str]], rng: np.random.Generator,
+                 share: float = SLIP_SHARE) -> list[tuple[int, int, str]]:
+    """Human-like label noise: one inner range boundary in ``share`` moves by 1..LABEL_SLIP frames
     (about 1.5% of frames mislabelled with realistic segment lengths)."""
     firsts = [f for f, _, _ in layout]
     lasts = [l for _, l, _ in layout]
     for k in range(1, len(layout)):
-        slips = rng.random() < SLIP_SHARE
+        slips = rng.random() < share
         shift = int(rng.integers(1, LABEL_SLIP + 1)) * (1 if rng.random() < 0.5 else -1)
         if not slips:
             continue
@@ -177,7 +182,8 @@ def synthesize(out, frames: int | None = 600, image_size: int = 254, seed: int =
     if layout == "flame2":  # the official ranges, scenes merged back
         labelled = [(int(r["first"]), int(r["last"]), r["fire_smoke"]) for _, r in _merge(scene_ranges).iterrows()]
     else:
-        labelled = _slip_labels(scene_ranges, np.random.default_rng([seed, 4])) if short else scene_ranges
+        labelled = (_slip_labels(scene_ranges, np.random.default_rng([seed, 4]), PAIR_SLIP[difficulty]) if short
+                    else scene_ranges)
     state_of = np.empty(frames + 1, dtype=object)
     for f, l, st in labelled:
         state_of[f : l + 1] = st
@@ -231,7 +237,8 @@ def segments(frames: int | None, image_size: int, seed: int, difficulty: str = "
     or two), so a diagnostic can ask what each frame shows, e.g. ``flame_shown(seg, i)``."""
     make_segment = SCENES[difficulty]
     rng = np.random.default_rng([seed, 1])
-    scenes = _flame2_layout(rng) if layout == "flame2" else _layout(frames, rng, difficulty in SHORT)
+    scenes = (_flame2_layout(rng) if layout == "flame2" else
+              _layout(frames, rng, difficulty in SHORT, PER_PAIR.get(difficulty, 45)))
     return [make_segment(first, last, state, image_size, WORLD * image_size, np.random.default_rng([seed, 2, k]))
             for k, (first, last, state) in enumerate(scenes)]
 

@@ -1,4 +1,4 @@
-"""The ``layout`` synthetic FLAME2 (experimental, issue #31; not yet passing its gates, see
+"""The ``layout`` synthetic FLAME2 (experimental, issue #31; its student gate does not hold yet, see
 docs/benchmarks.md): the labels live in layout, not in a frame's global colour.
 
 Every frame goes through a per-frame auto-exposure and white balance drawn independently of its
@@ -7,9 +7,14 @@ almost nothing. Every scene holds the same number of flame-coloured things whate
 fire scene some are flames (a yellow-white core in a dark burnt ring, a wisp downwind), the rest
 fire-free look-alikes laid out differently (a sun glint, an orange roof edge, a sunlit clearing, a
 hot rock that is warm in IR). Flames are 8-20 px across at 254 px, often partly under canopy and
-for a share of the frames hidden entirely in RGB, while IR shows them plainly. Smoke covers at least
-half the frame as a streaky plume fanning out downwind from a fire; mist, haze, glare and dusty soil
-are as common with smoke as without, so smoke differs in texture and layout, not in mean colour.
+for a share of the frames hidden entirely in RGB, while IR shows them plainly.
+
+Every frame carries one veil of the same opacity budget whatever its labels: the plume a fire would
+make there (at least half the frame) is drawn first, then a smoke frame shows it as it is, a fan of
+streaks widening downwind from the fire, while a smoke-free frame shows the same opacities (value for
+value, a rank match) laid out as drifting mist banks of the same streaky texture with no source. So
+smoke differs from mist in layout, not in the colour histogram. Glare and dusty soil are drawn alike
+with and without smoke.
 """
 
 from __future__ import annotations
@@ -28,10 +33,11 @@ PARTLY_COVERED = 0.4  # share of fire scenes whose flames stay partly under cano
 THINGS = (2, 5)
 LOOK_ALIKES = ("glint", "roof", "clearing", "rock")
 CROWNS = (1, 4)  # tree crowns per scene, besides those over flames
-WEATHER = {"clear": 0.2, "mist": 0.2, "haze": 0.2, "glare": 0.2, "dust": 0.2}  # label-independent
-VEIL_RGB = (214, 214, 220)  # smoke, mist and haze share one colour (times a drawn tint)
+WEATHER = {"clear": 0.4, "glare": 0.3, "dust": 0.3}  # label-independent extras over every veil
+VEIL_RGB = (214, 214, 220)  # smoke and mist share one colour (times a drawn tint)
 EXPOSURE_MEAN, EXPOSURE_CONTRAST = (85.0, 165.0), (32.0, 62.0)  # the auto-exposure's targets
 CAST = np.array([1.0, 1.02, 0.84], dtype=np.float32)  # daylight over vegetation: less blue
+TEXTURE = (np.float32(0.55), np.float32(0.45))  # smoke and mist: envelope times (a + b * streaky texture)
 STREAKS = 8  # orientations of the smoke texture (wind directions modulo 180 degrees)
 
 
@@ -53,7 +59,9 @@ def realistic_segment(first, last, state, size, world, rng) -> Segment:
     kinds = list(WEATHER)
     seg.weather = kinds[int(rng.choice(len(kinds), p=list(WEATHER.values())))]
     seg.weather_strength = rng.uniform(0.3, 0.75)
-    seg.smoke_max = rng.uniform(0.3, 0.75)
+    seg.smoke_max = rng.uniform(0.3, 0.75)  # the veil's budget, for smoke and mist alike
+    seg.source = seg.start + rng.uniform(0.3, 0.7, 2) * size  # where the veil would rise from without a fire
+    seg.decoy = (int(rng.integers(STREAKS)), rng.uniform(0, size, 2))
     seg.exposure = (rng.uniform(*EXPOSURE_MEAN), rng.uniform(*EXPOSURE_CONTRAST))
     seg.white = rng.uniform(0.88, 1.12, 3).astype(np.float32)
     seg.streak = int(rng.integers(STREAKS))
@@ -171,12 +179,23 @@ class RealisticRenderer(Terrain):
         wx, wy = np.float32(seg.wind[0]), np.float32(seg.wind[1])
         along = (self.grid_x - source[0]) * wx + (self.grid_y - source[1]) * wy
         across = (self.grid_x - source[0]) * -wy + (self.grid_y - source[1]) * wx
-        width = np.float32(0.08 * s) + np.float32(0.55) * np.maximum(along, 0)
-        fan = np.exp(-(across**2) / (2 * width**2)) * np.clip(0.4 + along / np.float32(0.25 * s), 0, 1)
-        centre = (self.grid_x - s / 2) * wx + (self.grid_y - s / 2) * wy  # the spread veil: downwind half and more
-        fan = np.maximum(fan, np.float32(0.55) * np.clip(0.5 + centre / np.float32(0.5 * s), 0, 1))
-        tex = self._veil(self.smoke_tex[seg.streak], seg.wind * 0.6 * t)
-        return np.clip(np.float32(seg.smoke_max) * fan * tex * np.float32(1.6), 0, 0.95)
+        width = np.float32(0.05 * s) + np.float32(0.6) * np.maximum(along, 0)  # a wedge, apex at the fire
+        fan = np.exp(-(across**2) / (2 * width**2)) * np.clip(0.3 + along / np.float32(0.1 * s), 0, 1)
+        fan *= np.exp(-np.maximum(along, 0) / np.float32(1.5 * s))  # densest where it rises
+        centre = (self.grid_x - s / 2) * wx + (self.grid_y - s / 2) * wy  # a thin veil over the downwind half
+        fan = np.maximum(fan, np.float32(0.3) * np.clip(0.5 + centre / np.float32(0.5 * s), 0, 1))
+        tex = TEXTURE[0] + TEXTURE[1] * self._veil(self.smoke_tex[seg.streak], seg.wind * 0.6 * t)
+        return np.clip(np.float32(seg.smoke_max) * fan * tex * np.float32(1.4), 0, 0.95).astype(np.float32)
+
+    def _mist(self, seg: Segment, plume: np.ndarray, t: int) -> np.ndarray:
+        """A smoke-free frame's veil: the plume's opacities, value for value, laid out as mist banks
+        (round, sourceless envelopes of the same streaky texture), so the histogram cannot tell them apart."""
+        turn, offset = seg.decoy
+        tex = TEXTURE[0] + TEXTURE[1] * self._veil(self.smoke_tex[turn], offset + seg.wind * 0.3 * t)
+        layout = tex * self._veil(self.mist_tex, offset[::-1])
+        out = np.empty(plume.size, dtype=np.float32)
+        out[np.argsort(layout, axis=None, kind="stable")] = np.sort(plume, axis=None)
+        return out.reshape(plume.shape)
 
     def render(self, seg: Segment, i: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         """RGB and thermal uint8 [S, S, 3] of frame ``i`` (frame numbers as in the label ranges)."""
@@ -197,24 +216,20 @@ class RealisticRenderer(Terrain):
         fires = [site - cam + rng.normal(0, 0.25, 2) for site in seg.sites]
         for centre, radius in zip(fires, seg.radius):
             self._flame(rgb, temp, centre, radius * rng.uniform(0.9, 1.1), shown, rng)
-        alpha = None
+        plume = self._smoke(seg, fires or [seg.source - cam], t, rng)  # the veil's opacity budget
         if seg.state[1] == "Y":
-            alpha = self._smoke(seg, fires, t, rng)
-        elif fires and shown > 0:  # fire without smoke: a thin wisp downwind of each shown flame
-            for centre, radius in zip(fires, seg.radius):
+            alpha = plume
+        else:
+            alpha = self._mist(seg, plume, t)
+            for centre, radius in zip(fires, seg.radius) if shown > 0 else ():  # a thin wisp downwind of a flame
                 c = centre + seg.wind * 3 * radius
                 win = window(s, c, 4 * radius)
                 if win is not None:
                     ys, xs, dy, dx = win
                     blend(rgb, ys, xs, 0.4 * shown * np.exp(-(dx**2 + dy**2) / (2 * (1.5 * radius) ** 2)), VEIL_RGB)
-        if seg.weather in ("mist", "haze"):  # a veil like smoke's in colour, smooth (mist) or even (haze)
-            veil = self._veil(self.mist_tex, seg.wind * 0.3 * t) if seg.weather == "mist" else np.float32(0.6)
-            weather = np.float32(seg.weather_strength) * (0.3 + veil)
-            alpha = weather if alpha is None else 1 - (1 - alpha) * (1 - weather)
-        if alpha is not None:
-            tint = np.array(VEIL_RGB, dtype=np.float32) * np.float32(rng.uniform(0.95, 1.05))
-            rgb += (tint - rgb) * np.asarray(alpha)[..., None]
-            temp *= 1 - 0.1 * np.asarray(alpha, dtype=np.float32)  # thermal sees through, nearly unattenuated
+        tint = np.array(VEIL_RGB, dtype=np.float32) * np.float32(rng.uniform(0.95, 1.05))
+        rgb += (tint - rgb) * alpha[..., None]
+        temp *= 1 - 0.1 * alpha  # thermal sees through, nearly unattenuated
         if seg.weather == "glare":  # sun glare: a bright wash from one corner
             corner = np.exp(-((self.grid_x - s * (seg.streak % 2)) ** 2 + (self.grid_y - s * (seg.streak // 4)) ** 2) / (0.6 * s * s))
             rgb += (255 - rgb) * (np.float32(seg.weather_strength) * corner)[..., None]

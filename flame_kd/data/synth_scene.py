@@ -81,7 +81,9 @@ class Segment:
     occlusion: tuple = ()  # (phase, period in frames) of the canopy hiding the flames as the drone pans
     cover: float = 0.0  # the least canopy over the flames (0 open .. 1 hidden)
     objects: list = field(default_factory=list)  # (world xy, radius, kind): look-alikes and tree crowns
-    weather: str = "clear"  # mist, haze, glare, dust or clear: drawn alike with and without smoke
+    weather: str = "clear"  # glare, dust or clear: drawn alike with and without smoke
+    source: np.ndarray = field(default_factory=lambda: np.zeros(2))  # a fire-free scene's veil anchor (world xy)
+    decoy: tuple = ()  # (texture orientation, envelope offset xy): how a smoke-free scene's veil is laid out
     weather_strength: float = 0.0
     exposure: tuple = ()  # (mean, contrast) of the camera's auto-exposure over the segment
     white: np.ndarray = field(default_factory=lambda: np.ones(3, dtype=np.float32))  # white balance gains
