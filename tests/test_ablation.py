@@ -13,7 +13,6 @@ from flame_kd.runs import distill as distill_mod
 from flame_kd.runs.ablation import AblationSpec, load_spec, spec_from_dict, summary_table
 from flame_kd.runs.grid import run_ablation
 from flame_kd.cli import main
-from flame_kd.data.synth import synthesize
 from flame_kd.errors import ConfigError
 
 from pipeline_helpers import REPO, SIZE, TINY_TEACHER, artifacts, use_store
@@ -31,13 +30,13 @@ def tiny_spec(csv: str, **more) -> AblationSpec:
 
 
 @pytest.fixture(scope="module")
-def grid(tmp_path_factory):
-    """Run the tiny grid once, crashing in the 4th cell, then re-run it to the end."""
+def grid(tmp_path_factory, synth_csv):
+    """Run the tiny grid once, crashing in the 4th cell, then re-run it to the end (on the session's
+    read-only synthetic set: the runs only read it)."""
     mp = pytest.MonkeyPatch()
     tmp = tmp_path_factory.mktemp("ablation")
     use_store(tmp, mp)
-    csv = str(synthesize(tmp / "data", frames=160, image_size=SIZE, seed=13))
-    spec = tiny_spec(csv)
+    spec = tiny_spec(str(synth_csv))
     real = distill_mod.run_distill
     calls = []
 
@@ -189,12 +188,11 @@ def test_spec_takes_every_distill_option_and_names_the_nearest_for_a_typo():
         spec_from_dict({"teacher_mode": "sometimes"})
 
 
-def test_an_attention_transfer_grid_runs_with_cached_teachers(tmp_path, monkeypatch):
+def test_an_attention_transfer_grid_runs_with_cached_teachers(tmp_path, monkeypatch, synth_csv):
     """`losses: [kl_at_bce]` with the default (cached) teacher mode: the cell runs and logs its curve."""
     use_store(tmp_path, monkeypatch)
     monkeypatch.setattr(distill_mod, "run_distill", REAL_RUN_DISTILL)
-    csv = str(synthesize(tmp_path / "data", frames=120, image_size=SIZE, seed=3))
-    spec = tiny_spec(csv, losses=["kl_at_bce"], seeds=[1], control=False, name="at")
+    spec = tiny_spec(str(synth_csv), losses=["kl_at_bce"], seeds=[1], control=False, name="at")
     assert spec.distill.teacher_mode == "cached"
     parent = run_ablation(spec)
     runs = MlflowClient().search_runs([MlflowClient().get_experiment_by_name("ablation").experiment_id],

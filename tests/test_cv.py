@@ -191,7 +191,8 @@ def test_reports_read_the_parent_not_its_folds(tmp_path, monkeypatch):
 
 CV_ARGS = ["--image-size", str(SIZE), "--batch-size", "16", "--teacher", TINY_TEACHER, "--pretrained", "false",
            "--student", "timm:test_efficientnet", "--teacher-epochs", "1", "--student-epochs", "1", "--device", "cpu",
-           "--log-model", "false", "--teacher-views", "1", "--progress", "false", "--folds", "3", "--gap", "2"]
+           "--log-model", "false", "--teacher-views", "1", "--progress", "false", "--folds", "3", "--gap", "2",
+           "--reports", "none"]  # the test metrics and predictions the parent pools and compare reads
 
 
 @pytest.mark.slow

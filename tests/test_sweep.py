@@ -8,19 +8,19 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from flame_kd.runs import sweep as sweep_mod
-from flame_kd.data.synth import synthesize
 from flame_kd.errors import ConfigError, RunFailed
 from flame_kd.runs.sweep import PARENT_ATTR, SweepConfig, resolve_storage, run_sweep
 from flame_kd.studies import default_storage
 
-from pipeline_helpers import SIZE, artifacts, distill_cfg, use_store
+from pipeline_helpers import artifacts, distill_cfg, use_store
 
 pytestmark = pytest.mark.slow  # a real pipeline: `make test-fast` leaves it out
 
 
 @pytest.fixture(scope="module")
-def data_csv(tmp_path_factory):
-    return str(synthesize(tmp_path_factory.mktemp("synth"), frames=160, image_size=SIZE, seed=9))
+def data_csv(synth_csv):
+    """The session's synthetic data set (tests/conftest.py): no second data set to draw, smaller epochs."""
+    return str(synth_csv)
 
 
 @pytest.fixture(scope="module")
