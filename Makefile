@@ -20,10 +20,13 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q -e '.[test]'
 	touch $@
 
-# One pytest-xdist worker per core and one thread each (tiny models: two threads per worker on two cores
-# only spin), a test file per worker at a time (its module fixtures are built once), the longest files
-# first (by their recorded durations: tests/conftest.py), and the slowest tests listed at the end.
-PYTEST := HF_HUB_OFFLINE=1 MPLBACKEND=Agg OMP_NUM_THREADS=1 $(PY) -m pytest -q -n auto --dist loadfile \
+# One pytest-xdist worker per core plus one, one thread each (tiny models: two threads per worker on two
+# cores only spin; about a quarter of the suite's time is spent waiting on servers, subprocesses and
+# heartbeats, which the extra worker fills), a test file per worker at a time (its module fixtures are
+# built once), the longest files first (by their recorded durations: tests/conftest.py), and the slowest
+# tests listed at the end.
+WORKERS ?= $(shell $(PYTHON) -c "import os; print(len(os.sched_getaffinity(0)) + 1)")
+PYTEST := HF_HUB_OFFLINE=1 MPLBACKEND=Agg OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(WORKERS) --dist loadfile \
 	--no-loadscope-reorder --durations=20
 
 test: install
