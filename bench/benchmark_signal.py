@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import statistics
 import sys
 import tempfile
@@ -94,6 +95,7 @@ def calibrate(args, folder: Path):
 
     from flame_kd.data.synth import synthesize
 
+    folder = folder.resolve()  # each seed's process works inside its own store (below)
     csv = str(synthesize(folder / "data", frames=args.frames, image_size=args.image_size, seed=args.data_seed,
                          difficulty=args.difficulty))
     results: dict[str, list[dict]] = {}
@@ -122,6 +124,8 @@ def one_seed(job) -> tuple[dict, dict, dict]:
     from flame_kd.runs.skeleton import cache_home, make_data_split
     from flame_kd.runs.teacher import run_teacher
 
+    (folder / f"store-{seed}").mkdir(parents=True, exist_ok=True)
+    os.chdir(folder / f"store-{seed}")  # MLflow puts a SQLite store's artifacts in ./mlruns: here, not in the caller's folder
     use_store(folder / f"store-{seed}")
     scenes = segments(args.frames, args.image_size, args.data_seed, args.difficulty)
     shows = {i: flame_shown(seg, i) for seg in scenes for i in range(seg.first, seg.last + 1)}
