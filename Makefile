@@ -21,8 +21,8 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 # One pytest-xdist worker per core plus one, one thread each (tiny models: two threads per worker on two
-# cores only spin; about a quarter of the suite's time is spent waiting on servers, subprocesses and
-# heartbeats, which the extra worker fills), a test file per worker at a time (its module fixtures are
+# cores only spin; part of the suite's time is spent waiting on servers, subprocesses and heartbeats,
+# which the extra worker fills: docs/benchmarks.md, the suite's time), a test file per worker at a time (its module fixtures are
 # built once), the longest files first (by their recorded durations: tests/conftest.py), and the slowest
 # tests listed at the end.
 WORKERS ?= $(shell $(PYTHON) -c "import os; print(len(os.sched_getaffinity(0)) + 1)")

@@ -124,9 +124,10 @@ def one_seed(job) -> tuple[dict, dict, dict]:
     from flame_kd.runs.skeleton import cache_home, make_data_split
     from flame_kd.runs.teacher import run_teacher
 
-    (folder / f"store-{seed}").mkdir(parents=True, exist_ok=True)
-    os.chdir(folder / f"store-{seed}")  # MLflow puts a SQLite store's artifacts in ./mlruns: here, not in the caller's folder
-    use_store(folder / f"store-{seed}")
+    store = folder / f"store-{seed}"
+    store.mkdir(parents=True, exist_ok=True)
+    os.chdir(store)  # MLflow puts a SQLite store's artifacts in ./mlruns: here, not in the caller's folder
+    use_store(store)
     scenes = segments(args.frames, args.image_size, args.data_seed, args.difficulty)
     shows = {i: flame_shown(seg, i) for seg in scenes for i in range(seg.first, seg.last + 1)}
     frames = load_frames(csv)
