@@ -1,13 +1,14 @@
-"""Calibration of the synthetic FLAME2, with gates that fail loudly: by default the experimental
-``--difficulty layout`` set of issue #31 (the gates are its acceptance); ``realistic`` (the CLI's
-default, the classic set) and ``easy`` are accepted too.
+"""Calibration of the synthetic FLAME2, with gates that fail loudly: by default the ``realistic`` set
+(the CLI's default; issue #31, the gates are its acceptance); ``classic`` (the set before it) and ``easy``
+are accepted too.
 
 One synthetic set (``flame-kd data synth``), then per seed (each seed draws its own split,
 initialisation and data order): the best constant predictor, a colour-statistics model (a logistic
 regression per label on each RGB frame's per-channel means, spreads and percentiles), an RGB+IR teacher
 from random weights, the no-teacher RGB student (``bce``, the control) trained until val macro F1
 stops improving, that student on test frames whose 8x8 tiles are shuffled, and any KD variant asked
-for (``--variants``), each against the control with the block permutation test pooled over seeds.
+for (``--variants``), each against the control with the permutation test pooled over seeds (whole blocks,
+or scenes where blocks share one, as `flame-kd compare`; macro F1's p also Holm-adjusted over the variants).
 
 Gates (per seed, and on the mean over seeds, where a failure makes the exit status 1):
   colour     colour statistics <= best constant + 0.03 test macro F1 (global colour carries ~nothing)
@@ -22,7 +23,10 @@ Gates (per seed, and on the mean over seeds, where a failure makes the exit stat
         --frames 3000 --image-size 64 --epochs 30 --patience 3 --teacher-epochs 8 --seeds 0 1 2
 
 ``--json`` adds one JSON line per seed and one for the mean (gates with value, bound and verdict).
-Everything lives in a temporary folder (``--store DIR`` keeps it), never your MLflow store.
+Everything lives in a temporary folder, never your MLflow store. ``--store DIR`` keeps it and resumes:
+a model a seed has already trained there with the same settings (DIR/settings.json) is read back, not
+trained again, so a calibration of hours can be run in parts (e.g. ``--seeds 2`` today, ``--seeds 0 1 2``
+tomorrow for the table). Runs log only their metrics and predictions (``reports="none"``).
 """
 
 from __future__ import annotations
@@ -70,14 +74,16 @@ def main() -> None:
     p.add_argument("--variants", nargs="*", default=[], help="KD loss variants besides the control, e.g. kl_bce kl_at_bce")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--difficulty", default="layout", choices=("layout", "realistic", "easy"),
-                   help="synth difficulty (default layout: issue #31's work in progress)")
+    p.add_argument("--difficulty", default="realistic", choices=("realistic", "classic", "easy"),
+                   help="synth difficulty (default realistic: issue #31's set, the CLI's default)")
     p.add_argument("--baselines-only", action="store_true", help="only the constant and colour rows (no training)")
     p.add_argument("--json", action="store_true", help="also print one JSON line per seed and for the mean")
     p.add_argument("--no-teacher", action="store_true",
                    help="no teacher and no KD variant: the baselines and the control only (its gates only)")
     p.add_argument("--jobs", type=int, default=1, help="seeds trained at once (one process each)")
-    p.add_argument("--store", type=Path, default=None, help="keep data and runs in this folder")
+    p.add_argument("--store", type=Path, default=None,
+                   help="keep data and runs in this folder, and reuse what an earlier run with the same settings "
+                        "trained there")
     add_threads_option(p)
     args = p.parse_args()
     fix_threads(args.threads)
@@ -96,8 +102,12 @@ def calibrate(args, folder: Path):
     from flame_kd.data.synth import synthesize
 
     folder = folder.resolve()  # each seed's process works inside its own store (below)
-    csv = str(synthesize(folder / "data", frames=args.frames, image_size=args.image_size, seed=args.data_seed,
-                         difficulty=args.difficulty))
+    same_settings(folder, args)
+    csv = folder / "data" / "flame2.csv"  # written last: a whole set (the same settings drew it)
+    if not csv.is_file():
+        csv = synthesize(folder / "data", frames=args.frames, image_size=args.image_size, seed=args.data_seed,
+                         difficulty=args.difficulty)
+    csv = str(csv)
     results: dict[str, list[dict]] = {}
     epochs: dict[str, list[str]] = {}
     preds: dict[str, list] = {}
@@ -107,6 +117,25 @@ def calibrate(args, folder: Path):
                 for name, value in part.items():
                     into.setdefault(name, []).append(value)
     return results, epochs, preds
+
+
+SETTINGS = ("frames", "image_size", "epochs", "patience", "teacher_epochs", "data_seed", "teacher", "student", "lr",
+            "batch_size", "difficulty")  # what a trained model's numbers depend on (besides its seed and variant)
+
+
+def same_settings(folder: Path, args) -> None:
+    """Record the settings a store is trained with; refuse (exit 2) to resume one made with others."""
+    mine = {k: getattr(args, k) for k in SETTINGS}
+    path = folder / "settings.json"
+    if path.is_file():
+        theirs = json.loads(path.read_text())
+        if theirs != mine:
+            diff = ", ".join(f"{k} {theirs.get(k)!r} there, {mine[k]!r} asked" for k in SETTINGS if theirs.get(k) != mine[k])
+            print(f"--store {folder} was trained with other settings ({diff}): give another folder", file=sys.stderr)
+            sys.exit(2)
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(mine, indent=1) + "\n")
 
 
 def one_seed(job) -> tuple[dict, dict, dict]:
@@ -119,7 +148,7 @@ def one_seed(job) -> tuple[dict, dict, dict]:
                                  TrackingConfig, TrainConfig)
     from flame_kd.data.schema import data_digest, load_frames
     from flame_kd.data.synth import flame_shown, segments
-    from flame_kd.runs.compare import load_predictions
+    from flame_kd.runs.compare import exchange_units, load_predictions, units_of
     from flame_kd.runs.distill import run_distill
     from flame_kd.runs.skeleton import cache_home, make_data_split
     from flame_kd.runs.teacher import run_teacher
@@ -132,7 +161,20 @@ def one_seed(job) -> tuple[dict, dict, dict]:
     shows = {i: flame_shown(seg, i) for seg in scenes for i in range(seg.first, seg.last + 1)}
     frames = load_frames(csv)
     teacher = TeacherConfig(name=args.teacher, pretrained=False)
-    tracking_cfg = TrackingConfig(experiment="signal", log_model=False)
+    tracking_cfg = TrackingConfig(experiment="signal", log_model=False, reports="none")
+    done_file = store / "done.json"  # model name -> its finished run, for --store to resume
+    done = json.loads(done_file.read_text()) if done_file.is_file() else {}
+
+    def trained(name: str, train) -> str:
+        if name in done and tracking.get_run(done[name]).info.status == "FINISHED":
+            log(f"seed {seed}: {name} read back from the store (run {done[name]})")
+            return done[name]
+        t0 = time.perf_counter()
+        done[name] = train()
+        done_file.write_text(json.dumps(done, indent=1) + "\n")
+        log(f"seed {seed}: {name} {time.perf_counter() - t0:.0f} s")
+        return done[name]
+
     t_train = TrainConfig(epochs=args.teacher_epochs, lr=args.lr, seed=seed, device="cpu", progress=False,
                           early_stop_patience=args.teacher_epochs, plateau_patience=2)
     s_train = TrainConfig(epochs=args.epochs, lr=args.lr, seed=seed, device="cpu", progress=False,
@@ -146,22 +188,21 @@ def one_seed(job) -> tuple[dict, dict, dict]:
     rows, used, tables = baselines(frames, split.manifest, args.image_size, shows), {}, {}
     if args.baselines_only:
         return rows, used, tables
-    t0, runs, tid = time.perf_counter(), {}, None
+    runs, tid = {}, None
     if not args.no_teacher:
-        tid = runs[TEACHER] = run_teacher(TeacherRunConfig(data=data("full"), teacher=teacher, train=t_train,
-                                                           tracking=tracking_cfg))
-        log(f"seed {seed}: teacher {time.perf_counter() - t0:.0f} s")
+        tid = runs[TEACHER] = trained(TEACHER, lambda: run_teacher(TeacherRunConfig(
+            data=data("full"), teacher=teacher, train=t_train, tracking=tracking_cfg)))
     for v in ["bce", *([] if args.no_teacher else args.variants)]:
-        t0 = time.perf_counter()
-        runs[CONTROL if v == "bce" else f"student {v}"] = run_distill(DistillRunConfig(
-            data=data("flip"), teacher=teacher, teacher_train=t_train, student=args.student, train=s_train,
-            loss=LossConfig(variant=v), tracking=tracking_cfg, teacher_run_id=tid))
-        log(f"seed {seed}: {v} {time.perf_counter() - t0:.0f} s")
-    blocks = split.manifest.set_index("id")["block"]
+        runs[CONTROL if v == "bce" else f"student {v}"] = trained(
+            CONTROL if v == "bce" else f"student {v}", lambda v=v: run_distill(DistillRunConfig(
+                data=data("flip"), teacher=teacher, teacher_train=t_train, student=args.student, train=s_train,
+                loss=LossConfig(variant=v), tracking=tracking_cfg, teacher_run_id=tid)))
+    units = units_of(split.manifest)  # block and scene per frame: whole scenes are exchanged where blocks share one
     for name, run_id in runs.items():
         table = load_predictions(run_id)
         rows[name] = score(table, shows)
-        tables[name] = table.assign(block=table.id.map(blocks).astype(str) + f"@{seed}")
+        unit, kind = exchange_units(table.id.map(units["block"]), table.id.map(units["scene"]))
+        tables[name] = table.assign(block=unit.astype(str).to_numpy() + f"@{seed}", unit=kind)
         m = tracking.get_run(run_id).data.metrics
         if name != TEACHER and "best_epoch" in m:
             used[name] = f"{int(m['best_epoch'])}/{min(args.epochs, int(m['best_epoch']) + args.patience)}"
@@ -321,25 +362,31 @@ def report(args, results: dict, epochs: dict, preds: dict, seconds: float) -> No
 
 
 def verdicts(preds: dict) -> None:
-    """Each KD variant against the control: the block permutation test on the test frames of every seed
-    pooled (blocks are the exchangeable units, one set per seed)."""
+    """Each KD variant against the control: the permutation test on the test frames of every seed pooled,
+    exchanging `flame-kd compare`'s units (blocks, or whole scenes where blocks share one), one set per seed."""
     import pandas as pd
 
+    from flame_kd.power import holm
     from flame_kd.stats import block_permutation
 
     if CONTROL not in preds:
         return
     control = pd.concat(preds[CONTROL], ignore_index=True)
+    unit = "/".join(sorted(set(control["unit"]))) if "unit" in control else "blocks"
+    y = control[["fire", "smoke"]].to_numpy(int)
+    tests = {}
     for name, tables in preds.items():
         if name in (CONTROL, TEACHER):
             continue
         other = pd.concat(tables, ignore_index=True)
-        y = control[["fire", "smoke"]].to_numpy(int)
-        test = block_permutation(y, control[["prob_fire", "prob_smoke"]].to_numpy(float),
-                                 other[["prob_fire", "prob_smoke"]].to_numpy(float), clusters=control["block"])
-        f1 = test["f1_macro"]
-        print(f"{name} - control, pooled over seeds: macro F1 {f1['diff']:+.3f} (p = {f1['pvalue']:.3f}, "
-              f"{f1['n_blocks']} blocks), macro AP {test['ap_macro']['diff']:+.3f} (p = {test['ap_macro']['pvalue']:.3f})")
+        tests[name] = block_permutation(y, control[["prob_fire", "prob_smoke"]].to_numpy(float),
+                                        other[["prob_fire", "prob_smoke"]].to_numpy(float), clusters=control["block"])
+    adjusted = dict(zip(tests, holm([t["f1_macro"]["pvalue"] for t in tests.values()]))) if tests else {}
+    for name, test in tests.items():
+        f1, ap = test["f1_macro"], test["ap_macro"]
+        print(f"{name} - control, pooled over seeds: macro F1 {f1['diff']:+.3f} (p = {f1['pvalue']:.3f}, Holm over "
+              f"{len(tests)} variant(s) {adjusted[name]:.3f}; {f1['n_blocks']} {unit}), "
+              f"macro AP {ap['diff']:+.3f} (p = {ap['pvalue']:.3f})")
 
 
 if __name__ == "__main__":

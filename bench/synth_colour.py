@@ -6,7 +6,7 @@ regression per label scored on test frames (20% of the 25-frame blocks, five dra
 "positive everywhere" constant, and the features whose AUC per label is furthest from 0.5 on the mean
 over seeds. A quick probe for tuning a generator; the gate itself is ``benchmark_signal.py``'s.
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/synth_colour.py --difficulty layout --seeds 1 7 2026 11
+    OMP_NUM_THREADS=1 .venv/bin/python bench/synth_colour.py --difficulty realistic --seeds 1 7 2026 11
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 7, 2026, 11])
     p.add_argument("--frames", type=int, default=1000)
     p.add_argument("--image-size", type=int, default=64)
-    p.add_argument("--difficulty", default="layout")
+    p.add_argument("--difficulty", default="realistic", choices=("realistic", "classic", "easy"))
     args = p.parse_args(argv)
     from sklearn.metrics import roc_auc_score
 

@@ -133,9 +133,9 @@ def data() -> None:
               help=f"frame width and height in pixels, 8 to {SYNTH_MAX_IMAGE_SIZE}")
 @click.option("--seed", type=click.IntRange(0, MAX_SEED), default=42, show_default=True,
               help="same seed, byte-identical files")
-@click.option("--difficulty", type=click.Choice(["realistic", "layout", "easy"]), default="realistic", show_default=True,
-              help="realistic: RGB alone is ambiguous, as in FLAME2; layout: experimental (issue #31), labels in layout "
-                   "not global colour, does not yet pass its gates (docs/benchmarks.md); easy: any model scores 1.0 (fast tests)")
+@click.option("--difficulty", type=click.Choice(["realistic", "classic", "easy"]), default="realistic", show_default=True,
+              help="realistic: labels in layout and IR, not global colour (issue #31, gates in docs/benchmarks.md); "
+                   "classic: the set before it (global colour gives most labels away); easy: any model scores 1.0 (fast tests)")
 @click.option("--layout", type=click.Choice(["segments", "flame2"]), default="segments", show_default=True,
               help="segments: --frames cut into short NN/YY/YN scenes; flame2: FLAME2's 53,451 frames in its 19 label ranges")
 def data_synth(out: str, frames: int | None, image_size: int, seed: int, difficulty: str, layout: str) -> None:

@@ -58,7 +58,7 @@ def test_spatial_skill_and_the_teacher_gates(bench):
 
 def report_args(seeds):
     return argparse.Namespace(baselines_only=False, no_teacher=True, teacher="t", teacher_epochs=1, student="s",
-                              epochs=8, patience=8, lr=1e-3, frames=3000, difficulty="layout", data_seed=5309,
+                              epochs=8, patience=8, lr=1e-3, frames=3000, difficulty="realistic", data_seed=5309,
                               image_size=64, seeds=seeds, threads=1, json=True)
 
 
@@ -77,3 +77,43 @@ def test_the_exit_status_follows_the_mean_not_one_seed(bench, capsys):
     with pytest.raises(SystemExit) as stop:
         bench.report(report_args([0, 1]), results, {}, {}, 1.0)
     assert stop.value.code == 1 and "GATES FAILED on the mean: student" in capsys.readouterr().out
+
+
+def test_a_store_resumes_only_with_its_own_settings(bench, tmp_path, capsys):
+    """--store records the settings it was trained with; the same settings resume, any other one
+    (here the synth seed) is refused with exit 2 naming the difference, and the record is kept."""
+    args = argparse.Namespace(**(vars(report_args([0])) | {"batch_size": 32}))
+    bench.same_settings(tmp_path, args)
+    recorded = (tmp_path / "settings.json").read_text()
+    bench.same_settings(tmp_path, args)  # the same settings: resumes
+    other = argparse.Namespace(**(vars(args) | {"data_seed": 1}))
+    with pytest.raises(SystemExit) as stop:
+        bench.same_settings(tmp_path, other)
+    assert stop.value.code == 2
+    assert "data_seed 5309 there, 1 asked" in capsys.readouterr().err
+    assert (tmp_path / "settings.json").read_text() == recorded
+
+
+def test_the_verdicts_pool_seeds_name_the_unit_and_adjust_over_variants(bench, capsys):
+    """Two seeds' test frames pooled (units tagged per seed), one variant identical to the control and
+    one better on every frame: a p of 1 for the first, Holm over the two variants printed for both."""
+    import numpy as np
+    import pandas as pd
+
+    rng = np.random.default_rng(0)
+
+    def table(seed, better):
+        y = rng.integers(0, 2, (40, 2))
+        p = np.where(y == 1, 0.6, 0.4) if better else np.full((40, 2), 0.45)
+        return pd.DataFrame({"id": range(40), "fire": y[:, 0], "smoke": y[:, 1], "prob_fire": p[:, 0],
+                             "prob_smoke": p[:, 1], "block": [f"{i // 5}@{seed}" for i in range(40)], "unit": "blocks"})
+
+    control = [table(0, False), table(1, False)]
+    good = [c.assign(prob_fire=np.where(c.fire == 1, 0.6, 0.4), prob_smoke=np.where(c.smoke == 1, 0.6, 0.4))
+            for c in control]
+    bench.verdicts({bench.CONTROL: control, "student same": [c.copy() for c in control], "student good": good})
+    out = capsys.readouterr().out.splitlines()
+    same = next(line for line in out if line.startswith("student same"))
+    better = next(line for line in out if line.startswith("student good"))
+    assert "macro F1 +0.000 (p = 1.000, Holm over 2 variant(s) 1.000; 16 blocks)" in same
+    assert "16 blocks" in better and float(better.split("p = ")[1].split(",")[0]) < 0.01

@@ -25,6 +25,7 @@ def test_demo_prints_each_runs_test_figures(tmp_path, monkeypatch):
         r = client.create_run(exp, tags=tags)
         client.log_metric(r.info.run_id, "test_f1_macro", f1)
         client.log_metric(r.info.run_id, "test_ap_macro", ap)
+        client.log_metric(r.info.run_id, "test_f1_macro_constant", 0.7589)
         return r.info.run_id
 
     teacher = run({"flame_kd.teacher": "timm:resnet18"}, 0.9951, 1.0)
@@ -38,4 +39,6 @@ def test_demo_prints_each_runs_test_figures(tmp_path, monkeypatch):
     assert re.match(r"teacher timm:resnet18\s+0\.995\s+1\.000$", lines[1]), out.stdout
     assert re.match(r"KD student \(kl_bce\)\s+0\.923\s+0\.992$", lines[2]), out.stdout
     assert re.match(r"no-teacher control \(bce\)\s+0\.915\s+0\.988$", lines[3]), out.stdout
+    assert re.match(r"constant \(positive where training is\)\s+0\.759\s+-\s+\(a student must beat this\)$",
+                    lines[4]), out.stdout
     assert "move a little from one demo to the next" in script

@@ -7,15 +7,15 @@ over the RGB frame. Same seed, same bytes.
 
 ``difficulty="easy"``: flames are flame-coloured hot spots and smoke a grey haze, so at 64 px any
 small CNN scores macro F1 1.0 in two epochs (for fast tests). ``difficulty="realistic"`` (the CLI's
-default, `flame_kd.data.synth_classic`): RGB alone is ambiguous, as in FLAME2 -- flames hidden by
-smoke or canopy for a third of a fire segment's frames, faint or tiny fires, flame-coloured look-alikes
-cold in IR, thin smoke, IR-only hot spots; its bytes are pinned (`make demo` rests on them).
-``difficulty="layout"`` (experimental, issue #31, `flame_kd.data.synth_realistic`): the labels live
-in layout and IR, not in global colour -- label-independent auto-exposure and white balance, as many
-look-alikes with fire as without, flames under canopy, one veil budget per frame (smoke a plume from a
-fire, mist the same opacities in banks); its student gate does not hold yet (docs/benchmarks.md).
-Realistic segments are ~15 frames, layout ~8, and some range boundaries are labelled a frame or two
-off (~1.5%).
+default, issue #31, `flame_kd.data.synth_realistic`): the labels live in layout and IR, not in global
+colour -- label-independent auto-exposure and white balance, as many flame-coloured look-alikes with fire
+as without, flames under canopy and some hidden in RGB but plain in IR, one veil budget per frame (smoke
+a plume from a fire, mist the same opacities in banks); its gates are in docs/benchmarks.md.
+``difficulty="classic"`` (`flame_kd.data.synth_classic`, the CLI default before issue #31): RGB alone is
+ambiguous -- flames hidden by smoke or canopy for a third of a fire segment's frames, faint or tiny fires,
+flame-coloured look-alikes cold in IR, thin smoke, IR-only hot spots -- but a frame's global colour
+gives most labels away. Realistic segments are ~8 frames, classic ~15, and some range boundaries are
+labelled a frame or two off (~1.5%).
 
 ``layout="segments"`` cuts ``frames`` into alternating NN / YY / YN ranges; ``layout="flame2"`` draws
 FLAME2's own 53,451 frames in its 19 official label ranges (``flame2_label_ranges.tsv``), each range
@@ -33,7 +33,7 @@ from PIL import Image
 from flame_kd.data.labels import RANGES_FILE, official_ranges_path, read_label_ranges, write_label_ranges
 from flame_kd.data.paths import FILE_NAMES, IMAGE_DIRS, frame_id
 from flame_kd.data import synth_classic as classic
-from flame_kd.data import synth_realistic as layout_scenes
+from flame_kd.data import synth_realistic as realistic
 from flame_kd.data.synth_classic import hot_spot_in_view, smoke_density
 from flame_kd.data.synth_scene import WORLD, EasyRenderer, Segment, segment_path
 
@@ -45,17 +45,17 @@ CSV_NAME = "flame2.csv"
 SHARES = {"NN": 13700 / 53451, "YY": 25435 / 53451}
 FLAME2_FRAMES = 53451
 JPEG_QUALITY = 90
-DIFFICULTIES = ("realistic", "layout", "easy")  # realistic: the classic set; layout: issue #31, WIP
+DIFFICULTIES = ("realistic", "classic", "easy")  # realistic: issue #31's set; classic: the set before it
 LAYOUTS = ("segments", "flame2")
 FLAME2_SCENE = (60, 240)  # flame2 layout: each label range is filmed as scenes of this many frames
-SHORT = ("realistic", "layout")  # difficulties cut into ~15-frame segments with label noise
-RENDERERS = {"realistic": classic.ClassicRenderer, "layout": layout_scenes.RealisticRenderer, "easy": EasyRenderer}
-SCENES = {"realistic": classic.classic_segment, "layout": layout_scenes.realistic_segment, "easy": segment_path}
-LABEL_SLIP = 2  # realistic and layout segments: a range boundary is labelled up to this many frames off ...
+SHORT = ("realistic", "classic")  # difficulties cut into short segments (~8, ~15 frames) with label noise
+RENDERERS = {"realistic": realistic.RealisticRenderer, "classic": classic.ClassicRenderer, "easy": EasyRenderer}
+SCENES = {"realistic": realistic.realistic_segment, "classic": classic.classic_segment, "easy": segment_path}
+LABEL_SLIP = 2  # realistic and classic segments: a range boundary is labelled up to this many frames off ...
 SLIP_SHARE = 0.15  # ... for this share of boundaries (with ~15-frame segments, ~1.5% of frames)
-# frames per NN/YY/YN trio of segments: the layout set's scenes are ~8 frames, twice as many scenes per
+# frames per NN/YY/YN trio of segments: the realistic set's scenes are ~8 frames, twice as many scenes per
 # 1,000 frames for a model to generalise over; its boundaries slip half as often (still ~1.5% of frames)
-PER_PAIR, PAIR_SLIP = {"realistic": 45, "layout": 24}, {"realistic": SLIP_SHARE, "layout": SLIP_SHARE / 2}
+PER_PAIR, PAIR_SLIP = {"classic": 45, "realistic": 24}, {"classic": SLIP_SHARE, "realistic": SLIP_SHARE / 2}
 
 
 def _layout(n: int, rng: np.random.Generator, realistic: bool = False, per_pair: int = 45) -> list[tuple[int, int, str]]:
@@ -130,7 +130,7 @@ def flame_visibility(seg: Segment, i: int) -> float:
     """How much of the flames RGB shows in frame ``i`` (0 hidden .. 1 plain), for any difficulty's scene."""
     if isinstance(seg, classic.ClassicSegment):
         return classic.flame_visibility(seg, i)
-    return layout_scenes.flame_visibility(seg, i)  # 1.0 for easy scenes (no occlusion)
+    return realistic.flame_visibility(seg, i)  # 1.0 for easy scenes (no occlusion)
 
 
 def flame_shown(seg: Segment, i: int) -> str:
@@ -158,7 +158,7 @@ def synthesize(out, frames: int | None = 600, image_size: int = 254, seed: int =
     """Write a FLAME2-like tree under ``out`` (image folders, ``flame2.csv``, ``label_ranges.tsv``).
 
     Returns the CSV path. Deterministic: the same arguments give byte-identical files. ``easy`` is
-    the Python default so tests stay fast and learnable; the CLI defaults to ``realistic`` (the classic set). With
+    the Python default so tests stay fast and learnable; the CLI defaults to ``realistic``. With
     ``layout="flame2"`` the frame count is FLAME2's (``frames`` None or 53,451).
     """
     if difficulty not in DIFFICULTIES:

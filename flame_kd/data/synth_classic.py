@@ -1,5 +1,5 @@
-"""The classic realistic synthetic FLAME2 (``difficulty="realistic"``, the CLI default): RGB alone is
-ambiguous, as in FLAME2.
+"""The classic synthetic FLAME2 (``difficulty="classic"``, the CLI default before issue #31): RGB alone is
+ambiguous, as in FLAME2, but a frame's global colour gives most labels away (issue #31; docs/benchmarks.md).
 
 Fire is always a clear hot spot in IR (its heat spreads beyond the flame, so even a fire too small to
 see in RGB shows), but in RGB drifting smoke or canopy hides it altogether for about a third of every
@@ -8,7 +8,7 @@ coloured like flames in RGB, as many in fire frames as in fire-free ones, and ar
 thins out at times to no more than a morning mist; a hot non-fire spot (a vehicle, a machine) passes
 through some fire-free frames (~2.5% of all frames) and fools IR too. A flame in plain view is still
 learnable from RGB (a yellow-white core over burnt ground, which no look-alike has). Its bytes are
-pinned (tests/test_data_synth.py): `make demo` and the README's table rest on them.
+pinned (tests/test_data_synth.py): the benchmark tables measured on it before issue #31 rest on them.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""The ``layout`` synthetic FLAME2 (experimental, issue #31; its student gate does not hold yet, see
-docs/benchmarks.md): the labels live in layout, not in a frame's global colour.
+"""The realistic synthetic FLAME2 (``difficulty="realistic"``, the CLI default since issue #31; its gates
+and calibration are in docs/benchmarks.md): the labels live in layout, not in a frame's global colour.
 
 Every frame goes through a per-frame auto-exposure and white balance drawn independently of its
 labels (its per-channel mean and spread are set to drawn targets), so global colour statistics carry
@@ -86,7 +86,7 @@ def flame_visibility(seg: Segment, i: int) -> float:
 
 
 class RealisticRenderer(Terrain):
-    """Draws the layout set's frame pairs: stamps in small windows, full-frame work vectorised."""
+    """Draws the realistic set's frame pairs: stamps in small windows, full-frame work vectorised."""
 
     def __init__(self, size: int, seed: int):
         super().__init__(size, seed)

@@ -77,7 +77,7 @@ class Segment:
     radius: np.ndarray  # [K] flame radius (frame pixels)
     smoke_max: float  # haze opacity at its densest
     wind: np.ndarray  # haze drift, pixels per frame
-    # layout difficulty only (flame_kd.data.synth_realistic): canopy over the flames, look-alikes, weather
+    # realistic difficulty only (flame_kd.data.synth_realistic): canopy over the flames, look-alikes, weather
     occlusion: tuple = ()  # (phase, period in frames) of the canopy hiding the flames as the drone pans
     cover: float = 0.0  # the least canopy over the flames (0 open .. 1 hidden)
     objects: list = field(default_factory=list)  # (world xy, radius, kind): look-alikes and tree crowns
