@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 BIN := $(VENV)/bin
 DEMO_DIR ?= data/demo
-DEMO_FRAMES ?= 900
+DEMO_FRAMES ?= 1800
 DEMO_SIZE ?= 48
 
 .PHONY: install test test-fast durations demo serve bench clean

@@ -5,7 +5,7 @@
 # no-teacher control (loss bce) on the same split, and `flame-kd compare` of the two students.
 # Small frames, few epochs, CPU: see README "Demo" for the numbers and the time it takes.
 set -euo pipefail
-out=${1:-data/demo}; frames=${2:-900}; size=${3:-48}
+out=${1:-data/demo}; frames=${2:-1800}; size=${3:-48}
 # The headline teacher is ResNet-152, but on a shared 2-core CPU one late-fusion ResNet-152 epoch
 # (two 152-layer streams, random weights) took over 3 minutes at 48 px: it cannot learn within the
 # demo's budget. The demo therefore trains a timm ResNet-18 RGB+IR teacher instead; DEMO_TEACHER=resnet-152
