@@ -24,7 +24,7 @@ Gates (per seed, and on the mean over seeds, where a failure makes the exit stat
 
 ``--json`` adds one JSON line per seed and one for the mean (gates with value, bound and verdict).
 Everything lives in a temporary folder, never your MLflow store. ``--store DIR`` keeps it and resumes:
-a model a seed has already trained there with the same settings (DIR/settings.json) is read back, not
+a model a seed has already trained there with the same settings and data digest (DIR/settings.json) is read back, not
 trained again, so a calibration of hours can be run in parts (e.g. ``--seeds 2`` today, ``--seeds 0 1 2``
 tomorrow for the table). Runs log only their metrics and predictions (``reports="none"``).
 """
@@ -99,14 +99,16 @@ def calibrate(args, folder: Path):
     MLflow store): ({model: [row per seed]}, {model: [epochs per seed]}, {model: [predictions per seed]})."""
     from concurrent.futures import ProcessPoolExecutor
 
+    from flame_kd.data.schema import data_digest, load_frames
     from flame_kd.data.synth import synthesize
 
     folder = folder.resolve()  # each seed's process works inside its own store (below)
-    same_settings(folder, args)
-    csv = folder / "data" / "flame2.csv"  # written last: a whole set (the same settings drew it)
-    if not csv.is_file():
-        csv = synthesize(folder / "data", frames=args.frames, image_size=args.image_size, seed=args.data_seed,
-                         difficulty=args.difficulty)
+    csv = folder / "data" / "flame2.csv"  # written last: a whole set
+    with tempfile.TemporaryDirectory(dir=folder.parent) as tmp:  # a store's data is redrawn to check it, not replaced
+        drawn = synthesize(Path(tmp) if csv.is_file() else csv.parent, frames=args.frames, image_size=args.image_size,
+                           seed=args.data_seed, difficulty=args.difficulty)
+        # the generator's bytes are part of what a trained model depends on: a changed generator is other data
+        same_settings(folder, args, data_digest(load_frames(drawn), cache_dir=folder / "cache"))
     csv = str(csv)
     results: dict[str, list[dict]] = {}
     epochs: dict[str, list[str]] = {}
@@ -123,14 +125,15 @@ SETTINGS = ("frames", "image_size", "epochs", "patience", "teacher_epochs", "dat
             "batch_size", "difficulty")  # what a trained model's numbers depend on (besides its seed and variant)
 
 
-def same_settings(folder: Path, args) -> None:
-    """Record the settings a store is trained with; refuse (exit 2) to resume one made with others."""
-    mine = {k: getattr(args, k) for k in SETTINGS}
+def same_settings(folder: Path, args, digest: str) -> None:
+    """Record the settings and data digest a store is trained with; refuse (exit 2) to resume one made
+    with others."""
+    mine = {k: getattr(args, k) for k in SETTINGS} | {"data_digest": digest}
     path = folder / "settings.json"
     if path.is_file():
         theirs = json.loads(path.read_text())
         if theirs != mine:
-            diff = ", ".join(f"{k} {theirs.get(k)!r} there, {mine[k]!r} asked" for k in SETTINGS if theirs.get(k) != mine[k])
+            diff = ", ".join(f"{k} {theirs.get(k)!r} there, {mine[k]!r} asked" for k in mine if theirs.get(k) != mine[k])
             print(f"--store {folder} was trained with other settings ({diff}): give another folder", file=sys.stderr)
             sys.exit(2)
         return

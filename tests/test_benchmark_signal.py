@@ -80,17 +80,21 @@ def test_the_exit_status_follows_the_mean_not_one_seed(bench, capsys):
 
 
 def test_a_store_resumes_only_with_its_own_settings(bench, tmp_path, capsys):
-    """--store records the settings it was trained with; the same settings resume, any other one
-    (here the synth seed) is refused with exit 2 naming the difference, and the record is kept."""
+    """--store records the settings and data digest it was trained with; the same resume, any other
+    setting (here the synth seed) or other data (a changed generator's bytes) is refused with exit 2
+    naming the difference, and the record is kept."""
     args = argparse.Namespace(**(vars(report_args([0])) | {"batch_size": 32}))
-    bench.same_settings(tmp_path, args)
+    bench.same_settings(tmp_path, args, "aaaaaaaaaaaa")
     recorded = (tmp_path / "settings.json").read_text()
-    bench.same_settings(tmp_path, args)  # the same settings: resumes
+    bench.same_settings(tmp_path, args, "aaaaaaaaaaaa")  # the same settings and data: resumes
     other = argparse.Namespace(**(vars(args) | {"data_seed": 1}))
     with pytest.raises(SystemExit) as stop:
-        bench.same_settings(tmp_path, other)
+        bench.same_settings(tmp_path, other, "aaaaaaaaaaaa")
     assert stop.value.code == 2
     assert "data_seed 5309 there, 1 asked" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:
+        bench.same_settings(tmp_path, args, "bbbbbbbbbbbb")
+    assert stop.value.code == 2 and "data_digest 'aaaaaaaaaaaa' there" in capsys.readouterr().err
     assert (tmp_path / "settings.json").read_text() == recorded
 
 
