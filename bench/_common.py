@@ -24,8 +24,13 @@ def fix_threads(threads: int) -> None:
 
 
 def use_store(folder: Path) -> str:
-    """Point MLflow and flame-kd's cache (frames, checkpoints) into ``folder``: never the user's."""
+    """Point MLflow and flame-kd's cache (frames, checkpoints) into ``folder``: never the user's.
+
+    The process moves into ``folder`` too: a SQLite store puts its artifacts in ``./mlruns`` of the working
+    folder, which would otherwise be the caller's. Resolve relative paths from the command line first."""
+    folder = folder.resolve()
     folder.mkdir(parents=True, exist_ok=True)
+    os.chdir(folder)
     uri = f"sqlite:///{folder / 'mlflow.db'}"
     os.environ["MLFLOW_TRACKING_URI"] = uri
     os.environ["FLAME_KD_CACHE"] = str(folder / "cache")

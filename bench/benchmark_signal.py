@@ -158,8 +158,7 @@ def one_seed(job) -> tuple[dict, dict, dict]:
 
     store = folder / f"store-{seed}"
     store.mkdir(parents=True, exist_ok=True)
-    os.chdir(store)  # MLflow puts a SQLite store's artifacts in ./mlruns: here, not in the caller's folder
-    use_store(store)
+    use_store(store)  # moves in: MLflow puts a SQLite store's artifacts in ./mlruns, here not the caller's
     scenes = segments(args.frames, args.image_size, args.data_seed, args.difficulty)
     shows = {i: flame_shown(seg, i) for seg in scenes for i in range(seg.first, seg.last + 1)}
     frames = load_frames(csv)

@@ -63,11 +63,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
     args = parse_args(argv)
     fix_threads(args.threads)
+    out = Path(args.json).resolve() if args.json else None  # use_store moves into the temporary folder
     with tempfile.TemporaryDirectory(prefix="flame-kd-bench-") as tmp:
         use_store(Path(tmp))
         result = run_bench(args, Path(tmp))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
+    if out:
+        out.write_text(json.dumps(result, indent=2))
 
 
 def sync(device: torch.device) -> None:

@@ -28,3 +28,17 @@ def test_gpu_throughput_smoke(tmp_path, monkeypatch, capsys):
     assert "cache device / memory, teacher" in out and "augment_on device / host, data" in out
     assert sorted(line.split()[1] for line in table) == ["device", "device", "host"]
     assert "cached KD (kl_bce, 2 views)" in out and "ratio" in out
+
+
+def test_use_store_keeps_artifacts_inside_the_bench_folder(tmp_path):
+    """A SQLite store puts artifacts in ./mlruns of the working folder: a bench must not write into the caller's."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from pathlib import Path; sys.path.insert(0, 'bench'); from _common import use_store; "
+            "import mlflow; use_store(Path(sys.argv[1])); "
+            "print(mlflow.get_experiment(mlflow.create_experiment('x')).artifact_location)")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "store")], cwd=REPO, capture_output=True,
+                         text=True, check=True).stdout.strip()
+    store = (tmp_path / "store").resolve()
+    assert out.startswith((store.as_uri(), str(store))), out  # not the repository's ./mlruns
