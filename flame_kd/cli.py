@@ -11,23 +11,15 @@ import click
 
 from flame_kd import __version__, progress
 from flame_kd.errors import Preempted
-from flame_kd.config import ABLATION_OPTIONS as ABLATION
+from flame_kd.study_config import ABLATION_OPTIONS as ABLATION
 from flame_kd.config import TRACKING_URI_OPTION as TRACKING_URI
 from flame_kd.config import DISTILL_OPTIONS as DISTILL
 from flame_kd.config import EMBED_OPTIONS as EMBED
-from flame_kd.config import PARETO_OPTIONS as PARETO
-from flame_kd.config import SWEEP_OPTIONS as SWEEP
+from flame_kd.study_config import PARETO_OPTIONS as PARETO
+from flame_kd.study_config import SWEEP_OPTIONS as SWEEP
 from flame_kd.config import TEACHER_OPTIONS as TEACHER
-from flame_kd.config import (
-    AblationSpec,
-    DataConfig,
-    DistillRunConfig,
-    EmbedConfig,
-    ParetoConfig,
-    SweepConfig,
-    TeacherRunConfig,
-    TrackingConfig,
-)
+from flame_kd.config import DataConfig, DistillRunConfig, EmbedConfig, TeacherRunConfig, TrackingConfig
+from flame_kd.study_config import AblationSpec, ParetoConfig, SweepConfig
 from flame_kd.options import NONE_WORDS, OrNone, build_config, config_options, spell, spelled_as
 from flame_kd.validation import MAX_SEED
 

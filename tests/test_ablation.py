@@ -167,7 +167,8 @@ def test_paired_difference_by_hand():
 def test_spec_takes_every_distill_option_and_names_the_nearest_for_a_typo():
     """The spec is built from the same option declarations as `flame-kd distill`: every option but the
     grid's axes (teacher, loss, seed) can be set per grid, checked as the command line checks it."""
-    from flame_kd.config import ABLATION_SPEC_OPTIONS, DISTILL_OPTIONS, DistillRunConfig
+    from flame_kd.config import DISTILL_OPTIONS, DistillRunConfig
+    from flame_kd.study_config import ABLATION_SPEC_OPTIONS
     from flame_kd.options import option_names, option_values
 
     settable = set(option_names(AblationSpec, ABLATION_SPEC_OPTIONS))

@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import FrozenTrial, TrialState
 
 from flame_kd import tracking
-from flame_kd.config import AblationSpec
+from flame_kd.study_config import AblationSpec
 from flame_kd.errors import RunFailed, ServerLost
 from flame_kd.identity import RunIdentity
 from flame_kd.runs import grid

@@ -17,7 +17,8 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from flame_kd import identity, tracking
-from flame_kd.config import AblationSpec, ParetoConfig, SweepConfig, to_dict
+from flame_kd.config import to_dict
+from flame_kd.study_config import AblationSpec, ParetoConfig, SweepConfig
 from flame_kd.errors import ConfigError
 from flame_kd.identity import RunIdentity
 

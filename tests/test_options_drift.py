@@ -16,8 +16,8 @@ import pytest
 import yaml
 
 from flame_kd import cli
-from flame_kd.config import (AblationSpec, DistillRunConfig, EmbedConfig, ParetoConfig, SweepConfig, TeacherRunConfig,
-                             to_dict)
+from flame_kd.config import DistillRunConfig, EmbedConfig, TeacherRunConfig, to_dict
+from flame_kd.study_config import AblationSpec, ParetoConfig, SweepConfig
 from flame_kd import losses
 from flame_kd.errors import ConfigError
 from flame_kd.losses import REGISTRY

@@ -16,7 +16,7 @@ from flame_kd.runs import distill as distill_mod
 from flame_kd import plots, quantize
 from flame_kd.runs import pareto as pareto_mod
 from flame_kd.cli import main
-from flame_kd.config import ParetoConfig
+from flame_kd.study_config import ParetoConfig
 from flame_kd.engine import LambdaCallback
 from flame_kd.export import export_onnx
 from flame_kd.models import build_student

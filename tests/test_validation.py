@@ -16,8 +16,8 @@ from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
 
 from flame_kd.cli import main
-from flame_kd.config import (ABLATION_SPEC_OPTIONS, DISTILL_OPTIONS, AblationSpec, DistillRunConfig, TeacherRunConfig,
-                             TEACHER_OPTIONS)
+from flame_kd.config import DISTILL_OPTIONS, DistillRunConfig, TeacherRunConfig, TEACHER_OPTIONS
+from flame_kd.study_config import ABLATION_SPEC_OPTIONS, AblationSpec
 from flame_kd.errors import ConfigError
 from flame_kd.options import build_config, exposed_fields, option_flags
 from flame_kd.runs.ablation import MAX_YAML_NODES, load_spec, spec_from_dict

@@ -25,7 +25,8 @@ import yaml
 
 from flame_kd import identity, tracking
 from flame_kd import metrics as registry
-from flame_kd.config import ABLATION_OPTIONS, ABLATION_SPEC_OPTIONS, AblationSpec, DataConfig, DistillRunConfig, to_dict
+from flame_kd.config import DataConfig, DistillRunConfig, to_dict
+from flame_kd.study_config import ABLATION_OPTIONS, ABLATION_SPEC_OPTIONS, AblationSpec
 from flame_kd.errors import ConfigError
 from flame_kd.options import apply_options, set_options
 from flame_kd.runs.grid_verdicts import comparisons_markdown, control_comparisons  # noqa: F401 (cli, report)

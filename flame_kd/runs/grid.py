@@ -30,7 +30,7 @@ from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.exc import SQLAlchemyError
 
 from flame_kd import identity, tracking
-from flame_kd.config import AblationSpec
+from flame_kd.study_config import AblationSpec
 from flame_kd.engine import Callback
 from flame_kd.errors import ConfigError, FlameKDError, RunFailed, ServerLost
 from flame_kd.runs import ablation

@@ -22,7 +22,8 @@ import pandas as pd
 import yaml
 
 from flame_kd import identity, quantize, reports, tracking
-from flame_kd.config import DistillRunConfig, ParetoConfig, micro_batch, to_dict
+from flame_kd.config import DistillRunConfig, micro_batch, to_dict
+from flame_kd.study_config import ParetoConfig
 from flame_kd.errors import ConfigError
 from flame_kd.progress import stage
 

@@ -22,7 +22,8 @@ import optuna
 
 from flame_kd import identity, reports, tracking
 from flame_kd.options import option_flags, spell
-from flame_kd.config import SWEEP_OPTIONS, SweepConfig, check_ranges, monitor_mode
+from flame_kd.config import check_ranges, monitor_mode
+from flame_kd.study_config import SWEEP_OPTIONS, SweepConfig
 from flame_kd.runs.distill import Prepared, prepare, run_distill
 from flame_kd.engine import LambdaCallback, Trainer
 from flame_kd.errors import ConfigError, Preempted, RunFailed
