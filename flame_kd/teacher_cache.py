@@ -28,7 +28,8 @@ from torch import nn
 
 from flame_kd import identity, tracking
 from flame_kd.data import augment as aug
-from flame_kd.data.dataset import PairedFrames, host_available_bytes, make_loader
+from flame_kd.data.cache_budget import host_available_bytes
+from flame_kd.data.dataset import PairedFrames, make_loader
 from flame_kd.engine import amp_dtype, device_batches, gib, load_checkpoint, save_torch, seal
 from flame_kd.errors import ConfigError
 from flame_kd.losses import OUTPUTS, model_outputs

@@ -11,6 +11,7 @@ import torch
 
 from flame_kd.config import DataConfig
 from flame_kd.data import augment as A
+from flame_kd.data.cache_budget import resolve_cache_mode
 from flame_kd.data import dataset as ds
 from flame_kd.data.schema import load_frames
 
@@ -133,15 +134,15 @@ def test_views_show_one_of_k_fixed_augmentations(frames):
 def test_cache_mode_resolution_with_a_fake_capacity(caplog):
     gib = 2**30
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    assert ds.resolve_cache_mode("auto", cuda, 16 * gib, free_bytes=130 * gib) == "device"
+    assert resolve_cache_mode("auto", cuda, 16 * gib, free_bytes=130 * gib) == "device"
     host = 128 * gib  # a host with room for a memory cache (tests/test_cache_memory.py: one without)
-    assert ds.resolve_cache_mode("auto", cuda, 16 * gib, free_bytes=14 * gib, host_bytes=host) == "memory"
+    assert resolve_cache_mode("auto", cuda, 16 * gib, free_bytes=14 * gib, host_bytes=host) == "memory"
     with caplog.at_level(logging.WARNING, logger="flame_kd"):
-        assert ds.resolve_cache_mode("device", cuda, 16 * gib, free_bytes=15 * gib, host_bytes=host) == "memory"
+        assert resolve_cache_mode("device", cuda, 16 * gib, free_bytes=15 * gib, host_bytes=host) == "memory"
     assert len(caplog.records) == 1 and "--cache device" in caplog.text and "16.0 GiB" in caplog.text
-    assert ds.resolve_cache_mode("device", cpu, 10**12) == "device"  # on a CPU: the memory cache's arrays
-    assert ds.resolve_cache_mode("auto", cpu, 1) == "memory"
-    assert ds.resolve_cache_mode("disk", cuda, 1, free_bytes=10**12) == "disk"
+    assert resolve_cache_mode("device", cpu, 10**12) == "device"  # on a CPU: the memory cache's arrays
+    assert resolve_cache_mode("auto", cpu, 1) == "memory"
+    assert resolve_cache_mode("disk", cuda, 1, free_bytes=10**12) == "disk"
     assert ds.cache_bytes(53_451, 224) == 53_451 * 2 * 224 * 224 * 3
 
 
