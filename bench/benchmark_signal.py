@@ -156,7 +156,6 @@ def one_seed(job) -> tuple[dict, dict, dict]:
     from flame_kd.runs.teacher import run_teacher
 
     store = folder / f"store-{seed}"
-    store.mkdir(parents=True, exist_ok=True)
     use_store(store)  # moves in: MLflow puts a SQLite store's artifacts in ./mlruns, here not the caller's
     scenes = segments(args.frames, args.image_size, args.data_seed, args.difficulty)
     shows = {i: flame_shown(seg, i) for seg in scenes for i in range(seg.first, seg.last + 1)}
